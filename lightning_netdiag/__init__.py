@@ -1,0 +1,12 @@
+"""lightning_netdiag: layer-by-layer training-health diagnostics as PyTorch Lightning callbacks.
+
+Four layers, each importing only the ones before it:
+``stats`` (pure torch maths) -> ``capture`` (selection, hooks) -> ``callbacks`` (when to measure)
+-> ``sinks`` (history and loggers).
+"""
+
+from lightning_netdiag.callbacks import GradDataRatio, SaturationMonitor, UpdateRatio
+
+__version__ = "0.1.0"
+
+__all__ = ["GradDataRatio", "SaturationMonitor", "UpdateRatio", "__version__"]

@@ -1,0 +1,99 @@
+"""D3: the gradient of each weight, relative to the weight."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_netdiag import stats
+from lightning_netdiag.callbacks._common import ParameterCallback, host, loss_scale, split
+
+
+class GradDataRatio(ParameterCallback):
+    r"""Per selected parameter, its gradient's statistics and ``grad.std() / param.std()`` (D3).
+
+    Measured in ``on_before_optimizer_step``: the gradient is complete (every micro-batch of an
+    accumulation window has been added, and under DDP it is the all-reduced one), unscaled under AMP
+    (also for optimizers that unscale inside their own step, such as fused Adam), and not yet clipped.
+    Frozen parameters and parameters without a gradient are skipped.
+
+    Args:
+        params: parameter name globs (``"layers.*.weight"``) and module types owning the parameter;
+            None selects every trainable parameter (filtered by ``ndims``).
+        exclude: name globs and module types never selected.
+        ndims: the numbers of dimensions selected (default: 2-D weight matrices, as in the lecture);
+            None selects any.
+        every_n_steps: measure every n-th optimizer step; None takes ``trainer.log_every_n_steps``.
+        histograms: log gradient histograms (TensorBoard) or their quantiles (loggers without histograms).
+        prefix: the first part of every tag.
+        history_size: the number of points kept in ``history`` per tag.
+
+    Raises:
+        ValueError: if an argument is out of range or a selection holds something other than module
+            types and strings.
+
+    Example::
+
+        from lightning import Trainer
+        from lightning_netdiag import GradDataRatio
+
+        trainer = Trainer(callbacks=[GradDataRatio(params=["layers.*"], every_n_steps=10)])
+
+    **Logged metrics**, per selected parameter ``{name}`` (its qualified name, e.g. ``layers.0.weight``):
+
+    - ``{prefix}/grad_mean/{name}``, ``{prefix}/grad_std/{name}``: mean and (unbiased) std of the gradient;
+    - ``{prefix}/grad_data_ratio/{name}``: ``grad.std() / param.std()`` (left out where the parameter's std is 0);
+    - ``{prefix}/grad_nonfinite/{name}``: number of NaN/Inf gradient values (left out of everything else);
+    - ``{prefix}/grad/{name}``: histogram of the gradient (or ``.../q05``, ``q50``, ``q95``).
+    """
+
+    def __init__(
+        self,
+        params: Sequence[type | str] | None = None,
+        exclude: Sequence[type | str] = (),
+        ndims: Sequence[int] | None = (2,),
+        every_n_steps: int | None = None,
+        histograms: bool = True,
+        prefix: str = "netdiag",
+        history_size: int = 10_000,
+    ) -> None:
+        super().__init__(params, exclude, ndims, every_n_steps, prefix, history_size)
+        self.histograms = bool(histograms)
+        self._edges = stats.symlog_edges()
+        self._edge_list = self._edges.tolist()
+
+    @override
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        self._measure(trainer, optimizer)
+
+    def _measure(self, trainer: pl.Trainer, optimizer: Any) -> None:
+        if self._step is None:
+            return
+        chosen = self._stepped_by(optimizer)
+        if not chosen:
+            return
+        # Optimizers that unscale inside their own step (fused ones) still hold loss-scaled gradients here.
+        scale = loss_scale(trainer) if getattr(optimizer, "_step_supports_amp_scaling", False) else None
+        parts: list[Tensor] = []
+        for _, p in chosen:
+            grad = p.grad if scale is None else p.grad.float() / scale  # type: ignore[union-attr]
+            if self._edges.device != p.device:
+                self._edges = self._edges.to(p.device)
+            parts += [stats.tensor_record(grad, self._edges if self.histograms else None), stats.tensor_record(p, None)]
+        values = split(host(parts), [x.numel() for x in parts])
+        scalars: dict[str, float] = {}
+        histograms: dict[str, stats.Histogram] = {}
+        for i, (name, _) in enumerate(chosen):
+            grad_record, param_record = values[2 * i], values[2 * i + 1]
+            g, w = stats.Moments.of(grad_record), stats.Moments.of(param_record)
+            scalars[self._tag("grad_mean", name)] = g.mean
+            scalars[self._tag("grad_std", name)] = g.std
+            scalars[self._tag("grad_data_ratio", name)] = g.std / w.std if w.std > 0 else float("nan")
+            scalars[self._tag("grad_nonfinite", name)] = g.nonfinite
+            if self.histograms:
+                histograms[self._tag("grad", name)] = stats.Histogram.of(grad_record, self._edge_list)
+        self._emit(trainer, self._step, scalars, histograms)

@@ -1,0 +1,198 @@
+"""D1 and D2: activation statistics of the nonlinear layers, and of their gradients."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_netdiag import stats
+from lightning_netdiag.callbacks._common import DiagnosticCallback, host, logging_step, loss_scale, split
+from lightning_netdiag.capture import ActivationHooks, Layer, check_selection, select_modules
+
+
+class SaturationMonitor(DiagnosticCallback):
+    r"""Watches the activation layers: how saturated they are (D1) and what gradient reaches them (D2).
+
+    A forward hook on each watched module reads its output; a tensor hook on that output reads its
+    gradient. Both run only on logging steps and only add on-device counts; the records of every
+    micro-batch of the step (gradient accumulation) and, under DDP, of every rank are summed, then moved
+    to the host once, just before the optimizer step.
+
+    Saturation is "in the flat region where the derivative is about 0", per activation kind:
+
+    - Tanh, Softsign: ``|t| > threshold`` (the lecture's 0.97); Sigmoid: ``t < 1 - threshold or t > threshold``;
+    - Hardtanh, ReLU6, Hardsigmoid: at or beyond their clamp bounds; Hardshrink, Softshrink: ``t == 0``;
+    - ReLU, LeakyReLU, PReLU, RReLU: ``t <= 0``;
+    - ELU, CELU: ``t < -threshold * alpha``; SELU: ``t < -threshold * scale * alpha`` (near the asymptote);
+    - Softplus: ``t < -ln(threshold) / beta``; LogSigmoid: ``t > ln(threshold)`` (derivative below 1 - threshold);
+    - GELU, Hardswish: input ``x < -3``; SiLU, Mish: input ``x < -5`` (derivative below about 0.03).
+
+    A unit (a feature along ``unit_dim``) is dead when it is saturated for every example of the step.
+
+    Args:
+        modules: what to watch: module types (``isinstance``) and glob patterns on qualified module names
+            (``"blocks.*.act"``); None watches every activation kind listed above. A module type without a
+            rule gets mean, std and histograms, but no saturation.
+        exclude: module types and name globs never watched.
+        threshold: the saturation threshold of the smoothly bounded kinds, in (0, 1).
+        track_grad: also record the gradient of each watched output (D2).
+        unit_dim: the dimension of an activation that indexes units (-1 for Linear layers, 1 for NCHW
+            convolutions).
+        every_n_steps: measure every n-th optimizer step; None takes ``trainer.log_every_n_steps``.
+        histograms: log histograms (TensorBoard) or their quantiles (loggers without histograms).
+        prefix: the first part of every tag.
+        history_size: the number of points kept in ``history`` per tag.
+
+    Raises:
+        ValueError: if an argument is out of range or a selection holds something other than module
+            types and strings.
+
+    Example::
+
+        from lightning import Trainer
+        from lightning_netdiag import SaturationMonitor
+
+        trainer = Trainer(callbacks=[SaturationMonitor(every_n_steps=10)])
+
+    **Logged metrics**, per watched layer ``{name}`` (its qualified module name), at the step being measured:
+
+    - ``{prefix}/act_mean/{name}``, ``{prefix}/act_std/{name}``: mean and (unbiased) std of the output;
+    - ``{prefix}/act_saturated_pct/{name}``: % of output values in the saturated region;
+    - ``{prefix}/act_dead_pct/{name}``: % of units saturated for every example of the step;
+    - ``{prefix}/act_nonfinite/{name}``: number of NaN/Inf output values (left out of everything else);
+    - ``{prefix}/act/{name}``: histogram of the output;
+    - with ``track_grad``: ``{prefix}/act_grad_mean/{name}``, ``{prefix}/act_grad_std/{name}``,
+      ``{prefix}/act_grad_nonfinite/{name}`` and the histogram ``{prefix}/act_grad/{name}``, of the gradient
+      of the loss with respect to the output: unscaled under AMP, and under data parallelism that of the
+      global-batch loss.
+
+    Loggers without histograms get ``.../q05``, ``.../q50``, ``.../q95`` of each histogram instead.
+    """
+
+    def __init__(
+        self,
+        modules: Sequence[type | str] | None = None,
+        exclude: Sequence[type | str] = (),
+        threshold: float = stats.DEFAULT_THRESHOLD,
+        track_grad: bool = True,
+        unit_dim: int = -1,
+        every_n_steps: int | None = None,
+        histograms: bool = True,
+        prefix: str = "netdiag",
+        history_size: int = 10_000,
+    ) -> None:
+        super().__init__(every_n_steps, prefix, history_size)
+        self.modules = stats.ACTIVATION_TYPES if modules is None else check_selection("modules", modules)
+        self.exclude = check_selection("exclude", exclude)
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold < 1:
+            raise ValueError(f"Expected `threshold` to be a number in (0, 1), got {threshold!r}")
+        if isinstance(unit_dim, bool) or not isinstance(unit_dim, int):
+            raise ValueError(f"Expected `unit_dim` to be an int, got {unit_dim!r}")
+        self.threshold = float(threshold)
+        self.track_grad = bool(track_grad)
+        self.unit_dim = unit_dim
+        self.histograms = bool(histograms)
+        self._hooks: ActivationHooks | None = None
+        self._records_step: int | None = None
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._arm(trainer)
+
+    @override
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        self._flush(trainer)
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:  # fmt: skip
+        if self._hooks is not None:
+            self._hooks.armed = False  # validation runs after this: it must never count
+
+    def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._detach()
+        chosen = select_modules(pl_module, self.modules, self.exclude)
+        if not chosen:
+            self._warn_nothing_selected(pl_module, "activation modules (looked for: modules=%s)" % _names(self.modules))
+            return
+        grad_edges = stats.symlog_edges()
+        layers = [Layer(name or "model", m, stats.saturation_rule(m, self.threshold), grad_edges) for name, m in chosen]
+        self._hooks = ActivationHooks(
+            layers, self.histograms, self.track_grad, self.unit_dim, grad_divisor=lambda: _grad_divisor(trainer)
+        )
+
+    def _detach(self) -> None:
+        if self._hooks is not None:
+            self._hooks.remove()
+        self._hooks = None
+
+    def _arm(self, trainer: pl.Trainer) -> None:
+        if self._hooks is None:
+            return
+        step = logging_step(trainer, self._every)
+        if step != self._records_step:  # records of a step that never reached an optimizer step are dropped
+            self._hooks.reset()
+            self._records_step = step
+        self._hooks.armed = step is not None
+
+    def _flush(self, trainer: pl.Trainer) -> None:
+        hooks, step = self._hooks, self._records_step
+        if hooks is None or step is None or not hooks.armed:
+            return
+        hooks.armed = False
+        layers = [layer for layer in hooks.layers if layer.act is not None]
+        parts: list[Tensor] = []
+        for layer in layers:
+            parts += [layer.act, layer.alive if layer.alive is not None else layer.act[:0]]
+            parts.append(layer.grad if layer.grad is not None else layer.act[:0])
+        sizes = [p.numel() for p in parts]
+        if trainer.world_size > 1 and parts:  # every rank arrives here at the same step
+            flat = trainer.strategy.reduce(torch.cat(parts), reduce_op="sum")
+            parts = [flat]
+        values = split(host(parts), sizes)
+        hooks.reset()
+        scalars: dict[str, float] = {}
+        histograms: dict[str, stats.Histogram] = {}
+        for i, layer in enumerate(layers):
+            act, alive, grad = values[3 * i : 3 * i + 3]
+            self._describe(layer, act, alive, grad, scalars, histograms)
+        self._emit(trainer, step, scalars, histograms)
+
+    def _describe(self, layer: Layer, act: list[float], alive: list[float], grad: list[float],
+                  scalars: dict[str, float], histograms: dict[str, stats.Histogram]) -> None:  # fmt: skip
+        name, has_rule = layer.name, layer.rule is not None
+        m = stats.Moments.of(act)
+        scalars[self._tag("act_mean", name)] = m.mean
+        scalars[self._tag("act_std", name)] = m.std
+        scalars[self._tag("act_nonfinite", name)] = m.nonfinite
+        if has_rule and alive:
+            scalars[self._tag("act_saturated_pct", name)] = 100 * act[stats.MOMENTS] / m.count if m.count else float("nan")
+            scalars[self._tag("act_dead_pct", name)] = 100 * sum(a == 0 for a in alive) / len(alive)
+        if self.histograms:
+            histograms[self._tag("act", name)] = stats.Histogram.of(act, layer.act_edge_list, extra=int(has_rule))
+        if grad:
+            g = stats.Moments.of(grad)
+            scalars[self._tag("act_grad_mean", name)] = g.mean
+            scalars[self._tag("act_grad_std", name)] = g.std
+            scalars[self._tag("act_grad_nonfinite", name)] = g.nonfinite
+            if self.histograms:
+                histograms[self._tag("act_grad", name)] = stats.Histogram.of(grad, layer.grad_edge_list)
+
+
+def _grad_divisor(trainer: pl.Trainer) -> Tensor | float | None:
+    """An output gradient as backward sees it is the loss-scaled gradient of this rank's loss; under data
+    parallelism the optimized loss is the mean over ranks, so it is ``world_size`` times that loss's."""
+    scale = loss_scale(trainer)
+    world = trainer.world_size
+    if scale is None:
+        return world if world > 1 else None
+    return scale * world
+
+
+def _names(selection: Sequence[type | str]) -> str:
+    return "[" + ", ".join(s if isinstance(s, str) else s.__name__ for s in selection) + "]"

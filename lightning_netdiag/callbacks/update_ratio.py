@@ -1,0 +1,114 @@
+"""D4: the size of each optimizer update relative to the weight, from the update actually applied."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+from torch import Tensor, nn
+from typing_extensions import override
+
+from lightning_netdiag import stats
+from lightning_netdiag.callbacks._common import ParameterCallback, host, split
+
+#: The lecture's rule of thumb: updates about 1/1000 of the data.
+DEFAULT_TARGET = -3.0
+
+
+class UpdateRatio(ParameterCallback):
+    r"""Per selected parameter, ``log10(std(θ_after - θ_before) / std(θ_before))`` (D4).
+
+    The lecture estimates the update as ``lr * grad``, which holds only for plain SGD. Here the
+    parameters are copied just before the optimizer step, on logging steps only, and compared with
+    themselves after it (the copy is freed right away): the number is right for Adam, momentum, weight
+    decay, gradient clipping and any learning-rate schedule.
+
+    A step in which no selected parameter changed (the AMP GradScaler skipped it because of non-finite
+    gradients, or the step was skipped) is reported as ``update_skipped = 1`` with no ratio, never as
+    ``log10(0) = -inf``; a single parameter that did not change is left out of that step.
+
+    Args:
+        params: parameter name globs (``"layers.*.weight"``) and module types owning the parameter;
+            None selects every trainable parameter (filtered by ``ndims``).
+        exclude: name globs and module types never selected.
+        ndims: the numbers of dimensions selected (default: 2-D weight matrices, as in the lecture);
+            None selects any.
+        target: the healthy log10 ratio, drawn as the reference line (the lecture's -3).
+        every_n_steps: measure every n-th optimizer step; None takes ``trainer.log_every_n_steps``.
+        prefix: the first part of every tag.
+        history_size: the number of points kept in ``history`` per tag.
+
+    Raises:
+        ValueError: if an argument is out of range or a selection holds something other than module
+            types and strings.
+
+    Example::
+
+        from lightning import Trainer
+        from lightning_netdiag import UpdateRatio
+
+        trainer = Trainer(callbacks=[UpdateRatio(target=-3.0)])
+
+    **Logged metrics**:
+
+    - ``{prefix}/update_data_log10/{name}``: ``log10(std(update) / std(param before the update))`` per
+      selected parameter ``{name}`` that changed (left out where the parameter's std was 0);
+    - ``{prefix}/update_data_log10/_target``: ``target``, so that the chart carries the reference line;
+    - ``{prefix}/update_skipped``: 1 if no selected parameter changed in this step, else 0.
+    """
+
+    def __init__(
+        self,
+        params: Sequence[type | str] | None = None,
+        exclude: Sequence[type | str] = (),
+        ndims: Sequence[int] | None = (2,),
+        target: float = DEFAULT_TARGET,
+        every_n_steps: int | None = None,
+        prefix: str = "netdiag",
+        history_size: int = 10_000,
+    ) -> None:
+        super().__init__(params, exclude, ndims, every_n_steps, prefix, history_size)
+        if isinstance(target, bool) or not isinstance(target, (int, float)) or not math.isfinite(target):
+            raise ValueError(f"Expected `target` to be a finite number (a log10 ratio, e.g. -3), got {target!r}")
+        self.target = float(target)
+        self._before: dict[str, tuple[nn.Parameter, Tensor]] = {}
+
+    @override
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        self._snapshot(optimizer)
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:  # fmt: skip
+        self._measure(trainer)
+
+    def _detach(self) -> None:
+        super()._detach()
+        self._before = {}
+
+    def _snapshot(self, optimizer: Any) -> None:
+        if self._step is not None:
+            for name, p in self._stepped_by(optimizer):
+                self._before[name] = (p, p.detach().clone())
+
+    def _measure(self, trainer: pl.Trainer) -> None:
+        before, self._before = self._before, {}  # the copies are freed when this returns
+        if self._step is None or not before:
+            return
+        parts: list[Tensor] = []
+        for p, old in before.values():
+            parts += [stats.tensor_record(p.detach() - old, None), stats.tensor_record(old, None)]
+        values = split(host(parts), [x.numel() for x in parts])
+        scalars: dict[str, float] = {}
+        changed = 0
+        for i, name in enumerate(before):
+            update, old = stats.Moments.of(values[2 * i]), stats.Moments.of(values[2 * i + 1])
+            moved = values[2 * i][stats.SUMSQ] > 0 or update.nonfinite > 0
+            changed += moved
+            if moved:
+                scalars[self._tag("update_data_log10", name)] = stats.ratio_log10(update.std, old.std)
+        scalars[self._tag("update_data_log10", "_target")] = self.target
+        scalars[f"{self.prefix}/update_skipped"] = float(changed == 0)
+        self._emit(trainer, self._step, scalars, {})

@@ -1,0 +1,200 @@
+"""What is watched and how: module and parameter selection, hooks as resources with a lifetime.
+
+No Lightning here either: the callbacks decide *when* (by setting ``armed``), this module only measures.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from lightning_netdiag import stats
+
+Selection = Sequence[type | str]
+
+
+def check_selection(name: str, value: object, *, allow_types: bool = True) -> tuple[type | str, ...]:
+    """Validate a selection argument: a sequence of module types and name globs.
+
+    Raises:
+        ValueError: if ``value`` is not a sequence, or holds something that is neither a string nor
+            (where allowed) an ``nn.Module`` subclass.
+    """
+    if isinstance(value, (str, type)) or not isinstance(value, Iterable):
+        value = [value]
+    items = tuple(value)  # type: ignore[arg-type]
+    for item in items:
+        is_type = isinstance(item, type) and issubclass(item, nn.Module)
+        if not (isinstance(item, str) or (allow_types and is_type)):
+            what = "module types or name globs" if allow_types else "name globs"
+            raise ValueError(f"Expected `{name}` to hold {what}, got {item!r} of type {type(item).__name__}")
+    return items
+
+
+def _matches(name: str, module: nn.Module, selection: Sequence[type | str]) -> bool:
+    return any(
+        fnmatch.fnmatchcase(name, item) if isinstance(item, str) else isinstance(module, item) for item in selection
+    )
+
+
+def select_modules(model: nn.Module, include: Selection, exclude: Selection = ()) -> list[tuple[str, nn.Module]]:
+    """Submodules matching any item of ``include`` and none of ``exclude``, in registration order."""
+    return [
+        (name, m) for name, m in model.named_modules() if _matches(name, m, include) and not _matches(name, m, exclude)
+    ]
+
+
+def select_parameters(
+    model: nn.Module, include: Selection | None, exclude: Selection = (), ndims: Sequence[int] | None = (2,)
+) -> list[tuple[str, nn.Parameter]]:
+    """Trainable parameters whose name glob or owning module type is in ``include`` (None: all), none of
+    ``exclude``, and whose number of dimensions is in ``ndims`` (None: any)."""
+    chosen = []
+    for module_name, module in model.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            name = f"{module_name}.{pname}" if module_name else pname
+            if not p.requires_grad or (ndims is not None and p.dim() not in ndims):
+                continue
+            if (include is None or _matches(name, module, include)) and not _matches(name, module, exclude):
+                chosen.append((name, p))
+    return chosen
+
+
+class HookHandles:
+    """Hook handles with one lifetime: ``remove()`` detaches them all and is safe to call again."""
+
+    def __init__(self) -> None:
+        self._handles: list[RemovableHandle] = []
+
+    def add(self, handle: RemovableHandle) -> None:
+        self._handles.append(handle)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def __len__(self) -> int:
+        return len(self._handles)
+
+    def __enter__(self) -> HookHandles:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+class Layer:
+    """One watched activation module: its rule, its edges, and the records summed over the armed step."""
+
+    def __init__(self, name: str, module: nn.Module, rule: stats.SaturationRule | None, grad_edges: Tensor) -> None:
+        self.name, self.module, self.rule = name, module, rule
+        self.act_edges = rule.edges if rule is not None else stats.symlog_edges()
+        self.grad_edges = grad_edges
+        self.act_edge_list, self.grad_edge_list = self.act_edges.tolist(), grad_edges.tolist()  # kept on the host
+        self.act: Tensor | None = None  # [moments, saturated, *histogram]
+        self.alive: Tensor | None = None  # per unit: examples in which it is not saturated
+        self.grad: Tensor | None = None  # [moments, *histogram]
+        self.pending_mask: Tensor | None = None  # input-side saturation, from the pre-hook to the hook
+
+    def reset(self) -> None:
+        self.act = self.alive = self.grad = self.pending_mask = None
+
+    def follow(self, device: torch.device) -> None:
+        """Keep the edges on the device the activations live on (moved once, not on every call)."""
+        if self.act_edges.device != device:
+            self.act_edges, self.grad_edges = self.act_edges.to(device), self.grad_edges.to(device)
+
+
+def _add(total: Tensor | None, part: Tensor) -> Tensor:
+    return part if total is None else total + part
+
+
+class ActivationHooks:
+    """Forward hooks on the watched modules and, for gradients, a tensor hook on each output.
+
+    The hooks stay registered for the whole fit and return at once unless ``armed`` is set; armed, they
+    add on-device records to their :class:`Layer` (never a host sync, never a kept activation).
+
+    Args:
+        layers: the watched modules.
+        histograms: whether records carry histogram counts.
+        track_grad: whether to hook the output's gradient (D2).
+        unit_dim: the dimension of an activation that indexes units, for dead units.
+        grad_divisor: called during backward; what a raw output gradient is divided by (the AMP loss
+            scale times the data-parallel world size), or None.
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[Layer],
+        histograms: bool,
+        track_grad: bool,
+        unit_dim: int,
+        grad_divisor: Callable[[], Tensor | float | None],
+    ) -> None:
+        self.layers = list(layers)
+        self.histograms, self.track_grad, self.unit_dim = histograms, track_grad, unit_dim
+        self.grad_divisor = grad_divisor
+        self.armed = False
+        self.handles = HookHandles()
+        for layer in self.layers:
+            if layer.rule is not None and layer.rule.on_input:
+                self.handles.add(layer.module.register_forward_pre_hook(self._pre_hook(layer)))
+            self.handles.add(layer.module.register_forward_hook(self._hook(layer)))
+
+    def _pre_hook(self, layer: Layer) -> Callable[..., None]:
+        def hook(module: nn.Module, inputs: tuple[object, ...]) -> None:
+            if self.armed and inputs and isinstance(inputs[0], Tensor):
+                with torch.no_grad():  # before an in-place activation overwrites its input
+                    layer.pending_mask = layer.rule.mask(inputs[0].detach())  # type: ignore[union-attr]
+
+        return hook
+
+    def _hook(self, layer: Layer) -> Callable[..., None]:
+        def hook(module: nn.Module, inputs: tuple[object, ...], output: object) -> None:
+            if not self.armed or not isinstance(output, Tensor):
+                return
+            layer.follow(output.device)
+            with torch.no_grad():
+                self._record_activation(layer, output.detach())
+            if self.track_grad and output.requires_grad:
+                output.register_hook(self._grad_hook(layer))
+
+        return hook
+
+    def _record_activation(self, layer: Layer, t: Tensor) -> None:
+        extra: list[Tensor] = []
+        if layer.rule is not None:
+            mask = layer.pending_mask if layer.rule.on_input else layer.rule.mask(t)
+            layer.pending_mask = None
+            saturated, alive = stats.saturation_extra(mask, torch.isfinite(t), self.unit_dim)  # type: ignore[arg-type]
+            extra.append(saturated)
+            layer.alive = _add(layer.alive, alive)
+        record = stats.tensor_record(t, layer.act_edges if self.histograms else None, extra)
+        layer.act = _add(layer.act, record)
+
+    def _grad_hook(self, layer: Layer) -> Callable[[Tensor], None]:
+        def hook(grad: Tensor) -> None:
+            divisor = self.grad_divisor()
+            with torch.no_grad():
+                g = grad.detach().float()
+                if divisor is not None:
+                    g = g / divisor
+                edges = layer.grad_edges if self.histograms else None
+                layer.grad = _add(layer.grad, stats.tensor_record(g, edges))
+
+        return hook
+
+    def reset(self) -> None:
+        for layer in self.layers:
+            layer.reset()
+
+    def remove(self) -> None:
+        self.armed = False
+        self.handles.remove()
+        self.reset()
