@@ -151,7 +151,7 @@ class ActivationHooks:
         def hook(module: nn.Module, inputs: tuple[object, ...]) -> None:
             if self.armed and inputs and isinstance(inputs[0], Tensor):
                 with torch.no_grad():  # before an in-place activation overwrites its input
-                    layer.pending_mask = layer.rule.mask(inputs[0].detach())  # type: ignore[union-attr]
+                    layer.pending_mask = layer.rule.mask(inputs[0].detach().float())  # type: ignore[union-attr]
 
         return hook
 
@@ -161,7 +161,8 @@ class ActivationHooks:
                 return
             layer.follow(output.device)
             with torch.no_grad():
-                self._record_activation(layer, output.detach())
+                # In fp16/bf16, `t > 0.97` would compare against 0.97 rounded to half precision.
+                self._record_activation(layer, output.detach().float())
             if self.track_grad and output.requires_grad:
                 output.register_hook(self._grad_hook(layer))
 

@@ -54,7 +54,8 @@ def tensor_record(x: Tensor, edges: Tensor | None, extra: Sequence[Tensor] = ())
     x = x.detach()
     finite = torch.isfinite(x)
     # Non-finite values are counted, then left out of every other statistic (and of the histogram).
-    xz = torch.where(finite, x, 0).float()
+    xz = torch.where(finite, x, 0)
+    xz = xz.to(torch.promote_types(xz.dtype, torch.float32))  # half and bf16 are summed in float32 or more
     n_finite = finite.sum(dtype=torch.float64)
     parts = [
         n_finite,

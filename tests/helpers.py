@@ -1,0 +1,175 @@
+"""A tiny network that computes the lecture's formulas itself, and readers for what loggers wrote.
+
+The reference numbers come from plain PyTorch on the very tensors of the run, written as the lecture
+writes them (``retain_grad``, ``t.std()``, ``(t.abs() > 0.97).float().mean() * 100``), and share no code
+with the package.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+SAT = 0.97
+
+
+def dataset(n: int = 256, features: int = 6, classes: int = 4, scale: float = 2.0, seed: int = 0) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    return TensorDataset(torch.randn(n, features, generator=g) * scale, torch.randint(0, classes, (n,), generator=g))
+
+
+def loader(batch_size: int = 16, **kw) -> DataLoader:
+    return DataLoader(dataset(**kw), batch_size=batch_size, shuffle=False)
+
+
+class TinyNet(L.LightningModule):
+    """Linear -> BatchNorm1d -> Tanh -> Linear -> Tanh -> Linear, with the lecture's numbers in ``ref``.
+
+    ``ref[step][tag]`` holds, for every optimizer step, what each netdiag tag should read.
+    """
+
+    def __init__(self, optimizer: str = "adam", lr: float = 0.01, hidden: int = 16, init_gain: float = 3.0,
+                 batchnorm: bool = True) -> None:  # fmt: skip
+        super().__init__()
+        layers: list[nn.Module] = [nn.Linear(6, hidden, bias=not batchnorm)]
+        if batchnorm:
+            layers.append(nn.BatchNorm1d(hidden))
+        layers += [nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, 4)]
+        self.net = nn.Sequential(*layers)
+        with torch.no_grad():
+            self.net[0].weight.mul_(init_gain)  # saturate the first Tanh a little
+        self.optimizer_name, self.lr = optimizer, lr
+        self.ref: dict[int, dict[str, float]] = defaultdict(dict)
+        self.ref_tensors: dict[int, dict[str, torch.Tensor]] = defaultdict(dict)
+        self._acts: dict[str, list[torch.Tensor]] = defaultdict(list)
+        self._before: dict[str, torch.Tensor] = {}
+        self._step = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, m in enumerate(self.net):
+            x = m(x)
+            if isinstance(m, nn.Tanh) and self.training and torch.is_grad_enabled():
+                x.retain_grad()
+                self._acts[f"net.{i}"].append(x)
+        return x
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        # Very different inputs: if validation were counted, saturation would read near 100 %.
+        self.log("val_loss", nn.functional.cross_entropy(self(x * 100), y))
+
+    def configure_optimizers(self):
+        if self.optimizer_name == "sgd":
+            return torch.optim.SGD(self.parameters(), lr=self.lr)
+        return torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=0.01)
+
+    def grad_scale(self) -> float:
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        return scaler.get_scale() if scaler is not None else 1.0
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        step, ref = self.trainer.global_step, self.ref[self.trainer.global_step]
+        self._step = step
+        with torch.no_grad():
+            for name, hs in self._acts.items():
+                t = torch.cat([h.detach().float() for h in hs])
+                ref[f"netdiag/act_mean/{name}"] = t.mean().item()
+                ref[f"netdiag/act_std/{name}"] = t.std().item()
+                ref[f"netdiag/act_saturated_pct/{name}"] = ((t.abs() > SAT).float().mean() * 100).item()
+                ref[f"netdiag/act_dead_pct/{name}"] = ((t.abs() > SAT).all(dim=0).float().mean() * 100).item()
+                self.ref_tensors[step][f"netdiag/act/{name}"] = t
+                if all(h.grad is not None for h in hs):
+                    g = torch.cat([h.grad.float() for h in hs]) / self.grad_scale()
+                    ref[f"netdiag/act_grad_mean/{name}"] = g.mean().item()
+                    ref[f"netdiag/act_grad_std/{name}"] = g.std().item()
+                    self.ref_tensors[step][f"netdiag/act_grad/{name}"] = g
+            self._acts.clear()
+            for name, p in self.named_parameters():
+                if p.ndim == 2 and p.grad is not None:
+                    ref[f"netdiag/grad_mean/{name}"] = p.grad.mean().item()
+                    ref[f"netdiag/grad_std/{name}"] = p.grad.std().item()
+                    ref[f"netdiag/grad_data_ratio/{name}"] = (p.grad.std() / p.std()).item()
+                    self.ref_tensors[step][f"netdiag/grad/{name}"] = p.grad.detach().clone()
+                    self._before[name] = p.detach().clone()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        params = dict(self.named_parameters())
+        for name, before in self._before.items():
+            update = params[name].detach() - before
+            self.ref[self._step][f"netdiag/update_data_log10/{name}"] = (update.std() / before.std()).log10().item()
+        self._before = {}
+
+
+def trainer(tmp_path: Path, callbacks: list, logger=None, max_steps: int = 6, **kw) -> L.Trainer:
+    if logger is None:
+        logger = L.pytorch.loggers.TensorBoardLogger(tmp_path, name="tb")
+    kw.setdefault("limit_val_batches", 2)
+    kw.setdefault("val_check_interval", 3)
+    kw.setdefault("enable_checkpointing", False)
+    return L.Trainer(
+        max_steps=max_steps,
+        callbacks=callbacks,
+        logger=logger,
+        default_root_dir=tmp_path,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        **kw,
+    )
+
+
+def read_tensorboard(log_dir: str | Path):
+    """(scalars ``tag -> {step: value}``, histograms ``tag -> {step: HistogramValue}``, accumulator)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "histograms": 0, "tensors": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    scalars = {t: {e.step: e.value for e in acc.Scalars(t)} for t in tags["scalars"]}
+    hists = {t: {e.step: e.histogram_value for e in acc.Histograms(t)} for t in tags["histograms"]}
+    return scalars, hists, acc
+
+
+def read_csv(path: str | Path) -> dict[str, dict[int, float]]:
+    out: dict[str, dict[int, float]] = defaultdict(dict)
+    with open(path) as f:
+        for row in csv.DictReader(f):
+            for k, v in row.items():
+                if k != "step" and v not in ("", None):
+                    out[k][int(row["step"])] = float(v)
+    return out
+
+
+def netdiag_only(scalars: dict[str, dict[int, float]]) -> dict[str, dict[int, float]]:
+    return {t: v for t, v in scalars.items() if t.startswith("netdiag/")}
+
+
+def assert_matches_reference(logged: dict[str, dict[int, float]], ref: dict[int, dict[str, float]],
+                             rel: float = 1e-5, abs_: float = 1e-7) -> int:  # fmt: skip
+    """Every logged netdiag number equals the reference of its step; returns how many were compared."""
+    compared = 0
+    for tag, points in netdiag_only(logged).items():
+        for step, value in points.items():
+            if tag in ref[step]:
+                expected = ref[step][tag]
+                assert math.isclose(value, expected, rel_tol=rel, abs_tol=abs_), f"{tag} at step {step}: {value} != {expected}"
+                compared += 1
+    return compared
+
+
+def bin_counts(t: torch.Tensor, edges: list[float]) -> list[float]:
+    """Counts over [-inf, e0), [e0, e1), ..., [e_last, inf), by direct comparison."""
+    bounds = [-math.inf, *edges, math.inf]
+    t = t[torch.isfinite(t)]
+    return [float(((t >= lo) & (t < hi)).sum()) for lo, hi in zip(bounds[:-1], bounds[1:])]

@@ -1,0 +1,144 @@
+"""Hooks as resources: idle off logging steps, removed on teardown and on a crash, nothing retained."""
+
+import gc
+import inspect
+import weakref
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from helpers import TinyNet, loader, read_tensorboard, trainer
+from torch import nn
+
+import lightning_netdiag
+from lightning_netdiag import GradDataRatio, SaturationMonitor, UpdateRatio, stats
+from lightning_netdiag.capture import HookHandles
+
+PACKAGE_DIR = str(Path(lightning_netdiag.__file__).parent)
+
+
+def hook_count(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_hooks_are_removed_after_fit_and_removal_is_safe_twice(tmp_path):
+    model = TinyNet()
+    sat = SaturationMonitor(every_n_steps=1)
+    probe = []
+
+    class Probe(L.Callback):
+        def on_train_batch_start(self, *args):
+            probe.append(hook_count(model))
+
+    trainer(tmp_path, [sat, Probe()], max_steps=2).fit(model, loader())
+    assert probe == [2, 2]  # one forward hook per Tanh while training
+    assert hook_count(model) == 0
+    sat.teardown(None, model, "fit")  # a second removal does nothing
+    assert hook_count(model) == 0
+
+    handles = HookHandles()
+    with handles:
+        handles.add(model.net[2].register_forward_hook(lambda *a: None))
+        assert len(handles) == 1
+    assert hook_count(model) == 0 and len(handles) == 0
+    handles.remove()
+
+
+class CrashAt(TinyNet):
+    def training_step(self, batch, batch_idx):
+        if self.trainer.global_step == 2:
+            raise RuntimeError("boom")
+        return super().training_step(batch, batch_idx)
+
+
+def test_hooks_are_removed_when_training_crashes(tmp_path):
+    model = CrashAt()
+    t = trainer(tmp_path, [SaturationMonitor(every_n_steps=1, modules=[nn.Tanh, nn.GELU])], max_steps=5)
+    with pytest.raises(RuntimeError, match="boom"):
+        t.fit(model, loader())
+    assert hook_count(model) == 0
+
+
+class WeakNet(L.LightningModule):
+    """Keeps only weak references to its activations: any strong one left is the callbacks'."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.act, self.out = nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4)
+        self.refs: list[weakref.ref] = []
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        h = self.act(self.lin(x))
+        self.refs.append(weakref.ref(h))
+        return nn.functional.cross_entropy(self.out(h), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_no_activation_tensor_outlives_its_step(tmp_path):
+    model = WeakNet()
+    alive_after_step = []
+
+    class Probe(L.Callback):
+        def on_train_batch_end(self, *args):
+            gc.collect()
+            alive_after_step.append(sum(r() is not None for r in model.refs[:-1]))
+
+    cbs = [SaturationMonitor(every_n_steps=1), GradDataRatio(every_n_steps=1), UpdateRatio(every_n_steps=1)]
+    trainer(tmp_path, [*cbs, Probe()], max_steps=4).fit(model, loader())
+    assert len(model.refs) == 4 and alive_after_step == [0, 0, 0, 0]
+    assert len(cbs[0].history["netdiag/act_std/act"]) == 4
+
+
+def test_validation_and_sanity_check_never_count(tmp_path):
+    model = TinyNet()
+    sat = SaturationMonitor(every_n_steps=1)
+    t = trainer(tmp_path, [sat], max_steps=4, val_check_interval=2, num_sanity_val_steps=2)
+    t.fit(model, loader(), loader())
+    scalars, _, _ = read_tensorboard(t.logger.log_dir)
+    assert "val_loss" in scalars  # validation did run, on inputs x100 that saturate every Tanh
+    for step in range(4):
+        assert scalars["netdiag/act_saturated_pct/net.4"][step] == pytest.approx(
+            model.ref[step]["netdiag/act_saturated_pct/net.4"]
+        )
+        assert scalars["netdiag/act_saturated_pct/net.4"][step] < 90
+
+
+def test_one_host_transfer_per_callback_per_logging_step_and_no_work_otherwise(tmp_path, monkeypatch):
+    calls: list[tuple[int, str]] = []
+    records: list[int] = []
+    state = {"on": False, "step": -1}
+
+    def spy(method):
+        original = getattr(torch.Tensor, method)
+
+        def wrapper(self, *a, **k):
+            caller = inspect.currentframe().f_back.f_code.co_filename
+            if state["on"] and caller.startswith(PACKAGE_DIR):
+                calls.append((state["step"], method))
+            return original(self, *a, **k)
+
+        return wrapper
+
+    for method in ("tolist", "item", "cpu", "numpy", "__bool__", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, method, spy(method))
+    real_record = stats.tensor_record
+
+    def counting_record(*a, **k):
+        records.append(state["step"])
+        return real_record(*a, **k)
+
+    monkeypatch.setattr(stats, "tensor_record", counting_record)
+
+    class Step(L.Callback):
+        def on_train_batch_start(self, trainer, *args):
+            state["on"], state["step"] = True, trainer.global_step
+
+    cbs = [SaturationMonitor(every_n_steps=3), GradDataRatio(every_n_steps=3), UpdateRatio(every_n_steps=3)]
+    # Step first so that it labels the batch before the others hook in.
+    trainer(tmp_path, [Step(), *cbs], max_steps=7, limit_val_batches=0).fit(TinyNet(), loader())
+    assert sorted(calls) == [(s, "tolist") for s in (0, 3, 6) for _ in range(3)]
+    assert set(records) == {0, 3, 6}  # no statistics at all on the other steps

@@ -1,0 +1,84 @@
+"""Every attached logger gets each step once; the TensorBoard chart layout; state through a checkpoint."""
+
+import torch
+from helpers import TinyNet, loader, read_csv, read_tensorboard, trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from tensorboard.plugins.custom_scalar import layout_pb2
+
+from lightning_netdiag import GradDataRatio, SaturationMonitor, UpdateRatio
+
+
+class CountingCSVLogger(CSVLogger):
+    """A real CSVLogger that also remembers each log_metrics call."""
+
+    def __init__(self, *a, **k) -> None:
+        super().__init__(*a, **k)
+        self.calls: list[tuple[int, tuple[str, ...]]] = []
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self.calls.append((step, tuple(sorted(metrics))))
+        super().log_metrics(metrics, step)
+
+
+def test_several_loggers_each_get_one_call_per_callback_and_step(tmp_path):
+    tb, csv = TensorBoardLogger(tmp_path, name="tb"), CountingCSVLogger(tmp_path, name="csv")
+    cbs = [SaturationMonitor(every_n_steps=2), GradDataRatio(every_n_steps=2), UpdateRatio(every_n_steps=2)]
+    trainer(tmp_path, cbs, logger=[tb, csv], max_steps=4, limit_val_batches=0).fit(TinyNet(), loader())
+    ours = [(step, keys) for step, keys in csv.calls if any(k.startswith("netdiag/") for k in keys)]
+    assert [step for step, _ in ours] == [0, 0, 0, 2, 2, 2]  # one call per callback and logging step
+    tb_scalars, hists, _ = read_tensorboard(tb.log_dir)
+    csv_scalars = read_csv(f"{csv.log_dir}/metrics.csv")
+    for tag, points in tb_scalars.items():
+        if tag.startswith("netdiag/"):
+            for step, value in points.items():
+                assert abs(csv_scalars[tag][step] - value) <= 1e-6 * max(1.0, abs(value)), tag
+    # histograms went to TensorBoard; the CSV logger got quantiles in their place, and no histogram
+    assert "netdiag/act/net.2" in hists and "netdiag/act/net.2/q50" not in tb_scalars
+    assert "netdiag/act/net.2/q50" in csv_scalars
+
+
+def test_tensorboard_custom_scalars_layout(tmp_path):
+    cbs = [SaturationMonitor(every_n_steps=1), GradDataRatio(every_n_steps=1), UpdateRatio(every_n_steps=1)]
+    t = trainer(tmp_path, cbs, max_steps=2, limit_val_batches=0)
+    t.fit(TinyNet(), loader())
+    scalars, _, acc = read_tensorboard(t.logger.log_dir)
+    events = acc.Tensors("custom_scalars__config__")
+    assert len(events) == 1  # written once, although three callbacks share the writer
+    layout = layout_pb2.Layout.FromString(events[0].tensor_proto.string_val[0])
+    charts = {c.title: list(c.multiline.tag) for cat in layout.category for c in cat.chart}
+    assert charts["D1 activation saturated %"] == [r"netdiag/act_saturated_pct/.*"]
+    assert charts["D2 activation-gradient std"] == [r"netdiag/act_grad_std/.*"]
+    assert charts["D3 grad:data ratio"] == [r"netdiag/grad_data_ratio/.*"]
+    d4 = next(v for k, v in charts.items() if k.startswith("D4"))
+    assert d4 == [r"netdiag/update_data_log10/.*"]
+    # the regexes pick one line per layer, and D4's includes the -3 reference line
+    import re
+
+    d4_lines = [t for t in scalars if re.fullmatch(d4[0], t)]
+    assert sorted(d4_lines) == ["netdiag/update_data_log10/_target", "netdiag/update_data_log10/net.0.weight",
+                                "netdiag/update_data_log10/net.3.weight", "netdiag/update_data_log10/net.5.weight"]  # fmt: skip
+    assert set(scalars["netdiag/update_data_log10/_target"].values()) == {-3.0}
+    assert len([t for t in scalars if re.fullmatch(charts["D1 activation saturated %"][0], t)]) == 2
+
+
+def test_history_round_trips_through_a_checkpoint(tmp_path):
+    ckpt_dir = tmp_path / "ckpt"
+    first = [SaturationMonitor(every_n_steps=2), GradDataRatio(every_n_steps=2), UpdateRatio(every_n_steps=2)]
+    t = trainer(tmp_path, [*first, ModelCheckpoint(ckpt_dir, save_last=True)], max_steps=4, limit_val_batches=0,
+                enable_checkpointing=True)  # fmt: skip
+    t.fit(TinyNet(), loader())
+    ckpt = ckpt_dir / "last.ckpt"
+    raw = torch.load(ckpt, weights_only=True)  # plain containers only
+    states = {k: v for k, v in raw["callbacks"].items() if "prefix" in k}
+    assert len(states) == 3
+
+    second = [SaturationMonitor(every_n_steps=2), GradDataRatio(every_n_steps=2), UpdateRatio(every_n_steps=2)]
+    t2 = trainer(tmp_path, second, max_steps=8, limit_val_batches=0)
+    t2.fit(TinyNet(), loader(), ckpt_path=ckpt)
+    for before, after in zip(first, second):
+        for tag, points in before.history.items():
+            assert after.history[tag][: len(points)] == points, tag
+        assert [s for s, _ in after.history[next(iter(after.history))]] == [0, 2, 4, 6]
+    hist_before = first[0].history.histograms["netdiag/act/net.2"]
+    assert second[0].history.histograms["netdiag/act/net.2"][:2] == hist_before

@@ -1,0 +1,123 @@
+"""Every logged number equals the lecture's formula computed in plain PyTorch on the same tensors."""
+
+import math
+
+import pytest
+import torch
+from helpers import (
+    TinyNet,
+    assert_matches_reference,
+    bin_counts,
+    loader,
+    netdiag_only,
+    read_csv,
+    read_tensorboard,
+    trainer,
+)
+from lightning.pytorch.loggers import CSVLogger
+
+from lightning_netdiag import GradDataRatio, SaturationMonitor, UpdateRatio
+
+TANH_EDGES = torch.linspace(-1, 1, 51).tolist()
+GRAD_EDGES = torch.cat([-torch.logspace(-9, 3, 49, dtype=torch.float64).flip(0),
+                        torch.logspace(-9, 3, 49, dtype=torch.float64)]).float().tolist()  # fmt: skip
+
+
+def all_callbacks(n: int = 2):
+    return [SaturationMonitor(every_n_steps=n), GradDataRatio(every_n_steps=n), UpdateRatio(every_n_steps=n)]
+
+
+def expected_tags(model: TinyNet) -> set[str]:
+    tags = {"netdiag/update_skipped", "netdiag/update_data_log10/_target"}
+    for layer in ("net.2", "net.4"):
+        for metric in ("act_mean", "act_std", "act_saturated_pct", "act_dead_pct", "act_nonfinite",
+                       "act_grad_mean", "act_grad_std", "act_grad_nonfinite"):  # fmt: skip
+            tags.add(f"netdiag/{metric}/{layer}")
+    for name, p in model.named_parameters():
+        if p.ndim == 2:
+            for metric in ("grad_mean", "grad_std", "grad_data_ratio", "grad_nonfinite", "update_data_log10"):
+                tags.add(f"netdiag/{metric}/{name}")
+    return tags
+
+
+def test_tensorboard_scalars_equal_plain_pytorch(tmp_path):
+    model = TinyNet()
+    t = trainer(tmp_path, all_callbacks(2), max_steps=7)
+    t.fit(model, loader(), loader())
+    scalars, _, _ = read_tensorboard(t.logger.log_dir)
+    logged = netdiag_only(scalars)
+    assert set(logged) == expected_tags(model)
+    for tag, points in logged.items():
+        assert sorted(points) == [0, 2, 4, 6], tag  # the optimizer steps measured, step 0 = at init
+    compared = assert_matches_reference(logged, model.ref)
+    assert compared == 4 * 24  # every tag but the 7 non-finite counts and the 2 D4 bookkeeping tags
+    # The first Tanh is partly saturated by the init gain; the value is non-trivial.
+    assert 1 < logged["netdiag/act_saturated_pct/net.2"][0] < 99
+
+
+def test_histograms_equal_direct_bin_counts(tmp_path):
+    model = TinyNet()
+    t = trainer(tmp_path, all_callbacks(3), max_steps=4)
+    t.fit(model, loader())
+    _, hists, _ = read_tensorboard(t.logger.log_dir)
+    assert set(hists) == {"netdiag/act/net.2", "netdiag/act/net.4", "netdiag/act_grad/net.2", "netdiag/act_grad/net.4",
+                          "netdiag/grad/net.0.weight", "netdiag/grad/net.3.weight", "netdiag/grad/net.5.weight"}
+    for tag, steps in hists.items():
+        assert sorted(steps) == [0, 3]
+        for step, h in steps.items():
+            edges = TANH_EDGES if tag.startswith("netdiag/act/") else GRAD_EDGES
+            full = bin_counts(model.ref_tensors[step][tag], edges)
+            used = [i for i, c in enumerate(full) if c > 0]
+            assert list(h.bucket) == full[used[0] : used[-1] + 1], tag
+            assert h.num == sum(full) == model.ref_tensors[step][tag].numel()
+            # Bucket limits are the right edges of the bins that were written.
+            bounds = [*edges, 2 * edges[-1] - edges[-2]]
+            assert list(h.bucket_limit) == pytest.approx(bounds[used[0] : used[-1] + 1])
+
+
+def test_csv_logger_gets_the_same_numbers_and_quantiles(tmp_path):
+    model = TinyNet()
+    logger = CSVLogger(tmp_path, name="csv")
+    t = trainer(tmp_path, all_callbacks(2), logger=logger, max_steps=5)
+    with pytest.warns(UserWarning, match="CSVLogger cannot hold histograms") as record:
+        t.fit(model, loader())
+    # one warning per logger type and callback, not one per step
+    assert sum("CSVLogger cannot hold histograms" in str(w.message) for w in record) == 2
+    logged = read_csv(f"{logger.log_dir}/metrics.csv")
+    assert assert_matches_reference(logged, model.ref, rel=1e-5) > 50
+    assert set(expected_tags(model)) <= set(logged)
+    # Quantiles of the histogram: the median of the first Tanh layer lies within one bin of torch's median.
+    for step in (0, 2, 4):
+        t_ref = model.ref_tensors[step]["netdiag/act/net.2"]
+        for q, name in ((0.05, "q05"), (0.5, "q50"), (0.95, "q95")):
+            value = logged[f"netdiag/act/net.2/{name}"][step]
+            assert abs(value - torch.quantile(t_ref, q).item()) <= 0.04 + 1e-6  # one bin of width 0.04
+    assert "netdiag/grad/net.0.weight/q50" in logged
+
+
+def test_update_ratio_uses_the_actual_update_not_lr_times_grad(tmp_path):
+    # Adam with weight decay: the lecture's lr * grad estimate is wrong here; the real update is not.
+    model = TinyNet(optimizer="adam", lr=0.01)
+    cb = UpdateRatio(every_n_steps=1)
+    t = trainer(tmp_path, [cb], max_steps=3)
+    t.fit(model, loader())
+    for step in range(3):
+        for name in ("net.0.weight", "net.3.weight", "net.5.weight"):
+            tag = f"netdiag/update_data_log10/{name}"
+            assert dict(cb.history[tag])[step] == pytest.approx(model.ref[step][tag], rel=1e-6)
+    # lr * grad would read very differently (Adam normalizes the step): check they disagree.
+    step0 = model.ref_tensors[0]["netdiag/grad/net.3.weight"]
+    naive = math.log10((0.01 * step0).std().item() / 1.0)
+    assert abs(naive - dict(cb.history["netdiag/update_data_log10/net.3.weight"])[0]) > 0.3
+
+
+def test_update_ratio_equals_lr_grad_for_plain_sgd(tmp_path):
+    model = TinyNet(optimizer="sgd", lr=0.1)
+    cb, gd = UpdateRatio(every_n_steps=1), GradDataRatio(every_n_steps=1)
+    t = trainer(tmp_path, [cb, gd], max_steps=2)
+    t.fit(model, loader())
+    grad_std = dict(gd.history["netdiag/grad_std/net.3.weight"])[1]
+    ratio = dict(gd.history["netdiag/grad_data_ratio/net.3.weight"])[1]
+    lecture = math.log10(0.1 * ratio)  # log10(lr * grad.std() / p.std())
+    assert grad_std > 0
+    assert dict(cb.history["netdiag/update_data_log10/net.3.weight"])[1] == pytest.approx(lecture, abs=1e-5)
