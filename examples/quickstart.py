@@ -68,8 +68,14 @@ def main() -> None:
     sat = SaturationMonitor(every_n_steps=cfg.every_n_steps)
     grad = GradDataRatio(every_n_steps=cfg.every_n_steps)
     upd = UpdateRatio(every_n_steps=cfg.every_n_steps)
-    trainer = L.Trainer(max_steps=cfg.max_steps, callbacks=[sat, grad, upd], log_every_n_steps=cfg.every_n_steps,
-                        accelerator="cpu", enable_checkpointing=False, enable_progress_bar=False)  # fmt: skip
+    trainer = L.Trainer(
+        max_steps=cfg.max_steps,
+        callbacks=[sat, grad, upd],
+        log_every_n_steps=cfg.every_n_steps,
+        accelerator="cpu",
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+    )
     trainer.fit(DeepTanhMLP(cfg), synthetic_data(cfg))
 
     print(f"\nTensorBoard logs: {trainer.logger.log_dir}  (view: tensorboard --logdir {trainer.logger.root_dir})")
@@ -78,8 +84,10 @@ def main() -> None:
         saturated = sat.history[f"netdiag/act_saturated_pct/net.{i}"]
         ratio = grad.history[f"netdiag/grad_data_ratio/net.{i - 1}.weight"]
         update = upd.history[f"netdiag/update_data_log10/net.{i - 1}.weight"]
-        print(f"net.{i:<4} {saturated[0][1]:>14.1f} -> {saturated[-1][1]:<10.1f} {ratio[-1][1]:>17.2e} "
-              f"{update[-1][1]:>18.2f}")  # fmt: skip
+        print(
+            f"net.{i:<4} {saturated[0][1]:>14.1f} -> {saturated[-1][1]:<10.1f} {ratio[-1][1]:>17.2e} "
+            f"{update[-1][1]:>18.2f}"
+        )
 
 
 if __name__ == "__main__":

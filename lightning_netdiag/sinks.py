@@ -92,8 +92,14 @@ class LoggerSink:
         self.source, self.prefix = source, prefix
         self._warned: set[str] = set()
 
-    def emit(self, loggers: list[Any], step: int, scalars: Mapping[str, float], histograms: Mapping[str, Histogram],
-             is_global_zero: bool) -> None:  # fmt: skip
+    def emit(
+        self,
+        loggers: list[Any],
+        step: int,
+        scalars: Mapping[str, float],
+        histograms: Mapping[str, Histogram],
+        is_global_zero: bool,
+    ) -> None:
         for logger in loggers:
             writer = histogram_writer(logger)
             metrics = dict(scalars)
@@ -123,7 +129,7 @@ def _quantile_name(q: float) -> str:
 def quantile_scalars(histograms: Mapping[str, Histogram]) -> dict[str, float]:
     out = {}
     for tag, hist in histograms.items():
-        for q, value in zip(FALLBACK_QUANTILES, hist.quantiles(FALLBACK_QUANTILES)):
+        for q, value in zip(FALLBACK_QUANTILES, hist.quantiles(FALLBACK_QUANTILES), strict=True):
             out[f"{tag}/{_quantile_name(q)}"] = value
     return out
 
@@ -146,8 +152,8 @@ def write_histogram(writer: Any, tag: str, hist: Histogram, step: int) -> None:
         min=bounds[first],
         max=bounds[last + 1],
         num=int(sum(counts)),
-        sum=sum(c * m for c, m in zip(counts, mids)),
-        sum_squares=sum(c * m * m for c, m in zip(counts, mids)),
+        sum=sum(c * m for c, m in zip(counts, mids, strict=True)),
+        sum_squares=sum(c * m * m for c, m in zip(counts, mids, strict=True)),
         bucket_limits=bounds[first + 1 : last + 2],
         bucket_counts=counts,
         global_step=step,

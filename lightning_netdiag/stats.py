@@ -172,13 +172,15 @@ def saturation_rule(module: nn.Module, threshold: float = DEFAULT_THRESHOLD) -> 
     unbounded = symlog_edges()
     if isinstance(module, nn.Hardtanh):  # also ReLU6
         lo, hi = float(module.min_val), float(module.max_val)
-        return SaturationRule("clamp", f"t <= {lo:g} or t >= {hi:g}", lambda t: (t <= lo) | (t >= hi),
-                              linear_edges(lo, hi))
+        return SaturationRule(
+            "clamp", f"t <= {lo:g} or t >= {hi:g}", lambda t: (t <= lo) | (t >= hi), linear_edges(lo, hi)
+        )
     if isinstance(module, (nn.Tanh, nn.Softsign)):
         return SaturationRule("tanh", f"|t| > {thr:g}", lambda t: t.abs() > thr, linear_edges(-1.0, 1.0))
     if isinstance(module, nn.Sigmoid):
-        return SaturationRule("sigmoid", f"t < {1 - thr:g} or t > {thr:g}", lambda t: (t < 1 - thr) | (t > thr),
-                              linear_edges(0.0, 1.0))
+        return SaturationRule(
+            "sigmoid", f"t < {1 - thr:g} or t > {thr:g}", lambda t: (t < 1 - thr) | (t > thr), linear_edges(0.0, 1.0)
+        )
     if isinstance(module, nn.Hardsigmoid):
         return SaturationRule("clamp", "t <= 0 or t >= 1", lambda t: (t <= 0) | (t >= 1), linear_edges(0.0, 1.0))
     if isinstance(module, (nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.RReLU)):

@@ -8,6 +8,7 @@ with the package.
 from __future__ import annotations
 
 import csv
+import itertools
 import math
 from collections import defaultdict
 from pathlib import Path
@@ -35,8 +36,14 @@ class TinyNet(L.LightningModule):
     ``ref[step][tag]`` holds, for every optimizer step, what each netdiag tag should read.
     """
 
-    def __init__(self, optimizer: str = "adam", lr: float = 0.01, hidden: int = 16, init_gain: float = 3.0,
-                 batchnorm: bool = True) -> None:  # fmt: skip
+    def __init__(
+        self,
+        optimizer: str = "adam",
+        lr: float = 0.01,
+        hidden: int = 16,
+        init_gain: float = 3.0,
+        batchnorm: bool = True,
+    ) -> None:
         super().__init__()
         layers: list[nn.Module] = [nn.Linear(6, hidden, bias=not batchnorm)]
         if batchnorm:
@@ -155,15 +162,18 @@ def netdiag_only(scalars: dict[str, dict[int, float]]) -> dict[str, dict[int, fl
     return {t: v for t, v in scalars.items() if t.startswith("netdiag/")}
 
 
-def assert_matches_reference(logged: dict[str, dict[int, float]], ref: dict[int, dict[str, float]],
-                             rel: float = 1e-5, abs_: float = 1e-7) -> int:  # fmt: skip
+def assert_matches_reference(
+    logged: dict[str, dict[int, float]], ref: dict[int, dict[str, float]], rel: float = 1e-5, abs_: float = 1e-7
+) -> int:
     """Every logged netdiag number equals the reference of its step; returns how many were compared."""
     compared = 0
     for tag, points in netdiag_only(logged).items():
         for step, value in points.items():
             if tag in ref[step]:
                 expected = ref[step][tag]
-                assert math.isclose(value, expected, rel_tol=rel, abs_tol=abs_), f"{tag} at step {step}: {value} != {expected}"
+                assert math.isclose(value, expected, rel_tol=rel, abs_tol=abs_), (
+                    f"{tag} at step {step}: {value} != {expected}"
+                )
                 compared += 1
     return compared
 
@@ -172,4 +182,4 @@ def bin_counts(t: torch.Tensor, edges: list[float]) -> list[float]:
     """Counts over [-inf, e0), [e0, e1), ..., [e_last, inf), by direct comparison."""
     bounds = [-math.inf, *edges, math.inf]
     t = t[torch.isfinite(t)]
-    return [float(((t >= lo) & (t < hi)).sum()) for lo, hi in zip(bounds[:-1], bounds[1:])]
+    return [float(((t >= lo) & (t < hi)).sum()) for lo, hi in itertools.pairwise(bounds)]

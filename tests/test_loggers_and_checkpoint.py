@@ -1,5 +1,7 @@
 """Every attached logger gets each step once; the TensorBoard chart layout; state through a checkpoint."""
 
+import re
+
 import torch
 from helpers import TinyNet, loader, read_csv, read_tensorboard, trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -53,11 +55,13 @@ def test_tensorboard_custom_scalars_layout(tmp_path):
     d4 = next(v for k, v in charts.items() if k.startswith("D4"))
     assert d4 == [r"netdiag/update_data_log10/.*"]
     # the regexes pick one line per layer, and D4's includes the -3 reference line
-    import re
-
     d4_lines = [t for t in scalars if re.fullmatch(d4[0], t)]
-    assert sorted(d4_lines) == ["netdiag/update_data_log10/_target", "netdiag/update_data_log10/net.0.weight",
-                                "netdiag/update_data_log10/net.3.weight", "netdiag/update_data_log10/net.5.weight"]  # fmt: skip
+    assert sorted(d4_lines) == [
+        "netdiag/update_data_log10/_target",
+        "netdiag/update_data_log10/net.0.weight",
+        "netdiag/update_data_log10/net.3.weight",
+        "netdiag/update_data_log10/net.5.weight",
+    ]
     assert set(scalars["netdiag/update_data_log10/_target"].values()) == {-3.0}
     assert len([t for t in scalars if re.fullmatch(charts["D1 activation saturated %"][0], t)]) == 2
 
@@ -65,8 +69,13 @@ def test_tensorboard_custom_scalars_layout(tmp_path):
 def test_history_round_trips_through_a_checkpoint(tmp_path):
     ckpt_dir = tmp_path / "ckpt"
     first = [SaturationMonitor(every_n_steps=2), GradDataRatio(every_n_steps=2), UpdateRatio(every_n_steps=2)]
-    t = trainer(tmp_path, [*first, ModelCheckpoint(ckpt_dir, save_last=True)], max_steps=4, limit_val_batches=0,
-                enable_checkpointing=True)  # fmt: skip
+    t = trainer(
+        tmp_path,
+        [*first, ModelCheckpoint(ckpt_dir, save_last=True)],
+        max_steps=4,
+        limit_val_batches=0,
+        enable_checkpointing=True,
+    )
     t.fit(TinyNet(), loader())
     ckpt = ckpt_dir / "last.ckpt"
     raw = torch.load(ckpt, weights_only=True)  # plain containers only
@@ -76,7 +85,7 @@ def test_history_round_trips_through_a_checkpoint(tmp_path):
     second = [SaturationMonitor(every_n_steps=2), GradDataRatio(every_n_steps=2), UpdateRatio(every_n_steps=2)]
     t2 = trainer(tmp_path, second, max_steps=8, limit_val_batches=0)
     t2.fit(TinyNet(), loader(), ckpt_path=ckpt)
-    for before, after in zip(first, second):
+    for before, after in zip(first, second, strict=True):
         for tag, points in before.history.items():
             assert after.history[tag][: len(points)] == points, tag
         assert [s for s, _ in after.history[next(iter(after.history))]] == [0, 2, 4, 6]

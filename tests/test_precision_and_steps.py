@@ -31,8 +31,12 @@ def test_fp16_amp_gradients_are_unscaled(tmp_path):
 
 def test_bf16_mixed_runs_and_matches(tmp_path):
     model = TinyNet()
-    t = trainer(tmp_path, [SaturationMonitor(every_n_steps=1), GradDataRatio(every_n_steps=1)], max_steps=2,
-                precision="bf16-mixed")  # fmt: skip
+    t = trainer(
+        tmp_path,
+        [SaturationMonitor(every_n_steps=1), GradDataRatio(every_n_steps=1)],
+        max_steps=2,
+        precision="bf16-mixed",
+    )
     t.fit(model, loader())
     scalars, _, _ = read_tensorboard(t.logger.log_dir)
     assert assert_matches_reference(scalars, model.ref, rel=1e-4, abs_=1e-6) > 20
@@ -123,8 +127,12 @@ def test_manual_optimization_with_two_optimizers(tmp_path):
     t.fit(model, loader())
     assert t.global_step == 6  # two optimizer steps per batch
     scalars, _, _ = read_tensorboard(t.logger.log_dir)
-    for tag in ("netdiag/grad_data_ratio/net.0.weight", "netdiag/grad_data_ratio/net.5.weight",
-                "netdiag/update_data_log10/net.0.weight", "netdiag/update_data_log10/net.5.weight"):  # fmt: skip
+    for tag in (
+        "netdiag/grad_data_ratio/net.0.weight",
+        "netdiag/grad_data_ratio/net.5.weight",
+        "netdiag/update_data_log10/net.0.weight",
+        "netdiag/update_data_log10/net.5.weight",
+    ):
         assert sorted(scalars[tag]) == [0, 2, 4], tag  # each batch's optimizer steps, labelled at its start
         for step, value in scalars[tag].items():
             assert value == pytest.approx(model.manual_ref[step][tag], rel=1e-5), (tag, step)

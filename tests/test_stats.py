@@ -1,5 +1,6 @@
 """The pure-torch layer against direct formulas."""
 
+import itertools
 import math
 
 import pytest
@@ -22,7 +23,7 @@ def test_record_of_a_tensor_with_nonfinite_values():
     assert m.std == pytest.approx(finite.std().item(), rel=1e-6)
     hist = stats.Histogram.of(record.tolist(), edges.tolist())
     bounds = [-math.inf, *edges.tolist(), math.inf]
-    assert list(hist.counts) == [float(((finite >= a) & (finite < b)).sum()) for a, b in zip(bounds, bounds[1:])]
+    assert list(hist.counts) == [float(((finite >= a) & (finite < b)).sum()) for a, b in itertools.pairwise(bounds)]
 
 
 def test_records_add_up_across_parts():

@@ -19,8 +19,11 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning_netdiag import GradDataRatio, SaturationMonitor, UpdateRatio
 
 TANH_EDGES = torch.linspace(-1, 1, 51).tolist()
-GRAD_EDGES = torch.cat([-torch.logspace(-9, 3, 49, dtype=torch.float64).flip(0),
-                        torch.logspace(-9, 3, 49, dtype=torch.float64)]).float().tolist()  # fmt: skip
+GRAD_EDGES = (
+    torch.cat([-torch.logspace(-9, 3, 49, dtype=torch.float64).flip(0), torch.logspace(-9, 3, 49, dtype=torch.float64)])
+    .float()
+    .tolist()
+)
 
 
 def all_callbacks(n: int = 2):
@@ -30,8 +33,16 @@ def all_callbacks(n: int = 2):
 def expected_tags(model: TinyNet) -> set[str]:
     tags = {"netdiag/update_skipped", "netdiag/update_data_log10/_target"}
     for layer in ("net.2", "net.4"):
-        for metric in ("act_mean", "act_std", "act_saturated_pct", "act_dead_pct", "act_nonfinite",
-                       "act_grad_mean", "act_grad_std", "act_grad_nonfinite"):  # fmt: skip
+        for metric in (
+            "act_mean",
+            "act_std",
+            "act_saturated_pct",
+            "act_dead_pct",
+            "act_nonfinite",
+            "act_grad_mean",
+            "act_grad_std",
+            "act_grad_nonfinite",
+        ):
             tags.add(f"netdiag/{metric}/{layer}")
     for name, p in model.named_parameters():
         if p.ndim == 2:
@@ -60,8 +71,15 @@ def test_histograms_equal_direct_bin_counts(tmp_path):
     t = trainer(tmp_path, all_callbacks(3), max_steps=4)
     t.fit(model, loader())
     _, hists, _ = read_tensorboard(t.logger.log_dir)
-    assert set(hists) == {"netdiag/act/net.2", "netdiag/act/net.4", "netdiag/act_grad/net.2", "netdiag/act_grad/net.4",
-                          "netdiag/grad/net.0.weight", "netdiag/grad/net.3.weight", "netdiag/grad/net.5.weight"}
+    assert set(hists) == {
+        "netdiag/act/net.2",
+        "netdiag/act/net.4",
+        "netdiag/act_grad/net.2",
+        "netdiag/act_grad/net.4",
+        "netdiag/grad/net.0.weight",
+        "netdiag/grad/net.3.weight",
+        "netdiag/grad/net.5.weight",
+    }
     for tag, steps in hists.items():
         assert sorted(steps) == [0, 3]
         for step, h in steps.items():

@@ -62,7 +62,9 @@ class DiagnosticCallback(Callback):
         check_positive_int("every_n_steps", every_n_steps, allow_none=True)
         check_positive_int("history_size", history_size)
         if not isinstance(prefix, str) or not prefix or prefix.strip("/") != prefix:
-            raise ValueError(f"Expected `prefix` to be a non-empty string without leading or trailing '/', got {prefix!r}")
+            raise ValueError(
+                f"Expected `prefix` to be a non-empty string without leading or trailing '/', got {prefix!r}"
+            )
         self.every_n_steps = every_n_steps
         self.prefix = prefix
         self.history = History(history_size)
@@ -108,10 +110,13 @@ class DiagnosticCallback(Callback):
         """Remove every hook and drop every pending tensor; safe to call any number of times."""
 
     def _warn_nothing_selected(self, pl_module: pl.LightningModule, looked_for: str) -> None:
-        rank_zero_warn(f"{type(self).__name__} found no {looked_for} in {type(pl_module).__name__}; it will log nothing.")
+        rank_zero_warn(
+            f"{type(self).__name__} found no {looked_for} in {type(pl_module).__name__}; it will log nothing."
+        )
 
-    def _emit(self, trainer: pl.Trainer, step: int, scalars: Mapping[str, float],
-              histograms: Mapping[str, Histogram]) -> None:  # fmt: skip
+    def _emit(
+        self, trainer: pl.Trainer, step: int, scalars: Mapping[str, float], histograms: Mapping[str, Histogram]
+    ) -> None:
         scalars = finite_only(scalars)
         self.history.add(step, scalars, histograms)
         self._sink.emit(trainer.loggers, step, scalars, histograms, trainer.is_global_zero)
@@ -131,7 +136,6 @@ def split(values: list[float], sizes: list[int]) -> list[list[float]]:
         out.append(values[start : start + n])
         start += n
     return out
-
 
 
 class ParameterCallback(DiagnosticCallback):
@@ -158,7 +162,8 @@ class ParameterCallback(DiagnosticCallback):
         self.params = None if params is None else check_selection("params", params)
         self.exclude = check_selection("exclude", exclude)
         if ndims is not None and (
-            isinstance(ndims, (str, int)) or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in ndims)
+            isinstance(ndims, (str, int))
+            or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in ndims)
         ):
             raise ValueError(f"Expected `ndims` to be None or a sequence of non-negative ints, got {ndims!r}")
         self.ndims = None if ndims is None else tuple(ndims)
@@ -166,14 +171,18 @@ class ParameterCallback(DiagnosticCallback):
         self._step: int | None = None
 
     @override
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self._step = logging_step(trainer, self._every)
 
     def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         chosen = select_parameters(pl_module, self.params, self.exclude, self.ndims)
         self._selected = {id(p): (name, p) for name, p in chosen}
         if not chosen:
-            self._warn_nothing_selected(pl_module, f"trainable parameters (looked for: params={self.params}, ndims={self.ndims})")
+            self._warn_nothing_selected(
+                pl_module, f"trainable parameters (looked for: params={self.params}, ndims={self.ndims})"
+            )
 
     def _detach(self) -> None:
         self._selected = {}

@@ -101,7 +101,9 @@ class SaturationMonitor(DiagnosticCallback):
         self._records_step: int | None = None
 
     @override
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self._arm(trainer)
 
     @override
@@ -109,8 +111,9 @@ class SaturationMonitor(DiagnosticCallback):
         self._flush(trainer)
 
     @override
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:  # fmt: skip
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if self._hooks is not None:
             self._hooks.armed = False  # validation runs after this: it must never count
 
@@ -118,7 +121,7 @@ class SaturationMonitor(DiagnosticCallback):
         self._detach()
         chosen = select_modules(pl_module, self.modules, self.exclude)
         if not chosen:
-            self._warn_nothing_selected(pl_module, "activation modules (looked for: modules=%s)" % _names(self.modules))
+            self._warn_nothing_selected(pl_module, f"activation modules (looked for: modules={_names(self.modules)})")
             return
         grad_edges = stats.symlog_edges()
         layers = [Layer(name or "model", m, stats.saturation_rule(m, self.threshold), grad_edges) for name, m in chosen]
@@ -163,15 +166,24 @@ class SaturationMonitor(DiagnosticCallback):
             self._describe(layer, act, alive, grad, scalars, histograms)
         self._emit(trainer, step, scalars, histograms)
 
-    def _describe(self, layer: Layer, act: list[float], alive: list[float], grad: list[float],
-                  scalars: dict[str, float], histograms: dict[str, stats.Histogram]) -> None:  # fmt: skip
+    def _describe(
+        self,
+        layer: Layer,
+        act: list[float],
+        alive: list[float],
+        grad: list[float],
+        scalars: dict[str, float],
+        histograms: dict[str, stats.Histogram],
+    ) -> None:
         name, has_rule = layer.name, layer.rule is not None
         m = stats.Moments.of(act)
         scalars[self._tag("act_mean", name)] = m.mean
         scalars[self._tag("act_std", name)] = m.std
         scalars[self._tag("act_nonfinite", name)] = m.nonfinite
         if has_rule and alive:
-            scalars[self._tag("act_saturated_pct", name)] = 100 * act[stats.MOMENTS] / m.count if m.count else float("nan")
+            scalars[self._tag("act_saturated_pct", name)] = (
+                100 * act[stats.MOMENTS] / m.count if m.count else float("nan")
+            )
             scalars[self._tag("act_dead_pct", name)] = 100 * sum(a == 0 for a in alive) / len(alive)
         if self.histograms:
             histograms[self._tag("act", name)] = stats.Histogram.of(act, layer.act_edge_list, extra=int(has_rule))
