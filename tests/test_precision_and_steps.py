@@ -136,3 +136,20 @@ def test_manual_optimization_with_two_optimizers(tmp_path):
         assert sorted(scalars[tag]) == [0, 2, 4], tag  # each batch's optimizer steps, labelled at its start
         for step, value in scalars[tag].items():
             assert value == pytest.approx(model.manual_ref[step][tag], rel=1e-5), (tag, step)
+
+
+class FusedAdam(TinyNet):
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=0.01, fused=True)
+
+
+def test_fused_optimizer_that_unscales_in_its_own_step(tmp_path):
+    # Lightning leaves the gradients scaled for optimizers that unscale inside step(): D3 must unscale them.
+    model = FusedAdam()
+    gd = GradDataRatio(every_n_steps=1)
+    t = trainer(tmp_path, [gd], max_steps=2, logger=False, plugins=[fp16_plugin()])
+    t.fit(model, loader())
+    assert t.precision_plugin.scaler.get_scale() == 1024.0  # no skip, no growth: the scale of both steps
+    for step in (0, 1):
+        scaled = model.ref[step]["netdiag/grad_std/net.3.weight"]  # what the hook sees: still scaled
+        assert dict(gd.history["netdiag/grad_std/net.3.weight"])[step] == pytest.approx(scaled / 1024.0, rel=1e-6)

@@ -151,8 +151,12 @@ class SaturationMonitor(DiagnosticCallback):
         layers = [layer for layer in hooks.layers if layer.act is not None]
         parts: list[Tensor] = []
         for layer in layers:
-            parts += [layer.act, layer.alive if layer.alive is not None else layer.act[:0]]
-            parts.append(layer.grad if layer.grad is not None else layer.act[:0])
+            empty = layer.act.new_zeros(0)  # type: ignore[union-attr]
+            parts += [
+                layer.act,
+                empty if layer.alive is None else layer.alive,
+                empty if layer.grad is None else layer.grad,
+            ]
         sizes = [p.numel() for p in parts]
         if trainer.world_size > 1 and parts:  # every rank arrives here at the same step
             flat = trainer.strategy.reduce(torch.cat(parts), reduce_op="sum")
