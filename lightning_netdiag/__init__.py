@@ -2,11 +2,11 @@
 
 Four layers, each importing only the ones before it:
 ``stats`` (pure torch maths) -> ``capture`` (selection, hooks) -> ``callbacks`` (when to measure)
--> ``sinks`` (history and loggers).
+-> ``sinks`` (history and loggers) and the views ``plots`` (matplotlib) and ``report`` (rules in words).
 """
 
-from lightning_netdiag.callbacks import GradDataRatio, SaturationMonitor, UpdateRatio
+from lightning_netdiag.callbacks import DiagnosticPlots, GradDataRatio, HealthReport, SaturationMonitor, UpdateRatio
 
 __version__ = "0.1.0"
 
-__all__ = ["GradDataRatio", "SaturationMonitor", "UpdateRatio", "__version__"]
+__all__ = ["DiagnosticPlots", "GradDataRatio", "HealthReport", "SaturationMonitor", "UpdateRatio", "__version__"]

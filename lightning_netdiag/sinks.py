@@ -29,8 +29,10 @@ class History(Mapping[str, list[tuple[int, float]]]):
         self.max_points, self.max_histograms = max_points, max_histograms
         self._scalars: dict[str, deque[tuple[int, float]]] = {}
         self._histograms: dict[str, deque[tuple[int, Histogram]]] = {}
+        self.last_step: int | None = None  # the latest step anything was recorded at
 
     def add(self, step: int, scalars: Mapping[str, float], histograms: Mapping[str, Histogram]) -> None:
+        self.last_step = step
         for tag, value in scalars.items():
             self._scalars.setdefault(tag, deque(maxlen=self.max_points)).append((step, value))
         for tag, hist in histograms.items():
@@ -60,6 +62,8 @@ class History(Mapping[str, list[tuple[int, float]]]):
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        steps = [p[0] for points in state["scalars"].values() for p in points]
+        self.last_step = max(steps) if steps else None
         self._scalars = {
             tag: deque(((int(s), float(v)) for s, v in points), maxlen=self.max_points)
             for tag, points in state["scalars"].items()
@@ -189,3 +193,19 @@ def write_tensorboard_layout(writer: Any, prefix: str) -> None:
 def finite_only(scalars: Mapping[str, float]) -> dict[str, float]:
     """Undefined values (a std of one element, a ratio over zero) are left out, never logged as NaN."""
     return {tag: value for tag, value in scalars.items() if math.isfinite(value)}
+
+
+def log_figure(loggers: list[Any], tag: str, figure: Any, step: int) -> None:
+    """A matplotlib figure as an image, to every logger whose experiment takes figures (TensorBoard)."""
+    for logger in loggers:
+        add_figure = getattr(getattr(logger, "experiment", None), "add_figure", None)
+        if callable(add_figure):
+            add_figure(tag, figure, global_step=step, close=False)
+
+
+def log_text(loggers: list[Any], tag: str, text: str, step: int) -> None:
+    """Text (markdown), to every logger whose experiment takes text (TensorBoard)."""
+    for logger in loggers:
+        add_text = getattr(getattr(logger, "experiment", None), "add_text", None)
+        if callable(add_text):
+            add_text(tag, text, global_step=step)

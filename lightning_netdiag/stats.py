@@ -11,6 +11,7 @@ one above the last (bin ``i`` holds ``edges[i-1] <= x < edges[i]``).
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -117,6 +118,12 @@ class Histogram:
         """Bin ``i`` spans ``bounds[i] .. bounds[i+1]``; each open bin is drawn as wide as its neighbour."""
         e = self.edges
         return [2 * e[0] - e[1], *e, 2 * e[-1] - e[-2]]
+
+    @property
+    def uniform(self) -> bool:
+        """Evenly spaced edges (a bounded activation); otherwise log-spaced (gradients, unbounded ones)."""
+        widths = [b - a for a, b in itertools.pairwise(self.edges)]
+        return max(widths) <= 1.001 * min(widths)
 
     @property
     def total(self) -> float:

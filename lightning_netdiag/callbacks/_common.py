@@ -169,6 +169,7 @@ class ParameterCallback(DiagnosticCallback):
         self.ndims = None if ndims is None else tuple(ndims)
         self._selected: dict[int, tuple[str, torch.nn.Parameter]] = {}
         self._step: int | None = None
+        self.param_shapes: dict[str, tuple[int, ...]] = {}  # selected parameter -> shape, for plots and reports
 
     @override
     def on_train_batch_start(
@@ -179,6 +180,7 @@ class ParameterCallback(DiagnosticCallback):
     def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         chosen = select_parameters(pl_module, self.params, self.exclude, self.ndims)
         self._selected = {id(p): (name, p) for name, p in chosen}
+        self.param_shapes = {name: tuple(p.shape) for name, p in chosen}
         if not chosen:
             self._warn_nothing_selected(
                 pl_module, f"trainable parameters (looked for: params={self.params}, ndims={self.ndims})"
@@ -197,3 +199,15 @@ class ParameterCallback(DiagnosticCallback):
                 if chosen is not None and p.grad is not None:
                     out.append(chosen)
         return out
+
+
+def monitors(trainer: pl.Trainer) -> dict[str, Any]:
+    """The first SaturationMonitor, GradDataRatio and UpdateRatio among the Trainer's callbacks (or None)."""
+    from lightning_netdiag.callbacks.grad_data import GradDataRatio
+    from lightning_netdiag.callbacks.saturation import SaturationMonitor
+    from lightning_netdiag.callbacks.update_ratio import UpdateRatio
+
+    def first(cls: type) -> Any:
+        return next((cb for cb in trainer.callbacks if isinstance(cb, cls)), None)
+
+    return {"saturation": first(SaturationMonitor), "grad_data": first(GradDataRatio), "update": first(UpdateRatio)}

@@ -99,6 +99,7 @@ class SaturationMonitor(DiagnosticCallback):
         self.histograms = bool(histograms)
         self._hooks: ActivationHooks | None = None
         self._records_step: int | None = None
+        self.layer_types: dict[str, str] = {}  # watched layer -> its class name, for plots and reports
 
     @override
     def on_train_batch_start(
@@ -125,6 +126,7 @@ class SaturationMonitor(DiagnosticCallback):
             return
         grad_edges = stats.symlog_edges()
         layers = [Layer(name or "model", m, stats.saturation_rule(m, self.threshold), grad_edges) for name, m in chosen]
+        self.layer_types = {layer.name: type(layer.module).__name__ for layer in layers}
         self._hooks = ActivationHooks(
             layers, self.histograms, self.track_grad, self.unit_dim, grad_divisor=lambda: _grad_divisor(trainer)
         )
