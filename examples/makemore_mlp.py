@@ -200,7 +200,7 @@ def train(cfg: Config, quiet: bool = False) -> Result:
         GradDataRatio(every_n_steps=cfg.every_n_steps),
         UpdateRatio(every_n_steps=cfg.every_n_steps),
     )
-    report = HealthReport(print_table=not quiet)
+    report = HealthReport(warn=not quiet, print_table=not quiet)
     trainer = L.Trainer(
         max_steps=cfg.max_steps,
         callbacks=[sat, grad, update, DiagnosticPlots(), report],
