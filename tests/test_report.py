@@ -8,7 +8,7 @@ import pytest
 from helpers import TinyNet, loader, read_tensorboard, trainer
 from torch import nn
 
-from lightning_netdiag import GradDataRatio, HealthReport, SaturationMonitor, UpdateRatio, report
+from lightning_netdiag import DiagnosticPlots, GradDataRatio, HealthReport, SaturationMonitor, UpdateRatio, report
 
 
 def recorded(cls, scalars: dict[str, float], steps=(0,), **kw):
@@ -118,3 +118,16 @@ def test_health_report_callback_warns_once_stops_on_fatal_and_logs_text(tmp_path
     _, _, acc = read_tensorboard(t.logger.log_dir)
     text = acc.Tensors("netdiag/health_report/text_summary")[0].tensor_proto.string_val[0].decode()
     assert "| fatal | non-finite" in text
+
+
+def test_plots_every_n_steps_into_a_chosen_directory(tmp_path):
+    out = tmp_path / "figs"
+    plots_cb = DiagnosticPlots(every_n_steps=2, save_dir=str(out))
+    cbs = [SaturationMonitor(every_n_steps=1), GradDataRatio(every_n_steps=1), UpdateRatio(every_n_steps=1), plots_cb]
+    trainer(tmp_path, cbs, max_steps=4, limit_val_batches=0, logger=False).fit(TinyNet(), loader())
+    names = {"activations", "activation_gradients", "activations_over_time", "weight_gradients", "update_ratio"}
+    expected = {f"{n}{suffix}.png" for n in names for suffix in ("_step2", "_step4", "")}
+    assert {p.name for p in out.iterdir()} == expected
+    assert sorted(p.name for p in plots_cb.saved) == sorted(expected)
+    with pytest.raises(ValueError, match="`every_n_steps`"):
+        DiagnosticPlots(every_n_steps=0)
