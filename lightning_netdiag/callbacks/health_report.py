@@ -45,6 +45,11 @@ class HealthReport(Callback):
         self.verdicts: list[report.Verdict] = []
         self._warned: set[tuple[str, str]] = set()
         self._checked: tuple[int | None, ...] = ()
+        self._monitors: dict[str, Any] = {}
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._monitors = monitors(trainer)
 
     @override
     def on_train_batch_end(
@@ -59,12 +64,11 @@ class HealthReport(Callback):
     def _check(self, trainer: pl.Trainer) -> None:
         if not (self.warn or self.stop_on_fatal):
             return
-        found = monitors(trainer)
-        latest = tuple(cb.history.last_step if cb is not None else None for cb in found.values())
+        latest = tuple(cb.history.last_step if cb is not None else None for cb in self._monitors.values())
         if latest == self._checked:  # nothing new was recorded: nothing to check
             return
         self._checked = latest
-        for v in report.evaluate(**found):
+        for v in report.evaluate(**self._monitors):
             if self.warn and (v.check, v.layer) not in self._warned:
                 self._warned.add((v.check, v.layer))
                 rank_zero_warn(f"netdiag: {v.check} in {v.layer} ({v.value:.4g}; healthy {v.healthy}): {v.cause}")
@@ -72,9 +76,8 @@ class HealthReport(Callback):
                 trainer.should_stop = True
 
     def _finish(self, trainer: pl.Trainer) -> None:
-        found = monitors(trainer)
-        self.verdicts = report.evaluate(**found)
-        present = [cb for cb in found.values() if cb is not None]
+        self.verdicts = report.evaluate(**self._monitors)
+        present = [cb for cb in self._monitors.values() if cb is not None]
         if not present:
             return
         step = max((cb.history.last_step for cb in present if cb.history.last_step is not None), default=None)
