@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import random
+import sys
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -210,7 +211,7 @@ def train(cfg: Config, quiet: bool = False) -> Result:
         devices=1,
         use_distributed_sampler=False,
         enable_checkpointing=False,
-        enable_progress_bar=not quiet,
+        enable_progress_bar=not quiet and sys.stdout.isatty(),  # a bar floods CI logs
         enable_model_summary=not quiet,
         logger=L.pytorch.loggers.TensorBoardLogger(cfg.root_dir, name=f"lightning_logs/{cfg.preset}"),
     )
