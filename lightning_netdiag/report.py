@@ -38,11 +38,13 @@ def _latest(callback: Any, metric: str) -> dict[str, float]:
     """name -> value at the callback's latest step, for every name of ``metric``."""
     if callback is None or callback.history.last_step is None:
         return {}
-    head, last = f"{callback.prefix}/{metric}/", callback.history.last_step
+    history, head = callback.history, f"{callback.prefix}/{metric}/"
     out = {}
-    for tag, points in callback.history.items():
-        if tag.startswith(head) and points and points[-1][0] == last:
-            out[tag[len(head) :]] = points[-1][1]
+    for tag in history:  # keys only: a check runs at every logging step, it must not copy whole series
+        if tag.startswith(head):
+            (step, value), *_ = history.tail(tag, 1)
+            if step == history.last_step:
+                out[tag[len(head) :]] = value
     return out
 
 
@@ -171,9 +173,9 @@ def _updates(update: Any) -> list[Verdict]:
         return []
     head, target = f"{update.prefix}/update_data_log10/", update.target
     medians = {
-        tag[len(head) :]: statistics.median(v for _, v in points[-UPDATE_WINDOW:])
-        for tag, points in update.history.items()
-        if tag.startswith(head) and not tag.endswith("/_target") and points
+        tag[len(head) :]: statistics.median(v for _, v in update.history.tail(tag, UPDATE_WINDOW))
+        for tag in update.history
+        if tag.startswith(head) and not tag.endswith("/_target")
     }
     if not medians:
         return []

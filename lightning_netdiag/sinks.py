@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 import weakref
@@ -44,6 +45,11 @@ class History(Mapping[str, list[tuple[int, float]]]):
 
     def __getitem__(self, tag: str) -> list[tuple[int, float]]:
         return list(self._scalars[tag])
+
+    def tail(self, tag: str, n: int) -> list[tuple[int, float]]:
+        """The latest ``n`` points of ``tag``, oldest first, without copying the whole series."""
+        points = self._scalars[tag]
+        return list(itertools.islice(reversed(points), n))[::-1]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._scalars)

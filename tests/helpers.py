@@ -76,6 +76,12 @@ class TinyNet(L.LightningModule):
         # Very different inputs: if validation were counted, saturation would read near 100 %.
         self.log("val_loss", nn.functional.cross_entropy(self(x * 100), y))
 
+    def test_step(self, batch, batch_idx):
+        return self.validation_step(batch, batch_idx)
+
+    def predict_step(self, batch, batch_idx):
+        return self(batch[0] * 100)
+
     def configure_optimizers(self):
         if self.optimizer_name == "sgd":
             return torch.optim.SGD(self.parameters(), lr=self.lr)

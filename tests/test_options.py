@@ -43,16 +43,8 @@ def test_prefix_and_bounded_history(tmp_path):
     assert sat.state_key != SaturationMonitor(prefix="other").state_key  # two instances can share a Trainer
 
 
-class AllStages(TinyNet):
-    def test_step(self, batch, batch_idx):
-        return self.validation_step(batch, batch_idx)
-
-    def predict_step(self, batch, batch_idx):
-        return self(batch[0] * 100)
-
-
 def test_validate_test_and_predict_after_fit_add_nothing(tmp_path):
-    model = AllStages()
+    model = TinyNet()
     cbs = [SaturationMonitor(every_n_steps=1), GradDataRatio(every_n_steps=1), UpdateRatio(every_n_steps=1)]
     t = trainer(tmp_path, cbs, max_steps=2, logger=False)
     t.fit(model, loader())

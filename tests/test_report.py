@@ -131,3 +131,15 @@ def test_plots_every_n_steps_into_a_chosen_directory(tmp_path):
     assert sorted(p.name for p in plots_cb.saved) == sorted(expected)
     with pytest.raises(ValueError, match="`every_n_steps`"):
         DiagnosticPlots(every_n_steps=0)
+
+
+def test_history_tail_is_the_latest_points_oldest_first():
+    sat = SaturationMonitor(history_size=5)
+    for step in range(8):
+        sat.history.add(step, {"netdiag/act_std/a": float(step)}, {})
+    assert sat.history.tail("netdiag/act_std/a", 3) == [(5, 5.0), (6, 6.0), (7, 7.0)]
+    assert (
+        sat.history.tail("netdiag/act_std/a", 50)
+        == sat.history["netdiag/act_std/a"]
+        == [(s, float(s)) for s in range(3, 8)]
+    )
