@@ -89,7 +89,12 @@ class HookHandles:
 
 
 class Layer:
-    """One watched activation module: its rule, its edges, and the records summed over the armed step."""
+    """One watched activation module: its rule, its edges, and the records summed over the armed step.
+
+    The records are buffers allocated once and then zeroed and added to in place, so that a compiled
+    graph keeps reading and writing the same tensors: no recompilation, and a gradient hook that only
+    mutates a tensor traces into the graph without a break.
+    """
 
     def __init__(self, name: str, module: nn.Module, rule: stats.SaturationRule | None, grad_edges: Tensor) -> None:
         self.name, self.module, self.rule = name, module, rule
@@ -97,21 +102,15 @@ class Layer:
         self.grad_edges = grad_edges
         self.act_edge_list, self.grad_edge_list = self.act_edges.tolist(), grad_edges.tolist()  # kept on the host
         self.act: Tensor | None = None  # [moments, saturated, *histogram]
-        self.alive: Tensor | None = None  # per unit: examples in which it is not saturated
         self.grad: Tensor | None = None  # [moments, *histogram]
+        self.alive: Tensor | None = None  # per unit: examples in which it is not saturated; sized by the first run
         self.pending_mask: Tensor | None = None  # input-side saturation, from the pre-hook to the hook
 
     def reset(self) -> None:
-        self.act = self.alive = self.grad = self.pending_mask = None
-
-    def follow(self, device: torch.device) -> None:
-        """Keep the edges on the device the activations live on (moved once, not on every call)."""
-        if self.act_edges.device != device:
-            self.act_edges, self.grad_edges = self.act_edges.to(device), self.grad_edges.to(device)
-
-
-def _add(total: Tensor | None, part: Tensor) -> Tensor:
-    return part if total is None else total + part
+        for record in (self.act, self.grad, self.alive):
+            if record is not None:
+                record.zero_()
+        self.pending_mask = None
 
 
 class ActivationHooks:
@@ -125,8 +124,8 @@ class ActivationHooks:
         histograms: whether records carry histogram counts.
         track_grad: whether to hook the output's gradient (D2).
         unit_dim: the dimension of an activation that indexes units, for dead units.
-        grad_divisor: called during backward; what a raw output gradient is divided by (the AMP loss
-            scale times the data-parallel world size), or None.
+        grad_divisor: called at each armed forward; what the output's gradient will be divided by (the AMP
+            loss scale times the data-parallel world size), or None.
     """
 
     def __init__(
@@ -147,6 +146,23 @@ class ActivationHooks:
                 self.handles.add(layer.module.register_forward_pre_hook(self._pre_hook(layer)))
             self.handles.add(layer.module.register_forward_hook(self._hook(layer)))
 
+    def prepare(self, device: torch.device) -> None:
+        """Zeroed records on ``device``, before the first armed forward of a step; allocated only once."""
+        for layer in self.layers:
+            if layer.act is not None and layer.act.device == device:
+                layer.reset()
+                continue
+            layer.act_edges, layer.grad_edges = layer.act_edges.to(device), layer.grad_edges.to(device)
+            edges = layer.act_edges if self.histograms else None
+            layer.act = torch.zeros(
+                stats.record_size(edges, int(layer.rule is not None)), dtype=torch.float64, device=device
+            )
+            edges = layer.grad_edges if self.histograms else None
+            layer.grad = (
+                torch.zeros(stats.record_size(edges), dtype=torch.float64, device=device) if self.track_grad else None
+            )
+            layer.alive = layer.pending_mask = None
+
     def _pre_hook(self, layer: Layer) -> Callable[..., None]:
         def hook(module: nn.Module, inputs: tuple[object, ...]) -> None:
             if self.armed and inputs and isinstance(inputs[0], Tensor):
@@ -157,14 +173,15 @@ class ActivationHooks:
 
     def _hook(self, layer: Layer) -> Callable[..., None]:
         def hook(module: nn.Module, inputs: tuple[object, ...], output: object) -> None:
-            if not self.armed or not isinstance(output, Tensor):
+            if not self.armed or not isinstance(output, Tensor) or layer.act is None:
                 return
-            layer.follow(output.device)
             with torch.no_grad():
                 # In fp16/bf16, `t > 0.97` would compare against 0.97 rounded to half precision.
                 self._record_activation(layer, output.detach().float())
-            if self.track_grad and output.requires_grad:
-                output.register_hook(self._grad_hook(layer))
+            if layer.grad is not None and output.requires_grad:
+                output.register_hook(
+                    _grad_hook(layer.grad, layer.grad_edges if self.histograms else None, self.grad_divisor())
+                )
 
         return hook
 
@@ -175,21 +192,11 @@ class ActivationHooks:
             layer.pending_mask = None
             saturated, alive = stats.saturation_extra(mask, torch.isfinite(t), self.unit_dim)  # type: ignore[arg-type]
             extra.append(saturated)
-            layer.alive = _add(layer.alive, alive)
-        record = stats.tensor_record(t, layer.act_edges if self.histograms else None, extra)
-        layer.act = _add(layer.act, record)
-
-    def _grad_hook(self, layer: Layer) -> Callable[[Tensor], None]:
-        def hook(grad: Tensor) -> None:
-            divisor = self.grad_divisor()
-            with torch.no_grad():
-                g = grad.detach().float()
-                if divisor is not None:
-                    g = g / divisor
-                edges = layer.grad_edges if self.histograms else None
-                layer.grad = _add(layer.grad, stats.tensor_record(g, edges))
-
-        return hook
+            if layer.alive is None:
+                layer.alive = alive
+            else:
+                layer.alive.add_(alive)
+        layer.act.add_(stats.tensor_record(t, layer.act_edges if self.histograms else None, extra))  # type: ignore[union-attr]
 
     def reset(self) -> None:
         for layer in self.layers:
@@ -198,4 +205,20 @@ class ActivationHooks:
     def remove(self) -> None:
         self.armed = False
         self.handles.remove()
-        self.reset()
+        for layer in self.layers:
+            layer.act = layer.grad = layer.alive = layer.pending_mask = None
+
+
+def _grad_hook(total: Tensor, edges: Tensor | None, divisor: Tensor | float | None) -> Callable[[Tensor], None]:
+    """A hook adding the record of an output's gradient to ``total``.
+
+    It captures tensors and mutates only ``total``, in place: dynamo traces such a hook into the compiled
+    graph, where one that assigned to an object's attribute would break the graph.
+    """
+
+    def hook(grad: Tensor) -> None:
+        with torch.no_grad():
+            g = grad.detach().float()
+            total.add_(stats.tensor_record(g if divisor is None else g / divisor, edges))
+
+    return hook

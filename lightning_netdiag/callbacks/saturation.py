@@ -99,13 +99,14 @@ class SaturationMonitor(DiagnosticCallback):
         self.histograms = bool(histograms)
         self._hooks: ActivationHooks | None = None
         self._records_step: int | None = None
+        self._units: list[int] | None = None
         self.layer_types: dict[str, str] = {}  # watched layer -> its class name, for plots and reports
 
     @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        self._arm(trainer)
+        self._arm(trainer, pl_module)
 
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
@@ -135,14 +136,17 @@ class SaturationMonitor(DiagnosticCallback):
         if self._hooks is not None:
             self._hooks.remove()
         self._hooks = None
+        self._records_step = self._units = None
 
-    def _arm(self, trainer: pl.Trainer) -> None:
+    def _arm(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._hooks is None:
             return
         step = logging_step(trainer, self._every)
         if step != self._records_step:  # records of a step that never reached an optimizer step are dropped
             self._hooks.reset()
             self._records_step = step
+            if step is not None:
+                self._hooks.prepare(pl_module.device)
         self._hooks.armed = step is not None
 
     def _flush(self, trainer: pl.Trainer) -> None:
@@ -150,27 +154,37 @@ class SaturationMonitor(DiagnosticCallback):
         if hooks is None or step is None or not hooks.armed:
             return
         hooks.armed = False
-        layers = [layer for layer in hooks.layers if layer.act is not None]
+        # Every layer has a record of fixed size on every rank, zeros where it did not run, so that the
+        # ranks' sums line up; only the per-unit counts are sized by the layer's first run.
+        units = self._unit_counts(trainer, hooks.layers)
         parts: list[Tensor] = []
-        for layer in layers:
-            empty = layer.act.new_zeros(0)  # type: ignore[union-attr]
-            parts += [
-                layer.act,
-                empty if layer.alive is None else layer.alive,
-                empty if layer.grad is None else layer.grad,
-            ]
+        for layer, n in zip(hooks.layers, units, strict=True):
+            act: Tensor = layer.act  # type: ignore[assignment]
+            alive = act.new_zeros(n) if layer.alive is None else layer.alive
+            parts += [act, alive, act.new_zeros(0) if layer.grad is None else layer.grad]
         sizes = [p.numel() for p in parts]
-        if trainer.world_size > 1 and parts:  # every rank arrives here at the same step
-            flat = trainer.strategy.reduce(torch.cat(parts), reduce_op="sum")
-            parts = [flat]
+        if trainer.world_size > 1:  # every rank arrives here at the same step
+            parts = [trainer.strategy.reduce(torch.cat(parts), reduce_op="sum")]
         values = split(host(parts), sizes)
         hooks.reset()
         scalars: dict[str, float] = {}
         histograms: dict[str, stats.Histogram] = {}
-        for i, layer in enumerate(layers):
+        for i, layer in enumerate(hooks.layers):
             act, alive, grad = values[3 * i : 3 * i + 3]
-            self._describe(layer, act, alive, grad, scalars, histograms)
+            if _recorded(act):
+                self._describe(layer, act, alive, grad, scalars, histograms)
         self._emit(trainer, step, scalars, histograms)
+
+    def _unit_counts(self, trainer: pl.Trainer, layers: list[Layer]) -> list[int]:
+        """Per layer, the length of its per-unit counts: the same on every rank, 0 where no rank ran it yet."""
+        local = [0 if layer.alive is None else layer.alive.numel() for layer in layers]
+        if trainer.world_size == 1 or self._units is not None:
+            return self._units or local
+        counts = trainer.strategy.reduce(torch.tensor(local, device=trainer.strategy.root_device), reduce_op="max")
+        units = [int(n) for n in counts.tolist()]
+        if all(units[i] for i, layer in enumerate(layers) if layer.rule is not None):
+            self._units = units  # known everywhere now: no more collectives for it
+        return units
 
     def _describe(
         self,
@@ -193,7 +207,7 @@ class SaturationMonitor(DiagnosticCallback):
             scalars[self._tag("act_dead_pct", name)] = 100 * sum(a == 0 for a in alive) / len(alive)
         if self.histograms:
             histograms[self._tag("act", name)] = stats.Histogram.of(act, layer.act_edge_list, extra=int(has_rule))
-        if grad:
+        if _recorded(grad):
             g = stats.Moments.of(grad)
             scalars[self._tag("act_grad_mean", name)] = g.mean
             scalars[self._tag("act_grad_std", name)] = g.std
@@ -210,6 +224,10 @@ def _grad_divisor(trainer: pl.Trainer) -> Tensor | float | None:
     if scale is None:
         return world if world > 1 else None
     return scale * world
+
+
+def _recorded(record: list[float]) -> bool:
+    return bool(record) and record[stats.COUNT] + record[stats.NONFINITE] > 0
 
 
 def _names(selection: Sequence[type | str]) -> str:
