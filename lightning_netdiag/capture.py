@@ -14,6 +14,11 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_netdiag import stats
 
+try:
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # torch built without distributed support: no tensor is ever a DTensor
+    _DTensor = ()  # type: ignore[assignment,misc]
+
 Selection = Sequence[type | str]
 
 
@@ -62,6 +67,32 @@ def select_parameters(
             if (include is None or _matches(name, module, include)) and not _matches(name, module, exclude):
                 chosen.append((name, p))
     return chosen
+
+
+def local_shard(name: str, t: Tensor, world_size: int) -> tuple[Tensor, int]:
+    """The part of ``t`` this rank holds, and how many of the ``world_size`` ranks hold that same part.
+
+    A plain tensor is whole on every rank. A DTensor (FSDP2, tensor parallelism) holds a shard, copied on
+    each replicated mesh dimension and on every rank outside its mesh: a sum over all ranks of each
+    rank's record divided by its copies counts every element exactly once, and nothing is gathered.
+
+    Raises:
+        ValueError: if ``t`` is a DTensor with a placement other than sharded or replicated (a pending sum).
+    """
+    if not isinstance(t, _DTensor):
+        return t, world_size
+    mesh = t.device_mesh
+    copies = max(world_size // mesh.size(), 1)
+    for dim, placement in enumerate(t.placements):
+        if placement.is_replicate():
+            copies *= mesh.size(dim)
+        elif not placement.is_shard():
+            raise ValueError(f"Expected `{name}` to be sharded or replicated, got placements {t.placements}")
+    return t.to_local(), copies
+
+
+def is_sharded(t: Tensor) -> bool:
+    return isinstance(t, _DTensor)
 
 
 class HookHandles:

@@ -12,9 +12,9 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_netdiag.capture import check_selection, select_parameters
+from lightning_netdiag import stats
+from lightning_netdiag.capture import check_selection, is_sharded, local_shard, select_parameters
 from lightning_netdiag.sinks import History, LoggerSink, finite_only
-from lightning_netdiag.stats import Histogram
 
 
 def logging_step(trainer: pl.Trainer, every_n_steps: int) -> int | None:
@@ -84,8 +84,12 @@ class DiagnosticCallback(Callback):
                 f"{type(self).__name__}: `trainer.log_every_n_steps` is {trainer.log_every_n_steps}; "
                 "pass `every_n_steps` to measure with logging turned off"
             )
-        if stage == "fit":
-            self._attach(trainer, pl_module)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Not in `setup`: `configure_model` runs after it and may create or shard (FSDP2) the modules and
+        # parameters; here they are final, and no forward has run yet (nor been compiled).
+        self._attach(trainer, pl_module)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -104,7 +108,7 @@ class DiagnosticCallback(Callback):
         self.history.load_state_dict(state_dict["history"])
 
     def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Select what to watch and register hooks; called once per fit."""
+        """Select what to watch and register hooks; called once per fit, before the first forward."""
 
     def _detach(self) -> None:
         """Remove every hook and drop every pending tensor; safe to call any number of times."""
@@ -115,7 +119,7 @@ class DiagnosticCallback(Callback):
         )
 
     def _emit(
-        self, trainer: pl.Trainer, step: int, scalars: Mapping[str, float], histograms: Mapping[str, Histogram]
+        self, trainer: pl.Trainer, step: int, scalars: Mapping[str, float], histograms: Mapping[str, stats.Histogram]
     ) -> None:
         scalars = finite_only(scalars)
         self.history.add(step, scalars, histograms)
@@ -169,6 +173,7 @@ class ParameterCallback(DiagnosticCallback):
         self.ndims = None if ndims is None else tuple(ndims)
         self._selected: dict[int, tuple[str, torch.nn.Parameter]] = {}
         self._step: int | None = None
+        self._world = 1  # ranks over which records are summed: >1 only when parameters are sharded
         self.param_shapes: dict[str, tuple[int, ...]] = {}  # selected parameter -> shape, for plots and reports
 
     @override
@@ -177,9 +182,22 @@ class ParameterCallback(DiagnosticCallback):
     ) -> None:
         self._step = logging_step(trainer, self._every)
 
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        flat = flat_sharding(trainer.strategy)
+        if flat is not None:
+            raise ValueError(
+                f"{type(self).__name__}: {flat} splits each parameter into flat fragments across ranks, so "
+                "per-parameter statistics would be one rank's fragment. Use ModelParallelStrategy with "
+                "`fully_shard` (FSDP2): its DTensor shards are reduced across ranks here."
+            )
+
     def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         chosen = select_parameters(pl_module, self.params, self.exclude, self.ndims)
         self._selected = {id(p): (name, p) for name, p in chosen}
+        # Replicated parameters are equal on every rank (DDP all-reduces the gradients): no collective.
+        self._world = trainer.world_size if any(is_sharded(p) for _, p in chosen) else 1
         self.param_shapes = {name: tuple(p.shape) for name, p in chosen}
         if not chosen:
             self._warn_nothing_selected(
@@ -191,14 +209,38 @@ class ParameterCallback(DiagnosticCallback):
         self._step = None
 
     def _stepped_by(self, optimizer: Any) -> list[tuple[str, torch.nn.Parameter]]:
-        """The selected parameters that ``optimizer`` updates and that have a gradient."""
+        """The selected parameters that ``optimizer`` updates and that have a gradient (all of them when
+        sharded: every rank must send records of the same layout)."""
         out = []
         for group in optimizer.param_groups:
             for p in group["params"]:
                 chosen = self._selected.get(id(p))
-                if chosen is not None and p.grad is not None:
+                if chosen is not None and (p.grad is not None or self._world > 1):
                     out.append(chosen)
         return out
+
+    def _record(self, name: str, t: Tensor, edges: Tensor | None, divisor: Tensor | float | None = None) -> Tensor:
+        """The record of this rank's part of ``t``, weighted so that the sum over the ranks counts every
+        element once."""
+        part, copies = local_shard(name, t.detach(), self._world)
+        record = stats.tensor_record(part if divisor is None else part.float() / divisor, edges)
+        return record if copies == 1 else record / copies
+
+    def _values(self, trainer: pl.Trainer, parts: list[Tensor]) -> list[list[float]]:
+        """The records summed over the ranks that hold shards, moved to the host at once, one list each."""
+        sizes = [x.numel() for x in parts]
+        if self._world > 1 and parts:  # every rank arrives here at the same step, with the same layout
+            parts = [trainer.strategy.reduce(torch.cat(parts), reduce_op="sum")]
+        return split(host(parts), sizes)
+
+
+def flat_sharding(strategy: object) -> str | None:
+    """The name of ``strategy`` if it flattens parameters into per-rank fragments (FSDP1, DeepSpeed ZeRO).
+
+    By class name, so that the standalone ``pytorch_lightning`` package's strategies are recognised too.
+    """
+    names = {cls.__name__ for cls in type(strategy).__mro__}
+    return next((n for n in ("FSDPStrategy", "DeepSpeedStrategy") if n in names), None)
 
 
 def monitors(trainer: pl.Trainer) -> dict[str, Any]:

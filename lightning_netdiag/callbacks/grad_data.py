@@ -6,11 +6,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from torch import Tensor
 from typing_extensions import override
 
 from lightning_netdiag import stats
-from lightning_netdiag.callbacks._common import ParameterCallback, host, loss_scale, split
+from lightning_netdiag.callbacks._common import ParameterCallback, loss_scale
 
 
 class GradDataRatio(ParameterCallback):
@@ -79,16 +80,21 @@ class GradDataRatio(ParameterCallback):
         # Optimizers that unscale inside their own step (fused ones) still hold loss-scaled gradients here.
         scale = loss_scale(trainer) if getattr(optimizer, "_step_supports_amp_scaling", False) else None
         parts: list[Tensor] = []
-        for _, p in chosen:
-            grad = p.grad if scale is None else p.grad.float() / scale  # type: ignore[union-attr]
+        for name, p in chosen:
             if self._edges.device != p.device:
                 self._edges = self._edges.to(p.device)
-            parts += [stats.tensor_record(grad, self._edges if self.histograms else None), stats.tensor_record(p, None)]
-        values = split(host(parts), [x.numel() for x in parts])
+            grad = p.grad if p.grad is not None else torch.empty(0, device=p.device)  # none on any rank: skipped
+            parts += [
+                self._record(name, grad, self._edges if self.histograms else None, scale),
+                self._record(name, p, None),
+            ]
+        values = self._values(trainer, parts)
         scalars: dict[str, float] = {}
         histograms: dict[str, stats.Histogram] = {}
         for i, (name, _) in enumerate(chosen):
             grad_record, param_record = values[2 * i], values[2 * i + 1]
+            if grad_record[stats.COUNT] + grad_record[stats.NONFINITE] == 0:
+                continue
             g, w = stats.Moments.of(grad_record), stats.Moments.of(param_record)
             scalars[self._tag("grad_mean", name)] = g.mean
             scalars[self._tag("grad_std", name)] = g.std

@@ -11,7 +11,8 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_netdiag import stats
-from lightning_netdiag.callbacks._common import ParameterCallback, host, split
+from lightning_netdiag.callbacks._common import ParameterCallback
+from lightning_netdiag.capture import local_shard
 
 #: The lecture's rule of thumb: updates about 1/1000 of the data.
 DEFAULT_TARGET = -3.0
@@ -73,7 +74,7 @@ class UpdateRatio(ParameterCallback):
         if isinstance(target, bool) or not isinstance(target, (int, float)) or not math.isfinite(target):
             raise ValueError(f"Expected `target` to be a finite number (a log10 ratio, e.g. -3), got {target!r}")
         self.target = float(target)
-        self._before: dict[str, tuple[nn.Parameter, Tensor]] = {}
+        self._before: dict[str, tuple[nn.Parameter, Tensor]] = {}  # name -> (parameter, copy of this rank's part)
 
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
@@ -92,16 +93,17 @@ class UpdateRatio(ParameterCallback):
     def _snapshot(self, optimizer: Any) -> None:
         if self._step is not None:
             for name, p in self._stepped_by(optimizer):
-                self._before[name] = (p, p.detach().clone())
+                self._before[name] = (p, local_shard(name, p.detach(), 1)[0].clone())  # never gathered
 
     def _measure(self, trainer: pl.Trainer) -> None:
         before, self._before = self._before, {}  # the copies are freed when this returns
         if self._step is None or not before:
             return
         parts: list[Tensor] = []
-        for p, old in before.values():
-            parts += [stats.tensor_record(p.detach() - old, None), stats.tensor_record(old, None)]
-        values = split(host(parts), [x.numel() for x in parts])
+        for name, (p, old) in before.items():
+            now, copies = local_shard(name, p.detach(), self._world)
+            parts += [stats.tensor_record(now - old, None) / copies, stats.tensor_record(old, None) / copies]
+        values = self._values(trainer, parts)
         scalars: dict[str, float] = {}
         changed = 0
         for i, name in enumerate(before):

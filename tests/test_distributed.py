@@ -1,0 +1,101 @@
+"""Two CPU ranks (gloo) log the same D1-D4 as one process on the concatenated global batch.
+
+DDP and ddp_spawn (replicated parameters) and FSDP2 (ModelParallelStrategy with `fully_shard`: DTensor
+shards of unequal size), in fp32, 16-mixed with a GradScaler, and bf16-mixed. A Tanh that only rank 0
+runs checks that the ranks' records line up; faults on one rank must end the job, not hang it.
+"""
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import read_csv
+
+SCRIPT = Path(__file__).with_name("distributed_run.py")
+PRECISIONS = ["32-true", "16-mixed", "bf16-mixed"]
+
+
+def launch(out: Path, strategy: str, devices: int, precision: str = "32-true", fault: str = "none"):
+    args = [sys.executable, str(SCRIPT), str(out), strategy, str(devices), precision, fault]
+    return subprocess.run(args, capture_output=True, text=True, timeout=300)
+
+
+def run(out: Path, strategy: str, devices: int, precision: str) -> dict[str, dict[int, float]]:
+    done = launch(out, strategy, devices, precision)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return read_csv(out / "csv" / "version_0" / "metrics.csv")
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    cache: dict[str, dict] = {}
+
+    def get(precision: str) -> dict[str, dict[int, float]]:
+        if precision not in cache:
+            cache[precision] = run(tmp_path_factory.mktemp("one"), "auto", 1, precision)
+        return cache[precision]
+
+    return get
+
+
+def tolerance(tag: str, step: int, reference: dict[str, dict[int, float]], precision: str) -> dict[str, float]:
+    # In half precision a batch of 16 rounds differently from two of 8.
+    rel, spread = (1e-5, 1e-4) if precision == "32-true" else (1e-2, 0.05)
+    _, metric, *rest = tag.split("/")
+    if metric.endswith("_mean") or len(rest) == 2:  # a mean, or a quantile of a histogram
+        # Means and medians can sit near 0 (a softmax layer's bias gradient sums to 0), where only an
+        # absolute tolerance makes sense: a small fraction of the spread.
+        std = reference[f"netdiag/{metric.removesuffix('_mean')}_std/{rest[0]}"][step]
+        return {"rel_tol": rel, "abs_tol": spread * std}
+    return {"rel_tol": rel, "abs_tol": 1e-9}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("strategy", "precision"),
+    [("ddp", p) for p in PRECISIONS] + [("ddp_spawn", "32-true")] + [("fsdp2", p) for p in PRECISIONS],
+)
+def test_two_ranks_equal_one_process_on_the_global_batch(tmp_path, one_process, strategy, precision):
+    reference = one_process(precision)
+    two = run(tmp_path, strategy, 2, precision)
+    assert set(two) == set(reference)
+    tags = [t for t in reference if t.startswith("netdiag/")]
+    for metric in (
+        "act_saturated_pct/net.1",
+        "act_dead_pct/net.3",
+        "act_std/side",  # run by rank 0 only
+        "act_grad_std/side",
+        "grad_data_ratio/net.2.weight",  # 5 rows: FSDP2 shards of 3 and 2
+        "grad/net.2.weight/q50",
+        "update_data_log10/net.4.bias",
+    ):
+        assert f"netdiag/{metric}" in tags, metric
+    for tag in tags:
+        assert sorted(two[tag]) == sorted(reference[tag]) == [0, 1, 2], tag
+        for step, value in reference[tag].items():
+            # D2 included: each rank's output gradient is world_size times its share of the global one
+            assert math.isclose(two[tag][step], value, **tolerance(tag, step, reference, precision)), (
+                tag,
+                step,
+                two[tag][step],
+                value,
+            )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_an_exception_on_one_rank_ends_the_job(tmp_path, strategy):
+    done = launch(tmp_path, strategy, 2, fault="raise")  # the timeout would raise if it hung
+    assert done.returncode != 0
+    assert "rank 1 fails at step 1" in done.stderr
+
+
+@pytest.mark.slow
+def test_a_fatal_verdict_from_one_rank_stops_every_rank(tmp_path):
+    # Rank 1's infinite loss reaches every rank's gradients through the all-reduce; the reduced records
+    # are equal on every rank, so every HealthReport stops at the same step and no rank is left waiting.
+    done = launch(tmp_path, "ddp", 2, fault="nan")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == ["2", "2"]
