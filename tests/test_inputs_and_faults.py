@@ -1,11 +1,13 @@
 """Bad arguments, nothing to watch, frozen parameters, no logger, NaN/Inf, in-place and input-side activations."""
 
 import math
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
 import torch
 from helpers import TinyNet, loader, read_tensorboard, trainer
+from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 
 from lightning_netdiag import GradDataRatio, SaturationMonitor, UpdateRatio
@@ -159,3 +161,18 @@ def test_inplace_relu_and_input_side_gelu(tmp_path):
     gelu_in = model.seen["gelu_in"]
     assert h["netdiag/act_saturated_pct/gelu"][0][1] == pytest.approx(((gelu_in < -3).float().mean() * 100).item())
     assert 0 < h["netdiag/act_saturated_pct/gelu"][0][1] < 100
+
+
+class DeepSpeedStrategy:
+    """Stands in for DeepSpeed's strategy (not installed here): recognised by its class name, as the
+    strategies of the standalone `pytorch_lightning` package are."""
+
+
+@pytest.mark.parametrize("strategy", [FSDPStrategy(), DeepSpeedStrategy()])
+@pytest.mark.parametrize("cls", [GradDataRatio, UpdateRatio])
+def test_strategies_that_flatten_parameters_are_refused_in_setup(cls, strategy):
+    # FSDP1 needs a GPU in Lightning, so its Trainer cannot be built here; setup sees only these attributes.
+    trainer = SimpleNamespace(strategy=strategy, log_every_n_steps=50)
+    with pytest.raises(ValueError, match=f"{type(strategy).__name__} splits each parameter.*ModelParallelStrategy"):
+        cls().setup(trainer, TinyNet(), "fit")
+    SaturationMonitor().setup(trainer, TinyNet(), "fit")  # activations are whole on every rank: fine

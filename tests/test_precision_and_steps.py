@@ -17,12 +17,13 @@ def fp16_plugin():
 
 def test_fp16_amp_gradients_are_unscaled(tmp_path):
     model = TinyNet()
-    sat, gd = SaturationMonitor(every_n_steps=1), GradDataRatio(every_n_steps=1)
-    t = trainer(tmp_path, [sat, gd], max_steps=3, plugins=[fp16_plugin()])
+    cbs = [SaturationMonitor(every_n_steps=1), GradDataRatio(every_n_steps=1), UpdateRatio(every_n_steps=1)]
+    t = trainer(tmp_path, cbs, max_steps=3, plugins=[fp16_plugin()])
     t.fit(model, loader())
     scalars, _, _ = read_tensorboard(t.logger.log_dir)
     # The reference divides the retained activation gradient by the scaler's scale of that backward.
     assert assert_matches_reference(scalars, model.ref, rel=1e-4) > 40
+    assert any(t.startswith("netdiag/update_data_log10/net.") for t in scalars)
     assert t.precision_plugin.scaler.get_scale() >= 1024.0  # the scale was really in play
     # Without unscaling, D2 would be ~1024x larger than the fp32 gradient of the same run.
     std = scalars["netdiag/act_grad_std/net.4"][0]
@@ -33,7 +34,7 @@ def test_bf16_mixed_runs_and_matches(tmp_path):
     model = TinyNet()
     t = trainer(
         tmp_path,
-        [SaturationMonitor(every_n_steps=1), GradDataRatio(every_n_steps=1)],
+        [SaturationMonitor(every_n_steps=1), GradDataRatio(every_n_steps=1), UpdateRatio(every_n_steps=1)],
         max_steps=2,
         precision="bf16-mixed",
     )
