@@ -5,12 +5,14 @@ micro-batches, ranks and shards and divided once, at the end. Its layout is
 
     [count of finite values, sum, sum of squares, count of non-finite values, <extra counts>, *histogram]
 
-where the histogram counts the finite values over fixed edges, with one open bin below the first edge and
-one above the last (bin ``i`` holds ``edges[i-1] <= x < edges[i]``).
+where the histogram counts the values over fixed edges, with one open bin below the first edge and one
+above the last (bin ``i`` holds ``edges[i-1] <= x < edges[i]``); non-finite values are counted as 0 there
+and taken out when the record is read, so that only finite values are ever shown.
 """
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import math
 from collections.abc import Callable, Sequence
@@ -53,34 +55,40 @@ def tensor_record(x: Tensor, edges: Tensor | None, extra: Sequence[Tensor] = ())
     Runs on ``x``'s device, never synchronises with the host, and leaves ``x`` untouched.
     """
     x = x.detach()
-    finite = torch.isfinite(x)
-    # Non-finite values are counted, then left out of every other statistic (and of the histogram).
-    xz = torch.where(finite, x, 0)
-    xz = xz.to(torch.promote_types(xz.dtype, torch.float32))  # half and bf16 are summed in float32 or more
-    n_finite = finite.sum(dtype=torch.float64)
+    if x.dtype in (torch.float16, torch.bfloat16):
+        x = x.float()  # half and bf16 are summed in float32 or more
+    # Non-finite values become 0 and are counted; they are left out of every other statistic, and the
+    # histogram's zero bin gives them back when it is read (Histogram.of). Two single-pass kernels, where
+    # isfinite + where would take five.
+    xz = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+    n_finite = (x == xz).sum(dtype=torch.float64)
     parts = [
         n_finite,
         xz.sum(dtype=torch.float64),
-        xz.square().sum(dtype=torch.float64),
+        (xz * xz).sum(dtype=torch.float64),
         x.numel() - n_finite,
         *(e.to(torch.float64) for e in extra),
     ]
     head = torch.stack(parts)
     if edges is None:
         return head
-    return torch.cat([head, histogram_counts(xz, finite, edges)])
+    return torch.cat([head, histogram_counts(xz, edges)])
 
 
-def histogram_counts(x: Tensor, keep: Tensor, edges: Tensor) -> Tensor:
-    """Counts of ``x[keep]`` over ``edges`` plus the two open outer bins, on ``x``'s device.
+def histogram_counts(x: Tensor, edges: Tensor) -> Tensor:
+    """Counts of ``x`` over ``edges`` plus the two open outer bins, on ``x``'s device.
 
-    ``bincount`` would synchronise on CUDA (it reads the maximum index); ``index_add_`` does not.
+    Not ``bincount``: on CUDA it synchronises (it reads the maximum index), and under torch.compile its
+    data-dependent output size breaks the graph.
     """
-    bins = edges.numel() + 1
-    index = torch.bucketize(x, edges, right=True)
-    index = torch.where(keep, index, bins).flatten()  # an extra bin swallows what is not kept
+    index = torch.bucketize(x, edges, right=True).flatten()
     ones = torch.ones((), dtype=torch.float64, device=x.device).expand(index.numel())
-    return torch.zeros(bins + 1, dtype=torch.float64, device=x.device).index_add_(0, index, ones)[:bins]
+    return torch.zeros(edges.numel() + 1, dtype=torch.float64, device=x.device).index_add_(0, index, ones)
+
+
+def zero_bin(edges: Sequence[float]) -> int:
+    """The bin that holds 0 (bin ``i`` holds ``edges[i-1] <= x < edges[i]``)."""
+    return bisect.bisect_right(edges, 0.0)
 
 
 @dataclass(frozen=True)
@@ -111,7 +119,9 @@ class Histogram:
     def of(cls, record: Sequence[float], edges: Sequence[float], extra: int = 0) -> Histogram:
         """The histogram stored at the end of a record with ``extra`` counts after the moments."""
         start = MOMENTS + extra
-        return cls(tuple(edges), tuple(record[start : start + len(edges) + 1]))
+        counts = list(record[start : start + len(edges) + 1])
+        counts[zero_bin(edges)] -= record[NONFINITE]  # the non-finite values, counted there as 0
+        return cls(tuple(edges), tuple(counts))
 
     @property
     def bounds(self) -> list[float]:
