@@ -91,6 +91,11 @@ def zero_bin(edges: Sequence[float]) -> int:
     return bisect.bisect_right(edges, 0.0)
 
 
+def recorded(record: Sequence[float]) -> bool:
+    """Whether a record counted any value (a layer that did not run, a rank without the tensor: no)."""
+    return record[COUNT] + record[NONFINITE] > 0
+
+
 @dataclass(frozen=True)
 class Moments:
     """Mean and standard deviation of a record, divided once. ``std`` is unbiased, as ``torch.std``."""

@@ -3,7 +3,8 @@
     python tests/distributed_run.py OUT_DIR STRATEGY DEVICES [PRECISION] [FAULT]
 
 STRATEGY: ddp, ddp_spawn, fsdp2 (ModelParallelStrategy with `fully_shard` on every Linear: DTensor
-parameters sharded over the ranks) or auto (one process). PRECISION: 32-true (default), 16-mixed (with a
+parameters sharded over the ranks), hsdp (the same over a 2 x 1 mesh: replicated over the ranks) or auto
+(one process). PRECISION: 32-true (default), 16-mixed (with a
 GradScaler) or bf16-mixed. FAULT, on rank 1 at step 1: raise (an exception in training_step) or nan (an
 infinite loss; HealthReport stops every rank). Each rank writes its last global step to OUT_DIR/rank{r}.txt.
 
@@ -49,7 +50,7 @@ class Halves(Dataset):
 
 
 class Net(L.LightningModule):
-    def __init__(self, shard: bool = False, fault: str = "none") -> None:
+    def __init__(self, shard: str | None = None, fault: str = "none") -> None:
         super().__init__()
         torch.manual_seed(0)
         # 5 output rows: shards of unequal size (3 and 2 rows) on 2 ranks
@@ -63,7 +64,9 @@ class Net(L.LightningModule):
         if self.shard:
             from torch.distributed.fsdp import fully_shard
 
-            mesh = self.device_mesh["data_parallel"]
+            # fsdp2: sharded over the ranks. hsdp: the 2 x 1 mesh, replicated over the ranks and sharded over
+            # one: every rank holds a full copy as a DTensor with a Replicate placement.
+            mesh = self.device_mesh["data_parallel"] if self.shard == "fsdp2" else self.device_mesh
             for m in self.net:
                 if isinstance(m, nn.Linear):
                     fully_shard(m, mesh=mesh)
@@ -101,7 +104,7 @@ def main() -> None:
     if precision == "16-mixed":
         plugins = [MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu", init_scale=1024.0))]
         precision = None
-    shard = strategy == "fsdp2"
+    shard = strategy if strategy in ("fsdp2", "hsdp") else None
     if shard:
         strategy = ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1)
     cbs = [

@@ -1,8 +1,9 @@
 """Two CPU ranks (gloo) log the same D1-D4 as one process on the concatenated global batch.
 
 DDP and ddp_spawn (replicated parameters) and FSDP2 (ModelParallelStrategy with `fully_shard`: DTensor
-shards of unequal size), in fp32, 16-mixed with a GradScaler, and bf16-mixed. A Tanh that only rank 0
-runs checks that the ranks' records line up; faults on one rank must end the job, not hang it.
+shards of unequal size) in fp32, 16-mixed with a GradScaler and bf16-mixed; HSDP (DTensors replicated over
+the ranks: each rank's record counts half) in fp32. A Tanh that only rank 0 runs checks that the ranks'
+records line up; faults on one rank must end the job, not hang it.
 """
 
 import math
@@ -55,7 +56,9 @@ def tolerance(tag: str, step: int, reference: dict[str, dict[int, float]], preci
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("strategy", "precision"),
-    [("ddp", p) for p in PRECISIONS] + [("ddp_spawn", "32-true")] + [("fsdp2", p) for p in PRECISIONS],
+    [("ddp", p) for p in PRECISIONS]
+    + [("ddp_spawn", "32-true"), ("hsdp", "32-true")]
+    + [("fsdp2", p) for p in PRECISIONS],
 )
 def test_two_ranks_equal_one_process_on_the_global_batch(tmp_path, one_process, strategy, precision):
     reference = one_process(precision)

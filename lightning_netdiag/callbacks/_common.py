@@ -219,11 +219,15 @@ class ParameterCallback(DiagnosticCallback):
                     out.append(chosen)
         return out
 
-    def _record(self, name: str, t: Tensor, edges: Tensor | None, divisor: Tensor | float | None = None) -> Tensor:
-        """The record of this rank's part of ``t``, weighted so that the sum over the ranks counts every
-        element once."""
-        part, copies = local_shard(name, t.detach(), self._world)
-        record = stats.tensor_record(part if divisor is None else part.float() / divisor, edges)
+    def _shard(self, name: str, t: Tensor) -> tuple[Tensor, int]:
+        """This rank's part of ``t`` (never gathered), and how many of the summed ranks hold that part."""
+        return local_shard(name, t.detach(), self._world)
+
+    @staticmethod
+    def _record(part: Tensor, copies: int, edges: Tensor | None = None) -> Tensor:
+        """The record of a part held by ``copies`` ranks, weighted so that the sum over the ranks counts
+        every element once."""
+        record = stats.tensor_record(part, edges)
         return record if copies == 1 else record / copies
 
     def _values(self, trainer: pl.Trainer, parts: list[Tensor]) -> list[list[float]]:

@@ -83,17 +83,21 @@ class GradDataRatio(ParameterCallback):
         for name, p in chosen:
             if self._edges.device != p.device:
                 self._edges = self._edges.to(p.device)
-            grad = p.grad if p.grad is not None else torch.empty(0, device=p.device)  # none on any rank: skipped
+            # A parameter without a gradient sends an empty record: skipped below unless another rank has one.
+            grad, copies = self._shard(name, p.grad if p.grad is not None else torch.empty(0, device=p.device))
+            weight, _ = self._shard(name, p)
+            if scale is not None:
+                grad = grad.float() / scale
             parts += [
-                self._record(name, grad, self._edges if self.histograms else None, scale),
-                self._record(name, p, None),
+                self._record(grad, copies, self._edges if self.histograms else None),
+                self._record(weight, copies),
             ]
         values = self._values(trainer, parts)
         scalars: dict[str, float] = {}
         histograms: dict[str, stats.Histogram] = {}
         for i, (name, _) in enumerate(chosen):
             grad_record, param_record = values[2 * i], values[2 * i + 1]
-            if grad_record[stats.COUNT] + grad_record[stats.NONFINITE] == 0:
+            if not stats.recorded(grad_record):
                 continue
             g, w = stats.Moments.of(grad_record), stats.Moments.of(param_record)
             scalars[self._tag("grad_mean", name)] = g.mean

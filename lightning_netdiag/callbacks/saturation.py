@@ -171,7 +171,7 @@ class SaturationMonitor(DiagnosticCallback):
         histograms: dict[str, stats.Histogram] = {}
         for i, layer in enumerate(hooks.layers):
             act, alive, grad = values[3 * i : 3 * i + 3]
-            if _recorded(act):
+            if stats.recorded(act):
                 self._describe(layer, act, alive, grad, scalars, histograms)
         self._emit(trainer, step, scalars, histograms)
 
@@ -207,7 +207,7 @@ class SaturationMonitor(DiagnosticCallback):
             scalars[self._tag("act_dead_pct", name)] = 100 * sum(a == 0 for a in alive) / len(alive)
         if self.histograms:
             histograms[self._tag("act", name)] = stats.Histogram.of(act, layer.act_edge_list, extra=int(has_rule))
-        if _recorded(grad):
+        if grad and stats.recorded(grad):
             g = stats.Moments.of(grad)
             scalars[self._tag("act_grad_mean", name)] = g.mean
             scalars[self._tag("act_grad_std", name)] = g.std
@@ -224,10 +224,6 @@ def _grad_divisor(trainer: pl.Trainer) -> Tensor | float | None:
     if scale is None:
         return world if world > 1 else None
     return scale * world
-
-
-def _recorded(record: list[float]) -> bool:
-    return bool(record) and record[stats.COUNT] + record[stats.NONFINITE] > 0
 
 
 def _names(selection: Sequence[type | str]) -> str:

@@ -12,7 +12,6 @@ from typing_extensions import override
 
 from lightning_netdiag import stats
 from lightning_netdiag.callbacks._common import ParameterCallback
-from lightning_netdiag.capture import local_shard
 
 #: The lecture's rule of thumb: updates about 1/1000 of the data.
 DEFAULT_TARGET = -3.0
@@ -93,7 +92,7 @@ class UpdateRatio(ParameterCallback):
     def _snapshot(self, optimizer: Any) -> None:
         if self._step is not None:
             for name, p in self._stepped_by(optimizer):
-                self._before[name] = (p, local_shard(name, p.detach(), 1)[0].clone())  # never gathered
+                self._before[name] = (p, self._shard(name, p)[0].clone())
 
     def _measure(self, trainer: pl.Trainer) -> None:
         before, self._before = self._before, {}  # the copies are freed when this returns
@@ -101,8 +100,8 @@ class UpdateRatio(ParameterCallback):
             return
         parts: list[Tensor] = []
         for name, (p, old) in before.items():
-            now, copies = local_shard(name, p.detach(), self._world)
-            parts += [stats.tensor_record(now - old, None) / copies, stats.tensor_record(old, None) / copies]
+            now, copies = self._shard(name, p)
+            parts += [self._record(now - old, copies), self._record(old, copies)]
         values = self._values(trainer, parts)
         scalars: dict[str, float] = {}
         changed = 0
