@@ -120,18 +120,17 @@ class HookHandles:
 
 
 class Layer:
-    """One watched activation module: its rule, its edges, and the records summed over the armed step.
+    """One watched activation module: its rule, its bins, and the records summed over the armed step.
 
     The records are buffers allocated once and then zeroed and added to in place, so that a compiled
     graph keeps reading and writing the same tensors: no recompilation, and a gradient hook that only
     mutates a tensor traces into the graph without a break.
     """
 
-    def __init__(self, name: str, module: nn.Module, rule: stats.SaturationRule | None, grad_edges: Tensor) -> None:
+    def __init__(self, name: str, module: nn.Module, rule: stats.SaturationRule | None, grad_bins: stats.Bins) -> None:
         self.name, self.module, self.rule = name, module, rule
-        self.act_edges = rule.edges if rule is not None else stats.symlog_edges()
-        self.grad_edges = grad_edges
-        self.act_edge_list, self.grad_edge_list = self.act_edges.tolist(), grad_edges.tolist()  # kept on the host
+        self.act_bins = rule.bins if rule is not None else stats.log2_bins()
+        self.grad_bins = grad_bins
         self.act: Tensor | None = None  # [moments, saturated, *histogram]
         self.grad: Tensor | None = None  # [moments, *histogram]
         self.alive: Tensor | None = None  # per unit: examples in which it is not saturated; sized by the first run
@@ -183,14 +182,14 @@ class ActivationHooks:
             if layer.act is not None and layer.act.device == device:
                 layer.reset()
                 continue
-            layer.act_edges, layer.grad_edges = layer.act_edges.to(device), layer.grad_edges.to(device)
-            edges = layer.act_edges if self.histograms else None
+            layer.act_bins, layer.grad_bins = layer.act_bins.to(device), layer.grad_bins.to(device)
+            bins = layer.act_bins if self.histograms else None
             layer.act = torch.zeros(
-                stats.record_size(edges, int(layer.rule is not None)), dtype=torch.float64, device=device
+                stats.record_size(bins, int(layer.rule is not None)), dtype=torch.float64, device=device
             )
-            edges = layer.grad_edges if self.histograms else None
+            bins = layer.grad_bins if self.histograms else None
             layer.grad = (
-                torch.zeros(stats.record_size(edges), dtype=torch.float64, device=device) if self.track_grad else None
+                torch.zeros(stats.record_size(bins), dtype=torch.float64, device=device) if self.track_grad else None
             )
             layer.alive = layer.pending_mask = None
 
@@ -211,7 +210,7 @@ class ActivationHooks:
                 self._record_activation(layer, output.detach().float())
             if layer.grad is not None and output.requires_grad:
                 output.register_hook(
-                    _grad_hook(layer.grad, layer.grad_edges if self.histograms else None, self.grad_divisor())
+                    _grad_hook(layer.grad, layer.grad_bins if self.histograms else None, self.grad_divisor())
                 )
 
         return hook
@@ -227,7 +226,7 @@ class ActivationHooks:
                 layer.alive = alive
             else:
                 layer.alive.add_(alive)
-        layer.act.add_(stats.tensor_record(t, layer.act_edges if self.histograms else None, extra))  # type: ignore[union-attr]
+        layer.act.add_(stats.tensor_record(t, layer.act_bins if self.histograms else None, extra))  # type: ignore[union-attr]
 
     def reset(self) -> None:
         for layer in self.layers:
@@ -240,7 +239,7 @@ class ActivationHooks:
             layer.act = layer.grad = layer.alive = layer.pending_mask = None
 
 
-def _grad_hook(total: Tensor, edges: Tensor | None, divisor: Tensor | float | None) -> Callable[[Tensor], None]:
+def _grad_hook(total: Tensor, bins: stats.Bins | None, divisor: Tensor | float | None) -> Callable[[Tensor], None]:
     """A hook adding the record of an output's gradient to ``total``.
 
     It captures tensors and mutates only ``total``, in place: dynamo traces such a hook into the compiled
@@ -250,6 +249,6 @@ def _grad_hook(total: Tensor, edges: Tensor | None, divisor: Tensor | float | No
     def hook(grad: Tensor) -> None:
         with torch.no_grad():
             g = grad.detach().float()
-            total.add_(stats.tensor_record(g if divisor is None else g / divisor, edges))
+            total.add_(stats.tensor_record(g if divisor is None else g / divisor, bins))
 
     return hook

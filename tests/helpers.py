@@ -184,8 +184,21 @@ def assert_matches_reference(
     return compared
 
 
-def bin_counts(t: torch.Tensor, edges: list[float]) -> list[float]:
-    """Counts over [-inf, e0), [e0, e1), ..., [e_last, inf), by direct comparison."""
+def bin_counts(t: torch.Tensor, edges: list[float], by_magnitude: bool = False) -> list[float]:
+    """Counts over [-inf, e0), [e0, e1), ..., [e_last, inf), by direct comparison.
+
+    ``by_magnitude`` (signed log-spaced edges): a value goes to the bin of |x| on its side of zero, so a
+    negative bin is (lo, hi] and the middle bin (-e, e).
+    """
     bounds = [-math.inf, *edges, math.inf]
     t = t[torch.isfinite(t)]
-    return [float(((t >= lo) & (t < hi)).sum()) for lo, hi in itertools.pairwise(bounds)]
+    counts = []
+    for lo, hi in itertools.pairwise(bounds):
+        if by_magnitude and hi <= 0:
+            inside = (t > lo) & (t <= hi)
+        elif by_magnitude and lo < 0:
+            inside = (t > lo) & (t < hi)
+        else:
+            inside = (t >= lo) & (t < hi)
+        counts.append(float(inside.sum()))
+    return counts

@@ -88,7 +88,7 @@ def test_each_plot_draws_real_lines_on_a_given_axis(runs):
     target = [line for line in fig.axes[0].lines if line.get_label() == "target -3"]
     assert target and set(target[0].get_ydata()) == {-3.0}
     heat = plots.distribution_over_time(run.saturation, "act", layer)
-    assert heat.axes[0].collections[0].get_array().shape == (50, 6)  # 50 tanh bins x 6 recorded steps
+    assert heat.axes[0].collections[0].get_array().shape == (64, 6)  # 64 tanh bins x 6 recorded steps
     early = plots.activation_distribution(run.saturation, step=0)
     assert "(step 0)" in early.axes[0].get_title()
 

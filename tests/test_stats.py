@@ -1,10 +1,10 @@
 """The pure-torch layer against direct formulas."""
 
-import itertools
 import math
 
 import pytest
 import torch
+from helpers import bin_counts
 from torch import nn
 
 from lightning_netdiag import stats
@@ -14,31 +14,70 @@ def test_record_of_a_tensor_with_nonfinite_values():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(40, 7, generator=g) * 3
     x[0, 0], x[5, 3], x[9, 1] = math.nan, math.inf, -math.inf
-    edges = stats.linear_edges(-2.0, 2.0, 8)
-    record = stats.tensor_record(x, edges)
+    bins = stats.linear_bins(-2.0, 2.0)
+    record = stats.tensor_record(x, bins)
     finite = x[torch.isfinite(x)].double()
     m = stats.Moments.of(record.tolist())
     assert (m.count, m.nonfinite) == (finite.numel(), 3)
     assert m.mean == pytest.approx(finite.mean().item(), rel=1e-6)
     assert m.std == pytest.approx(finite.std().item(), rel=1e-6)
-    hist = stats.Histogram.of(record.tolist(), edges.tolist())
-    bounds = [-math.inf, *edges.tolist(), math.inf]
-    assert list(hist.counts) == [float(((finite >= a) & (finite < b)).sum()) for a, b in itertools.pairwise(bounds)]
+    hist = stats.Histogram.of(record.tolist(), bins.edges)
+    assert list(hist.counts) == bin_counts(x, [k / 16 for k in range(-32, 33)])
 
 
-def test_records_add_up_across_parts():
+def special_values(dtype: torch.dtype) -> torch.Tensor:
+    """Zeros of both signs, powers of two and their float neighbours, subnormals, extremes, non-finite."""
+    base = torch.tensor(
+        [0.0, -0.0, 2**-30, 2**-29, 2**10, 1.0, 0.5, 1e-40, 3e38, math.nan, math.inf, -math.inf], dtype=dtype
+    )
+    base = torch.cat([base, -base])
+    up, down = torch.tensor(math.inf, dtype=dtype), torch.tensor(-math.inf, dtype=dtype)
+    return torch.cat([base, base.nextafter(up), base.nextafter(down)])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_log2_bins_equal_direct_comparisons_at_every_edge(dtype):
+    g = torch.Generator().manual_seed(0)
+    scales = torch.logspace(-12, 4, 4000, dtype=torch.float64)
+    x = torch.cat([(torch.randn(4000, generator=g, dtype=torch.float64) * scales).to(dtype), special_values(dtype)])
+    bins = stats.log2_bins()
+    hist = stats.Histogram.of(stats.tensor_record(x, bins).tolist(), bins.edges)
+    edges = [-(2.0**k) for k in range(10, -31, -1)] + [2.0**k for k in range(-30, 11)]
+    assert hist.edges == tuple(edges)
+    assert list(hist.counts) == bin_counts(x.double(), edges, by_magnitude=True)
+
+
+@pytest.mark.parametrize(("low", "high", "width"), [(-1.0, 1.0, 1 / 32), (0.0, 1.0, 1 / 64), (0.0, 6.0, 1 / 8)])
+def test_linear_bins_have_power_of_two_widths_and_equal_direct_comparisons(low, high, width):
+    bins = stats.linear_bins(low, high)
+    edges = [low + k * width for k in range(round((high - low) / width) + 1)]
+    assert bins.edges == pytest.approx(edges, abs=0) and 48 <= len(edges) - 1 <= 96
+    g = torch.Generator().manual_seed(1)
+    on_edges = torch.tensor(edges)
+    x = torch.cat(
+        [torch.rand(5000, generator=g) * (high - low + 1) + low - 0.5, on_edges, on_edges.nextafter(on_edges - 1)]
+    )
+    hist = stats.Histogram.of(stats.tensor_record(x, bins).tolist(), bins.edges)
+    assert list(hist.counts) == bin_counts(x, edges)
+
+
+def test_records_add_up_across_parts_and_chunks(monkeypatch):
     x = torch.randn(1000, dtype=torch.float64)
-    edges = stats.symlog_edges()
-    whole = stats.tensor_record(x, edges)
-    parts = sum(stats.tensor_record(p, edges) for p in x.split(137))
+    bins = stats.log2_bins()
+    whole = stats.tensor_record(x, bins)
+    parts = sum(stats.tensor_record(p, bins) for p in x.split(137))
     assert torch.allclose(whole, parts)
     assert stats.Moments.of(parts.tolist()).std == pytest.approx(x.std().item(), rel=1e-12)
+    monkeypatch.setattr(stats, "_CHUNK", 100)  # a big tensor is reduced in chunks: the same record
+    assert torch.allclose(stats.tensor_record(x, bins), whole)
 
 
-def test_symlog_edges_cover_twelve_decades_both_signs():
-    e = stats.symlog_edges()
-    assert e.numel() == 98 and torch.all(e[1:] > e[:-1])
-    assert e[49].item() == pytest.approx(1e-9) and e[-1].item() == pytest.approx(1e3)
+def test_moments_keep_their_precision_far_from_zero():
+    # A weight near 1 with a spread of 1e-4 (a norm layer's gain): sums of squares in float32 would lose it.
+    g = torch.Generator().manual_seed(2)
+    x = 1 + 1e-4 * torch.randn(300_000, generator=g)
+    m = stats.Moments.of(stats.tensor_record(x, None).tolist())
+    assert m.std == pytest.approx(x.double().std().item(), rel=1e-6)
 
 
 def test_quantiles_of_uniform_counts():

@@ -224,10 +224,10 @@ class ParameterCallback(DiagnosticCallback):
         return local_shard(name, t.detach(), self._world)
 
     @staticmethod
-    def _record(part: Tensor, copies: int, edges: Tensor | None = None) -> Tensor:
+    def _record(part: Tensor, copies: int, bins: stats.Bins | None = None) -> Tensor:
         """The record of a part held by ``copies`` ranks, weighted so that the sum over the ranks counts
         every element once."""
-        record = stats.tensor_record(part, edges)
+        record = stats.tensor_record(part, bins)
         return record if copies == 1 else record / copies
 
     def _values(self, trainer: pl.Trainer, parts: list[Tensor]) -> list[list[float]]:

@@ -64,8 +64,8 @@ class GradDataRatio(ParameterCallback):
     ) -> None:
         super().__init__(params, exclude, ndims, every_n_steps, prefix, history_size)
         self.histograms = bool(histograms)
-        self._edges = stats.symlog_edges()
-        self._edge_list = self._edges.tolist()
+        self._bins = stats.log2_bins()
+        self._bins_device: torch.device | None = None
 
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
@@ -81,15 +81,15 @@ class GradDataRatio(ParameterCallback):
         scale = loss_scale(trainer) if getattr(optimizer, "_step_supports_amp_scaling", False) else None
         parts: list[Tensor] = []
         for name, p in chosen:
-            if self._edges.device != p.device:
-                self._edges = self._edges.to(p.device)
+            if self._bins_device != p.device:
+                self._bins, self._bins_device = self._bins.to(p.device), p.device
             # A parameter without a gradient sends an empty record: skipped below unless another rank has one.
             grad, copies = self._shard(name, p.grad if p.grad is not None else torch.empty(0, device=p.device))
             weight, _ = self._shard(name, p)
             if scale is not None:
                 grad = grad.float() / scale
             parts += [
-                self._record(grad, copies, self._edges if self.histograms else None),
+                self._record(grad, copies, self._bins if self.histograms else None),
                 self._record(weight, copies),
             ]
         values = self._values(trainer, parts)
@@ -105,5 +105,5 @@ class GradDataRatio(ParameterCallback):
             scalars[self._tag("grad_data_ratio", name)] = g.std / w.std if w.std > 0 else float("nan")
             scalars[self._tag("grad_nonfinite", name)] = g.nonfinite
             if self.histograms:
-                histograms[self._tag("grad", name)] = stats.Histogram.of(grad_record, self._edge_list)
+                histograms[self._tag("grad", name)] = stats.Histogram.of(grad_record, self._bins.edges)
         self._emit(trainer, self._step, scalars, histograms)

@@ -125,8 +125,8 @@ class SaturationMonitor(DiagnosticCallback):
         if not chosen:
             self._warn_nothing_selected(pl_module, f"activation modules (looked for: modules={_names(self.modules)})")
             return
-        grad_edges = stats.symlog_edges()
-        layers = [Layer(name or "model", m, stats.saturation_rule(m, self.threshold), grad_edges) for name, m in chosen]
+        grad_bins = stats.log2_bins()
+        layers = [Layer(name or "model", m, stats.saturation_rule(m, self.threshold), grad_bins) for name, m in chosen]
         self.layer_types = {layer.name: type(layer.module).__name__ for layer in layers}
         self._hooks = ActivationHooks(
             layers, self.histograms, self.track_grad, self.unit_dim, grad_divisor=lambda: _grad_divisor(trainer)
@@ -206,14 +206,14 @@ class SaturationMonitor(DiagnosticCallback):
             )
             scalars[self._tag("act_dead_pct", name)] = 100 * sum(a == 0 for a in alive) / len(alive)
         if self.histograms:
-            histograms[self._tag("act", name)] = stats.Histogram.of(act, layer.act_edge_list, extra=int(has_rule))
+            histograms[self._tag("act", name)] = stats.Histogram.of(act, layer.act_bins.edges, extra=int(has_rule))
         if grad and stats.recorded(grad):
             g = stats.Moments.of(grad)
             scalars[self._tag("act_grad_mean", name)] = g.mean
             scalars[self._tag("act_grad_std", name)] = g.std
             scalars[self._tag("act_grad_nonfinite", name)] = g.nonfinite
             if self.histograms:
-                histograms[self._tag("act_grad", name)] = stats.Histogram.of(grad, layer.grad_edge_list)
+                histograms[self._tag("act_grad", name)] = stats.Histogram.of(grad, layer.grad_bins.edges)
 
 
 def _grad_divisor(trainer: pl.Trainer) -> Tensor | float | None:
