@@ -259,13 +259,21 @@ def format_table(verdicts: list[Verdict], step: int | None = None) -> str:
     return "\n".join(lines)
 
 
+COLUMNS = ["severity", "check", "layer", "value", "healthy", "likely cause", "try"]
+
+
+def as_table(verdicts: list[Verdict]) -> tuple[list[str], list[list[Any]]]:
+    """Column names and one row per verdict (W&B's table)."""
+    return COLUMNS, [[v.severity, v.check, v.layer, v.value, v.healthy, v.cause, v.advice] for v in verdicts]
+
+
 def format_markdown(verdicts: list[Verdict], step: int | None = None) -> str:
     """The same report as a markdown table (TensorBoard's text tab renders it)."""
     if not verdicts:
         return format_table(verdicts, step)
-    head = "| severity | check | layer | value | healthy | likely cause | try |\n|---|---|---|---|---|---|---|\n"
-    body = "".join(
-        f"| {v.severity} | {v.check} | {v.layer} | {_value(v)} | {v.healthy} | {v.cause} | {v.advice} |\n"
-        for v in verdicts
-    )
+    head = f"| {' | '.join(COLUMNS)} |\n|{'---|' * len(COLUMNS)}\n"
+    body = ""
+    for v, row in zip(verdicts, as_table(verdicts)[1], strict=True):
+        row[COLUMNS.index("value")] = _value(v)  # rounded for reading
+        body += f"| {' | '.join(map(str, row))} |\n"
     return f"**netdiag health report{f' at step {step}' if step is not None else ''}**\n\n{head}{body}"

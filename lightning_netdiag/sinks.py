@@ -80,14 +80,21 @@ class History(Mapping[str, list[tuple[int, float]]]):
         }
 
 
-def histogram_writer(logger: object) -> Any | None:
-    """The logger's TensorBoard ``SummaryWriter``-like experiment, or None if it has no raw histograms.
+def logger_kind(logger: object) -> str:
+    """``"tensorboard"``, ``"wandb"``, ``"mlflow"`` or ``"other"``: what a logger can hold.
 
-    Judged by what the experiment can do, not by class, so that the TensorBoard loggers of both
-    ``lightning.pytorch`` and ``pytorch_lightning`` (different classes) are recognised alike.
+    The one place that tells loggers apart. By class name (anywhere in the class's bases) for W&B and
+    MLflow and by what the experiment can do for TensorBoard, so that the loggers of both
+    ``lightning.pytorch`` and the standalone ``pytorch_lightning`` package (different classes) are
+    recognised alike, and neither ``wandb`` nor ``mlflow`` is imported unless such a logger is attached.
     """
+    names = {cls.__name__ for cls in type(logger).__mro__}
+    if "WandbLogger" in names:
+        return "wandb"
+    if "MLFlowLogger" in names:
+        return "mlflow"
     experiment = getattr(logger, "experiment", None)
-    return experiment if callable(getattr(experiment, "add_histogram_raw", None)) else None
+    return "tensorboard" if callable(getattr(experiment, "add_histogram_raw", None)) else "other"
 
 
 class LoggerSink:
@@ -111,16 +118,18 @@ class LoggerSink:
         is_global_zero: bool,
     ) -> None:
         for logger in loggers:
-            writer = histogram_writer(logger)
-            metrics = dict(scalars)
-            if writer is None and histograms:
+            kind = logger_kind(logger)
+            metrics: dict[str, Any] = dict(scalars)
+            if kind == "wandb":  # one row per step: the histograms go with the scalars
+                metrics.update({tag: _wandb_histogram(hist) for tag, hist in histograms.items() if hist.total > 0})
+            elif kind != "tensorboard" and histograms:
                 self._warn_no_histograms(logger)
                 metrics.update(quantile_scalars(histograms))
             logger.log_metrics(metrics, step=step)
-            if writer is not None and is_global_zero:
-                write_tensorboard_layout(writer, self.prefix)
+            if kind == "tensorboard" and is_global_zero:
+                write_tensorboard_layout(logger.experiment, self.prefix)
                 for tag, hist in histograms.items():
-                    write_histogram(writer, tag, hist, step)
+                    write_histogram(logger.experiment, tag, hist, step)
 
     def _warn_no_histograms(self, logger: object) -> None:
         kind = type(logger).__name__
@@ -144,30 +153,44 @@ def quantile_scalars(histograms: Mapping[str, Histogram]) -> dict[str, float]:
     return out
 
 
+def _used(hist: Histogram) -> tuple[list[float], list[float]]:
+    """The bounds and counts of the bins from the first to the last non-empty one (both empty if none)."""
+    used = [i for i, c in enumerate(hist.counts) if c > 0]
+    if not used:
+        return [], []
+    first, last = used[0], used[-1]
+    return hist.bounds[first : last + 2], list(hist.counts[first : last + 1])
+
+
 def write_histogram(writer: Any, tag: str, hist: Histogram, step: int) -> None:
     """One small raw histogram record: only the bins from the first to the last non-empty one.
 
     Only finite values are ever counted, so TensorBoard never sees a NaN. ``min`` and ``max`` are the
     outer bounds of the non-empty bins (the exact ones are not kept).
     """
-    used = [i for i, c in enumerate(hist.counts) if c > 0]
-    if not used:
+    bounds, counts = _used(hist)
+    if not counts:
         return
-    first, last = used[0], used[-1]
-    bounds = hist.bounds
-    counts = list(hist.counts[first : last + 1])
-    mids = [(bounds[i] + bounds[i + 1]) / 2 for i in range(first, last + 1)]
+    mids = [(a + b) / 2 for a, b in itertools.pairwise(bounds)]
     writer.add_histogram_raw(
         tag,
-        min=bounds[first],
-        max=bounds[last + 1],
+        min=bounds[0],
+        max=bounds[-1],
         num=int(sum(counts)),
         sum=sum(c * m for c, m in zip(counts, mids, strict=True)),
         sum_squares=sum(c * m * m for c, m in zip(counts, mids, strict=True)),
-        bucket_limits=bounds[first + 1 : last + 2],
+        bucket_limits=bounds[1:],
         bucket_counts=counts,
         global_step=step,
     )
+
+
+def _wandb_histogram(hist: Histogram) -> Any:
+    """A ``wandb.Histogram`` of the non-empty bins, from the counts (no raw values exist on the host)."""
+    import wandb  # only ever reached with a WandbLogger attached
+
+    bounds, counts = _used(hist)
+    return wandb.Histogram(np_histogram=(counts, bounds))
 
 
 #: The charts of the TensorBoard "Custom Scalars" tab: one per diagnostic, one line per layer.
@@ -202,16 +225,29 @@ def finite_only(scalars: Mapping[str, float]) -> dict[str, float]:
 
 
 def log_figure(loggers: list[Any], tag: str, figure: Any, step: int) -> None:
-    """A matplotlib figure as an image, to every logger whose experiment takes figures (TensorBoard)."""
+    """A matplotlib figure: an image in TensorBoard and W&B, a PNG artifact in MLflow."""
     for logger in loggers:
-        add_figure = getattr(getattr(logger, "experiment", None), "add_figure", None)
-        if callable(add_figure):
-            add_figure(tag, figure, global_step=step, close=False)
+        kind = logger_kind(logger)
+        if kind == "tensorboard" and callable(getattr(logger.experiment, "add_figure", None)):
+            logger.experiment.add_figure(tag, figure, global_step=step, close=False)
+        elif kind == "wandb":
+            import wandb
+
+            logger.experiment.log({tag: wandb.Image(figure), "trainer/global_step": step})
+        elif kind == "mlflow":
+            logger.experiment.log_figure(logger.run_id, figure, f"{tag}_step{step}.png")
 
 
-def log_text(loggers: list[Any], tag: str, text: str, step: int) -> None:
-    """Text (markdown), to every logger whose experiment takes text (TensorBoard)."""
+def log_report(
+    loggers: list[Any], tag: str, markdown: str, table: tuple[list[str], list[list[Any]]], step: int
+) -> None:
+    """A report: markdown text in TensorBoard, a table in W&B, a markdown artifact in MLflow."""
     for logger in loggers:
-        add_text = getattr(getattr(logger, "experiment", None), "add_text", None)
-        if callable(add_text):
-            add_text(tag, text, global_step=step)
+        kind = logger_kind(logger)
+        if kind == "tensorboard" and callable(getattr(logger.experiment, "add_text", None)):
+            logger.experiment.add_text(tag, markdown, global_step=step)
+        elif kind == "wandb":
+            columns, rows = table
+            logger.log_table(key=tag, columns=columns, data=rows, step=step)
+        elif kind == "mlflow":
+            logger.experiment.log_text(logger.run_id, markdown, f"{tag}_step{step}.md")

@@ -30,10 +30,11 @@ def loader(batch_size: int = 16, **kw) -> DataLoader:
     return DataLoader(dataset(**kw), batch_size=batch_size, shuffle=False)
 
 
-class TinyNet(L.LightningModule):
+class TinyNetBody:
     """Linear -> BatchNorm1d -> Tanh -> Linear -> Tanh -> Linear, with the lecture's numbers in ``ref``.
 
-    ``ref[step][tag]`` holds, for every optimizer step, what each netdiag tag should read.
+    ``ref[step][tag]`` holds, for every optimizer step, what each netdiag tag should read. A mixin, so that
+    the same module can be a LightningModule of either package (``lightning.pytorch``, ``pytorch_lightning``).
     """
 
     def __init__(
@@ -124,6 +125,10 @@ class TinyNet(L.LightningModule):
         self._before = {}
 
 
+class TinyNet(TinyNetBody, L.LightningModule):
+    pass
+
+
 def trainer(tmp_path: Path, callbacks: list, logger=None, max_steps: int = 6, **kw) -> L.Trainer:
     if logger is None:
         logger = L.pytorch.loggers.TensorBoardLogger(tmp_path, name="tb")
@@ -202,3 +207,40 @@ def bin_counts(t: torch.Tensor, edges: list[float], by_magnitude: bool = False) 
             inside = (t >= lo) & (t < hi)
         counts.append(float(inside.sum()))
     return counts
+
+
+def read_wandb_history(save_dir: str | Path) -> list[dict]:
+    """The history rows of the offline W&B run under ``save_dir``, read from its ``.wandb`` file.
+
+    The file is W&B's log format: a 7-byte file header, then 32 KiB blocks of records, each with a 7-byte
+    header (CRC32, little-endian length, type: 1 full, 2 first, 3 middle, 4 last); each record is a
+    ``wandb_internal_pb2.Record`` protobuf. W&B 0.2x+ ships no Python reader of its own.
+    """
+    import json
+
+    from wandb.proto import wandb_internal_pb2
+
+    (path,) = Path(save_dir).glob("wandb/offline-run-*/run-*.wandb")
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    block, pos, pending, rows = 32768, 7, b"", []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+        pending += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record.FromString(pending)
+            pending = b""
+            if record.WhichOneof("record_type") == "history":
+                row: dict = {}
+                for item in record.history.item:  # a logged object (a histogram) comes as one item per field
+                    *parents, key = [item.key] if item.key else list(item.nested_key)
+                    target = row
+                    for parent in parents:
+                        target = target.setdefault(parent, {})
+                    target[key] = json.loads(item.value_json)
+                rows.append(row)
+    return rows

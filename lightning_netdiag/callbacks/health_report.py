@@ -11,7 +11,7 @@ from typing_extensions import override
 
 from lightning_netdiag import report
 from lightning_netdiag.callbacks._common import monitors
-from lightning_netdiag.sinks import log_text
+from lightning_netdiag.sinks import log_report
 
 
 class HealthReport(Callback):
@@ -23,7 +23,7 @@ class HealthReport(Callback):
     learning-rate factor that would bring the median to the target), and non-finite values (fatal).
 
     At the end of fit the report is printed as a table (rank zero), logged as text to the loggers that
-    take text (TensorBoard), and kept in ``verdicts``. During training the rules are checked at each step
+    take a report (TensorBoard, W&B, MLflow), and kept in ``verdicts``. During training the rules are checked at each step
     that recorded something.
 
     Args:
@@ -37,7 +37,8 @@ class HealthReport(Callback):
         trainer.fit(model)
         for verdict in trainer.callbacks[-1].verdicts: ...
 
-    **Logged text**: ``{prefix}/health_report``, a markdown table.
+    **Logged report**: ``{prefix}/health_report``: a markdown table in TensorBoard's text tab, a table in
+    W&B, a markdown artifact ``{prefix}/health_report_step{N}.md`` in MLflow.
     """
 
     def __init__(self, warn: bool = True, stop_on_fatal: bool = False, print_table: bool = True) -> None:
@@ -84,9 +85,10 @@ class HealthReport(Callback):
         if self.print_table:
             rank_zero_info(report.format_table(self.verdicts, step))
         if trainer.is_global_zero:
-            log_text(
+            log_report(
                 trainer.loggers,
                 f"{present[0].prefix}/health_report",
                 report.format_markdown(self.verdicts, step),
+                report.as_table(self.verdicts),
                 trainer.global_step,
             )
