@@ -28,8 +28,8 @@ def test_lightning_cli_runs_the_example_config(tmp_path, monkeypatch):
     ]
     cli = CLI(CliMLP, NamesData, args=args)
     cbs = {type(cb): cb for cb in cli.trainer.callbacks}
-    sat, grad, update = cbs[SaturationMonitor], cbs[GradDataRatio], cbs[UpdateRatio]
-    assert DiagnosticPlots in cbs and cbs[HealthReport].stop_on_fatal
+    sat, grad = cbs[SaturationMonitor], cbs[GradDataRatio]
+    assert cbs[UpdateRatio].target == -3.0 and DiagnosticPlots in cbs and cbs[HealthReport].stop_on_fatal
     assert sat.modules == (nn.Tanh,) and sat.threshold == 0.97  # a type given by its import path
     assert grad.params == ("net.*",) and grad.ndims == (2,)
     scalars, hists, _ = read_tensorboard(cli.trainer.logger.log_dir)

@@ -22,9 +22,9 @@ class HealthReport(Callback):
     grad:data far from the others', update:data far from its target or layers drifting apart (with the
     learning-rate factor that would bring the median to the target), and non-finite values (fatal).
 
-    At the end of fit the report is printed as a table (rank zero), logged as text to the loggers that
-    take a report (TensorBoard, W&B, MLflow), and kept in ``verdicts``. During training the rules are checked at each step
-    that recorded something.
+    At the end of fit the report is printed as a table (rank zero), sent to the loggers that take a report
+    (TensorBoard, W&B, MLflow), and kept in ``verdicts``. During training the rules are checked at each
+    step that recorded something.
 
     Args:
         warn: warn the first time each rule trips for a layer during training.
