@@ -187,10 +187,11 @@ def write_histogram(writer: Any, tag: str, hist: Histogram, step: int) -> None:
 
 def _wandb_histogram(hist: Histogram) -> Any:
     """A ``wandb.Histogram`` of the non-empty bins, from the counts (no raw values exist on the host)."""
+    import numpy as np
     import wandb  # only ever reached with a WandbLogger attached
 
     bounds, counts = _used(hist)
-    return wandb.Histogram(np_histogram=(counts, bounds))
+    return wandb.Histogram(np_histogram=(np.asarray(counts), np.asarray(bounds)))
 
 
 #: The charts of the TensorBoard "Custom Scalars" tab: one per diagnostic, one line per layer.

@@ -78,10 +78,11 @@ class DiagnosticCallback(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._every = self.every_n_steps or trainer.log_every_n_steps
+        log_every: int = trainer.log_every_n_steps  # type: ignore[attr-defined]  # set by Lightning's connector
+        self._every = self.every_n_steps or log_every
         if self._every < 1:
             raise ValueError(
-                f"{type(self).__name__}: `trainer.log_every_n_steps` is {trainer.log_every_n_steps}; "
+                f"{type(self).__name__}: `trainer.log_every_n_steps` is {log_every}; "
                 "pass `every_n_steps` to measure with logging turned off"
             )
 
@@ -254,6 +255,7 @@ def monitors(trainer: pl.Trainer) -> dict[str, Any]:
     from lightning_netdiag.callbacks.update_ratio import UpdateRatio
 
     def first(cls: type) -> Any:
-        return next((cb for cb in trainer.callbacks if isinstance(cb, cls)), None)
+        callbacks: list[Callback] = trainer.callbacks  # type: ignore[attr-defined]  # set by Lightning's connector
+        return next((cb for cb in callbacks if isinstance(cb, cls)), None)
 
     return {"saturation": first(SaturationMonitor), "grad_data": first(GradDataRatio), "update": first(UpdateRatio)}

@@ -170,9 +170,9 @@ class SaturationMonitor(DiagnosticCallback):
         scalars: dict[str, float] = {}
         histograms: dict[str, stats.Histogram] = {}
         for i, layer in enumerate(hooks.layers):
-            act, alive, grad = values[3 * i : 3 * i + 3]
-            if stats.recorded(act):
-                self._describe(layer, act, alive, grad, scalars, histograms)
+            act_record, alive_counts, grad_record = values[3 * i : 3 * i + 3]
+            if stats.recorded(act_record):
+                self._describe(layer, act_record, alive_counts, grad_record, scalars, histograms)
         self._emit(trainer, step, scalars, histograms)
 
     def _unit_counts(self, trainer: pl.Trainer, layers: list[Layer]) -> list[int]:

@@ -99,9 +99,9 @@ class UpdateRatio(ParameterCallback):
         if self._step is None or not before:
             return
         parts: list[Tensor] = []
-        for name, (p, old) in before.items():
+        for name, (p, copy) in before.items():
             now, copies = self._shard(name, p)
-            parts += [self._record(now - old, copies), self._record(old, copies)]
+            parts += [self._record(now - copy, copies), self._record(copy, copies)]
         values = self._values(trainer, parts)
         scalars: dict[str, float] = {}
         changed = 0
