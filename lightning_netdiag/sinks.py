@@ -229,7 +229,7 @@ def log_figure(loggers: list[Any], tag: str, figure: Any, step: int) -> None:
     """A matplotlib figure: an image in TensorBoard and W&B, a PNG artifact in MLflow."""
     for logger in loggers:
         kind = logger_kind(logger)
-        if kind == "tensorboard" and callable(getattr(logger.experiment, "add_figure", None)):
+        if kind == "tensorboard":
             logger.experiment.add_figure(tag, figure, global_step=step, close=False)
         elif kind == "wandb":
             import wandb
@@ -245,7 +245,7 @@ def log_report(
     """A report: markdown text in TensorBoard, a table in W&B, a markdown artifact in MLflow."""
     for logger in loggers:
         kind = logger_kind(logger)
-        if kind == "tensorboard" and callable(getattr(logger.experiment, "add_text", None)):
+        if kind == "tensorboard":
             logger.experiment.add_text(tag, markdown, global_step=step)
         elif kind == "wandb":
             columns, rows = table

@@ -50,19 +50,23 @@ class Bins:
         if kind not in ("linear", "log2") or not lo < hi:
             raise ValueError(f"Expected `kind` 'linear' or 'log2' and lo < hi, got {kind!r}, {lo}, {hi}")
         self.kind, self.lo, self.hi, self.exp = kind, lo, hi, exp
+        self.device = torch.device("cpu") if device is None else torch.device(device)
         if kind == "linear":
             self.edges = tuple(math.ldexp(k, exp) for k in range(lo, hi + 1))
             self._fold: dict[torch.dtype, Tensor] = {}
         else:
             magnitudes = [math.ldexp(1.0, k) for k in range(lo, hi + 1)]
             self.edges = (*(-m for m in reversed(magnitudes)), *magnitudes)
-            self._fold = {dtype: self._fold_map(dtype, device) for dtype in (torch.float32, torch.float64)}
+            self._fold = {dtype: self._fold_map(dtype, self.device) for dtype in (torch.float32, torch.float64)}
         self.size = len(self.edges) + 1
 
     def to(self, device: torch.device) -> Bins:
+        """These bins with their lookup tensors on ``device`` (``self`` if they are there already)."""
+        if torch.device(device) == self.device:
+            return self
         return Bins(self.kind, self.lo, self.hi, self.exp, device)
 
-    def _fold_map(self, dtype: torch.dtype, device: torch.device | None) -> Tensor:
+    def _fold_map(self, dtype: torch.dtype, device: torch.device) -> Tensor:
         """For each sign-and-exponent field of a ``dtype`` float (as a non-negative key), its bin."""
         bits, mantissa = _FLOAT_BITS[dtype]
         n_exp = 1 << (torch.iinfo(bits).bits - 1 - mantissa)  # exponent fields: 256 for float32

@@ -189,6 +189,12 @@ def assert_matches_reference(
     return compared
 
 
+#: The edges the package's bins should have, written out independently: tanh's 64 bins of 1/32, and the
+#: gradients' signed powers of two from 2**-30 to 2**10.
+TANH_EDGES = [k / 32 for k in range(-32, 33)]
+GRAD_EDGES = [-(2.0**k) for k in range(10, -31, -1)] + [2.0**k for k in range(-30, 11)]
+
+
 def bin_counts(t: torch.Tensor, edges: list[float], by_magnitude: bool = False) -> list[float]:
     """Counts over [-inf, e0), [e0, e1), ..., [e_last, inf), by direct comparison.
 

@@ -6,12 +6,9 @@ import importlib
 
 import pytest
 import torch
-from helpers import TinyNetBody, assert_matches_reference, bin_counts, loader, read_tensorboard
+from helpers import GRAD_EDGES, TANH_EDGES, TinyNetBody, assert_matches_reference, bin_counts, loader, read_tensorboard
 
 from lightning_netdiag import GradDataRatio, SaturationMonitor, UpdateRatio
-
-TANH_EDGES = [k / 32 for k in range(-32, 33)]
-GRAD_EDGES = [-(2.0**k) for k in range(10, -31, -1)] + [2.0**k for k in range(-30, 11)]
 
 
 @pytest.mark.parametrize("package", ["lightning.pytorch", "pytorch_lightning"])

@@ -7,7 +7,16 @@ import sys
 from collections import Counter, defaultdict
 
 import pytest
-from helpers import TinyNet, assert_matches_reference, bin_counts, loader, read_csv, read_tensorboard, trainer
+from helpers import (
+    GRAD_EDGES,
+    TinyNet,
+    assert_matches_reference,
+    bin_counts,
+    loader,
+    read_csv,
+    read_tensorboard,
+    trainer,
+)
 
 from lightning_netdiag import DiagnosticPlots, GradDataRatio, HealthReport, SaturationMonitor, UpdateRatio
 
@@ -15,7 +24,6 @@ wandb = pytest.importorskip("wandb")
 mlflow = pytest.importorskip("mlflow")
 
 PLOTS = {"activations", "activation_gradients", "activations_over_time", "weight_gradients", "update_ratio"}
-GRAD_EDGES = [-(2.0**k) for k in range(10, -31, -1)] + [2.0**k for k in range(-30, 11)]
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from helpers import bin_counts
+from helpers import GRAD_EDGES, bin_counts
 from torch import nn
 
 from lightning_netdiag import stats
@@ -42,9 +42,8 @@ def test_log2_bins_equal_direct_comparisons_at_every_edge(dtype):
     x = torch.cat([(torch.randn(4000, generator=g, dtype=torch.float64) * scales).to(dtype), special_values(dtype)])
     bins = stats.log2_bins()
     hist = stats.Histogram.of(stats.tensor_record(x, bins).tolist(), bins.edges)
-    edges = [-(2.0**k) for k in range(10, -31, -1)] + [2.0**k for k in range(-30, 11)]
-    assert hist.edges == tuple(edges)
-    assert list(hist.counts) == bin_counts(x.double(), edges, by_magnitude=True)
+    assert hist.edges == tuple(GRAD_EDGES)
+    assert list(hist.counts) == bin_counts(x.double(), GRAD_EDGES, by_magnitude=True)
 
 
 @pytest.mark.parametrize(("low", "high", "width"), [(-1.0, 1.0, 1 / 32), (0.0, 1.0, 1 / 64), (0.0, 6.0, 1 / 8)])

@@ -5,6 +5,8 @@ import math
 import pytest
 import torch
 from helpers import (
+    GRAD_EDGES,
+    TANH_EDGES,
     TinyNet,
     assert_matches_reference,
     bin_counts,
@@ -17,9 +19,6 @@ from helpers import (
 from lightning.pytorch.loggers import CSVLogger
 
 from lightning_netdiag import GradDataRatio, SaturationMonitor, UpdateRatio
-
-TANH_EDGES = [k / 32 for k in range(-32, 33)]
-GRAD_EDGES = [-(2.0**k) for k in range(10, -31, -1)] + [2.0**k for k in range(-30, 11)]
 
 
 def all_callbacks(n: int = 2):

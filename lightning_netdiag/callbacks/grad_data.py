@@ -65,7 +65,6 @@ class GradDataRatio(ParameterCallback):
         super().__init__(params, exclude, ndims, every_n_steps, prefix, history_size)
         self.histograms = bool(histograms)
         self._bins = stats.log2_bins()
-        self._bins_device: torch.device | None = None
 
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
@@ -81,8 +80,7 @@ class GradDataRatio(ParameterCallback):
         scale = loss_scale(trainer) if getattr(optimizer, "_step_supports_amp_scaling", False) else None
         parts: list[Tensor] = []
         for name, p in chosen:
-            if self._bins_device != p.device:
-                self._bins, self._bins_device = self._bins.to(p.device), p.device
+            self._bins = self._bins.to(p.device)
             # A parameter without a gradient sends an empty record: skipped below unless another rank has one.
             grad, copies = self._shard(name, p.grad if p.grad is not None else torch.empty(0, device=p.device))
             weight, _ = self._shard(name, p)
