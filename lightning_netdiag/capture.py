@@ -10,9 +10,11 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 from torch.utils.hooks import RemovableHandle
 
-from lightning_netdiag import stats
+from lightning_netdiag import activations, stats
 
 try:
     from torch.distributed.tensor import DTensor as _DTensor
@@ -40,33 +42,47 @@ def check_selection(name: str, value: object, *, allow_types: bool = True) -> tu
     return items
 
 
-def _matches(name: str, module: nn.Module, selection: Sequence[type | str]) -> bool:
+def matches(name: str, module: nn.Module, selection: Sequence[type | str]) -> bool:
+    """Whether ``name`` matches a glob of ``selection`` or ``module`` is an instance of one of its types."""
     return any(
         fnmatch.fnmatchcase(name, item) if isinstance(item, str) else isinstance(module, item) for item in selection
     )
 
 
-def select_modules(model: nn.Module, include: Selection, exclude: Selection = ()) -> list[tuple[str, nn.Module]]:
-    """Submodules matching any item of ``include`` and none of ``exclude``, in registration order."""
-    return [
-        (name, m) for name, m in model.named_modules() if _matches(name, m, include) and not _matches(name, m, exclude)
-    ]
+#: The ranks of the weights D3 and D4 watch by default: matrices and embeddings (2), conv kernels (3 to 5),
+#: position embeddings and class tokens (3); not biases nor norm scales (1), as the lecture leaves them out.
+WEIGHT_NDIMS = (2, 3, 4, 5)
 
 
 def select_parameters(
-    model: nn.Module, include: Selection | None, exclude: Selection = (), ndims: Sequence[int] | None = (2,)
-) -> list[tuple[str, nn.Parameter]]:
+    model: nn.Module, include: Selection | None, exclude: Selection = (), ndims: Sequence[int] | None = WEIGHT_NDIMS
+) -> list[tuple[str, nn.Parameter, nn.Module]]:
     """Trainable parameters whose name glob or owning module type is in ``include`` (None: all), none of
-    ``exclude``, and whose number of dimensions is in ``ndims`` (None: any)."""
-    chosen = []
+    ``exclude``, and whose number of dimensions is in ``ndims`` (None: any); with the module owning each.
+
+    A parameter shared by several modules (an LM head tied to the embedding) is selected once, under its
+    first name.
+    """
+    chosen, seen = [], set()
     for module_name, module in model.named_modules():
         for pname, p in module.named_parameters(recurse=False):
             name = f"{module_name}.{pname}" if module_name else pname
-            if not p.requires_grad or (ndims is not None and p.dim() not in ndims):
+            if id(p) in seen or not p.requires_grad or (ndims is not None and p.dim() not in ndims):
                 continue
-            if (include is None or _matches(name, module, include)) and not _matches(name, module, exclude):
-                chosen.append((name, p))
+            seen.add(id(p))
+            if (include is None or matches(name, module, include)) and not matches(name, module, exclude):
+                chosen.append((name, p, module))
     return chosen
+
+
+def weight_class(p: Tensor, owner: nn.Module) -> str:
+    """Which weights are comparable: grad:data differs by kind (embedding rows not in a batch get no
+    gradient; a conv kernel's fan-in is spread over its window)."""
+    if isinstance(owner, (nn.Embedding, nn.EmbeddingBag)):
+        return "embedding"
+    if p.dim() >= 3 and isinstance(owner, nn.modules.conv._ConvNd):
+        return "conv kernel"
+    return "matrix" if p.dim() == 2 else "other"
 
 
 def local_shard(name: str, t: Tensor, world_size: int) -> tuple[Tensor, int]:
@@ -99,9 +115,9 @@ class HookHandles:
     """Hook handles with one lifetime: ``remove()`` detaches them all and is safe to call again."""
 
     def __init__(self) -> None:
-        self._handles: list[RemovableHandle] = []
+        self._handles: list[RemovableHandle | _ModeExit] = []
 
-    def add(self, handle: RemovableHandle) -> None:
+    def add(self, handle: RemovableHandle | _ModeExit) -> None:
         self._handles.append(handle)
 
     def remove(self) -> None:
@@ -119,108 +135,254 @@ class HookHandles:
         self.remove()
 
 
-class Layer:
-    """One watched activation module: its rule, its bins, and the records summed over the armed step.
+def compiled(model: nn.Module) -> bool:
+    """Whether ``model`` or one of its submodules runs under torch.compile (Lightning's ``fit`` of a
+    compiled module, ``torch.compile(submodule)``, or ``module.compile()``)."""
+    if getattr(model, "_compiler_ctx", None):  # Lightning unwraps a compiled LightningModule and marks it so
+        return True
+    try:
+        from torch._dynamo.eval_frame import OptimizedModule
+    except ImportError:  # pragma: no cover - torch without dynamo
+        return False
+    return any(isinstance(m, OptimizedModule) or getattr(m, "_compiled_call_impl", None) for m in model.modules())
 
-    The records are buffers allocated once and then zeroed and added to in place, so that a compiled
-    graph keeps reading and writing the same tensors: no recompilation, and a gradient hook that only
-    mutates a tensor traces into the graph without a break.
+
+def unit_dim_of(t: Tensor, unit_dim: int | None) -> int:
+    """The dimension that indexes units: ``unit_dim`` if given; by default the channels (dim 1) of a
+    convolution's (N, C, H, W) or (N, C, D, H, W) output, the last dim of (N, F) and (N, T, F) outputs."""
+    if unit_dim is not None:
+        return unit_dim
+    return 1 if t.dim() >= 4 else -1
+
+
+IDLE, FORWARD, BACKWARD = "idle", "forward", "backward"
+
+
+class Layer:
+    """One watched activation call: a module's k-th call in a forward, or a functional call's.
+
+    Its records are summed over the armed step. They are buffers allocated once and then zeroed and added
+    to in place, so that a compiled graph keeps reading and writing the same tensors: no recompilation, and
+    a gradient hook that only mutates a tensor traces into the graph without a break.
     """
 
-    def __init__(self, name: str, module: nn.Module, rule: stats.SaturationRule | None, grad_bins: stats.Bins) -> None:
-        self.name, self.module, self.rule = name, module, rule
-        self.act_bins = rule.bins if rule is not None else stats.log2_bins()
+    def __init__(self, name: str, kind: activations.Kind, type_name: str, threshold: float, grad_bins: stats.Bins):
+        self.name, self.kind, self.type_name = name, kind, type_name
+        self.rule = kind.rule(threshold)
+        self.has_rule = self.rule is not None
+        self.act_bins = self.rule.bins if self.rule is not None else kind.bins()
         self.grad_bins = grad_bins
+        self.order: int | None = None  # position of its first call in the forward: depth order
+        self.placeholder = False  # held for another rank's layer that this rank has not run
         self.act: Tensor | None = None  # [moments, saturated, *histogram]
         self.grad: Tensor | None = None  # [moments, *histogram]
         self.alive: Tensor | None = None  # per unit: examples in which it is not saturated; sized by the first run
-        self.pending_mask: Tensor | None = None  # input-side saturation, from the pre-hook to the hook
+
+    def spec(self) -> tuple:
+        """What another rank needs to hold this layer's place in a reduction: plain values only."""
+        b = self.act_bins
+        return (self.name, self.kind.name, self.kind.family, self.type_name, self.has_rule, (b.kind, b.lo, b.hi, b.exp))
+
+    @classmethod
+    def placeholder(cls, spec: tuple, grad_bins: stats.Bins) -> Layer:
+        """A layer that this rank never ran: zeros of the right sizes in the reduction, read by name."""
+        name, kind_name, family, type_name, has_rule, bins = spec
+        layer = cls(name, activations.Kind(kind_name, family), type_name, stats.DEFAULT_THRESHOLD, grad_bins)
+        layer.has_rule, layer.act_bins, layer.placeholder = has_rule, stats.Bins(*bins), True
+        return layer
+
+    def allocate(self, device: torch.device, histograms: bool, track_grad: bool) -> None:
+        self.act_bins, self.grad_bins = self.act_bins.to(device), self.grad_bins.to(device)
+        size = stats.record_size(self.act_bins if histograms else None, int(self.has_rule))
+        self.act = torch.zeros(size, dtype=torch.float64, device=device)
+        size = stats.record_size(self.grad_bins if histograms else None)
+        self.grad = torch.zeros(size, dtype=torch.float64, device=device) if track_grad else None
+        self.alive = None
 
     def reset(self) -> None:
         for record in (self.act, self.grad, self.alive):
             if record is not None:
                 record.zero_()
-        self.pending_mask = None
 
 
 class ActivationHooks:
-    """Forward hooks on the watched modules and, for gradients, a tensor hook on each output.
+    """Hooks on the watched activation modules and, on armed steps, on every functional activation call.
 
-    The hooks stay registered for the whole fit and return at once unless ``armed`` is set; armed, they
-    add on-device records to their :class:`Layer` (never a host sync, never a kept activation).
+    Module hooks stay registered for the whole fit and return at once unless a step is armed. Functional
+    calls are seen through a ``TorchFunctionMode`` and the owning module through global module hooks,
+    both entered only for an armed step (:meth:`start`) and left after its backward (:meth:`stop`).
+
+    Phases: ``FORWARD`` records each call's output and hooks its gradient; ``BACKWARD`` (activation
+    checkpointing recomputes the forward inside the backward) records nothing again and only hooks the
+    gradient of recomputed outputs that need one (reentrant checkpointing, where the first forward ran
+    without grad); ``IDLE`` does nothing.
+
+    Each call of a module in one forward is a layer of its own (``name``, ``name-2``, ...); calls from
+    ``max_calls`` on share the last one. A functional call is named by the module whose forward made it
+    and the function (``layer1.0/relu``, ``layer1.0/relu-2``; at the top level just ``relu``). A call made
+    inside an activation module's own forward belongs to that module and is not counted again.
 
     Args:
-        layers: the watched modules.
+        model: the model whose modules own the calls.
+        modules: the watched activation modules, with their names and kinds.
+        watch_call: decides for a functional call (owner name, owner module, layer name) whether it is
+            watched; None watches no functional call.
+        threshold: the saturation threshold of the smoothly bounded kinds.
         histograms: whether records carry histogram counts.
-        track_grad: whether to hook the output's gradient (D2).
-        unit_dim: the dimension of an activation that indexes units, for dead units.
-        grad_divisor: called at each armed forward; what the output's gradient will be divided by (the AMP
-            loss scale times the data-parallel world size), or None.
+        track_grad: whether to hook each output's gradient (D2).
+        unit_dim: the dimension that indexes units, for dead units; None: :func:`unit_dim_of`.
+        grad_divisor: called at each recorded call; what the output's gradient will be divided by (the
+            AMP loss scale times the data-parallel world size), or None.
+        max_calls: the number of calls per module (or per function and owner) with a layer of their own.
     """
 
     def __init__(
         self,
-        layers: Sequence[Layer],
+        model: nn.Module,
+        modules: Sequence[tuple[str, nn.Module, activations.Kind]],
+        watch_call: Callable[[str, nn.Module, str], bool] | None,
+        threshold: float,
         histograms: bool,
         track_grad: bool,
-        unit_dim: int,
+        unit_dim: int | None,
         grad_divisor: Callable[[], Tensor | float | None],
+        max_calls: int = 8,
     ) -> None:
-        self.layers = list(layers)
-        self.histograms, self.track_grad, self.unit_dim = histograms, track_grad, unit_dim
-        self.grad_divisor = grad_divisor
-        self.armed = False
+        self.threshold, self.histograms, self.track_grad, self.unit_dim = threshold, histograms, track_grad, unit_dim
+        self.grad_divisor, self.watch_call, self.max_calls = grad_divisor, watch_call, max_calls
+        self.phase = IDLE
+        self.layers: list[Layer] = []
+        self._grad_bins = stats.log2_bins()
+        self._by_key: dict[tuple, Layer] = {}
+        self._by_name: dict[str, Layer] = {}
+        self._skipped: set[tuple] = set()
+        self._calls: dict[tuple, int] = {}
+        self._pending: dict[int, Tensor] = {}  # input-side saturation masks, from the pre-hook to the hook
+        self._device: torch.device | None = None
+        self._seen = 0
+        self._root = model
+        self._names = {id(m): name for name, m in model.named_modules()}
+        self._activation_modules = {id(m) for _, m, _ in modules}
+        if watch_call is not None:  # calls inside any activation module, watched or excluded, are its own
+            self._activation_modules |= {id(m) for m in model.modules() if activations.module_kind(m) is not None}
+        self._stack: list[nn.Module] = []
+        self._mode = _CallCapture(self) if watch_call is not None else None
+        self._capture = HookHandles()  # the global module hooks, while a step is armed
         self.handles = HookHandles()
-        for layer in self.layers:
-            if layer.rule is not None and layer.rule.on_input:
-                self.handles.add(layer.module.register_forward_pre_hook(self._pre_hook(layer)))
-            self.handles.add(layer.module.register_forward_hook(self._hook(layer)))
+        for name, module, kind in modules:
+            self._layer(("m", id(module), 1), name or "model", kind, type(module).__name__)
+            if kind.on_input:
+                self.handles.add(module.register_forward_pre_hook(self._pre_hook))
+            self.handles.add(module.register_forward_hook(self._hook))
+
+    # --- when: the callback drives these ---------------------------------------------------------------
 
     def prepare(self, device: torch.device) -> None:
         """Zeroed records on ``device``, before the first armed forward of a step; allocated only once."""
+        self._device = device
         for layer in self.layers:
             if layer.act is not None and layer.act.device == device:
                 layer.reset()
-                continue
-            layer.act_bins, layer.grad_bins = layer.act_bins.to(device), layer.grad_bins.to(device)
-            bins = layer.act_bins if self.histograms else None
-            layer.act = torch.zeros(
-                stats.record_size(bins, int(layer.rule is not None)), dtype=torch.float64, device=device
-            )
-            bins = layer.grad_bins if self.histograms else None
-            layer.grad = (
-                torch.zeros(stats.record_size(bins), dtype=torch.float64, device=device) if self.track_grad else None
-            )
-            layer.alive = layer.pending_mask = None
+            else:
+                layer.allocate(device, self.histograms, self.track_grad)
 
-    def _pre_hook(self, layer: Layer) -> Callable[..., None]:
-        def hook(module: nn.Module, inputs: tuple[object, ...]) -> None:
-            if self.armed and inputs and isinstance(inputs[0], Tensor):
-                with torch.no_grad():  # before an in-place activation overwrites its input
-                    layer.pending_mask = layer.rule.mask(inputs[0].detach().float())  # type: ignore[union-attr]
+    def start(self) -> None:
+        """An armed forward begins: record every call from here on."""
+        self.phase, self._calls = FORWARD, {}
+        self._pending.clear()
+        if self._mode is not None and not len(self._capture):
+            self._stack.clear()
+            self._capture.add(register_module_forward_pre_hook(self._enter))
+            self._capture.add(register_module_forward_hook(self._leave, always_call=True))
+            self._mode.__enter__()
+            self._capture.add(_ModeExit(self._mode))
 
-        return hook
+    def backward(self) -> None:
+        """The backward of an armed forward begins: a recomputed forward only hooks gradients."""
+        if self.phase == FORWARD:
+            self.phase, self._calls = BACKWARD, {}
 
-    def _hook(self, layer: Layer) -> Callable[..., None]:
-        def hook(module: nn.Module, inputs: tuple[object, ...], output: object) -> None:
-            if not self.armed or not isinstance(output, Tensor) or layer.act is None:
+    def stop(self) -> None:
+        self.phase = IDLE
+        self._capture.remove()
+        self._pending.clear()
+
+    def reset(self) -> None:
+        for layer in self.layers:
+            layer.reset()
+
+    def remove(self) -> None:
+        self.stop()
+        self.handles.remove()
+        for layer in self.layers:
+            layer.act = layer.grad = layer.alive = None
+
+    def adopt(self, spec: tuple) -> None:
+        """Hold the place of a layer that another rank ran and this one did not (yet)."""
+        if spec[0] not in self._by_name:
+            layer = Layer.placeholder(spec, self._grad_bins)
+            if self._device is not None:
+                layer.allocate(self._device, self.histograms, self.track_grad)
+            self.layers.append(layer)
+            self._by_name[layer.name] = layer
+
+    # --- the hooks ----------------------------------------------------------------------------------
+
+    def _layer(self, key: tuple, name: str, kind: activations.Kind, type_name: str) -> Layer:
+        layer = self._by_name.get(name)
+        if layer is None or layer.placeholder:
+            fresh = Layer(name, kind, type_name, self.threshold, self._grad_bins)
+            if self._device is not None:
+                fresh.allocate(self._device, self.histograms, self.track_grad)
+            if layer is None:
+                self.layers.append(fresh)
+            else:  # another rank's layer that this rank runs now: same place, same record sizes
+                self.layers[self.layers.index(layer)] = fresh
+            layer = self._by_name[name] = fresh
+        self._by_key[key] = layer
+        return layer
+
+    def _call_index(self, key: tuple) -> int:
+        k = min(self._calls.get(key, 0) + 1, self.max_calls)
+        self._calls[key] = k
+        return k
+
+    def _pre_hook(self, module: nn.Module, inputs: tuple[object, ...]) -> None:
+        if self.phase == FORWARD and inputs and isinstance(inputs[0], Tensor):
+            layer = self._by_key[("m", id(module), 1)]
+            with torch.no_grad():  # before an in-place activation overwrites its input
+                self._pending[id(module)] = layer.rule.mask(inputs[0].detach().float())  # type: ignore[union-attr]
+
+    def _hook(self, module: nn.Module, inputs: tuple[object, ...], output: object) -> None:
+        if self.phase == IDLE or not isinstance(output, Tensor):
+            return
+        k = self._call_index(("m", id(module)))
+        key = ("m", id(module), k)
+        layer = self._by_key.get(key)
+        if layer is None:
+            if self.phase != FORWARD:
                 return
+            first = self._by_key[("m", id(module), 1)]
+            layer = self._layer(key, f"{first.name}-{k}", first.kind, first.type_name)
+        self._observe(layer, output, self._pending.pop(id(module), None))
+
+    def _observe(self, layer: Layer, output: Tensor, input_mask: Tensor | None) -> None:
+        if self.phase == FORWARD and layer.act is not None:
             with torch.no_grad():
                 # In fp16/bf16, `t > 0.97` would compare against 0.97 rounded to half precision.
-                self._record_activation(layer, output.detach().float())
-            if layer.grad is not None and output.requires_grad:
-                output.register_hook(
-                    _grad_hook(layer.grad, layer.grad_bins if self.histograms else None, self.grad_divisor())
-                )
+                self._record_activation(layer, output.detach().float(), input_mask)
+        if layer.grad is not None and output.requires_grad:
+            output.register_hook(
+                _grad_hook(layer.grad, layer.grad_bins if self.histograms else None, self.grad_divisor())
+            )
 
-        return hook
-
-    def _record_activation(self, layer: Layer, t: Tensor) -> None:
+    def _record_activation(self, layer: Layer, t: Tensor, input_mask: Tensor | None) -> None:
+        if layer.order is None:
+            layer.order, self._seen = self._seen, self._seen + 1
         extra: list[Tensor] = []
         if layer.rule is not None:
-            mask = layer.pending_mask if layer.rule.on_input else layer.rule.mask(t)
-            layer.pending_mask = None
-            saturated, alive = stats.saturation_extra(mask, torch.isfinite(t), self.unit_dim)  # type: ignore[arg-type]
+            mask = input_mask if layer.rule.on_input else layer.rule.mask(t)
+            saturated, alive = stats.saturation_extra(mask, torch.isfinite(t), unit_dim_of(t, self.unit_dim))  # type: ignore[arg-type]
             extra.append(saturated)
             if layer.alive is None:
                 layer.alive = alive
@@ -228,15 +390,81 @@ class ActivationHooks:
                 layer.alive.add_(alive)
         layer.act.add_(stats.tensor_record(t, layer.act_bins if self.histograms else None, extra))  # type: ignore[union-attr]
 
-    def reset(self) -> None:
-        for layer in self.layers:
-            layer.reset()
+    def _enter(self, module: nn.Module, inputs: object) -> None:
+        if id(module) not in self._names:
+            return
+        self._stack.append(module)
+        if self.phase == BACKWARD and self._mode not in _get_current_function_mode_stack():
+            # A forward recomputed by reentrant checkpointing runs inside an autograd node, where the
+            # engine does not carry the function mode: enter it again. The engine restores its
+            # thread-local state when the node ends, which leaves the mode there.
+            self._mode.__enter__()  # type: ignore[union-attr]
+
+    def _leave(self, module: nn.Module, inputs: object, output: object) -> None:
+        if self._stack and self._stack[-1] is module:
+            self._stack.pop()
+
+    def _function_call(self, func: Callable, short: str, kind_of: Callable, args: tuple, kwargs: dict) -> object:
+        """A functional activation call, seen by :class:`_CallCapture`."""
+        # Outside any module's forward (training_step, or a recomputation that starts in a method): the
+        # model's own, as in the first forward, where the model's call is on the stack.
+        owner = self._stack[-1] if self._stack else self._root
+        x = activations.call_input(args, kwargs)
+        if self.phase == IDLE or id(owner) in self._activation_modules or not isinstance(x, Tensor):
+            return func(*args, **kwargs)
+        k = self._call_index(("f", id(owner), short))
+        key = ("f", id(owner), short, k)
+        layer = self._by_key.get(key)
+        if layer is None and key not in self._skipped and self.phase == FORWARD:
+            owner_name = self._names[id(owner)]
+            base = f"{owner_name}/{short}" if owner_name else short
+            name = base if k == 1 else f"{base}-{k}"
+            if name in self._by_name and self._by_name[name].type_name != "function":
+                name += "-fn"  # a module of that name exists: keep the two apart
+            if self.watch_call(owner_name, owner, name):
+                layer = self._layer(key, name, kind_of(args, kwargs), "function")
+            else:
+                self._skipped.add(key)
+        if layer is None:
+            return func(*args, **kwargs)
+        input_mask = None
+        if self.phase == FORWARD and layer.rule is not None and layer.rule.on_input:
+            with torch.no_grad():  # before an in-place call overwrites its input
+                input_mask = layer.rule.mask(x.detach().float())
+        output = func(*args, **kwargs)
+        if isinstance(output, Tensor):
+            self._observe(layer, output, input_mask)
+        return output
+
+
+class _CallCapture(TorchFunctionMode):
+    """Hands every functional activation call to :meth:`ActivationHooks._function_call`; passes the rest."""
+
+    def __init__(self, hooks: ActivationHooks) -> None:
+        super().__init__()
+        self.hooks = hooks
+
+    def __torch_function__(self, func: Callable, types: object, args: tuple = (), kwargs: dict | None = None) -> object:
+        kwargs = kwargs or {}
+        try:
+            found = activations.FUNCTIONS.get(func)
+        except TypeError:  # an unhashable callable is no activation of ours
+            found = None
+        if found is None or torch.compiler.is_compiling():
+            return func(*args, **kwargs)
+        return self.hooks._function_call(func, found[0], found[1], args, kwargs)
+
+
+class _ModeExit:
+    """Leaving a function mode, as a removable handle: safe to call twice."""
+
+    def __init__(self, mode: TorchFunctionMode) -> None:
+        self._mode: TorchFunctionMode | None = mode
 
     def remove(self) -> None:
-        self.armed = False
-        self.handles.remove()
-        for layer in self.layers:
-            layer.act = layer.grad = layer.alive = layer.pending_mask = None
+        mode, self._mode = self._mode, None
+        if mode is not None:
+            mode.__exit__(None, None, None)
 
 
 def _grad_hook(total: Tensor, bins: stats.Bins | None, divisor: Tensor | float | None) -> Callable[[Tensor], None]:

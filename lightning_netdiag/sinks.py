@@ -127,7 +127,7 @@ class LoggerSink:
                 metrics.update(quantile_scalars(histograms))
             logger.log_metrics(metrics, step=step)
             if kind == "tensorboard" and is_global_zero:
-                write_tensorboard_layout(logger.experiment, self.prefix)
+                write_tensorboard_layout(logger.experiment, self.prefix, scalars)
                 for tag, hist in histograms.items():
                     write_histogram(logger.experiment, tag, hist, step)
 
@@ -194,7 +194,7 @@ def _wandb_histogram(hist: Histogram) -> Any:
     return wandb.Histogram(np_histogram=(np.asarray(counts), np.asarray(bounds)))
 
 
-#: The charts of the TensorBoard "Custom Scalars" tab: one per diagnostic, one line per layer.
+#: The charts of the TensorBoard "Custom Scalars" tab: per diagnostic, one category of charts.
 CHARTS = {
     "D1 activation saturated %": "act_saturated_pct",
     "D1 activation std": "act_std",
@@ -203,20 +203,85 @@ CHARTS = {
     "D3 grad:data ratio": "grad_data_ratio",
     "D4 update:data, log10 (line _target: the target)": "update_data_log10",
 }
+#: Lines per chart at most: nobody reads more. Layers are grouped by module path to stay under it.
+MAX_LINES = 12
+TARGET = "_target"
 
-_layouts: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
+_layouts: weakref.WeakKeyDictionary[Any, dict[str, dict[str, list[str]]]] = weakref.WeakKeyDictionary()
 
 
-def write_tensorboard_layout(writer: Any, prefix: str) -> None:
-    """Write the custom-scalars layout once per writer (again only when a new prefix joins it)."""
-    prefixes = _layouts.setdefault(writer, set())
-    if prefix in prefixes:
+def _path(name: str) -> list[str]:
+    """A layer's module path, its call suffix (``-2``) taken off: the calls of one module stay together."""
+    return re.sub(r"-\d+$", "", name).replace("/", ".").split(".")
+
+
+def chart_groups(names: list[str], limit: int = MAX_LINES) -> list[tuple[str, list[str]]]:
+    """``names`` (in depth order) cut into groups of at most ``limit``, each a list of module-path
+    prefixes: consecutive siblings share a group; a subtree too large for one is split further."""
+
+    def split(group: list[list[str]], depth: int) -> list[list[tuple[str, int]]]:
+        buckets: dict[str, list[list[str]]] = {}
+        for path in group:
+            buckets.setdefault(".".join(path[: depth + 1]), []).append(path)
+        out: list[list[tuple[str, int]]] = []
+        current: list[tuple[str, int]] = []
+        for prefix, members in buckets.items():
+            deeper = [p for p in members if len(p) > depth + 1]
+            if len(members) > limit and len(deeper) == len(members):
+                if current:
+                    out.append(current)
+                    current = []
+                out += split(members, depth + 1)
+                continue
+            if current and sum(n for _, n in current) + len(members) > limit:
+                out.append(current)
+                current = []
+            current.append((prefix, len(members)))
+        return [*out, current] if current else out
+
+    paths = [_path(n) for n in names]
+    common = 0
+    while all(len(p) > common + 1 and p[common] == paths[0][common] for p in paths):
+        common += 1
+    return [(_label(g), [prefix for prefix, _ in g]) for g in split(paths, common)] if names else []
+
+
+def _label(group: list[tuple[str, int]]) -> str:
+    return group[0][0] if len(group) == 1 else f"{group[0][0]} .. {group[-1][0]}"
+
+
+def _regex(prefix: str, metric: str, alternatives: list[str], target: bool) -> str:
+    """A tag regex for a group: each prefix, then a call suffix, then deeper path components or nothing."""
+    names = "|".join(re.escape(a).replace(r"\.", "[./]") for a in alternatives)
+    tail = rf"|{TARGET}" if target else ""
+    return rf"{re.escape(prefix)}/{metric}/(?:(?:{names})(?:-\d+)?(?:[./].*)?{tail})"
+
+
+def write_tensorboard_layout(writer: Any, prefix: str, scalars: Mapping[str, float]) -> None:
+    """Write the custom-scalars layout when a layer that no chart covers yet is logged (TensorBoard shows
+    the latest layout): one category per diagnostic, one chart per group of at most ``MAX_LINES`` layers."""
+    known = _layouts.setdefault(writer, {}).setdefault(prefix, {})
+    new = False
+    for tag in scalars:
+        head, _, name = tag[len(prefix) + 1 :].partition("/")
+        if tag.startswith(f"{prefix}/") and head in CHARTS.values() and name and name != TARGET:
+            names = known.setdefault(head, [])
+            if name not in names:
+                names.append(name)
+                new = True
+    if not new:
         return
-    prefixes.add(prefix)
-    layout = {
-        p: {title: ["Multiline", [f"{re.escape(p)}/{metric}/.*"]] for title, metric in CHARTS.items()}
-        for p in sorted(prefixes)
-    }
+    layout: dict[str, dict[str, list[Any]]] = {}
+    for p, metrics in sorted(_layouts[writer].items()):
+        for title, metric in CHARTS.items():
+            if metric not in metrics:
+                continue
+            target = metric == "update_data_log10"
+            charts = chart_groups(metrics[metric], MAX_LINES - target)
+            layout[f"{p}: {title}"] = {
+                f"{title} [{label}]" if len(charts) > 1 else title: ["Multiline", [_regex(p, metric, group, target)]]
+                for label, group in charts
+            }
     writer.add_custom_scalars(layout)
 
 

@@ -15,11 +15,11 @@ from __future__ import annotations
 import bisect
 import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 #: Slots every record starts with: finite count, sum, sum of squares, non-finite count.
 MOMENTS = 4
@@ -234,80 +234,6 @@ def ratio_log10(numerator: float, denominator: float) -> float:
     if not (numerator > 0 and denominator > 0) or not math.isfinite(numerator / denominator):
         return math.nan
     return math.log10(numerator / denominator)
-
-
-# --- saturation: where an activation's derivative is (nearly) zero -------------------------------------
-
-
-@dataclass(frozen=True)
-class SaturationRule:
-    """Where an activation kind is flat. ``on_input`` rules read the module's input, the others its output."""
-
-    kind: str
-    region: str
-    mask: Callable[[Tensor], Tensor]
-    bins: Bins
-    on_input: bool = False
-
-
-_SELU_LIMIT = 1.0507009873554805 * 1.6732632423543772  # SELU's negative asymptote, scale * alpha
-
-
-def saturation_rule(module: nn.Module, threshold: float = DEFAULT_THRESHOLD) -> SaturationRule | None:
-    """The saturation rule for ``module``'s activation kind, or None if it is not a known activation.
-
-    ``threshold`` applies to the smoothly bounded kinds (tanh-like, sigmoid-like, the ELU family,
-    softplus); the kinds with an exactly flat region use that region; GELU, SiLU and Mish, whose output
-    does not tell the flat tail from the origin, are judged on their input.
-    """
-    thr = threshold
-    unbounded = log2_bins()
-    if isinstance(module, nn.Hardtanh):  # also ReLU6
-        lo, hi = float(module.min_val), float(module.max_val)
-        return SaturationRule(
-            "clamp", f"t <= {lo:g} or t >= {hi:g}", lambda t: (t <= lo) | (t >= hi), linear_bins(lo, hi)
-        )
-    if isinstance(module, (nn.Tanh, nn.Softsign)):
-        return SaturationRule("tanh", f"|t| > {thr:g}", lambda t: t.abs() > thr, linear_bins(-1.0, 1.0))
-    if isinstance(module, nn.Sigmoid):
-        return SaturationRule(
-            "sigmoid", f"t < {1 - thr:g} or t > {thr:g}", lambda t: (t < 1 - thr) | (t > thr), linear_bins(0.0, 1.0)
-        )
-    if isinstance(module, nn.Hardsigmoid):
-        return SaturationRule("clamp", "t <= 0 or t >= 1", lambda t: (t <= 0) | (t >= 1), linear_bins(0.0, 1.0))
-    if isinstance(module, (nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.RReLU)):
-        return SaturationRule("relu", "t <= 0", lambda t: t <= 0, unbounded)
-    if isinstance(module, (nn.ELU, nn.CELU)):
-        limit = thr * float(module.alpha)
-        return SaturationRule("elu", f"t < {-limit:g}", lambda t: t < -limit, unbounded)
-    if isinstance(module, nn.SELU):
-        limit = thr * _SELU_LIMIT
-        return SaturationRule("elu", f"t < {-limit:g}", lambda t: t < -limit, unbounded)
-    if isinstance(module, nn.Softplus):
-        # softplus' derivative is 1 - exp(-beta * t): below 1 - thr where t < -ln(thr) / beta.
-        limit = -math.log(thr) / float(module.beta)
-        return SaturationRule("softplus", f"t < {limit:.3g}", lambda t: t < limit, unbounded)
-    if isinstance(module, nn.LogSigmoid):
-        # log-sigmoid's derivative is 1 - exp(t): below 1 - thr where t > ln(thr).
-        limit = math.log(thr)
-        return SaturationRule("logsigmoid", f"t > {limit:.3g}", lambda t: t > limit, unbounded)
-    if isinstance(module, (nn.Hardshrink, nn.Softshrink)):
-        return SaturationRule("shrink", "t == 0", lambda t: t == 0, unbounded)
-    if isinstance(module, (nn.GELU, nn.Hardswish)):
-        # GELU's derivative is below 0.012 in magnitude for x < -3; Hardswish is exactly flat there.
-        return SaturationRule("gelu", "input x < -3", lambda x: x < -3, unbounded, on_input=True)
-    if isinstance(module, (nn.SiLU, nn.Mish)):
-        # SiLU's and Mish's derivatives are below 0.03 in magnitude for x < -5.
-        return SaturationRule("silu", "input x < -5", lambda x: x < -5, unbounded, on_input=True)
-    return None
-
-
-#: The activation module types watched by default: every kind that has a saturation rule.
-ACTIVATION_TYPES: tuple[type[nn.Module], ...] = (
-    nn.Tanh, nn.Softsign, nn.Hardtanh, nn.Sigmoid, nn.Hardsigmoid, nn.ReLU, nn.LeakyReLU, nn.PReLU,
-    nn.RReLU, nn.ELU, nn.CELU, nn.SELU, nn.Softplus, nn.LogSigmoid, nn.Hardshrink, nn.Softshrink,
-    nn.GELU, nn.Hardswish, nn.SiLU, nn.Mish,
-)  # fmt: skip
 
 
 def saturation_extra(mask: Tensor, finite: Tensor, unit_dim: int) -> tuple[Tensor, Tensor]:

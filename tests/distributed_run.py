@@ -3,13 +3,14 @@
     python tests/distributed_run.py OUT_DIR STRATEGY DEVICES [PRECISION] [FAULT]
 
 STRATEGY: ddp, ddp_spawn, fsdp2 (ModelParallelStrategy with `fully_shard` on every Linear: DTensor
-parameters sharded over the ranks), hsdp (the same over a 2 x 1 mesh: replicated over the ranks) or auto
-(one process). PRECISION: 32-true (default), 16-mixed (with a
+parameters sharded over the ranks), fsdp2_ac (the same with activation checkpointing on each Tanh: its
+forward is recomputed in the backward), hsdp (the same over a 2 x 1 mesh: replicated over the ranks) or
+auto (one process). PRECISION: 32-true (default), 16-mixed (with a
 GradScaler) or bf16-mixed. FAULT, on rank 1 at step 1: raise (an exception in training_step) or nan (an
 infinite loss; HealthReport stops every rank). Each rank writes its last global step to OUT_DIR/rank{r}.txt.
 
-A Tanh branch ("side") runs on the first PER_RANK examples only: on rank 0 and never on rank 1, so the
-ranks' records must line up although one rank never ran that layer.
+A Tanh branch ("side") and a functional sigmoid run on the first PER_RANK examples only: on rank 0 and
+never on rank 1, so the ranks' records must line up although one rank never ran (or found) that layer.
 
 Each rank's loader yields its own half of the global batch, in order, so that the one-process run on
 batches of 2 * PER_RANK sees exactly the concatenation of the ranks' batches.
@@ -66,7 +67,13 @@ class Net(L.LightningModule):
 
             # fsdp2: sharded over the ranks. hsdp: the 2 x 1 mesh, replicated over the ranks and sharded over
             # one: every rank holds a full copy as a DTensor with a Replicate placement.
-            mesh = self.device_mesh["data_parallel"] if self.shard == "fsdp2" else self.device_mesh
+            mesh = self.device_mesh if self.shard == "hsdp" else self.device_mesh["data_parallel"]
+            if self.shard == "fsdp2_ac":
+                from torch.distributed._composable import checkpoint
+
+                for m in self.net:
+                    if isinstance(m, nn.Tanh):
+                        checkpoint(m)
             for m in self.net:
                 if isinstance(m, nn.Linear):
                     fully_shard(m, mesh=mesh)
@@ -78,6 +85,8 @@ class Net(L.LightningModule):
         loss = nn.functional.cross_entropy(self.net[2:](h), y)
         if self.global_rank == 0:  # divided by the local batch: DDP's mean over ranks gives the global one
             loss = loss + 0.1 * self.side(h[:PER_RANK]).sum() / len(x)
+            # A functional call too: rank 1 never makes it, so the ranks must agree on the layer list.
+            loss = loss + 0.1 * torch.sigmoid(h[:PER_RANK]).sum() / len(x)
         if self.global_rank == 1 and self.global_step == 1:
             if self.fault == "raise":
                 raise RuntimeError("rank 1 fails at step 1")
@@ -104,7 +113,7 @@ def main() -> None:
     if precision == "16-mixed":
         plugins = [MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu", init_scale=1024.0))]
         precision = None
-    shard = strategy if strategy in ("fsdp2", "hsdp") else None
+    shard = strategy if strategy in ("fsdp2", "fsdp2_ac", "hsdp") else None
     if shard:
         strategy = ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1)
     cbs = [

@@ -2,8 +2,9 @@
 
 DDP and ddp_spawn (replicated parameters) and FSDP2 (ModelParallelStrategy with `fully_shard`: DTensor
 shards of unequal size) in fp32, 16-mixed with a GradScaler and bf16-mixed; HSDP (DTensors replicated over
-the ranks: each rank's record counts half) in fp32. A Tanh that only rank 0 runs checks that the ranks'
-records line up; faults on one rank must end the job, not hang it.
+the ranks: each rank's record counts half) and FSDP2 with activation checkpointing (recomputed Tanh
+forwards: neither recorded again nor counted as a second call) in fp32. A Tanh and a functional sigmoid that
+only rank 0 runs check that the ranks' records line up; faults on one rank must end the job, not hang it.
 """
 
 import math
@@ -57,7 +58,7 @@ def tolerance(tag: str, step: int, reference: dict[str, dict[int, float]], preci
 @pytest.mark.parametrize(
     ("strategy", "precision"),
     [("ddp", p) for p in PRECISIONS]
-    + [("ddp_spawn", "32-true"), ("hsdp", "32-true")]
+    + [("ddp_spawn", "32-true"), ("hsdp", "32-true"), ("fsdp2_ac", "32-true")]
     + [("fsdp2", p) for p in PRECISIONS],
 )
 def test_two_ranks_equal_one_process_on_the_global_batch(tmp_path, one_process, strategy, precision):
@@ -70,6 +71,8 @@ def test_two_ranks_equal_one_process_on_the_global_batch(tmp_path, one_process, 
         "act_dead_pct/net.3",
         "act_std/side",  # run by rank 0 only
         "act_grad_std/side",
+        "act_saturated_pct/sigmoid",  # a functional call that rank 1 never makes
+        "act_grad_std/sigmoid",
         "grad_data_ratio/net.2.weight",  # 5 rows: FSDP2 shards of 3 and 2
         "grad/net.2.weight/q50",
         "update_data_log10/net.4.bias",

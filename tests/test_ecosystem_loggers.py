@@ -99,8 +99,9 @@ def test_wandb_gets_scalars_histograms_images_and_the_report_table(all_four):
     (table_row,) = [r for r in ours if "netdiag/health_report" in r]
     (table_file,) = tmp_path.glob("wandb/offline-run-*/files/" + table_row["netdiag/health_report"]["path"])
     table = json.loads(table_file.read_text())
-    assert table["columns"][:3] == ["severity", "check", "layer"]
-    assert [row[1:3] for row in table["data"]] == [[v.check, v.layer] for v in health.verdicts] and health.verdicts
+    assert table["columns"][:4] == ["severity", "check", "layers", "worst"]
+    expected = [[v.check, v.hits, v.layer] for v in health.verdicts]
+    assert [row[1:4] for row in table["data"]] == expected and health.verdicts
 
 
 def test_mlflow_gets_scalars_quantiles_plots_and_the_report(all_four):

@@ -9,6 +9,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from tensorboard.plugins.custom_scalar import layout_pb2
 
 from lightning_netdiag import GradDataRatio, SaturationMonitor, UpdateRatio
+from lightning_netdiag.sinks import CHARTS
 
 
 class CountingCSVLogger(CSVLogger):
@@ -46,24 +47,29 @@ def test_tensorboard_custom_scalars_layout(tmp_path):
     t.fit(TinyNet(), loader())
     scalars, _, acc = read_tensorboard(t.logger.log_dir)
     events = acc.Tensors("custom_scalars__config__")
-    assert len(events) == 1  # written once, although three callbacks share the writer
-    layout = layout_pb2.Layout.FromString(events[0].tensor_proto.string_val[0])
+    # Rewritten only when a callback logs layers that no chart covers yet: once per callback, at its first
+    # step. TensorBoard shows the latest.
+    assert len(events) == 3
+    layout = layout_pb2.Layout.FromString(events[-1].tensor_proto.string_val[0])
     charts = {c.title: list(c.multiline.tag) for cat in layout.category for c in cat.chart}
-    assert charts["D1 activation saturated %"] == [r"netdiag/act_saturated_pct/.*"]
-    assert charts["D2 activation-gradient std"] == [r"netdiag/act_grad_std/.*"]
-    assert charts["D3 grad:data ratio"] == [r"netdiag/grad_data_ratio/.*"]
-    d4 = next(v for k, v in charts.items() if k.startswith("D4"))
-    assert d4 == [r"netdiag/update_data_log10/.*"]
-    # the regexes pick one line per layer, and D4's includes the -3 reference line
-    d4_lines = [t for t in scalars if re.fullmatch(d4[0], t)]
-    assert sorted(d4_lines) == [
+    assert {cat.title for cat in layout.category} == {f"netdiag: {title}" for title in CHARTS}
+
+    def lines(title: str) -> list[str]:
+        (regex,) = charts[title]
+        return sorted(t for t in scalars if re.fullmatch(regex, t))
+
+    assert lines("D1 activation saturated %") == ["netdiag/act_saturated_pct/net.2", "netdiag/act_saturated_pct/net.4"]
+    assert lines("D2 activation-gradient std") == ["netdiag/act_grad_std/net.2", "netdiag/act_grad_std/net.4"]
+    assert lines("D3 grad:data ratio") == [f"netdiag/grad_data_ratio/net.{i}.weight" for i in (0, 3, 5)]
+    # D4's chart includes the -3 reference line
+    d4 = next(k for k in charts if k.startswith("D4"))
+    assert lines(d4) == [
         "netdiag/update_data_log10/_target",
         "netdiag/update_data_log10/net.0.weight",
         "netdiag/update_data_log10/net.3.weight",
         "netdiag/update_data_log10/net.5.weight",
     ]
     assert set(scalars["netdiag/update_data_log10/_target"].values()) == {-3.0}
-    assert len([t for t in scalars if re.fullmatch(charts["D1 activation saturated %"][0], t)]) == 2
 
 
 def test_history_round_trips_through_a_checkpoint(tmp_path):

@@ -13,7 +13,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_netdiag import stats
-from lightning_netdiag.capture import check_selection, is_sharded, local_shard, select_parameters
+from lightning_netdiag.capture import check_selection, is_sharded, local_shard, select_parameters, weight_class
 from lightning_netdiag.sinks import History, LoggerSink, finite_only
 
 
@@ -150,8 +150,9 @@ class ParameterCallback(DiagnosticCallback):
         params: parameter name globs (``"layers.*.weight"``) and module types owning the parameter;
             None selects every trainable parameter.
         exclude: name globs and module types never selected.
-        ndims: the numbers of dimensions selected; None selects any. The default (2,) takes the weight
-            matrices, as the lecture does.
+        ndims: the numbers of dimensions selected; None selects any. The default (2, 3, 4, 5) takes every
+            weight: matrices, embeddings, conv kernels, position embeddings; not biases nor norm scales
+            (1-D), which the lecture leaves out too.
     """
 
     def __init__(
@@ -176,6 +177,7 @@ class ParameterCallback(DiagnosticCallback):
         self._step: int | None = None
         self._world = 1  # ranks over which records are summed: >1 only when parameters are sharded
         self.param_shapes: dict[str, tuple[int, ...]] = {}  # selected parameter -> shape, for plots and reports
+        self.param_classes: dict[str, str] = {}  # selected parameter -> "matrix", "conv kernel", "embedding", ...
 
     @override
     def on_train_batch_start(
@@ -196,10 +198,11 @@ class ParameterCallback(DiagnosticCallback):
 
     def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         chosen = select_parameters(pl_module, self.params, self.exclude, self.ndims)
-        self._selected = {id(p): (name, p) for name, p in chosen}
+        self._selected = {id(p): (name, p) for name, p, _ in chosen}
         # Replicated parameters are equal on every rank (DDP all-reduces the gradients): no collective.
-        self._world = trainer.world_size if any(is_sharded(p) for _, p in chosen) else 1
-        self.param_shapes = {name: tuple(p.shape) for name, p in chosen}
+        self._world = trainer.world_size if any(is_sharded(p) for _, p, _ in chosen) else 1
+        self.param_shapes = {name: tuple(p.shape) for name, p, _ in chosen}
+        self.param_classes = {name: weight_class(p, owner) for name, p, owner in chosen}
         if not chosen:
             self._warn_nothing_selected(
                 pl_module, f"trainable parameters (looked for: params={self.params}, ndims={self.ndims})"

@@ -12,6 +12,7 @@ from typing_extensions import override
 
 from lightning_netdiag import stats
 from lightning_netdiag.callbacks._common import ParameterCallback, loss_scale
+from lightning_netdiag.capture import WEIGHT_NDIMS
 
 
 class GradDataRatio(ParameterCallback):
@@ -26,8 +27,8 @@ class GradDataRatio(ParameterCallback):
         params: parameter name globs (``"layers.*.weight"``) and module types owning the parameter;
             None selects every trainable parameter (filtered by ``ndims``).
         exclude: name globs and module types never selected.
-        ndims: the numbers of dimensions selected (default: 2-D weight matrices, as in the lecture);
-            None selects any.
+        ndims: the numbers of dimensions selected (default: every weight of rank 2 to 5: matrices,
+            embeddings, conv kernels; not biases nor norm scales, as in the lecture); None selects any.
         every_n_steps: measure every n-th optimizer step; None takes ``trainer.log_every_n_steps``.
         histograms: log gradient histograms (TensorBoard) or their quantiles (loggers without histograms).
         prefix: the first part of every tag.
@@ -56,7 +57,7 @@ class GradDataRatio(ParameterCallback):
         self,
         params: Sequence[type | str] | None = None,
         exclude: Sequence[type | str] = (),
-        ndims: Sequence[int] | None = (2,),
+        ndims: Sequence[int] | None = WEIGHT_NDIMS,
         every_n_steps: int | None = None,
         histograms: bool = True,
         prefix: str = "netdiag",

@@ -17,17 +17,19 @@ from lightning_netdiag.sinks import log_report
 class HealthReport(Callback):
     r"""Says what is wrong with the network and why, from what the diagnostic callbacks recorded.
 
-    The rules (see ``lightning_netdiag.report``): saturation above 5 %, dead layers and dead units,
-    activation gradients vanishing or exploding from the last watched layer to the first, one layer's
-    grad:data far from the others', update:data far from its target or layers drifting apart (with the
-    learning-rate factor that would bring the median to the target), and non-finite values (fatal).
+    The rules (see ``lightning_netdiag.report``), calibrated per activation family: saturation (tanh-like
+    above 5 %, gates above 25 %, ReLU-like above 90 %, GELU-like above 10 %), dead tanh-like layers and dead
+    units, activation gradients vanishing or exploding from the last watched layer to the first, a weight's
+    grad:data far from comparable weights', update:data far from its target (with the learning-rate factor
+    that would bring those layers to it) or layers drifting apart, and non-finite values (fatal). Each rule
+    gives one verdict: how many layers break it and the worst few.
 
     At the end of fit the report is printed as a table (rank zero), sent to the loggers that take a report
     (TensorBoard, W&B, MLflow), and kept in ``verdicts``. During training the rules are checked at each
     step that recorded something.
 
     Args:
-        warn: warn the first time each rule trips for a layer during training.
+        warn: warn the first time each rule trips during training (once per rule, naming the layers).
         stop_on_fatal: stop training (``trainer.should_stop``) on a fatal verdict.
         print_table: print the report at the end of fit.
 
@@ -70,9 +72,10 @@ class HealthReport(Callback):
             return
         self._checked = latest
         for v in report.evaluate(**self._monitors):
-            if self.warn and (v.check, v.layer) not in self._warned:
-                self._warned.add((v.check, v.layer))
-                rank_zero_warn(f"netdiag: {v.check} in {v.layer} ({v.value:.4g}; healthy {v.healthy}): {v.cause}")
+            if self.warn and (v.check, v.healthy) not in self._warned:  # once per rule (and family)
+                self._warned.add((v.check, v.healthy))
+                where = v.layer if v.hits == 1 else f"{v.hits} layers, worst {v.layer}"
+                rank_zero_warn(f"netdiag: {v.check} in {where} ({v.value:.4g}; healthy {v.healthy}): {v.cause}")
             if v.severity == "fatal" and self.stop_on_fatal:
                 trainer.should_stop = True
 

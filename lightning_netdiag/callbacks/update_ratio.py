@@ -12,6 +12,7 @@ from typing_extensions import override
 
 from lightning_netdiag import stats
 from lightning_netdiag.callbacks._common import ParameterCallback
+from lightning_netdiag.capture import WEIGHT_NDIMS
 
 #: The lecture's rule of thumb: updates about 1/1000 of the data.
 DEFAULT_TARGET = -3.0
@@ -33,8 +34,8 @@ class UpdateRatio(ParameterCallback):
         params: parameter name globs (``"layers.*.weight"``) and module types owning the parameter;
             None selects every trainable parameter (filtered by ``ndims``).
         exclude: name globs and module types never selected.
-        ndims: the numbers of dimensions selected (default: 2-D weight matrices, as in the lecture);
-            None selects any.
+        ndims: the numbers of dimensions selected (default: every weight of rank 2 to 5: matrices,
+            embeddings, conv kernels; not biases nor norm scales, as in the lecture); None selects any.
         target: the healthy log10 ratio, drawn as the reference line (the lecture's -3).
         every_n_steps: measure every n-th optimizer step; None takes ``trainer.log_every_n_steps``.
         prefix: the first part of every tag.
@@ -63,7 +64,7 @@ class UpdateRatio(ParameterCallback):
         self,
         params: Sequence[type | str] | None = None,
         exclude: Sequence[type | str] = (),
-        ndims: Sequence[int] | None = (2,),
+        ndims: Sequence[int] | None = WEIGHT_NDIMS,
         target: float = DEFAULT_TARGET,
         every_n_steps: int | None = None,
         prefix: str = "netdiag",
