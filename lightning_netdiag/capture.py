@@ -184,7 +184,7 @@ class Layer:
         return (self.name, self.kind.name, self.kind.family, self.type_name, self.has_rule, (b.kind, b.lo, b.hi, b.exp))
 
     @classmethod
-    def placeholder(cls, spec: tuple, grad_bins: stats.Bins) -> Layer:
+    def from_spec(cls, spec: tuple, grad_bins: stats.Bins) -> Layer:
         """A layer that this rank never ran: zeros of the right sizes in the reduction, read by name."""
         name, kind_name, family, type_name, has_rule, bins = spec
         layer = cls(name, activations.Kind(kind_name, family), type_name, stats.DEFAULT_THRESHOLD, grad_bins)
@@ -246,7 +246,7 @@ class ActivationHooks:
         track_grad: bool,
         unit_dim: int | None,
         grad_divisor: Callable[[], Tensor | float | None],
-        max_calls: int = 8,
+        max_calls: int = 16,
     ) -> None:
         self.threshold, self.histograms, self.track_grad, self.unit_dim = threshold, histograms, track_grad, unit_dim
         self.grad_divisor, self.watch_call, self.max_calls = grad_divisor, watch_call, max_calls
@@ -266,7 +266,7 @@ class ActivationHooks:
         if watch_call is not None:  # calls inside any activation module, watched or excluded, are its own
             self._activation_modules |= {id(m) for m in model.modules() if activations.module_kind(m) is not None}
         self._stack: list[nn.Module] = []
-        self._mode = _CallCapture(self) if watch_call is not None else None
+        self._mode = _CallCapture(self) if watch_call is not None else None  # only then are calls handed to us
         self._capture = HookHandles()  # the global module hooks, while a step is armed
         self.handles = HookHandles()
         for name, module, kind in modules:
@@ -320,7 +320,7 @@ class ActivationHooks:
     def adopt(self, spec: tuple) -> None:
         """Hold the place of a layer that another rank ran and this one did not (yet)."""
         if spec[0] not in self._by_name:
-            layer = Layer.placeholder(spec, self._grad_bins)
+            layer = Layer.from_spec(spec, self._grad_bins)
             if self._device is not None:
                 layer.allocate(self._device, self.histograms, self.track_grad)
             self.layers.append(layer)
@@ -421,7 +421,7 @@ class ActivationHooks:
             name = base if k == 1 else f"{base}-{k}"
             if name in self._by_name and self._by_name[name].type_name != "function":
                 name += "-fn"  # a module of that name exists: keep the two apart
-            if self.watch_call(owner_name, owner, name):
+            if self.watch_call(owner_name, owner, name):  # type: ignore[misc]  # set whenever calls are captured
                 layer = self._layer(key, name, kind_of(args, kwargs), "function")
             else:
                 self._skipped.add(key)

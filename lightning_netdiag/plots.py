@@ -77,9 +77,14 @@ def _distribution(callback: Any, metric: str, title: str, label: Any, step: int 
             shown, hist = found
             _density_line(ax, hist, label(name, shown))
     ax.set_title(f"{title} (step {shown})" if shown is not None else f"{title}: nothing recorded")
-    if ax.lines:
-        ax.legend(fontsize="small")
+    _legend(ax)
     return fig
+
+
+def _legend(ax: Axes) -> None:
+    """Beside the axes, never over the data."""
+    if ax.lines:
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
 
 
 def activation_distribution(monitor: Any, step: int | None = None, ax: Axes | None = None) -> Figure:
@@ -127,7 +132,7 @@ def update_ratio_over_time(update: Any, ax: Axes | None = None) -> Figure:
             steps += [xs[0], xs[-1]]
     if steps:
         ax.plot([min(steps), max(steps)], [update.target, update.target], "k", label=f"target {update.target:g}")
-        ax.legend(fontsize="small")
+        _legend(ax)
     ax.set_title("update:data ratio, log10")
     ax.set_xlabel("step")
     return fig
@@ -154,22 +159,180 @@ def distribution_over_time(callback: Any, metric: str, name: str, ax: Axes | Non
     return fig
 
 
+#: Above this many layers, overlaid lines are unreadable: heatmaps and a depth profile instead.
+MANY_LAYERS = 10
+
+
+def _family_groups(callback: Any, names: list[str]) -> dict[str, list[str]]:
+    """Layers by activation family (weights by kind: matrix, conv kernel, ...), in depth order: kinds are
+    never mixed on one axis."""
+    families = getattr(callback, "layer_families", None) or getattr(callback, "param_classes", None)
+    if not families:
+        return {"": names} if names else {}
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault(str(families.get(name) or "other"), []).append(name)
+    return groups
+
+
+def _figure(rows: int, height: float) -> tuple[Figure, list[Axes]]:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(12, max(height, 3.0)), layout="constrained")
+    return fig, list(fig.subplots(rows, 1, squeeze=False)[:, 0])
+
+
+def _layer_ticks(ax: Axes, names: list[str], axis: str = "y", most: int = 40) -> None:
+    """Name the layers on the axis (every k-th one when there are many), their common module path once."""
+    parts = [n.split(".") for n in names]
+    common = 0
+    while all(len(p) > common + 1 and p[common] == parts[0][common] for p in parts):
+        common += 1
+    prefix = ".".join(parts[0][:common]) + "." if common else ""
+    every = max(1, -(-len(names) // most))
+    ticks = list(range(0, len(names), every))
+    labels = [names[i][len(prefix) :] for i in ticks]
+    if axis == "y":
+        ax.set_yticks([t + 0.5 for t in ticks], labels, fontsize="x-small")
+        ax.invert_yaxis()  # the input side on top
+        ax.set_ylabel(f"{prefix}… (depth)" if prefix else "depth", fontsize="small")
+    else:
+        ax.set_xticks(ticks, labels, fontsize="x-small", rotation=90)
+        ax.set_xlabel(f"{prefix}… (depth)" if prefix else "depth", fontsize="small")
+
+
+def layers_by_bins(callback: Any, metric: str, title: str, step: int | None = None) -> Figure:
+    """Every layer's histogram at one step (the latest by default) as a row of a heatmap, layers in depth
+    order; one panel per activation family (each has its own bins), colour = fraction of the layer's values."""
+    groups = _family_groups(callback, _names(callback, metric))
+    total_rows = sum(len(g) for g in groups.values())
+    fig, axes = _figure(len(groups), 0.9 + 0.16 * total_rows + 0.6 * len(groups))
+    for ax, (family, names) in zip(axes, groups.items(), strict=True):
+        found: list[tuple[str, int, Histogram]] = []
+        for n in names:
+            at = _at(callback, metric, n, step)
+            if at is not None and at[1].total > 0:
+                found.append((n, *at))
+        if not found:
+            continue
+        used = [i for _, _, h in found for i, c in enumerate(h.counts) if c > 0]
+        lo, hi = min(used), max(used)
+        first = found[0][2]
+        rows = [[c / h.total for c in h.counts[lo : hi + 1]] for _, _, h in found]
+        mesh = ax.pcolormesh(first.bounds[lo : hi + 2], range(len(rows) + 1), rows, cmap="viridis", shading="flat")
+        if not first.uniform:
+            _symlog(ax, first, "x")
+        _layer_ticks(ax, [n for n, _, _ in found])
+        ax.set_title(f"{title}{f' ({family})' if family else ''}, step {found[0][1]}: {len(found)} layers")
+        fig.colorbar(mesh, ax=ax, label="fraction of values")
+    return fig
+
+
+def layers_by_steps(callback: Any, metric: str, title: str, log: bool = False, center: float | None = None) -> Figure:
+    """A statistic of every layer over the recorded steps: layers (depth order) x steps, one panel per family."""
+    import math
+
+    head = f"{callback.prefix}/{metric}/"
+    names = [t[len(head) :] for t in callback.history if t.startswith(head) and not t.endswith("/_target")]
+    groups = _family_groups(callback, names)
+    fig, axes = _figure(len(groups), 0.9 + 0.16 * len(names) + 0.6 * len(groups))
+    for ax, (family, members) in zip(axes, groups.items(), strict=True):
+        series = {n: dict(callback.history[head + n]) for n in members}
+        steps = sorted({s for points in series.values() for s in points})
+        if not steps:
+            continue
+        nan = float("nan")
+        rows = [[series[n].get(s, nan) for s in steps] for n in members]
+        if log:
+            rows = [[math.log10(v) if v > 0 else nan for v in row] for row in rows]
+        kw: dict[str, Any] = {"cmap": "viridis"}
+        if center is not None:
+            finite = [abs(v - center) for row in rows for v in row if math.isfinite(v)]
+            spread = max(finite, default=1.0) or 1.0
+            kw = {"cmap": "RdBu_r", "vmin": center - spread, "vmax": center + spread}
+        x_edges = [*steps, steps[-1] + (steps[-1] - steps[-2] if len(steps) > 1 else 1)]
+        mesh = ax.pcolormesh(x_edges, range(len(members) + 1), rows, shading="flat", **kw)
+        _layer_ticks(ax, members)
+        ax.set_xlabel("step")
+        ax.set_title(f"{title}{f' ({family})' if family else ''}: {len(members)} layers")
+        fig.colorbar(mesh, ax=ax, label=f"log10 {metric}" if log else metric)
+    return fig
+
+
+def depth_profile(saturation: Any = None, grad_data: Any = None, update: Any = None) -> Figure:
+    """Each D1-D4 statistic against layer depth at the first recorded step, midway and the latest: vanishing
+    gradients and signal propagation at a glance. Activation statistics get one panel per family."""
+    panels: list[tuple[Any, str, str, bool]] = []
+    for cb, metric, label, log in (
+        (saturation, "act_std", "D1 activation std", False),
+        (saturation, "act_saturated_pct", "D1 saturated %", False),
+        (saturation, "act_grad_std", "D2 activation-gradient std", True),
+        (grad_data, "grad_data_ratio", "D3 grad:data", True),
+        (update, "update_data_log10", "D4 update:data, log10", False),
+    ):
+        if cb is not None:
+            panels.append((cb, metric, label, log))
+    rows = []
+    for cb, metric, label, log in panels:
+        head = f"{cb.prefix}/{metric}/"
+        names = [t[len(head) :] for t in cb.history if t.startswith(head) and not t.endswith("/_target")]
+        rows += [(cb, metric, label, log, fam, members) for fam, members in _family_groups(cb, names).items()]
+    fig, axes = _figure(max(len(rows), 1), 3.2 * max(len(rows), 1))
+    for ax, (cb, metric, label, log, family, members) in zip(axes, rows, strict=False):
+        head = f"{cb.prefix}/{metric}/"
+        series = [dict(cb.history[head + n]) for n in members]
+        steps = sorted({s for points in series for s in points})
+        chosen = sorted({steps[0], steps[len(steps) // 2], steps[-1]})
+        for step, style in zip(chosen, ("o:", "s--", "^-"), strict=False):
+            ax.plot(range(len(members)), [p.get(step, float("nan")) for p in series], style, ms=3, label=f"step {step}")
+        if log:
+            ax.set_yscale("log")
+        if metric == "update_data_log10":
+            ax.axhline(cb.target, color="k", lw=0.8)
+        ax.set_title(f"{label}{f' ({family})' if family else ''} by depth")
+        _layer_ticks(ax, members, axis="x")
+        _legend(ax)
+    return fig
+
+
 def draw_all(saturation: Any = None, grad_data: Any = None, update: Any = None) -> dict[str, Figure]:
-    """Every plot the given callbacks have data for, by name."""
+    """Every plot the given callbacks have data for, by name: the lecture's plots up to ``MANY_LAYERS``
+    layers; above, heatmaps (layers in depth order) and the depth profile."""
+    layers = _names(saturation, "act") if saturation is not None else []
+    weights = _names(grad_data, "grad") if grad_data is not None else []
+    many = max(len(layers), len(weights)) > MANY_LAYERS
     figures: dict[str, Figure] = {}
     if saturation is not None and saturation.history.histograms:
-        figures["activations"] = activation_distribution(saturation)
-        if _names(saturation, "act_grad"):
-            figures["activation_gradients"] = activation_gradient_distribution(saturation)
-        layers = _names(saturation, "act")
-        from matplotlib.figure import Figure
+        if many:
+            figures["activations"] = layers_by_bins(saturation, "act", "activation distribution")
+            if _names(saturation, "act_grad"):
+                figures["activation_gradients"] = layers_by_bins(saturation, "act_grad", "activation gradients")
+            figures["activations_over_time"] = layers_by_steps(saturation, "act_saturated_pct", "saturated % over time")
+        else:
+            figures["activations"] = activation_distribution(saturation)
+            if _names(saturation, "act_grad"):
+                figures["activation_gradients"] = activation_gradient_distribution(saturation)
+            from matplotlib.figure import Figure
 
-        fig = Figure(figsize=(10, 2.5 * len(layers)), layout="constrained")
-        for layer, ax in zip(layers, fig.subplots(len(layers), 1, squeeze=False)[:, 0], strict=True):
-            distribution_over_time(saturation, "act", layer, ax=ax)
-        figures["activations_over_time"] = fig
+            fig = Figure(figsize=(10, 2.5 * len(layers)), layout="constrained")
+            for layer, ax in zip(layers, fig.subplots(len(layers), 1, squeeze=False)[:, 0], strict=True):
+                distribution_over_time(saturation, "act", layer, ax=ax)
+            figures["activations_over_time"] = fig
     if grad_data is not None and grad_data.history.histograms:
-        figures["weight_gradients"] = weight_gradient_distribution(grad_data)
+        many_weights = len(weights) > MANY_LAYERS
+        figures["weight_gradients"] = (
+            layers_by_bins(grad_data, "grad", "weight gradients")
+            if many_weights
+            else weight_gradient_distribution(grad_data)
+        )
     if update is not None and len(update.history):
-        figures["update_ratio"] = update_ratio_over_time(update)
+        head = f"{update.prefix}/update_data_log10/"
+        updated = [t for t in update.history if t.startswith(head) and not t.endswith("/_target")]
+        figures["update_ratio"] = (
+            layers_by_steps(update, "update_data_log10", "update:data, log10", center=update.target)
+            if len(updated) > MANY_LAYERS
+            else update_ratio_over_time(update)
+        )
+    if many:
+        figures["depth_profile"] = depth_profile(saturation, grad_data, update)
     return figures

@@ -330,3 +330,30 @@ def test_lecture_style_bare_parameters_and_torch_tanh(tmp_path):
     assert names(gd, "grad_data_ratio") == names(up, "update_data_log10") == {"C", "W1", "W2"}
     for step, ref in enumerate(module.refs):
         assert_lecture_numbers(sat, "tanh", step, ref)
+
+
+class Looped(L.LightningModule):
+    """One Tanh module run 6 times per forward (a weight-tied loop)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.act, self.out = nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 4)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        for _ in range(6):
+            x = self.act(self.lin(x))
+        return F.cross_entropy(self.out(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_calls_beyond_max_calls_share_the_last_layer(tmp_path):
+    from helpers import loader
+
+    sat = SaturationMonitor(every_n_steps=1, max_calls=4)
+    trainer(tmp_path, [sat], logger=False, max_steps=1, limit_val_batches=0).fit(Looped(), loader(batch_size=16))
+    assert names(sat, "act_std") == {"act", "act-2", "act-3", "act-4"}
+    histogram = {n: sat.history.histograms[f"netdiag/act/{n}"][0][1].total for n in ("act", "act-4")}
+    assert histogram == {"act": 16 * 6, "act-4": 3 * 16 * 6}  # calls 4, 5 and 6 pooled

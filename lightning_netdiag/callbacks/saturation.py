@@ -108,7 +108,7 @@ class SaturationMonitor(DiagnosticCallback):
         track_grad: bool = True,
         unit_dim: int | None = None,
         functional: bool = True,
-        max_calls: int = 8,
+        max_calls: int = 16,
         every_n_steps: int | None = None,
         histograms: bool = True,
         prefix: str = "netdiag",
