@@ -5,6 +5,7 @@ No Lightning here either: the callbacks decide *when* (by setting ``armed``), th
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 from collections.abc import Callable, Iterable, Sequence
 
@@ -347,10 +348,15 @@ class ActivationHooks:
         self._calls[key] = k
         return k
 
+    def _own_work(self) -> contextlib.AbstractContextManager:
+        """Our statistics inside a module hook: past the function mode, which only looks for activation
+        calls (each of our ops through its Python handler cost a record half again as much)."""
+        return torch._C.DisableTorchFunction() if len(self._capture) else contextlib.nullcontext()
+
     def _pre_hook(self, module: nn.Module, inputs: tuple[object, ...]) -> None:
         if self.phase == FORWARD and inputs and isinstance(inputs[0], Tensor):
             layer = self._by_key[("m", id(module), 1)]
-            with torch.no_grad():  # before an in-place activation overwrites its input
+            with torch.no_grad(), self._own_work():  # before an in-place activation overwrites its input
                 self._pending[id(module)] = layer.rule.mask(inputs[0].detach().float())  # type: ignore[union-attr]
 
     def _hook(self, module: nn.Module, inputs: tuple[object, ...], output: object) -> None:
@@ -364,7 +370,8 @@ class ActivationHooks:
                 return
             first = self._by_key[("m", id(module), 1)]
             layer = self._layer(key, f"{first.name}-{k}", first.kind, first.type_name)
-        self._observe(layer, output, self._pending.pop(id(module), None))
+        with self._own_work():
+            self._observe(layer, output, self._pending.pop(id(module), None))
 
     def _observe(self, layer: Layer, output: Tensor, input_mask: Tensor | None) -> None:
         if self.phase == FORWARD and layer.act is not None:

@@ -133,20 +133,9 @@ _SATURATION_TEXT = {
 
 def _activations(saturation: Any) -> list[Verdict]:
     out = []
-    for family, values in _by_family(saturation, "act_saturated_pct").items():
-        if family not in SATURATED_PCT:
-            continue
-        limit = SATURATED_PCT[family]
-        cause, advice = _SATURATION_TEXT[family]
-        out += _verdict(
-            "warning",
-            "saturation",
-            {n: v for n, v in values.items() if v > limit},
-            lambda v: v,
-            f"{_FAMILY_NAMES[family]}: < {limit:g} %",
-            cause,
-            advice,
-        )
+    out += _above_limit(
+        saturation, "act_saturated_pct", SATURATED_PCT, "saturation", "< {limit:g} %", _SATURATION_TEXT.__getitem__
+    )
     tanh_stds = _by_family(saturation, "act_std").get("tanh", {})
     out += _verdict(
         "warning",
@@ -157,20 +146,30 @@ def _activations(saturation: Any) -> list[Verdict]:
         "activations all near 0: the weights before it are too small, or the gain is 0",
         "use a larger init scale (gain/sqrt(fan_in))",
     )
-    for family, values in _by_family(saturation, "act_dead_pct").items():
-        if family not in DEAD_UNITS_PCT:
-            continue
-        limit = DEAD_UNITS_PCT[family]
-        out += _verdict(
-            "warning",
-            "dead units",
-            {n: v for n, v in values.items() if v > limit},
-            lambda v: v,
-            f"{_FAMILY_NAMES[family]}: {'0' if limit == 0 else f'<= {limit:g}'} %",
+    out += _above_limit(
+        saturation, "act_dead_pct", DEAD_UNITS_PCT, "dead units", "<= {limit:g} %",
+        lambda family: (
             "units saturated for every example: no gradient reaches their weights",
             "reduce the init scale or add normalization; for ReLU, lower the learning rate or try a leaky variant",
-        )
+        ),
+    )  # fmt: skip
     out += _gradient_flow(saturation)
+    return out
+
+
+def _above_limit(
+    saturation: Any, metric: str, limits: dict[str, float], check: str, healthy: str,
+    texts: Callable[[str], tuple[str, str]],
+) -> list[Verdict]:  # fmt: skip
+    """Per family with a limit, one verdict over the layers above it (``healthy`` formats the limit)."""
+    out = []
+    for family, values in _by_family(saturation, metric).items():
+        if family in limits:
+            limit = limits[family]
+            out += _verdict(
+                "warning", check, {n: v for n, v in values.items() if v > limit}, lambda v: v,
+                f"{_FAMILY_NAMES[family]}: {healthy.format(limit=limit)}", *texts(family),
+            )  # fmt: skip
     return out
 
 

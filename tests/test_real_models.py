@@ -19,6 +19,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_netdiag import GradDataRatio, SaturationMonitor, UpdateRatio
 
 STEPS = 2
+#: A transformer config small enough for a test: 2 layers, width 16.
+TINY = dict(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+            max_position_embeddings=16)  # fmt: skip
 
 
 class Wrap(L.LightningModule):
@@ -120,16 +123,7 @@ def test_gpt2_bert_llama_watch_their_own_activation_classes(tmp_path):
             "gelu_tanh",
         ),
         "bert": (
-            tf.BertForMaskedLM(
-                tf.BertConfig(
-                    vocab_size=64,
-                    hidden_size=16,
-                    num_hidden_layers=2,
-                    num_attention_heads=2,
-                    intermediate_size=32,
-                    max_position_embeddings=16,
-                )  # fmt: skip
-            ),
+            tf.BertForMaskedLM(tf.BertConfig(**TINY)),
             {
                 "model.bert.encoder.layer.0.intermediate.intermediate_act_fn",
                 "model.bert.encoder.layer.1.intermediate.intermediate_act_fn",
@@ -138,17 +132,7 @@ def test_gpt2_bert_llama_watch_their_own_activation_classes(tmp_path):
             "gelu",
         ),
         "llama": (
-            tf.LlamaForCausalLM(
-                tf.LlamaConfig(
-                    vocab_size=64,
-                    hidden_size=16,
-                    num_hidden_layers=2,
-                    num_attention_heads=2,
-                    num_key_value_heads=2,
-                    intermediate_size=32,
-                    max_position_embeddings=16,
-                )  # fmt: skip
-            ),
+            tf.LlamaForCausalLM(tf.LlamaConfig(**TINY, num_key_value_heads=2)),
             {"model.model.layers.0.mlp.act_fn", "model.model.layers.1.mlp.act_fn"},
             "silu",
         ),
