@@ -341,3 +341,38 @@ def test_calls_beyond_max_calls_share_the_last_layer(tmp_path):
     assert names(sat, "act_std") == {"act", "act-2", "act-3", "act-4"}
     histogram = {n: sat.history.histograms[f"netdiag/act/{n}"][0][1].total for n in ("act", "act-4")}
     assert histogram == {"act": 16 * 6, "act-4": 3 * 16 * 6}  # calls 4, 5 and 6 pooled
+
+
+class Siren(L.LightningModule):
+    """A user's elementwise activation of no known kind (SIREN's sine): watched, without saturation."""
+
+    class Sine(nn.Module):
+        def forward(self, x):
+            return torch.sin(30 * x)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.act, self.out = nn.Linear(6, 8), self.Sine(), nn.Linear(8, 4)
+        self.seen: list[torch.Tensor] = []
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        h = self.act(self.lin(x))
+        self.seen.append(h.detach())
+        return F.cross_entropy(self.out(h), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_unknown_elementwise_module_gets_moments_histograms_and_d2_but_no_saturation(tmp_path):
+    from helpers import loader
+
+    module = Siren()
+    sat = SaturationMonitor(every_n_steps=1)
+    trainer(tmp_path, [sat], logger=False, max_steps=1, limit_val_batches=0).fit(module, loader())
+    assert sat.layer_kinds == {"act": "unknown"} and sat.layer_families == {"act": None}
+    assert names(sat, "act_std") == names(sat, "act_grad_std") == {"act"}
+    assert not names(sat, "act_saturated_pct") and not names(sat, "act_dead_pct")
+    assert value(sat, "act_std", "act", 0) == pytest.approx(module.seen[0].std().item(), rel=1e-5)
+    assert sat.history.histograms["netdiag/act/act"][0][1].total == module.seen[0].numel()

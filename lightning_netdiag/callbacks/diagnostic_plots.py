@@ -35,9 +35,13 @@ class DiagnosticPlots(Callback):
 
         trainer = Trainer(callbacks=[SaturationMonitor(), GradDataRatio(), UpdateRatio(), DiagnosticPlots()])
 
+    Up to ``plots.MANY_LAYERS`` (10) layers these are the lecture's overlaid lines; with more, heatmaps with
+    the layers in depth order (one panel per activation family or kind of weight) and a depth profile.
+
     **Logged images**: ``{prefix}/plots/{name}`` for ``name`` in ``activations``, ``activation_gradients``,
-    ``activations_over_time``, ``weight_gradients`` and ``update_ratio``; the same names as PNG files
-    (``{name}.png`` at the end, ``{name}_step{N}.png`` during training). ``saved`` lists the files written.
+    ``activations_over_time``, ``weight_gradients``, ``update_ratio`` and, above 10 layers,
+    ``depth_profile``; the same names as PNG files (``{name}.png`` at the end, ``{name}_step{N}.png``
+    during training). ``saved`` lists the files written.
     """
 
     def __init__(self, every_n_steps: int | None = None, save_dir: str | None = None, dpi: int = 80) -> None:
