@@ -235,6 +235,8 @@ class ActivationHooks:
         grad_divisor: called at each recorded call; what the output's gradient will be divided by (the
             AMP loss scale times the data-parallel world size), or None.
         max_calls: the number of calls per module (or per function and owner) with a layer of their own.
+        activation_modules: every activation module of the model, watched or excluded: a functional call
+            inside one's forward is its own, never a layer.
     """
 
     def __init__(
@@ -248,6 +250,7 @@ class ActivationHooks:
         unit_dim: int | None,
         grad_divisor: Callable[[], Tensor | float | None],
         max_calls: int = 16,
+        activation_modules: Iterable[nn.Module] = (),
     ) -> None:
         self.threshold, self.histograms, self.track_grad, self.unit_dim = threshold, histograms, track_grad, unit_dim
         self.grad_divisor, self.watch_call, self.max_calls = grad_divisor, watch_call, max_calls
@@ -263,9 +266,7 @@ class ActivationHooks:
         self._seen = 0
         self._root = model
         self._names = {id(m): name for name, m in model.named_modules()}
-        self._activation_modules = {id(m) for _, m, _ in modules}
-        if watch_call is not None:  # calls inside any activation module, watched or excluded, are its own
-            self._activation_modules |= {id(m) for m in model.modules() if activations.module_kind(m) is not None}
+        self._activation_modules = {id(m) for _, m, _ in modules} | {id(m) for m in activation_modules}
         self._stack: list[nn.Module] = []
         self._mode = _CallCapture(self) if watch_call is not None else None  # only then are calls handed to us
         self._capture = HookHandles()  # the global module hooks, while a step is armed

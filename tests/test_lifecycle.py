@@ -142,3 +142,34 @@ def test_one_host_transfer_per_callback_per_logging_step_and_no_work_otherwise(t
     trainer(tmp_path, [Step(), *cbs], max_steps=7, limit_val_batches=0).fit(TinyNet(), loader())
     assert sorted(calls) == [(s, "tolist") for s in (0, 3, 6) for _ in range(3)]
     assert set(records) == {0, 3, 6}  # no statistics at all on the other steps
+
+
+class CrashInForward(L.LightningModule):
+    """A functional activation, then a crash inside a submodule's forward, on a logging step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.out = nn.Linear(6, 8), nn.Linear(8, 4)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        h = torch.relu(self.lin(x))
+        if self.trainer.global_step == 1:
+            self.out.register_forward_hook(lambda *a: 1 / 0)
+        return nn.functional.cross_entropy(self.out(h), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_a_crash_mid_forward_leaves_no_function_mode_and_no_global_hook(tmp_path):
+    from torch.nn.modules import module as module_globals
+    from torch.overrides import _get_current_function_mode_stack
+
+    sat = SaturationMonitor(every_n_steps=1)
+    with pytest.raises(ZeroDivisionError):
+        trainer(tmp_path, [sat], max_steps=3, logger=False).fit(CrashInForward(), loader())
+    assert "netdiag/act_std/relu" in sat.history  # step 0 watched the functional call
+    assert _get_current_function_mode_stack() == []
+    assert not module_globals._global_forward_hooks and not module_globals._global_forward_pre_hooks
+    torch.relu(torch.ones(2))  # and torch works as before

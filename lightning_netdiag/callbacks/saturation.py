@@ -166,9 +166,11 @@ class SaturationMonitor(DiagnosticCallback):
 
     def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._detach()
-        chosen = []
+        chosen, known = [], []
         for name, m in pl_module.named_modules():
             kind = activations.module_kind(m)
+            if kind is not None:
+                known.append(m)
             wanted = kind is not None if self.modules is None else matches(name, m, self.modules)
             if wanted and not matches(name, m, self.exclude):
                 chosen.append((name, m, kind or activations.UNKNOWN))
@@ -192,6 +194,7 @@ class SaturationMonitor(DiagnosticCallback):
             self.unit_dim,
             grad_divisor=lambda: _grad_divisor(trainer),
             max_calls=self.max_calls,
+            activation_modules=known,
         )
         self._describe_layers(self._hooks.layers)
 
