@@ -28,11 +28,11 @@ def _axes(ax: Axes | None, figsize: tuple[float, float] = (20, 4)) -> tuple[Figu
 def _names(callback: Any, metric: str) -> list[str]:
     """The layer or parameter names that have a ``metric`` histogram, in the order they were watched."""
     head = f"{callback.prefix}/{metric}/"
-    return [tag[len(head) :] for tag in callback.history.histograms if tag.startswith(head)]
+    return [tag[len(head) :] for tag in callback.history.histogram_tags() if tag.startswith(head)]
 
 
 def _at(callback: Any, metric: str, name: str, step: int | None) -> tuple[int, Histogram] | None:
-    points = callback.history.histograms.get(f"{callback.prefix}/{metric}/{name}", [])
+    points = callback.history.histograms_of(f"{callback.prefix}/{metric}/{name}")
     if step is None:
         return points[-1] if points else None
     return next(((s, h) for s, h in points if s == step), None)
@@ -141,7 +141,7 @@ def update_ratio_over_time(update: Any, ax: Axes | None = None) -> Figure:
 def distribution_over_time(callback: Any, metric: str, name: str, ax: Axes | None = None) -> Figure:
     """A heatmap of one layer's histogram over the recorded steps: each column is a step, normalised."""
     fig, ax = _axes(ax, figsize=(10, 4))
-    points = callback.history.histograms.get(f"{callback.prefix}/{metric}/{name}", [])
+    points = callback.history.histograms_of(f"{callback.prefix}/{metric}/{name}")
     ax.set_title(f"{metric} {name} over time")
     if not points:
         return fig
@@ -302,7 +302,7 @@ def draw_all(saturation: Any = None, grad_data: Any = None, update: Any = None) 
     weights = _names(grad_data, "grad") if grad_data is not None else []
     many = max(len(layers), len(weights)) > MANY_LAYERS
     figures: dict[str, Figure] = {}
-    if saturation is not None and saturation.history.histograms:
+    if saturation is not None and saturation.history.histogram_tags():
         if many:
             figures["activations"] = layers_by_bins(saturation, "act", "activation distribution")
             if _names(saturation, "act_grad"):
@@ -318,7 +318,7 @@ def draw_all(saturation: Any = None, grad_data: Any = None, update: Any = None) 
             for layer, ax in zip(layers, fig.subplots(len(layers), 1, squeeze=False)[:, 0], strict=True):
                 distribution_over_time(saturation, "act", layer, ax=ax)
             figures["activations_over_time"] = fig
-    if grad_data is not None and grad_data.history.histograms:
+    if grad_data is not None and grad_data.history.histogram_tags():
         many_weights = len(weights) > MANY_LAYERS
         figures["weight_gradients"] = (
             layers_by_bins(grad_data, "grad", "weight gradients")

@@ -43,6 +43,14 @@ class History(Mapping[str, list[tuple[int, float]]]):
     def histograms(self) -> dict[str, list[tuple[int, Histogram]]]:
         return {tag: list(points) for tag, points in self._histograms.items()}
 
+    def histogram_tags(self) -> list[str]:
+        """The tags that have histograms, in the order first logged, without copying any."""
+        return list(self._histograms)
+
+    def histograms_of(self, tag: str) -> list[tuple[int, Histogram]]:
+        """One tag's histograms, ``[(step, Histogram), ...]`` (empty if none), copying only those."""
+        return list(self._histograms.get(tag, ()))
+
     def __getitem__(self, tag: str) -> list[tuple[int, float]]:
         return list(self._scalars[tag])
 

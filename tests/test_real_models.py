@@ -16,7 +16,7 @@ from helpers import trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_netdiag import GradDataRatio, SaturationMonitor, UpdateRatio
+from lightning_netdiag import GradDataRatio, SaturationMonitor, UpdateRatio, report
 
 STEPS = 2
 #: A transformer config small enough for a test: 2 layers, width 16.
@@ -223,6 +223,9 @@ def test_timm_vit_and_efficientnet_watch_every_activation_and_weight(tmp_path):
     assert names(cbs[0], "act_std") == expected and len(expected) == 65
     assert {cbs[0].layer_families[n] for n in expected} == {"gelu", "sigmoid"}  # SiLU and the SE gates
     assert_every_weight_measured(module, cbs)
+    # The SE gates' Sigmoids sit near 0.5 with a small std by design: not dead layers, not saturated.
+    flagged = {v.check for v in report.evaluate(*cbs)}
+    assert "dead layer" not in flagged and "saturation" not in flagged
 
 
 # --- models written in the usual PyTorch style ------------------------------------------------------------
