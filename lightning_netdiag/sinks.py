@@ -128,16 +128,17 @@ class LoggerSink:
         for logger in loggers:
             kind = logger_kind(logger)
             metrics: dict[str, Any] = dict(scalars)
+            if kind == "tensorboard":
+                if is_global_zero:  # only rank zero writes, as the logger's own log_metrics does
+                    write_tensorboard_layout(logger.experiment, self.prefix, scalars)
+                    write_tensorboard(logger, step, scalars, histograms)
+                continue
             if kind == "wandb":  # one row per step: the histograms go with the scalars
                 metrics.update({tag: _wandb_histogram(hist) for tag, hist in histograms.items() if hist.total > 0})
-            elif kind != "tensorboard" and histograms:
+            elif histograms:
                 self._warn_no_histograms(logger)
                 metrics.update(quantile_scalars(histograms))
             logger.log_metrics(metrics, step=step)
-            if kind == "tensorboard" and is_global_zero:
-                write_tensorboard_layout(logger.experiment, self.prefix, scalars)
-                for tag, hist in histograms.items():
-                    write_histogram(logger.experiment, tag, hist, step)
 
     def _warn_no_histograms(self, logger: object) -> None:
         kind = type(logger).__name__
@@ -170,27 +171,56 @@ def _used(hist: Histogram) -> tuple[list[float], list[float]]:
     return hist.bounds[first : last + 2], list(hist.counts[first : last + 1])
 
 
-def write_histogram(writer: Any, tag: str, hist: Histogram, step: int) -> None:
-    """One small raw histogram record: only the bins from the first to the last non-empty one.
-
-    Only finite values are ever counted, so TensorBoard never sees a NaN. ``min`` and ``max`` are the
-    outer bounds of the non-empty bins (the exact ones are not kept).
-    """
+def _histogram_raw(hist: Histogram) -> dict[str, Any] | None:
+    """The arguments of TensorBoard's raw histogram for the bins from the first to the last non-empty one
+    (None if all are empty). Only finite values are ever counted, so TensorBoard never sees a NaN; ``min``
+    and ``max`` are the outer bounds of the non-empty bins (the exact ones are not kept)."""
     bounds, counts = _used(hist)
     if not counts:
-        return
+        return None
     mids = [(a + b) / 2 for a, b in itertools.pairwise(bounds)]
-    writer.add_histogram_raw(
-        tag,
-        min=bounds[0],
-        max=bounds[-1],
-        num=int(sum(counts)),
-        sum=sum(c * m for c, m in zip(counts, mids, strict=True)),
-        sum_squares=sum(c * m * m for c, m in zip(counts, mids, strict=True)),
-        bucket_limits=bounds[1:],
-        bucket_counts=counts,
-        global_step=step,
-    )
+    return {
+        "min": bounds[0],
+        "max": bounds[-1],
+        "num": int(sum(counts)),
+        "sum": sum(c * m for c, m in zip(counts, mids, strict=True)),
+        "sum_squares": sum(c * m * m for c, m in zip(counts, mids, strict=True)),
+        "bucket_limits": bounds[1:],
+        "bucket_counts": counts,
+    }
+
+
+def write_tensorboard(
+    logger: Any, step: int, scalars: Mapping[str, float], histograms: Mapping[str, Histogram]
+) -> None:
+    """One callback's scalars and histograms of one step as **one** TensorBoard event.
+
+    TensorBoard's writer costs about as much per event as per value (each event is framed and
+    checksummed in pure Python), and Lightning's ``log_metrics`` writes one event per scalar: a step of a
+    hundred scalars cost 14 ms that way and under 1 ms as one event here. Readers (TensorBoard,
+    EventAccumulator, tbparse) take every value of an event as its own point. The event goes through the
+    writer's own file writer (``SummaryWriter.file_writer.add_summary``, as its ``add_scalar`` does). A logger
+    with a key prefix, or another writer than torch's, gets the per-value calls instead, unchanged.
+    """
+    from tensorboard.compat.proto.summary_pb2 import Summary
+    from torch.utils.tensorboard import SummaryWriter, summary
+
+    writer = logger.experiment
+    file_writer = getattr(writer, "file_writer", None)
+    if getattr(logger, "_prefix", "") or not isinstance(writer, SummaryWriter) or file_writer is None:
+        logger.log_metrics(dict(scalars), step=step)
+        for tag, hist in histograms.items():
+            raw = _histogram_raw(hist)
+            if raw is not None:
+                writer.add_histogram_raw(tag, global_step=step, **raw)
+        return
+    values = [summary.scalar(tag, value).value[0] for tag, value in scalars.items()]
+    for tag, hist in histograms.items():
+        raw = _histogram_raw(hist)
+        if raw is not None:
+            values.append(summary.histogram_raw(tag, **raw).value[0])
+    if values:
+        file_writer.add_summary(Summary(value=values), step)
 
 
 def _wandb_histogram(hist: Histogram) -> Any:

@@ -173,3 +173,54 @@ def test_a_crash_mid_forward_leaves_no_function_mode_and_no_global_hook(tmp_path
     assert _get_current_function_mode_stack() == []
     assert not module_globals._global_forward_hooks and not module_globals._global_forward_pre_hooks
     torch.relu(torch.ones(2))  # and torch works as before
+
+
+def test_idle_steps_run_only_flag_checks(tmp_path):
+    """What runs of ours on a step that is not measured: counted, function by function, and no torch call."""
+    import collections
+    import sys
+
+    from torch.overrides import TorchFunctionMode
+
+    state = {"step": 0}  # setup (attaching, probing) is not a step
+    functions: collections.Counter = collections.Counter()
+    torch_calls: list[str] = []
+
+    def idle() -> bool:
+        return state["step"] % 3 != 0
+
+    def profile(frame, event, arg):
+        if event == "call" and idle() and frame.f_code.co_filename.startswith(PACKAGE_DIR):
+            functions[frame.f_code.co_name] += 1
+
+    class TorchSpy(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            caller = inspect.currentframe().f_back
+            if idle() and caller is not None and caller.f_code.co_filename.startswith(PACKAGE_DIR):
+                torch_calls.append(getattr(func, "__name__", str(func)))
+            return func(*args, **(kwargs or {}))
+
+    class Step(L.Callback):
+        def on_train_batch_start(self, trainer, *args):
+            state["step"] = trainer.global_step
+
+    cbs = [SaturationMonitor(every_n_steps=3), GradDataRatio(every_n_steps=3), UpdateRatio(every_n_steps=3)]
+    t = trainer(tmp_path, [Step(), *cbs], max_steps=7, limit_val_batches=0, logger=False)
+    sys.setprofile(profile)
+    try:
+        with TorchSpy():
+            t.fit(TinyNet(), loader())
+    finally:
+        sys.setprofile(None)
+    idle_steps = 4  # steps 1, 2, 4, 5
+    assert torch_calls == [], collections.Counter(torch_calls)
+    per_step = {name: n / idle_steps for name, n in functions.items()}
+    # Each callback's hooks, each returning at once; one forward hook call per watched Tanh (2).
+    assert per_step == {
+        "on_train_batch_start": 3, "_arm": 1, "logging_step": 3,
+        "_hook": 2,
+        "on_before_backward": 1, "backward": 1, "on_after_backward": 1, "stop": 2, "remove": 2,
+        "on_before_optimizer_step": 3, "_flush": 1, "_measure": 2, "_snapshot": 1,
+        "on_train_batch_end": 2,
+        "state_key": 18,  # Lightning reads it to name each callback hook it calls: 6 hooks x 3 callbacks
+    }, per_step  # fmt: skip

@@ -1,7 +1,9 @@
 """Every attached logger gets each step once; the TensorBoard chart layout; state through a checkpoint."""
 
 import re
+from pathlib import Path
 
+import pytest
 import torch
 from helpers import TinyNet, loader, read_csv, read_tensorboard, trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -97,3 +99,44 @@ def test_history_round_trips_through_a_checkpoint(tmp_path):
         assert [s for s, _ in after.history[next(iter(after.history))]] == [0, 2, 4, 6]
     hist_before = first[0].history.histograms["netdiag/act/net.2"]
     assert second[0].history.histograms["netdiag/act/net.2"][:2] == hist_before
+
+
+def events(log_dir) -> list:
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    (path,) = Path(log_dir).glob("events.out.tfevents.*")
+    return list(EventFileLoader(str(path)).Load())
+
+
+def test_tensorboard_gets_one_event_per_callback_and_step_that_every_reader_reads_back(tmp_path):
+    tbparse = pytest.importorskip("tbparse")
+    cbs = [SaturationMonitor(every_n_steps=2), GradDataRatio(every_n_steps=2), UpdateRatio(every_n_steps=2)]
+    t = trainer(tmp_path, cbs, max_steps=5, limit_val_batches=0)
+    t.fit(TinyNet(), loader())
+    ours = [e for e in events(t.logger.log_dir) if any(v.tag.startswith("netdiag/") for v in e.summary.value)]
+    # one event per callback and logging step (0, 2, 4), holding all of its scalars and histograms
+    assert [e.step for e in ours] == [0, 0, 0, 2, 2, 2, 4, 4, 4]
+    logged = {tag: dict(points) for cb in cbs for tag, points in cb.history.items()}
+    assert sum(len(e.summary.value) for e in ours) == sum(len(p) for p in logged.values()) + 3 * 7  # + histograms
+
+    # EventAccumulator and tbparse read every value back as its own point
+    scalars, hists, _ = read_tensorboard(t.logger.log_dir)
+    frame = tbparse.SummaryReader(t.logger.log_dir).scalars
+    parsed = {(r.tag, r.step): r.value for r in frame.itertuples()}
+    for tag, points in logged.items():
+        for step, value in points.items():
+            assert scalars[tag][step] == pytest.approx(value, rel=1e-6, abs=1e-30), tag  # float32 on disk
+            assert parsed[(tag, step)] == pytest.approx(value, rel=1e-6, abs=1e-30), tag
+    assert {tag for tag in hists} == {tag for cb in cbs for tag in cb.history.histograms}
+    assert all(sorted(steps) == [0, 2, 4] for steps in hists.values())
+
+
+def test_a_tensorboard_logger_with_a_key_prefix_keeps_its_own_per_value_calls(tmp_path):
+    logger = TensorBoardLogger(tmp_path, name="tb", prefix="run1")
+    cb = GradDataRatio(every_n_steps=1)
+    trainer(tmp_path, [cb], logger=logger, max_steps=2).fit(TinyNet(), loader())
+    scalars, hists, _ = read_tensorboard(logger.log_dir)
+    assert scalars["run1-netdiag/grad_data_ratio/net.3.weight"][1] == pytest.approx(
+        dict(cb.history["netdiag/grad_data_ratio/net.3.weight"])[1], rel=1e-6
+    )
+    assert "netdiag/grad/net.3.weight" in hists

@@ -216,10 +216,9 @@ class SaturationMonitor(DiagnosticCallback):
         if self._hooks is None:
             return
         step = logging_step(trainer, self._every)
-        if step != self._records_step:  # records of a step that never reached an optimizer step are dropped
-            self._hooks.reset()
+        if step != self._records_step:
             self._records_step = step
-            if step is not None:
+            if step is not None:  # zeroed here: records of a step that never reached an optimizer step are dropped
                 self._hooks.prepare(pl_module.device)
         self._pending = step is not None
         if self._pending:
