@@ -484,7 +484,6 @@ def _grad_hook(total: Tensor, bins: stats.Bins | None, divisor: Tensor | float |
 
     def hook(grad: Tensor) -> None:
         with torch.no_grad():
-            g = grad.detach().float()
-            total.add_(stats.tensor_record(g if divisor is None else g / divisor, bins))
+            total.add_(stats.tensor_record(grad.detach().float(), bins, divisor=divisor))
 
     return hook

@@ -202,7 +202,7 @@ def write_tensorboard(
     writer's own file writer (``SummaryWriter.file_writer.add_summary``, as its ``add_scalar`` does). A logger
     with a key prefix, or another writer than torch's, gets the per-value calls instead, unchanged.
     """
-    from tensorboard.compat.proto.summary_pb2 import Summary
+    from tensorboard.compat.proto.summary_pb2 import Summary  # type: ignore[import-untyped]
     from torch.utils.tensorboard import SummaryWriter, summary
 
     writer = logger.experiment

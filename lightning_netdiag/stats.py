@@ -76,18 +76,27 @@ class Bins:
         c = (key % n_exp - bias - self.lo + 1).clamp(0, n_pos)  # 0: below 2**lo; n_pos: at or above 2**hi
         return torch.where(key < n_exp, n_pos - c, n_pos + c)
 
-    def counts(self, x: Tensor) -> Tensor:
-        """Float64 counts of the finite float32 or float64 values ``x``, on ``x``'s device."""
+    def counts(self, x: Tensor, segments: Tensor | None = None, n: int = 1) -> Tensor:
+        """Float64 counts of the finite float32 or float64 values ``x``, on ``x``'s device.
+
+        With ``segments`` (for each value, which of ``n`` segments it belongs to), one row of counts per
+        segment, ``(n, size)``, from one count over keys offset by segment.
+        """
         x = x.reshape(-1)
         if self.kind == "linear":
             index = (x * math.ldexp(1.0, -self.exp)).floor_().clamp_(self.lo - 1, self.hi).sub_(self.lo - 1)
-            return _count(index.to(torch.int64), self.size)
-        fold = self._fold[x.dtype]
-        bits, mantissa = _FLOAT_BITS[x.dtype]
-        keys = (x.view(bits) >> mantissa) + fold.numel() // 2  # sign and exponent, shifted to 0 .. 2 * n_exp
-        return torch.zeros(self.size, dtype=torch.float64, device=x.device).index_add_(
-            0, fold, _count(keys, fold.numel())
-        )
+            index, space = index.to(torch.int64), self.size
+        else:
+            bits, mantissa = _FLOAT_BITS[x.dtype]
+            fold = self._fold[x.dtype]
+            space = fold.numel()
+            index = (x.view(bits) >> mantissa) + space // 2  # sign and exponent, shifted to 0 .. 2 * n_exp
+        if segments is not None:
+            index = index + segments * space
+        counted = _count(index, n * space).view(n, space)
+        if self.kind == "log2":
+            counted = torch.zeros(n, self.size, dtype=torch.float64, device=x.device).index_add_(1, fold, counted)
+        return counted if segments is not None else counted[0]
 
 
 def _count(index: Tensor, size: int) -> Tensor:
@@ -125,22 +134,76 @@ def record_size(bins: Bins | None, extra: int = 0) -> int:
     return MOMENTS + extra + (0 if bins is None else bins.size)
 
 
-def tensor_record(x: Tensor, bins: Bins | None, extra: Sequence[Tensor] = ()) -> Tensor:
-    """The additive record of ``x``: moments of its finite values, ``extra`` counts, histogram counts.
+def tensor_record(
+    x: Tensor, bins: Bins | None, extra: Sequence[Tensor] = (), divisor: Tensor | float | None = None
+) -> Tensor:
+    """The additive record of ``x`` (divided by ``divisor``): moments of its finite values, ``extra``
+    counts, histogram counts.
 
-    Runs on ``x``'s device, never synchronises with the host, and leaves ``x`` untouched.
+    Runs on ``x``'s device, never synchronises with the host, and leaves ``x`` untouched; the division is
+    done chunk by chunk, so no full-size temporary is made.
     """
     x = x.detach()
     if x.dtype not in (torch.float32, torch.float64):
         x = x.float()  # half and bf16 are summed in float32 or more
     flat = x.reshape(-1)
     chunks = flat.split(_CHUNK) if flat.numel() > _CHUNK else (flat,)
-    body = [_chunk_record(c, bins) for c in chunks]
+    body = [_chunk_record(c if divisor is None else c / divisor, bins) for c in chunks]
     total = body[0] if len(body) == 1 else torch.stack(body).sum(0)
     if not extra:
         return total
     extra_counts = torch.stack([e.to(torch.float64) for e in extra])
     return torch.cat([total[:MOMENTS], extra_counts, total[MOMENTS:]])
+
+
+#: Tensors of at most this many values are reduced together, in one pass over their concatenation: a
+#: record costs about fifteen small kernels, whose launches, not their work, dominate for small tensors.
+SMALL = 1 << 16
+
+
+def tensor_records(xs: Sequence[Tensor], bins: Bins | None, divisor: Tensor | float | None = None) -> list[Tensor]:
+    """The record of each tensor (divided by ``divisor``), as :func:`tensor_record` gives it; the small
+    ones of each device in one pass. Sums are added in another order than one tensor's (float64 either
+    way); counts are equal."""
+    out: list[Tensor | None] = [None] * len(xs)
+    small: dict[torch.device, list[int]] = {}
+    for i, x in enumerate(xs):
+        if x.numel() <= SMALL:
+            small.setdefault(x.device, []).append(i)
+        else:
+            out[i] = tensor_record(x, bins, divisor=divisor)
+    for device, members in small.items():
+        flat = [xs[i].detach().reshape(-1) for i in members]
+        dtype = torch.float64 if any(f.dtype == torch.float64 for f in flat) else torch.float32
+        x = torch.cat([f.to(dtype) for f in flat])  # half and bf16 are summed in float32 or more
+        if divisor is not None:
+            x = x / divisor
+        sizes = tuple(f.numel() for f in flat)
+        n, seg = len(sizes), _segments(sizes, device)
+        xz = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+        bad = (x * 0).ne(0).to(torch.float64)  # x * 0 is NaN exactly where x is not finite
+        xd = xz.to(torch.float64)
+        head = torch.zeros(n, MOMENTS, dtype=torch.float64, device=device)
+        head.index_add_(0, seg, torch.stack([1.0 - bad, xd, xd * xd, bad], dim=1))
+        rows = head if bins is None else torch.cat([head, bins.counts(xz, seg, n)], dim=1)
+        for i, row in zip(members, rows, strict=True):
+            out[i] = row
+    return out  # type: ignore[return-value]
+
+
+_SEGMENTS: dict[tuple[tuple[int, ...], torch.device], Tensor] = {}
+
+
+def _segments(sizes: tuple[int, ...], device: torch.device) -> Tensor:
+    """For each value of a concatenation of tensors of ``sizes``, the index of its tensor. Built once per
+    layout (the parameters' sizes do not change), so that no step copies sizes to the device."""
+    key = (sizes, device)
+    if key not in _SEGMENTS:
+        if len(_SEGMENTS) > 64:
+            _SEGMENTS.clear()
+        counts = torch.tensor(sizes, dtype=torch.int64)
+        _SEGMENTS[key] = torch.repeat_interleave(torch.arange(len(sizes)), counts).to(device)
+    return _SEGMENTS[key]
 
 
 def _chunk_record(x: Tensor, bins: Bins | None) -> Tensor:

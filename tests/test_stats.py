@@ -101,3 +101,30 @@ def test_dead_units_and_saturated_count():
     saturated, alive = stats.saturation_extra(mask, torch.isfinite(t), unit_dim=-1)
     assert saturated.item() == 6
     assert alive.tolist() == [0.0, 2.0, 1.0]  # unit 0 is saturated for every example: dead
+
+
+@pytest.mark.parametrize(
+    "bins", [None, stats.log2_bins(), stats.linear_bins(-1.0, 1.0)], ids=["none", "log2", "linear"]
+)
+@pytest.mark.parametrize("divisor", [None, torch.tensor(1024.0)], ids=["plain", "divided"])
+def test_many_small_tensors_in_one_pass_equal_one_record_each(bins, divisor):
+    g = torch.Generator().manual_seed(0)
+    xs = [
+        torch.randn(37, 5, generator=g) * 3,
+        torch.empty(0),  # a parameter without a gradient
+        torch.randn(100, generator=g, dtype=torch.float64) * 1e-5,
+        torch.randn(4, 4, generator=g).half(),
+        torch.randn(stats.SMALL + 1, generator=g),  # too large to batch: reduced alone
+        torch.randn(3, generator=g).bfloat16(),
+    ]
+    xs[0][0, 0], xs[0][1, 1], xs[2][3] = math.nan, math.inf, -math.inf
+    batched = stats.tensor_records(xs, bins, divisor)
+    for x, got in zip(xs, batched, strict=True):
+        expected = stats.tensor_record(x, bins, divisor=divisor)
+        assert got.shape == expected.shape
+        assert torch.equal(got[stats.NONFINITE :], expected[stats.NONFINITE :])  # counts are exact
+        assert torch.allclose(got, expected, rtol=1e-12, atol=0), x.dtype  # sums in another order
+    direct = xs[0][torch.isfinite(xs[0])].double()
+    m = stats.Moments.of(batched[0].tolist())
+    scale = 1.0 if divisor is None else 1024.0
+    assert m.mean == pytest.approx(direct.mean().item() / scale) and m.std == pytest.approx(direct.std().item() / scale)

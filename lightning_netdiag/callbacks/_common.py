@@ -228,11 +228,13 @@ class ParameterCallback(DiagnosticCallback):
         return local_shard(name, t.detach(), self._world)
 
     @staticmethod
-    def _record(part: Tensor, copies: int, bins: stats.Bins | None = None) -> Tensor:
-        """The record of a part held by ``copies`` ranks, weighted so that the sum over the ranks counts
-        every element once."""
-        record = stats.tensor_record(part, bins)
-        return record if copies == 1 else record / copies
+    def _records(
+        parts: list[tuple[Tensor, int]], bins: stats.Bins | None = None, divisor: Tensor | float | None = None
+    ) -> list[Tensor]:
+        """The record of each part (held by ``copies`` ranks), weighted so that the sum over the ranks
+        counts every element once; the small parts are reduced together."""
+        records = stats.tensor_records([part for part, _ in parts], bins, divisor)
+        return [r if copies == 1 else r / copies for r, (_, copies) in zip(records, parts, strict=True)]
 
     def _values(self, trainer: pl.Trainer, parts: list[Tensor]) -> list[list[float]]:
         """The records summed over the ranks that hold shards, moved to the host at once, one list each."""

@@ -7,7 +7,6 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from torch import Tensor
 from typing_extensions import override
 
 from lightning_netdiag import stats
@@ -79,19 +78,15 @@ class GradDataRatio(ParameterCallback):
             return
         # Optimizers that unscale inside their own step (fused ones) still hold loss-scaled gradients here.
         scale = loss_scale(trainer) if getattr(optimizer, "_step_supports_amp_scaling", False) else None
-        parts: list[Tensor] = []
+        grads, weights = [], []
         for name, p in chosen:
             self._bins = self._bins.to(p.device)
             # A parameter without a gradient sends an empty record: skipped below unless another rank has one.
-            grad, copies = self._shard(name, p.grad if p.grad is not None else torch.empty(0, device=p.device))
-            weight, _ = self._shard(name, p)
-            if scale is not None:
-                grad = grad.float() / scale
-            parts += [
-                self._record(grad, copies, self._bins if self.histograms else None),
-                self._record(weight, copies),
-            ]
-        values = self._values(trainer, parts)
+            grads.append(self._shard(name, p.grad if p.grad is not None else torch.empty(0, device=p.device)))
+            weights.append(self._shard(name, p))
+        grad_records = self._records(grads, self._bins if self.histograms else None, divisor=scale)
+        weight_records = self._records(weights)
+        values = self._values(trainer, [r for pair in zip(grad_records, weight_records, strict=True) for r in pair])
         scalars: dict[str, float] = {}
         histograms: dict[str, stats.Histogram] = {}
         for i, (name, _) in enumerate(chosen):

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from torch import Tensor, nn
 from typing_extensions import override
 
@@ -99,11 +100,13 @@ class UpdateRatio(ParameterCallback):
         before, self._before = self._before, {}  # the copies are freed when this returns
         if self._step is None or not before:
             return
-        parts: list[Tensor] = []
-        for name, (p, copy) in before.items():
-            now, copies = self._shard(name, p)
-            parts += [self._record(now - copy, copies), self._record(copy, copies)]
-        values = self._values(trainer, parts)
+        shards = [self._shard(name, p) for name, (p, _) in before.items()]
+        copies = [(copy, n) for (_, copy), (_, n) in zip(before.values(), shards, strict=True)]
+        old_records = self._records(copies)
+        for (copy, _), (now, _) in zip(copies, shards, strict=True):
+            torch.sub(now, copy, out=copy)  # the copy becomes the update: no second full-size tensor
+        update_records = self._records(copies)
+        values = self._values(trainer, [r for pair in zip(update_records, old_records, strict=True) for r in pair])
         scalars: dict[str, float] = {}
         changed = 0
         for i, name in enumerate(before):
