@@ -2,6 +2,7 @@
 
 import math
 
+import lightning as L
 import pytest
 import torch
 from helpers import (
@@ -135,3 +136,36 @@ def test_update_ratio_equals_lr_grad_for_plain_sgd(tmp_path):
     lecture = math.log10(0.1 * ratio)  # log10(lr * grad.std() / p.std())
     assert grad_std > 0
     assert dict(cb.history["netdiag/update_data_log10/net.3.weight"])[1] == pytest.approx(lecture, abs=1e-5)
+
+
+class Wide(TinyNet):
+    """A 256 x 256 weight (65,536 elements), so that a sample of 4,096 is a sixteenth of it."""
+
+    def __init__(self) -> None:
+        super().__init__(optimizer="adam", lr=0.003, hidden=256)
+
+
+def test_update_ratio_on_a_sample_of_each_weight_is_within_its_stated_error(tmp_path):
+    exact, sampled = UpdateRatio(every_n_steps=1), UpdateRatio(every_n_steps=1, sample=4096, prefix="sampled")
+    held: list[int] = []
+
+    class Held(L.Callback):  # what the sampled callback holds at the moment of the step
+        def on_before_optimizer_step(self, *args):
+            held.append(sum(copy.numel() for _, _, copy in sampled._before.values()))
+
+    model = Wide()
+    trainer(tmp_path, [exact, sampled, Held()], max_steps=4, logger=False).fit(model, loader())
+    sizes = {n: p.numel() for n, p in model.named_parameters() if p.ndim == 2}
+    assert sizes["net.3.weight"] == 65536 and set(held) == {sum(min(n, 4096) for n in sizes.values())}
+    bound = 0.43 / math.sqrt(4096)  # the stated error, one standard deviation
+    for step in range(4):
+        for name, n in sizes.items():
+            e = dict(exact.history[f"netdiag/update_data_log10/{name}"])[step]
+            s = dict(sampled.history[f"sampled/update_data_log10/{name}"])[step]
+            assert e == pytest.approx(model.ref[step][f"netdiag/update_data_log10/{name}"], rel=1e-6)
+            if n <= 4096:
+                assert s == pytest.approx(e, rel=1e-9)  # small enough to be kept whole
+            else:
+                assert abs(s - e) <= 4 * bound, (name, step, s, e)
+    with pytest.raises(ValueError, match="`sample`"):
+        UpdateRatio(sample=0)
