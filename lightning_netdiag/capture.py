@@ -304,6 +304,12 @@ class ActivationHooks:
         if self.phase == FORWARD:
             self.phase, self._calls = BACKWARD, {}
 
+    def backward_done(self) -> None:
+        """A backward ended: another forward of the same step (manual accumulation) is a new pass, whose
+        calls count from one again."""
+        if self.phase == BACKWARD:
+            self.phase, self._calls = FORWARD, {}
+
     def stop(self) -> None:
         self.phase = IDLE
         self._capture.remove()

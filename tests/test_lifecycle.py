@@ -219,7 +219,7 @@ def test_idle_steps_run_only_flag_checks(tmp_path):
     assert per_step == {
         "on_train_batch_start": 3, "_arm": 1, "logging_step": 3,
         "_hook": 2,
-        "on_before_backward": 1, "backward": 1, "on_after_backward": 1, "stop": 2, "remove": 2,
+        "on_before_backward": 1, "backward": 1, "on_after_backward": 1, "backward_done": 1, "stop": 1, "remove": 1,
         "on_before_optimizer_step": 3, "_flush": 1, "_measure": 2, "_snapshot": 1,
         "on_train_batch_end": 2,
         "state_key": 18,  # Lightning reads it to name each callback hook it calls: 6 hooks x 3 callbacks

@@ -154,3 +154,33 @@ def test_fused_optimizer_that_unscales_in_its_own_step(tmp_path):
     for step in (0, 1):
         scaled = model.ref[step]["netdiag/grad_std/net.3.weight"]  # what the hook sees: still scaled
         assert dict(gd.history["netdiag/grad_std/net.3.weight"])[step] == pytest.approx(scaled / 1024.0, rel=1e-6)
+
+
+class ManualAccumulation(TinyNet):
+    """Two forward-backward passes in one batch before one optimizer step (manual gradient accumulation)."""
+
+    def __init__(self) -> None:
+        super().__init__()  # net.2 and net.4 are the Tanh layers; net[:3] ends with the first
+        self.automatic_optimization = False
+        self.seen: dict[int, list[torch.Tensor]] = {}
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        opt.zero_grad()
+        x, y = batch
+        for half in (slice(0, 8), slice(8, 16)):
+            h = self.net[:3](x[half])
+            self.seen.setdefault(self.trainer.global_step, []).append(h.detach())
+            self.manual_backward(nn.functional.cross_entropy(self.net[3:](h), y[half]) / 2)
+        opt.step()
+
+
+def test_manual_accumulation_records_every_pass_of_the_step_as_the_same_layer(tmp_path):
+    model = ManualAccumulation()
+    sat = SaturationMonitor(every_n_steps=1)
+    trainer(tmp_path, [sat], max_steps=2, logger=False, limit_val_batches=0).fit(model, loader())
+    assert {t.split("/", 2)[2] for t in sat.history if "/act_std/" in t} == {"net.2", "net.4"}  # no "-2" layers
+    for step in (0, 1):
+        both = torch.cat(model.seen[step])  # the first Tanh's outputs of both passes
+        assert sat.history.histograms["netdiag/act/net.2"][step][1].total == both.numel()
+        assert dict(sat.history["netdiag/act_std/net.2"])[step] == pytest.approx(both.std().item(), rel=1e-5)

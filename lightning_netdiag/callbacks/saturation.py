@@ -151,7 +151,7 @@ class SaturationMonitor(DiagnosticCallback):
     @override
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._hooks is not None:
-            self._hooks.stop()
+            self._hooks.backward_done()
 
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
