@@ -179,6 +179,11 @@ class Layer:
         self.grad: Tensor | None = None  # [moments, *histogram]
         self.alive: Tensor | None = None  # per unit: examples in which it is not saturated; sized by the first run
 
+    @property
+    def depth(self) -> tuple[bool, int]:
+        """Sorts layers in the order of their first call; those never run (here) last."""
+        return (self.order is None, self.order or 0)
+
     def spec(self) -> tuple:
         """What another rank needs to hold this layer's place in a reduction: plain values only."""
         b = self.act_bins
@@ -328,26 +333,28 @@ class ActivationHooks:
     def adopt(self, spec: tuple) -> None:
         """Hold the place of a layer that another rank ran and this one did not (yet)."""
         if spec[0] not in self._by_name:
-            layer = Layer.from_spec(spec, self._grad_bins)
-            if self._device is not None:
-                layer.allocate(self._device, self.histograms, self.track_grad)
-            self.layers.append(layer)
-            self._by_name[layer.name] = layer
+            self._place(Layer.from_spec(spec, self._grad_bins))
 
     # --- the hooks ----------------------------------------------------------------------------------
 
     def _layer(self, key: tuple, name: str, kind: activations.Kind, type_name: str) -> Layer:
         layer = self._by_name.get(name)
         if layer is None or layer.placeholder:
-            fresh = Layer(name, kind, type_name, self.threshold, self._grad_bins)
-            if self._device is not None:
-                fresh.allocate(self._device, self.histograms, self.track_grad)
-            if layer is None:
-                self.layers.append(fresh)
-            else:  # another rank's layer that this rank runs now: same place, same record sizes
-                self.layers[self.layers.index(layer)] = fresh
-            layer = self._by_name[name] = fresh
+            layer = self._place(Layer(name, kind, type_name, self.threshold, self._grad_bins))
         self._by_key[key] = layer
+        return layer
+
+    def _place(self, layer: Layer) -> Layer:
+        """A new layer, with records where the others have theirs; in the place of a placeholder of its
+        name (another rank's layer that this rank runs now: same place, same record sizes)."""
+        if self._device is not None:
+            layer.allocate(self._device, self.histograms, self.track_grad)
+        held = self._by_name.get(layer.name)
+        if held is None:
+            self.layers.append(layer)
+        else:
+            self.layers[self.layers.index(held)] = layer
+        self._by_name[layer.name] = layer
         return layer
 
     def _call_index(self, key: tuple) -> int:
@@ -362,9 +369,8 @@ class ActivationHooks:
 
     def _pre_hook(self, module: nn.Module, inputs: tuple[object, ...]) -> None:
         if self.phase == FORWARD and inputs and isinstance(inputs[0], Tensor):
-            layer = self._by_key[("m", id(module), 1)]
-            with torch.no_grad(), self._own_work():  # before an in-place activation overwrites its input
-                self._pending[id(module)] = layer.rule.mask(inputs[0].detach().float())  # type: ignore[union-attr]
+            with self._own_work():
+                self._pending[id(module)] = _input_mask(self._by_key[("m", id(module), 1)], inputs[0])
 
     def _hook(self, module: nn.Module, inputs: tuple[object, ...], output: object) -> None:
         if self.phase == IDLE or not isinstance(output, Tensor):
@@ -441,14 +447,18 @@ class ActivationHooks:
                 self._skipped.add(key)
         if layer is None:
             return func(*args, **kwargs)
-        input_mask = None
-        if self.phase == FORWARD and layer.rule is not None and layer.rule.on_input:
-            with torch.no_grad():  # before an in-place call overwrites its input
-                input_mask = layer.rule.mask(x.detach().float())
+        input_mask = _input_mask(layer, x) if self.phase == FORWARD and layer.kind.on_input else None
         output = func(*args, **kwargs)
         if isinstance(output, Tensor):
             self._observe(layer, output, input_mask)
         return output
+
+
+def _input_mask(layer: Layer, x: Tensor) -> Tensor:
+    """An input-side rule's saturation mask, taken before an in-place activation overwrites its input;
+    in float32, as the output-side rules compare."""
+    with torch.no_grad():
+        return layer.rule.mask(x.detach().float())  # type: ignore[union-attr]
 
 
 class _CallCapture(TorchFunctionMode):

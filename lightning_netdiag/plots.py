@@ -31,6 +31,12 @@ def _names(callback: Any, metric: str) -> list[str]:
     return [tag[len(head) :] for tag in callback.history.histogram_tags() if tag.startswith(head)]
 
 
+def _series_names(callback: Any, metric: str) -> list[str]:
+    """The layer or parameter names that have a ``metric`` scalar series (not D4's ``_target`` line)."""
+    head = f"{callback.prefix}/{metric}/"
+    return [t[len(head) :] for t in callback.history if t.startswith(head) and t != f"{head}_target"]
+
+
 def _at(callback: Any, metric: str, name: str, step: int | None) -> tuple[int, Histogram] | None:
     points = callback.history.histograms_of(f"{callback.prefix}/{metric}/{name}")
     if step is None:
@@ -233,7 +239,7 @@ def layers_by_steps(callback: Any, metric: str, title: str, log: bool = False, c
     import math
 
     head = f"{callback.prefix}/{metric}/"
-    names = [t[len(head) :] for t in callback.history if t.startswith(head) and not t.endswith("/_target")]
+    names = _series_names(callback, metric)
     groups = _family_groups(callback, names)
     fig, axes = _figure(len(groups), 0.9 + 0.16 * len(names) + 0.6 * len(groups))
     for ax, (family, members) in zip(axes, groups.items(), strict=True):
@@ -274,9 +280,8 @@ def depth_profile(saturation: Any = None, grad_data: Any = None, update: Any = N
             panels.append((cb, metric, label, log))
     rows = []
     for cb, metric, label, log in panels:
-        head = f"{cb.prefix}/{metric}/"
-        names = [t[len(head) :] for t in cb.history if t.startswith(head) and not t.endswith("/_target")]
-        rows += [(cb, metric, label, log, fam, members) for fam, members in _family_groups(cb, names).items()]
+        groups = _family_groups(cb, _series_names(cb, metric))
+        rows += [(cb, metric, label, log, fam, members) for fam, members in groups.items()]
     fig, axes = _figure(max(len(rows), 1), 3.2 * max(len(rows), 1))
     for ax, (cb, metric, label, log, family, members) in zip(axes, rows, strict=False):
         head = f"{cb.prefix}/{metric}/"
@@ -326,11 +331,9 @@ def draw_all(saturation: Any = None, grad_data: Any = None, update: Any = None) 
             else weight_gradient_distribution(grad_data)
         )
     if update is not None and len(update.history):
-        head = f"{update.prefix}/update_data_log10/"
-        updated = [t for t in update.history if t.startswith(head) and not t.endswith("/_target")]
         figures["update_ratio"] = (
             layers_by_steps(update, "update_data_log10", "update:data, log10", center=update.target)
-            if len(updated) > MANY_LAYERS
+            if len(_series_names(update, "update_data_log10")) > MANY_LAYERS
             else update_ratio_over_time(update)
         )
     if many:

@@ -181,14 +181,14 @@ def tensor_records(xs: Sequence[Tensor], bins: Bins | None, divisor: Tensor | fl
         if divisor is not None:
             x = x / divisor
         sizes = tuple(f.numel() for f in flat)
-        n, seg = len(sizes), _segments(sizes, device)
+        n = len(sizes)
         xz = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
         bad = (x * 0).ne(0).to(torch.float64)  # x * 0 is NaN exactly where x is not finite
         xd = xz.to(torch.float64)
         # Per-segment sums of views: vectorised pairwise sums (index_add_ adds one value at a time, ~25x slower).
         columns = torch.stack([1.0 - bad, xd, xd * xd, bad], dim=1)
         head = torch.stack([part.sum(0) for part in columns.split(sizes)])
-        rows = head if bins is None else torch.cat([head, bins.counts(xz, seg, n)], dim=1)
+        rows = head if bins is None else torch.cat([head, bins.counts(xz, _segments(sizes, device), n)], dim=1)
         for i, row in zip(members, rows, strict=True):
             out[i] = row
     return out  # type: ignore[return-value]

@@ -129,6 +129,13 @@ class TinyNet(TinyNetBody, L.LightningModule):
     pass
 
 
+def all_callbacks(n: int = 2) -> list:
+    """SaturationMonitor, GradDataRatio and UpdateRatio, each measuring every ``n`` steps."""
+    from lightning_netdiag import GradDataRatio, SaturationMonitor, UpdateRatio
+
+    return [SaturationMonitor(every_n_steps=n), GradDataRatio(every_n_steps=n), UpdateRatio(every_n_steps=n)]
+
+
 def trainer(tmp_path: Path, callbacks: list, logger=None, max_steps: int = 6, **kw) -> L.Trainer:
     if logger is None:
         logger = L.pytorch.loggers.TensorBoardLogger(tmp_path, name="tb")

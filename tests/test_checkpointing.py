@@ -12,11 +12,9 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import loader, trainer
+from helpers import all_callbacks, loader, trainer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-
-from lightning_netdiag import GradDataRatio, SaturationMonitor, UpdateRatio
 
 
 class Blocks(L.LightningModule):
@@ -55,7 +53,7 @@ class Blocks(L.LightningModule):
 
 
 def histories(tmp_path, module: L.LightningModule, data, steps: int = 3) -> dict[str, dict[int, float]]:
-    cbs = [SaturationMonitor(every_n_steps=1), GradDataRatio(every_n_steps=1), UpdateRatio(every_n_steps=1)]
+    cbs = all_callbacks(1)
     trainer(tmp_path, cbs, logger=False, max_steps=steps, limit_val_batches=0).fit(module, data)
     return {tag: dict(points) for cb in cbs for tag, points in cb.history.items()}
 

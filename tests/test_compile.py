@@ -6,10 +6,8 @@ import warnings
 import lightning as L
 import pytest
 import torch
-from helpers import loader, trainer
+from helpers import all_callbacks, loader, trainer
 from torch import nn
-
-from lightning_netdiag import GradDataRatio, SaturationMonitor, UpdateRatio
 
 dynamo_counters = pytest.importorskip("torch._dynamo.utils").counters
 
@@ -46,7 +44,7 @@ class GraphCount(L.Callback):
 
 
 def fit(tmp_path, compiled: bool) -> tuple[dict, GraphCount]:
-    cbs = [SaturationMonitor(every_n_steps=2), GradDataRatio(every_n_steps=2), UpdateRatio(every_n_steps=2)]
+    cbs = all_callbacks(2)
     count = GraphCount()
     model = Plain()
     t = trainer(tmp_path, [*cbs, count], logger=False, max_steps=12, accumulate_grad_batches=2, limit_val_batches=0)

@@ -8,11 +8,11 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from helpers import TinyNet, loader, read_tensorboard, trainer
+from helpers import TinyNet, all_callbacks, loader, read_tensorboard, trainer
 from torch import nn
 
 import lightning_netdiag
-from lightning_netdiag import GradDataRatio, SaturationMonitor, UpdateRatio, stats
+from lightning_netdiag import SaturationMonitor, stats
 from lightning_netdiag.capture import HookHandles
 
 PACKAGE_DIR = str(Path(lightning_netdiag.__file__).parent)
@@ -87,7 +87,7 @@ def test_no_activation_tensor_outlives_its_step(tmp_path):
             gc.collect()
             alive_after_step.append(sum(r() is not None for r in model.refs[:-1]))
 
-    cbs = [SaturationMonitor(every_n_steps=1), GradDataRatio(every_n_steps=1), UpdateRatio(every_n_steps=1)]
+    cbs = all_callbacks(1)
     trainer(tmp_path, [*cbs, Probe()], max_steps=4).fit(model, loader())
     assert len(model.refs) == 4 and alive_after_step == [0, 0, 0, 0]
     assert len(cbs[0].history["netdiag/act_std/act"]) == 4
@@ -137,7 +137,7 @@ def test_one_host_transfer_per_callback_per_logging_step_and_no_work_otherwise(t
         def on_train_batch_start(self, trainer, *args):
             state["on"], state["step"] = True, trainer.global_step
 
-    cbs = [SaturationMonitor(every_n_steps=3), GradDataRatio(every_n_steps=3), UpdateRatio(every_n_steps=3)]
+    cbs = all_callbacks(3)
     # Step first so that it labels the batch before the others hook in.
     trainer(tmp_path, [Step(), *cbs], max_steps=7, limit_val_batches=0).fit(TinyNet(), loader())
     assert sorted(calls) == [(s, "tolist") for s in (0, 3, 6) for _ in range(3)]
@@ -204,7 +204,7 @@ def test_idle_steps_run_only_flag_checks(tmp_path):
         def on_train_batch_start(self, trainer, *args):
             state["step"] = trainer.global_step
 
-    cbs = [SaturationMonitor(every_n_steps=3), GradDataRatio(every_n_steps=3), UpdateRatio(every_n_steps=3)]
+    cbs = all_callbacks(3)
     t = trainer(tmp_path, [Step(), *cbs], max_steps=7, limit_val_batches=0, logger=False)
     sys.setprofile(profile)
     try:

@@ -5,12 +5,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TinyNet, loader, read_csv, read_tensorboard, trainer
+from helpers import TinyNet, all_callbacks, loader, read_csv, read_tensorboard, trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from tensorboard.plugins.custom_scalar import layout_pb2
 
-from lightning_netdiag import GradDataRatio, SaturationMonitor, UpdateRatio
+from lightning_netdiag import GradDataRatio
 from lightning_netdiag.sinks import CHARTS
 
 
@@ -28,7 +28,7 @@ class CountingCSVLogger(CSVLogger):
 
 def test_several_loggers_each_get_one_call_per_callback_and_step(tmp_path):
     tb, csv = TensorBoardLogger(tmp_path, name="tb"), CountingCSVLogger(tmp_path, name="csv")
-    cbs = [SaturationMonitor(every_n_steps=2), GradDataRatio(every_n_steps=2), UpdateRatio(every_n_steps=2)]
+    cbs = all_callbacks(2)
     trainer(tmp_path, cbs, logger=[tb, csv], max_steps=4, limit_val_batches=0).fit(TinyNet(), loader())
     ours = [(step, keys) for step, keys in csv.calls if any(k.startswith("netdiag/") for k in keys)]
     assert [step for step, _ in ours] == [0, 0, 0, 2, 2, 2]  # one call per callback and logging step
@@ -44,7 +44,7 @@ def test_several_loggers_each_get_one_call_per_callback_and_step(tmp_path):
 
 
 def test_tensorboard_custom_scalars_layout(tmp_path):
-    cbs = [SaturationMonitor(every_n_steps=1), GradDataRatio(every_n_steps=1), UpdateRatio(every_n_steps=1)]
+    cbs = all_callbacks(1)
     t = trainer(tmp_path, cbs, max_steps=2, limit_val_batches=0)
     t.fit(TinyNet(), loader())
     scalars, _, acc = read_tensorboard(t.logger.log_dir)
@@ -76,7 +76,7 @@ def test_tensorboard_custom_scalars_layout(tmp_path):
 
 def test_history_round_trips_through_a_checkpoint(tmp_path):
     ckpt_dir = tmp_path / "ckpt"
-    first = [SaturationMonitor(every_n_steps=2), GradDataRatio(every_n_steps=2), UpdateRatio(every_n_steps=2)]
+    first = all_callbacks(2)
     t = trainer(
         tmp_path,
         [*first, ModelCheckpoint(ckpt_dir, save_last=True)],
@@ -90,7 +90,7 @@ def test_history_round_trips_through_a_checkpoint(tmp_path):
     states = {k: v for k, v in raw["callbacks"].items() if "prefix" in k}
     assert len(states) == 3
 
-    second = [SaturationMonitor(every_n_steps=2), GradDataRatio(every_n_steps=2), UpdateRatio(every_n_steps=2)]
+    second = all_callbacks(2)
     t2 = trainer(tmp_path, second, max_steps=8, limit_val_batches=0)
     t2.fit(TinyNet(), loader(), ckpt_path=ckpt)
     for before, after in zip(first, second, strict=True):
@@ -110,7 +110,7 @@ def events(log_dir) -> list:
 
 def test_tensorboard_gets_one_event_per_callback_and_step_that_every_reader_reads_back(tmp_path):
     tbparse = pytest.importorskip("tbparse")
-    cbs = [SaturationMonitor(every_n_steps=2), GradDataRatio(every_n_steps=2), UpdateRatio(every_n_steps=2)]
+    cbs = all_callbacks(2)
     t = trainer(tmp_path, cbs, max_steps=5, limit_val_batches=0)
     t.fit(TinyNet(), loader())
     ours = [e for e in events(t.logger.log_dir) if any(v.tag.startswith("netdiag/") for v in e.summary.value)]

@@ -1,7 +1,7 @@
 """The options every callback shares: cadence, histograms on/off, prefix, bounded history."""
 
 import pytest
-from helpers import TinyNet, loader, read_csv, read_tensorboard, trainer
+from helpers import TinyNet, all_callbacks, loader, read_csv, read_tensorboard, trainer
 from lightning.pytorch.loggers import CSVLogger
 
 from lightning_netdiag import GradDataRatio, SaturationMonitor, UpdateRatio
@@ -45,7 +45,7 @@ def test_prefix_and_bounded_history(tmp_path):
 
 def test_validate_test_and_predict_after_fit_add_nothing(tmp_path):
     model = TinyNet()
-    cbs = [SaturationMonitor(every_n_steps=1), GradDataRatio(every_n_steps=1), UpdateRatio(every_n_steps=1)]
+    cbs = all_callbacks(1)
     t = trainer(tmp_path, cbs, max_steps=2, logger=False)
     t.fit(model, loader())
     before = [{tag: list(points) for tag, points in cb.history.items()} for cb in cbs]

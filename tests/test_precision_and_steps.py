@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from helpers import TinyNet, assert_matches_reference, loader, read_tensorboard, trainer
+from helpers import TinyNet, all_callbacks, assert_matches_reference, loader, read_tensorboard, trainer
 from lightning.pytorch.plugins import MixedPrecision
 from torch import nn
 
@@ -17,7 +17,7 @@ def fp16_plugin():
 
 def test_fp16_amp_gradients_are_unscaled(tmp_path):
     model = TinyNet()
-    cbs = [SaturationMonitor(every_n_steps=1), GradDataRatio(every_n_steps=1), UpdateRatio(every_n_steps=1)]
+    cbs = all_callbacks(1)
     t = trainer(tmp_path, cbs, max_steps=3, plugins=[fp16_plugin()])
     t.fit(model, loader())
     scalars, _, _ = read_tensorboard(t.logger.log_dir)
@@ -34,7 +34,7 @@ def test_bf16_mixed_runs_and_matches(tmp_path):
     model = TinyNet()
     t = trainer(
         tmp_path,
-        [SaturationMonitor(every_n_steps=1), GradDataRatio(every_n_steps=1), UpdateRatio(every_n_steps=1)],
+        all_callbacks(1),
         max_steps=2,
         precision="bf16-mixed",
     )
@@ -57,7 +57,7 @@ class BlowUpAt(TinyNet):
 
 def test_skipped_amp_step_is_reported_not_minus_infinity(tmp_path):
     model = BlowUpAt(bad_step=1)
-    cbs = [SaturationMonitor(every_n_steps=1), GradDataRatio(every_n_steps=1), UpdateRatio(every_n_steps=1)]
+    cbs = all_callbacks(1)
     t = trainer(tmp_path, cbs, max_steps=3, plugins=[fp16_plugin()])
     t.fit(model, loader())
     scalars, hists, _ = read_tensorboard(t.logger.log_dir)
@@ -74,7 +74,7 @@ def test_skipped_amp_step_is_reported_not_minus_infinity(tmp_path):
 
 def test_accumulation_measures_once_per_optimizer_step_over_all_micro_batches(tmp_path):
     model = TinyNet()
-    cbs = [SaturationMonitor(every_n_steps=1), GradDataRatio(every_n_steps=1), UpdateRatio(every_n_steps=1)]
+    cbs = all_callbacks(1)
     t = trainer(tmp_path, cbs, max_steps=3, accumulate_grad_batches=4, limit_val_batches=0)
     t.fit(model, loader(batch_size=8))
     scalars, _, _ = read_tensorboard(t.logger.log_dir)

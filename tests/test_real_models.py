@@ -12,11 +12,11 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import trainer
+from helpers import all_callbacks, trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_netdiag import GradDataRatio, SaturationMonitor, UpdateRatio, report
+from lightning_netdiag import SaturationMonitor, report
 
 STEPS = 2
 #: A transformer config small enough for a test: 2 layers, width 16.
@@ -56,7 +56,7 @@ def images(size: int = 32) -> DataLoader:
 
 
 def fit(tmp_path, module: L.LightningModule, data: DataLoader) -> list:
-    cbs = [SaturationMonitor(every_n_steps=1), GradDataRatio(every_n_steps=1), UpdateRatio(every_n_steps=1)]
+    cbs = all_callbacks(1)
     trainer(tmp_path, cbs, logger=False, max_steps=STEPS, limit_val_batches=0).fit(module, data)
     return cbs
 
@@ -178,7 +178,7 @@ def test_resnet18_reused_relu_gives_one_layer_per_call_with_the_lectures_numbers
             grads_done.append(1)
 
     module = Wrap(model)
-    cbs = [SaturationMonitor(every_n_steps=1), GradDataRatio(every_n_steps=1), UpdateRatio(every_n_steps=1)]
+    cbs = all_callbacks(1)
     trainer(tmp_path, [*cbs, Steps()], logger=False, max_steps=STEPS, limit_val_batches=0).fit(module, images())
     sat = cbs[0]
     assert names(sat, "act_std") == names(sat, "act_grad_std") == expected
@@ -262,7 +262,7 @@ def test_tutorial_style_functional_cnn(tmp_path):
             h = cnn.seen.pop()
             steps.append((h.detach().clone(), h.grad.clone()))
 
-    cbs = [SaturationMonitor(every_n_steps=1), GradDataRatio(every_n_steps=1), UpdateRatio(every_n_steps=1)]
+    cbs = all_callbacks(1)
     trainer(tmp_path, [*cbs, Keep()], logger=False, max_steps=STEPS, limit_val_batches=0).fit(module, images())
     sat = cbs[0]
     assert names(sat, "act_std") == {"model/relu", "model/relu-2", "model/relu-3", "model/tanh"}

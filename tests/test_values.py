@@ -9,6 +9,7 @@ from helpers import (
     GRAD_EDGES,
     TANH_EDGES,
     TinyNet,
+    all_callbacks,
     assert_matches_reference,
     bin_counts,
     loader,
@@ -19,11 +20,7 @@ from helpers import (
 )
 from lightning.pytorch.loggers import CSVLogger
 
-from lightning_netdiag import GradDataRatio, SaturationMonitor, UpdateRatio
-
-
-def all_callbacks(n: int = 2):
-    return [SaturationMonitor(every_n_steps=n), GradDataRatio(every_n_steps=n), UpdateRatio(every_n_steps=n)]
+from lightning_netdiag import GradDataRatio, UpdateRatio
 
 
 def expected_tags(model: TinyNet) -> set[str]:

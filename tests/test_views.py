@@ -7,12 +7,12 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import loader, read_tensorboard, trainer
+from helpers import all_callbacks, loader, read_tensorboard, trainer
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from tensorboard.plugins.custom_scalar import layout_pb2
 from torch import nn
 
-from lightning_netdiag import DiagnosticPlots, GradDataRatio, HealthReport, SaturationMonitor, UpdateRatio, plots
+from lightning_netdiag import DiagnosticPlots, HealthReport, plots
 
 BLOCKS = 55
 
@@ -52,7 +52,7 @@ class Deep(L.LightningModule):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("deep")
-    cbs = [SaturationMonitor(every_n_steps=2), GradDataRatio(every_n_steps=2), UpdateRatio(every_n_steps=2)]
+    cbs = all_callbacks(2)
     health, drawn = HealthReport(print_table=False), DiagnosticPlots(save_dir=str(tmp / "plots"))
     t = trainer(tmp, [*cbs, health, drawn], max_steps=5, limit_val_batches=0)
     with pytest.warns(UserWarning, match="netdiag: saturation in") as record:
@@ -133,7 +133,7 @@ def test_many_layers_get_heatmaps_and_a_depth_profile_with_legends_beside(run):
 def test_few_layers_keep_the_lectures_plots_with_the_legend_beside(tmp_path):
     from helpers import TinyNet
 
-    cbs = [SaturationMonitor(every_n_steps=1), GradDataRatio(every_n_steps=1), UpdateRatio(every_n_steps=1)]
+    cbs = all_callbacks(1)
     trainer(tmp_path, cbs, max_steps=3, logger=False).fit(TinyNet(), loader())
     figures = plots.draw_all(*cbs)
     assert "depth_profile" not in figures

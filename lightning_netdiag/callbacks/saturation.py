@@ -131,7 +131,7 @@ class SaturationMonitor(DiagnosticCallback):
         self._hooks: ActivationHooks | None = None
         self._records_step: int | None = None
         self._pending = False
-        self._units: list[int] | None = None
+        self._units: tuple[tuple[str, ...], list[int]] | None = None  # the layers they were agreed for
         self._warned_empty = False
         self.layer_types: dict[str, str] = {}  # watched layer -> its class name ("function" for a call)
         self.layer_kinds: dict[str, str] = {}  # watched layer -> its activation kind ("tanh", "gelu", ...)
@@ -256,8 +256,7 @@ class SaturationMonitor(DiagnosticCallback):
         self._describe_layers(layers)
         scalars: dict[str, float] = {}
         histograms: dict[str, stats.Histogram] = {}
-        by_depth = sorted(range(len(layers)), key=lambda i: (layers[i].order is None, layers[i].order or 0))
-        for i in by_depth:
+        for i in sorted(range(len(layers)), key=lambda i: layers[i].depth):
             act_record, alive_counts, grad_record = values[3 * i : 3 * i + 3]
             if stats.recorded(act_record):
                 self._describe(layers[i], act_record, alive_counts, grad_record, scalars, histograms)
@@ -271,18 +270,17 @@ class SaturationMonitor(DiagnosticCallback):
         names = sorted(layer.name for layer in hooks.layers)
         local = torch.tensor([len(names), zlib.crc32("\n".join(names).encode())], dtype=torch.float64)
         both = trainer.strategy.reduce(torch.cat([local, -local]).to(trainer.strategy.root_device), reduce_op="max")
-        high, neg_low = both.tolist()[:2], both.tolist()[2:]
-        if high != [-v for v in neg_low]:
+        high_count, high_sum, neg_low_count, neg_low_sum = both.tolist()
+        if (high_count, high_sum) != (-neg_low_count, -neg_low_sum):
             gathered: list[Any] = [None] * trainer.world_size
             dist.all_gather_object(gathered, [layer.spec() for layer in hooks.layers])
             for specs in gathered:
                 for spec in specs:
                     hooks.adopt(spec)
-            self._units = None  # new layers: their unit counts are agreed again
         return sorted(hooks.layers, key=lambda layer: layer.name)
 
     def _describe_layers(self, layers: Sequence[Layer]) -> None:
-        for layer in sorted(layers, key=lambda layer: (layer.order is None, layer.order or 0)):
+        for layer in sorted(layers, key=lambda layer: layer.depth):
             self.layer_types[layer.name] = layer.type_name
             self.layer_kinds[layer.name] = layer.kind.name
             self.layer_families[layer.name] = layer.kind.family
@@ -290,12 +288,15 @@ class SaturationMonitor(DiagnosticCallback):
     def _unit_counts(self, trainer: pl.Trainer, layers: list[Layer]) -> list[int]:
         """Per layer, the length of its per-unit counts: the same on every rank, 0 where no rank ran it yet."""
         local = [0 if layer.alive is None else layer.alive.numel() for layer in layers]
-        if trainer.world_size == 1 or self._units is not None:
-            return self._units or local
+        names = tuple(layer.name for layer in layers)
+        if trainer.world_size == 1:
+            return local
+        if self._units is not None and self._units[0] == names:
+            return self._units[1]
         counts = trainer.strategy.reduce(torch.tensor(local, device=trainer.strategy.root_device), reduce_op="max")
         units = [int(n) for n in counts.tolist()]
         if all(units[i] for i, layer in enumerate(layers) if layer.has_rule):
-            self._units = units  # known everywhere now: no more collectives for it
+            self._units = (names, units)  # known everywhere for these layers: no more collectives for it
         return units
 
     def _describe(
