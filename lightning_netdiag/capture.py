@@ -399,16 +399,19 @@ class ActivationHooks:
     def _record_activation(self, layer: Layer, t: Tensor, input_mask: Tensor | None) -> None:
         if layer.order is None:
             layer.order, self._seen = self._seen, self._seen + 1
-        extra: list[Tensor] = []
+        record = stats.tensor_record(t, layer.act_bins if self.histograms else None)
         if layer.rule is not None:
             mask = input_mask if layer.rule.on_input else layer.rule.mask(t)
-            saturated, alive = stats.saturation_extra(mask, torch.isfinite(t), unit_dim_of(t, self.unit_dim))  # type: ignore[arg-type]
-            extra.append(saturated)
+            # Where reading the record is free, a tensor it found all finite needs no finiteness mask.
+            all_finite = stats.host_reads_free(t) and record[stats.NONFINITE].item() == 0
+            finite = None if all_finite else torch.isfinite(t)
+            saturated, alive = stats.saturation_extra(mask, finite, unit_dim_of(t, self.unit_dim))  # type: ignore[arg-type]
+            record = stats.with_extra(record, [saturated])
             if layer.alive is None:
                 layer.alive = alive
             else:
                 layer.alive.add_(alive)
-        layer.act.add_(stats.tensor_record(t, layer.act_bins if self.histograms else None, extra))  # type: ignore[union-attr]
+        layer.act.add_(record)  # type: ignore[union-attr]
 
     def _enter(self, module: nn.Module, inputs: object) -> None:
         if id(module) not in self._names:

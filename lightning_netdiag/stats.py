@@ -134,13 +134,21 @@ def record_size(bins: Bins | None, extra: int = 0) -> int:
     return MOMENTS + extra + (0 if bins is None else bins.size)
 
 
-def tensor_record(
-    x: Tensor, bins: Bins | None, extra: Sequence[Tensor] = (), divisor: Tensor | float | None = None
-) -> Tensor:
-    """The additive record of ``x`` (divided by ``divisor``): moments of its finite values, ``extra``
-    counts, histogram counts.
+def host_reads_free(x: Tensor) -> bool:
+    """Whether reading a value of ``x`` on the host costs nothing: a CPU tensor outside a compiled graph.
 
-    Runs on ``x``'s device, never synchronises with the host, and leaves ``x`` untouched; the division is
+    There a record first assumes every value is finite and checks that once on the host (a NaN or an
+    Inf makes the sum of squares non-finite), skipping the clean-up passes; on CUDA, where a read waits
+    for the device, and in a graph, which a read would break, the clean-up always runs (no host read).
+    """
+    return x.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def tensor_record(x: Tensor, bins: Bins | None, divisor: Tensor | float | None = None) -> Tensor:
+    """The additive record of ``x`` (divided by ``divisor``): moments of its finite values, histogram
+    counts (insert counts of your own with :func:`with_extra`).
+
+    Runs on ``x``'s device, never synchronises with a GPU, and leaves ``x`` untouched; the division is
     done chunk by chunk, so no full-size temporary is made.
     """
     x = x.detach()
@@ -148,12 +156,17 @@ def tensor_record(
         x = x.float()  # half and bf16 are summed in float32 or more
     flat = x.reshape(-1)
     chunks = flat.split(_CHUNK) if flat.numel() > _CHUNK else (flat,)
-    body = [_chunk_record(c if divisor is None else c / divisor, bins) for c in chunks]
-    total = body[0] if len(body) == 1 else torch.stack(body).sum(0)
+    host = host_reads_free(x)
+    body = [_chunk_record(c if divisor is None else c / divisor, bins, host) for c in chunks]
+    return body[0] if len(body) == 1 else torch.stack(body).sum(0)
+
+
+def with_extra(record: Tensor, extra: Sequence[Tensor]) -> Tensor:
+    """``record`` with the ``extra`` counts inserted after its moments."""
     if not extra:
-        return total
+        return record
     extra_counts = torch.stack([e.to(torch.float64) for e in extra])
-    return torch.cat([total[:MOMENTS], extra_counts, total[MOMENTS:]])
+    return torch.cat([record[:MOMENTS], extra_counts, record[MOMENTS:]])
 
 
 #: Tensors of at most this many values are reduced together, in one pass over their concatenation: a
@@ -174,24 +187,64 @@ def tensor_records(xs: Sequence[Tensor], bins: Bins | None, divisor: Tensor | fl
             small.setdefault(x.device, []).append(i)
         else:
             out[i] = tensor_record(x, bins, divisor=divisor)
-    for device, members in small.items():
+    for members in small.values():
         flat = [xs[i].detach().reshape(-1) for i in members]
         dtype = torch.float64 if any(f.dtype == torch.float64 for f in flat) else torch.float32
         x = torch.cat([f.to(dtype) for f in flat])  # half and bf16 are summed in float32 or more
         if divisor is not None:
             x = x / divisor
         sizes = tuple(f.numel() for f in flat)
-        n = len(sizes)
-        xz = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
-        bad = (x * 0).ne(0).to(torch.float64)  # x * 0 is NaN exactly where x is not finite
-        xd = xz.to(torch.float64)
-        # Per-segment sums of views: vectorised pairwise sums (index_add_ adds one value at a time, ~25x slower).
-        columns = torch.stack([1.0 - bad, xd, xd * xd, bad], dim=1)
-        head = torch.stack([part.sum(0) for part in columns.split(sizes)])
-        rows = head if bins is None else torch.cat([head, bins.counts(xz, _segments(sizes, device), n)], dim=1)
+        rows = _finite_records(x, sizes, bins) if host_reads_free(x) else None
+        if rows is None:
+            rows = _clean_records(x, sizes, bins)
         for i, row in zip(members, rows, strict=True):
             out[i] = row
     return out  # type: ignore[return-value]
+
+
+def _chunk_record(x: Tensor, bins: Bins | None, host: bool) -> Tensor:
+    record = _finite_records(x, (x.numel(),), bins) if host else None
+    return (_clean_records(x, (x.numel(),), bins) if record is None else record)[0]
+
+
+def _finite_records(x: Tensor, sizes: tuple[int, ...], bins: Bins | None) -> Tensor | None:
+    """The records of the segments of ``sizes`` of ``x``, if every value is finite (checked on the host,
+    once); None otherwise. Squares of float32 values are exact in float64."""
+    xd = x.to(torch.float64, copy=True)
+    sums = _segment_sums([xd, xd * xd], sizes)
+    if not math.isfinite(sums[:, 1].sum().item()):  # a NaN or an Inf makes the sum of squares non-finite
+        return None
+    counts = torch.tensor(sizes, dtype=torch.float64).unsqueeze(1)
+    head = torch.cat([counts, sums, torch.zeros_like(counts)], dim=1)
+    return head if bins is None else torch.cat([head, _histograms(x, sizes, bins)], dim=1)
+
+
+def _clean_records(x: Tensor, sizes: tuple[int, ...], bins: Bins | None) -> Tensor:
+    """The records of the segments of ``sizes`` of ``x``, with no host read. Non-finite values become 0
+    and are counted; they are left out of every other statistic, and the histogram's zero bin gives them
+    back when it is read (Histogram.of)."""
+    xz = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+    bad = (x * 0).ne(0).to(torch.float64)  # x * 0 is NaN exactly where x is not finite
+    xd = xz.to(torch.float64)
+    head = _segment_sums([1.0 - bad, xd, xd * xd, bad], sizes)
+    return head if bins is None else torch.cat([head, _histograms(xz, sizes, bins)], dim=1)
+
+
+def _segment_sums(columns: Sequence[Tensor], sizes: tuple[int, ...]) -> Tensor:
+    """Per segment of ``sizes`` of the values, the sum of each of ``columns``: ``(segments, columns)``.
+
+    Vectorised pairwise sums of contiguous views; not ``dot`` (BLAS accumulates in one running sum: the
+    variance of a weight near 1 lost five digits to it) nor ``index_add_`` (one value at a time, ~25x slower).
+    """
+    if len(sizes) == 1:
+        return torch.stack([c.sum() for c in columns]).unsqueeze(0)
+    return torch.stack([part.sum(1) for part in torch.stack(list(columns)).split(sizes, dim=1)])
+
+
+def _histograms(x: Tensor, sizes: tuple[int, ...], bins: Bins) -> Tensor:
+    if len(sizes) == 1:
+        return bins.counts(x).unsqueeze(0)
+    return bins.counts(x, _segments(sizes, x.device), len(sizes))
 
 
 _SEGMENTS: dict[tuple[tuple[int, ...], torch.device], Tensor] = {}
@@ -207,19 +260,6 @@ def _segments(sizes: tuple[int, ...], device: torch.device) -> Tensor:
         counts = torch.tensor(sizes, dtype=torch.int64)
         _SEGMENTS[key] = torch.repeat_interleave(torch.arange(len(sizes)), counts).to(device)
     return _SEGMENTS[key]
-
-
-def _chunk_record(x: Tensor, bins: Bins | None) -> Tensor:
-    # Non-finite values become 0 and are counted; they are left out of every other statistic, and the
-    # histogram's zero bin gives them back when it is read (Histogram.of).
-    xz = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
-    bad = torch.count_nonzero(x * 0).to(torch.float64)  # x * 0 is NaN exactly where x is not finite
-    # A float64 copy, then vectorised pairwise sums: several times faster than `sum(dtype=float64)`, which
-    # converts value by value; squares of float32 values are exact in float64. Not `dot`: BLAS accumulates
-    # in one running sum, and the variance of a weight near 1 lost five digits to it.
-    xd = xz.to(torch.float64, copy=True)  # squared in place below
-    head = torch.stack([xz.numel() - bad, xd.sum(), xd.square_().sum(), bad])
-    return head if bins is None else torch.cat([head, bins.counts(xz)])
 
 
 def zero_bin(edges: Sequence[float]) -> int:
@@ -302,14 +342,16 @@ def ratio_log10(numerator: float, denominator: float) -> float:
     return math.log10(numerator / denominator)
 
 
-def saturation_extra(mask: Tensor, finite: Tensor, unit_dim: int) -> tuple[Tensor, Tensor]:
-    """Saturated count, and per unit the number of examples in which it is *not* saturated.
+def saturation_extra(mask: Tensor, finite: Tensor | None, unit_dim: int) -> tuple[Tensor, Tensor]:
+    """Saturated count, and per unit the number of examples in which it is *not* saturated; ``finite``
+    masks the values counted (None: all are).
 
     A unit (a feature along ``unit_dim``) whose count stays 0 over the whole logging step is dead: saturated
     for every example, a white column of the lecture's ``imshow(h.abs() > 0.99)``.
     """
-    saturated = mask & finite
-    alive = (~saturated & finite).movedim(unit_dim, -1) if mask.dim() > 0 else (~saturated).reshape(1)
+    saturated = mask if finite is None else mask & finite
+    alive = ~saturated if finite is None else ~saturated & finite
+    alive = alive.movedim(unit_dim, -1) if mask.dim() > 0 else alive.reshape(1)
     # count_nonzero: summing booleans into float64 converts value by value, about 5x slower.
     per_unit = torch.count_nonzero(alive.reshape(-1, alive.shape[-1]), dim=0).to(torch.float64)
     return torch.count_nonzero(saturated).to(torch.float64), per_unit

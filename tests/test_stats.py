@@ -128,3 +128,32 @@ def test_many_small_tensors_in_one_pass_equal_one_record_each(bins, divisor):
     m = stats.Moments.of(batched[0].tolist())
     scale = 1.0 if divisor is None else 1024.0
     assert m.mean == pytest.approx(direct.mean().item() / scale) and m.std == pytest.approx(direct.std().item() / scale)
+
+
+@pytest.mark.parametrize(
+    "bins", [None, stats.log2_bins(), stats.linear_bins(-1.0, 1.0)], ids=["none", "log2", "linear"]
+)
+@pytest.mark.parametrize("nonfinite", [False, True], ids=["finite", "nonfinite"])
+def test_host_branch_and_sync_free_paths_give_equal_records(bins, nonfinite, monkeypatch):
+    """On CPU a record assumes finite values and checks once on the host; on CUDA it cleans up without a
+    host read. Both paths, for one tensor, chunked tensors and many small ones, give the same record."""
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(300, generator=g) * 0.3, torch.randn(stats.SMALL + 5, generator=g), torch.randn(7, generator=g)]
+    if nonfinite:
+        xs[0][3], xs[1][10], xs[2][0] = math.nan, math.inf, -math.inf
+    monkeypatch.setattr(stats, "_CHUNK", 1000)  # the large tensor in several chunks
+    cleanups = []
+    real_clean = stats._clean_records
+    monkeypatch.setattr(stats, "_clean_records", lambda *a: cleanups.append(1) or real_clean(*a))
+    host_path = [stats.tensor_record(x, bins) for x in xs] + stats.tensor_records(xs, bins)
+    assert bool(cleanups) == nonfinite  # finite values never reach the clean-up on CPU
+    monkeypatch.setattr(stats, "host_reads_free", lambda x: False)
+    sync_free = [stats.tensor_record(x, bins) for x in xs] + stats.tensor_records(xs, bins)
+    for a, b in zip(host_path, sync_free, strict=True):
+        assert torch.equal(a[stats.NONFINITE :], b[stats.NONFINITE :])  # counts are exact
+        assert torch.allclose(a, b, rtol=1e-12, atol=0)
+    for x, record in zip(xs + xs, host_path, strict=True):
+        finite = x[torch.isfinite(x)].double()
+        m = stats.Moments.of(record.tolist())
+        assert (m.count, m.nonfinite) == (finite.numel(), x.numel() - finite.numel())
+        assert m.mean == pytest.approx(finite.mean().item()) and m.std == pytest.approx(finite.std().item())
