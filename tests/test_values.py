@@ -148,7 +148,7 @@ def test_update_ratio_on_a_sample_of_each_weight_is_within_its_stated_error(tmp_
 
     class Held(L.Callback):  # what the sampled callback holds at the moment of the step
         def on_before_optimizer_step(self, *args):
-            held.append(sum(copy.numel() for _, _, copy in sampled._before.values()))
+            held.append(sum(copy.numel() for _, _, copy, _ in sampled._before.values()))
 
     model = Wide()
     trainer(tmp_path, [exact, sampled, Held()], max_steps=4, logger=False).fit(model, loader())
@@ -166,3 +166,36 @@ def test_update_ratio_on_a_sample_of_each_weight_is_within_its_stated_error(tmp_
                 assert abs(s - e) <= 4 * bound, (name, step, s, e)
     with pytest.raises(ValueError, match="`sample`"):
         UpdateRatio(sample=0)
+
+
+class Doubler(L.Callback):
+    """Changes one weight after GradDataRatio has read it and before UpdateRatio copies it."""
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        with torch.no_grad():
+            pl_module.net[3].weight.mul_(2.0)
+
+
+@pytest.mark.parametrize("doubler", [False, True], ids=["unchanged", "changed-between"])
+def test_update_ratio_reads_each_weight_once_with_grad_data_ratio(tmp_path, monkeypatch, doubler):
+    """UpdateRatio takes GradDataRatio's record of the weights before the step, unless they changed since."""
+    recomputed: list[str] = []
+    real = UpdateRatio._records
+
+    def spy(parts, *a, **k):
+        recomputed.extend(str(tuple(p.shape)) for p, _ in parts)
+        return real(parts, *a, **k)
+
+    monkeypatch.setattr(UpdateRatio, "_records", staticmethod(spy))
+    model = TinyNet(optimizer="adam", lr=0.01)
+    d4 = UpdateRatio(every_n_steps=1)
+    cbs = [GradDataRatio(every_n_steps=1), *([Doubler()] if doubler else []), d4]
+    trainer(tmp_path, cbs, max_steps=3, logger=False).fit(model, loader())
+    for step in range(3):
+        for name in ("net.0.weight", "net.3.weight", "net.5.weight"):
+            tag = f"netdiag/update_data_log10/{name}"
+            assert dict(d4.history[tag])[step] == pytest.approx(model.ref[step][tag], rel=1e-6)
+    updates = [str(tuple(p.shape)) for p in (model.net[0].weight, model.net[3].weight, model.net[5].weight)]
+    doubled = str(tuple(model.net[3].weight.shape))
+    # per step: the three updates, and a "before" record only for the weight changed after GradDataRatio read it
+    assert sorted(recomputed) == sorted((updates + ([doubled] if doubler else [])) * 3)

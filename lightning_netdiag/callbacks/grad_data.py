@@ -7,6 +7,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from torch import Tensor
 from typing_extensions import override
 
 from lightning_netdiag import stats
@@ -65,10 +66,17 @@ class GradDataRatio(ParameterCallback):
         super().__init__(params, exclude, ndims, every_n_steps, prefix, history_size)
         self.histograms = bool(histograms)
         self._bins = stats.log2_bins()
+        # name -> (step, the parameter's version counter, its record): the weights as they were just before
+        # the optimizer step, which UpdateRatio needs too (read once, not twice).
+        self.weight_records: dict[str, tuple[int, int, Tensor]] = {}
 
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         self._measure(trainer, optimizer)
+
+    def _detach(self) -> None:
+        super()._detach()
+        self.weight_records = {}
 
     def _measure(self, trainer: pl.Trainer, optimizer: Any) -> None:
         if self._step is None:
@@ -86,6 +94,9 @@ class GradDataRatio(ParameterCallback):
             weights.append(self._shard(name, p))
         grad_records = self._records(grads, self._bins if self.histograms else None, divisor=scale)
         weight_records = self._records(weights)
+        self.weight_records = {
+            name: (self._step, p._version, record) for (name, p), record in zip(chosen, weight_records, strict=True)
+        }
         values = self._values(trainer, [r for pair in zip(grad_records, weight_records, strict=True) for r in pair])
         scalars: dict[str, float] = {}
         histograms: dict[str, stats.Histogram] = {}

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_netdiag import stats
-from lightning_netdiag.callbacks._common import ParameterCallback, check_positive_int
+from lightning_netdiag.callbacks._common import ParameterCallback, check_positive_int, monitors
 from lightning_netdiag.capture import WEIGHT_NDIMS
 
 #: The lecture's rule of thumb: updates about 1/1000 of the data.
@@ -85,8 +85,9 @@ class UpdateRatio(ParameterCallback):
         check_positive_int("sample", sample, allow_none=True)
         self.target = float(target)
         self.sample = sample
-        # name -> (parameter, the element indices kept (None: all), copy of those elements of this rank's part)
-        self._before: dict[str, tuple[nn.Parameter, Tensor | None, Tensor]] = {}
+        # name -> (parameter, the element indices kept (None: all), copy of those elements of this rank's part,
+        # the parameter's version counter when copied)
+        self._before: dict[str, tuple[nn.Parameter, Tensor | None, Tensor, int]] = {}
         self._indices: dict[str, Tensor] = {}  # the fixed sample of each parameter, drawn once
 
     @override
@@ -109,7 +110,8 @@ class UpdateRatio(ParameterCallback):
             for name, p in self._stepped_by(optimizer):
                 part = self._shard(name, p)[0]
                 index = self._sample_of(name, part)
-                self._before[name] = (p, index, part.clone() if index is None else torch.take(part, index))
+                copy = part.clone() if index is None else torch.take(part, index)
+                self._before[name] = (p, index, copy, p._version)
 
     def _sample_of(self, name: str, part: Tensor) -> Tensor | None:
         """The fixed elements of ``part`` kept with ``sample``: the same every step (so the update is
@@ -121,14 +123,34 @@ class UpdateRatio(ParameterCallback):
             self._indices[name] = torch.randperm(part.numel(), generator=g)[: self.sample].to(part.device)
         return self._indices[name]
 
+    def _old_records(
+        self,
+        trainer: pl.Trainer,
+        before: dict[str, tuple[nn.Parameter, Tensor | None, Tensor, int]],
+        copies: list[tuple[Tensor, int]],
+    ) -> list[Tensor]:
+        """The record of each parameter before the step: GradDataRatio's where it read the same values (this
+        step, the same version counter, the same weighting across ranks), so that no weight is read twice; the
+        others from the copies. With ``sample``, GradDataRatio's record is of the whole weight: the exact std."""
+        d3 = monitors(trainer)["grad_data"]
+        shared = d3.weight_records if d3 is not None and d3._world == self._world else {}
+        records: list[Tensor | None] = []
+        for name, (_, _, _, version) in before.items():
+            hit = shared.get(name)
+            records.append(hit[2] if hit is not None and hit[:2] == (self._step, version) else None)
+        missing = [i for i, r in enumerate(records) if r is None]
+        for i, record in zip(missing, self._records([copies[i] for i in missing]), strict=True):
+            records[i] = record
+        return records  # type: ignore[return-value]
+
     def _measure(self, trainer: pl.Trainer) -> None:
         before, self._before = self._before, {}  # the copies are freed when this returns
         if self._step is None or not before:
             return
-        shards = [self._shard(name, p) for name, (p, _, _) in before.items()]
-        copies = [(copy, n) for (_, _, copy), (_, n) in zip(before.values(), shards, strict=True)]
-        old_records = self._records(copies)
-        for (_, index, copy), (now, _) in zip(before.values(), shards, strict=True):
+        shards = [self._shard(name, p) for name, (p, _, _, _) in before.items()]
+        copies = [(copy, n) for (_, _, copy, _), (_, n) in zip(before.values(), shards, strict=True)]
+        old_records = self._old_records(trainer, before, copies)
+        for (_, index, copy, _), (now, _) in zip(before.values(), shards, strict=True):
             # the copy becomes the update: no second full-size tensor
             torch.sub(now if index is None else torch.take(now, index), copy, out=copy)
         update_records = self._records(copies)
