@@ -202,8 +202,8 @@ def write_tensorboard(
     writer's own file writer (``SummaryWriter.file_writer.add_summary``, as its ``add_scalar`` does). A logger
     with a key prefix, or another writer than torch's, gets the per-value calls instead, unchanged.
     """
-    from tensorboard.compat.proto.summary_pb2 import Summary  # type: ignore[import-untyped]
-    from torch.utils.tensorboard import SummaryWriter, summary
+    from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary  # type: ignore[import-untyped]
+    from torch.utils.tensorboard import SummaryWriter
 
     writer = logger.experiment
     file_writer = getattr(writer, "file_writer", None)
@@ -214,11 +214,14 @@ def write_tensorboard(
             if raw is not None:
                 writer.add_histogram_raw(tag, global_step=step, **raw)
         return
-    values = [summary.scalar(tag, value).value[0] for tag, value in scalars.items()]
+    # The protos torch's add_scalar and add_histogram_raw write, built directly (its helpers convert each
+    # value through numpy first).
+    values = [Summary.Value(tag=tag, simple_value=value) for tag, value in scalars.items()]
     for tag, hist in histograms.items():
         raw = _histogram_raw(hist)
         if raw is not None:
-            values.append(summary.histogram_raw(tag, **raw).value[0])
+            limits, counts = raw.pop("bucket_limits"), raw.pop("bucket_counts")
+            values.append(Summary.Value(tag=tag, histo=HistogramProto(**raw, bucket_limit=limits, bucket=counts)))
     if values:
         file_writer.add_summary(Summary(value=values), step)
 
