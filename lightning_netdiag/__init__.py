@@ -6,7 +6,16 @@ Four layers, each importing only the ones before it:
 """
 
 from lightning_netdiag.callbacks import DiagnosticPlots, GradDataRatio, HealthReport, SaturationMonitor, UpdateRatio
+from lightning_netdiag.sinks import fast_tensorboard_checksums
 
 __version__ = "0.1.0"
 
-__all__ = ["DiagnosticPlots", "GradDataRatio", "HealthReport", "SaturationMonitor", "UpdateRatio", "__version__"]
+__all__ = [
+    "DiagnosticPlots",
+    "GradDataRatio",
+    "HealthReport",
+    "SaturationMonitor",
+    "UpdateRatio",
+    "__version__",
+    "fast_tensorboard_checksums",
+]

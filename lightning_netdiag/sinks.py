@@ -226,6 +226,37 @@ def write_tensorboard(
         file_writer.add_summary(Summary(value=values), step)
 
 
+def fast_tensorboard_checksums(enable: bool = True) -> None:
+    """Opt in: TensorBoard's event writer checksums every record with google-crc32c's C code.
+
+    TensorBoard frames each event with a CRC32C computed in pure Python, on its writer thread, holding the
+    GIL: about 240 µs per kB on a 2-core CPU, about 5 ms per step for a small model's histograms, which is
+    then the largest part of what logging at every step costs. This replaces TensorBoard's checksum
+    function (``tensorboard.summary.writer.record_writer.masked_crc32c``), for every TensorBoard writer in
+    this process, with one giving the same checksums from ``google_crc32c`` (``pip install google-crc32c``,
+    or the ``fast`` extra); ``enable=False`` puts TensorBoard's own back. It is never done unless called.
+
+    Raises:
+        ImportError: if ``enable`` and google-crc32c is not installed.
+    """
+    from tensorboard.compat.tensorflow_stub import pywrap_tensorflow  # type: ignore[import-untyped]
+    from tensorboard.summary.writer import record_writer  # type: ignore[import-untyped]
+
+    if not enable:
+        record_writer.masked_crc32c = pywrap_tensorflow.masked_crc32c
+        return
+    try:
+        import google_crc32c  # type: ignore[import-not-found,import-untyped,unused-ignore]
+    except ImportError as err:
+        raise ImportError("fast_tensorboard_checksums needs google-crc32c: pip install google-crc32c") from err
+
+    def masked_crc32c(data: bytes) -> int:
+        crc = google_crc32c.value(data)  # TensorBoard's masking of the CRC, on the C checksum
+        return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+    record_writer.masked_crc32c = masked_crc32c
+
+
 def _wandb_histogram(hist: Histogram) -> Any:
     """A ``wandb.Histogram`` of the non-empty bins, from the counts (no raw values exist on the host)."""
     import numpy as np

@@ -10,7 +10,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from tensorboard.plugins.custom_scalar import layout_pb2
 
-from lightning_netdiag import GradDataRatio
+from lightning_netdiag import GradDataRatio, fast_tensorboard_checksums
 from lightning_netdiag.sinks import CHARTS
 
 
@@ -140,3 +140,24 @@ def test_a_tensorboard_logger_with_a_key_prefix_keeps_its_own_per_value_calls(tm
         dict(cb.history["netdiag/grad_data_ratio/net.3.weight"])[1], rel=1e-6
     )
     assert "netdiag/grad/net.3.weight" in hists
+
+
+def test_fast_checksums_are_tensorboards_own_and_are_only_used_when_asked_for(tmp_path):
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
+    from tensorboard.summary.writer import record_writer
+
+    assert record_writer.masked_crc32c is masked_crc32c  # nothing is replaced on import
+    data = [b"", b"a", bytes(range(256)) * 9, torch.randint(0, 256, (5000,), dtype=torch.uint8).numpy().tobytes()]
+    fast_tensorboard_checksums()
+    try:
+        assert record_writer.masked_crc32c is not masked_crc32c
+        assert [record_writer.masked_crc32c(d) for d in data] == [masked_crc32c(d) for d in data]
+        cbs = all_callbacks(2)
+        t = trainer(tmp_path, cbs, max_steps=3, limit_val_batches=0)
+        t.fit(TinyNet(), loader())
+    finally:
+        fast_tensorboard_checksums(False)
+    assert record_writer.masked_crc32c is masked_crc32c
+    # TensorBoard's reader checks every record's checksum (with its own code, now restored)
+    ours = [e for e in events(t.logger.log_dir) if any(v.tag.startswith("netdiag/") for v in e.summary.value)]
+    assert [e.step for e in ours] == [0, 0, 0, 2, 2, 2]
