@@ -211,11 +211,10 @@ def _finite_records(x: Tensor, sizes: tuple[int, ...], bins: Bins | None) -> Ten
     """The records of the segments of ``sizes`` of ``x``, if every value is finite (checked on the host,
     once); None otherwise. Squares of float32 values are exact in float64."""
     xd = x.to(torch.float64, copy=True)
-    sums = _segment_sums([xd, xd * xd], sizes)
-    if not math.isfinite(sums[:, 1].sum().item()):  # a NaN or an Inf makes the sum of squares non-finite
+    sums = _segment_sums([xd, xd * xd], sizes).tolist()
+    if not all(math.isfinite(squares) for _, squares in sums):  # a NaN or an Inf makes it non-finite
         return None
-    counts = torch.tensor(sizes, dtype=torch.float64).unsqueeze(1)
-    head = torch.cat([counts, sums, torch.zeros_like(counts)], dim=1)
+    head = torch.tensor([[n, s, ss, 0.0] for n, (s, ss) in zip(sizes, sums, strict=True)], dtype=torch.float64)
     return head if bins is None else torch.cat([head, _histograms(x, sizes, bins)], dim=1)
 
 
