@@ -435,6 +435,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per configuration")
     parser.add_argument("--models", nargs="+", choices=list(WORKLOADS), help="default: every CPU model (--gpu: GPU)")
     parser.add_argument("--breakdown", action="store_true", help="also run no-sink and each callback alone")
+    parser.add_argument("--every", type=int, nargs="+", choices=(1, 50), help="the cadences (default: both)")
     parser.add_argument("--gpu", action="store_true", help="the GPU models, in bf16-mixed on CUDA")
     parser.add_argument("--json", type=Path, help="also write the raw numbers here")
     args = parser.parse_args()
@@ -463,6 +464,8 @@ def main() -> None:
 
     results: dict[tuple[str, int, str], list[dict]] = {}
     for w in workloads:
+        if args.every:
+            w.timed = {every: timed for every, timed in w.timed.items() if every in args.every}
         for every, timed in w.timed.items():
             for r in range(rounds):
                 for config in configs:  # interleaved: A B C D A B C D ...

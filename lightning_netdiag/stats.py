@@ -212,7 +212,7 @@ def _chunk_record(x: Tensor, bins: Bins | None, host: bool) -> Tensor:
 def _finite_records(x: Tensor, sizes: tuple[int, ...], bins: Bins | None) -> Tensor | None:
     """The records of the segments of ``sizes`` of ``x``, if every value is finite (checked on the host,
     once); None otherwise. Squares of float32 values are exact in float64."""
-    xd = x.to(torch.float64, copy=True)
+    xd = x.to(torch.float64)
     sums = _segment_sums([xd, xd * xd], sizes).tolist()
     if not all(math.isfinite(squares) for _, squares in sums):  # a NaN or an Inf makes it non-finite
         return None

@@ -94,9 +94,9 @@ class GradDataRatio(ParameterCallback):
             weights.append(self._shard(name, p))
         grad_records = self._records(grads, self._bins if self.histograms else None, divisor=scale)
         weight_records = self._records(weights)
-        self.weight_records = {
-            name: (self._step, p._version, record) for (name, p), record in zip(chosen, weight_records, strict=True)
-        }
+        # kept by name over the optimizers of a step (manual optimization); older entries fail the step check
+        for (name, p), record in zip(chosen, weight_records, strict=True):
+            self.weight_records[name] = (self._step, p._version, record)
         values = self._values(trainer, [r for pair in zip(grad_records, weight_records, strict=True) for r in pair])
         scalars: dict[str, float] = {}
         histograms: dict[str, stats.Histogram] = {}

@@ -26,7 +26,8 @@ class UpdateRatio(ParameterCallback):
     The lecture estimates the update as ``lr * grad``, which holds only for plain SGD. Here the
     parameters are copied just before the optimizer step, on logging steps only, and compared with
     themselves after it (the copy is freed right away): the number is right for Adam, momentum, weight
-    decay, gradient clipping and any learning-rate schedule.
+    decay, gradient clipping and any learning-rate schedule. With a GradDataRatio attached, the std before
+    the step comes from its record of the same weight at the same moment: each weight is read once.
 
     A step in which no selected parameter changed (the AMP GradScaler skipped it because of non-finite
     gradients, or the step was skipped) is reported as ``update_skipped = 1`` with no ratio, never as
