@@ -402,9 +402,7 @@ class ActivationHooks:
         record = stats.tensor_record(t, layer.act_bins if self.histograms else None)
         if layer.rule is not None:
             mask = input_mask if layer.rule.on_input else layer.rule.mask(t)
-            # Where reading the record is free, a tensor it found all finite needs no finiteness mask.
-            all_finite = stats.host_reads_free(t) and record[stats.NONFINITE].item() == 0
-            finite = None if all_finite else torch.isfinite(t)
+            finite = stats.finite_mask(t, record)
             saturated, alive = stats.saturation_extra(mask, finite, unit_dim_of(t, self.unit_dim))  # type: ignore[arg-type]
             record = stats.with_extra(record, [saturated])
             if layer.alive is None:

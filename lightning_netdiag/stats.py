@@ -146,6 +146,13 @@ def host_reads_free(x: Tensor) -> bool:
     return x.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
+def finite_mask(x: Tensor, record: Tensor) -> Tensor | None:
+    """Where ``x`` is finite; None where its ``record`` shows every value is (read only where free)."""
+    if host_reads_free(x) and record[NONFINITE].item() == 0:
+        return None
+    return torch.isfinite(x)
+
+
 def tensor_record(x: Tensor, bins: Bins | None, divisor: Tensor | float | None = None) -> Tensor:
     """The additive record of ``x`` (divided by ``divisor``): moments of its finite values, histogram
     counts (insert counts of your own with :func:`with_extra`).

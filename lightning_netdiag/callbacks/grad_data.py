@@ -66,9 +66,9 @@ class GradDataRatio(ParameterCallback):
         super().__init__(params, exclude, ndims, every_n_steps, prefix, history_size)
         self.histograms = bool(histograms)
         self._bins = stats.log2_bins()
-        # name -> (step, the parameter's version counter, its record): the weights as they were just before
-        # the optimizer step, which UpdateRatio needs too (read once, not twice).
-        self.weight_records: dict[str, tuple[int, int, Tensor]] = {}
+        # name -> (step, the parameter's version counter, the ranks holding the part, its record): the weights
+        # as they were just before the optimizer step, which UpdateRatio needs too (read once, not twice).
+        self.weight_records: dict[str, tuple[int, int, int, Tensor]] = {}
 
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
@@ -95,8 +95,8 @@ class GradDataRatio(ParameterCallback):
         grad_records = self._records(grads, self._bins if self.histograms else None, divisor=scale)
         weight_records = self._records(weights)
         # kept by name over the optimizers of a step (manual optimization); older entries fail the step check
-        for (name, p), record in zip(chosen, weight_records, strict=True):
-            self.weight_records[name] = (self._step, p._version, record)
+        for (name, p), (_, copies), record in zip(chosen, weights, weight_records, strict=True):
+            self.weight_records[name] = (self._step, p._version, copies, record)
         values = self._values(trainer, [r for pair in zip(grad_records, weight_records, strict=True) for r in pair])
         scalars: dict[str, float] = {}
         histograms: dict[str, stats.Histogram] = {}

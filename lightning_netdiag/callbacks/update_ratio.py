@@ -131,14 +131,14 @@ class UpdateRatio(ParameterCallback):
         copies: list[tuple[Tensor, int]],
     ) -> list[Tensor]:
         """The record of each parameter before the step: GradDataRatio's where it read the same values (this
-        step, the same version counter, the same weighting across ranks), so that no weight is read twice; the
+        step, the same version counter) weighted alike across ranks, so that no weight is read twice; the
         others from the copies. With ``sample``, GradDataRatio's record is of the whole weight: the exact std."""
         d3 = monitors(trainer)["grad_data"]
-        shared = d3.weight_records if d3 is not None and d3._world == self._world else {}
+        shared = {} if d3 is None else d3.weight_records
         records: list[Tensor | None] = []
-        for name, (_, _, _, version) in before.items():
-            hit = shared.get(name)
-            records.append(hit[2] if hit is not None and hit[:2] == (self._step, version) else None)
+        for (name, (_, _, _, version)), (_, held_by) in zip(before.items(), copies, strict=True):
+            step, read_at, copies_then, record = shared.get(name, (None, None, None, None))
+            records.append(record if (step, read_at, copies_then) == (self._step, version, held_by) else None)
         missing = [i for i, r in enumerate(records) if r is None]
         for i, record in zip(missing, self._records([copies[i] for i in missing]), strict=True):
             records[i] = record
