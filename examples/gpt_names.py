@@ -72,8 +72,12 @@ class CharGPT(L.LightningModule):
         self.log("train_loss", loss, prog_bar=True)
         return loss
 
+    def param_groups(self) -> list[dict]:
+        """The optimizer's parameter groups: one, every parameter at the configured rate."""
+        return [{"params": list(self.parameters())}]
+
     def configure_optimizers(self):
-        optimizer = torch.optim.AdamW(self.parameters(), lr=self.cfg.lr, weight_decay=0.1)
+        optimizer = torch.optim.AdamW(self.param_groups(), lr=self.cfg.lr, weight_decay=0.1)
         warmup = max(1, self.cfg.max_steps // 10)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

@@ -175,8 +175,11 @@ class Layer:
         self.grad_bins = grad_bins
         self.order: int | None = None  # position of its first call in the forward: depth order
         self.placeholder = False  # held for another rank's layer that this rank has not run
+        # Made inside a module that runs more than once per forward (a recurrent cell over time steps): its
+        # calls are steps in time, not depth. Known only where calls are watched (their owners are tracked).
+        self.in_loop = False
         self.act: Tensor | None = None  # [moments, saturated, *histogram]
-        self.grad: Tensor | None = None  # [moments, *histogram]
+        self.grad: Tensor | None = None  # [moments, fp16 values, fp16 values below its normal range, *histogram]
         self.alive: Tensor | None = None  # per unit: examples in which it is not saturated; sized by the first run
 
     @property
@@ -201,7 +204,7 @@ class Layer:
         self.act_bins, self.grad_bins = self.act_bins.to(device), self.grad_bins.to(device)
         size = stats.record_size(self.act_bins if histograms else None, int(self.has_rule))
         self.act = torch.zeros(size, dtype=torch.float64, device=device)
-        size = stats.record_size(self.grad_bins if histograms else None)
+        size = stats.record_size(self.grad_bins if histograms else None, stats.HALF_EXTRA)
         self.grad = torch.zeros(size, dtype=torch.float64, device=device) if track_grad else None
         self.alive = None
 
@@ -273,6 +276,8 @@ class ActivationHooks:
         self._names = {id(m): name for name, m in model.named_modules()}
         self._activation_modules = {id(m) for _, m, _ in modules} | {id(m) for m in activation_modules}
         self._stack: list[nn.Module] = []
+        self._entered: dict[int, int] = {}  # module -> forwards begun in this pass
+        self._made_in: dict[int, set[Layer]] = {}  # module -> the layers made in its forward
         self._mode = _CallCapture(self) if watch_call is not None else None  # only then are calls handed to us
         self._capture = HookHandles()  # the global module hooks, while a step is armed
         self.handles = HookHandles()
@@ -295,7 +300,7 @@ class ActivationHooks:
 
     def start(self) -> None:
         """An armed forward begins: record every call from here on."""
-        self.phase, self._calls = FORWARD, {}
+        self.phase, self._calls, self._entered = FORWARD, {}, {}
         self._pending.clear()
         if self._mode is not None and not len(self._capture):
             self._stack.clear()
@@ -307,13 +312,13 @@ class ActivationHooks:
     def backward(self) -> None:
         """The backward of an armed forward begins: a recomputed forward only hooks gradients."""
         if self.phase == FORWARD:
-            self.phase, self._calls = BACKWARD, {}
+            self.phase, self._calls, self._entered = BACKWARD, {}, {}
 
     def backward_done(self) -> None:
         """A backward ended: another forward of the same step (manual accumulation) is a new pass, whose
         calls count from one again."""
         if self.phase == BACKWARD:
-            self.phase, self._calls = FORWARD, {}
+            self.phase, self._calls, self._entered = FORWARD, {}, {}
 
     def stop(self) -> None:
         self.phase = IDLE
@@ -387,6 +392,15 @@ class ActivationHooks:
             self._observe(layer, output, self._pending.pop(id(module), None))
 
     def _observe(self, layer: Layer, output: Tensor, input_mask: Tensor | None) -> None:
+        if self.phase == FORWARD and self._stack:
+            # The module it runs in (its owner or parent): when that runs again in this forward, each of its
+            # calls (the first too) is a step in a loop.
+            parent = id(self._stack[-1])
+            made = self._made_in.setdefault(parent, set())
+            made.add(layer)
+            if self._entered.get(parent, 0) > 1:
+                for other in made:
+                    other.in_loop = True
         if self.phase == FORWARD and layer.act is not None:
             with torch.no_grad():
                 # In fp16/bf16, `t > 0.97` would compare against 0.97 rounded to half precision.
@@ -415,6 +429,7 @@ class ActivationHooks:
         if id(module) not in self._names:
             return
         self._stack.append(module)
+        self._entered[id(module)] = self._entered.get(id(module), 0) + 1
         if self.phase == BACKWARD and self._mode not in _get_current_function_mode_stack():
             # A forward recomputed by reentrant checkpointing runs inside an autograd node, where the
             # engine does not carry the function mode: enter it again. The engine restores its
@@ -455,6 +470,65 @@ class ActivationHooks:
         return output
 
 
+class OutputProbe:
+    """The model's output in the forward of one step, read as a classifier's logits.
+
+    The output is the last tensor made by a module with parameters of its own (``lm_head``, ``fc``, a last
+    BatchNorm) in a forward: classes along the last dimension (dim 1 for an (N, C, H, W) output). Its record
+    is additive over micro-batches and ranks: ``[rows, sum over rows of (logsumexp(z) - mean(z)), rows *
+    classes, losses, sum of the losses]``; ``logsumexp(z) - mean(z)`` is the cross-entropy of that row
+    against a label drawn uniformly at random, ``ln(classes)`` for a uniform output (the lecture's "loss at
+    init": 3.30 for 27 characters), and the losses are those the backward started from.
+
+    A global forward hook, registered from :meth:`start` to :meth:`stop` only (one step); a resource like
+    :class:`HookHandles`.
+    """
+
+    def __init__(self) -> None:
+        self.handles = HookHandles()
+        self.record: Tensor | None = None
+        self.name: str | None = None  # the module that made the output
+        self._names: dict[int, str] = {}
+        self._last: tuple[str, Tensor] | None = None
+
+    def reset(self) -> None:
+        self.record, self.name, self._last = None, None, None
+
+    def start(self, model: nn.Module) -> None:
+        """A forward begins: watch it (the record adds up until :meth:`reset`)."""
+        if not len(self.handles):
+            self._names = {id(m): name for name, m in model.named_modules()}
+            self.handles.add(register_module_forward_hook(self._hook))
+
+    def _hook(self, module: nn.Module, inputs: object, output: object) -> None:
+        owns = next(module.parameters(recurse=False), None) is not None
+        if owns and isinstance(output, Tensor) and output.is_floating_point() and output.dim() >= 2:
+            self._last = (self._names.get(id(module), type(module).__name__), output)
+
+    def backward(self, loss: Tensor) -> None:
+        """A forward ended and its backward starts from ``loss`` (unscaled): add their record."""
+        if self._last is None:
+            return
+        name, z = self._last
+        self._last = None
+        with torch.no_grad():
+            z = z.detach().float()
+            z = z.movedim(1, -1) if z.dim() >= 4 else z
+            rows = z.reshape(-1, z.shape[-1])
+            excess = torch.logsumexp(rows, dim=-1) - rows.mean(dim=-1)
+            n, classes = rows.shape
+            full = excess.new_full
+            sums = [full((), n), excess.sum(), full((), n * classes), full((), 1), loss.detach().float().reshape(())]
+            record = torch.stack(sums).double()
+        self.record = record if self.record is None else self.record + record
+        self.name = name
+
+    def stop(self) -> None:
+        """Stop watching (the record stays)."""
+        self.handles.remove()
+        self._last = None
+
+
 def _input_mask(layer: Layer, x: Tensor) -> Tensor:
     """An input-side rule's saturation mask, taken before an in-place activation overwrites its input;
     in float32, as the output-side rules compare."""
@@ -493,7 +567,8 @@ class _ModeExit:
 
 
 def _grad_hook(total: Tensor, bins: stats.Bins | None, divisor: Tensor | float | None) -> Callable[[Tensor], None]:
-    """A hook adding the record of an output's gradient to ``total``.
+    """A hook adding the record of an output's gradient to ``total``, with its fp16 counts (as computed: a
+    loss-scaled gradient is scaled here).
 
     It captures tensors and mutates only ``total``, in place: dynamo traces such a hook into the compiled
     graph, where one that assigned to an object's attribute would break the graph.
@@ -501,6 +576,7 @@ def _grad_hook(total: Tensor, bins: stats.Bins | None, divisor: Tensor | float |
 
     def hook(grad: Tensor) -> None:
         with torch.no_grad():
-            total.add_(stats.tensor_record(grad.detach().float(), bins, divisor=divisor))
+            record = stats.tensor_record(grad.detach().float(), bins, divisor=divisor)
+            total.add_(stats.with_extra(record, stats.half_counts(grad.detach())))
 
     return hook

@@ -30,9 +30,17 @@ class History(Mapping[str, list[tuple[int, float]]]):
         self.max_points, self.max_histograms = max_points, max_histograms
         self._scalars: dict[str, deque[tuple[int, float]]] = {}
         self._histograms: dict[str, deque[tuple[int, Histogram]]] = {}
+        self._steps: deque[int] = deque(maxlen=max_points)
         self.last_step: int | None = None  # the latest step anything was recorded at
 
+    @property
+    def steps(self) -> list[int]:
+        """The steps recorded, oldest first (the latest ``max_points``)."""
+        return list(self._steps)
+
     def add(self, step: int, scalars: Mapping[str, float], histograms: Mapping[str, Histogram]) -> None:
+        if step != self.last_step:
+            self._steps.append(step)
         self.last_step = step
         for tag, value in scalars.items():
             self._scalars.setdefault(tag, deque(maxlen=self.max_points)).append((step, value))
@@ -59,6 +67,10 @@ class History(Mapping[str, list[tuple[int, float]]]):
         points = self._scalars[tag]
         return list(itertools.islice(reversed(points), n))[::-1]
 
+    def head(self, tag: str, n: int) -> list[tuple[int, float]]:
+        """The first ``n`` points of ``tag`` still held, without copying the whole series."""
+        return list(itertools.islice(self._scalars[tag], n))
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._scalars)
 
@@ -76,8 +88,9 @@ class History(Mapping[str, list[tuple[int, float]]]):
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        steps = [p[0] for points in state["scalars"].values() for p in points]
-        self.last_step = max(steps) if steps else None
+        steps = sorted({int(p[0]) for points in state["scalars"].values() for p in points})
+        self._steps = deque(steps, maxlen=self.max_points)
+        self.last_step = steps[-1] if steps else None
         self._scalars = {
             tag: deque(((int(s), float(v)) for s, v in points), maxlen=self.max_points)
             for tag, points in state["scalars"].items()

@@ -178,6 +178,21 @@ def with_extra(record: Tensor, extra: Sequence[Tensor]) -> Tensor:
     return torch.cat([record[:MOMENTS], extra_counts, record[MOMENTS:]])
 
 
+#: fp16's smallest normal value: below it, a value keeps fewer significant bits, and below 2**-24 it is 0.
+FP16_TINY = 2.0**-14
+#: Extra counts of an activation-gradient record: values computed in fp16, and those of them that are
+#: non-zero and below :data:`FP16_TINY` (counted as computed, before any loss scale is divided out).
+HALF_EXTRA = 2
+
+
+def half_counts(x: Tensor) -> list[Tensor]:
+    """``x``'s two :data:`HALF_EXTRA` counts: zeros unless ``x`` is fp16 (bf16 has float32's range)."""
+    if x.dtype != torch.float16:
+        return [x.new_zeros((), dtype=torch.float64)] * HALF_EXTRA
+    tiny = (x != 0) & (x.abs() < FP16_TINY)
+    return [x.new_full((), float(x.numel()), dtype=torch.float64), tiny.sum().to(torch.float64)]
+
+
 #: Tensors of at most this many values are reduced together, in one pass over their concatenation: a
 #: record costs about fifteen small kernels, whose launches, not their work, dominate for small tensors
 #: (on a 2-core CPU, seven tensors of 4,096 values: 0.43 ms together, 0.93 one at a time; of 16,384 values

@@ -57,6 +57,8 @@ class TinyNetBody:
         self.ref: dict[int, dict[str, float]] = defaultdict(dict)
         self.ref_tensors: dict[int, dict[str, torch.Tensor]] = defaultdict(dict)
         self._acts: dict[str, list[torch.Tensor]] = defaultdict(list)
+        self._outputs: list[torch.Tensor] = []  # the logits and the losses of the step's forwards
+        self._losses: list[torch.Tensor] = []
         self._before: dict[str, torch.Tensor] = {}
         self._step = 0
 
@@ -66,11 +68,15 @@ class TinyNetBody:
             if isinstance(m, nn.Tanh) and self.training and torch.is_grad_enabled():
                 x.retain_grad()
                 self._acts[f"net.{i}"].append(x)
+        if self.training and torch.is_grad_enabled():
+            self._outputs.append(x.detach())
         return x
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        return nn.functional.cross_entropy(self(x), y)
+        loss = nn.functional.cross_entropy(self(x), y)
+        self._losses.append(loss.detach())
+        return loss
 
     def validation_step(self, batch, batch_idx):
         x, y = batch
@@ -95,7 +101,17 @@ class TinyNetBody:
     def on_before_optimizer_step(self, optimizer) -> None:
         step, ref = self.trainer.global_step, self.ref[self.trainer.global_step]
         self._step = step
+        ref["netdiag/lr"] = optimizer.param_groups[0]["lr"]
         with torch.no_grad():
+            if step == 0 and self._outputs:  # the output at init: cross-entropy against random labels, the loss
+                logits = torch.cat(self._outputs).float()
+                last = f"net.{len(self.net) - 1}"
+                ref[f"netdiag/init_output_ce/{last}"] = (logits.logsumexp(-1) - logits.mean(-1)).mean().item()
+                ref[f"netdiag/init_output_classes/{last}"] = logits.shape[-1]
+                if self._losses:  # subclasses with a training_step of their own compute no loss here
+                    ref["netdiag/init_loss"] = torch.stack(self._losses).mean().item()
+            self._outputs.clear()
+            self._losses.clear()
             for name, hs in self._acts.items():
                 t = torch.cat([h.detach().float() for h in hs])
                 ref[f"netdiag/act_mean/{name}"] = t.mean().item()

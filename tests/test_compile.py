@@ -73,7 +73,12 @@ def test_compiled_model_gives_eager_numbers_without_breaks_or_recompiles(tmp_pat
     # per-unit counts). By step 4 every kind has run; no step after it compiles anything.
     assert len(count.graphs) == 24 and count.graphs[8] == count.graphs[-1] == dynamo_counters["stats"]["unique_graphs"]
 
-    assert set(compiled) == set(eager)
+    # The output at init is read with a global module hook, which would break a compiled graph: eager only.
+    init = {t for t in eager if t.startswith(("netdiag/init_output_ce/", "netdiag/init_output_classes/"))}
+    assert len(init) == 2 and "netdiag/init_loss" in eager
+    init.add("netdiag/init_loss")
+    assert set(compiled) == set(eager) - init
+    eager = {t: points for t, points in eager.items() if t not in init}
     for metric in ("act_saturated_pct", "act_grad_std", "grad_data_ratio", "update_data_log10"):
         assert any(f"/{metric}/net.3" in t or f"/{metric}/net.2" in t for t in eager), metric
     for tag, points in eager.items():

@@ -22,9 +22,12 @@ from lightning.pytorch.loggers import CSVLogger
 
 from lightning_netdiag import GradDataRatio, UpdateRatio
 
+#: Logged at step 0 only: the output at initialisation.
+INIT_TAGS = {"netdiag/init_output_ce/net.5", "netdiag/init_output_classes/net.5", "netdiag/init_loss"}
+
 
 def expected_tags(model: TinyNet) -> set[str]:
-    tags = {"netdiag/update_skipped", "netdiag/update_data_log10/_target"}
+    tags = {"netdiag/update_skipped", "netdiag/update_data_log10/_target", "netdiag/lr", *INIT_TAGS}
     for layer in ("net.2", "net.4"):
         for metric in (
             "act_mean",
@@ -51,10 +54,12 @@ def test_tensorboard_scalars_equal_plain_pytorch(tmp_path):
     scalars, _, _ = read_tensorboard(t.logger.log_dir)
     logged = netdiag_only(scalars)
     assert set(logged) == expected_tags(model)
-    for tag, points in logged.items():
-        assert sorted(points) == [0, 2, 4, 6], tag  # the optimizer steps measured, step 0 = at init
+    for tag, points in logged.items():  # the optimizer steps measured, step 0 = at init
+        assert sorted(points) == ([0] if tag in INIT_TAGS else [0, 2, 4, 6]), tag
     compared = assert_matches_reference(logged, model.ref)
-    assert compared == 4 * 24  # every tag but the 7 non-finite counts and the 2 D4 bookkeeping tags
+    # every tag but the 7 non-finite counts and the 2 D4 bookkeeping tags, and the 3 of the output at init
+    assert compared == 4 * 25 + 3
+    assert logged["netdiag/init_output_classes/net.5"][0] == 4
     # The first Tanh is partly saturated by the init gain; the value is non-trivial.
     assert 1 < logged["netdiag/act_saturated_pct/net.2"][0] < 99
 

@@ -236,12 +236,13 @@ class ParameterCallback(DiagnosticCallback):
         records = stats.tensor_records([part for part, _ in parts], bins, divisor)
         return [r if copies == 1 else r / copies for r, (_, copies) in zip(records, parts, strict=True)]
 
-    def _values(self, trainer: pl.Trainer, parts: list[Tensor]) -> list[list[float]]:
-        """The records summed over the ranks that hold shards, moved to the host at once, one list each."""
-        sizes = [x.numel() for x in parts]
+    def _values(self, trainer: pl.Trainer, parts: list[Tensor], same: Sequence[Tensor] = ()) -> list[list[float]]:
+        """The records summed over the ranks that hold shards, and the values ``same`` on every rank (not
+        summed), moved to the host at once, one list each."""
+        sizes = [x.numel() for x in (*parts, *same)]
         if self._world > 1 and parts:  # every rank arrives here at the same step, with the same layout
             parts = [trainer.strategy.reduce(torch.cat(parts), reduce_op="sum")]
-        return split(host(parts), sizes)
+        return split(host([*parts, *(x.to(torch.float64) for x in same)]), sizes)
 
 
 def flat_sharding(strategy: object) -> str | None:

@@ -50,7 +50,8 @@ class GradDataRatio(ParameterCallback):
     - ``{prefix}/grad_mean/{name}``, ``{prefix}/grad_std/{name}``: mean and (unbiased) std of the gradient;
     - ``{prefix}/grad_data_ratio/{name}``: ``grad.std() / param.std()`` (left out where the parameter's std is 0);
     - ``{prefix}/grad_nonfinite/{name}``: number of NaN/Inf gradient values (left out of everything else);
-    - ``{prefix}/grad/{name}``: histogram of the gradient (or ``.../q05``, ``q50``, ``q95``).
+    - ``{prefix}/grad/{name}``: histogram of the gradient (or ``.../q05``, ``q50``, ``q95``);
+    - ``{prefix}/loss_scale``: the AMP GradScaler's scale at the step, when one is on.
     """
 
     def __init__(
@@ -84,8 +85,9 @@ class GradDataRatio(ParameterCallback):
         chosen = self._stepped_by(optimizer)
         if not chosen:
             return
+        amp = loss_scale(trainer)
         # Optimizers that unscale inside their own step (fused ones) still hold loss-scaled gradients here.
-        scale = loss_scale(trainer) if getattr(optimizer, "_step_supports_amp_scaling", False) else None
+        scale = amp if getattr(optimizer, "_step_supports_amp_scaling", False) else None
         grads, weights = [], []
         for name, p in chosen:
             self._bins = self._bins.to(p.device)
@@ -97,8 +99,13 @@ class GradDataRatio(ParameterCallback):
         # kept by name over the optimizers of a step (manual optimization); older entries fail the step check
         for (name, p), (_, copies), record in zip(chosen, weights, weight_records, strict=True):
             self.weight_records[name] = (self._step, p._version, copies, record)
-        values = self._values(trainer, [r for pair in zip(grad_records, weight_records, strict=True) for r in pair])
+        device = chosen[0][1].device
+        same = [torch.as_tensor(amp, dtype=torch.float64, device=device).reshape(1)] if amp is not None else []
+        records = [r for pair in zip(grad_records, weight_records, strict=True) for r in pair]
+        values = self._values(trainer, records, same)
         scalars: dict[str, float] = {}
+        if amp is not None:  # the scaler skips steps whose gradients overflowed: the report must know it is on
+            scalars[f"{self.prefix}/loss_scale"] = values.pop()[0]
         histograms: dict[str, stats.Histogram] = {}
         for i, (name, _) in enumerate(chosen):
             grad_record, param_record = values[2 * i], values[2 * i + 1]

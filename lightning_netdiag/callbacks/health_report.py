@@ -17,16 +17,20 @@ from lightning_netdiag.sinks import log_report
 class HealthReport(Callback):
     r"""Says what is wrong with the network and why, from what the diagnostic callbacks recorded.
 
-    The rules (see ``lightning_netdiag.report``), calibrated per activation family: saturation (tanh-like
-    above 5 %, gates above 25 %, ReLU-like above 90 %, GELU-like above 10 %), dead tanh-like layers and dead
-    units, activation gradients vanishing or exploding from the last watched layer to the first, a weight's
-    grad:data far from comparable weights', update:data far from its target (with the learning-rate factor
-    that would bring those layers to it) or layers drifting apart, and non-finite values (fatal). Each rule
-    gives one verdict: how many layers break it and the worst few.
+    The rules (see ``lightning_netdiag.report``; each constant was set on the diagnosis suite, healthy and
+    faulty training runs, and the README gives the evidence) come in two phases. At initialisation (step 0):
+    saturation (tanh-like above 40 %, gates above 25 %, ReLU-like above 90 %, GELU-like above 10 %), dead
+    tanh-like layers, activation gradients vanishing or exploding from the last layer to the first, and an
+    over-confident output (the loss at init far above ln(classes)). During training, each holding at three
+    logging steps in a row: dead ReLU/GELU units, a weight that does not move while the others do (left out of
+    the optimizer, or a rate of 0), fp16 gradients below fp16's range, and the learning rate (too high under
+    Adam, too low under SGD, or a network killed by too large SGD steps). Non-finite values are fatal. Each
+    rule gives one verdict: how many layers break it and the worst few.
 
-    At the end of fit the report is printed as a table (rank zero), sent to the loggers that take a report
-    (TensorBoard, W&B, MLflow), and kept in ``verdicts``. During training the rules are checked at each
-    step that recorded something.
+    At the end of fit the report is printed as a table, with a note on what the learning-rate check read (rank
+    zero), sent to the loggers that take a report (TensorBoard, W&B, MLflow), and kept in ``verdicts`` and
+    ``notes``. During training the rules are checked at each step that recorded something; each rule's first
+    verdict is kept in ``warnings`` (with the step it was judged at) and, with ``warn``, warned once.
 
     Args:
         warn: warn the first time each rule trips during training (once per rule, naming the layers).
@@ -46,6 +50,8 @@ class HealthReport(Callback):
     def __init__(self, warn: bool = True, stop_on_fatal: bool = False, print_table: bool = True) -> None:
         self.warn, self.stop_on_fatal, self.print_table = bool(warn), bool(stop_on_fatal), bool(print_table)
         self.verdicts: list[report.Verdict] = []
+        self.warnings: list[report.Verdict] = []  # each rule's first verdict during training, with its step
+        self.notes: list[str] = []  # what the report read where it found nothing (the learning rate)
         self._warned: set[tuple[str, str]] = set()
         self._checked: tuple[int | None, ...] = ()
         self._monitors: dict[str, Any] = {}
@@ -74,8 +80,10 @@ class HealthReport(Callback):
         for v in report.evaluate(**self._monitors):
             if self.warn and (v.check, v.healthy) not in self._warned:  # once per rule (and family)
                 self._warned.add((v.check, v.healthy))
+                self.warnings.append(v)
                 where = v.layer if v.hits == 1 else f"{v.hits} layers, worst {v.layer}"
-                rank_zero_warn(f"netdiag: {v.check} in {where} ({v.value:.4g}; healthy {v.healthy}): {v.cause}")
+                at = f"at step {v.step}, " if v.step is not None else ""
+                rank_zero_warn(f"netdiag: {v.check} in {where} ({at}{v.value:.4g}; healthy {v.healthy}): {v.cause}")
             if v.severity == "fatal" and self.stop_on_fatal:
                 trainer.should_stop = True
 
@@ -85,13 +93,15 @@ class HealthReport(Callback):
         if not present:
             return
         step = max((cb.history.last_step for cb in present if cb.history.last_step is not None), default=None)
+        note = report.learning_rate_note(self._monitors["update"], self._monitors["grad_data"])
+        self.notes = [note] if note is not None else []
         if self.print_table:
-            rank_zero_info(report.format_table(self.verdicts, step))
+            rank_zero_info(report.format_table(self.verdicts, step, self.notes))
         if trainer.is_global_zero:
             log_report(
                 trainer.loggers,
                 f"{present[0].prefix}/health_report",
-                report.format_markdown(self.verdicts, step),
+                report.format_markdown(self.verdicts, step, self.notes),
                 report.as_table(self.verdicts),
                 trainer.global_step,
             )

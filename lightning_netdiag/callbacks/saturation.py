@@ -22,7 +22,7 @@ from lightning_netdiag.callbacks._common import (
     loss_scale,
     split,
 )
-from lightning_netdiag.capture import ActivationHooks, Layer, check_selection, compiled, matches
+from lightning_netdiag.capture import ActivationHooks, Layer, OutputProbe, check_selection, compiled, matches
 
 
 class SaturationMonitor(DiagnosticCallback):
@@ -95,7 +95,16 @@ class SaturationMonitor(DiagnosticCallback):
     - with ``track_grad``: ``{prefix}/act_grad_mean/{name}``, ``{prefix}/act_grad_std/{name}``,
       ``{prefix}/act_grad_nonfinite/{name}`` and the histogram ``{prefix}/act_grad/{name}``, of the gradient
       of the loss with respect to the output: unscaled under AMP, and under data parallelism that of the
-      global-batch loss.
+      global-batch loss; where that gradient is computed in fp16, ``{prefix}/act_grad_fp16_tiny_pct/{name}``:
+      % of its values (as computed: loss-scaled under a GradScaler) that are non-zero and below fp16's
+      smallest normal value, 2**-14 (they lose precision, and below 2**-24 they become 0).
+
+    At step 0 only (the network at initialisation; with ``modules=None``, not under torch.compile), of the
+    model's output, the last tensor a module with parameters of its own made in the forward (``{out}`` is that
+    module's name), read as logits: ``{prefix}/init_output_ce/{out}``, the cross-entropy of the output against
+    uniformly random labels (``ln(classes)`` for a uniform output); ``{prefix}/init_output_classes/{out}``, its
+    last dimension (dim 1 of a 4-D output); ``{prefix}/init_loss``, the loss that the step's backward started
+    from (unscaled, not divided for accumulation).
 
     Loggers without histograms get ``.../q05``, ``.../q50``, ``.../q95`` of each histogram instead.
     """
@@ -129,6 +138,7 @@ class SaturationMonitor(DiagnosticCallback):
         self.max_calls = max_calls
         self.histograms = bool(histograms)
         self._hooks: ActivationHooks | None = None
+        self._probe: OutputProbe | None = None  # the output at step 0 (the network at initialisation)
         self._records_step: int | None = None
         self._pending = False
         self._units: tuple[tuple[str, ...], list[int]] | None = None  # the layers they were agreed for
@@ -136,6 +146,7 @@ class SaturationMonitor(DiagnosticCallback):
         self.layer_types: dict[str, str] = {}  # watched layer -> its class name ("function" for a call)
         self.layer_kinds: dict[str, str] = {}  # watched layer -> its activation kind ("tanh", "gelu", ...)
         self.layer_families: dict[str, str | None] = {}  # watched layer -> its family, for the report's rules
+        self.layers_in_loop: set[str] = set()  # layers made in a module that runs more than once per forward
 
     @override
     def on_train_batch_start(
@@ -147,6 +158,9 @@ class SaturationMonitor(DiagnosticCallback):
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
         if self._hooks is not None:
             self._hooks.backward()
+        if self._probe is not None:
+            scale = loss_scale(trainer)  # the loss as the step computed it: unscaled, not divided for accumulation
+            self._probe.backward(loss * trainer.accumulate_grad_batches / (1.0 if scale is None else scale))
 
     @override
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -163,6 +177,8 @@ class SaturationMonitor(DiagnosticCallback):
     ) -> None:
         if self._hooks is not None:
             self._hooks.stop()  # validation runs after this: it must never count
+        if self._probe is not None:
+            self._probe.stop()
 
     def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._detach()
@@ -175,7 +191,8 @@ class SaturationMonitor(DiagnosticCallback):
             if wanted and not matches(name, m, self.exclude):
                 chosen.append((name, m, kind or activations.UNKNOWN))
         functional = self.functional
-        if functional and compiled(pl_module):
+        is_compiled = compiled(pl_module)
+        if functional and is_compiled:
             functional = False
             rank_zero_warn(
                 "SaturationMonitor: the model runs under torch.compile, where watching functional activation calls "
@@ -184,6 +201,9 @@ class SaturationMonitor(DiagnosticCallback):
         if not chosen and not functional:
             self._warn_nothing_selected(pl_module, f"activation modules (looked for: modules={_names(self.modules)})")
             return
+        # The output at step 0 with the default selection only; never around a compiled forward, whose graph a
+        # global hook would break as the function mode would.
+        self._probe = OutputProbe() if self.modules is None and not is_compiled else None
         self._hooks = ActivationHooks(
             pl_module,
             chosen,
@@ -208,7 +228,9 @@ class SaturationMonitor(DiagnosticCallback):
     def _detach(self) -> None:
         if self._hooks is not None:
             self._hooks.remove()
-        self._hooks = None
+        if self._probe is not None:
+            self._probe.stop()
+        self._hooks = self._probe = None
         self._records_step = self._units = None
         self._pending = False
 
@@ -220,9 +242,13 @@ class SaturationMonitor(DiagnosticCallback):
             self._records_step = step
             if step is not None:  # zeroed here: records of a step that never reached an optimizer step are dropped
                 self._hooks.prepare(pl_module.device)
+            if self._probe is not None:
+                self._probe.reset()
         self._pending = step is not None
         if self._pending:
             self._hooks.start()
+            if step == 0 and self._probe is not None:
+                self._probe.start(pl_module)
 
     def _flush(self, trainer: pl.Trainer) -> None:
         hooks, step = self._hooks, self._records_step
@@ -248,6 +274,10 @@ class SaturationMonitor(DiagnosticCallback):
             act: Tensor = layer.act  # type: ignore[assignment]
             alive = act.new_zeros(n) if layer.alive is None else layer.alive
             parts += [act, alive, act.new_zeros(0) if layer.grad is None else layer.grad]
+        probe = self._probe
+        output = probe.record if probe is not None and probe.name is not None and step == 0 else None
+        if output is not None:
+            parts.append(output)
         sizes = [p.numel() for p in parts]
         if trainer.world_size > 1:  # every rank arrives here at the same step
             parts = [trainer.strategy.reduce(torch.cat(parts), reduce_op="sum")]
@@ -260,6 +290,14 @@ class SaturationMonitor(DiagnosticCallback):
             act_record, alive_counts, grad_record = values[3 * i : 3 * i + 3]
             if stats.recorded(act_record):
                 self._describe(layers[i], act_record, alive_counts, grad_record, scalars, histograms)
+        if output is not None and probe is not None and probe.name is not None:
+            rows, excess, cells, losses, loss = values[-1]
+            scalars[self._tag("init_output_ce", probe.name)] = excess / rows
+            scalars[self._tag("init_output_classes", probe.name)] = cells / rows
+            scalars[f"{self.prefix}/init_loss"] = loss / losses
+        if probe is not None:  # it reads step 0 only: nothing of it runs after the first measured step
+            probe.stop()
+            self._probe = None
         self._emit(trainer, step, scalars, histograms)
 
     def _layout(self, trainer: pl.Trainer, hooks: ActivationHooks) -> list[Layer]:
@@ -284,6 +322,8 @@ class SaturationMonitor(DiagnosticCallback):
             self.layer_types[layer.name] = layer.type_name
             self.layer_kinds[layer.name] = layer.kind.name
             self.layer_families[layer.name] = layer.kind.family
+            if layer.in_loop:
+                self.layers_in_loop.add(layer.name)
 
     def _unit_counts(self, trainer: pl.Trainer, layers: list[Layer]) -> list[int]:
         """Per layer, the length of its per-unit counts: the same on every rank, 0 where no rank ran it yet."""
@@ -325,8 +365,13 @@ class SaturationMonitor(DiagnosticCallback):
             scalars[self._tag("act_grad_mean", name)] = g.mean
             scalars[self._tag("act_grad_std", name)] = g.std
             scalars[self._tag("act_grad_nonfinite", name)] = g.nonfinite
+            half, tiny = grad[stats.MOMENTS : stats.MOMENTS + stats.HALF_EXTRA]
+            if half > 0:
+                scalars[self._tag("act_grad_fp16_tiny_pct", name)] = 100 * tiny / half
             if self.histograms:
-                histograms[self._tag("act_grad", name)] = stats.Histogram.of(grad, layer.grad_bins.edges)
+                histograms[self._tag("act_grad", name)] = stats.Histogram.of(
+                    grad, layer.grad_bins.edges, extra=stats.HALF_EXTRA
+                )
 
 
 def _grad_divisor(trainer: pl.Trainer) -> Tensor | float | None:

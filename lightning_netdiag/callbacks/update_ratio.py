@@ -20,6 +20,16 @@ from lightning_netdiag.capture import WEIGHT_NDIMS
 DEFAULT_TARGET = -3.0
 
 
+def optimizer_family(optimizer: Any) -> str | None:
+    """``"sgd"`` (an SGD step, with or without momentum: the update follows ``lr * grad``), ``"adam"`` (the
+    Adam kin: each element's step is normalised, about ``lr`` at first), or None (another kind: the report
+    does not judge its learning rate). By class name, so that other libraries' Adams count too."""
+    names = [cls.__name__ for cls in type(optimizer).__mro__]
+    if any("Adam" in n for n in names):
+        return "adam"
+    return "sgd" if "SGD" in names else None
+
+
 class UpdateRatio(ParameterCallback):
     r"""Per selected parameter, ``log10(std(θ_after - θ_before) / std(θ_before))`` (D4).
 
@@ -66,7 +76,10 @@ class UpdateRatio(ParameterCallback):
     - ``{prefix}/update_data_log10/{name}``: ``log10(std(update) / std(param before the update))`` per
       selected parameter ``{name}`` that changed (left out where the parameter's std was 0);
     - ``{prefix}/update_data_log10/_target``: ``target``, so that the chart carries the reference line;
-    - ``{prefix}/update_skipped``: 1 if no selected parameter changed in this step, else 0.
+    - ``{prefix}/update_skipped``: 1 if no selected parameter changed in this step, else 0;
+    - ``{prefix}/update_zero/{name}``: 1 for a selected weight that has a gradient and did not change while
+      others did (left out of every optimizer, a learning rate of 0, or a gradient of 0); logged only then;
+    - ``{prefix}/lr``: the learning rate of the optimizer's parameter group that holds most selected weights.
     """
 
     def __init__(
@@ -90,6 +103,10 @@ class UpdateRatio(ParameterCallback):
         # the parameter's version counter when copied)
         self._before: dict[str, tuple[nn.Parameter, Tensor | None, Tensor, int]] = {}
         self._indices: dict[str, Tensor] = {}  # the fixed sample of each parameter, drawn once
+        self._orphans: list[tuple[str, nn.Parameter]] = []  # selected, trainable, in no optimizer
+        self._main: tuple[Any, int] | None = None  # the optimizer and group holding most selected weights
+        self._lr: float | None = None
+        self.optimizer_family: str | None = None  # of the main group's optimizer, see optimizer_family()
 
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
@@ -101,14 +118,35 @@ class UpdateRatio(ParameterCallback):
     ) -> None:
         self._measure(trainer)
 
+    def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super()._attach(trainer, pl_module)
+        optimizers: list[Any] = trainer.optimizers
+        held: dict[tuple[int, int], int] = {}
+        for i, opt in enumerate(optimizers):
+            for j, group in enumerate(opt.param_groups):
+                held[(i, j)] = sum(id(p) in self._selected for p in group["params"])
+        if held and max(held.values()) > 0:
+            i, j = max(held, key=held.__getitem__)
+            self._main = (optimizers[i], j)
+            self.optimizer_family = optimizer_family(optimizers[i])
+        stepped = {id(p) for opt in optimizers for group in opt.param_groups for p in group["params"]}
+        self._orphans = [(name, p) for key, (name, p) in self._selected.items() if key not in stepped]
+
     def _detach(self) -> None:
         super()._detach()
         self._before = {}
         self._indices = {}
+        self._orphans = []
+        self._main = None
 
     def _snapshot(self, optimizer: Any) -> None:
         if self._step is not None:
-            for name, p in self._stepped_by(optimizer):
+            chosen = self._stepped_by(optimizer)
+            if self._main is not None and optimizer is self._main[0]:
+                # A weight left out of every optimizer is compared across the main one's step: it must not move.
+                chosen += [(name, p) for name, p in self._orphans if p.grad is not None]
+                self._lr = float(optimizer.param_groups[self._main[1]]["lr"])  # a tensor rate: read once a step
+            for name, p in chosen:
                 part = self._shard(name, p)[0]
                 index = self._sample_of(name, part)
                 copy = part.clone() if index is None else torch.take(part, index)
@@ -157,13 +195,16 @@ class UpdateRatio(ParameterCallback):
         update_records = self._records(copies)
         values = self._values(trainer, [r for pair in zip(update_records, old_records, strict=True) for r in pair])
         scalars: dict[str, float] = {}
-        changed = 0
+        moved = [values[2 * i][stats.SUMSQ] > 0 or values[2 * i][stats.NONFINITE] > 0 for i in range(len(before))]
         for i, name in enumerate(before):
-            update, old = stats.Moments.of(values[2 * i]), stats.Moments.of(values[2 * i + 1])
-            moved = values[2 * i][stats.SUMSQ] > 0 or update.nonfinite > 0
-            changed += moved
-            if moved:
+            if moved[i]:
+                update, old = stats.Moments.of(values[2 * i]), stats.Moments.of(values[2 * i + 1])
                 scalars[self._tag("update_data_log10", name)] = stats.ratio_log10(update.std, old.std)
+            elif any(moved):  # a weight with a gradient that stood still while others moved
+                scalars[self._tag("update_zero", name)] = 1.0
         scalars[self._tag("update_data_log10", "_target")] = self.target
-        scalars[f"{self.prefix}/update_skipped"] = float(changed == 0)
+        scalars[f"{self.prefix}/update_skipped"] = float(not any(moved))
+        if self._lr is not None:
+            scalars[f"{self.prefix}/lr"] = self._lr
+            self._lr = None
         self._emit(trainer, self._step, scalars, {})

@@ -1,0 +1,296 @@
+"""The diagnosis suite's models and data: small real training runs on CPU, offline data only.
+
+Each builder takes a :class:`Recipe` (the healthy recipe, or a twin with one thing changed) and returns the
+LightningModule and its training DataLoader. The data: the names the examples use (the `names` package's
+census first names, or ``--data names.txt``) and scikit-learn's bundled 8x8 digits (1,797 images).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, RandomSampler, TensorDataset
+
+sys.path.insert(0, str(Path(__file__).parents[2] / "examples"))
+import gpt_names  # noqa: E402
+import makemore_mlp  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One training run: the model family, its optimizer and schedule, and the single thing changed."""
+
+    model: str  # "makemore", "gpt", "cnn", "vit", "gru", "relu-mlp"
+    steps: int
+    lr: float
+    options: dict[str, Any] = field(default_factory=dict)  # the model's own knobs (preset, gain, faults)
+    precision: str = "32-true"  # "16-unscaled": fp16 autocast with the loss scaler turned off
+    data: str | None = None  # a names file; None: the census names of the `names` package
+
+
+class Classifier(L.LightningModule):
+    """A network, a cross-entropy loss, an optimizer with a linear warm-up over the first tenth of the steps and
+    a cosine decay to a tenth after it; images are augmented (:func:`augment`) unless ``augmented`` is False."""
+
+    def __init__(
+        self, net: nn.Module, optimizer: str, lr: float, steps: int, weight_decay: float = 0.0,
+        momentum: float = 0.9, param_groups: Any = None, augmented: bool = True,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        self.net, self.optimizer_name, self.lr, self.steps = net, optimizer, lr, steps
+        self.weight_decay, self.momentum, self.param_groups = weight_decay, momentum, param_groups
+        self.augmented = augmented
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(augment(x) if self.augmented and x.dim() == 4 else x)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=-100)
+
+    def configure_optimizers(self):
+        groups = self.param_groups(self.net) if self.param_groups is not None else self.net.parameters()
+        if self.optimizer_name == "sgd":
+            opt = torch.optim.SGD(groups, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        else:
+            opt = torch.optim.AdamW(groups, lr=self.lr, weight_decay=self.weight_decay)
+        warmup, total = max(1, self.steps // 10), self.steps
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            return 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+        schedule = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+# --- data ----------------------------------------------------------------------------------------------
+
+
+def augment(images: torch.Tensor, noise: float = 0.3) -> torch.Tensor:
+    """Each image shifted by up to one pixel each way and given Gaussian noise: the digits are too easy
+    otherwise (every recipe drives the training loss to about 0, and losses cannot be compared)."""
+    n, c, h, w = images.shape
+    padded = F.pad(images, (1, 1, 1, 1))
+    dy, dx = torch.randint(0, 3, (2, n, 1, 1, 1), device=images.device)
+    rows = (torch.arange(h, device=images.device).view(1, 1, h, 1) + dy).expand(n, c, h, w + 2)
+    cols = (torch.arange(w, device=images.device).view(1, 1, 1, w) + dx).expand(n, c, h, w)
+    shifted = padded.gather(2, rows).gather(3, cols)
+    return shifted + noise * torch.randn_like(images)
+
+
+def digits(seed: int, batch_size: int, steps: int) -> DataLoader:
+    """scikit-learn's 8x8 digits, standardised, as (N, 1, 8, 8); batches drawn with replacement."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1)
+    x = (x - x.mean()) / x.std()
+    y = torch.tensor(d.target)
+    g = torch.Generator().manual_seed(seed)
+    sampler = RandomSampler(range(len(x)), replacement=True, num_samples=steps * batch_size, generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, sampler=sampler)
+
+
+def names_sequences(recipe: Recipe, seed: int, block_size: int, batch_size: int) -> DataLoader:
+    """One row per name, '.' + name + '.', padded; labels are the next token (padding ignored)."""
+    words, _ = makemore_mlp.load_words(recipe.data)
+    rows = gpt_names.encode(words, block_size + 1)
+    x, y = rows[:, :-1], rows[:, 1:].masked_fill(rows[:, 1:] == gpt_names.PAD, -100)
+    g = torch.Generator().manual_seed(seed)
+    sampler = RandomSampler(range(len(x)), replacement=True, num_samples=recipe.steps * batch_size, generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, sampler=sampler)
+
+
+# --- models --------------------------------------------------------------------------------------------
+
+
+def makemore(recipe: Recipe, seed: int) -> tuple[L.LightningModule, DataLoader]:
+    """The lecture's MLP (examples/makemore_mlp.py): its presets, its SGD with the step-down halfway."""
+    o = recipe.options
+    cfg = makemore_mlp.Config(
+        preset=o.get("preset", "kaiming"), gain=o.get("gain", 5 / 3), lr=recipe.lr, max_steps=recipe.steps,
+        data=recipe.data, seed=2147483647 + seed,
+    )  # fmt: skip
+    words, _ = makemore_mlp.load_words(cfg.data)
+    xtr, ytr = makemore_mlp.splits(words, cfg.block_size)["train"]
+    g = torch.Generator().manual_seed(cfg.seed)
+    model = makemore_mlp.MakemoreMLP(cfg, g)
+    if "scale_layer" in o:  # one layer's init scaled (a dead layer: far too small)
+        name, factor = o["scale_layer"]
+        with torch.no_grad():
+            model.get_submodule(name).weight.mul_(factor)
+    sampler = RandomSampler(range(len(xtr)), replacement=True, num_samples=cfg.max_steps * cfg.batch_size, generator=g)
+    return model, DataLoader(TensorDataset(xtr, ytr), batch_size=cfg.batch_size, sampler=sampler)
+
+
+class GroupedGPT(gpt_names.CharGPT):
+    """The GPT example, with one block in a parameter group of its own at learning rate 0 (a layer-wise rate
+    table with a wrong entry)."""
+
+    def __init__(self, cfg: gpt_names.Config, zero_lr: str | None = None) -> None:
+        super().__init__(cfg)
+        self.zero_lr = zero_lr
+
+    def param_groups(self) -> list[dict]:
+        if self.zero_lr is None:
+            return super().param_groups()
+        named = list(self.named_parameters())
+        return [
+            {"params": [p for n, p in named if not n.startswith(self.zero_lr)]},
+            {"params": [p for n, p in named if n.startswith(self.zero_lr)], "lr": 0.0},
+        ]
+
+
+def gpt(recipe: Recipe, seed: int) -> tuple[L.LightningModule, DataLoader]:
+    """The GPT example (examples/gpt_names.py): transformers' GPT-2, 12 blocks of 64, AdamW."""
+    cfg = gpt_names.Config(lr=recipe.lr, max_steps=recipe.steps, data=recipe.data, seed=1337 + seed)
+    torch.manual_seed(cfg.seed)
+    words, _ = makemore_mlp.load_words(cfg.data)
+    g = torch.Generator().manual_seed(cfg.seed)
+    data = gpt_names.encode(words, cfg.block_size)
+    sampler = RandomSampler(range(len(data)), replacement=True, num_samples=cfg.max_steps * cfg.batch_size, generator=g)
+    return GroupedGPT(cfg, recipe.options.get("zero_lr")), DataLoader(
+        TensorDataset(data), batch_size=cfg.batch_size, sampler=sampler
+    )
+
+
+class DigitsCNN(nn.Module):
+    """Conv -> BatchNorm -> F.relu, three times (a max-pool after the second), global average pool, Linear."""
+
+    def __init__(self, width: int = 32) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(1, width, 3, padding=1, bias=False), nn.BatchNorm2d(width)
+        self.conv2, self.bn2 = nn.Conv2d(width, 2 * width, 3, padding=1, bias=False), nn.BatchNorm2d(2 * width)
+        self.conv3, self.bn3 = nn.Conv2d(2 * width, 2 * width, 3, padding=1, bias=False), nn.BatchNorm2d(2 * width)
+        self.fc = nn.Linear(2 * width, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.max_pool2d(F.relu(self.bn2(self.conv2(x))), 2)
+        x = F.relu(self.bn3(self.conv3(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def cnn(recipe: Recipe, seed: int) -> tuple[L.LightningModule, DataLoader]:
+    """A small CNN on the digits: SGD with momentum 0.9 and weight decay 5e-4, warm-up and cosine."""
+    torch.manual_seed(seed)
+    net = DigitsCNN()
+    groups = None
+    if recipe.options.get("left_out") is not None:  # the optimizer built from a list that misses one layer
+        left_out = recipe.options["left_out"]
+        groups = lambda net: [p for n, p in net.named_parameters() if not n.startswith(left_out)]  # noqa: E731
+    module = Classifier(net, "sgd", recipe.lr, recipe.steps, weight_decay=5e-4, param_groups=groups)
+    return module, digits(seed, 64, recipe.steps)
+
+
+def vit(recipe: Recipe, seed: int) -> tuple[L.LightningModule, DataLoader]:
+    """timm's VisionTransformer on the digits (patches of 2x2, 4 blocks of 64), AdamW with weight decay 0.05."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(seed)
+    net = VisionTransformer(
+        img_size=8, patch_size=2, in_chans=1, num_classes=10, embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0
+    )
+    return Classifier(net, "adamw", recipe.lr, recipe.steps, weight_decay=0.05), digits(seed, 64, recipe.steps)
+
+
+class GRUCell(nn.Module):
+    """makemore's GRU cell, written out: sigmoid gates and a tanh candidate (functional calls)."""
+
+    def __init__(self, n_in: int, n_hidden: int) -> None:
+        super().__init__()
+        self.xh_to_z = nn.Linear(n_in + n_hidden, n_hidden)
+        self.xh_to_r = nn.Linear(n_in + n_hidden, n_hidden)
+        self.xh_to_hbar = nn.Linear(n_in + n_hidden, n_hidden)
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        xh = torch.cat([x, h], dim=1)
+        r = torch.sigmoid(self.xh_to_r(xh))
+        hbar = torch.tanh(self.xh_to_hbar(torch.cat([x, r * h], dim=1)))
+        z = torch.sigmoid(self.xh_to_z(xh))
+        return (1 - z) * h + z * hbar
+
+
+class CharGRU(nn.Module):
+    """makemore's RNN language model with the GRU cell: embedding, the cell over the sequence, a Linear head."""
+
+    def __init__(self, vocab: int, n_embd: int = 64, n_hidden: int = 64, init_std: float | None = None) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(vocab, n_embd)
+        self.start = nn.Parameter(torch.zeros(1, n_hidden))
+        self.cell = GRUCell(n_embd, n_hidden)
+        self.lm_head = nn.Linear(n_hidden, vocab)
+        if init_std is not None:  # the cell's weights drawn without 1/sqrt(fan_in)
+            with torch.no_grad():
+                for m in self.cell.modules():
+                    if isinstance(m, nn.Linear):
+                        m.weight.normal_(0.0, init_std)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        emb = self.wte(idx)
+        h = self.start.expand(idx.shape[0], -1)
+        hs = []
+        for t in range(idx.shape[1]):
+            h = self.cell(emb[:, t], h)
+            hs.append(h)
+        return self.lm_head(torch.stack(hs, 1))
+
+
+def gru(recipe: Recipe, seed: int) -> tuple[L.LightningModule, DataLoader]:
+    """makemore's GRU language model on the names (blocks of 16), AdamW with weight decay 0.01."""
+    torch.manual_seed(seed)
+    net = CharGRU(gpt_names.PAD + 1, init_std=recipe.options.get("init_std"))
+    return Classifier(net, "adamw", recipe.lr, recipe.steps, weight_decay=0.01), names_sequences(recipe, seed, 16, 32)
+
+
+class ReluMLP(nn.Module):
+    """``depth`` Linear -> F.relu blocks (no normalisation) with He init times ``gain``, then a Linear head.
+
+    ``gain > 1`` makes every signal grow by ``gain`` per block, forward and backward (the head is scaled by
+    ``gain ** -depth`` so that the output stays as it was); ``dead_bias`` sets one block's bias so that its
+    units start below zero for almost every input.
+    """
+
+    def __init__(self, depth: int = 8, width: int = 128, gain: float = 1.0, dead_bias: tuple[int, float] | None = None):
+        super().__init__()
+        sizes = [64] + [width] * depth
+        self.blocks = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:], strict=True))
+        self.head = nn.Linear(width, 10)
+        with torch.no_grad():
+            for block in self.blocks:
+                nn.init.kaiming_normal_(block.weight, nonlinearity="relu")
+                block.weight.mul_(gain)
+                block.bias.zero_()
+            self.head.weight.mul_(gain**-depth)
+            if dead_bias is not None:
+                index, bias = dead_bias
+                self.blocks[index].bias.fill_(bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(1)
+        for block in self.blocks:
+            x = F.relu(block(x))
+        return self.head(x)
+
+
+def relu_mlp(recipe: Recipe, seed: int) -> tuple[L.LightningModule, DataLoader]:
+    """An 8-block ReLU MLP on the digits, He init, no normalisation: SGD with momentum 0.9."""
+    torch.manual_seed(seed)
+    o = recipe.options
+    net = ReluMLP(gain=o.get("gain", 1.0), dead_bias=o.get("dead_bias"))
+    module = Classifier(net, "sgd", recipe.lr, recipe.steps, augmented=o.get("augmented", True))
+    return module, digits(seed, 64, recipe.steps)
+
+
+BUILDERS = {"makemore": makemore, "gpt": gpt, "cnn": cnn, "vit": vit, "gru": gru, "relu-mlp": relu_mlp}

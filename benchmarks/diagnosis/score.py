@@ -1,0 +1,442 @@
+"""Scores the health report on the diagnosis suite: does it name each fault, and stay silent on healthy runs?
+
+    python benchmarks/diagnosis/score.py                    # the whole suite, seeds 0 and 1, two runs at a time
+    python benchmarks/diagnosis/score.py --quick            # the quick subset (the tests run it), seed 0
+    python benchmarks/diagnosis/score.py --json out.json    # also keep every run's histories
+    python benchmarks/diagnosis/score.py --from-json out.json   # score kept runs again, with today's rules
+
+Each run trains on the CPU with SaturationMonitor, GradDataRatio, UpdateRatio and HealthReport attached, all
+with default arguments (measured every ``log_every_n_steps`` = 50 steps), and keeps what the report warned
+during training (each rule's first warning and its step) and what it says at the end. The warnings are also
+found again from the recorded histories (the rules evaluated at every logged step, as the callback does):
+``--from-json`` scores stored runs that way, and a live run checks that both agree.
+
+Labels: a healthy run must get no warning at all; a fault must be named by its own check. A learning-rate
+sweep's points are labelled from their final loss (the mean of the last 100 steps' training losses) against
+the best of the same sweep and seed: within 3x of the best rate, healthy; 10x or more above (below) it and
+more than 5 % worse, the learning rate is too high (too low) and the report must say so, with a factor that
+moves toward the best; 10x or more away but not clearly worse, that one advice is allowed and nothing else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+
+from suite import HEALTHY, Run, all_runs  # noqa: E402
+
+TOO_HIGH, TOO_LOW = "learning rate too high", "learning rate too low"
+NEAR, FAR, WORSE = 3.4, 9.9, 1.05  # "within 3x", "10x or more" on a grid of ~3.16x steps; "more than 5 % worse"
+CALLBACKS = {"saturation": "SaturationMonitor", "grad_data": "GradDataRatio", "update": "UpdateRatio"}
+
+
+# --- one run (in a process of its own) ------------------------------------------------------------------
+
+
+def train(run: Run, seed: int) -> dict[str, Any]:
+    """Train ``run`` with the diagnostics and the report attached; what they recorded, as plain data."""
+    import lightning as L
+    import torch
+    from lightning.pytorch.callbacks import Callback
+    from models import BUILDERS
+
+    from lightning_netdiag import GradDataRatio, HealthReport, SaturationMonitor, UpdateRatio
+
+    class Losses(Callback):
+        def __init__(self) -> None:
+            self.values: list[float] = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            self.values.append(float(outputs["loss"]))
+
+    model, loader = BUILDERS[run.recipe.model](run.recipe, seed)
+    plugins = []
+    if run.recipe.precision in ("16-mixed", "16-unscaled"):
+        from lightning.pytorch.plugins.precision import MixedPrecision
+
+        scaler = torch.amp.GradScaler("cpu", enabled=run.recipe.precision == "16-mixed")
+        plugins.append(MixedPrecision("16-mixed", "cpu", scaler))
+    monitors = [SaturationMonitor(), GradDataRatio(), UpdateRatio()]
+    health, losses = HealthReport(print_table=False), Losses()
+    trainer = L.Trainer(
+        max_steps=run.recipe.steps, callbacks=[*monitors, health, losses], plugins=plugins, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+        devices=1, use_distributed_sampler=False,
+    )  # fmt: skip
+    start = time.perf_counter()
+    with warnings.catch_warnings():  # the report's warnings are read from `health.warnings`
+        warnings.simplefilter("ignore")
+        trainer.fit(model, loader)
+    sat, gd, upd = monitors
+    return {
+        "seconds": time.perf_counter() - start,
+        "losses": losses.values,
+        "warned": [[v.check, v.step] for v in health.warnings],
+        "meta": {
+            "layer_families": sat.layer_families,
+            "layers_in_loop": sorted(sat.layers_in_loop),
+            "param_classes": gd.param_classes,
+            "optimizer_family": upd.optimizer_family,
+            "target": upd.target,
+        },
+        "histories": {key: cb.history.state_dict() for key, cb in zip(CALLBACKS, monitors, strict=True)},
+    }
+
+
+# --- the report, replayed on recorded histories ------------------------------------------------------------
+
+
+def monitors_at(result: dict[str, Any], step: int | None) -> dict[str, Any]:
+    """Stand-ins for the three callbacks, holding what they had recorded up to ``step`` (None: everything)."""
+    from lightning_netdiag.sinks import History
+
+    meta, out = result["meta"], {}
+    for key, state in result["histories"].items():
+        if step is not None:
+            state = {
+                "scalars": {t: [p for p in pts if p[0] <= step] for t, pts in state["scalars"].items()},
+                "histograms": {t: [p for p in pts if p[0] <= step] for t, pts in state["histograms"].items()},
+            }
+            state["scalars"] = {t: pts for t, pts in state["scalars"].items() if pts}
+        history = History(10_000)
+        history.load_state_dict(state)
+        out[key] = SimpleNamespace(
+            history=history, prefix="netdiag", layer_families=meta["layer_families"],
+            layers_in_loop=set(meta["layers_in_loop"]), param_classes=meta["param_classes"],
+            optimizer_family=meta["optimizer_family"], target=meta["target"],
+        )  # fmt: skip
+    return out
+
+
+def replay(result: dict[str, Any]) -> tuple[list[list[Any]], list[dict[str, Any]]]:
+    """What the report warned at each logged step (each rule's first time) and says at the end; also keeps in
+    ``result["signals"]`` where the run stands against each of the report's constants."""
+    from lightning_netdiag import report
+
+    steps = sorted({p[0] for h in result["histories"].values() for pts in h["scalars"].values() for p in pts})
+    warned, seen, per_step = [], set(), []
+    for step in steps:
+        monitors = monitors_at(result, step)
+        for v in report.evaluate(**monitors):
+            if (v.check, v.healthy) not in seen:
+                seen.add((v.check, v.healthy))
+                warned.append([v.check, v.step])
+        per_step.append(step_signals(monitors, step))
+    monitors = monitors_at(result, None)
+    result["signals"] = {**init_signals(monitors), **persistent(per_step)}
+    final = [asdict(v) for v in report.evaluate(**monitors)]
+    return warned, final
+
+
+# --- where each run stands against each constant ----------------------------------------------------------
+
+
+def init_signals(m: dict[str, Any]) -> dict[str, float]:
+    """The values the at-init rules compare with their constants (the worst layer's)."""
+    from lightning_netdiag import report
+
+    sat, out = m["saturation"], {}
+    for name, pct in report.at_init(sat, "act_saturated_pct").items():
+        family = report.family_of(sat, name)
+        key = f"saturation at init, {family}"
+        out[key] = max(out.get(key, -math.inf), pct)
+    stds = [v for n, v in report.at_init(sat, "act_std").items() if report.family_of(sat, n) == "tanh"]
+    if stds:
+        out["tanh std at init (least)"] = min(stds)
+    flow = report.gradient_ratio_at_init(sat)
+    if flow is not None:
+        out["gradient ratio at init"] = flow[1]
+    ce, classes = report.at_init(sat, "init_output_ce"), report.at_init(sat, "init_output_classes")
+    for name, value in ce.items():
+        if classes.get(name, 1) > 1:
+            out["output at init / ln(classes)"] = value / math.log(classes[name])
+    return out
+
+
+def step_signals(m: dict[str, Any], step: int) -> dict[str, float]:
+    from lightning_netdiag import report
+
+    sat, gd, upd, out = m["saturation"], m["grad_data"], m["update"], {}
+    dead = report.dead_units_at(sat, step)
+    if dead:
+        out["dead units %"] = max(v for _, v in dead.values())
+    tiny = report.fp16_tiny_at(sat, step)
+    if tiny:
+        out["fp16 tiny %, median"] = statistics.median(tiny.values())
+    for key, value in (("Adam update shrink", report.adam_shrink_at(upd, gd, step)),
+                       ("SGD update:data at top rate", report.sgd_update_at(upd, step)),
+                       ("SGD fall, a layer flat", report.sgd_died_at(sat, upd, step))):  # fmt: skip
+        if value is not None:
+            out[key] = value
+    return out
+
+
+def persistent(per_step: list[dict[str, float]]) -> dict[str, float]:
+    """Each signal's most extreme value held over PERSIST logged steps in a row (the SGD one: lowest)."""
+    from lightning_netdiag.report import PERSIST
+
+    out: dict[str, float] = {}
+    for key in {k for signals in per_step for k in signals}:
+        series = [signals.get(key) for signals in per_step]
+        low = key == "SGD update:data at top rate"
+        windows = [series[i : i + PERSIST] for i in range(len(series) - PERSIST + 1)]
+        held = [(max(w) if low else min(w)) for w in windows if all(v is not None for v in w)]
+        if held:
+            out[key] = min(held) if low else max(held)
+    return out
+
+
+# --- labels and scores ------------------------------------------------------------------------------------
+
+
+def final_loss(losses: list[float]) -> float:
+    tail = losses[-100:]
+    return statistics.fmean(tail) if tail and all(math.isfinite(x) for x in tail) else math.inf
+
+
+def labels(rows: list[dict[str, Any]]) -> None:
+    """Each sweep point's label, from the sweep's best final loss of the same seed."""
+    sweeps: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for row in rows:
+        if row["sweep"]:
+            sweeps.setdefault((row["sweep"], row["seed"]), []).append(row)
+    for points in sweeps.values():
+        best = min(points, key=lambda r: r["loss"])
+        for row in points:
+            ratio, worse = row["lr"] / best["lr"], row["loss"] > WORSE * best["loss"]
+            row["best_lr"] = best["lr"]
+            if 1 / NEAR <= ratio <= NEAR:
+                row["expect"], row["allowed"] = HEALTHY, []
+            elif ratio >= FAR:
+                row["expect"], row["allowed"] = (TOO_HIGH, []) if worse else (HEALTHY, [TOO_HIGH])
+            elif ratio <= 1 / FAR:
+                row["expect"], row["allowed"] = (TOO_LOW, []) if worse else (HEALTHY, [TOO_LOW])
+            else:  # between 3x and 10x (not on this grid)
+                row["expect"], row["allowed"] = HEALTHY, [TOO_HIGH if ratio > 1 else TOO_LOW]
+
+
+def judge(row: dict[str, Any]) -> None:
+    """Whether the report was right about ``row``: ``ok``, and what went wrong in ``wrong``."""
+    fired = {check for check, _ in row["warned"]} | {v["check"] for v in row["final"]}
+    expect, allowed = row["expect"], set(row.get("allowed", []))
+    wrong = []
+    if expect == HEALTHY:
+        wrong += sorted(fired - allowed)
+    else:
+        if expect not in fired:
+            wrong.append(f"missed {expect}")
+        opposite = {TOO_HIGH: TOO_LOW, TOO_LOW: TOO_HIGH}.get(expect)
+        if opposite in fired:
+            wrong.append(opposite)
+    if expect in (TOO_HIGH, TOO_LOW):
+        advice = next((v["advice"] for v in row["final"] if v["check"] == expect), None)
+        if advice is not None and "best_lr" in row and not toward_best(advice, row):  # known from a whole sweep
+            wrong.append("factor not toward the best")
+    row["ok"], row["wrong"] = not wrong, wrong
+
+
+def toward_best(advice: str, row: dict[str, Any]) -> bool:
+    """The suggested rate moves toward the sweep's best and lands within 3x of it or short of it."""
+    factor = float(advice.split("about ")[1].split(" ")[0])
+    suggested = row["lr"] / factor if advice.startswith("divide") else row["lr"] * factor
+    lo, hi = sorted((row["lr"], row["best_lr"]))
+    return lo / NEAR <= suggested <= hi * NEAR and abs(math.log(suggested / row["best_lr"])) < abs(
+        math.log(row["lr"] / row["best_lr"])
+    )
+
+
+# --- the table --------------------------------------------------------------------------------------------
+
+
+def _cells(row: dict[str, Any]) -> tuple[str, str, str, str]:
+    """A run's expected label, its final loss, what the report said (each check once, with the step of its
+    first warning; ``end`` for one said only at the end) and whether that was right."""
+    expect = row["expect"] + (f" (or {row['allowed'][0]})" if row.get("allowed") else "")
+    first = {check: step for check, step in reversed(row["warned"])}
+    checks = dict.fromkeys([*first, *(v["check"] for v in row["final"])])
+    said = [f"{c} ({first[c]})" if c in first else f"{c} (end)" for c in checks]
+    right = "yes" if row["ok"] else "**no**: " + ", ".join(row["wrong"])
+    return expect, f"{row['loss']:.4g}", ", ".join(said) or "-", right
+
+
+def table(rows: list[dict[str, Any]], seeds: list[int]) -> str:
+    """One row per run, its seeds' cells joined with " / " where they differ."""
+    by_name: dict[str, dict[int, dict[str, Any]]] = {}
+    for row in rows:
+        by_name.setdefault(row["name"], {})[row["seed"]] = row
+    lines = [
+        "| run | what it is | expected | final loss | the report said (step of the first warning) | right? |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, per_seed in by_name.items():
+        columns = zip(*(_cells(per_seed[s]) for s in seeds if s in per_seed), strict=True)
+        cells = [" / ".join(c) if len(set(c)) > 1 or c[0][:1].isdigit() else c[0] for c in columns]
+        lines.append(f"| {name} | {next(iter(per_seed.values()))['about']} | " + " | ".join(cells) + " |")
+    faults = [r for r in rows if r["expect"] != HEALTHY]
+    healthy = [r for r in rows if r["expect"] == HEALTHY]
+    named = sum(r["expect"] in {c for c, _ in r["warned"]} | {v["check"] for v in r["final"]} for r in faults)
+    alarms = sum(not r["ok"] for r in healthy)
+    minutes = sum(r["seconds"] for r in rows) / 60
+    lines += [
+        "",
+        f"Seeds {', '.join(map(str, seeds))} (cells: seed {' / seed '.join(map(str, seeds))} where they differ). "
+        f"Faults named by their own check: {named} of {len(faults)}. Healthy runs with any warning: {alarms} of "
+        f"{len(healthy)}. Runs the report got right: {sum(r['ok'] for r in rows)} of {len(rows)}. "
+        f"Training time: {minutes:.0f} min (summed over runs).",
+    ]
+    return "\n".join(lines)
+
+
+def constants() -> list[tuple[str, float, str, str, bool]]:
+    """(constant, its value, the signal compared with it, the check it makes, whether high values are bad)."""
+    from lightning_netdiag import report as r
+
+    saturation = [(f"SATURATED_PCT[{f}]", v, f"saturation at init, {f}", "saturation", True)
+                  for f, v in r.SATURATED_PCT.items()]  # fmt: skip
+    return saturation + [
+        ("DEAD_STD", r.DEAD_STD, "tanh std at init (least)", "dead layer", False),
+        ("GRAD_SPREAD", r.GRAD_SPREAD, "gradient ratio at init", "exploding gradient", True),
+        ("1 / GRAD_SPREAD", 1 / r.GRAD_SPREAD, "gradient ratio at init", "vanishing gradient", False),
+        ("OVERCONFIDENT", r.OVERCONFIDENT, "output at init / ln(classes)", "over-confident output", True),
+        ("DEAD_UNITS_PCT", max(r.DEAD_UNITS_PCT.values()), "dead units %", "dead units", True),
+        ("UNDERFLOW_PCT", r.UNDERFLOW_PCT, "fp16 tiny %, median", "gradient underflow", True),
+        ("ADAM_SHRINK_HIGH", r.ADAM_SHRINK_HIGH, "Adam update shrink", TOO_HIGH, True),
+        ("SGD_LOW", r.SGD_LOW, "SGD update:data at top rate", TOO_LOW, False),
+        ("SGD_FALL", r.SGD_FALL, "SGD fall, a layer flat", TOO_HIGH, True),
+    ]
+
+
+def _nearest(points: list[tuple[dict[str, Any], float]], highest: bool) -> tuple[float, str] | None:
+    """The highest (or lowest) value, with its run and seed."""
+    if not points:
+        return None
+    row, value = (max if highest else min)(points, key=lambda p: p[1])
+    return value, f"{row['name']}, seed {row['seed']}"
+
+
+def evidence_table(rows: list[dict[str, Any]]) -> str:
+    """Per constant: the healthy runs' value nearest to it, and the value of the faults it must name that is
+    nearest to it (with the run): the constant separates them when it lies between."""
+    lines = [
+        "| constant | value | signal | healthy runs: nearest (run) | faults it must name: nearest (run) | separates? |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, value, signal, check, high_bad in constants():
+        at = [(r, r["signals"][signal]) for r in rows if signal in r["signals"]]
+        healthy = _nearest([(r, v) for r, v in at if r["expect"] == HEALTHY and not r.get("allowed")], high_bad)
+        faults = _nearest([(r, v) for r, v in at if r["expect"] == check], not high_bad)
+        below, above = (healthy, faults) if high_bad else (faults, healthy)
+        ok = (below is None or below[0] <= value) and (above is None or value < above[0])
+        cells = ["-" if found is None else f"{found[0]:.3g} ({found[1]})" for found in (healthy, faults)]
+        lines.append(f"| {name} | {value:g} | {signal} | {cells[0]} | {cells[1]} | {'yes' if ok else '**no**'} |")
+    return "\n".join(lines)
+
+
+# --- driver -----------------------------------------------------------------------------------------------
+
+
+def row_of(run: Run, seed: int, result: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "name": run.name, "about": run.about, "seed": seed, "sweep": run.sweep, "lr": run.recipe.lr,
+        "expect": run.expect, "allowed": [], "loss": final_loss(result["losses"]), **result,
+    }  # fmt: skip
+
+
+def in_process(name: str, seed: int, quick: bool, out: str) -> None:
+    """The child's side: train one run and write its result."""
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("NETDIAG_THREADS", "1")))
+    run = next(r for r in selected(quick) if r.name == name)
+    result = train(run, seed)
+    result["replayed"], result["final"] = replay(result)
+    Path(out).write_text(json.dumps(result))
+
+
+def selected(quick: bool) -> list[Run]:
+    return [r.shortened() for r in all_runs() if r.quick] if quick else all_runs()
+
+
+def run_all(runs: list[Run], seeds: list[int], jobs: int, quick: bool) -> list[dict[str, Any]]:
+    import tempfile
+
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    rows: list[dict[str, Any]] = []
+    tmp = Path(tempfile.mkdtemp(prefix="netdiag-suite-"))
+
+    def one(args: tuple[Run, int]) -> None:
+        run, seed = args
+        out = tmp / f"{abs(hash((run.name, seed)))}.json"
+        cmd = [sys.executable, __file__, "--child", run.name, "--seed", str(seed), "--out", str(out)]
+        cmd += ["--quick"] if quick else []
+        env = dict(os.environ, NETDIAG_THREADS=str(threads), PYTHONWARNINGS="ignore")
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if done.returncode != 0:
+            raise RuntimeError(f"{run.name} (seed {seed}) failed:\n{done.stderr[-3000:]}")
+        result = json.loads(out.read_text())
+        if result["replayed"] != result["warned"]:
+            raise RuntimeError(f"{run.name}: the replayed warnings {result['replayed']} differ from the live ones")
+        rows.append(row_of(run, seed, result))
+        print(f"  {run.name} (seed {seed}): final loss {rows[-1]['loss']:.4g}, {result['seconds']:.0f} s", flush=True)
+
+    with ThreadPoolExecutor(jobs) as pool:
+        list(pool.map(one, [(run, seed) for seed in seeds for run in runs]))
+    order = {(r.name, s): i for i, (r, s) in enumerate((r, s) for r in runs for s in seeds)}
+    return sorted(rows, key=lambda row: order[(row["name"], row["seed"])])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="the quick subset, seed 0")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 (quick: 0)")
+    parser.add_argument("--jobs", type=int, default=2, help="runs at a time, each in a process of its own")
+    parser.add_argument("--runs", nargs="+", default=None, help="only the runs whose name contains one of these")
+    parser.add_argument("--json", default=None, help="write every run (histories included) to this file")
+    parser.add_argument("--from-json", default=None, help="score the runs stored in this file again")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child is not None:
+        in_process(args.child, args.seed, args.quick, args.out)
+        return
+    seeds = args.seeds or ([0] if args.quick else [0, 1])
+    if args.from_json:
+        rows = json.loads(Path(args.from_json).read_text())["rows"]
+        for row in rows:
+            row["warned"], row["final"] = replay(row)
+    else:
+        runs = [r for r in selected(args.quick) if args.runs is None or any(s in r.name for s in args.runs)]
+        print(f"{len(runs)} runs x {len(seeds)} seeds, {args.jobs} at a time", flush=True)
+        start = time.perf_counter()
+        rows = run_all(runs, seeds, args.jobs, args.quick)
+        print(f"wall time: {(time.perf_counter() - start) / 60:.1f} min")
+        if args.json:  # kept before scoring: the runs are the expensive part
+            Path(args.json).write_text(json.dumps({"rows": rows}))
+    labels(rows)
+    for row in rows:
+        judge(row)
+    print(table(rows, sorted({r["seed"] for r in rows})))
+    print()
+    print(evidence_table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": rows}))
+
+
+if __name__ == "__main__":
+    main()

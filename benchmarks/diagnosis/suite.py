@@ -1,0 +1,115 @@
+"""The diagnosis suite: healthy recipes, learning-rate sweeps and runs with one fault, each with what a correct
+health report says about it.
+
+A run is a :class:`~models.Recipe` and its label. Labels:
+
+- ``healthy``: a recipe known to train well; a correct report gives **no warning at all** on it.
+- a fault: the check that must name it (``"saturation"``, ``"not learning"``, ...), injected into a healthy
+  twin with only that one thing changed. Other checks may fire too; its own must.
+- a learning-rate sweep point (``sweep`` set): labelled after the sweep has run, from its final loss against the
+  sweep's best of the same seed (:func:`sweep_label`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from models import Recipe
+
+HEALTHY = "healthy"
+
+
+@dataclass(frozen=True)
+class Run:
+    name: str
+    recipe: Recipe
+    expect: str = HEALTHY  # the check that must name the fault, or HEALTHY
+    about: str = ""  # the fault, in words
+    sweep: str | None = None  # the sweep this run belongs to; its label comes from the sweep's losses
+    quick: bool = False  # in the quick subset that the tests run
+
+    def shortened(self) -> Run:
+        """This run for the quick subset: the long makemore runs cut to 2,000 steps; a sweep's point on its own,
+        with the label the full suite gives it on both seeds."""
+        recipe = replace(self.recipe, steps=min(self.recipe.steps, QUICK_STEPS))
+        expect = QUICK_POINTS.get((self.sweep, self.recipe.lr), self.expect)
+        return replace(self, recipe=recipe, sweep=None, expect=expect)
+
+
+QUICK_STEPS = 2_000
+
+
+#: Each model's recipe; its sweep takes the learning rates of :data:`GRID` from 30x below the recipe's to 30x
+#: above, neighbours about 3x apart.
+SWEEPS = {
+    "makemore": (Recipe("makemore", 10_000, 0.1), "the lecture's MLP (kaiming preset), SGD"),
+    "gpt": (Recipe("gpt", 600, 3e-3), "the GPT example (12 blocks), AdamW"),
+    "vit": (Recipe("vit", 600, 3e-3), "timm ViT on the digits, AdamW"),
+    "gru": (Recipe("gru", 800, 1e-2), "makemore's GRU on the names, AdamW"),
+    "cnn": (Recipe("cnn", 600, 0.1), "a CNN with BatchNorm on the digits, SGD with momentum"),
+    "relu-mlp": (Recipe("relu-mlp", 600, 0.03), "an 8-block ReLU MLP on the digits, SGD with momentum"),
+}
+GRID = [float(f"{m}e{e}") for e in range(-5, 3) for m in (1, 3)]
+
+
+#: The sweep points in the quick subset, with the label the full suite gives them on both seeds.
+QUICK_POINTS = {
+    ("makemore", 0.1): HEALTHY, ("cnn", 0.1): HEALTHY, ("relu-mlp", 0.03): HEALTHY, ("gru", 0.01): HEALTHY,
+    ("relu-mlp", 0.003): "learning rate too low", ("relu-mlp", 0.3): "learning rate too high",
+    ("gru", 0.1): "learning rate too high",
+}  # fmt: skip
+
+
+def sweep_runs() -> list[Run]:
+    out = []
+    for model, (recipe, about) in SWEEPS.items():
+        at = min(range(len(GRID)), key=lambda i: abs(GRID[i] / recipe.lr - 1))
+        for lr in GRID[at - 3 : at + 4]:
+            r = Recipe(recipe.model, recipe.steps, lr, recipe.options)
+            out.append(Run(f"{model} lr={lr:g}", r, about=about, sweep=model, quick=(model, lr) in QUICK_POINTS))
+    return out
+
+
+def _mm(preset: str, **options) -> Recipe:
+    return Recipe("makemore", 10_000, 0.1, {"preset": preset, **options})
+
+
+#: The recipes known to be healthy besides the sweeps' good rates, and one fault each in a healthy twin.
+# fmt: off
+RUNS = [
+    Run("makemore fix-tanh", _mm("fix-tanh"), about="the lecture's tanh fix (W1 * 0.2)"),
+    Run("makemore batchnorm", _mm("batchnorm"), about="the lecture's BatchNorm before the tanh"),
+    Run("makemore deep", _mm("deep"), about="the lecture's 5-layer net, gain 5/3, BatchNorm"),
+    Run("makemore deep-nobn", _mm("deep-nobn"), about="the lecture's 5-layer net, gain 5/3, no BatchNorm"),
+    Run("relu-mlp fp16 scaled", Recipe("relu-mlp", 600, 0.03, precision="16-mixed"),
+        about="fp16 autocast with a GradScaler (it skips the first steps, whose gradients overflow)", quick=True),
+    Run("relu-mlp fits its data", Recipe("relu-mlp", 600, 0.03, {"augmented": False}),
+        about="no augmentation: the training loss goes to about 0 and the gradients with it", quick=True),
+    Run("makemore original", _mm("original"), "over-confident output",
+        "the lecture's original: output layer not shrunk, loss at init 27.9 instead of ln 27 = 3.30", quick=True),
+    Run("makemore fix-softmax", _mm("fix-softmax"), "saturation",
+        "the lecture's fix-softmax: W1 not shrunk, the hidden tanh saturated at init", quick=True),
+    Run("gru randn init", Recipe("gru", 800, 1e-2, {"init_std": 1.0}), "saturation",
+        "the GRU's weights drawn N(0, 1), without 1/sqrt(fan_in)"),
+    Run("makemore deep-nobn net.4 x0.01", _mm("deep-nobn", scale_layer=("net.4", 0.01)), "dead layer",
+        "deep-nobn with one hidden layer's init scaled by 0.01"),
+    Run("makemore deep-nobn gain 0.5", _mm("deep-nobn", gain=0.5), "vanishing gradient",
+        "the lecture's deep net without BatchNorm at gain 0.5", quick=True),
+    Run("relu-mlp gain 1.5", Recipe("relu-mlp", 600, 0.03, {"gain": 1.5}), "exploding gradient",
+        "every block's init 1.5x He: signals grow 1.5x per block, forward and backward", quick=True),
+    Run("relu-mlp dead bias", Recipe("relu-mlp", 600, 0.03, {"dead_bias": (3, -3.0)}), "dead units",
+        "block 3's bias initialised to -3: most of its ReLU units start dead and stay so", quick=True),
+    Run("cnn head left out", Recipe("cnn", 600, 0.1, {"left_out": "fc"}), "not learning",
+        "the optimizer built from a list that misses the classifier", quick=True),
+    Run("gpt block 5 at lr 0", Recipe("gpt", 600, 3e-3, {"zero_lr": "gpt.transformer.h.5"}), "not learning",
+        "one block's parameter group at learning rate 0"),
+    Run("relu-mlp fp16 unscaled", Recipe("relu-mlp", 600, 0.03, precision="16-unscaled"), "gradient underflow",
+        "fp16 autocast with the loss scaler turned off", quick=True),
+    Run("relu-mlp lr 3", Recipe("relu-mlp", 600, 3.0), "non-finite",
+        "SGD at 100x the recipe's rate: the weights overflow", quick=True),
+]
+# fmt: on
+
+
+def all_runs() -> list[Run]:
+    return sweep_runs() + RUNS

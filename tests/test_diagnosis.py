@@ -1,0 +1,81 @@
+"""The health report on real training runs with a known outcome: the diagnosis suite's quick subset
+(benchmarks/diagnosis). Healthy recipes get no warning at all; each injected fault is named by its own check."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("sklearn")  # the digits data
+pytest.importorskip("transformers")
+pytest.importorskip("timm")
+SUITE = Path(__file__).parents[1] / "benchmarks" / "diagnosis"
+sys.path.insert(0, str(SUITE))
+import score  # noqa: E402
+from suite import HEALTHY  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("suite") / "quick.json"
+    done = subprocess.run(
+        [sys.executable, str(SUITE / "score.py"), "--quick", "--json", str(out)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(out.read_text())["rows"], done.stdout
+
+
+def test_quick_suite_healthy_runs_get_no_warning_and_each_fault_its_own_check(quick):
+    rows, printed = quick
+    wrong = [(r["name"], r["wrong"]) for r in rows if not r["ok"]]
+    assert not wrong, printed
+    healthy = [r for r in rows if r["expect"] == HEALTHY]
+    faults = {r["expect"] for r in rows if r["expect"] != HEALTHY}
+    assert len(healthy) >= 4 and all(not r["warned"] and not r["final"] for r in healthy)
+    assert faults >= {"over-confident output", "saturation", "vanishing gradient", "exploding gradient", "dead units",
+                      "not learning", "gradient underflow", "non-finite", "learning rate too high",
+                      "learning rate too low"}  # fmt: skip
+    faulty = len(rows) - len(healthy)
+    assert f"Faults named by their own check: {faulty} of {faulty}. Healthy runs with any warning: 0 of" in printed
+
+
+def test_quick_suite_rescored_from_its_histories_gives_the_same_verdicts(quick):
+    rows, _ = quick
+    for row in rows:
+        warned, final = score.replay(row)
+        assert warned == row["warned"] and [v["check"] for v in final] == [v["check"] for v in row["final"]]
+
+
+def sweep(losses: dict[float, float]) -> list[dict]:
+    return [{"name": f"m lr={lr}", "sweep": "m", "seed": 0, "lr": lr, "loss": loss} for lr, loss in losses.items()]
+
+
+def test_sweep_points_are_labelled_from_the_best_final_loss_of_their_sweep():
+    rows = sweep({1e-4: 2.6, 3e-4: 2.2, 1e-3: 2.1, 3e-3: 2.0, 1e-2: 2.05, 3e-2: 2.09, 1e-1: float("inf")})
+    score.labels(rows)
+    got = {r["lr"]: (r["expect"], r["allowed"]) for r in rows}
+    assert got == {
+        1e-4: (score.TOO_LOW, []),  # 30x below the best and clearly worse
+        3e-4: (score.TOO_LOW, []),  # 10x below, 10 % worse
+        1e-3: (HEALTHY, []), 3e-3: (HEALTHY, []), 1e-2: (HEALTHY, []),  # within 3x
+        3e-2: (HEALTHY, [score.TOO_HIGH]),  # 10x above but within 5 %: that advice or none
+        1e-1: (score.TOO_HIGH, []),  # diverged
+    }  # fmt: skip
+
+
+def test_a_run_is_right_only_with_its_own_check_and_advice_toward_the_best():
+    def judged(expect, fired, advice="", lr=0.1, best=0.003):
+        row = {"expect": expect, "allowed": [], "lr": lr, "best_lr": best, "warned": [[c, 0] for c in fired],
+               "final": [{"check": c, "advice": advice} for c in fired]}  # fmt: skip
+        score.judge(row)
+        return row["ok"], row["wrong"]
+
+    assert judged(HEALTHY, []) == (True, [])
+    assert judged(HEALTHY, ["saturation"]) == (False, ["saturation"])
+    assert judged("dead units", ["saturation", "dead units"]) == (True, [])
+    assert judged("dead units", ["saturation"]) == (False, ["missed dead units"])
+    assert judged(score.TOO_HIGH, [score.TOO_HIGH], "divide the learning rate by about 20") == (True, [])
+    assert judged(score.TOO_HIGH, [score.TOO_HIGH], "divide the learning rate by about 1e+03") == (
+        False, ["factor not toward the best"])  # fmt: skip
