@@ -54,15 +54,16 @@ UNDERFLOW_PCT = 5.0
 ADAM_SHRINK_HIGH = 1.9
 ADAM_SHRINK_OK = 1.5  # the shrink of the good rates; the advice aims for it (about one decade per decade of rate)
 #: SGD: the median update:data (log10, scaled back to the schedule's highest rate so far) below which the learning
-#: rate is too low. The lecture's -3 is the centre of its band; healthy SGD runs of the suite sit at -2.97 to -1.2
-#: after their first step (whose momentum is not built up yet: it is not judged), runs 10x too low at -3.07 and
-#: less: the line lies between.
-SGD_LOW = -3.02
+#: rate is too low: the lecture's -3, set on the suite halfway between the healthy runs (never held below -2.97
+#: after step 0, whose momentum is not built up yet and is not judged) and the runs 10x too slow (held at -3.17
+#: and below), but for a network with BatchNorm after every weight (see the README).
+SGD_LOW = -3.07
 SGD_OK = -2.3  # the middle of the healthy runs: the advice aims for it
-#: The *fall*: decades by which the update per unit of learning rate dropped below its first step's. Healthy SGD
-#: runs only rise or fall a little (at most 0.75 in the suite); beyond this the gradients died. With a layer all
-#: in its flat region (:data:`FLAT_PCT`: no gradient passes it) that is a network killed by too large steps; a
-#: fall rules out the too-low advice either way (a higher rate is no cure for dead gradients).
+#: The *fall*: decades by which the update per unit of learning rate dropped below its value at the second
+#: logged step (the first after step 0, whose SGD momentum is empty). Beyond this the gradients died or
+#: vanished: with a layer all in its flat region (:data:`FLAT_PCT`: no gradient passes it) that is a network
+#: killed by too large steps; without, a network that fits its data (its loss near 0). A fall rules out the
+#: too-low advice either way (a higher rate is no cure, or no need).
 SGD_FALL = 1.0
 FLAT_PCT = 99.0  # % of a layer's values in the flat region: the layer passes no gradient
 WORST = 3  # layers named per verdict
@@ -409,15 +410,25 @@ def adam_shrink_at(update: Any, grad_data: Any, step: int) -> float | None:
     return _median_over_weights(update, step, lambda n, ud: math.log10(lr / std0[n]) - ud if n in std0 else math.nan)
 
 
+def _second_points(callback: Any, metric: str) -> dict[str, tuple[int, float]]:
+    """name -> the second point of each tag of ``metric`` (step, value)."""
+    if callback is None:
+        return {}
+    history, head = callback.history, f"{callback.prefix}/{metric}/"
+    points = {tag[len(head) :]: history.head(tag, 2) for tag in history if tag.startswith(head)}
+    return {name: pts[1] for name, pts in points.items() if len(pts) > 1}
+
+
 def sgd_fall_at(update: Any, step: int) -> float | None:
-    """The median over the weights of the fall of the update per unit of learning rate, from the first step to
-    ``step`` (see :data:`SGD_FALL`), under SGD; None where it cannot be read."""
-    rates, first = _rates(update), at_init(update, "update_data_log10")
-    lr = rates.get(step, 0.0)
-    if getattr(update, "optimizer_family", None) != "sgd" or lr <= 0 or step == 0 or rates.get(0, 0.0) <= 0:
+    """The median over the weights of the fall of the update per unit of learning rate from the second logged
+    step (the first after step 0, whose momentum is still empty) to ``step`` (see :data:`SGD_FALL`), under
+    SGD; None where it cannot be read."""
+    rates, lr = _rates(update), _rates(update).get(step, 0.0)
+    if getattr(update, "optimizer_family", None) != "sgd" or lr <= 0 or step == 0:
         return None
-    per_lr_0 = {n: ud - math.log10(rates[0]) for n, ud in first.items()}  # update per unit of rate, first step
-    return _median_over_weights(update, step, lambda n, ud: per_lr_0.get(n, math.nan) + math.log10(lr) - ud)
+    start = {n: ud - math.log10(rates[s]) for n, (s, ud) in _second_points(update, "update_data_log10").items()
+             if s <= step and rates.get(s, 0.0) > 0}  # fmt: skip
+    return _median_over_weights(update, step, lambda n, ud: start.get(n, math.nan) + math.log10(lr) - ud)
 
 
 def sgd_update_at(update: Any, step: int) -> float | None:
