@@ -1,6 +1,6 @@
 """What is watched and how: module and parameter selection, hooks as resources with a lifetime.
 
-No Lightning here either: the callbacks decide *when* (by setting ``armed``), this module only measures.
+No Lightning here either: the front ends decide *when* (through the meters), this module only measures.
 """
 
 from __future__ import annotations
@@ -505,8 +505,8 @@ class OutputProbe:
         if owns and isinstance(output, Tensor) and output.is_floating_point() and output.dim() >= 2:
             self._last = (self._names.get(id(module), type(module).__name__), output)
 
-    def backward(self, loss: Tensor) -> None:
-        """A forward ended and its backward starts from ``loss`` (unscaled): add their record."""
+    def backward(self, loss: Tensor | None) -> None:
+        """A forward ended and its backward starts from ``loss`` (unscaled; None if unknown): add their record."""
         if self._last is None:
             return
         name, z = self._last
@@ -518,10 +518,17 @@ class OutputProbe:
             excess = torch.logsumexp(rows, dim=-1) - rows.mean(dim=-1)
             n, classes = rows.shape
             full = excess.new_full
-            sums = [full((), n), excess.sum(), full((), n * classes), full((), 1), loss.detach().float().reshape(())]
+            losses, total = (0, excess.new_zeros(())) if loss is None else (1, loss.detach().float().reshape(()))
+            sums = [full((), n), excess.sum(), full((), n * classes), full((), losses), total]
             record = torch.stack(sums).double()
         self.record = record if self.record is None else self.record + record
         self.name = name
+
+    def add_loss(self, loss: Tensor) -> None:
+        """A loss told after its backward (when the backward began, it was unknown)."""
+        if self.record is not None:
+            with torch.no_grad():
+                self.record[3:] += torch.stack([loss.new_ones(()), loss.detach().reshape(())]).to(self.record)
 
     def stop(self) -> None:
         """Stop watching (the record stays)."""

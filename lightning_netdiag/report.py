@@ -308,7 +308,7 @@ def _overconfident(saturation: Any) -> list[Verdict]:
     hits = {}
     for name, value in ce.items():
         uniform = math.log(classes.get(name, 1.0))
-        unearned = loss is None or loss >= UNEARNED * value
+        unearned = loss is not None and loss >= UNEARNED * value  # no loss seen: cannot tell, say nothing
         if uniform > 0 and value > OVERCONFIDENT * uniform and unearned:
             hits[name] = value
     if not hits:

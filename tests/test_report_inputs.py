@@ -11,8 +11,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from lightning_netdiag import GradDataRatio, SaturationMonitor, UpdateRatio
-from lightning_netdiag.callbacks.update_ratio import optimizer_family
-from lightning_netdiag.sinks import History
+from lightning_netdiag.history import History
+from lightning_netdiag.meters import optimizer_family
 
 
 @pytest.mark.parametrize("scaled", [False, True], ids=["no-scaler", "grad-scaler"])

@@ -103,7 +103,7 @@ def train(run: Run, seed: int) -> dict[str, Any]:
 
 def monitors_at(result: dict[str, Any], step: int | None) -> dict[str, Any]:
     """Stand-ins for the three callbacks, holding what they had recorded up to ``step`` (None: everything)."""
-    from lightning_netdiag.sinks import History
+    from lightning_netdiag.history import History
 
     meta, out = result["meta"], {}
     for key, state in result["histories"].items():

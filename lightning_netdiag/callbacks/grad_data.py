@@ -1,4 +1,4 @@
-"""D3: the gradient of each weight, relative to the weight."""
+"""D3 under Lightning: when to measure each weight's gradient (the meter says how)."""
 
 from __future__ import annotations
 
@@ -6,16 +6,14 @@ from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
-from torch import Tensor
 from typing_extensions import override
 
-from lightning_netdiag import stats
-from lightning_netdiag.callbacks._common import ParameterCallback, loss_scale
+from lightning_netdiag.callbacks._common import LightningRun, ParameterCallback
 from lightning_netdiag.capture import WEIGHT_NDIMS
+from lightning_netdiag.meters import GradDataMeter
 
 
-class GradDataRatio(ParameterCallback):
+class GradDataRatio(GradDataMeter, ParameterCallback):
     r"""Per selected parameter, its gradient's statistics and ``grad.std() / param.std()`` (D3).
 
     Measured in ``on_before_optimizer_step``: the gradient is complete (every micro-batch of an
@@ -64,58 +62,12 @@ class GradDataRatio(ParameterCallback):
         prefix: str = "netdiag",
         history_size: int = 10_000,
     ) -> None:
-        super().__init__(params, exclude, ndims, every_n_steps, prefix, history_size)
-        self.histograms = bool(histograms)
-        self._bins = stats.log2_bins()
-        # name -> (step, the parameter's version counter, the ranks holding the part, its record): the weights
-        # as they were just before the optimizer step, which UpdateRatio needs too (read once, not twice).
-        self.weight_records: dict[str, tuple[int, int, int, Tensor]] = {}
+        GradDataMeter.__init__(self, params, exclude, ndims, histograms, prefix, history_size)
+        self._cadence(every_n_steps)
+
+    def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.attach(pl_module, LightningRun(trainer, self._sink), trainer.optimizers)
 
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        self._measure(trainer, optimizer)
-
-    def _detach(self) -> None:
-        super()._detach()
-        self.weight_records = {}
-
-    def _measure(self, trainer: pl.Trainer, optimizer: Any) -> None:
-        if self._step is None:
-            return
-        chosen = self._stepped_by(optimizer)
-        if not chosen:
-            return
-        amp = loss_scale(trainer)
-        # Optimizers that unscale inside their own step (fused ones) still hold loss-scaled gradients here.
-        scale = amp if getattr(optimizer, "_step_supports_amp_scaling", False) else None
-        grads, weights = [], []
-        for name, p in chosen:
-            self._bins = self._bins.to(p.device)
-            # A parameter without a gradient sends an empty record: skipped below unless another rank has one.
-            grads.append(self._shard(name, p.grad if p.grad is not None else torch.empty(0, device=p.device)))
-            weights.append(self._shard(name, p))
-        grad_records = self._records(grads, self._bins if self.histograms else None, divisor=scale)
-        weight_records = self._records(weights)
-        # kept by name over the optimizers of a step (manual optimization); older entries fail the step check
-        for (name, p), (_, copies), record in zip(chosen, weights, weight_records, strict=True):
-            self.weight_records[name] = (self._step, p._version, copies, record)
-        device = chosen[0][1].device
-        same = [torch.as_tensor(amp, dtype=torch.float64, device=device).reshape(1)] if amp is not None else []
-        records = [r for pair in zip(grad_records, weight_records, strict=True) for r in pair]
-        values = self._values(trainer, records, same)
-        scalars: dict[str, float] = {}
-        if amp is not None:  # the scaler skips steps whose gradients overflowed: the report must know it is on
-            scalars[f"{self.prefix}/loss_scale"] = values.pop()[0]
-        histograms: dict[str, stats.Histogram] = {}
-        for i, (name, _) in enumerate(chosen):
-            grad_record, param_record = values[2 * i], values[2 * i + 1]
-            if not stats.recorded(grad_record):
-                continue
-            g, w = stats.Moments.of(grad_record), stats.Moments.of(param_record)
-            scalars[self._tag("grad_mean", name)] = g.mean
-            scalars[self._tag("grad_std", name)] = g.std
-            scalars[self._tag("grad_data_ratio", name)] = g.std / w.std if w.std > 0 else float("nan")
-            scalars[self._tag("grad_nonfinite", name)] = g.nonfinite
-            if self.histograms:
-                histograms[self._tag("grad", name)] = stats.Histogram.of(grad_record, self._bins.edges)
-        self._emit(trainer, self._step, scalars, histograms)
+        self.measure(optimizer)

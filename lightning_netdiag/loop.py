@@ -1,0 +1,317 @@
+"""The four diagnostics in a plain PyTorch loop or a notebook: a front end with no Lightning.
+
+Attach to a model (and its optimizer, when there is one) and train as before::
+
+    diag = NetDiag(model, optimizer, writer=SummaryWriter("runs/mlp"), every_n_steps=100)
+    with diag:
+        for x, y in batches:
+            loss = F.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    diag.report()
+
+The lecture's loop has no optimizer (``p.data += -lr * p.grad``): there, call ``diag.step(loss, lr)`` between
+``loss.backward()`` and the update, once per step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.amp.grad_scaler import OptState
+
+from lightning_netdiag import plots, report, stats
+from lightning_netdiag.capture import HookHandles
+from lightning_netdiag.dist import rank
+from lightning_netdiag.meters import (
+    ActivationMeter,
+    GradDataMeter,
+    Meter,
+    TorchRun,
+    UpdateMeter,
+    check_positive_int,
+)
+from lightning_netdiag.sinks import LoggerSink
+
+
+class WriterLogger:
+    """A bare ``SummaryWriter`` as the sinks see a Lightning TensorBoardLogger (``experiment``, ``log_metrics``)."""
+
+    def __init__(self, writer: Any) -> None:
+        self.experiment = writer
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        for tag, value in metrics.items():
+            self.experiment.add_scalar(tag, value, global_step=step)
+
+
+class NetDiag:
+    """The four diagnostics of a model trained by a plain PyTorch loop; nothing else in the loop changes.
+
+    Hooks on the model tell it when a forward starts and when its backward starts; the optimizer's step
+    hooks (``register_step_pre_hook`` / ``register_step_post_hook``) tell it when a step happens: D1-D3 are
+    read just before it, D4 across it. Every forward of a step adds to its records (gradient accumulation);
+    forwards in eval mode or without grad (validation) are not recorded. Steps 0, n, 2n, ... of the
+    optimizer are measured. Under DDP (``torch.distributed`` initialised), the ranks' records are summed as
+    under Lightning; pass the inner module or the ``DistributedDataParallel`` wrapper alike.
+
+    Without an optimizer (the lecture's manual update), call :meth:`step` once per step between the
+    backward and the update.
+
+    Args:
+        model: the model (or its DDP wrapper).
+        optimizer: the optimizer that steps it, a sequence of them, or None for a manual update.
+        writer: a ``torch.utils.tensorboard.SummaryWriter`` to log to; None keeps the history in memory only.
+        every_n_steps: measure every n-th optimizer step.
+        scaler: the AMP ``GradScaler`` that scales the loss, if any. Its ``step`` is wrapped while attached,
+            so that a step it skips (non-finite gradients) is measured and logged as ``update_skipped``.
+        saturation, grad_data, update: the meters to run (D1-D2, D3, D4), each ``True`` (the defaults), a
+            configured meter (:class:`~lightning_netdiag.meters.ActivationMeter`, ...) or None to leave out.
+
+    Raises:
+        ValueError: if an argument is out of range or of the wrong type.
+
+    Attributes:
+        saturation, grad_data, update: the meters (None where left out); their ``history`` holds every
+            measurement, for :func:`lightning_netdiag.plots.draw_all` and :func:`lightning_netdiag.report.evaluate`.
+        steps: the optimizer steps counted so far.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None,
+        writer: Any = None,
+        every_n_steps: int = 100,
+        scaler: Any = None,
+        saturation: ActivationMeter | bool | None = True,
+        grad_data: GradDataMeter | bool | None = True,
+        update: UpdateMeter | bool | None = True,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"Expected `model` to be a torch.nn.Module, got {type(model).__name__}")
+        optimizers = [] if optimizer is None else [optimizer] if hasattr(optimizer, "param_groups") else optimizer
+        if not all(hasattr(o, "param_groups") for o in optimizers):  # type: ignore[union-attr]
+            raise ValueError(
+                f"Expected `optimizer` to be a torch.optim.Optimizer, a sequence of them or None, got {optimizer!r}"
+            )
+        check_positive_int("every_n_steps", every_n_steps)
+        if writer is not None and not callable(getattr(writer, "add_histogram_raw", None)):
+            raise ValueError(f"Expected `writer` to be a torch.utils.tensorboard.SummaryWriter or None, got {writer!r}")
+        if scaler is not None and not callable(getattr(scaler, "unscale_", None)):
+            raise ValueError(f"Expected `scaler` to be a torch.amp.GradScaler or None, got {scaler!r}")
+        self.model = getattr(model, "module", model) if type(model).__name__ == "DistributedDataParallel" else model
+        self.optimizers: list[torch.optim.Optimizer] = list(optimizers)  # type: ignore[arg-type]
+        self.writer, self.every_n_steps, self.scaler = writer, every_n_steps, scaler
+        self.saturation = _meter("saturation", saturation, ActivationMeter)
+        self.grad_data = _meter("grad_data", grad_data, GradDataMeter)
+        self.update = _meter("update", update, UpdateMeter)
+        self.steps = 0
+        self.verdicts: list[report.Verdict] = []
+        self._handles = HookHandles()
+        self._backward_seen = False  # a backward began since the current forward started
+        self._snapshot_pending = False  # a manual step's copies wait for the update to happen
+        self._in_scaler_step = False  # inside the GradScaler's step: it ends the step, not the optimizer's hook
+        self._stepped = False  # the optimizer's pre-step hook ran
+        self._scaler_step: Any = None
+
+    @property
+    def meters(self) -> list[Meter]:
+        return [m for m in (self.saturation, self.grad_data, self.update) if m is not None]
+
+    # --- lifetime -------------------------------------------------------------------------------------
+
+    def attach(self) -> NetDiag:
+        """Select what to watch and register the hooks (before the first forward)."""
+        self.close()
+        for meter in self.meters:
+            sink = LoggerSink(type(meter).__name__, meter.prefix)
+            loggers = [] if self.writer is None else [WriterLogger(self.writer)]
+            emit = None if self.writer is None else _emitter(sink, loggers)
+            run = TorchRun(emit, self.scaler, None)
+            if isinstance(meter, ActivationMeter):
+                meter.attach(self.model, run)
+            else:
+                meter.attach(self.model, run, self.optimizers)  # type: ignore[attr-defined]
+        if self.update is not None:
+            self.update.grad_data = self.grad_data
+        self._handles.add(self.model.register_forward_pre_hook(self._forward_starts))
+        self._handles.add(self.model.register_forward_hook(self._forward_ends))
+        for opt in self.optimizers:
+            self._handles.add(opt.register_step_pre_hook(self._before_step))
+            self._handles.add(opt.register_step_post_hook(self._after_step))
+        if self.scaler is not None:
+            self._scaler_step = self.scaler.step
+            self.scaler.step = self._scaled_step  # an instance attribute: removed again by close()
+        self._begin()
+        return self
+
+    def close(self) -> None:
+        """Finish a pending measurement, remove every hook; safe to call any number of times."""
+        if self._snapshot_pending and self.update is not None:
+            self.update.measure()
+        self._snapshot_pending = False
+        self._handles.remove()
+        if self._scaler_step is not None:
+            del self.scaler.step
+            self._scaler_step = None
+        for meter in self.meters:
+            meter.detach()
+
+    def __enter__(self) -> NetDiag:
+        return self.attach()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- when: the hooks --------------------------------------------------------------------------------
+
+    def _measured(self) -> int | None:
+        return self.steps if self.steps % self.every_n_steps == 0 else None
+
+    def _begin(self) -> None:
+        for meter in (self.grad_data, self.update):
+            if meter is not None:
+                meter.begin(self._measured())
+
+    def _forward_starts(self, module: nn.Module, inputs: object) -> None:
+        if self._snapshot_pending:  # the manual update happened since step(): measure it
+            self._snapshot_pending = False
+            if self.update is not None:
+                self.update.measure()
+            self._begin()
+        if self.saturation is None:
+            return
+        if not (module.training and torch.is_grad_enabled()):
+            self.saturation.stop()  # validation: never recorded
+            return
+        if self._backward_seen:
+            self._backward_seen = False
+            self.saturation.backward_done()
+        self.saturation.arm(self._measured(), _device(self.model))
+
+    def _forward_ends(self, module: nn.Module, inputs: object, output: object) -> None:
+        if self.saturation is None or not (module.training and torch.is_grad_enabled()):
+            return
+        # The first output gradient computed is the first thing a backward does: nothing (a checkpointed
+        # segment's recomputation) runs before it. A model that computes its loss (Hugging Face) hands it over.
+        loss = _loss_of(output)
+        first = next((t for t in _tensors(output) if t.requires_grad), None)
+        if first is not None:
+            first.register_hook(lambda grad: self._backward_starts(loss))
+
+    def _backward_starts(self, loss: Tensor | None) -> None:
+        if not self._backward_seen:
+            self._backward_seen = True
+            if self.saturation is not None:
+                self.saturation.backward(loss if self.saturation.needs_loss else None)
+
+    def _before_step(self, optimizer: Any, args: object = None, kwargs: object = None) -> None:
+        self._stepped = True
+        if self.saturation is not None:
+            self.saturation.flush()
+        if self.grad_data is not None:
+            self.grad_data.measure(optimizer)
+        if self.update is not None:
+            self.update.snapshot(optimizer)
+
+    def _after_step(self, optimizer: Any, args: object = None, kwargs: object = None) -> None:
+        if self._in_scaler_step:
+            return
+        self._step_done()
+
+    def _step_done(self) -> None:
+        if self.update is not None:
+            self.update.measure()
+        self.steps += 1
+        self._begin()
+
+    def _scaled_step(self, optimizer: Any, *args: Any, **kwargs: Any) -> Any:
+        """The GradScaler's step, unscaling first (as it would), so that a step it skips (non-finite
+        gradients: the optimizer's hooks never run) is measured all the same, as under Lightning."""
+        if self.scaler._per_optimizer_states[id(optimizer)]["stage"] is OptState.READY:
+            self.scaler.unscale_(optimizer)
+        self._stepped, self._in_scaler_step = False, True
+        try:
+            out = self._scaler_step(optimizer, *args, **kwargs)
+        finally:
+            self._in_scaler_step = False
+        if optimizer in self.optimizers:
+            if not self._stepped:
+                self._before_step(optimizer)
+            self._step_done()
+        return out
+
+    def step(self, loss: Tensor | None = None, lr: float | None = None) -> None:
+        """A manual update is about to happen (no optimizer): call it after ``loss.backward()``, before the
+        update. ``loss``: the step's loss (for the report's loss at init); ``lr``: the rate of the update
+        ``p -= lr * p.grad`` (the report judges it as plain SGD's; None: not judged)."""
+        if self.optimizers:
+            raise RuntimeError("NetDiag.step() is for a manual update; with an optimizer, its step is seen by itself")
+        if self.saturation is not None and loss is not None and self.steps == 0:
+            self.saturation.add_loss(loss.detach())
+        if self.update is not None:
+            self.update.manual(lr)
+        if self.saturation is not None:
+            self.saturation.flush()
+        if self.grad_data is not None:
+            self.grad_data.measure(None)
+        if self.update is not None:
+            self.update.snapshot(None)
+        self.steps += 1
+        self._snapshot_pending = True
+
+    # --- views ----------------------------------------------------------------------------------------
+
+    def report(self, print_table: bool = True) -> list[report.Verdict]:
+        """The health report of what was measured so far (printed as a table with ``print_table``)."""
+        self.verdicts = report.evaluate(self.saturation, self.grad_data, self.update)
+        if print_table:
+            last = max((m.history.last_step for m in self.meters if m.history.last_step is not None), default=None)
+            note = report.learning_rate_note(self.update, self.grad_data)
+            print(report.format_table(self.verdicts, last, [note] if note else []))
+        return self.verdicts
+
+    def plots(self) -> dict[str, Any]:
+        """The lecture's plots (matplotlib figures by name) of what was measured so far."""
+        return plots.draw_all(self.saturation, self.grad_data, self.update)
+
+
+def _meter(name: str, value: object, kind: Any) -> Any:
+    if value is None or value is False:
+        return None
+    if value is True:
+        return kind()
+    if isinstance(value, kind):
+        return value
+    raise ValueError(f"Expected `{name}` to be True, None or a {kind.__name__}, got {value!r}")
+
+
+def _emitter(sink: LoggerSink, loggers: list[Any]) -> Any:
+    def emit(step: int, scalars: Mapping[str, float], histograms: Mapping[str, stats.Histogram]) -> None:
+        sink.emit(loggers, step, scalars, histograms, rank() == 0)
+
+    return emit
+
+
+def _device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _tensors(output: object) -> list[Tensor]:
+    """The floating tensors of a model's output: a tensor, a tuple or list, a dict or a ``ModelOutput``."""
+    if isinstance(output, Tensor):
+        return [output] if output.is_floating_point() else []
+    values = output.values() if isinstance(output, Mapping) else output if isinstance(output, (tuple, list)) else ()
+    return [t for v in values for t in _tensors(v)]
+
+
+def _loss_of(output: object) -> Tensor | None:
+    """The loss a model computed itself (Hugging Face models given labels: ``output.loss``), or None."""
+    loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
+    return loss if isinstance(loss, Tensor) and loss.numel() == 1 else None
