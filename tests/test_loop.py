@@ -59,11 +59,7 @@ def hist_counts(meters) -> dict[str, dict[int, tuple]]:
 
 
 def with_lightning(tmp_path, optimizer="adam", lr=0.01, **kw):
-    callbacks = [
-        SaturationMonitor(every_n_steps=EVERY),
-        GradDataRatio(every_n_steps=EVERY),
-        UpdateRatio(every_n_steps=EVERY),
-    ]
+    callbacks = all_callbacks(EVERY)
     trainer(tmp_path, callbacks, logger=False, max_steps=STEPS, limit_val_batches=0, **kw).fit(
         Net(optimizer, lr), loader()
     )
