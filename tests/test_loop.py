@@ -7,7 +7,7 @@ import math
 import lightning as L
 import pytest
 import torch
-from helpers import loader, read_tensorboard, trainer
+from helpers import all_callbacks, loader, read_tensorboard, trainer
 from torch import nn
 from torch.nn import functional as F
 
