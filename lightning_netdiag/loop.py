@@ -71,6 +71,9 @@ class NetDiag:
             so that a step it skips (non-finite gradients) is measured and logged as ``update_skipped``.
         saturation, grad_data, update: the meters to run (D1-D2, D3, D4), each ``True`` (the defaults), a
             configured meter (:class:`~lightning_netdiag.meters.ActivationMeter`, ...) or None to leave out.
+        loss_from_output: read a model's own ``loss`` output (Hugging Face models given labels) as the loss
+            at init. A loop with an optimizer sees no other loss: without one, the report's over-confident
+            output rule stays silent.
 
     Raises:
         ValueError: if an argument is out of range or of the wrong type.
@@ -91,6 +94,7 @@ class NetDiag:
         saturation: ActivationMeter | bool | None = True,
         grad_data: GradDataMeter | bool | None = True,
         update: UpdateMeter | bool | None = True,
+        loss_from_output: bool = True,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"Expected `model` to be a torch.nn.Module, got {type(model).__name__}")
@@ -107,6 +111,7 @@ class NetDiag:
         self.model = getattr(model, "module", model) if type(model).__name__ == "DistributedDataParallel" else model
         self.optimizers: list[torch.optim.Optimizer] = list(optimizers)  # type: ignore[arg-type]
         self.writer, self.every_n_steps, self.scaler = writer, every_n_steps, scaler
+        self.loss_from_output = bool(loss_from_output)
         self.saturation = _meter("saturation", saturation, ActivationMeter)
         self.grad_data = _meter("grad_data", grad_data, GradDataMeter)
         self.update = _meter("update", update, UpdateMeter)
@@ -199,7 +204,7 @@ class NetDiag:
             return
         # The first output gradient computed is the first thing a backward does: nothing (a checkpointed
         # segment's recomputation) runs before it. A model that computes its loss (Hugging Face) hands it over.
-        loss = _loss_of(output)
+        loss = _loss_of(output) if self.loss_from_output else None
         first = next((t for t in _tensors(output) if t.requires_grad), None)
         if first is not None:
             first.register_hook(lambda grad: self._backward_starts(loss))

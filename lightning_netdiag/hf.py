@@ -1,0 +1,102 @@
+"""The four diagnostics under the Hugging Face ``Trainer``: one ``TrainerCallback`` (transformers stays optional).
+
+The callback attaches a :class:`~lightning_netdiag.loop.NetDiag` to the Trainer's model and optimizer when
+training begins: the same hooks, meters and numbers as the plain loop and the Lightning callbacks.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from transformers import TrainerCallback
+
+from lightning_netdiag import report
+from lightning_netdiag.loop import NetDiag
+from lightning_netdiag.meters import ActivationMeter, GradDataMeter, UpdateMeter, check_positive_int
+
+
+class NetDiagCallback(TrainerCallback):  # type: ignore[misc]
+    """D1-D4 for ``transformers.Trainer``: ``Trainer(..., callbacks=[NetDiagCallback()])``.
+
+    Measures every ``every_n_steps``-th optimizer step (None: the Trainer's ``logging_steps``), as the plain
+    loop does: activations and their gradients over every micro-batch of the step, the gradients unscaled
+    (fp16: the Trainer's GradScaler) and complete (accumulated, and all-reduced under DDP), the update
+    across the optimizer's step. The Trainer clips the gradients (``max_grad_norm``, 1.0 by default) before
+    its optimizer steps and offers no callback between the last backward and the clipping, so D3 reads the
+    clipped gradient: the one the optimizer applies. The loss at init is the model's own ``loss`` output,
+    read only without accumulation (with it, a model may divide each micro-batch's loss by the window's
+    token count).
+
+    Where ``report_to`` holds ``"tensorboard"`` (or ``"all"``), the measurements go to a ``SummaryWriter``
+    in ``log_dir``: by default the Trainer's TensorBoard directory where ``TENSORBOARD_LOGGING_DIR`` sets it
+    (one run beside the Trainer's loss and learning rate), else ``{output_dir}/runs/netdiag`` (a run of its
+    own beside the Trainer's time-stamped one). Otherwise they are kept in memory only (``diag``'s meters).
+    At the end of training the health report is printed on rank 0 and kept in ``verdicts``. The Trainer
+    tells callbacks of no exception: after one, call ``callback.diag.close()`` to remove the hooks.
+
+    Args:
+        every_n_steps: measure every n-th optimizer step; None takes ``args.logging_steps``.
+        saturation, grad_data, update: as for :class:`~lightning_netdiag.loop.NetDiag`.
+        print_report: print the health report when training ends.
+        log_dir: where the TensorBoard events go (see above); None: the default.
+
+    Raises:
+        ValueError: if an argument is out of range.
+
+    Example::
+
+        from transformers import Trainer
+        from lightning_netdiag.hf import NetDiagCallback
+
+        trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[NetDiagCallback()])
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int | None = None,
+        saturation: ActivationMeter | bool | None = True,
+        grad_data: GradDataMeter | bool | None = True,
+        update: UpdateMeter | bool | None = True,
+        print_report: bool = True,
+        log_dir: str | None = None,
+    ) -> None:
+        check_positive_int("every_n_steps", every_n_steps, allow_none=True)
+        self.every_n_steps = every_n_steps
+        self.saturation, self.grad_data, self.update = saturation, grad_data, update
+        self.print_report = bool(print_report)
+        self.log_dir = log_dir
+        self.diag: NetDiag | None = None
+        self.verdicts: list[report.Verdict] = []
+        self._writer: Any = None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        optimizer = kwargs.get("optimizer")
+        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
+        report_to = [args.report_to] if isinstance(args.report_to, str) else list(args.report_to or [])
+        if ("tensorboard" in report_to or "all" in report_to) and state.is_world_process_zero:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(log_dir=self.log_dir or _tensorboard_dir(args))
+        every = self.every_n_steps or int(args.logging_steps)
+        self.diag = NetDiag(
+            model, inner, writer=self._writer, every_n_steps=every, scaler=getattr(optimizer, "scaler", None),
+            saturation=self.saturation, grad_data=self.grad_data, update=self.update,
+            loss_from_output=args.gradient_accumulation_steps == 1,
+        )  # fmt: skip
+        self.diag.steps = state.global_step  # resumed runs go on counting
+        self.diag.attach()
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.diag is None:
+            return
+        self.diag.close()
+        self.verdicts = self.diag.report(print_table=self.print_report and state.is_world_process_zero)
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+def _tensorboard_dir(args: Any) -> str:
+    """The Trainer's TensorBoard directory where set, else ``{output_dir}/runs/netdiag``."""
+    return os.environ.get("TENSORBOARD_LOGGING_DIR") or os.path.join(args.output_dir, "runs", "netdiag")

@@ -1,0 +1,107 @@
+"""The Hugging Face front end: ``NetDiagCallback`` in a real ``transformers.Trainer`` gives the numbers of a
+plain loop on the same model and batches (fp32, 1e-6), with and without gradient accumulation, writes them to
+TensorBoard when ``report_to`` asks, and prints the report."""
+
+import math
+
+import pytest
+import torch
+from helpers import dataset, read_tensorboard
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, Dataset, SequentialSampler
+
+from lightning_netdiag import NetDiag
+
+transformers = pytest.importorskip("transformers")
+from lightning_netdiag.hf import NetDiagCallback  # noqa: E402
+
+STEPS, EVERY, BATCH, LR = 6, 2, 16, 0.01
+
+
+class Clf(nn.Module):
+    """A model that computes its own loss, as Hugging Face models do when given labels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16))
+        self.out = nn.Linear(16, 4)
+
+    def forward(self, x, labels=None):
+        logits = self.out(F.gelu(self.net(x)))
+        return {"loss": F.cross_entropy(logits, labels) if labels is not None else None, "logits": logits}
+
+
+class Rows(Dataset):
+    def __init__(self) -> None:
+        self.data = dataset()
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i):
+        x, y = self.data[i]
+        return {"x": x, "labels": y}
+
+
+class InOrder(transformers.Trainer):
+    def _get_train_sampler(self, train_dataset=None):
+        return SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
+
+
+def with_hf(tmp_path, accumulate: int = 1, report_to=("tensorboard",)):
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=BATCH, gradient_accumulation_steps=accumulate,
+        max_steps=STEPS, logging_steps=EVERY, learning_rate=LR, lr_scheduler_type="constant", weight_decay=0.0,
+        max_grad_norm=0.0, report_to=list(report_to), use_cpu=True, save_strategy="no", disable_tqdm=True,
+        remove_unused_columns=False, seed=0,
+    )  # fmt: skip
+    callback = NetDiagCallback()
+    InOrder(model=Clf(), args=args, train_dataset=Rows(), callbacks=[callback]).train()
+    return callback
+
+
+def with_loop(accumulate: int = 1):
+    model = Clf()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
+    batches = iter(DataLoader(Rows(), batch_size=BATCH))
+    with NetDiag(model, optimizer, every_n_steps=EVERY, loss_from_output=accumulate == 1) as diag:
+        for _ in range(STEPS):
+            for _ in range(accumulate):
+                batch = next(batches)
+                (model(**batch)["loss"] / accumulate).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    return diag
+
+
+def histories(meters) -> dict[str, dict[int, float]]:
+    return {tag: dict(m.history[tag]) for m in meters for tag in m.history}
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_the_trainer_gives_the_plain_loops_numbers(tmp_path, accumulate, capsys):
+    hf, loop = with_hf(tmp_path, accumulate), with_loop(accumulate)
+    ours, theirs = histories(hf.diag.meters), histories(loop.meters)
+    assert set(ours) == set(theirs) and len(ours) > 30
+    assert ("netdiag/init_loss" in ours) == (accumulate == 1)  # the model's own loss, read without accumulation
+    for tag, points in theirs.items():
+        assert set(ours[tag]) == set(points) == ({0} if "/init_" in tag else {0, 2, 4}), tag
+        for step, value in points.items():
+            assert math.isclose(ours[tag][step], value, rel_tol=1e-6, abs_tol=1e-9), (tag, step, ours[tag][step], value)
+    assert hf.diag.update.optimizer_family == "adam" and ours["netdiag/lr"][4] == LR
+    assert "netdiag health report" in capsys.readouterr().out
+    logged, hists, _ = read_tensorboard(tmp_path / "runs" / "netdiag")
+    assert {t for t in logged if t.startswith("netdiag/")} == set(ours)
+    assert "netdiag/act/net.1" in hists and "netdiag/grad/out.weight" in hists
+
+
+def test_without_tensorboard_in_report_to_nothing_is_written(tmp_path):
+    hf = with_hf(tmp_path, report_to=())
+    assert not (tmp_path / "runs").exists() and len(hf.diag.saturation.history) > 5
+
+
+def test_bad_arguments_name_what_was_wrong():
+    with pytest.raises(ValueError, match="Expected `every_n_steps`"):
+        NetDiagCallback(every_n_steps=0)
