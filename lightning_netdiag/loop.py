@@ -134,7 +134,7 @@ class NetDiag:
         """Select what to watch and register the hooks (before the first forward)."""
         self.close()
         for meter in self.meters:
-            sink = LoggerSink(type(meter).__name__, meter.prefix)
+            sink = LoggerSink(meter.kind, meter.prefix)
             loggers = [] if self.writer is None else [WriterLogger(self.writer)]
             emit = None if self.writer is None else _emitter(sink, loggers)
             run = TorchRun(emit, self.scaler, None)
@@ -297,8 +297,13 @@ def _meter(name: str, value: object, kind: Any) -> Any:
 
 
 def _emitter(sink: LoggerSink, loggers: list[Any]) -> Any:
-    def emit(step: int, scalars: Mapping[str, float], histograms: Mapping[str, stats.Histogram]) -> None:
-        sink.emit(loggers, step, scalars, histograms, rank() == 0)
+    def emit(
+        step: int,
+        scalars: Mapping[str, float],
+        histograms: Mapping[str, stats.Histogram],
+        meta: Mapping[str, Any] | None = None,
+    ) -> None:
+        sink.emit(loggers, step, scalars, histograms, rank() == 0, meta)
 
     return emit
 

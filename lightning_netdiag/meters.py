@@ -63,8 +63,15 @@ class Run(Protocol):
     def loss_scale(self) -> Tensor | float | None:
         """The AMP GradScaler's current scale, or None when the gradients are not scaled."""
 
-    def emit(self, step: int, scalars: Mapping[str, float], histograms: Mapping[str, stats.Histogram]) -> None:
-        """Send one meter's measurement of one step to the loggers."""
+    def emit(
+        self,
+        step: int,
+        scalars: Mapping[str, float],
+        histograms: Mapping[str, stats.Histogram],
+        meta: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Send one meter's measurement of one step to the loggers, with what it watches (``meta``, see
+        :meth:`Meter.describe`) when that changed."""
 
 
 class TorchRun:
@@ -78,7 +85,7 @@ class TorchRun:
 
     def __init__(
         self,
-        emit: Callable[[int, Mapping[str, float], Mapping[str, stats.Histogram]], None] | None = None,
+        emit: Callable[..., None] | None = None,
         scaler: Any = None,
         device: torch.device | None = None,
     ) -> None:
@@ -105,9 +112,15 @@ class TorchRun:
     def loss_scale(self) -> Tensor | float | None:
         return scaler_scale(self.scaler)
 
-    def emit(self, step: int, scalars: Mapping[str, float], histograms: Mapping[str, stats.Histogram]) -> None:
+    def emit(
+        self,
+        step: int,
+        scalars: Mapping[str, float],
+        histograms: Mapping[str, stats.Histogram],
+        meta: Mapping[str, Any] | None = None,
+    ) -> None:
         if self._emit is not None:
-            self._emit(step, scalars, histograms)
+            self._emit(step, scalars, histograms, meta)
 
 
 def scaler_scale(scaler: Any) -> Tensor | float | None:
@@ -141,6 +154,9 @@ def optimizer_family(optimizer: Any) -> str | None:
 class Meter:
     """Base of the meters: the tag prefix, the history, where measurements go. Not for use on its own.
 
+    ``kind`` names the diagnostic (``"saturation"``, ``"grad_data"``, ``"update"``): the views and the
+    ``netdiag`` command find a meter's measurements by it.
+
     Args:
         prefix: the first part of every tag.
         history_size: the number of points kept in ``history`` per tag.
@@ -155,6 +171,14 @@ class Meter:
         self.prefix = prefix
         self.history = History(history_size)
         self.run: Run | None = None
+        self._described: dict[str, Any] | None = None
+
+    kind = ""
+
+    def describe(self) -> dict[str, Any]:
+        """What the views need besides the numbers (activation kinds, weight classes, the optimizer's
+        family), as JSON-able values: logged beside the numbers, so that finished runs' logs carry it."""
+        return {"kind": self.kind, "prefix": self.prefix}
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": self.history.state_dict()}
@@ -171,8 +195,11 @@ class Meter:
     def _emit(self, step: int, scalars: Mapping[str, float], histograms: Mapping[str, stats.Histogram]) -> None:
         scalars = finite_only(scalars)
         self.history.add(step, scalars, histograms)
+        meta = self.describe()
+        fresh = meta != self._described
+        self._described = meta
         if self.run is not None:
-            self.run.emit(step, scalars, histograms)
+            self.run.emit(step, scalars, histograms, meta if fresh else None)
 
     def _tag(self, metric: str, name: str) -> str:
         return f"{self.prefix}/{metric}/{name}"
@@ -225,6 +252,18 @@ class ActivationMeter(Meter):
         self.layer_kinds: dict[str, str] = {}  # watched layer -> its activation kind ("tanh", "gelu", ...)
         self.layer_families: dict[str, str | None] = {}  # watched layer -> its family, for the report's rules
         self.layers_in_loop: set[str] = set()  # layers made in a module that runs more than once per forward
+
+    kind = "saturation"
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            **super().describe(),
+            "threshold": self.threshold,
+            "layer_types": self.layer_types,
+            "layer_kinds": self.layer_kinds,
+            "layer_families": self.layer_families,
+            "layers_in_loop": sorted(self.layers_in_loop),
+        }
 
     def attach(self, model: nn.Module, run: Run) -> None:
         """Select the layers of ``model`` to watch and register the hooks, before its first forward."""
@@ -512,6 +551,10 @@ class ParameterMeter(Meter):
         self.param_shapes: dict[str, tuple[int, ...]] = {}  # selected parameter -> shape, for plots and reports
         self.param_classes: dict[str, str] = {}  # selected parameter -> "matrix", "conv kernel", "embedding", ...
 
+    def describe(self) -> dict[str, Any]:
+        shapes = {name: list(shape) for name, shape in self.param_shapes.items()}
+        return {**super().describe(), "param_classes": self.param_classes, "param_shapes": shapes}
+
     def attach(self, model: nn.Module, run: Run, optimizers: Sequence[Any] = ()) -> None:
         """Select the parameters of ``model`` to watch (they must be final: created, and sharded if so)."""
         self.detach()
@@ -594,6 +637,8 @@ class GradDataMeter(ParameterMeter):
         # as they were just before the optimizer step, which UpdateMeter needs too (read once, not twice).
         self.weight_records: dict[str, tuple[int, int, int, Tensor]] = {}
 
+    kind = "grad_data"
+
     def detach(self) -> None:
         super().detach()
         self.weight_records = {}
@@ -672,6 +717,11 @@ class UpdateMeter(ParameterMeter):
         self._lr: float | None = None
         self.grad_data: GradDataMeter | None = None  # whose weight records are shared, when one is attached
         self.optimizer_family: str | None = None  # of the main group's optimizer, see optimizer_family()
+
+    kind = "update"
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "target": self.target, "optimizer_family": self.optimizer_family}
 
     def attach(self, model: nn.Module, run: Run, optimizers: Sequence[Any] = ()) -> None:
         super().attach(model, run, optimizers)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import json
+import os
 import re
 import weakref
 from collections.abc import Mapping
@@ -51,7 +53,10 @@ class LoggerSink:
         scalars: Mapping[str, float],
         histograms: Mapping[str, Histogram],
         is_global_zero: bool,
+        meta: Mapping[str, Any] | None = None,
     ) -> None:
+        if meta is not None and is_global_zero:
+            write_meta(loggers, self.prefix, meta, step)
         for logger in loggers:
             kind = logger_kind(logger)
             metrics: dict[str, Any] = dict(scalars)
@@ -75,6 +80,25 @@ class LoggerSink:
                 f"{self.source}: {kind} cannot hold histograms; logging the quantiles "
                 f"{', '.join(_quantile_name(q) for q in FALLBACK_QUANTILES)} of each instead."
             )
+
+
+def meta_tag(prefix: str, kind: str) -> str:
+    """Where a meter's description (:meth:`lightning_netdiag.meters.Meter.describe`) is logged."""
+    return f"{prefix}/meta/{kind}"
+
+
+def write_meta(loggers: list[Any], prefix: str, meta: Mapping[str, Any], step: int) -> None:
+    """A meter's description, for the ``netdiag`` command: JSON text in TensorBoard, a JSON file beside a
+    CSV logger's ``metrics.csv``; other loggers hold the numbers only."""
+    text = json.dumps(meta, sort_keys=True)
+    tag = meta_tag(prefix, str(meta["kind"]))
+    for logger in loggers:
+        if logger_kind(logger) == "tensorboard":
+            logger.experiment.add_text(tag, text, global_step=step)
+        elif "CSVLogger" in {cls.__name__ for cls in type(logger).__mro__}:
+            os.makedirs(logger.log_dir, exist_ok=True)
+            with open(os.path.join(logger.log_dir, tag.replace("/", "_") + ".json"), "w") as f:
+                f.write(text)
 
 
 def _quantile_name(q: float) -> str:

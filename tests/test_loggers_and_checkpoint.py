@@ -1,5 +1,6 @@
 """Every attached logger gets each step once; the TensorBoard chart layout; state through a checkpoint."""
 
+import json
 import re
 from pathlib import Path
 
@@ -113,7 +114,12 @@ def test_tensorboard_gets_one_event_per_callback_and_step_that_every_reader_read
     cbs = all_callbacks(2)
     t = trainer(tmp_path, cbs, max_steps=5, limit_val_batches=0)
     t.fit(TinyNet(), loader())
-    ours = [e for e in events(t.logger.log_dir) if any(v.tag.startswith("netdiag/") for v in e.summary.value)]
+    everything = [e for e in events(t.logger.log_dir) if any(v.tag.startswith("netdiag/") for v in e.summary.value)]
+    # each meter's description once, as JSON text, when it first measures (for the `netdiag` command)
+    meta = [e for e in everything if e.summary.value[0].tag.startswith("netdiag/meta/")]
+    kinds = {e.summary.value[0].tag: json.loads(e.summary.value[0].tensor.string_val[0])["kind"] for e in meta}
+    assert [e.step for e in meta] == [0, 0, 0] and set(kinds.values()) == {"saturation", "grad_data", "update"}
+    ours = [e for e in everything if e not in meta]
     # one event per callback and logging step (0, 2, 4), holding all of its scalars and histograms
     assert [e.step for e in ours] == [0, 0, 0, 2, 2, 2, 4, 4, 4]
     logged = {tag: dict(points) for cb in cbs for tag, points in cb.history.items()}
@@ -160,4 +166,4 @@ def test_fast_checksums_are_tensorboards_own_and_are_only_used_when_asked_for(tm
     assert record_writer.masked_crc32c is masked_crc32c
     # TensorBoard's reader checks every record's checksum (with its own code, now restored)
     ours = [e for e in events(t.logger.log_dir) if any(v.tag.startswith("netdiag/") for v in e.summary.value)]
-    assert [e.step for e in ours] == [0, 0, 0, 2, 2, 2]
+    assert [e.step for e in ours] == [0] * 6 + [2, 2, 2]  # with each meter's description at step 0

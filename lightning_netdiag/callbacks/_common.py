@@ -62,8 +62,14 @@ class LightningRun:
     def loss_scale(self) -> Tensor | float | None:
         return loss_scale(self.trainer)
 
-    def emit(self, step: int, scalars: Mapping[str, float], histograms: Mapping[str, stats.Histogram]) -> None:
-        self.sink.emit(self.trainer.loggers, step, scalars, histograms, self.trainer.is_global_zero)
+    def emit(
+        self,
+        step: int,
+        scalars: Mapping[str, float],
+        histograms: Mapping[str, stats.Histogram],
+        meta: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.sink.emit(self.trainer.loggers, step, scalars, histograms, self.trainer.is_global_zero, meta)
 
 
 class DiagnosticCallback(Callback):
