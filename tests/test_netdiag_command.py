@@ -10,8 +10,8 @@ import torch
 from helpers import TinyNet, all_callbacks, loader, trainer
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from lightning_netdiag import HealthReport
-from lightning_netdiag.cli import compare, find_runs, health, load_run
+from lightning_netdiag import HealthReport, cli
+from lightning_netdiag.cli import compare, find_runs, load_run
 
 
 class LoggedLoss(TinyNet):
@@ -59,11 +59,11 @@ def test_the_logs_give_back_the_live_numbers_and_the_live_report(two_runs, log):
         if log == "tb":
             assert set(meter.history.histograms) == set(cb.history.histograms)
             for tag, points in cb.history.histograms.items():
-                for (_, ours), (_, live) in zip(meter.history.histograms_of(tag), points, strict=True):
-                    assert sorted(c for c in ours.counts if c) == sorted(c for c in live.counts if c), tag
+                for (_, ours), (_, kept) in zip(meter.history.histograms_of(tag), points, strict=True):
+                    assert sorted(c for c in ours.counts if c) == sorted(c for c in kept.counts if c), tag
     assert run.meter("saturation").layer_families == callbacks[0].layer_families
     assert [(v.check, v.layer, v.hits) for v in live.verdicts] == [
-        (v.check, v.layer, v.hits) for v in health(run)[0]
+        (v.check, v.layer, v.hits) for v in cli.health(run)[0]
     ] and live.verdicts
     assert run.final_loss()[0] == "train_loss"
 
