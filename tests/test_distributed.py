@@ -107,3 +107,27 @@ def test_a_fatal_verdict_from_one_rank_stops_every_rank(tmp_path):
     done = launch(tmp_path, "ddp", 2, fault="nan")
     assert done.returncode == 0, done.stderr[-3000:]
     assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == ["2", "2"]
+
+
+@pytest.mark.slow
+def test_the_plain_loop_on_two_ranks_equals_lightning_on_the_global_batch(tmp_path, one_process):
+    import json
+
+    reference = one_process("32-true")
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT.with_name("distributed_loop.py")), str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    loop = {
+        tag: {int(s): v for s, v in points.items()}
+        for tag, points in json.loads((tmp_path / "loop.json").read_text()).items()
+    }
+    # the loop sees no loss (its model's output is the loss itself, a scalar, not an output with a loss)
+    tags = {t for t in reference if t.startswith("netdiag/") and t not in ("netdiag/init_loss",)}
+    assert set(loop) == tags
+    assert {"netdiag/act_std/side", "netdiag/act_saturated_pct/sigmoid", "netdiag/grad_data_ratio/net.2.weight"} <= tags
+    for tag in tags:
+        assert set(loop[tag]) == set(reference[tag]), tag
+        for step, value in reference[tag].items():
+            assert math.isclose(loop[tag][step], value, **tolerance(tag, step, reference, "32-true")), (tag, step)
