@@ -28,18 +28,8 @@ from typing import Any
 from lightning_netdiag import report
 from lightning_netdiag.history import History
 from lightning_netdiag.stats import Histogram
+from lightning_netdiag.tags import KIND_OF
 
-#: The metric names of each diagnostic, as the meters log them (``{prefix}/{metric}/{layer}``).
-METRICS = {
-    "saturation": (
-        "act_mean", "act_std", "act_saturated_pct", "act_dead_pct", "act_nonfinite", "act", "act_grad_mean",
-        "act_grad_std", "act_grad_nonfinite", "act_grad", "act_grad_fp16_tiny_pct", "init_output_ce",
-        "init_output_classes", "init_loss",
-    ),
-    "grad_data": ("grad_mean", "grad_std", "grad_data_ratio", "grad_nonfinite", "grad", "loss_scale"),
-    "update": ("update_data_log10", "update_skipped", "update_zero", "lr"),
-}  # fmt: skip
-KIND_OF = {metric: kind for kind, metrics in METRICS.items() for metric in metrics}
 QUANTILE = re.compile(r"/q\d\d$")  # the quantiles that loggers without histograms get instead
 LOSS = re.compile(r"(^|[/_])(train[/_])?loss($|_step$)")
 

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from lightning_netdiag import activations, stats
+from lightning_netdiag import activations, stats, tags
 from lightning_netdiag.capture import (
     WEIGHT_NDIMS,
     ActivationHooks,
@@ -201,8 +201,8 @@ class Meter:
         if self.run is not None:
             self.run.emit(step, scalars, histograms, meta if fresh else None)
 
-    def _tag(self, metric: str, name: str) -> str:
-        return f"{self.prefix}/{metric}/{name}"
+    def _tag(self, metric: str, name: str = "") -> str:
+        return tags.tag(self.prefix, metric, name)
 
     def _world(self) -> int:
         return 1 if self.run is None else self.run.world_size
@@ -425,7 +425,7 @@ class ActivationMeter(Meter):
             scalars[self._tag("init_output_ce", probe.name)] = excess / rows
             scalars[self._tag("init_output_classes", probe.name)] = cells / rows
             if losses:
-                scalars[f"{self.prefix}/init_loss"] = loss / losses
+                scalars[self._tag("init_loss")] = loss / losses
         if probe is not None:  # it reads step 0 only: nothing of it runs after the first measured step
             probe.stop()
             self._probe = None
@@ -670,7 +670,7 @@ class GradDataMeter(ParameterMeter):
         values = self._values(records, same)
         scalars: dict[str, float] = {}
         if amp is not None:  # the scaler skips steps whose gradients overflowed: the report must know it is on
-            scalars[f"{self.prefix}/loss_scale"] = values.pop()[0]
+            scalars[self._tag("loss_scale")] = values.pop()[0]
         histograms: dict[str, stats.Histogram] = {}
         for i, (name, _) in enumerate(chosen):
             grad_record, param_record = values[2 * i], values[2 * i + 1]
@@ -812,9 +812,9 @@ class UpdateMeter(ParameterMeter):
             elif any(moved):  # a weight with a gradient that stood still while others moved
                 scalars[self._tag("update_zero", name)] = 1.0
         scalars[self._tag("update_data_log10", "_target")] = self.target
-        scalars[f"{self.prefix}/update_skipped"] = float(not any(moved))
+        scalars[self._tag("update_skipped")] = float(not any(moved))
         if self._lr is not None:
-            scalars[f"{self.prefix}/lr"] = self._lr
+            scalars[self._tag("lr")] = self._lr
             if self._main is not None:  # read again at the next step; a manual rate stays as told
                 self._lr = None
         self._emit(self._step, scalars, {})

@@ -109,3 +109,13 @@ def test_logs_it_cannot_read_get_a_clear_error(two_runs, tmp_path):
     other = fit(tmp_path, "no_batchnorm", batchnorm=False, saturate=False)[2]
     done = netdiag("compare", str(two_runs[0][2] / "tb"), str(other / "tb"))
     assert done.returncode == 2 and "watched different layers" in done.stderr
+
+
+def test_every_metric_the_meters_log_is_named_once_in_tags():
+    import re
+    from pathlib import Path
+
+    from lightning_netdiag import meters, tags
+
+    logged = set(re.findall(r'_tag\(\s*"(\w+)"', Path(meters.__file__).read_text()))
+    assert logged and logged <= set(tags.KIND_OF), logged - set(tags.KIND_OF)
