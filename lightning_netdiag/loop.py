@@ -149,7 +149,7 @@ class NetDiag:
         for opt in self.optimizers:
             self._handles.add(opt.register_step_pre_hook(self._before_step))
             self._handles.add(opt.register_step_post_hook(self._after_step))
-        if self.scaler is not None:
+        if self.scaler is not None and self.scaler.is_enabled():  # a disabled one steps the optimizer itself
             self._scaler_step = self.scaler.step
             self.scaler.step = self._scaled_step  # an instance attribute: removed again by close()
         self._begin()

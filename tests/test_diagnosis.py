@@ -17,14 +17,19 @@ import score  # noqa: E402
 from suite import HEALTHY  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def quick(tmp_path_factory):
+def run_quick(tmp_path_factory, front: str):
     out = tmp_path_factory.mktemp("suite") / "quick.json"
     done = subprocess.run(
-        [sys.executable, str(SUITE / "score.py"), "--quick", "--json", str(out)], capture_output=True, text=True
-    )
+        [sys.executable, str(SUITE / "score.py"), "--quick", "--front", front, "--json", str(out)],
+        capture_output=True, text=True,
+    )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(out.read_text())["rows"], done.stdout
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    return run_quick(tmp_path_factory, "lightning")
 
 
 def test_quick_suite_healthy_runs_get_no_warning_and_each_fault_its_own_check(quick):
@@ -46,6 +51,17 @@ def test_quick_suite_rescored_from_its_histories_gives_the_same_verdicts(quick):
     for row in rows:
         warned, final = score.replay(row)
         assert warned == row["warned"] and [v["check"] for v in final] == [v["check"] for v in row["final"]]
+
+
+def test_quick_suite_through_the_plain_loop_gives_the_lightning_verdicts(quick, tmp_path_factory):
+    rows, printed = run_quick(tmp_path_factory, "loop")
+    faulty = sum(r["expect"] != HEALTHY for r in rows)
+    assert f"Faults named by their own check: {faulty} of {faulty}. Healthy runs with any warning: 0 of" in printed
+    lightning = {r["name"]: r for r in quick[0]}
+    for row in rows:  # the same model, batches, optimizer and schedule: the same training and the same report
+        other = lightning[row["name"]]
+        assert row["loss"] == pytest.approx(other["loss"], rel=1e-3, nan_ok=True), row["name"]
+        assert [c for c, _ in row["warned"]] == [c for c, _ in other["warned"]], row["name"]
 
 
 def sweep(losses: dict[float, float]) -> list[dict]:

@@ -216,3 +216,16 @@ def test_the_core_and_the_plain_loop_import_no_lightning():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_a_disabled_scaler_is_a_plain_step():
+    model = Net()
+    optimizer = make_optimizer(model, "adam", 0.01)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)  # fp16 without loss scaling
+    x, y = next(iter(loader()))
+    with NetDiag(model, optimizer, every_n_steps=1, scaler=scaler) as diag:
+        scaler.scale(F.cross_entropy(model(x), y)).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    assert diag.steps == 1 and "netdiag/loss_scale" not in diag.grad_data.history
+    assert dict(diag.update.history["netdiag/update_skipped"]) == {0: 0.0}

@@ -4,6 +4,7 @@
     python benchmarks/diagnosis/score.py --quick            # the quick subset (the tests run it), seed 0
     python benchmarks/diagnosis/score.py --json out.json    # also keep every run's histories
     python benchmarks/diagnosis/score.py --from-json out.json   # score kept runs again, with today's rules
+    python benchmarks/diagnosis/score.py --quick --front loop   # through the plain-PyTorch front end
 
 Each run trains on the CPU with SaturationMonitor, GradDataRatio, UpdateRatio and HealthReport attached, all
 with default arguments (measured every ``log_every_n_steps`` = 50 steps), and keeps what the report warned
@@ -96,6 +97,59 @@ def train(run: Run, seed: int) -> dict[str, Any]:
         },
         "histories": {key: cb.history.state_dict() for key, cb in zip(CALLBACKS, monitors, strict=True)},
     }
+
+
+def train_loop(run: Run, seed: int) -> dict[str, Any]:
+    """``train`` through the plain-PyTorch front end (``NetDiag``): the same model, batches, optimizer,
+    schedule and precision, in a hand-written loop; the warnings are the report replayed at each logged step."""
+    import itertools
+
+    import torch
+    from models import BUILDERS
+
+    from lightning_netdiag import NetDiag
+
+    model, loader = BUILDERS[run.recipe.model](run.recipe, seed)
+    conf = model.configure_optimizers()
+    optimizer = conf["optimizer"] if isinstance(conf, dict) else conf
+    schedule = conf.get("lr_scheduler", {}).get("scheduler") if isinstance(conf, dict) else None
+    fp16 = run.recipe.precision in ("16-mixed", "16-unscaled")
+    scaler = torch.amp.GradScaler("cpu", enabled=run.recipe.precision == "16-mixed") if fp16 else None
+    losses: list[float] = []
+    start = time.perf_counter()
+    model.train()
+    batches = itertools.chain.from_iterable(itertools.repeat(loader))  # epochs, as the Trainer runs them
+    with warnings.catch_warnings(), NetDiag(model, optimizer, every_n_steps=50, scaler=scaler) as diag:
+        warnings.simplefilter("ignore")  # `self.log` outside a Trainer
+        for i, batch in zip(range(run.recipe.steps), batches, strict=False):
+            with torch.autocast("cpu", dtype=torch.float16, enabled=fp16):
+                loss = model.training_step(batch, i)
+            optimizer.zero_grad()
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
+            if schedule is not None:
+                schedule.step()
+            losses.append(float(loss))
+    sat, gd, upd = diag.saturation, diag.grad_data, diag.update
+    result = {
+        "seconds": time.perf_counter() - start,
+        "losses": losses,
+        "meta": {
+            "layer_families": sat.layer_families,
+            "layers_in_loop": sorted(sat.layers_in_loop),
+            "param_classes": gd.param_classes,
+            "optimizer_family": upd.optimizer_family,
+            "target": upd.target,
+        },
+        "histories": {key: m.history.state_dict() for key, m in zip(CALLBACKS, diag.meters, strict=True)},
+    }
+    result["warned"] = replay(result)[0]
+    return result
 
 
 # --- the report, replayed on recorded histories ------------------------------------------------------------
@@ -357,13 +411,13 @@ def row_of(run: Run, seed: int, result: dict[str, Any]) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def in_process(name: str, seed: int, quick: bool, out: str) -> None:
+def in_process(name: str, seed: int, quick: bool, out: str, front: str) -> None:
     """The child's side: train one run and write its result."""
     import torch
 
     torch.set_num_threads(int(os.environ.get("NETDIAG_THREADS", "1")))
     run = next(r for r in selected(quick) if r.name == name)
-    result = train(run, seed)
+    result = (train_loop if front == "loop" else train)(run, seed)
     result["replayed"], result["final"] = replay(result)
     Path(out).write_text(json.dumps(result))
 
@@ -372,7 +426,7 @@ def selected(quick: bool) -> list[Run]:
     return [r.shortened() for r in all_runs() if r.quick] if quick else all_runs()
 
 
-def run_all(runs: list[Run], seeds: list[int], jobs: int, quick: bool) -> list[dict[str, Any]]:
+def run_all(runs: list[Run], seeds: list[int], jobs: int, quick: bool, front: str) -> list[dict[str, Any]]:
     import tempfile
 
     threads = max(1, (os.cpu_count() or 1) // jobs)
@@ -383,7 +437,7 @@ def run_all(runs: list[Run], seeds: list[int], jobs: int, quick: bool) -> list[d
         run, seed = args
         out = tmp / f"{abs(hash((run.name, seed)))}.json"
         cmd = [sys.executable, __file__, "--child", run.name, "--seed", str(seed), "--out", str(out)]
-        cmd += ["--quick"] if quick else []
+        cmd += ["--front", front] + (["--quick"] if quick else [])
         env = dict(os.environ, NETDIAG_THREADS=str(threads), PYTHONWARNINGS="ignore")
         done = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if done.returncode != 0:
@@ -408,12 +462,16 @@ def main() -> None:
     parser.add_argument("--runs", nargs="+", default=None, help="only the runs whose name contains one of these")
     parser.add_argument("--json", default=None, help="write every run (histories included) to this file")
     parser.add_argument("--from-json", default=None, help="score the runs stored in this file again")
+    parser.add_argument(
+        "--front", choices=("lightning", "loop"), default="lightning", help="train with the Lightning callbacks "
+        "(default) or through the plain-PyTorch front end, NetDiag",
+    )  # fmt: skip
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
-        in_process(args.child, args.seed, args.quick, args.out)
+        in_process(args.child, args.seed, args.quick, args.out, args.front)
         return
     seeds = args.seeds or ([0] if args.quick else [0, 1])
     if args.from_json:
@@ -424,7 +482,7 @@ def main() -> None:
         runs = [r for r in selected(args.quick) if args.runs is None or any(s in r.name for s in args.runs)]
         print(f"{len(runs)} runs x {len(seeds)} seeds, {args.jobs} at a time", flush=True)
         start = time.perf_counter()
-        rows = run_all(runs, seeds, args.jobs, args.quick)
+        rows = run_all(runs, seeds, args.jobs, args.quick, args.front)
         print(f"wall time: {(time.perf_counter() - start) / 60:.1f} min")
         if args.json:  # kept before scoring: the runs are the expensive part
             Path(args.json).write_text(json.dumps({"rows": rows}))
