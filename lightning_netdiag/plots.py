@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from lightning_netdiag import tags
 from lightning_netdiag.stats import Histogram
 
 if TYPE_CHECKING:
@@ -27,25 +28,25 @@ def _axes(ax: Axes | None, figsize: tuple[float, float] = (20, 4)) -> tuple[Figu
 
 def _names(callback: Any, metric: str) -> list[str]:
     """The layer or parameter names that have a ``metric`` histogram, in the order they were watched."""
-    head = f"{callback.prefix}/{metric}/"
+    head = tags.head(callback.prefix, metric)
     return [tag[len(head) :] for tag in callback.history.histogram_tags() if tag.startswith(head)]
 
 
 def _series_names(callback: Any, metric: str) -> list[str]:
     """The layer or parameter names that have a ``metric`` scalar series (not D4's ``_target`` line)."""
-    head = f"{callback.prefix}/{metric}/"
+    head = tags.head(callback.prefix, metric)
     return [t[len(head) :] for t in callback.history if t.startswith(head) and t != f"{head}_target"]
 
 
 def _at(callback: Any, metric: str, name: str, step: int | None) -> tuple[int, Histogram] | None:
-    points = callback.history.histograms_of(f"{callback.prefix}/{metric}/{name}")
+    points = callback.history.histograms_of(tags.tag(callback.prefix, metric, name))
     if step is None:
         return points[-1] if points else None
     return next(((s, h) for s, h in points if s == step), None)
 
 
 def _scalar(callback: Any, metric: str, name: str, step: int) -> float:
-    return dict(callback.history.get(f"{callback.prefix}/{metric}/{name}", [])).get(step, float("nan"))
+    return dict(callback.history.get(tags.tag(callback.prefix, metric, name), [])).get(step, float("nan"))
 
 
 def _density_line(ax: Axes, hist: Histogram, label: str) -> None:
@@ -129,7 +130,7 @@ def weight_gradient_distribution(grad_data: Any, step: int | None = None, ax: Ax
 def update_ratio_over_time(update: Any, ax: Axes | None = None) -> Figure:
     """D4: log10(update:data) over steps, one line per parameter, and the target as a black line."""
     fig, ax = _axes(ax)
-    head = f"{update.prefix}/update_data_log10/"
+    head = tags.head(update.prefix, "update_data_log10")
     steps: list[int] = []
     for tag, points in update.history.items():
         if tag.startswith(head) and not tag.endswith("/_target"):
@@ -147,7 +148,7 @@ def update_ratio_over_time(update: Any, ax: Axes | None = None) -> Figure:
 def distribution_over_time(callback: Any, metric: str, name: str, ax: Axes | None = None) -> Figure:
     """A heatmap of one layer's histogram over the recorded steps: each column is a step, normalised."""
     fig, ax = _axes(ax, figsize=(10, 4))
-    points = callback.history.histograms_of(f"{callback.prefix}/{metric}/{name}")
+    points = callback.history.histograms_of(tags.tag(callback.prefix, metric, name))
     ax.set_title(f"{metric} {name} over time")
     if not points:
         return fig
@@ -238,7 +239,7 @@ def layers_by_steps(callback: Any, metric: str, title: str, log: bool = False, c
     """A statistic of every layer over the recorded steps: layers (depth order) x steps, one panel per family."""
     import math
 
-    head = f"{callback.prefix}/{metric}/"
+    head = tags.head(callback.prefix, metric)
     names = _series_names(callback, metric)
     groups = _family_groups(callback, names)
     fig, axes = _figure(len(groups), 0.9 + 0.16 * len(names) + 0.6 * len(groups))
@@ -284,7 +285,7 @@ def depth_profile(saturation: Any = None, grad_data: Any = None, update: Any = N
         rows += [(cb, metric, label, log, fam, members) for fam, members in groups.items()]
     fig, axes = _figure(max(len(rows), 1), 3.2 * max(len(rows), 1))
     for ax, (cb, metric, label, log, family, members) in zip(axes, rows, strict=False):
-        head = f"{cb.prefix}/{metric}/"
+        head = tags.head(cb.prefix, metric)
         series = [dict(cb.history[head + n]) for n in members]
         steps = sorted({s for points in series for s in points})
         chosen = sorted({steps[0], steps[len(steps) // 2], steps[-1]})

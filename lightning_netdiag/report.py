@@ -25,6 +25,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from lightning_netdiag import tags
+
 #: Logging steps in a row at which a during-training condition must hold before it counts.
 PERSIST = 3
 #: % of values in the flat region at step 0 above which a layer is saturated, per activation family. tanh:
@@ -103,7 +105,7 @@ def _at(callback: Any, metric: str, step: int, depth: int = 1) -> dict[str, floa
     """name -> value of every tag of ``metric`` at ``step``, one of the latest ``depth`` steps logged."""
     if callback is None:
         return {}
-    history, head = callback.history, f"{callback.prefix}/{metric}/"
+    history, head = callback.history, tags.head(callback.prefix, metric)
     out = {}
     for tag in history:  # keys only: a check runs at every logging step, it must not copy whole series
         if tag.startswith(head):
@@ -123,7 +125,7 @@ def at_init(callback: Any, metric: str) -> dict[str, float]:
     """name -> value of every tag of ``metric`` at step 0 (the network at initialisation), if recorded."""
     if callback is None:
         return {}
-    history, head = callback.history, f"{callback.prefix}/{metric}/"
+    history, head = callback.history, tags.head(callback.prefix, metric)
     out = {}
     for tag in history:
         if tag.startswith(head):
@@ -135,7 +137,7 @@ def at_init(callback: Any, metric: str) -> dict[str, float]:
 
 def _init_scalar(callback: Any, metric: str) -> float | None:
     """The value of the tag ``{prefix}/{metric}`` at step 0, if recorded."""
-    tag = f"{getattr(callback, 'prefix', '')}/{metric}"
+    tag = tags.tag(getattr(callback, "prefix", ""), metric)
     if callback is None or tag not in callback.history:
         return None
     ((step, value),) = callback.history.head(tag, 1)
@@ -189,7 +191,7 @@ _NONFINITE = {
 def _nonfinite(saturation: Any, grad_data: Any) -> list[Verdict]:
     out = []
     gd_steps = _steps(grad_data)
-    scaled = bool(gd_steps) and _scalar(grad_data, f"{grad_data.prefix}/loss_scale", gd_steps[-1]) is not None
+    scaled = bool(gd_steps) and _scalar(grad_data, tags.tag(grad_data.prefix, "loss_scale"), gd_steps[-1]) is not None
     for metric in _NONFINITE:
         cb = grad_data if metric == "grad_nonfinite" else saturation
         steps = _steps(cb)
@@ -395,7 +397,7 @@ def _median_over_weights(update: Any, step: int, value: Callable[[str, float], f
 
 
 def _rates(update: Any) -> dict[int, float]:
-    tag = f"{getattr(update, 'prefix', '')}/lr"
+    tag = tags.tag(getattr(update, "prefix", ""), "lr")
     return {} if update is None or tag not in update.history else dict(update.history[tag])
 
 
@@ -414,7 +416,7 @@ def _second_points(callback: Any, metric: str) -> dict[str, tuple[int, float]]:
     """name -> the second point of each tag of ``metric`` (step, value)."""
     if callback is None:
         return {}
-    history, head = callback.history, f"{callback.prefix}/{metric}/"
+    history, head = callback.history, tags.head(callback.prefix, metric)
     points = {tag[len(head) :]: history.head(tag, 2) for tag in history if tag.startswith(head)}
     return {name: pts[1] for name, pts in points.items() if len(pts) > 1}
 

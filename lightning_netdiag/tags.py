@@ -21,3 +21,8 @@ KIND_OF = {metric: kind for kind, metrics in METRICS.items() for metric in metri
 def tag(prefix: str, metric: str, name: str = "") -> str:
     """``{prefix}/{metric}/{name}``, or ``{prefix}/{metric}`` for a step-level metric."""
     return f"{prefix}/{metric}/{name}" if name else f"{prefix}/{metric}"
+
+
+def head(prefix: str, metric: str) -> str:
+    """What every per-layer tag of ``metric`` starts with: ``{prefix}/{metric}/``."""
+    return f"{prefix}/{metric}/"

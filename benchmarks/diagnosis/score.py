@@ -83,11 +83,16 @@ def train(run: Run, seed: int) -> dict[str, Any]:
     with warnings.catch_warnings():  # the report's warnings are read from `health.warnings`
         warnings.simplefilter("ignore")
         trainer.fit(model, loader)
-    sat, gd, upd = monitors
+    return {**recorded(monitors, losses.values, start), "warned": [[v.check, v.step] for v in health.warnings]}
+
+
+def recorded(meters: list[Any], losses: list[float], start: float) -> dict[str, Any]:
+    """A run's result as plain data: its losses, and what the meters (SaturationMonitor, GradDataRatio,
+    UpdateRatio or the plain loop's) recorded and described."""
+    sat, gd, upd = meters
     return {
         "seconds": time.perf_counter() - start,
-        "losses": losses.values,
-        "warned": [[v.check, v.step] for v in health.warnings],
+        "losses": losses,
         "meta": {
             "layer_families": sat.layer_families,
             "layers_in_loop": sorted(sat.layers_in_loop),
@@ -95,7 +100,7 @@ def train(run: Run, seed: int) -> dict[str, Any]:
             "optimizer_family": upd.optimizer_family,
             "target": upd.target,
         },
-        "histories": {key: cb.history.state_dict() for key, cb in zip(CALLBACKS, monitors, strict=True)},
+        "histories": {key: m.history.state_dict() for key, m in zip(CALLBACKS, meters, strict=True)},
     }
 
 
@@ -135,19 +140,7 @@ def train_loop(run: Run, seed: int) -> dict[str, Any]:
             if schedule is not None:
                 schedule.step()
             losses.append(float(loss))
-    sat, gd, upd = diag.saturation, diag.grad_data, diag.update
-    result = {
-        "seconds": time.perf_counter() - start,
-        "losses": losses,
-        "meta": {
-            "layer_families": sat.layer_families,
-            "layers_in_loop": sorted(sat.layers_in_loop),
-            "param_classes": gd.param_classes,
-            "optimizer_family": upd.optimizer_family,
-            "target": upd.target,
-        },
-        "histories": {key: m.history.state_dict() for key, m in zip(CALLBACKS, diag.meters, strict=True)},
-    }
+    result = recorded(diag.meters, losses, start)
     result["warned"] = replay(result)[0]
     return result
 
