@@ -263,6 +263,8 @@ class ActivationHooks:
         self.threshold, self.histograms, self.track_grad, self.unit_dim = threshold, histograms, track_grad, unit_dim
         self.grad_divisor, self.watch_call, self.max_calls = grad_divisor, watch_call, max_calls
         self.phase = IDLE
+        # told of each `loss.backward()` made while a step is armed (the plain loop reads the loss from it)
+        self.on_backward: Callable[[Tensor], None] | None = None
         self.layers: list[Layer] = []
         self._grad_bins = stats.log2_bins()
         self._by_key: dict[tuple, Layer] = {}
@@ -524,6 +526,11 @@ class OutputProbe:
         self.record = record if self.record is None else self.record + record
         self.name = name
 
+    def forget_loss(self) -> None:
+        """The losses seen are not the step's (micro-batches whose losses were scaled for accumulation)."""
+        if self.record is not None:
+            self.record[3:] = 0
+
     def add_loss(self, loss: Tensor) -> None:
         """A loss told after its backward (when the backward began, it was unknown)."""
         if self.record is not None:
@@ -557,6 +564,8 @@ class _CallCapture(TorchFunctionMode):
         except TypeError:  # an unhashable callable is no activation of ours
             found = None
         if found is None or torch.compiler.is_compiling():
+            if func is Tensor.backward and self.hooks.on_backward is not None and args:
+                self.hooks.on_backward(args[0])  # the loss, before its backward runs
             return func(*args, **kwargs)
         return self.hooks._function_call(func, found[0], found[1], args, kwargs)
 

@@ -34,6 +34,7 @@ from lightning_netdiag.meters import (
     TorchRun,
     UpdateMeter,
     check_positive_int,
+    scaler_scale,
 )
 from lightning_netdiag.sinks import LoggerSink
 
@@ -72,8 +73,9 @@ class NetDiag:
         saturation, grad_data, update: the meters to run (D1-D2, D3, D4), each ``True`` (the defaults), a
             configured meter (:class:`~lightning_netdiag.meters.ActivationMeter`, ...) or None to leave out.
         loss_from_output: read a model's own ``loss`` output (Hugging Face models given labels) as the loss
-            at init. A loop with an optimizer sees no other loss: without one, the report's over-confident
-            output rule stays silent.
+            at init. Otherwise the loss is read where ``loss.backward()`` is called (seen through the function
+            mode that watches functional activations: not with ``functional=False`` nor under torch.compile),
+            and only without accumulation; where it is not seen, the over-confident output rule stays silent.
 
     Raises:
         ValueError: if an argument is out of range or of the wrong type.
@@ -119,6 +121,7 @@ class NetDiag:
         self.verdicts: list[report.Verdict] = []
         self._handles = HookHandles()
         self._backward_seen = False  # a backward began since the current forward started
+        self._backwards = 0  # `loss.backward()` calls seen in this step
         self._snapshot_pending = False  # a manual step's copies wait for the update to happen
         self._in_scaler_step = False  # inside the GradScaler's step: it ends the step, not the optimizer's hook
         self._stepped = False  # the optimizer's pre-step hook ran
@@ -144,6 +147,8 @@ class NetDiag:
                 meter.attach(self.model, run, self.optimizers)  # type: ignore[attr-defined]
         if self.update is not None:
             self.update.grad_data = self.grad_data
+        if self.saturation is not None and self.optimizers:  # a manual step is told the loss by step()
+            self.saturation.watch_backward_calls(self._backward_called)
         self._handles.add(self.model.register_forward_pre_hook(self._forward_starts))
         self._handles.add(self.model.register_forward_hook(self._forward_ends))
         for opt in self.optimizers:
@@ -209,6 +214,13 @@ class NetDiag:
         if first is not None:
             first.register_hook(lambda grad: self._backward_starts(loss))
 
+    def _backward_called(self, loss: Tensor) -> None:
+        """``loss.backward()`` in an armed step: the loss as backpropagated (loss-scaled under a GradScaler)."""
+        self._backwards += 1
+        if self._backwards == 1 and self.saturation is not None and self.saturation.needs_loss:
+            scale = scaler_scale(self.scaler)
+            self._backward_starts(loss.detach() if scale is None else loss.detach() / scale)
+
     def _backward_starts(self, loss: Tensor | None) -> None:
         if not self._backward_seen:
             self._backward_seen = True
@@ -218,6 +230,9 @@ class NetDiag:
     def _before_step(self, optimizer: Any, args: object = None, kwargs: object = None) -> None:
         self._stepped = True
         if self.saturation is not None:
+            if self._backwards > 1:  # accumulation: each micro-batch's loss may be divided by their number
+                self.saturation.forget_loss()
+            self._backwards = 0
             self.saturation.flush()
         if self.grad_data is not None:
             self.grad_data.measure(optimizer)

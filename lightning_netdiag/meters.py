@@ -363,6 +363,17 @@ class ActivationMeter(Meter):
         if self._probe is not None:
             self._probe.backward(loss)
 
+    def watch_backward_calls(self, callback: Callable[[Tensor], None] | None) -> None:
+        """Have ``callback(loss)`` called at each ``loss.backward()`` made while a step is armed (functional
+        capture only: it is seen through the same function mode)."""
+        if self._hooks is not None:
+            self._hooks.on_backward = callback
+
+    def forget_loss(self) -> None:
+        """Drop the losses recorded for the output at init (they were not the step's whole loss)."""
+        if self._probe is not None:
+            self._probe.forget_loss()
+
     def add_loss(self, loss: Tensor) -> None:
         """The loss of the step, told after its backward (the plain loop's ``step(loss)``)."""
         if self._probe is not None:
