@@ -201,6 +201,14 @@ class Meter:
         if self.run is not None:
             self.run.emit(step, scalars, histograms, meta if fresh else None)
 
+    def _summed(self, parts: list[Tensor], across: bool, same: Sequence[Tensor] = ()) -> list[list[float]]:
+        """The reduction, written once: additive ``parts`` summed over the ranks (``across``) and the values
+        ``same`` on every rank (not summed), moved to the host in one transfer, one list each."""
+        sizes = [x.numel() for x in (*parts, *same)]
+        if across and parts:
+            parts = [self.run.reduce(torch.cat(parts), "sum")]  # type: ignore[union-attr]
+        return split(host([*parts, *(x.to(torch.float64) for x in same)]), sizes)
+
     def _tag(self, metric: str, name: str = "") -> str:
         return tags.tag(self.prefix, metric, name)
 
@@ -419,10 +427,7 @@ class ActivationMeter(Meter):
         output = probe.record if probe is not None and probe.name is not None and step == 0 else None
         if output is not None:
             parts.append(output)
-        sizes = [p.numel() for p in parts]
-        if self._world() > 1:  # every rank arrives here at the same step
-            parts = [self.run.reduce(torch.cat(parts), "sum")]  # type: ignore[union-attr]
-        values = split(host(parts), sizes)
+        values = self._summed(parts, across=self._world() > 1)  # every rank arrives here at the same step
         hooks.reset()
         self._describe_layers(layers)
         scalars: dict[str, float] = {}
@@ -620,10 +625,8 @@ class ParameterMeter(Meter):
     def _values(self, parts: list[Tensor], same: Sequence[Tensor] = ()) -> list[list[float]]:
         """The records summed over the ranks that hold shards, and the values ``same`` on every rank (not
         summed), moved to the host at once, one list each."""
-        sizes = [x.numel() for x in (*parts, *same)]
-        if self._shards > 1 and parts:  # every rank arrives here at the same step, with the same layout
-            parts = [self.run.reduce(torch.cat(parts), "sum")]  # type: ignore[union-attr]
-        return split(host([*parts, *(x.to(torch.float64) for x in same)]), sizes)
+        # every rank arrives here at the same step, with the same layout
+        return self._summed(parts, across=self._shards > 1, same=same)
 
 
 class GradDataMeter(ParameterMeter):
