@@ -370,6 +370,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 folder = Path(args.out) / (run.path.name if unique else str(i)) if len(runs) > 1 else Path(args.out)
                 for path in draw(run, folder):
                     print(path)
+                if not any(m.history.histogram_tags() for m in run.meters.values()):
+                    print(f"netdiag: {run.name} holds no histograms (a CSV log keeps quantiles): "
+                          "only the plots of scalars are drawn", file=sys.stderr)  # fmt: skip
         else:
             print(compare(runs))
     except LogError as e:
