@@ -202,10 +202,15 @@ class NetDiag:
         if self._backward_seen:
             self._backward_seen = False
             self.saturation.backward_done()
-        self.saturation.arm(self._measured(), _device(self.model))
+        step = self._measured()
+        if step is not None:
+            self.saturation.arm(step, _device(self.model))
+        else:  # a step that is not measured: a flag, nothing else
+            self.saturation.arm(None, torch.device("cpu"))
 
     def _forward_ends(self, module: nn.Module, inputs: object, output: object) -> None:
-        if self.saturation is None or not (module.training and torch.is_grad_enabled()):
+        # Only measured steps need to know when their backward starts: no gradient hook on the others.
+        if self.saturation is None or self._measured() is None or not (module.training and torch.is_grad_enabled()):
             return
         # The first output gradient computed is the first thing a backward does: nothing (a checkpointed
         # segment's recomputation) runs before it. A model that computes its loss (Hugging Face) hands it over.

@@ -229,3 +229,18 @@ def test_a_disabled_scaler_is_a_plain_step():
         scaler.update()
     assert diag.steps == 1 and "netdiag/loss_scale" not in diag.grad_data.history
     assert dict(diag.update.history["netdiag/update_skipped"]) == {0: 0.0}
+
+
+def test_a_step_that_is_not_measured_gets_no_gradient_hook():
+    model = Net()
+    optimizer = make_optimizer(model, "adam", 0.01)
+    x, y = next(iter(loader()))
+    with NetDiag(model, optimizer, every_n_steps=2):
+        hooked = []
+        for _ in range(2):  # step 0 is measured, step 1 is not
+            out = model(x)
+            hooked.append(bool(out._backward_hooks))
+            F.cross_entropy(out, y).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    assert hooked == [True, False]
