@@ -283,7 +283,8 @@ def worker(workload: str, config: str, every: int, warmup: int, timed: int, out:
     from lightning.pytorch.loggers import TensorBoardLogger
 
     from lightning_netdiag import GradDataRatio, SaturationMonitor, UpdateRatio, fast_tensorboard_checksums
-    from lightning_netdiag.capture import WEIGHT_NDIMS, ActivationHooks
+    from lightning_netdiag.capture import ActivationHooks
+    from lightning_netdiag.select import WEIGHT_NDIMS
     from lightning_netdiag.sinks import LoggerSink
 
     torch.manual_seed(0)

@@ -3,10 +3,13 @@
 Layers, each importing only the ones before it:
 
 - core, pure torch: ``stats`` (the formulas' additive records) -> ``activations`` (what counts as one) ->
-  ``capture`` (selection, hooks) -> ``meters`` (one per diagnostic: records in, measurements out);
+  ``select`` (what is watched), ``capture`` (the activation hooks), ``dist`` (ranks and shards), ``tags``
+  (names and on-disk conventions), ``record`` (what was measured: the one thing every view reads) -> ``run``
+  (what a meter needs from the loop) -> ``meters`` (one per diagnostic, each filling its record);
 - front ends, deciding *when* to measure: ``callbacks`` (Lightning), ``loop`` (a plain loop or notebook),
-  ``hf`` (the Hugging Face Trainer), ``cli`` (the ``netdiag`` command, from finished runs' logs);
-- sinks and views, taking measurements: ``history``, ``sinks`` (loggers), ``plots``, ``report``.
+  ``hf`` (the Hugging Face Trainer), ``cli`` (the ``netdiag`` command, on finished runs' logs);
+- sinks, readers and views, taking records: ``sinks`` (loggers), ``logs`` (the logs read back into records),
+  ``plots``, ``report``.
 
 Nothing here imports Lightning until a callback is asked for, so the plain loop runs without it.
 """
@@ -16,7 +19,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _HOMES = {
     "DiagnosticPlots": "lightning_netdiag.callbacks",

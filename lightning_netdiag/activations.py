@@ -25,6 +25,11 @@ from torch import Tensor, nn
 
 from lightning_netdiag.stats import DEFAULT_THRESHOLD, Bins, linear_bins, log2_bins
 
+__all__ = [
+    "FAMILIES", "FUNCTIONS", "KINDS", "TORCH_ACTIVATION_TYPES", "UNKNOWN", "Kind", "SaturationRule", "call_input",
+    "clamp", "elu", "in_place", "module_kind", "one_sided", "probe", "register_activation", "softplus",
+]  # fmt: skip
+
 #: Families, each judged by its own health rules (``report``): zero-centred bounded (``tanh``), gates in
 #: [0, 1] (``sigmoid``), a flat side by design (``relu``), a flat tail judged on the input (``gelu``).
 FAMILIES = ("tanh", "sigmoid", "relu", "gelu")

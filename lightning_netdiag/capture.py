@@ -1,4 +1,4 @@
-"""What is watched and how: module and parameter selection, hooks as resources with a lifetime.
+"""The activation hooks: what runs in a forward and its backward, as resources with a lifetime.
 
 No Lightning here either: the front ends decide *when* (through the meters), this module only measures.
 """
@@ -6,7 +6,6 @@ No Lightning here either: the front ends decide *when* (through the meters), thi
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
@@ -17,99 +16,7 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_netdiag import activations, stats
 
-try:
-    from torch.distributed.tensor import DTensor as _DTensor
-except ImportError:  # torch built without distributed support: no tensor is ever a DTensor
-    _DTensor = ()  # type: ignore[assignment,misc]
-
-Selection = Sequence[type | str]
-
-
-def check_selection(name: str, value: object, *, allow_types: bool = True) -> tuple[type | str, ...]:
-    """Validate a selection argument: a sequence of module types and name globs.
-
-    Raises:
-        ValueError: if ``value`` is not a sequence, or holds something that is neither a string nor
-            (where allowed) an ``nn.Module`` subclass.
-    """
-    if isinstance(value, (str, type)) or not isinstance(value, Iterable):
-        value = [value]
-    items = tuple(value)  # type: ignore[arg-type]
-    for item in items:
-        is_type = isinstance(item, type) and issubclass(item, nn.Module)
-        if not (isinstance(item, str) or (allow_types and is_type)):
-            what = "module types or name globs" if allow_types else "name globs"
-            raise ValueError(f"Expected `{name}` to hold {what}, got {item!r} of type {type(item).__name__}")
-    return items
-
-
-def matches(name: str, module: nn.Module, selection: Sequence[type | str]) -> bool:
-    """Whether ``name`` matches a glob of ``selection`` or ``module`` is an instance of one of its types."""
-    return any(
-        fnmatch.fnmatchcase(name, item) if isinstance(item, str) else isinstance(module, item) for item in selection
-    )
-
-
-#: The ranks of the weights D3 and D4 watch by default: matrices and embeddings (2), conv kernels (3 to 5),
-#: position embeddings and class tokens (3); not biases nor norm scales (1), as the lecture leaves them out.
-WEIGHT_NDIMS = (2, 3, 4, 5)
-
-
-def select_parameters(
-    model: nn.Module, include: Selection | None, exclude: Selection = (), ndims: Sequence[int] | None = WEIGHT_NDIMS
-) -> list[tuple[str, nn.Parameter, nn.Module]]:
-    """Trainable parameters whose name glob or owning module type is in ``include`` (None: all), none of
-    ``exclude``, and whose number of dimensions is in ``ndims`` (None: any); with the module owning each.
-
-    A parameter shared by several modules (an LM head tied to the embedding) is selected once, under its
-    first name.
-    """
-    chosen, seen = [], set()
-    for module_name, module in model.named_modules():
-        for pname, p in module.named_parameters(recurse=False):
-            name = f"{module_name}.{pname}" if module_name else pname
-            if id(p) in seen or not p.requires_grad or (ndims is not None and p.dim() not in ndims):
-                continue
-            seen.add(id(p))
-            if (include is None or matches(name, module, include)) and not matches(name, module, exclude):
-                chosen.append((name, p, module))
-    return chosen
-
-
-def weight_class(p: Tensor, owner: nn.Module) -> str:
-    """Which weights are comparable: grad:data differs by kind (embedding rows not in a batch get no
-    gradient; a conv kernel's fan-in is spread over its window)."""
-    if isinstance(owner, (nn.Embedding, nn.EmbeddingBag)):
-        return "embedding"
-    if p.dim() >= 3 and isinstance(owner, nn.modules.conv._ConvNd):
-        return "conv kernel"
-    return "matrix" if p.dim() == 2 else "other"
-
-
-def local_shard(name: str, t: Tensor, world_size: int) -> tuple[Tensor, int]:
-    """The part of ``t`` this rank holds, and how many of the ``world_size`` ranks hold that same part.
-
-    A plain tensor is whole on every rank. A DTensor (FSDP2, tensor parallelism) holds a shard, copied on
-    each replicated mesh dimension and on every rank outside its mesh: a sum over all ranks of each
-    rank's record divided by its copies counts every element exactly once, and nothing is gathered.
-
-    Raises:
-        ValueError: if ``t`` is a DTensor with a placement other than sharded or replicated (a pending sum).
-    """
-    if not isinstance(t, _DTensor):
-        return t, world_size
-    mesh = t.device_mesh
-    copies = max(world_size // mesh.size(), 1)
-    for dim, placement in enumerate(t.placements):
-        if placement.is_replicate():
-            copies *= mesh.size(dim)
-        elif not placement.is_shard():
-            raise ValueError(f"Expected `{name}` to be sharded or replicated, got placements {t.placements}")
-    return t.to_local(), copies
-
-
-def is_sharded(t: Tensor) -> bool:
-    return isinstance(t, _DTensor)
+__all__ = ["ActivationHooks", "HookHandles", "Layer", "OutputProbe", "compiled", "unit_dim_of"]
 
 
 class HookHandles:

@@ -13,7 +13,10 @@ from transformers import TrainerCallback
 
 from lightning_netdiag import report
 from lightning_netdiag.loop import NetDiag
-from lightning_netdiag.meters import ActivationMeter, GradDataMeter, UpdateMeter, check_positive_int
+from lightning_netdiag.meters import ActivationMeter, GradDataMeter, UpdateMeter
+from lightning_netdiag.run import check_positive_int
+
+__all__ = ["NetDiagCallback"]
 
 
 class NetDiagCallback(TrainerCallback):  # type: ignore[misc]

@@ -1,32 +1,31 @@
-"""What a diagnostic measured, kept in memory: the record the plots, the report and checkpoints read.
-
-Pure Python: no torch, no Lightning. Every front end (Lightning callbacks, the plain loop, the Hugging Face
-callback, the ``netdiag`` command reading finished runs' logs) fills one ``History`` per diagnostic.
-"""
+"""Bounded series in memory: the store inside every record. Pure Python: no torch, no Lightning."""
 
 from __future__ import annotations
 
 import itertools
 import math
 from collections import deque
-from collections.abc import Iterator, Mapping
-from typing import Any
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
+from typing import Any, Generic, TypeVar
 
 from lightning_netdiag.stats import Histogram
 
+__all__ = ["History", "finite_only"]
 
-class History(Mapping[str, list[tuple[int, float]]]):
-    """What a meter measured, kept in memory so that plots and reports need no logger.
+K = TypeVar("K", bound=Hashable)
 
-    A mapping ``tag -> [(step, value), ...]`` holding the latest ``max_points`` points of each tag; the
-    histograms are in :attr:`histograms`, ``tag -> [(step, Histogram), ...]``, the latest
-    ``max_histograms`` of each.
+
+class History(Mapping[K, list[tuple[int, float]]], Generic[K]):
+    """Series of ``(step, value)`` by key, the latest ``max_points`` of each, and histograms by key,
+    ``[(step, Histogram), ...]``, the latest ``max_histograms`` of each; keys in the order first added.
+
+    A record keys it by ``(metric, name)``; used on its own, any hashable key will do.
     """
 
     def __init__(self, max_points: int, max_histograms: int = 256) -> None:
         self.max_points, self.max_histograms = max_points, max_histograms
-        self._scalars: dict[str, deque[tuple[int, float]]] = {}
-        self._histograms: dict[str, deque[tuple[int, Histogram]]] = {}
+        self._scalars: dict[K, deque[tuple[int, float]]] = {}
+        self._histograms: dict[K, deque[tuple[int, Histogram]]] = {}
         self._steps: deque[int] = deque(maxlen=max_points)
         self.last_step: int | None = None  # the latest step anything was recorded at
 
@@ -35,69 +34,93 @@ class History(Mapping[str, list[tuple[int, float]]]):
         """The steps recorded, oldest first (the latest ``max_points``)."""
         return list(self._steps)
 
-    def add(self, step: int, scalars: Mapping[str, float], histograms: Mapping[str, Histogram]) -> None:
+    def add(self, step: int, scalars: Mapping[K, float], histograms: Mapping[K, Histogram]) -> None:
         if step != self.last_step:
             self._steps.append(step)
         self.last_step = step
-        for tag, value in scalars.items():
-            self._scalars.setdefault(tag, deque(maxlen=self.max_points)).append((step, value))
-        for tag, hist in histograms.items():
-            self._histograms.setdefault(tag, deque(maxlen=self.max_histograms)).append((step, hist))
+        for key, value in scalars.items():
+            points = self._scalars.get(key)
+            if points is None:
+                points = self._scalars[key] = deque(maxlen=self.max_points)
+            points.append((step, value))
+        for key, hist in histograms.items():
+            kept = self._histograms.get(key)
+            if kept is None:
+                kept = self._histograms[key] = deque(maxlen=self.max_histograms)
+            kept.append((step, hist))
 
     @property
-    def histograms(self) -> dict[str, list[tuple[int, Histogram]]]:
-        return {tag: list(points) for tag, points in self._histograms.items()}
+    def histograms(self) -> dict[K, list[tuple[int, Histogram]]]:
+        return {key: list(points) for key, points in self._histograms.items()}
 
-    def histogram_tags(self) -> list[str]:
-        """The tags that have histograms, in the order first logged, without copying any."""
+    def histogram_tags(self) -> list[K]:
+        """The keys that have histograms, in the order first logged, without copying any."""
         return list(self._histograms)
 
-    def histograms_of(self, tag: str) -> list[tuple[int, Histogram]]:
-        """One tag's histograms, ``[(step, Histogram), ...]`` (empty if none), copying only those."""
-        return list(self._histograms.get(tag, ()))
+    def histograms_of(self, key: K) -> list[tuple[int, Histogram]]:
+        """One key's histograms, ``[(step, Histogram), ...]`` (empty if none), copying only those."""
+        return list(self._histograms.get(key, ()))
 
-    def __getitem__(self, tag: str) -> list[tuple[int, float]]:
-        return list(self._scalars[tag])
+    def __getitem__(self, key: K) -> list[tuple[int, float]]:
+        return list(self._scalars[key])
 
-    def tail(self, tag: str, n: int) -> list[tuple[int, float]]:
-        """The latest ``n`` points of ``tag``, oldest first, without copying the whole series."""
-        points = self._scalars[tag]
-        return list(itertools.islice(reversed(points), n))[::-1]
+    def tail(self, key: K, n: int) -> list[tuple[int, float]]:
+        """The latest ``n`` points of ``key``, oldest first, without copying the whole series."""
+        return list(itertools.islice(reversed(self._scalars[key]), n))[::-1]
 
-    def head(self, tag: str, n: int) -> list[tuple[int, float]]:
-        """The first ``n`` points of ``tag`` still held, without copying the whole series."""
-        return list(itertools.islice(self._scalars[tag], n))
+    def head(self, key: K, n: int) -> list[tuple[int, float]]:
+        """The first ``n`` points of ``key`` still held, without copying the whole series."""
+        return list(itertools.islice(self._scalars[key], n))
 
-    def __iter__(self) -> Iterator[str]:
+    def latest(self, key: K) -> Iterator[tuple[int, float]]:
+        """The points of ``key`` from the newest back, copying nothing."""
+        return reversed(self._scalars[key])
+
+    def __iter__(self) -> Iterator[K]:
         return iter(self._scalars)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._scalars
 
     def __len__(self) -> int:
         return len(self._scalars)
 
-    def state_dict(self) -> dict[str, Any]:
-        """Plain lists, dicts, ints, floats and strings: loadable with ``torch.load(weights_only=True)``."""
+    def state_dict(self, name: Callable[[K], str] = str) -> dict[str, Any]:
+        """Plain lists, dicts, ints, floats and strings, each key written as ``name(key)``: loadable with
+        ``torch.load(weights_only=True)``."""
         return {
-            "scalars": {tag: [list(p) for p in points] for tag, points in self._scalars.items()},
+            "scalars": {name(key): [list(p) for p in points] for key, points in self._scalars.items()},
             "histograms": {
-                tag: [[step, list(h.edges), list(h.counts)] for step, h in points]
-                for tag, points in self._histograms.items()
+                name(key): [[step, list(h.edges), list(h.counts)] for step, h in points]
+                for key, points in self._histograms.items()
             },
         }
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        steps = sorted({int(p[0]) for points in state["scalars"].values() for p in points})
+    def load_state_dict(self, state: Mapping[str, Any], key: Callable[[str], K] = lambda k: k) -> None:  # type: ignore[assignment,return-value]
+        """The inverse of :meth:`state_dict`, each key read back as ``key(written)``."""
+        self.restore(
+            ((key(k), ((int(s), float(v)) for s, v in points)) for k, points in state["scalars"].items()),
+            (
+                (key(k), ((int(s), Histogram(tuple(e), tuple(c))) for s, e, c in points))
+                for k, points in state["histograms"].items()
+            ),
+        )
+
+    def restore(
+        self,
+        scalars: Iterable[tuple[K, Iterable[tuple[int, float]]]],
+        histograms: Iterable[tuple[K, Iterable[tuple[int, Histogram]]]],
+        steps: Iterable[int] | None = None,
+    ) -> None:
+        """Replace everything held; ``steps`` None: the steps of the scalars."""
+        self._scalars = {key: deque(points, maxlen=self.max_points) for key, points in scalars}
+        self._histograms = {key: deque(points, maxlen=self.max_histograms) for key, points in histograms}
+        if steps is None:
+            steps = sorted({s for points in self._scalars.values() for s, _ in points})
         self._steps = deque(steps, maxlen=self.max_points)
-        self.last_step = steps[-1] if steps else None
-        self._scalars = {
-            tag: deque(((int(s), float(v)) for s, v in points), maxlen=self.max_points)
-            for tag, points in state["scalars"].items()
-        }
-        self._histograms = {
-            tag: deque(((int(s), Histogram(tuple(e), tuple(c))) for s, e, c in points), maxlen=self.max_histograms)
-            for tag, points in state["histograms"].items()
-        }
+        self.last_step = self._steps[-1] if self._steps else None
 
 
-def finite_only(scalars: Mapping[str, float]) -> dict[str, float]:
+def finite_only(scalars: Mapping[K, float]) -> dict[K, float]:
     """Undefined values (a std of one element, a ratio over zero) are left out, never logged as NaN."""
-    return {tag: value for tag, value in scalars.items() if math.isfinite(value)}
+    return {key: value for key, value in scalars.items() if math.isfinite(value)}

@@ -27,16 +27,11 @@ from torch.amp.grad_scaler import OptState
 from lightning_netdiag import plots, report, stats
 from lightning_netdiag.capture import HookHandles
 from lightning_netdiag.dist import rank
-from lightning_netdiag.meters import (
-    ActivationMeter,
-    GradDataMeter,
-    Meter,
-    TorchRun,
-    UpdateMeter,
-    check_positive_int,
-    scaler_scale,
-)
+from lightning_netdiag.meters import ActivationMeter, GradDataMeter, Meter, UpdateMeter
+from lightning_netdiag.run import TorchRun, check_positive_int, scaler_scale
 from lightning_netdiag.sinks import LoggerSink
+
+__all__ = ["NetDiag", "WriterLogger"]
 
 
 class WriterLogger:
@@ -82,7 +77,8 @@ class NetDiag:
 
     Attributes:
         saturation, grad_data, update: the meters (None where left out); their ``history`` holds every
-            measurement, for :func:`lightning_netdiag.plots.draw_all` and :func:`lightning_netdiag.report.evaluate`.
+            measurement; their ``record`` is what :func:`lightning_netdiag.plots.draw_all` and
+            :func:`lightning_netdiag.report.summarize` read.
         steps: the optimizer steps counted so far.
     """
 
@@ -137,6 +133,7 @@ class NetDiag:
         """Select what to watch and register the hooks (before the first forward)."""
         self.close()
         for meter in self.meters:
+            meter.record.every_n_steps = self.every_n_steps
             sink = LoggerSink(meter.kind, meter.prefix)
             loggers = [] if self.writer is None else [WriterLogger(self.writer)]
             emit = None if self.writer is None else _emitter(sink, loggers)
@@ -292,18 +289,23 @@ class NetDiag:
 
     # --- views ----------------------------------------------------------------------------------------
 
+    def records(self) -> dict[str, Any]:
+        """The meters' records by kind (None for a meter left out): what the report and the plots read."""
+        meters = {"saturation": self.saturation, "grad_data": self.grad_data, "update": self.update}
+        return {kind: None if meter is None else meter.record for kind, meter in meters.items()}
+
     def report(self, print_table: bool = True) -> list[report.Verdict]:
-        """The health report of what was measured so far (printed as a table with ``print_table``)."""
-        self.verdicts = report.evaluate(self.saturation, self.grad_data, self.update)
+        """The health report of what was measured so far (:func:`lightning_netdiag.report.summarize`, printed as
+        a table with ``print_table``): its verdicts, also kept in ``verdicts``."""
+        summary = report.summarize(**self.records())
+        self.verdicts = summary.verdicts
         if print_table:
-            last = max((m.history.last_step for m in self.meters if m.history.last_step is not None), default=None)
-            note = report.learning_rate_note(self.update, self.grad_data)
-            print(report.format_table(self.verdicts, last, [note] if note else []))
+            print(summary.table())
         return self.verdicts
 
     def plots(self) -> dict[str, Any]:
         """The lecture's plots (matplotlib figures by name) of what was measured so far."""
-        return plots.draw_all(self.saturation, self.grad_data, self.update)
+        return plots.draw_all(**self.records())
 
 
 def _meter(name: str, value: object, kind: Any) -> Any:

@@ -1,16 +1,22 @@
-"""The lecture's four plots, and each layer's distribution over time, drawn from what the callbacks kept.
+"""The lecture's four plots, and each layer's distribution over time, drawn from the records.
 
-Every function takes the callback that recorded the data (its ``history`` holds scalars and histogram
-counts over fixed edges, so no raw tensor is needed), draws on ``ax`` or on a new figure, and returns the
-figure. matplotlib is imported only when a plot is drawn; no pyplot state is touched.
+Every function takes the record of a diagnostic (:mod:`lightning_netdiag.record`: scalars and histogram counts
+over fixed edges, so no raw tensor is needed), live or read from logs, draws on ``ax`` or on a new figure, and
+returns the figure. matplotlib is imported only when a plot is drawn; no pyplot state is touched.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from lightning_netdiag import tags
+from lightning_netdiag.record import ActivationRecord, GradDataRecord, ParameterRecord, Record, UpdateRecord
 from lightning_netdiag.stats import Histogram
+
+__all__ = [
+    "MANY_LAYERS", "activation_distribution", "activation_gradient_distribution", "depth_profile",
+    "distribution_over_time", "draw_all", "layers_by_bins", "layers_by_steps", "update_ratio_over_time",
+    "weight_gradient_distribution",
+]  # fmt: skip
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -26,27 +32,16 @@ def _axes(ax: Axes | None, figsize: tuple[float, float] = (20, 4)) -> tuple[Figu
     return fig, fig.add_subplot()
 
 
-def _names(callback: Any, metric: str) -> list[str]:
-    """The layer or parameter names that have a ``metric`` histogram, in the order they were watched."""
-    head = tags.head(callback.prefix, metric)
-    return [tag[len(head) :] for tag in callback.history.histogram_tags() if tag.startswith(head)]
-
-
-def _series_names(callback: Any, metric: str) -> list[str]:
-    """The layer or parameter names that have a ``metric`` scalar series (not D4's ``_target`` line)."""
-    head = tags.head(callback.prefix, metric)
-    return [t[len(head) :] for t in callback.history if t.startswith(head) and t != f"{head}_target"]
-
-
-def _at(callback: Any, metric: str, name: str, step: int | None) -> tuple[int, Histogram] | None:
-    points = callback.history.histograms_of(tags.tag(callback.prefix, metric, name))
+def _at(record: Record, metric: str, name: str, step: int | None) -> tuple[int, Histogram] | None:
+    points = record.histograms_of(metric, name)
     if step is None:
         return points[-1] if points else None
     return next(((s, h) for s, h in points if s == step), None)
 
 
-def _scalar(callback: Any, metric: str, name: str, step: int) -> float:
-    return dict(callback.history.get(tags.tag(callback.prefix, metric, name), [])).get(step, float("nan"))
+def _scalar(record: Record, metric: str, name: str, step: int) -> float:
+    value = record.value(metric, step, name)
+    return float("nan") if value is None else value
 
 
 def _density_line(ax: Axes, hist: Histogram, label: str) -> None:
@@ -75,11 +70,11 @@ def _symlog(ax: Axes, hist: Histogram, axis: str) -> None:
     (ax.set_xscale if axis == "x" else ax.set_yscale)("symlog", linthresh=threshold)
 
 
-def _distribution(callback: Any, metric: str, title: str, label: Any, step: int | None, ax: Axes | None) -> Figure:
+def _distribution(record: Record, metric: str, title: str, label: Any, step: int | None, ax: Axes | None) -> Figure:
     fig, ax = _axes(ax)
     shown = None
-    for name in _names(callback, metric):
-        found = _at(callback, metric, name, step)
+    for name in record.histogram_names(metric):
+        found = _at(record, metric, name, step)
         if found is not None:
             shown, hist = found
             _density_line(ax, hist, label(name, shown))
@@ -94,7 +89,7 @@ def _legend(ax: Axes) -> None:
         ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
 
 
-def activation_distribution(monitor: Any, step: int | None = None, ax: Axes | None = None) -> Figure:
+def activation_distribution(monitor: ActivationRecord, step: int | None = None, ax: Axes | None = None) -> Figure:
     """D1: one density line per watched layer (the latest step by default), as in the lecture."""
 
     def label(name: str, s: int) -> str:
@@ -106,7 +101,9 @@ def activation_distribution(monitor: Any, step: int | None = None, ax: Axes | No
     return _distribution(monitor, "act", "activation distribution", label, step, ax)
 
 
-def activation_gradient_distribution(monitor: Any, step: int | None = None, ax: Axes | None = None) -> Figure:
+def activation_gradient_distribution(
+    monitor: ActivationRecord, step: int | None = None, ax: Axes | None = None
+) -> Figure:
     """D2: one density line per watched layer's output gradient."""
 
     def label(name: str, s: int) -> str:
@@ -117,7 +114,7 @@ def activation_gradient_distribution(monitor: Any, step: int | None = None, ax: 
     return _distribution(monitor, "act_grad", "activation gradient distribution", label, step, ax)
 
 
-def weight_gradient_distribution(grad_data: Any, step: int | None = None, ax: Axes | None = None) -> Figure:
+def weight_gradient_distribution(grad_data: GradDataRecord, step: int | None = None, ax: Axes | None = None) -> Figure:
     """D3: one density line per parameter's gradient, with its shape and grad:data ratio."""
 
     def label(name: str, s: int) -> str:
@@ -127,16 +124,14 @@ def weight_gradient_distribution(grad_data: Any, step: int | None = None, ax: Ax
     return _distribution(grad_data, "grad", "weight gradient distribution", label, step, ax)
 
 
-def update_ratio_over_time(update: Any, ax: Axes | None = None) -> Figure:
+def update_ratio_over_time(update: UpdateRecord, ax: Axes | None = None) -> Figure:
     """D4: log10(update:data) over steps, one line per parameter, and the target as a black line."""
     fig, ax = _axes(ax)
-    head = tags.head(update.prefix, "update_data_log10")
     steps: list[int] = []
-    for tag, points in update.history.items():
-        if tag.startswith(head) and not tag.endswith("/_target"):
-            xs, ys = zip(*points, strict=True)
-            ax.plot(xs, ys, label=tag[len(head) :])
-            steps += [xs[0], xs[-1]]
+    for name in update.names("update_data_log10"):
+        xs, ys = zip(*update.points("update_data_log10", name), strict=True)
+        ax.plot(xs, ys, label=name)
+        steps += [xs[0], xs[-1]]
     if steps:
         ax.plot([min(steps), max(steps)], [update.target, update.target], "k", label=f"target {update.target:g}")
         _legend(ax)
@@ -145,10 +140,10 @@ def update_ratio_over_time(update: Any, ax: Axes | None = None) -> Figure:
     return fig
 
 
-def distribution_over_time(callback: Any, metric: str, name: str, ax: Axes | None = None) -> Figure:
+def distribution_over_time(record: Record, metric: str, name: str, ax: Axes | None = None) -> Figure:
     """A heatmap of one layer's histogram over the recorded steps: each column is a step, normalised."""
     fig, ax = _axes(ax, figsize=(10, 4))
-    points = callback.history.histograms_of(tags.tag(callback.prefix, metric, name))
+    points = record.histograms_of(metric, name)
     ax.set_title(f"{metric} {name} over time")
     if not points:
         return fig
@@ -170,10 +165,14 @@ def distribution_over_time(callback: Any, metric: str, name: str, ax: Axes | Non
 MANY_LAYERS = 10
 
 
-def _family_groups(callback: Any, names: list[str]) -> dict[str, list[str]]:
+def _family_groups(record: Record, names: list[str]) -> dict[str, list[str]]:
     """Layers by activation family (weights by kind: matrix, conv kernel, ...), in depth order: kinds are
     never mixed on one axis."""
-    families = getattr(callback, "layer_families", None) or getattr(callback, "param_classes", None)
+    families: dict[str, Any] = {}
+    if isinstance(record, ActivationRecord):
+        families = record.layer_families
+    elif isinstance(record, ParameterRecord):
+        families = record.param_classes
     if not families:
         return {"": names} if names else {}
     groups: dict[str, list[str]] = {}
@@ -208,16 +207,16 @@ def _layer_ticks(ax: Axes, names: list[str], axis: str = "y", most: int = 40) ->
         ax.set_xlabel(f"{prefix}… (depth)" if prefix else "depth", fontsize="small")
 
 
-def layers_by_bins(callback: Any, metric: str, title: str, step: int | None = None) -> Figure:
+def layers_by_bins(record: Record, metric: str, title: str, step: int | None = None) -> Figure:
     """Every layer's histogram at one step (the latest by default) as a row of a heatmap, layers in depth
     order; one panel per activation family (each has its own bins), colour = fraction of the layer's values."""
-    groups = _family_groups(callback, _names(callback, metric))
+    groups = _family_groups(record, record.histogram_names(metric))
     total_rows = sum(len(g) for g in groups.values())
     fig, axes = _figure(len(groups), 0.9 + 0.16 * total_rows + 0.6 * len(groups))
     for ax, (family, names) in zip(axes, groups.items(), strict=True):
         found: list[tuple[str, int, Histogram]] = []
         for n in names:
-            at = _at(callback, metric, n, step)
+            at = _at(record, metric, n, step)
             if at is not None and at[1].total > 0:
                 found.append((n, *at))
         if not found:
@@ -235,16 +234,15 @@ def layers_by_bins(callback: Any, metric: str, title: str, step: int | None = No
     return fig
 
 
-def layers_by_steps(callback: Any, metric: str, title: str, log: bool = False, center: float | None = None) -> Figure:
+def layers_by_steps(record: Record, metric: str, title: str, log: bool = False, center: float | None = None) -> Figure:
     """A statistic of every layer over the recorded steps: layers (depth order) x steps, one panel per family."""
     import math
 
-    head = tags.head(callback.prefix, metric)
-    names = _series_names(callback, metric)
-    groups = _family_groups(callback, names)
+    names = record.names(metric)
+    groups = _family_groups(record, names)
     fig, axes = _figure(len(groups), 0.9 + 0.16 * len(names) + 0.6 * len(groups))
     for ax, (family, members) in zip(axes, groups.items(), strict=True):
-        series = {n: dict(callback.history[head + n]) for n in members}
+        series = {n: dict(record.points(metric, n)) for n in members}
         steps = sorted({s for points in series.values() for s in points})
         if not steps:
             continue
@@ -266,34 +264,37 @@ def layers_by_steps(callback: Any, metric: str, title: str, log: bool = False, c
     return fig
 
 
-def depth_profile(saturation: Any = None, grad_data: Any = None, update: Any = None) -> Figure:
+def depth_profile(
+    saturation: ActivationRecord | None = None,
+    grad_data: GradDataRecord | None = None,
+    update: UpdateRecord | None = None,
+) -> Figure:
     """Each D1-D4 statistic against layer depth at the first recorded step, midway and the latest: vanishing
     gradients and signal propagation at a glance. Activation statistics get one panel per family."""
-    panels: list[tuple[Any, str, str, bool]] = []
-    for cb, metric, label, log in (
+    panels: list[tuple[Record, str, str, bool]] = []
+    for given, metric, label, log in (
         (saturation, "act_std", "D1 activation std", False),
         (saturation, "act_saturated_pct", "D1 saturated %", False),
         (saturation, "act_grad_std", "D2 activation-gradient std", True),
         (grad_data, "grad_data_ratio", "D3 grad:data", True),
         (update, "update_data_log10", "D4 update:data, log10", False),
     ):
-        if cb is not None:
-            panels.append((cb, metric, label, log))
+        if given is not None:
+            panels.append((given, metric, label, log))
     rows = []
     for cb, metric, label, log in panels:
-        groups = _family_groups(cb, _series_names(cb, metric))
+        groups = _family_groups(cb, cb.names(metric))
         rows += [(cb, metric, label, log, fam, members) for fam, members in groups.items()]
     fig, axes = _figure(max(len(rows), 1), 3.2 * max(len(rows), 1))
     for ax, (cb, metric, label, log, family, members) in zip(axes, rows, strict=False):
-        head = tags.head(cb.prefix, metric)
-        series = [dict(cb.history[head + n]) for n in members]
+        series = [dict(cb.points(metric, n)) for n in members]
         steps = sorted({s for points in series for s in points})
         chosen = sorted({steps[0], steps[len(steps) // 2], steps[-1]})
         for step, style in zip(chosen, ("o:", "s--", "^-"), strict=False):
             ax.plot(range(len(members)), [p.get(step, float("nan")) for p in series], style, ms=3, label=f"step {step}")
         if log:
             ax.set_yscale("log")
-        if metric == "update_data_log10":
+        if isinstance(cb, UpdateRecord) and metric == "update_data_log10":
             ax.axhline(cb.target, color="k", lw=0.8)
         ax.set_title(f"{label}{f' ({family})' if family else ''} by depth")
         _layer_ticks(ax, members, axis="x")
@@ -301,22 +302,26 @@ def depth_profile(saturation: Any = None, grad_data: Any = None, update: Any = N
     return fig
 
 
-def draw_all(saturation: Any = None, grad_data: Any = None, update: Any = None) -> dict[str, Figure]:
-    """Every plot the given callbacks have data for, by name: the lecture's plots up to ``MANY_LAYERS``
+def draw_all(
+    saturation: ActivationRecord | None = None,
+    grad_data: GradDataRecord | None = None,
+    update: UpdateRecord | None = None,
+) -> dict[str, Figure]:
+    """Every plot the given records have data for, by name: the lecture's plots up to ``MANY_LAYERS``
     layers; above, heatmaps (layers in depth order) and the depth profile."""
-    layers = _names(saturation, "act") if saturation is not None else []
-    weights = _names(grad_data, "grad") if grad_data is not None else []
+    layers = saturation.histogram_names("act") if saturation is not None else []
+    weights = grad_data.histogram_names("grad") if grad_data is not None else []
     many = max(len(layers), len(weights)) > MANY_LAYERS
     figures: dict[str, Figure] = {}
-    if saturation is not None and saturation.history.histogram_tags():
+    if saturation is not None and saturation.has_histograms():
         if many:
             figures["activations"] = layers_by_bins(saturation, "act", "activation distribution")
-            if _names(saturation, "act_grad"):
+            if saturation.histogram_names("act_grad"):
                 figures["activation_gradients"] = layers_by_bins(saturation, "act_grad", "activation gradients")
             figures["activations_over_time"] = layers_by_steps(saturation, "act_saturated_pct", "saturated % over time")
         else:
             figures["activations"] = activation_distribution(saturation)
-            if _names(saturation, "act_grad"):
+            if saturation.histogram_names("act_grad"):
                 figures["activation_gradients"] = activation_gradient_distribution(saturation)
             from matplotlib.figure import Figure
 
@@ -324,17 +329,17 @@ def draw_all(saturation: Any = None, grad_data: Any = None, update: Any = None) 
             for layer, ax in zip(layers, fig.subplots(len(layers), 1, squeeze=False)[:, 0], strict=True):
                 distribution_over_time(saturation, "act", layer, ax=ax)
             figures["activations_over_time"] = fig
-    if grad_data is not None and grad_data.history.histogram_tags():
+    if grad_data is not None and grad_data.has_histograms():
         many_weights = len(weights) > MANY_LAYERS
         figures["weight_gradients"] = (
             layers_by_bins(grad_data, "grad", "weight gradients")
             if many_weights
             else weight_gradient_distribution(grad_data)
         )
-    if update is not None and len(update.history):
+    if update is not None and len(update.series):
         figures["update_ratio"] = (
             layers_by_steps(update, "update_data_log10", "update:data, log10", center=update.target)
-            if len(_series_names(update, "update_data_log10")) > MANY_LAYERS
+            if len(update.names("update_data_log10")) > MANY_LAYERS
             else update_ratio_over_time(update)
         )
     if many:

@@ -1,4 +1,5 @@
-"""The health report: rules on what the callbacks recorded, each calibrated on runs with a known outcome.
+"""The health report: rules on the records (:mod:`lightning_netdiag.record`), each calibrated on runs with a
+known outcome. It reads records only, so the report of a live run and of its logs is one and the same.
 
 Every constant below was set on the diagnosis suite (``benchmarks/diagnosis``): healthy recipes, learning-rate
 sweeps and runs with one injected fault, on MLPs, CNNs, a GRU, GPT and ViT, trained with SGD and AdamW. The
@@ -10,24 +11,38 @@ Two phases, as the lecture's rules of thumb are about the network at initialisat
 
 - **at init**: judged on step 0 (the first optimizer step, before any update): saturation, dead layers,
   gradients vanishing or exploding through the layers, an over-confident output;
-- **during training**: a condition must hold at :data:`PERSIST` consecutive logging steps before it counts:
-  dead units, a weight that is not learning, fp16 gradients underflowing, the learning rate.
+- **during training**: a condition must hold at :data:`PERSIST` consecutive *logging* steps (measured steps,
+  ``every_n_steps`` apart, the cadence each record carries) before it counts: dead units, a weight that is not
+  learning, fp16 gradients underflowing, the learning rate. The suite was calibrated at every 50 steps.
 
 Non-finite values are fatal at once (under a loss scaler, which skips the steps whose gradients overflow,
 only when they persist). Each rule gives **one** verdict naming how many layers break it and the worst few.
+
+:func:`evaluate` judges the latest step; :func:`summarize` is the report of a whole run, the one that every
+front end and ``netdiag report`` print: the rules replayed at every logged step (:func:`replay`), so that a
+warning that held during training and cleared is kept, with the steps where it held.
 """
 
 from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, replace
 from typing import Any
 
-from lightning_netdiag import tags
+from lightning_netdiag.record import ActivationRecord, GradDataRecord, Key, Record, UpdateRecord
 
-#: Logging steps in a row at which a during-training condition must hold before it counts.
+__all__ = [
+    "ADAM_SHRINK_HIGH", "ADAM_SHRINK_OK", "COLUMNS", "DEAD_STD", "DEAD_UNITS_PCT", "FLAT_PCT", "GRAD_SPREAD",
+    "OVERCONFIDENT", "PERSIST", "SATURATED_PCT", "SGD_FALL", "SGD_LOW", "SGD_OK", "UNDERFLOW_PCT", "UNEARNED",
+    "WORST", "Report", "Verdict", "adam_shrink_at", "as_table", "at_init", "checks", "dead_units_at", "evaluate",
+    "flat_at", "format_markdown", "format_table", "fp16_tiny_at", "gradient_ratio_at_init", "learning_rate_note",
+    "replay", "sgd_died_at", "sgd_fall_at", "sgd_update_at", "summarize",
+]  # fmt: skip
+
+#: Logging steps in a row (not optimizer steps) at which a during-training condition must hold before it counts:
+#: at every_n_steps=n, a window of (PERSIST - 1) * n optimizer steps.
 PERSIST = 3
 #: % of values in the flat region at step 0 above which a layer is saturated, per activation family. tanh:
 #: the healthy recipes reach 21 % (kaiming init, gain 5/3), the saturated inits 68 % and more; gates
@@ -79,7 +94,9 @@ class Verdict:
 
     ``layer`` names the worst few layers that break it (and how many more), ``value`` is the worst layer's,
     ``hits`` the number of layers, ``worst`` the worst few as (name, value) pairs, worst first; ``step`` the
-    logging step it was judged at (0 for the rules about the network at initialisation).
+    logging step it was judged at (0 for the rules about the network at initialisation). In a run's summary
+    (:func:`summarize`): ``since``, the first logging step of the run of steps at which it held up to
+    ``step``; ``cleared``, whether it no longer held at the end (then ``step`` is the last step it held).
     """
 
     severity: str
@@ -92,61 +109,42 @@ class Verdict:
     hits: int = 1
     worst: tuple[tuple[str, float], ...] = ()
     step: int | None = None
+    since: int | None = None
+    cleared: bool = False
+
+    @property
+    def steps(self) -> str:
+        """Where it held, in words: ``at init``, ``since 150``, ``150-600, cleared since``."""
+        if self.step is None:
+            return "-"
+        span = f"{self.since}-{self.step}" if self.since is not None and self.since != self.step else f"{self.step}"
+        if self.cleared:
+            return f"{span}, cleared since"
+        if self.step == 0:
+            return "at init"
+        return f"since {self.since}" if self.since is not None else f"{self.step}"
 
 
-# --- reading the histories ------------------------------------------------------------------------------
+# --- reading the records ---------------------------------------------------------------------------------
 
 
-def _steps(callback: Any) -> list[int]:
-    return [] if callback is None else callback.history.steps
+def _steps(record: Record | None) -> list[int]:
+    return [] if record is None else record.steps
 
 
-def _at(callback: Any, metric: str, step: int, depth: int = 1) -> dict[str, float]:
-    """name -> value of every tag of ``metric`` at ``step``, one of the latest ``depth`` steps logged."""
-    if callback is None:
-        return {}
-    history, head = callback.history, tags.head(callback.prefix, metric)
-    out = {}
-    for tag in history:  # keys only: a check runs at every logging step, it must not copy whole series
-        if tag.startswith(head):
-            for s, value in history.tail(tag, depth):
-                if s == step:
-                    out[tag[len(head) :]] = value
-    return out
+def _at(record: Record | None, metric: str, step: int) -> dict[str, float]:
+    """name -> value of every layer's ``metric`` at ``step``."""
+    return {} if record is None else record.at(metric, step)
 
 
-def _scalar(callback: Any, tag: str, step: int, depth: int = 1) -> float | None:
-    if callback is None or tag not in callback.history:
-        return None
-    return next((v for s, v in callback.history.tail(tag, depth) if s == step), None)
+def at_init(record: Record | None, metric: str) -> dict[str, float]:
+    """name -> value of every layer's ``metric`` at step 0 (the network at initialisation), if recorded."""
+    return {} if record is None else record.at_init(metric)
 
 
-def at_init(callback: Any, metric: str) -> dict[str, float]:
-    """name -> value of every tag of ``metric`` at step 0 (the network at initialisation), if recorded."""
-    if callback is None:
-        return {}
-    history, head = callback.history, tags.head(callback.prefix, metric)
-    out = {}
-    for tag in history:
-        if tag.startswith(head):
-            ((step, value),) = history.head(tag, 1)
-            if step == 0:
-                out[tag[len(head) :]] = value
-    return out
-
-
-def _init_scalar(callback: Any, metric: str) -> float | None:
-    """The value of the tag ``{prefix}/{metric}`` at step 0, if recorded."""
-    tag = tags.tag(getattr(callback, "prefix", ""), metric)
-    if callback is None or tag not in callback.history:
-        return None
-    ((step, value),) = callback.history.head(tag, 1)
-    return value if step == 0 else None
-
-
-def _persistent(callback: Any, rule: Callable[[int], dict[str, float]]) -> tuple[int | None, dict[str, float]]:
+def _persistent(record: Record | None, rule: Callable[[int], dict[str, float]]) -> tuple[int | None, dict[str, float]]:
     """The latest step and the layers ``rule`` flags at each of the last :data:`PERSIST` logged steps."""
-    steps = _steps(callback)[-PERSIST:]
+    steps = _steps(record)[-PERSIST:]
     if len(steps) < PERSIST:
         return None, {}
     flagged = [rule(step) for step in steps]
@@ -154,16 +152,10 @@ def _persistent(callback: Any, rule: Callable[[int], dict[str, float]]) -> tuple
     return steps[-1], {name: flagged[-1][name] for name in flagged[-1] if name in common}
 
 
-def family_of(saturation: Any, name: str) -> str | None:
-    """A layer's family; the lecture's (tanh) for a history without it (e.g. read back from elsewhere)."""
-    families = getattr(saturation, "layer_families", {})
-    return families[name] if name in families else "tanh"
-
-
-def _by_family(saturation: Any, values: Mapping[str, float]) -> dict[str | None, dict[str, float]]:
+def _by_family(saturation: ActivationRecord | None, values: Mapping[str, float]) -> dict[str | None, dict[str, float]]:
     out: dict[str | None, dict[str, float]] = {}
     for name, v in values.items():
-        out.setdefault(family_of(saturation, name), {})[name] = v
+        out.setdefault(None if saturation is None else saturation.family(name), {})[name] = v
     return out
 
 
@@ -188,10 +180,10 @@ _NONFINITE = {
 }  # fmt: skip
 
 
-def _nonfinite(saturation: Any, grad_data: Any) -> list[Verdict]:
+def _nonfinite(saturation: ActivationRecord | None, grad_data: GradDataRecord | None) -> list[Verdict]:
     out = []
     gd_steps = _steps(grad_data)
-    scaled = bool(gd_steps) and _scalar(grad_data, tags.tag(grad_data.prefix, "loss_scale"), gd_steps[-1]) is not None
+    scaled = grad_data is not None and bool(gd_steps) and grad_data.value("loss_scale", gd_steps[-1]) is not None
     for metric in _NONFINITE:
         cb = grad_data if metric == "grad_nonfinite" else saturation
         steps = _steps(cb)
@@ -199,8 +191,8 @@ def _nonfinite(saturation: Any, grad_data: Any) -> list[Verdict]:
             continue
         if scaled and metric != "act_nonfinite":  # the scaler skips a step whose gradients overflowed
 
-            def counts(s: int, cb: Any = cb, metric: str = metric) -> dict[str, float]:
-                return _positive(_at(cb, metric, s, PERSIST))
+            def counts(s: int, cb: Record | None = cb, metric: str = metric) -> dict[str, float]:
+                return _positive(_at(cb, metric, s))
 
             step, hits = _persistent(cb, counts)
         else:
@@ -242,7 +234,7 @@ _SATURATION_TEXT = {
 }
 
 
-def _saturation(saturation: Any) -> list[Verdict]:
+def _saturation(saturation: ActivationRecord | None) -> list[Verdict]:
     out = []
     for family, values in _by_family(saturation, at_init(saturation, "act_saturated_pct")).items():
         if family in SATURATED_PCT:
@@ -254,7 +246,7 @@ def _saturation(saturation: Any) -> list[Verdict]:
     return out
 
 
-def _dead_layers(saturation: Any) -> list[Verdict]:
+def _dead_layers(saturation: ActivationRecord | None) -> list[Verdict]:
     stds = _by_family(saturation, at_init(saturation, "act_std")).get("tanh", {})
     return _verdict(
         "warning", "dead layer", {n: v for n, v in stds.items() if v < DEAD_STD}, lambda v: -v,
@@ -264,9 +256,9 @@ def _dead_layers(saturation: Any) -> list[Verdict]:
     )  # fmt: skip
 
 
-def gradient_ratio_at_init(saturation: Any) -> tuple[str, float] | None:
+def gradient_ratio_at_init(saturation: ActivationRecord | None) -> tuple[str, float] | None:
     """("first / last", the ratio of their activation-gradient std at init), or None with fewer than two layers."""
-    loop: set[str] = getattr(saturation, "layers_in_loop", set())
+    loop = set() if saturation is None else saturation.layers_in_loop
     stds = {n: v for n, v in at_init(saturation, "act_grad_std").items() if v > 0 and n not in loop}
     families = _by_family(saturation, stds)
     if not families:
@@ -278,7 +270,7 @@ def gradient_ratio_at_init(saturation: Any) -> tuple[str, float] | None:
     return f"{names[0]} / {names[-1]}", layers[names[0]] / layers[names[-1]]
 
 
-def _gradient_flow(saturation: Any) -> list[Verdict]:
+def _gradient_flow(saturation: ActivationRecord | None) -> list[Verdict]:
     """First vs last layer's activation-gradient std at init, within the family with the most layers (a gate's
     gradient is not comparable with a tanh's). Layers made in a module that runs several times per forward
     (a recurrent cell: its calls are time steps, not depth), and layers that get exactly no gradient (a gate
@@ -303,10 +295,10 @@ def _gradient_flow(saturation: Any) -> list[Verdict]:
     return []
 
 
-def _overconfident(saturation: Any) -> list[Verdict]:
+def _overconfident(saturation: ActivationRecord | None) -> list[Verdict]:
     """The output at step 0 against a uniform guess (the lecture's first fix: 27.9 instead of ln 27 = 3.30)."""
     ce, classes = at_init(saturation, "init_output_ce"), at_init(saturation, "init_output_classes")
-    loss = _init_scalar(saturation, "init_loss")
+    loss = None if saturation is None else saturation.init_value("init_loss")
     hits = {}
     for name, value in ce.items():
         uniform = math.log(classes.get(name, 1.0))
@@ -333,18 +325,20 @@ def _overconfident(saturation: Any) -> list[Verdict]:
 # that the diagnosis suite can show where each healthy and faulty run stands against the constant.
 
 
-def dead_units_at(saturation: Any, step: int) -> dict[str, tuple[str, float]]:
+def dead_units_at(saturation: ActivationRecord | None, step: int) -> dict[str, tuple[str, float]]:
     """name -> (family, % of dead units) at ``step``, for the families with a limit."""
-    values = _at(saturation, "act_dead_pct", step, PERSIST)
-    return {n: (f, v) for n, v in values.items() if (f := family_of(saturation, n)) in DEAD_UNITS_PCT}
+    if saturation is None:
+        return {}
+    values = saturation.at("act_dead_pct", step)
+    return {n: (f, v) for n, v in values.items() if (f := saturation.family(n)) is not None and f in DEAD_UNITS_PCT}
 
 
-def fp16_tiny_at(saturation: Any, step: int) -> dict[str, float]:
+def fp16_tiny_at(saturation: ActivationRecord | None, step: int) -> dict[str, float]:
     """name -> % of its fp16 gradient values below fp16's normal range, at ``step``."""
-    return _at(saturation, "act_grad_fp16_tiny_pct", step, PERSIST)
+    return _at(saturation, "act_grad_fp16_tiny_pct", step)
 
 
-def _dead_units(saturation: Any) -> list[Verdict]:
+def _dead_units(saturation: ActivationRecord | None) -> list[Verdict]:
     def flagged(step: int) -> dict[str, float]:
         return {n: v for n, (f, v) in dead_units_at(saturation, step).items() if v > DEAD_UNITS_PCT[f]}
 
@@ -359,8 +353,8 @@ def _dead_units(saturation: Any) -> list[Verdict]:
     )  # fmt: skip
 
 
-def _not_learning(update: Any, grad_data: Any) -> list[Verdict]:
-    step, hits = _persistent(update, lambda s: _at(update, "update_zero", s, PERSIST))
+def _not_learning(update: UpdateRecord | None, grad_data: GradDataRecord | None) -> list[Verdict]:
+    step, hits = _persistent(update, lambda s: _at(update, "update_zero", s))
     if not hits:
         return []
     latest = _steps(grad_data)[-1] if _steps(grad_data) else -1
@@ -375,7 +369,7 @@ def _not_learning(update: Any, grad_data: Any) -> list[Verdict]:
     )  # fmt: skip
 
 
-def _underflow(saturation: Any) -> list[Verdict]:
+def _underflow(saturation: ActivationRecord | None) -> list[Verdict]:
     def flagged(step: int) -> dict[str, float]:
         tiny = fp16_tiny_at(saturation, step)
         return tiny if tiny and statistics.median(tiny.values()) > UNDERFLOW_PCT else {}
@@ -389,51 +383,40 @@ def _underflow(saturation: Any) -> list[Verdict]:
     )  # fmt: skip
 
 
-def _median_over_weights(update: Any, step: int, value: Callable[[str, float], float]) -> float | None:
+def _median_over_weights(update: UpdateRecord | None, step: int, value: Callable[[str, float], float]) -> float | None:
     """The median over the weights of ``value(name, update:data)`` at ``step``, leaving out NaN."""
-    updates = _at(update, "update_data_log10", step, PERSIST)
-    values = [v for name, ud in updates.items() if name != "_target" and not math.isnan(v := value(name, ud))]
+    updates = _at(update, "update_data_log10", step)
+    values = [v for name, ud in updates.items() if not math.isnan(v := value(name, ud))]
     return statistics.median(values) if values else None
 
 
-def _rates(update: Any) -> dict[int, float]:
-    tag = tags.tag(getattr(update, "prefix", ""), "lr")
-    return {} if update is None or tag not in update.history else dict(update.history[tag])
+def _rates(update: UpdateRecord | None) -> dict[int, float]:
+    return {} if update is None else dict(update.points("lr"))
 
 
-def adam_shrink_at(update: Any, grad_data: Any, step: int) -> float | None:
+def adam_shrink_at(update: UpdateRecord | None, grad_data: GradDataRecord | None, step: int) -> float | None:
     """The median over the weights of ``log10(lr / std(weight at init)) - update:data`` at ``step`` (see
     :data:`ADAM_SHRINK_HIGH`), under an Adam-family optimizer; None where it cannot be read."""
-    lr = _rates(update).get(step, 0.0)
-    if getattr(update, "optimizer_family", None) != "adam" or lr <= 0:
+    if update is None or update.optimizer_family != "adam" or (lr := update.value("lr", step) or 0.0) <= 0:
         return None
-    ratios = at_init(grad_data, "grad_data_ratio")
-    std0 = {name: g / ratios[name] for name, g in at_init(grad_data, "grad_std").items() if ratios.get(name, 0) > 0}
+    std0 = {} if grad_data is None else grad_data.init_std()
     return _median_over_weights(update, step, lambda n, ud: math.log10(lr / std0[n]) - ud if n in std0 else math.nan)
 
 
-def _second_points(callback: Any, metric: str) -> dict[str, tuple[int, float]]:
-    """name -> the second point of each tag of ``metric`` (step, value)."""
-    if callback is None:
-        return {}
-    history, head = callback.history, tags.head(callback.prefix, metric)
-    points = {tag[len(head) :]: history.head(tag, 2) for tag in history if tag.startswith(head)}
-    return {name: pts[1] for name, pts in points.items() if len(pts) > 1}
-
-
-def sgd_fall_at(update: Any, step: int) -> float | None:
+def sgd_fall_at(update: UpdateRecord | None, step: int) -> float | None:
     """The median over the weights of the fall of the update per unit of learning rate from the second logged
     step (the first after step 0, whose momentum is still empty) to ``step`` (see :data:`SGD_FALL`), under
     SGD; None where it cannot be read."""
-    rates, lr = _rates(update), _rates(update).get(step, 0.0)
-    if getattr(update, "optimizer_family", None) != "sgd" or lr <= 0 or step == 0:
+    rates = _rates(update)
+    lr = rates.get(step, 0.0)
+    if update is None or update.optimizer_family != "sgd" or lr <= 0 or step == 0:
         return None
-    start = {n: ud - math.log10(rates[s]) for n, (s, ud) in _second_points(update, "update_data_log10").items()
-             if s <= step and rates.get(s, 0.0) > 0}  # fmt: skip
+    second = {n: points[1] for n, points in update.first("update_data_log10", 2).items() if len(points) > 1}
+    start = {n: ud - math.log10(rates[s]) for n, (s, ud) in second.items() if s <= step and rates.get(s, 0.0) > 0}
     return _median_over_weights(update, step, lambda n, ud: start.get(n, math.nan) + math.log10(lr) - ud)
 
 
-def sgd_update_at(update: Any, step: int) -> float | None:
+def sgd_update_at(update: UpdateRecord | None, step: int) -> float | None:
     """The median over the weights of update:data at ``step`` (not the first), scaled back to the highest
     learning rate of the schedule so far (see :data:`SGD_LOW`), under SGD; None where it cannot be read or the
     gradients fell (see :data:`SGD_FALL`)."""
@@ -445,24 +428,26 @@ def sgd_update_at(update: Any, step: int) -> float | None:
     return _median_over_weights(update, step, lambda n, ud: ud + math.log10(top / rates[step]))
 
 
-def flat_at(saturation: Any, step: int) -> float | None:
+def flat_at(saturation: ActivationRecord | None, step: int) -> float | None:
     """The highest % of values in the flat region among the watched layers with a saturation rule."""
-    values = _at(saturation, "act_saturated_pct", step, PERSIST)
+    values = _at(saturation, "act_saturated_pct", step)
     return max(values.values()) if values else None
 
 
-def sgd_died_at(saturation: Any, update: Any, step: int) -> float | None:
+def sgd_died_at(saturation: ActivationRecord | None, update: UpdateRecord | None, step: int) -> float | None:
     """The SGD fall at ``step`` where a layer is all flat there (a dead network); None otherwise."""
     fall, flat = sgd_fall_at(update, step), flat_at(saturation, _nearest_step(saturation, step))
     return fall if fall is not None and flat is not None and flat > FLAT_PCT else None
 
 
-def _nearest_step(callback: Any, step: int) -> int:
-    """``callback``'s latest logged step up to ``step`` (the callbacks log the same steps, at moments apart)."""
-    return max((s for s in _steps(callback)[-PERSIST:] if s <= step), default=-1)
+def _nearest_step(record: Record | None, step: int) -> int:
+    """``record``'s latest logged step up to ``step`` (the meters log the same steps, at moments apart)."""
+    return max((s for s in _steps(record)[-PERSIST:] if s <= step), default=-1)
 
 
-def _learning_rate(saturation: Any, grad_data: Any, update: Any) -> list[Verdict]:
+def _learning_rate(
+    saturation: ActivationRecord | None, grad_data: GradDataRecord | None, update: UpdateRecord | None
+) -> list[Verdict]:
     """Adam family: too high, from the update shrink (needs GradDataRatio: the weights' std at init). SGD: too
     low, from update:data at the schedule's highest rate; too high when the network died. Nothing else: the
     suite shows no statistic here that tells the other cases apart (see the README)."""
@@ -510,13 +495,13 @@ def _learning_rate(saturation: Any, grad_data: Any, update: Any) -> list[Verdict
     return []
 
 
-def learning_rate_note(update: Any, grad_data: Any) -> str | None:
+def learning_rate_note(update: UpdateRecord | None, grad_data: GradDataRecord | None) -> str | None:
     """What the learning-rate check read at the latest step, and what it does not judge: said even when it finds
     nothing, so that a run at a good rate reads so."""
     steps = _steps(update)
     if not steps:
         return None
-    step, family = steps[-1], getattr(update, "optimizer_family", None)
+    step, family = steps[-1], update.optimizer_family  # type: ignore[union-attr]
     if family == "adam":
         shrink = adam_shrink_at(update, grad_data, step)
         read = "unread (needs GradDataRatio)" if shrink is None else f"{shrink:.2f} at step {step}"
@@ -530,8 +515,12 @@ def learning_rate_note(update: Any, grad_data: Any) -> str | None:
     return "learning rate: not judged for this optimizer (the checks are calibrated for SGD and Adam)"
 
 
-def evaluate(saturation: Any = None, grad_data: Any = None, update: Any = None) -> list[Verdict]:
-    """Every broken rule, fatal ones first. Takes the callbacks (or None for those not used)."""
+def evaluate(
+    saturation: ActivationRecord | None = None,
+    grad_data: GradDataRecord | None = None,
+    update: UpdateRecord | None = None,
+) -> list[Verdict]:
+    """Every broken rule at the latest step recorded, fatal ones first (None for a record not made)."""
     verdicts = [
         *_nonfinite(saturation, grad_data),
         *_overconfident(saturation),
@@ -545,6 +534,104 @@ def evaluate(saturation: Any = None, grad_data: Any = None, update: Any = None) 
     if not any(v.step == 0 for v in verdicts):  # a fault at init explains small updates better than the rate
         verdicts += _learning_rate(saturation, grad_data, update)
     return sorted(verdicts, key=lambda v: v.severity != "fatal")
+
+
+# --- the summary: what a run's report says -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Report:
+    """A run's health report: every rule that broke (those that hold at the end first, fatal ones first, then
+    those that held during training and cleared), what the report read where it found nothing (``notes``), and
+    the latest step recorded."""
+
+    verdicts: list[Verdict]
+    notes: list[str]
+    step: int | None
+
+    def table(self) -> str:
+        return format_table(self.verdicts, self.step, self.notes)
+
+    def markdown(self) -> str:
+        return format_markdown(self.verdicts, self.step, self.notes)
+
+
+def replay(
+    saturation: ActivationRecord | None = None,
+    grad_data: GradDataRecord | None = None,
+    update: UpdateRecord | None = None,
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Every step recorded, in order, with the records as they were at it (what had been recorded up to it):
+    ``(step, {kind: record or None})``, to judge each step as while training ran. Live or read from logs, the
+    same records replay alike. The records given are not changed; the ones yielded grow as it goes."""
+    full = {"saturation": saturation, "grad_data": grad_data, "update": update}
+    partial = {kind: None if record is None else record.empty() for kind, record in full.items()}
+    by_step: dict[int, dict[str, dict[Key, float]]] = {}
+    for kind, record in full.items():
+        if record is not None:
+            for key, points in record.series.items():
+                for step, value in points:
+                    by_step.setdefault(step, {}).setdefault(kind, {})[key] = value
+    for step in sorted(by_step):
+        for kind, scalars in by_step[step].items():
+            partial[kind].add(step, scalars, {})  # type: ignore[union-attr]
+        yield step, partial
+
+
+def summarize(
+    saturation: ActivationRecord | None = None,
+    grad_data: GradDataRecord | None = None,
+    update: UpdateRecord | None = None,
+    notes: Iterable[str] = (),
+) -> Report:
+    """The report of a run, from its records: the one summary that every front end and ``netdiag report``
+    print. Each verdict says since when it holds; a rule that broke during training and holds no longer
+    stays in it, marked cleared, with the steps where it held (its last verdict then). ``notes``: what the
+    caller knows besides the records (what a run's logs did not say), printed after the report's own."""
+    # rule -> (the first and the last step of its latest run of steps, its verdict at the last)
+    spans: dict[tuple[str, str], tuple[int, int, Verdict]] = {}
+    previous: int | None = None
+    for step, records in replay(saturation, grad_data, update):
+        for v in evaluate(**records):
+            rule = (v.check, v.healthy)
+            first, last, _ = spans.get(rule, (step, None, v))
+            spans[rule] = (first if last == previous else step, step, v)
+        previous = step
+    final = evaluate(saturation, grad_data, update)
+    now = {(v.check, v.healthy) for v in final}
+    verdicts = [replace(v, since=spans.get((v.check, v.healthy), (v.step,))[0]) for v in final]
+    verdicts += [
+        replace(v, step=last, since=first, cleared=True) for rule, (first, last, v) in spans.items() if rule not in now
+    ]
+    present = [r for r in (saturation, grad_data, update) if r is not None]
+    last = max((r.last_step for r in present if r.last_step is not None), default=None)
+    return Report(verdicts, [*_notes(saturation, grad_data, update, verdicts), *notes], last)
+
+
+def _notes(
+    saturation: ActivationRecord | None,
+    grad_data: GradDataRecord | None,
+    update: UpdateRecord | None,
+    verdicts: list[Verdict],
+) -> list[str]:
+    """What the report read where it found nothing, and what it could not read."""
+    notes = []
+    note = learning_rate_note(update, grad_data)
+    if note is not None:
+        notes.append(note)
+    if any(v.step not in (0, None) for v in verdicts):
+        every = next(
+            (r.every_n_steps for r in (saturation, grad_data, update) if r is not None and r.every_n_steps), None
+        )
+        window = f" (measured every {every} steps: over {every * (PERSIST - 1)} steps)" if every else ""
+        notes.append(f"a rule during training counts once it holds at {PERSIST} logging steps in a row{window}")
+    undescribed = [r.kind for r in (saturation, grad_data, update) if r is not None and not r.described]
+    if undescribed:
+        notes.append(
+            f"note: these logs hold no description of {', '.join(undescribed)} (written by netdiag >= 0.1.0), so "
+            "the rules that depend on a layer's activation kind or on the optimizer stay silent."
+        )
+    return notes
 
 
 # --- formatting -----------------------------------------------------------------------------------------
@@ -564,9 +651,9 @@ def format_table(verdicts: list[Verdict], step: int | None = None, notes: Iterab
     after = "".join(f"\n{note}" for note in notes)
     if not verdicts:
         return f"{title}: every check within its healthy range{after}"
-    rows = [("", "check", "layer", "value", "healthy")]
-    rows += [(v.severity.upper(), v.check, _layers(v), _value(v), v.healthy) for v in verdicts]
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    rows = [("", "check", "layer", "value", "healthy", "steps")]
+    rows += [(v.severity.upper(), v.check, _layers(v), _value(v), v.healthy, v.steps) for v in verdicts]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [title]
     for i, row in enumerate(rows):
         lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
@@ -576,12 +663,14 @@ def format_table(verdicts: list[Verdict], step: int | None = None, notes: Iterab
     return "\n".join(lines) + after
 
 
-COLUMNS = ["severity", "check", "layers", "worst", "value", "healthy", "likely cause", "try"]
+COLUMNS = ["severity", "check", "layers", "worst", "value", "healthy", "steps", "likely cause", "try"]
 
 
 def as_table(verdicts: list[Verdict]) -> tuple[list[str], list[list[Any]]]:
     """Column names and one row per verdict (W&B's table)."""
-    return COLUMNS, [[v.severity, v.check, v.hits, v.layer, v.value, v.healthy, v.cause, v.advice] for v in verdicts]
+    return COLUMNS, [
+        [v.severity, v.check, v.hits, v.layer, v.value, v.healthy, v.steps, v.cause, v.advice] for v in verdicts
+    ]
 
 
 def format_markdown(verdicts: list[Verdict], step: int | None = None, notes: Iterable[str] = ()) -> str:

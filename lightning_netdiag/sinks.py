@@ -12,9 +12,12 @@ from typing import Any
 
 from lightning_netdiag.dist import rank_zero_warn
 from lightning_netdiag.stats import Histogram
+from lightning_netdiag.tags import FALLBACK_QUANTILES, TARGET, meta_file, meta_tag, quantile_name, quantile_tag, split
 
-#: Quantiles logged in place of a histogram for loggers that have none (CSV, MLflow, ...).
-FALLBACK_QUANTILES = (0.05, 0.5, 0.95)
+__all__ = [
+    "CHARTS", "MAX_LINES", "LoggerSink", "chart_groups", "fast_tensorboard_checksums", "log_figure", "log_report",
+    "logger_kind", "quantile_scalars", "write_meta", "write_tensorboard", "write_tensorboard_layout",
+]  # fmt: skip
 
 
 def logger_kind(logger: object) -> str:
@@ -78,38 +81,30 @@ class LoggerSink:
             self._warned.add(kind)
             rank_zero_warn(
                 f"{self.source}: {kind} cannot hold histograms; logging the quantiles "
-                f"{', '.join(_quantile_name(q) for q in FALLBACK_QUANTILES)} of each instead."
+                f"{', '.join(quantile_name(q) for q in FALLBACK_QUANTILES)} of each instead."
             )
 
 
-def meta_tag(prefix: str, kind: str) -> str:
-    """Where a meter's description (:meth:`lightning_netdiag.meters.Meter.describe`) is logged."""
-    return f"{prefix}/meta/{kind}"
-
-
 def write_meta(loggers: list[Any], prefix: str, meta: Mapping[str, Any], step: int) -> None:
-    """A meter's description, for the ``netdiag`` command: JSON text in TensorBoard, a JSON file beside a
-    CSV logger's ``metrics.csv``; other loggers hold the numbers only."""
+    """A record's description (:meth:`lightning_netdiag.record.Record.describe`), for the ``netdiag`` command:
+    JSON text in TensorBoard, a JSON file beside a CSV logger's ``metrics.csv``; other loggers hold the numbers
+    only."""
     text = json.dumps(meta, sort_keys=True)
-    tag = meta_tag(prefix, str(meta["kind"]))
+    kind = str(meta["kind"])
     for logger in loggers:
         if logger_kind(logger) == "tensorboard":
-            logger.experiment.add_text(tag, text, global_step=step)
+            logger.experiment.add_text(meta_tag(prefix, kind), text, global_step=step)
         elif "CSVLogger" in {cls.__name__ for cls in type(logger).__mro__}:
             os.makedirs(logger.log_dir, exist_ok=True)
-            with open(os.path.join(logger.log_dir, tag.replace("/", "_") + ".json"), "w") as f:
+            with open(os.path.join(logger.log_dir, meta_file(prefix, kind)), "w") as f:
                 f.write(text)
-
-
-def _quantile_name(q: float) -> str:
-    return f"q{round(q * 100):02d}"
 
 
 def quantile_scalars(histograms: Mapping[str, Histogram]) -> dict[str, float]:
     out = {}
     for tag, hist in histograms.items():
         for q, value in zip(FALLBACK_QUANTILES, hist.quantiles(FALLBACK_QUANTILES), strict=True):
-            out[f"{tag}/{_quantile_name(q)}"] = value
+            out[quantile_tag(tag, q)] = value
     return out
 
 
@@ -228,7 +223,6 @@ CHARTS = {
 }
 #: Lines per chart at most: nobody reads more. Layers are grouped by module path to stay under it.
 MAX_LINES = 12
-TARGET = "_target"
 
 _layouts: weakref.WeakKeyDictionary[Any, dict[str, dict[str, list[str]]]] = weakref.WeakKeyDictionary()
 
@@ -286,8 +280,8 @@ def write_tensorboard_layout(writer: Any, prefix: str, scalars: Mapping[str, flo
     known = _layouts.setdefault(writer, {}).setdefault(prefix, {})
     new = False
     for tag in scalars:
-        head, _, name = tag[len(prefix) + 1 :].partition("/")
-        if tag.startswith(f"{prefix}/") and head in CHARTS.values() and name and name != TARGET:
+        head, name = split(prefix, tag)
+        if head in CHARTS.values() and name and name != TARGET:
             names = known.setdefault(head, [])
             if name not in names:
                 names.append(name)

@@ -21,6 +21,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+__all__ = [
+    "DEFAULT_THRESHOLD", "HALF_EXTRA", "MOMENTS", "SMALL", "Bins", "Histogram", "Moments", "finite_mask",
+    "half_counts", "host_reads_free", "linear_bins", "log2_bins", "ratio_log10", "record_size", "recorded",
+    "saturation_extra", "tensor_record", "tensor_records", "with_extra", "zero_bin",
+]  # fmt: skip
+
 #: Slots every record starts with: finite count, sum, sum of squares, non-finite count.
 MOMENTS = 4
 COUNT, SUM, SUMSQ, NONFINITE = range(MOMENTS)

@@ -72,10 +72,10 @@ def test_each_plot_draws_real_lines_on_a_given_axis(runs):
     run = runs["fix-tanh"]
     layer = next(iter(run.saturation.layer_types))
     cases = [
-        (plots.activation_distribution, run.saturation, f"{layer} (Tanh): mean"),
-        (plots.activation_gradient_distribution, run.saturation, f"{layer} (Tanh): mean"),
-        (plots.weight_gradient_distribution, run.grad_data, "net.0.weight (200, 30): grad:data"),
-        (plots.update_ratio_over_time, run.update, "net.0.weight"),
+        (plots.activation_distribution, run.saturation.record, f"{layer} (Tanh): mean"),
+        (plots.activation_gradient_distribution, run.saturation.record, f"{layer} (Tanh): mean"),
+        (plots.weight_gradient_distribution, run.grad_data.record, "net.0.weight (200, 30): grad:data"),
+        (plots.update_ratio_over_time, run.update.record, "net.0.weight"),
     ]
     for draw, callback, label in cases:
         fig = Figure()
@@ -84,12 +84,12 @@ def test_each_plot_draws_real_lines_on_a_given_axis(runs):
         lines = [line for line in ax.lines if np.isfinite(line.get_ydata()).all() and len(line.get_ydata()) > 3]
         assert lines, draw.__name__
         assert any(line.get_label().startswith(label) for line in ax.lines), draw.__name__
-    fig = plots.update_ratio_over_time(run.update)
+    fig = plots.update_ratio_over_time(run.update.record)
     target = [line for line in fig.axes[0].lines if line.get_label() == "target -3"]
     assert target and set(target[0].get_ydata()) == {-3.0}
-    heat = plots.distribution_over_time(run.saturation, "act", layer)
+    heat = plots.distribution_over_time(run.saturation.record, "act", layer)
     assert heat.axes[0].collections[0].get_array().shape == (64, 6)  # 64 tanh bins x 6 recorded steps
-    early = plots.activation_distribution(run.saturation, step=0)
+    early = plots.activation_distribution(run.saturation.record, step=0)
     assert "(step 0)" in early.axes[0].get_title()
 
 

@@ -11,7 +11,8 @@ from helpers import TinyNet, all_callbacks, loader, trainer
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from lightning_netdiag import HealthReport, cli
-from lightning_netdiag.cli import compare, find_runs, load_run
+from lightning_netdiag.cli import compare
+from lightning_netdiag.logs import find_runs, load_run
 
 
 class LoggedLoss(TinyNet):
@@ -50,20 +51,20 @@ def test_the_logs_give_back_the_live_numbers_and_the_live_report(two_runs, log):
     callbacks, live, root = two_runs[0]
     run = load_run(root / log)
     for cb in callbacks:
-        meter = run.meter(cb.kind)
+        meter = run.record(cb.kind)
         assert meter.described and meter.prefix == "netdiag"
-        assert set(meter.history) == set(cb.history)
+        assert set(meter.tagged) == set(cb.history)
         for tag in cb.history:
-            for (s1, v1), (s2, v2) in zip(meter.history[tag], cb.history[tag], strict=True):
+            for (s1, v1), (s2, v2) in zip(meter.tagged[tag], cb.history[tag], strict=True):
                 assert s1 == s2 and math.isclose(v1, v2, rel_tol=1e-6, abs_tol=1e-30), tag  # float32 in TensorBoard
         if log == "tb":
-            assert set(meter.history.histograms) == set(cb.history.histograms)
+            assert set(meter.tagged.histograms) == set(cb.history.histograms)
             for tag, points in cb.history.histograms.items():
-                for (_, ours), (_, kept) in zip(meter.history.histograms_of(tag), points, strict=True):
+                for (_, ours), (_, kept) in zip(meter.tagged.histograms_of(tag), points, strict=True):
                     assert sorted(c for c in ours.counts if c) == sorted(c for c in kept.counts if c), tag
-    assert run.meter("saturation").layer_families == callbacks[0].layer_families
+    assert run.record("saturation").layer_families == callbacks[0].layer_families
     assert [(v.check, v.layer, v.hits) for v in live.verdicts] == [
-        (v.check, v.layer, v.hits) for v in cli.health(run)[0]
+        (v.check, v.layer, v.hits) for v in cli.health(run).verdicts
     ] and live.verdicts
     assert run.final_loss()[0] == "train_loss"
 
@@ -116,6 +117,10 @@ def test_every_metric_the_meters_log_is_named_once_in_tags():
     from pathlib import Path
 
     from lightning_netdiag import meters, tags
+    from lightning_netdiag.record import ActivationRecord
 
-    logged = set(re.findall(r'_tag\(\s*"(\w+)"', Path(meters.__file__).read_text()))
+    source = "".join(p.read_text() for p in Path(meters.__file__).parent.glob("*.py"))
+    logged = set(re.findall(r'\[\(\s*"(\w+)",', source))  # scalars[("metric", name)] = ...
     assert logged and logged <= set(tags.KIND_OF), logged - set(tags.KIND_OF)
+    with pytest.raises(ValueError, match="Expected a metric of 'saturation'"):  # and a record takes no other
+        ActivationRecord().add(0, {("grad_std", "w"): 1.0}, {})

@@ -224,7 +224,7 @@ def test_timm_vit_and_efficientnet_watch_every_activation_and_weight(tmp_path):
     assert {cbs[0].layer_families[n] for n in expected} == {"gelu", "sigmoid"}  # SiLU and the SE gates
     assert_every_weight_measured(module, cbs)
     # The SE gates' Sigmoids sit near 0.5 with a small std by design: not dead layers, not saturated gates.
-    verdicts = report.evaluate(*cbs)
+    verdicts = report.evaluate(*(cb.record for cb in cbs))
     assert not [v for v in verdicts if v.check == "dead layer" or v.healthy.startswith("gates")]
 
 

@@ -13,11 +13,20 @@ from lightning_netdiag import DiagnosticPlots, GradDataRatio, HealthReport, Satu
 
 def recorded(cls, scalars: dict[str, float], steps=(0,), **kw):
     """A callback whose history holds ``scalars`` at each of ``steps`` (the rules' mechanics; whether they are
-    right is shown on real training runs: tests/test_diagnosis.py)."""
+    right is shown on real training runs: tests/test_diagnosis.py); its activation layers are tanh-like, as a
+    live meter would describe the lecture's layers."""
     cb = cls(**kw)
     for step in steps:
         cb.history.add(step, scalars, {})
+    if isinstance(cb, SaturationMonitor):
+        cb.layer_families = {t.split("/")[-1]: "tanh" for t in scalars if t.count("/") == 2}
     return cb
+
+
+def evaluate(*callbacks, **by_kind):
+    """The report's rules on the records of ``callbacks`` (None where left out)."""
+    records = [None if cb is None else cb.record for cb in callbacks]
+    return report.evaluate(*records, **{kind: cb.record for kind, cb in by_kind.items()})
 
 
 def checks(verdicts) -> set[tuple[str, str]]:
@@ -30,21 +39,23 @@ def test_healthy_numbers_pass():
         "netdiag/act_grad_std/a": 1e-3, "netdiag/act_grad_std/b": 2e-3, "netdiag/act_nonfinite/a": 0.0,
     }, steps=(0, 50, 100))  # fmt: skip
     upd = recorded(UpdateRatio, {"netdiag/update_data_log10/w1": -3.1, "netdiag/update_data_log10/w2": -2.8})
-    assert report.evaluate(sat, None, upd) == []
+    assert evaluate(sat, None, upd) == []
     assert "every check within its healthy range" in report.format_table([], step=5)
 
 
 def test_init_rules_read_step_0_only():
     sat = SaturationMonitor()
+    sat.layer_families = {"a": "tanh", "b": "tanh"}
     sat.history.add(0, {"netdiag/act_saturated_pct/a": 80.0, "netdiag/act_std/b": 0.01}, {})
     sat.history.add(50, {"netdiag/act_saturated_pct/a": 2.0, "netdiag/act_std/b": 0.5}, {})
-    (saturated, dead) = report.evaluate(sat)
+    (saturated, dead) = evaluate(sat)
     assert (saturated.check, saturated.value, saturated.step) == ("saturation", 80.0, 0)
     assert saturated.healthy == "tanh-like: < 40 % at init" and (dead.check, dead.layer) == ("dead layer", "b")
     later = SaturationMonitor()  # saturated later in training only: not what the lecture's rule is about
+    later.layer_families = {"a": "tanh"}
     later.history.add(0, {"netdiag/act_saturated_pct/a": 2.0}, {})
     later.history.add(50, {"netdiag/act_saturated_pct/a": 80.0}, {})
-    assert report.evaluate(later) == []
+    assert evaluate(later) == []
 
 
 def test_during_training_a_condition_must_hold_at_persist_logging_steps():
@@ -52,24 +63,24 @@ def test_during_training_a_condition_must_hold_at_persist_logging_steps():
     sat.layer_families = {"r": "relu"}
     for step, dead in ((0, 0.0), (50, 60.0), (100, 60.0)):
         sat.history.add(step, {"netdiag/act_dead_pct/r": dead}, {})
-    assert report.evaluate(sat) == []  # two steps in a row: not yet
+    assert evaluate(sat) == []  # two steps in a row: not yet
     sat.history.add(150, {"netdiag/act_dead_pct/r": 55.0}, {})
-    (v,) = report.evaluate(sat)
+    (v,) = evaluate(sat)
     assert (v.check, v.layer, v.value, v.step) == ("dead units", "r", 55.0, 150)
     sat.history.add(200, {"netdiag/act_dead_pct/r": 3.0}, {})  # recovered: judged on the latest steps
-    assert report.evaluate(sat) == []
+    assert evaluate(sat) == []
 
 
 def test_gradient_flow_at_init_leaves_out_loop_layers_and_layers_without_gradient():
     sat = recorded(SaturationMonitor, {
         "netdiag/act_grad_std/a": 1e-5, "netdiag/act_grad_std/b": 1e-3, "netdiag/act_grad_std/c": 0.0,
     })  # fmt: skip
-    (v,) = report.evaluate(sat)
+    (v,) = evaluate(sat)
     assert (v.check, v.layer, v.step) == ("vanishing gradient", "a / b", 0) and v.value == pytest.approx(0.01)
     sat.layers_in_loop = {"a"}  # a cell's calls over time steps: not depth
-    assert report.evaluate(sat) == []
+    assert evaluate(sat) == []
     exploding = recorded(SaturationMonitor, {"netdiag/act_grad_std/a": 1.0, "netdiag/act_grad_std/b": 0.01})
-    assert checks(report.evaluate(exploding)) == {("exploding gradient", "a / b")}
+    assert checks(evaluate(exploding)) == {("exploding gradient", "a / b")}
 
 
 def test_an_over_confident_output_at_init_is_named_unless_the_loss_shows_it_is_earned():
@@ -78,19 +89,19 @@ def test_an_over_confident_output_at_init_is_named_unless_the_loss_shows_it_is_e
             "netdiag/init_output_ce/head": 25.4, "netdiag/init_output_classes/head": 27.0, "netdiag/init_loss": loss,
         })  # fmt: skip
 
-    (v,) = report.evaluate(run(27.9))  # the lecture's original: confident and wrong
+    (v,) = evaluate(run(27.9))  # the lecture's original: confident and wrong
     assert (v.check, v.layer, v.value) == ("over-confident output", "head", 25.4) and "3.30" in v.healthy
-    assert report.evaluate(run(2.1)) == []  # a trained model, fine-tuned: confident and right
+    assert evaluate(run(2.1)) == []  # a trained model, fine-tuned: confident and right
     unseen = recorded(SaturationMonitor, {"netdiag/init_output_ce/head": 25.4, "netdiag/init_output_classes/head": 27})
-    assert report.evaluate(unseen) == []  # the loss unknown (a plain loop with an optimizer): cannot tell
+    assert evaluate(unseen) == []  # the loss unknown (a plain loop with an optimizer): cannot tell
     uniform = recorded(SaturationMonitor, {"netdiag/init_output_ce/head": 3.31, "netdiag/init_output_classes/head": 27})
-    assert report.evaluate(uniform) == []
+    assert evaluate(uniform) == []
 
 
 def test_nonfinite_is_fatal_at_once_and_first():
     sat = recorded(SaturationMonitor, {"netdiag/act_nonfinite/a": 3.0, "netdiag/act_saturated_pct/a": 50.0})
     gd = recorded(GradDataRatio, {"netdiag/grad_nonfinite/w": 9.0})
-    got = report.evaluate(sat, gd)
+    got = evaluate(sat, gd)
     assert [(v.severity, v.check, v.layer) for v in got] == [
         ("fatal", "non-finite", "a"), ("fatal", "non-finite", "w"), ("warning", "saturation", "a"),
     ]  # fmt: skip
@@ -101,10 +112,10 @@ def test_under_a_loss_scaler_non_finite_gradients_must_persist():
     gd = GradDataRatio()  # the scaler skips a step whose gradients overflowed, and lowers its scale
     for step, bad in ((0, 9.0), (1, 0.0), (2, 0.0)):
         gd.history.add(step, {"netdiag/grad_nonfinite/w": bad, "netdiag/loss_scale": 65536.0 / 2 ** (step > 0)}, {})
-    assert report.evaluate(grad_data=gd) == []
+    assert evaluate(grad_data=gd) == []
     for step in (3, 4, 5):
         gd.history.add(step, {"netdiag/grad_nonfinite/w": 9.0, "netdiag/loss_scale": 1.0}, {})
-    assert checks(report.evaluate(grad_data=gd)) == {("non-finite", "w")}
+    assert checks(evaluate(grad_data=gd)) == {("non-finite", "w")}
 
 
 def test_a_weight_that_never_moves_is_not_learning():
@@ -112,7 +123,7 @@ def test_a_weight_that_never_moves_is_not_learning():
     for step in (0, 50, 100):
         scalars = {"netdiag/update_zero/head.weight": 1.0, "netdiag/update_data_log10/body.weight": -3.0}
         upd.history.add(step, scalars, {})
-    (v,) = report.evaluate(update=upd)
+    (v,) = evaluate(update=upd)
     assert (v.check, v.layer, v.step) == ("not learning", "head.weight", 100) and "left out of the optimizer" in v.cause
 
 
@@ -128,8 +139,8 @@ def adam_run(shrink: float) -> tuple[GradDataRatio, UpdateRatio]:
 
 
 def test_adam_learning_rate_too_high_from_the_update_shrink_with_a_factor_toward_the_good_rates():
-    assert report.evaluate(*((None, *adam_run(1.6)))) == []  # the suite's good rates shrink by 1.0 to 1.8
-    (v,) = report.evaluate(None, *adam_run(2.5))
+    assert evaluate(*((None, *adam_run(1.6)))) == []  # the suite's good rates shrink by 1.0 to 1.8
+    (v,) = evaluate(None, *adam_run(2.5))
     assert (v.check, v.value, v.step) == ("learning rate too high", pytest.approx(2.5), 150)
     assert v.advice == "divide the learning rate by about 10"  # to a shrink of 1.5
 
@@ -139,15 +150,15 @@ def test_sgd_learning_rate_too_low_is_judged_at_the_schedules_top_rate():
     upd.optimizer_family = "sgd"
     for step, lr, ud in ((0, 0.1, -2.5), (50, 0.1, -2.6), (100, 0.01, -3.6), (150, 0.01, -3.6), (200, 0.01, -3.5)):
         upd.history.add(step, {"netdiag/update_data_log10/w": ud, "netdiag/lr": lr}, {})
-    assert report.evaluate(update=upd) == []  # the drop follows the schedule: -2.6 at its top rate
+    assert evaluate(update=upd) == []  # the drop follows the schedule: -2.6 at its top rate
     slow = UpdateRatio()
     slow.optimizer_family = "sgd"
     for step in (0, 50, 100, 150):  # the first step is not judged (an SGD momentum starts empty)
         slow.history.add(step, {"netdiag/update_data_log10/w": -4.3, "netdiag/lr": 0.003}, {})
-    (v,) = report.evaluate(update=slow)
+    (v,) = evaluate(update=slow)
     assert v.check == "learning rate too low" and v.advice == "multiply the learning rate by about 1e+02"
     slow.optimizer_family = None  # an optimizer the suite did not calibrate: no advice
-    assert report.evaluate(update=slow) == []
+    assert evaluate(update=slow) == []
 
 
 class Diverges(TinyNet):
@@ -204,7 +215,7 @@ def test_history_tail_is_the_latest_points_oldest_first():
 def test_a_rule_gives_one_verdict_naming_the_count_and_the_worst_few():
     scalars = {f"netdiag/act_saturated_pct/blocks.{i}.act": float(i) for i in range(120)}
     sat = recorded(SaturationMonitor, scalars)
-    (v,) = report.evaluate(sat)
+    (v,) = evaluate(sat)
     assert (v.check, v.hits, v.value) == ("saturation", 79, 119.0)  # 41 .. 119 % are above 40 %
     assert v.layer == "blocks.119.act, blocks.118.act, blocks.117.act and 76 more"
     assert [name for name, _ in v.worst] == ["blocks.119.act", "blocks.118.act", "blocks.117.act"]
@@ -220,7 +231,7 @@ def test_rules_are_calibrated_per_activation_family():
         "netdiag/act_saturated_pct/dead_relu": 97.0,
     })  # fmt: skip
     sat.layer_families = {"relu": "relu", "dead_relu": "relu", "gate": "sigmoid", "tanh": "tanh"}
-    got = report.evaluate(sat)
+    got = evaluate(sat)
     assert checks(got) == {("saturation", "tanh"), ("saturation", "dead_relu"), ("dead layer", "tanh")}
     healthy = {v.healthy for v in got if v.check == "saturation"}
     assert healthy == {"tanh-like: < 40 % at init", "ReLU-like: < 90 % at init"}
@@ -238,11 +249,11 @@ def test_sgd_learning_rate_too_high_when_the_network_dies():
     ):
         upd.history.add(step, {"netdiag/update_data_log10/w": ud, "netdiag/lr": 3.0}, {})
         sat.history.add(step, {"netdiag/act_saturated_pct/a": flat}, {})
-    (v,) = report.evaluate(
+    (v,) = evaluate(
         sat, None, upd
     )  # no "too low": the update per unit of rate fell 3.5 decades (from step 50: step 0 is not referenced)
     assert (v.check, v.value, v.step) == ("learning rate too high", pytest.approx(3.5), 200)
     assert v.advice.startswith("divide the learning rate by about 10")
     sat.history.add(250, {"netdiag/act_saturated_pct/a": 60.0}, {})  # a fit so good that gradients vanish: alive
     upd.history.add(250, {"netdiag/update_data_log10/w": -4.5, "netdiag/lr": 3.0}, {})
-    assert report.evaluate(sat, None, upd) == []
+    assert evaluate(sat, None, upd) == []

@@ -114,7 +114,7 @@ def test_many_layers_get_heatmaps_and_a_depth_profile_with_legends_beside(run):
         for n in ("activations", "activation_gradients", "activations_over_time", "weight_gradients",
                   "update_ratio", "depth_profile")
     }  # fmt: skip
-    figures = plots.draw_all(*cbs)
+    figures = plots.draw_all(*(cb.record for cb in cbs))
     # one heatmap panel per family, one row per layer: tanh and sigmoid never share an axis
     heat = figures["activations"]
     panels = [ax for ax in heat.axes if ax.get_title()]  # not the colorbars
@@ -135,7 +135,7 @@ def test_few_layers_keep_the_lectures_plots_with_the_legend_beside(tmp_path):
 
     cbs = all_callbacks(1)
     trainer(tmp_path, cbs, max_steps=3, logger=False).fit(TinyNet(), loader())
-    figures = plots.draw_all(*cbs)
+    figures = plots.draw_all(*(cb.record for cb in cbs))
     assert "depth_profile" not in figures
     assert len(figures["activations"].axes[0].lines) == 2  # the lecture's overlaid lines
     for name in ("activations", "activation_gradients", "weight_gradients", "update_ratio"):

@@ -2,14 +2,15 @@
 
     python benchmarks/diagnosis/score.py                    # the whole suite, seeds 0 and 1, two runs at a time
     python benchmarks/diagnosis/score.py --quick            # the quick subset (the tests run it), seed 0
-    python benchmarks/diagnosis/score.py --json out.json    # also keep every run's histories
+    python benchmarks/diagnosis/score.py --json out.json    # also keep every run's records
     python benchmarks/diagnosis/score.py --from-json out.json   # score kept runs again, with today's rules
     python benchmarks/diagnosis/score.py --quick --front loop   # through the plain-PyTorch front end
+    python benchmarks/diagnosis/score.py --quick --front hf     # through the Hugging Face Trainer
 
 Each run trains on the CPU with SaturationMonitor, GradDataRatio, UpdateRatio and HealthReport attached, all
 with default arguments (measured every ``log_every_n_steps`` = 50 steps), and keeps what the report warned
 during training (each rule's first warning and its step) and what it says at the end. The warnings are also
-found again from the recorded histories (the rules evaluated at every logged step, as the callback does):
+found again from the records (``report.replay``: the rules evaluated at every logged step, as the callback does):
 ``--from-json`` scores stored runs that way, and a live run checks that both agree.
 
 Labels: a healthy run must get no warning at all; a fault must be named by its own check. A learning-rate
@@ -33,7 +34,6 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 HERE = Path(__file__).parent
@@ -43,7 +43,6 @@ from suite import HEALTHY, Run, all_runs  # noqa: E402
 
 TOO_HIGH, TOO_LOW = "learning rate too high", "learning rate too low"
 NEAR, FAR, WORSE = 3.4, 9.9, 1.05  # "within 3x", "10x or more" on a grid of ~3.16x steps; "more than 5 % worse"
-CALLBACKS = {"saturation": "SaturationMonitor", "grad_data": "GradDataRatio", "update": "UpdateRatio"}
 
 
 # --- one run (in a process of its own) ------------------------------------------------------------------
@@ -87,20 +86,12 @@ def train(run: Run, seed: int) -> dict[str, Any]:
 
 
 def recorded(meters: list[Any], losses: list[float], start: float) -> dict[str, Any]:
-    """A run's result as plain data: its losses, and what the meters (SaturationMonitor, GradDataRatio,
-    UpdateRatio or the plain loop's) recorded and described."""
-    sat, gd, upd = meters
+    """A run's result as plain data: its losses, and the records of its meters (SaturationMonitor, GradDataRatio,
+    UpdateRatio or the plain loop's), whole (``Record.to_json``)."""
     return {
         "seconds": time.perf_counter() - start,
         "losses": losses,
-        "meta": {
-            "layer_families": sat.layer_families,
-            "layers_in_loop": sorted(sat.layers_in_loop),
-            "param_classes": gd.param_classes,
-            "optimizer_family": upd.optimizer_family,
-            "target": upd.target,
-        },
-        "histories": {key: m.history.state_dict() for key, m in zip(CALLBACKS, meters, strict=True)},
+        "records": {m.kind: m.record.to_json() for m in meters},
     }
 
 
@@ -145,48 +136,93 @@ def train_loop(run: Run, seed: int) -> dict[str, Any]:
     return result
 
 
-# --- the report, replayed on recorded histories ------------------------------------------------------------
+#: The runs the Hugging Face front end cannot run on the CPU, and why.
+NOT_THROUGH_HF = {"16-mixed": "the Trainer's fp16 has no GradScaler on the CPU"}
 
 
-def monitors_at(result: dict[str, Any], step: int | None) -> dict[str, Any]:
-    """Stand-ins for the three callbacks, holding what they had recorded up to ``step`` (None: everything)."""
-    from lightning_netdiag.history import History
+def train_hf(run: Run, seed: int) -> dict[str, Any]:
+    """``train`` through the Hugging Face Trainer's front end (``NetDiagCallback``, default arguments: every
+    ``logging_steps`` = 50): the same model, batches, optimizer and schedule, the training step wrapped as a
+    model that returns its loss; no clipping, as the other fronts. On the CPU the Trainer's fp16 does nothing
+    (accelerate: no autocast, no GradScaler), so an fp16 run without a scaler autocasts in the wrapper and one
+    with a scaler is not run here (see :data:`NOT_THROUGH_HF`). The warnings are the report replayed at each
+    logged step."""
+    import torch
+    import transformers
+    from models import BUILDERS
 
-    meta, out = result["meta"], {}
-    for key, state in result["histories"].items():
-        if step is not None:
-            state = {
-                "scalars": {t: [p for p in pts if p[0] <= step] for t, pts in state["scalars"].items()},
-                "histograms": {t: [p for p in pts if p[0] <= step] for t, pts in state["histograms"].items()},
-            }
-            state["scalars"] = {t: pts for t, pts in state["scalars"].items() if pts}
-        history = History(10_000)
-        history.load_state_dict(state)
-        out[key] = SimpleNamespace(
-            history=history, prefix="netdiag", layer_families=meta["layer_families"],
-            layers_in_loop=set(meta["layers_in_loop"]), param_classes=meta["param_classes"],
-            optimizer_family=meta["optimizer_family"], target=meta["target"],
-        )  # fmt: skip
-    return out
+    from lightning_netdiag.hf import NetDiagCallback
+
+    model, loader = BUILDERS[run.recipe.model](run.recipe, seed)
+    conf = model.configure_optimizers()
+    optimizer = conf["optimizer"] if isinstance(conf, dict) else conf
+    schedule = conf.get("lr_scheduler", {}).get("scheduler") if isinstance(conf, dict) else None
+    schedule = schedule or torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    losses: list[float] = []
+
+    class Steps(torch.nn.Module):
+        """The LightningModule's training step as a model that returns its loss, as Hugging Face models do."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.module = model
+
+        def forward(self, batch: Any) -> dict[str, Any]:
+            with torch.autocast("cpu", dtype=torch.float16, enabled=run.recipe.precision == "16-unscaled"):
+                return {"loss": self.module.training_step(batch, 0)}
+
+    class OnTheSuitesBatches(transformers.Trainer):
+        def get_train_dataloader(self) -> Any:
+            return loader
+
+        def compute_loss(self, model: Any, inputs: Any, return_outputs: bool = False, **kwargs: Any) -> Any:
+            loss = model(inputs)["loss"]
+            losses.append(float(loss))
+            return loss
+
+    import tempfile
+
+    args = transformers.TrainingArguments(
+        output_dir=tempfile.mkdtemp(prefix="netdiag-hf-"), max_steps=run.recipe.steps, logging_steps=50,
+        max_grad_norm=0.0, report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True,
+        remove_unused_columns=False, seed=seed,
+    )  # fmt: skip
+    callback = NetDiagCallback(print_report=False)
+    trainer = OnTheSuitesBatches(model=Steps(), args=args, callbacks=[callback], optimizers=(optimizer, schedule))
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # `self.log` outside a Lightning Trainer
+        trainer.train()
+    result = recorded(callback.diag.meters, losses, start)  # type: ignore[union-attr]
+    result["warned"] = replay(result)[0]
+    return result
+
+
+# --- the report, replayed on the recorded records ---------------------------------------------------------
+
+
+def records_of(result: dict[str, Any]) -> dict[str, Any]:
+    """A run's records, as its meters held them."""
+    from lightning_netdiag.record import Record
+
+    return {kind: Record.from_json(data) for kind, data in result["records"].items()}
 
 
 def replay(result: dict[str, Any]) -> tuple[list[list[Any]], list[dict[str, Any]]]:
-    """What the report warned at each logged step (each rule's first time) and says at the end; also keeps in
-    ``result["signals"]`` where the run stands against each of the report's constants."""
+    """What the report warned at each logged step (each rule's first time) and its summary at the end; also keeps
+    in ``result["signals"]`` where the run stands against each of the report's constants."""
     from lightning_netdiag import report
 
-    steps = sorted({p[0] for h in result["histories"].values() for pts in h["scalars"].values() for p in pts})
+    records = records_of(result)
     warned, seen, per_step = [], set(), []
-    for step in steps:
-        monitors = monitors_at(result, step)
-        for v in report.evaluate(**monitors):
+    for step, partial in report.replay(**records):
+        for v in report.evaluate(**partial):
             if (v.check, v.healthy) not in seen:
                 seen.add((v.check, v.healthy))
                 warned.append([v.check, v.step])
-        per_step.append(step_signals(monitors, step))
-    monitors = monitors_at(result, None)
-    result["signals"] = {**init_signals(monitors), **persistent(per_step)}
-    final = [asdict(v) for v in report.evaluate(**monitors)]
+        per_step.append(step_signals(partial, step))
+    result["signals"] = {**init_signals(records), **persistent(per_step)}
+    final = [asdict(v) for v in report.summarize(**records).verdicts]
     return warned, final
 
 
@@ -199,10 +235,9 @@ def init_signals(m: dict[str, Any]) -> dict[str, float]:
 
     sat, out = m["saturation"], {}
     for name, pct in report.at_init(sat, "act_saturated_pct").items():
-        family = report.family_of(sat, name)
-        key = f"saturation at init, {family}"
+        key = f"saturation at init, {sat.family(name)}"
         out[key] = max(out.get(key, -math.inf), pct)
-    stds = [v for n, v in report.at_init(sat, "act_std").items() if report.family_of(sat, n) == "tanh"]
+    stds = [v for n, v in report.at_init(sat, "act_std").items() if sat.family(n) == "tanh"]
     if stds:
         out["tanh std at init (least)"] = min(stds)
     flow = report.gradient_ratio_at_init(sat)
@@ -410,7 +445,7 @@ def in_process(name: str, seed: int, quick: bool, out: str, front: str) -> None:
 
     torch.set_num_threads(int(os.environ.get("NETDIAG_THREADS", "1")))
     run = next(r for r in selected(quick) if r.name == name)
-    result = (train_loop if front == "loop" else train)(run, seed)
+    result = {"lightning": train, "loop": train_loop, "hf": train_hf}[front](run, seed)
     result["replayed"], result["final"] = replay(result)
     Path(out).write_text(json.dumps(result))
 
@@ -453,11 +488,11 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 (quick: 0)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time, each in a process of its own")
     parser.add_argument("--runs", nargs="+", default=None, help="only the runs whose name contains one of these")
-    parser.add_argument("--json", default=None, help="write every run (histories included) to this file")
+    parser.add_argument("--json", default=None, help="write every run (records included) to this file")
     parser.add_argument("--from-json", default=None, help="score the runs stored in this file again")
     parser.add_argument(
-        "--front", choices=("lightning", "loop"), default="lightning", help="train with the Lightning callbacks "
-        "(default) or through the plain-PyTorch front end, NetDiag",
+        "--front", choices=("lightning", "loop", "hf"), default="lightning", help="train with the Lightning "
+        "callbacks (default), through the plain-PyTorch front end (NetDiag) or the Hugging Face Trainer's",
     )  # fmt: skip
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
@@ -473,6 +508,10 @@ def main() -> None:
             row["warned"], row["final"] = replay(row)
     else:
         runs = [r for r in selected(args.quick) if args.runs is None or any(s in r.name for s in args.runs)]
+        if args.front == "hf":
+            for r in (r for r in runs if r.recipe.precision in NOT_THROUGH_HF):
+                print(f"not run through the Hugging Face Trainer: {r.name} ({NOT_THROUGH_HF[r.recipe.precision]})")
+            runs = [r for r in runs if r.recipe.precision not in NOT_THROUGH_HF]
         print(f"{len(runs)} runs x {len(seeds)} seeds, {args.jobs} at a time", flush=True)
         start = time.perf_counter()
         rows = run_all(runs, seeds, args.jobs, args.quick, args.front)

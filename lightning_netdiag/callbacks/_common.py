@@ -13,15 +13,14 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_netdiag import stats
-from lightning_netdiag.meters import (
-    ActivationMeter,
-    GradDataMeter,
-    Meter,
-    UpdateMeter,
-    check_positive_int,
-    scaler_scale,
-)
+from lightning_netdiag.meters import ActivationMeter, GradDataMeter, Meter, UpdateMeter
+from lightning_netdiag.run import check_positive_int, scaler_scale
 from lightning_netdiag.sinks import LoggerSink
+
+__all__ = [
+    "DiagnosticCallback", "LightningRun", "ParameterCallback", "first_meter", "flat_sharding", "logging_step",
+    "loss_scale", "records",
+]  # fmt: skip
 
 
 def logging_step(trainer: pl.Trainer, every_n_steps: int) -> int | None:
@@ -81,17 +80,19 @@ class DiagnosticCallback(Callback):
     """
 
     prefix: str
+    record: Any  # the meter's, of its own kind
 
     def _cadence(self, every_n_steps: int | None) -> None:
         check_positive_int("every_n_steps", every_n_steps, allow_none=True)
         self.every_n_steps = every_n_steps
         self._every = every_n_steps or 1
+        self.record.every_n_steps = every_n_steps
         self._sink = LoggerSink(type(self).__name__, self.prefix)
 
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(prefix=self.prefix)
+        return self._generate_state_key(prefix=self.record.prefix)  # every hook asks: no descriptor call
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -102,6 +103,7 @@ class DiagnosticCallback(Callback):
                 f"{type(self).__name__}: `trainer.log_every_n_steps` is {log_every}; "
                 "pass `every_n_steps` to measure with logging turned off"
             )
+        self.record.every_n_steps = self._every
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -163,10 +165,8 @@ def first_meter(trainer: pl.Trainer, kind: type[Meter]) -> Any:
     return next((cb for cb in callbacks if isinstance(cb, kind)), None)
 
 
-def monitors(trainer: pl.Trainer) -> dict[str, Any]:
-    """The first SaturationMonitor, GradDataRatio and UpdateRatio among the Trainer's callbacks (or None)."""
-    return {
-        "saturation": first_meter(trainer, ActivationMeter),
-        "grad_data": first_meter(trainer, GradDataMeter),
-        "update": first_meter(trainer, UpdateMeter),
-    }
+def records(trainer: pl.Trainer) -> dict[str, Any]:
+    """The records of the first SaturationMonitor, GradDataRatio and UpdateRatio among the Trainer's callbacks
+    (None for one that is missing), by kind: what the report and the plots read."""
+    meters = {"saturation": ActivationMeter, "grad_data": GradDataMeter, "update": UpdateMeter}
+    return {kind: getattr(first_meter(trainer, cls), "record", None) for kind, cls in meters.items()}

@@ -10,8 +10,11 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from lightning_netdiag import plots
-from lightning_netdiag.callbacks._common import check_positive_int, monitors
+from lightning_netdiag.callbacks._common import records
+from lightning_netdiag.run import check_positive_int
 from lightning_netdiag.sinks import log_figure
+
+__all__ = ["DiagnosticPlots"]
 
 
 class DiagnosticPlots(Callback):
@@ -65,11 +68,11 @@ class DiagnosticPlots(Callback):
     def _draw(self, trainer: pl.Trainer, suffix: str) -> None:
         if not trainer.is_global_zero:
             return
-        found = monitors(trainer)
+        found = records(trainer)
         figures = plots.draw_all(**found)
         if not figures:
             return
-        prefix = next(cb.prefix for cb in found.values() if cb is not None)
+        prefix = next(record.prefix for record in found.values() if record is not None)
         directory = Path(self.save_dir or Path(trainer.log_dir or trainer.default_root_dir) / "netdiag_plots")
         directory.mkdir(parents=True, exist_ok=True)
         for name, figure in figures.items():

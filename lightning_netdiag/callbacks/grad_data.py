@@ -9,8 +9,10 @@ import lightning.pytorch as pl
 from typing_extensions import override
 
 from lightning_netdiag.callbacks._common import LightningRun, ParameterCallback
-from lightning_netdiag.capture import WEIGHT_NDIMS
 from lightning_netdiag.meters import GradDataMeter
+from lightning_netdiag.select import WEIGHT_NDIMS
+
+__all__ = ["GradDataRatio"]
 
 
 class GradDataRatio(GradDataMeter, ParameterCallback):

@@ -10,8 +10,10 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_netdiag import report
-from lightning_netdiag.callbacks._common import monitors
+from lightning_netdiag.callbacks._common import records
 from lightning_netdiag.sinks import log_report
+
+__all__ = ["HealthReport"]
 
 
 class HealthReport(Callback):
@@ -27,10 +29,13 @@ class HealthReport(Callback):
     Adam, too low under SGD, or a network killed by too large SGD steps). Non-finite values are fatal. Each
     rule gives one verdict: how many layers break it and the worst few.
 
-    At the end of fit the report is printed as a table, with a note on what the learning-rate check read (rank
-    zero), sent to the loggers that take a report (TensorBoard, W&B, MLflow), and kept in ``verdicts`` and
-    ``notes``. During training the rules are checked at each step that recorded something; each rule's first
-    verdict is kept in ``warnings`` (with the step it was judged at) and, with ``warn``, warned once.
+    At the end of fit the report (:func:`lightning_netdiag.report.summarize`, the same as the plain loop's, the
+    Hugging Face callback's and ``netdiag report``'s on the run's logs) is printed as a table, with a note on what
+    the learning-rate check read (rank zero), sent to the loggers that take a report (TensorBoard, W&B, MLflow),
+    and kept in ``report``, ``verdicts`` and ``notes``. Each verdict says since which step it holds; a rule that
+    broke during training and no longer holds stays in it, marked cleared, with the steps where it held. During
+    training the rules are checked at each step that recorded something; each rule's first verdict is kept in
+    ``warnings`` (with the step it was judged at) and, with ``warn``, warned once.
 
     Args:
         warn: warn the first time each rule trips during training (once per rule, naming the layers).
@@ -49,16 +54,17 @@ class HealthReport(Callback):
 
     def __init__(self, warn: bool = True, stop_on_fatal: bool = False, print_table: bool = True) -> None:
         self.warn, self.stop_on_fatal, self.print_table = bool(warn), bool(stop_on_fatal), bool(print_table)
+        self.report: report.Report | None = None  # the report at the end of fit
         self.verdicts: list[report.Verdict] = []
         self.warnings: list[report.Verdict] = []  # each rule's first verdict during training, with its step
         self.notes: list[str] = []  # what the report read where it found nothing (the learning rate)
         self._warned: set[tuple[str, str]] = set()
         self._checked: tuple[int | None, ...] = ()
-        self._monitors: dict[str, Any] = {}
+        self._records: dict[str, Any] = {}
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._monitors = monitors(trainer)
+        self._records = records(trainer)
 
     @override
     def on_train_batch_end(
@@ -73,11 +79,11 @@ class HealthReport(Callback):
     def _check(self, trainer: pl.Trainer) -> None:
         if not (self.warn or self.stop_on_fatal):
             return
-        latest = tuple(cb.history.last_step if cb is not None else None for cb in self._monitors.values())
+        latest = tuple(r.last_step if r is not None else None for r in self._records.values())
         if latest == self._checked:  # nothing new was recorded: nothing to check
             return
         self._checked = latest
-        for v in report.evaluate(**self._monitors):
+        for v in report.evaluate(**self._records):
             if self.warn and (v.check, v.healthy) not in self._warned:  # once per rule (and family)
                 self._warned.add((v.check, v.healthy))
                 self.warnings.append(v)
@@ -88,20 +94,19 @@ class HealthReport(Callback):
                 trainer.should_stop = True
 
     def _finish(self, trainer: pl.Trainer) -> None:
-        self.verdicts = report.evaluate(**self._monitors)
-        present = [cb for cb in self._monitors.values() if cb is not None]
+        present = [r for r in self._records.values() if r is not None]
         if not present:
+            self.verdicts = []
             return
-        step = max((cb.history.last_step for cb in present if cb.history.last_step is not None), default=None)
-        note = report.learning_rate_note(self._monitors["update"], self._monitors["grad_data"])
-        self.notes = [note] if note is not None else []
+        self.report = report.summarize(**self._records)
+        self.verdicts, self.notes = self.report.verdicts, self.report.notes
         if self.print_table:
-            rank_zero_info(report.format_table(self.verdicts, step, self.notes))
+            rank_zero_info(self.report.table())
         if trainer.is_global_zero:
             log_report(
                 trainer.loggers,
                 f"{present[0].prefix}/health_report",
-                report.format_markdown(self.verdicts, step, self.notes),
+                self.report.markdown(),
                 report.as_table(self.verdicts),
                 trainer.global_step,
             )

@@ -13,6 +13,8 @@ from lightning_netdiag import stats
 from lightning_netdiag.callbacks._common import DiagnosticCallback, LightningRun, logging_step, loss_scale
 from lightning_netdiag.meters import ActivationMeter
 
+__all__ = ["SaturationMonitor"]
+
 
 class SaturationMonitor(ActivationMeter, DiagnosticCallback):
     r"""Watches the activation layers: how saturated they are (D1) and what gradient reaches them (D2).

@@ -1,0 +1,22 @@
+"""The four diagnostics as meters: each owns its hooks, fills its record (:mod:`lightning_netdiag.record`)
+and sends each measurement on through its :class:`~lightning_netdiag.run.Run`.
+
+Pure torch, no Lightning. A meter knows *what* to measure; a front end (the Lightning callbacks, the plain loop
+of :mod:`lightning_netdiag.loop`, the Hugging Face callback) decides *when*, by calling its methods at the right
+moments of a training step. Every formula is here, once: ``activation`` (D1, D2), ``parameters`` (D3, D4).
+"""
+
+from lightning_netdiag.meters.activation import ActivationMeter
+from lightning_netdiag.meters.base import InRecord, Meter
+from lightning_netdiag.meters.parameters import (
+    DEFAULT_TARGET,
+    GradDataMeter,
+    ParameterMeter,
+    UpdateMeter,
+    optimizer_family,
+)
+
+__all__ = [
+    "DEFAULT_TARGET", "ActivationMeter", "GradDataMeter", "InRecord", "Meter", "ParameterMeter", "UpdateMeter",
+    "optimizer_family",
+]  # fmt: skip

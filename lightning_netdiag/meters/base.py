@@ -1,0 +1,114 @@
+"""The base of the meters: a record to fill, where its measurements go, the one reduction across ranks."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from lightning_netdiag import stats, tags
+from lightning_netdiag.dist import host, rank_zero_warn, split
+from lightning_netdiag.history import finite_only
+from lightning_netdiag.record import Key, Record, Tagged
+from lightning_netdiag.run import Run, check_positive_int
+
+__all__ = ["InRecord", "Meter"]
+
+
+class InRecord:
+    """A meter's attribute that lives in its record (what was watched): the views read it there, nowhere else."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, meter: Meter | None, owner: type | None = None) -> Any:
+        return self if meter is None else getattr(meter.record, self.name)
+
+    def __set__(self, meter: Meter, value: Any) -> None:
+        setattr(meter.record, self.name, value)
+
+
+class Meter:
+    """Base of the meters: the record it fills and where measurements go. Not for use on its own.
+
+    ``kind`` names the diagnostic (``"saturation"``, ``"grad_data"``, ``"update"``): its record's kind.
+
+    Args:
+        prefix: the first part of every tag.
+        history_size: the number of points kept per series.
+    """
+
+    record_type: ClassVar[type[Record]] = Record
+    prefix = InRecord()
+
+    def __init__(self, prefix: str, history_size: int) -> None:
+        check_positive_int("history_size", history_size)
+        if not isinstance(prefix, str) or not prefix or prefix.strip("/") != prefix:
+            raise ValueError(
+                f"Expected `prefix` to be a non-empty string without leading or trailing '/', got {prefix!r}"
+            )
+        self.record = self.record_type(prefix=prefix, history_size=history_size)
+        self.run: Run | None = None
+        self._described: dict[str, Any] | None = None
+        self._tags: dict[Key, str] = {}
+
+    @property
+    def kind(self) -> str:
+        return self.record.kind
+
+    @property
+    def history(self) -> Tagged:
+        """What was measured, by logged tag: ``tag -> [(step, value), ...]`` (histograms: ``.histograms``)."""
+        return self.record.tagged
+
+    def describe(self) -> dict[str, Any]:
+        """The record's description (:meth:`~lightning_netdiag.record.Record.describe`)."""
+        return self.record.describe()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": self.history.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history.load_state_dict(state_dict["history"])
+
+    def detach(self) -> None:
+        """Remove every hook and drop every pending tensor; safe to call any number of times."""
+
+    def _warn_nothing_selected(self, model: nn.Module, looked_for: str) -> None:
+        rank_zero_warn(f"{type(self).__name__} found no {looked_for} in {type(model).__name__}; it will log nothing.")
+
+    def _emit(self, step: int, scalars: Mapping[Key, float], histograms: Mapping[Key, stats.Histogram]) -> None:
+        """Into the record, and to the loggers by tag (with the description when it changed)."""
+        scalars = finite_only(scalars)
+        self.record.add(step, scalars, histograms)
+        meta = self.record.describe()
+        fresh = meta != self._described
+        self._described = meta
+        if self.run is not None:
+            tag = self._tag
+            self.run.emit(
+                step,
+                {tag(key): v for key, v in scalars.items()},
+                {tag(key): h for key, h in histograms.items()},
+                meta if fresh else None,
+            )
+
+    def _tag(self, key: Key) -> str:
+        """The tag ``key`` is logged under, built once per key."""
+        found = self._tags.get(key)
+        if found is None:
+            found = self._tags[key] = tags.tag(self.record.prefix, *key)
+        return found
+
+    def _summed(self, parts: list[Tensor], across: bool, same: Sequence[Tensor] = ()) -> list[list[float]]:
+        """The reduction, written once: additive ``parts`` summed over the ranks (``across``) and the values
+        ``same`` on every rank (not summed), moved to the host in one transfer, one list each."""
+        sizes = [x.numel() for x in (*parts, *same)]
+        if across and parts:
+            parts = [self.run.reduce(torch.cat(parts), "sum")]  # type: ignore[union-attr]
+        return split(host([*parts, *(x.to(torch.float64) for x in same)]), sizes)
+
+    def _world(self) -> int:
+        return 1 if self.run is None else self.run.world_size
