@@ -64,6 +64,21 @@ def test_quick_suite_through_the_plain_loop_gives_the_lightning_verdicts(quick, 
         assert [c for c, _ in row["warned"]] == [c for c, _ in other["warned"]], row["name"]
 
 
+def test_quick_suite_through_the_hugging_face_trainer_gives_the_lightning_verdicts(quick, tmp_path_factory):
+    pytest.importorskip("accelerate")
+    rows, printed = run_quick(tmp_path_factory, "hf")
+    left_out = {r["name"] for r in quick[0]} - {r["name"] for r in rows}
+    assert left_out == {"relu-mlp fp16 scaled"}  # on the CPU the Trainer's fp16 has no GradScaler (it says so)
+    assert "not run through the Hugging Face Trainer: relu-mlp fp16 scaled" in printed
+    faulty = sum(r["expect"] != HEALTHY for r in rows)
+    assert f"Faults named by their own check: {faulty} of {faulty}. Healthy runs with any warning: 0 of" in printed
+    lightning = {r["name"]: r for r in quick[0]}
+    for row in rows:  # the same model, batches, optimizer, schedule and random stream: the same report
+        other = lightning[row["name"]]
+        assert row["loss"] == pytest.approx(other["loss"], rel=1e-3, nan_ok=True), row["name"]
+        assert [c for c, _ in row["warned"]] == [c for c, _ in other["warned"]], row["name"]
+
+
 def sweep(losses: dict[float, float]) -> list[dict]:
     return [{"name": f"m lr={lr}", "sweep": "m", "seed": 0, "lr": lr, "loss": loss} for lr, loss in losses.items()]
 

@@ -188,7 +188,9 @@ def train_hf(run: Run, seed: int) -> dict[str, Any]:
         remove_unused_columns=False, seed=seed,
     )  # fmt: skip
     callback = NetDiagCallback(print_report=False)
+    rng = torch.random.get_rng_state()  # the Trainer seeds the global generator: keep the other fronts' stream
     trainer = OnTheSuitesBatches(model=Steps(), args=args, callbacks=[callback], optimizers=(optimizer, schedule))
+    torch.random.set_rng_state(rng)
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # `self.log` outside a Lightning Trainer
