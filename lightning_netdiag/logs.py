@@ -159,7 +159,10 @@ def load_run(run: Path) -> RunLogs:
         if found is None:
             return None
         prefix, metric, name = found
-        record = records.setdefault(tags.KIND_OF[metric], KINDS[tags.KIND_OF[metric]](prefix, history_size=10**9))
+        kind = tags.KIND_OF[metric]
+        if kind not in records:
+            records[kind] = KINDS[kind](prefix, history_size=10**9)
+        record = records[kind]
         return (record, (metric, name)) if record.prefix == prefix else None  # a second prefix: not read
 
     for tag, series in scalars.items():
@@ -175,7 +178,7 @@ def load_run(run: Path) -> RunLogs:
         where = "event files" if has_events else "metrics.csv"
         raise LogError(f"{run}: its {where} hold no netdiag tags (no SaturationMonitor, GradDataRatio or UpdateRatio?)")
     _describe(records, meta, run)
-    for record, key, step, hist in _regridded(hists, record_of, records):
+    for record, key, step, hist in _regridded(hists, record_of):
         points[record.kind].setdefault(step, ({}, {}))[1][key] = hist
     for kind, by_step in points.items():
         for step in sorted(by_step):
@@ -212,9 +215,7 @@ def _cadence(records: dict[str, Record]) -> list[str]:
     ]
 
 
-def _regridded(
-    hists: Histograms, record_of: Any, records: dict[str, Record]
-) -> Iterable[tuple[Record, Key, int, Histogram]]:
+def _regridded(hists: Histograms, record_of: Any) -> Iterable[tuple[Record, Key, int, Histogram]]:
     """The histograms as the meters held them: every histogram of one metric and activation family was counted
     over the same edges, but the logs keep only the non-empty range of each; put back on one grid (the union of
     the ranges seen), so that layers and steps line up in the plots."""
