@@ -687,5 +687,5 @@ def format_markdown(verdicts: list[Verdict], step: int | None = None, notes: Ite
 
 
 def checks(verdicts: Iterable[Verdict]) -> list[str]:
-    """The checks of ``verdicts``, each once, in order."""
-    return list(dict.fromkeys(v.check for v in verdicts))
+    """The checks of ``verdicts``, each once, in order; ``(cleared)`` after one that held only during training."""
+    return list(dict.fromkeys(v.check + (" (cleared)" if v.cleared else "") for v in verdicts))

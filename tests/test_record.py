@@ -84,6 +84,8 @@ def test_a_warning_that_cleared_stays_in_the_report_live_and_from_the_logs(recov
         done = netdiag("report", str(root / log))
         assert done.returncode == 0, done.stderr
         assert "not learning" in done.stdout and "2-4, cleared since" in done.stdout
+    done = netdiag("compare", str(root / "tb"), str(root / "csv"))
+    assert done.returncode == 0 and done.stdout.count("| not learning (cleared) |") == 2, done.stdout + done.stderr
 
 
 @pytest.mark.parametrize("every", [2, 5])
