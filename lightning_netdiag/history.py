@@ -34,6 +34,15 @@ class History(Mapping[K, list[tuple[int, float]]], Generic[K]):
         """The steps recorded, oldest first (the latest ``max_points``)."""
         return list(self._steps)
 
+    def steps_back(self) -> Iterator[int]:
+        """The steps recorded, from the newest back, copying nothing."""
+        return reversed(self._steps)
+
+    @property
+    def full(self) -> bool:
+        """Whether ``max_points`` steps are held: from here on each new step may push out the oldest points."""
+        return len(self._steps) == self.max_points
+
     def add(self, step: int, scalars: Mapping[K, float], histograms: Mapping[K, Histogram]) -> None:
         if step != self.last_step:
             self._steps.append(step)

@@ -15,7 +15,7 @@ import re
 import statistics
 import struct
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -215,7 +215,9 @@ def _cadence(records: dict[str, Record]) -> list[str]:
     ]
 
 
-def _regridded(hists: Histograms, record_of: Any) -> Iterable[tuple[Record, Key, int, Histogram]]:
+def _regridded(
+    hists: Histograms, record_of: Callable[[str], tuple[Record, Key] | None]
+) -> Iterable[tuple[Record, Key, int, Histogram]]:
     """The histograms as the meters held them: every histogram of one metric and activation family was counted
     over the same edges, but the logs keep only the non-empty range of each; put back on one grid (the union of
     the ranges seen), so that layers and steps line up in the plots."""

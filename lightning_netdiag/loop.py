@@ -27,7 +27,7 @@ from torch.amp.grad_scaler import OptState
 from lightning_netdiag import plots, report, stats
 from lightning_netdiag.capture import HookHandles
 from lightning_netdiag.dist import rank
-from lightning_netdiag.meters import ActivationMeter, GradDataMeter, Meter, UpdateMeter
+from lightning_netdiag.meters import ActivationMeter, GradDataMeter, Meter, UpdateMeter, records_by_kind
 from lightning_netdiag.run import TorchRun, check_positive_int, scaler_scale
 from lightning_netdiag.sinks import LoggerSink
 
@@ -291,8 +291,7 @@ class NetDiag:
 
     def records(self) -> dict[str, Any]:
         """The meters' records by kind (None for a meter left out): what the report and the plots read."""
-        meters = {"saturation": self.saturation, "grad_data": self.grad_data, "update": self.update}
-        return {kind: None if meter is None else meter.record for kind, meter in meters.items()}
+        return records_by_kind(self.meters)
 
     def report(self, print_table: bool = True) -> list[report.Verdict]:
         """The health report of what was measured so far (:func:`lightning_netdiag.report.summarize`, printed as

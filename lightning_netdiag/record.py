@@ -13,6 +13,7 @@ A new kind of measurement is a new subclass here, registered in :data:`KINDS`, w
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -76,7 +77,7 @@ class Record:
         new = [k for k in scalars if k not in self.series]
         for metric, _ in (*new, *histograms):
             self._known(metric)
-        if new or len(self.series.steps) >= self.history_size:  # new layers; or the oldest points may go
+        if new or self.series.full:  # new layers; or the oldest points may go
             self.changed()
         self.series.add(step, scalars, histograms)
 
@@ -94,6 +95,10 @@ class Record:
     @property
     def last_step(self) -> int | None:
         return self.series.last_step
+
+    def recent_steps(self, n: int) -> list[int]:
+        """The latest ``n`` steps recorded, oldest first (the rules read a few at every step: no full copy)."""
+        return list(itertools.islice(self.series.steps_back(), n))[::-1]
 
     def _known(self, metric: str) -> str:
         """``metric``, if it is one of this kind's (``tags.METRICS``): a misspelt name fails, never reads as empty."""

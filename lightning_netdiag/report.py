@@ -128,8 +128,9 @@ class Verdict:
 # --- reading the records ---------------------------------------------------------------------------------
 
 
-def _steps(record: Record | None) -> list[int]:
-    return [] if record is None else record.steps
+def _steps(record: Record | None, n: int = PERSIST) -> list[int]:
+    """The latest ``n`` steps of ``record`` (the rules look no further back)."""
+    return [] if record is None else record.recent_steps(n)
 
 
 def _at(record: Record | None, metric: str, step: int) -> dict[str, float]:
@@ -144,7 +145,7 @@ def at_init(record: Record | None, metric: str) -> dict[str, float]:
 
 def _persistent(record: Record | None, rule: Callable[[int], dict[str, float]]) -> tuple[int | None, dict[str, float]]:
     """The latest step and the layers ``rule`` flags at each of the last :data:`PERSIST` logged steps."""
-    steps = _steps(record)[-PERSIST:]
+    steps = _steps(record)
     if len(steps) < PERSIST:
         return None, {}
     flagged = [rule(step) for step in steps]
@@ -357,7 +358,7 @@ def _not_learning(update: UpdateRecord | None, grad_data: GradDataRecord | None)
     step, hits = _persistent(update, lambda s: _at(update, "update_zero", s))
     if not hits:
         return []
-    latest = _steps(grad_data)[-1] if _steps(grad_data) else -1
+    latest = grad_data.last_step if grad_data is not None and grad_data.last_step is not None else -1
     no_grad = {n for n, v in _at(grad_data, "grad_std", latest).items() if v == 0}
     return _verdict(
         "warning", "not learning", hits, lambda v: 0.0, "changes at every step",
@@ -442,7 +443,7 @@ def sgd_died_at(saturation: ActivationRecord | None, update: UpdateRecord | None
 
 def _nearest_step(record: Record | None, step: int) -> int:
     """``record``'s latest logged step up to ``step`` (the meters log the same steps, at moments apart)."""
-    return max((s for s in _steps(record)[-PERSIST:] if s <= step), default=-1)
+    return max((s for s in _steps(record) if s <= step), default=-1)
 
 
 def _learning_rate(
@@ -563,7 +564,8 @@ def replay(
 ) -> Iterator[tuple[int, dict[str, Any]]]:
     """Every step recorded, in order, with the records as they were at it (what had been recorded up to it):
     ``(step, {kind: record or None})``, to judge each step as while training ran. Live or read from logs, the
-    same records replay alike. The records given are not changed; the ones yielded grow as it goes."""
+    same records replay alike. The records given are not changed; the ones yielded grow as it goes (the rules
+    read the latest points of each series, so each step is judged in time independent of the run's length)."""
     full = {"saturation": saturation, "grad_data": grad_data, "update": update}
     partial = {kind: None if record is None else record.empty() for kind, record in full.items()}
     by_step: dict[int, dict[str, dict[Key, float]]] = {}

@@ -13,7 +13,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_netdiag import stats
-from lightning_netdiag.meters import ActivationMeter, GradDataMeter, Meter, UpdateMeter
+from lightning_netdiag.meters import Meter, records_by_kind
 from lightning_netdiag.run import check_positive_int, scaler_scale
 from lightning_netdiag.sinks import LoggerSink
 
@@ -168,5 +168,4 @@ def first_meter(trainer: pl.Trainer, kind: type[Meter]) -> Any:
 def records(trainer: pl.Trainer) -> dict[str, Any]:
     """The records of the first SaturationMonitor, GradDataRatio and UpdateRatio among the Trainer's callbacks
     (None for one that is missing), by kind: what the report and the plots read."""
-    meters = {"saturation": ActivationMeter, "grad_data": GradDataMeter, "update": UpdateMeter}
-    return {kind: getattr(first_meter(trainer, cls), "record", None) for kind, cls in meters.items()}
+    return records_by_kind(trainer.callbacks)  # type: ignore[attr-defined]  # set by Lightning's connector

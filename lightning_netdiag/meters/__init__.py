@@ -7,7 +7,7 @@ moments of a training step. Every formula is here, once: ``activation`` (D1, D2)
 """
 
 from lightning_netdiag.meters.activation import ActivationMeter
-from lightning_netdiag.meters.base import InRecord, Meter
+from lightning_netdiag.meters.base import InRecord, Meter, records_by_kind
 from lightning_netdiag.meters.parameters import (
     DEFAULT_TARGET,
     GradDataMeter,
@@ -18,5 +18,5 @@ from lightning_netdiag.meters.parameters import (
 
 __all__ = [
     "DEFAULT_TARGET", "ActivationMeter", "GradDataMeter", "InRecord", "Meter", "ParameterMeter", "UpdateMeter",
-    "optimizer_family",
+    "optimizer_family", "records_by_kind",
 ]  # fmt: skip

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -11,10 +11,10 @@ from torch import Tensor, nn
 from lightning_netdiag import stats, tags
 from lightning_netdiag.dist import host, rank_zero_warn, split
 from lightning_netdiag.history import finite_only
-from lightning_netdiag.record import Key, Record, Tagged
+from lightning_netdiag.record import KINDS, Key, Record, Tagged
 from lightning_netdiag.run import Run, check_positive_int
 
-__all__ = ["InRecord", "Meter"]
+__all__ = ["InRecord", "Meter", "records_by_kind"]
 
 
 class InRecord:
@@ -63,10 +63,6 @@ class Meter:
         """What was measured, by logged tag: ``tag -> [(step, value), ...]`` (histograms: ``.histograms``)."""
         return self.record.tagged
 
-    def describe(self) -> dict[str, Any]:
-        """The record's description (:meth:`~lightning_netdiag.record.Record.describe`)."""
-        return self.record.describe()
-
     def state_dict(self) -> dict[str, Any]:
         return {"history": self.history.state_dict()}
 
@@ -112,3 +108,13 @@ class Meter:
 
     def _world(self) -> int:
         return 1 if self.run is None else self.run.world_size
+
+
+def records_by_kind(candidates: Iterable[object]) -> dict[str, Any]:
+    """kind -> the record of the first meter of that kind among ``candidates`` (None for a kind with none): what
+    the report and the plots take, ``summarize(**records_by_kind(...))``."""
+    out: dict[str, Any] = dict.fromkeys(KINDS)
+    for meter in candidates:
+        if isinstance(meter, Meter) and out[meter.kind] is None:
+            out[meter.kind] = meter.record
+    return out
