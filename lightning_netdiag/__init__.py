@@ -3,8 +3,9 @@
 Layers, each importing only the ones before it:
 
 - core, pure torch: ``stats`` (the formulas' additive records) -> ``activations`` (what counts as one) ->
-  ``select`` (what is watched), ``capture`` (the activation hooks), ``dist`` (ranks and shards), ``tags``
-  (names and on-disk conventions), ``record`` (what was measured: the one thing every view reads) -> ``run``
+  ``select`` (what is watched), ``capture`` (the activation hooks), ``attention`` (the attention calls and the
+  output's logits), ``dist`` (ranks and shards), ``tags`` (names and on-disk conventions), ``record`` (what was
+  measured: the one thing every view reads) -> ``run``
   (what a meter needs from the loop) -> ``meters`` (one per diagnostic, each filling its record);
 - front ends, deciding *when* to measure: ``callbacks`` (Lightning), ``loop`` (a plain loop or notebook),
   ``hf`` (the Hugging Face Trainer), ``cli`` (the ``netdiag`` command, on finished runs' logs);
@@ -25,6 +26,8 @@ _HOMES = {
     "DiagnosticPlots": "lightning_netdiag.callbacks",
     "GradDataRatio": "lightning_netdiag.callbacks",
     "HealthReport": "lightning_netdiag.callbacks",
+    "LogitMonitor": "lightning_netdiag.callbacks",
+    "OptimizerState": "lightning_netdiag.callbacks",
     "SaturationMonitor": "lightning_netdiag.callbacks",
     "UpdateRatio": "lightning_netdiag.callbacks",
     "NetDiag": "lightning_netdiag.loop",

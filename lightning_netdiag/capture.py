@@ -16,16 +16,19 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_netdiag import activations, stats
 
-__all__ = ["ActivationHooks", "HookHandles", "Layer", "OutputProbe", "compiled", "unit_dim_of"]
+__all__ = [
+    "BACKWARD", "FORWARD", "IDLE", "ActivationHooks", "HookHandles", "Layer", "ModeExit", "OutputProbe", "compiled",
+    "unit_dim_of",
+]  # fmt: skip
 
 
 class HookHandles:
     """Hook handles with one lifetime: ``remove()`` detaches them all and is safe to call again."""
 
     def __init__(self) -> None:
-        self._handles: list[RemovableHandle | _ModeExit] = []
+        self._handles: list[RemovableHandle | ModeExit] = []
 
-    def add(self, handle: RemovableHandle | _ModeExit) -> None:
+    def add(self, handle: RemovableHandle | ModeExit) -> None:
         self._handles.append(handle)
 
     def remove(self) -> None:
@@ -216,7 +219,7 @@ class ActivationHooks:
             self._capture.add(register_module_forward_pre_hook(self._enter))
             self._capture.add(register_module_forward_hook(self._leave, always_call=True))
             self._mode.__enter__()
-            self._capture.add(_ModeExit(self._mode))
+            self._capture.add(ModeExit(self._mode))
 
     def backward(self) -> None:
         """The backward of an armed forward begins: a recomputed forward only hooks gradients."""
@@ -385,9 +388,10 @@ class OutputProbe:
     The output is the last tensor made by a module with parameters of its own (``lm_head``, ``fc``, a last
     BatchNorm) in a forward: classes along the last dimension (dim 1 for an (N, C, H, W) output). Its record
     is additive over micro-batches and ranks: ``[rows, sum over rows of (logsumexp(z) - mean(z)), rows *
-    classes, losses, sum of the losses]``; ``logsumexp(z) - mean(z)`` is the cross-entropy of that row
-    against a label drawn uniformly at random, ``ln(classes)`` for a uniform output (the lecture's "loss at
-    init": 3.30 for 27 characters), and the losses are those the backward started from.
+    classes, losses, sum of the losses, sum over rows of logsumexp(z)]``; ``logsumexp(z) - mean(z)`` is the
+    cross-entropy of that row against a label drawn uniformly at random, ``ln(classes)`` for a uniform output
+    (the lecture's "loss at init": 3.30 for 27 characters), the losses are those the backward started from,
+    and ``logsumexp(z)`` is the row's log Z. ``peak`` holds the largest logit (reduced by max, not summed).
 
     A global forward hook, registered from :meth:`start` to :meth:`stop` only (one step); a resource like
     :class:`HookHandles`.
@@ -396,12 +400,13 @@ class OutputProbe:
     def __init__(self) -> None:
         self.handles = HookHandles()
         self.record: Tensor | None = None
+        self.peak: Tensor | None = None  # the largest logit
         self.name: str | None = None  # the module that made the output
         self._names: dict[int, str] = {}
         self._last: tuple[str, Tensor] | None = None
 
     def reset(self) -> None:
-        self.record, self.name, self._last = None, None, None
+        self.record, self.peak, self.name, self._last = None, None, None, None
 
     def start(self, model: nn.Module) -> None:
         """A forward begins: watch it (the record adds up until :meth:`reset`)."""
@@ -424,25 +429,27 @@ class OutputProbe:
             z = z.detach().float()
             z = z.movedim(1, -1) if z.dim() >= 4 else z
             rows = z.reshape(-1, z.shape[-1])
-            excess = torch.logsumexp(rows, dim=-1) - rows.mean(dim=-1)
+            log_z = torch.logsumexp(rows, dim=-1)
+            excess = log_z - rows.mean(dim=-1)
             n, classes = rows.shape
             full = excess.new_full
             losses, total = (0, excess.new_zeros(())) if loss is None else (1, loss.detach().float().reshape(()))
-            sums = [full((), n), excess.sum(), full((), n * classes), full((), losses), total]
-            record = torch.stack(sums).double()
+            sums = [full((), n), excess.sum(), full((), n * classes), full((), losses), total, log_z.sum()]
+            record, peak = torch.stack(sums).double(), rows.amax().double().reshape(1)
         self.record = record if self.record is None else self.record + record
+        self.peak = peak if self.peak is None else torch.maximum(self.peak, peak)
         self.name = name
 
     def forget_loss(self) -> None:
         """The losses seen are not the step's (micro-batches whose losses were scaled for accumulation)."""
         if self.record is not None:
-            self.record[3:] = 0
+            self.record[3:5] = 0
 
     def add_loss(self, loss: Tensor) -> None:
         """A loss told after its backward (when the backward began, it was unknown)."""
         if self.record is not None:
             with torch.no_grad():
-                self.record[3:] += torch.stack([loss.new_ones(()), loss.detach().reshape(())]).to(self.record)
+                self.record[3:5] += torch.stack([loss.new_ones(()), loss.detach().reshape(())]).to(self.record)
 
     def stop(self) -> None:
         """Stop watching (the record stays)."""
@@ -477,7 +484,7 @@ class _CallCapture(TorchFunctionMode):
         return self.hooks._function_call(func, found[0], found[1], args, kwargs)
 
 
-class _ModeExit:
+class ModeExit:
     """Leaving a function mode, as a removable handle: safe to call twice."""
 
     def __init__(self, mode: TorchFunctionMode) -> None:

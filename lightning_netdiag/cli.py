@@ -28,7 +28,7 @@ __all__ = ["compare", "draw", "health", "main"]
 
 def health(run: RunLogs) -> report.Report:
     """The run's health report, from its logs (what the live one said, and what the logs did not say)."""
-    return report.summarize(run.record("saturation"), run.record("grad_data"), run.record("update"), run.notes)
+    return report.summarize(**run.by_kind(), notes=run.notes)
 
 
 def _median_at_last(record: Record | None, metric: str, groups: dict[str, Any]) -> dict[str, float]:
@@ -86,7 +86,7 @@ def draw(run: RunLogs, out: Path) -> list[Path]:
     """The plots of one run as PNG files under ``out``; their paths."""
     from lightning_netdiag import plots
 
-    figures = plots.draw_all(run.record("saturation"), run.record("grad_data"), run.record("update"))
+    figures = plots.draw_all(**run.by_kind())
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for name, fig in figures.items():

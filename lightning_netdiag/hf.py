@@ -13,7 +13,7 @@ from transformers import TrainerCallback
 
 from lightning_netdiag import report
 from lightning_netdiag.loop import NetDiag
-from lightning_netdiag.meters import ActivationMeter, GradDataMeter, UpdateMeter
+from lightning_netdiag.meters import ActivationMeter, GradDataMeter, LogitMeter, OptimizerMeter, UpdateMeter
 from lightning_netdiag.run import check_positive_int
 
 __all__ = ["NetDiagCallback"]
@@ -40,7 +40,7 @@ class NetDiagCallback(TrainerCallback):  # type: ignore[misc]
 
     Args:
         every_n_steps: measure every n-th optimizer step; None takes ``args.logging_steps``.
-        saturation, grad_data, update: as for :class:`~lightning_netdiag.loop.NetDiag`.
+        saturation, grad_data, update, logits, optimizer_state: as for :class:`~lightning_netdiag.loop.NetDiag`.
         print_report: print the health report when training ends.
         log_dir: where the TensorBoard events go (see above); None: the default.
 
@@ -63,10 +63,13 @@ class NetDiagCallback(TrainerCallback):  # type: ignore[misc]
         update: UpdateMeter | bool | None = True,
         print_report: bool = True,
         log_dir: str | None = None,
+        logits: LogitMeter | bool | None = True,
+        optimizer_state: OptimizerMeter | bool | None = True,
     ) -> None:
         check_positive_int("every_n_steps", every_n_steps, allow_none=True)
         self.every_n_steps = every_n_steps
         self.saturation, self.grad_data, self.update = saturation, grad_data, update
+        self.logits, self.optimizer_state = logits, optimizer_state
         self.print_report = bool(print_report)
         self.log_dir = log_dir
         self.diag: NetDiag | None = None
@@ -84,7 +87,8 @@ class NetDiagCallback(TrainerCallback):  # type: ignore[misc]
         every = self.every_n_steps or int(args.logging_steps)
         self.diag = NetDiag(
             model, inner, writer=self._writer, every_n_steps=every, scaler=getattr(optimizer, "scaler", None),
-            saturation=self.saturation, grad_data=self.grad_data, update=self.update,
+            saturation=self.saturation, grad_data=self.grad_data, update=self.update, logits=self.logits,
+            optimizer_state=self.optimizer_state,
             loss_from_output=args.gradient_accumulation_steps == 1,
         )  # fmt: skip
         self.diag.steps = state.global_step  # resumed runs go on counting

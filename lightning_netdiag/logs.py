@@ -47,8 +47,12 @@ class RunLogs:
         return str(self.path)
 
     def record(self, kind: str) -> Any:
-        """The record of ``kind`` (``"saturation"``, ``"grad_data"``, ``"update"``), or None."""
+        """The record of ``kind`` (``"saturation"``, ``"grad_data"``, ``"update"``, ...), or None."""
         return self.records.get(kind)
+
+    def by_kind(self) -> dict[str, Any]:
+        """Every kind's record (None where the logs hold none): what the report and the plots take."""
+        return {kind: self.records.get(kind) for kind in KINDS}
 
     def final_loss(self) -> tuple[str, float] | None:
         """The training loss's tag and the mean of its last 5 logged values, if a loss was logged."""

@@ -27,7 +27,15 @@ from torch.amp.grad_scaler import OptState
 from lightning_netdiag import plots, report, stats
 from lightning_netdiag.capture import HookHandles
 from lightning_netdiag.dist import rank
-from lightning_netdiag.meters import ActivationMeter, GradDataMeter, Meter, UpdateMeter, records_by_kind
+from lightning_netdiag.meters import (
+    ActivationMeter,
+    GradDataMeter,
+    LogitMeter,
+    Meter,
+    OptimizerMeter,
+    UpdateMeter,
+    records_by_kind,
+)
 from lightning_netdiag.run import TorchRun, check_positive_int, scaler_scale
 from lightning_netdiag.sinks import LoggerSink
 
@@ -67,6 +75,10 @@ class NetDiag:
             so that a step it skips (non-finite gradients) is measured and logged as ``update_skipped``.
         saturation, grad_data, update: the meters to run (D1-D2, D3, D4), each ``True`` (the defaults), a
             configured meter (:class:`~lightning_netdiag.meters.ActivationMeter`, ...) or None to leave out.
+        logits, optimizer_state: likewise, the attention and output logits
+            (:class:`~lightning_netdiag.meters.LogitMeter`, see :class:`~lightning_netdiag.LogitMonitor`) and the
+            Adam family's state (:class:`~lightning_netdiag.meters.OptimizerMeter`, see
+            :class:`~lightning_netdiag.OptimizerState`).
         loss_from_output: read a model's own ``loss`` output (Hugging Face models given labels) as the loss
             at init. Otherwise the loss is read where ``loss.backward()`` is called (seen through the function
             mode that watches functional activations: not with ``functional=False`` nor under torch.compile),
@@ -76,7 +88,8 @@ class NetDiag:
         ValueError: if an argument is out of range or of the wrong type.
 
     Attributes:
-        saturation, grad_data, update: the meters (None where left out); their ``history`` holds every
+        saturation, grad_data, update, logits, optimizer_state: the meters (None where left out); their
+            ``history`` holds every
             measurement; their ``record`` is what :func:`lightning_netdiag.plots.draw_all` and
             :func:`lightning_netdiag.report.summarize` read.
         steps: the optimizer steps counted so far.
@@ -93,6 +106,8 @@ class NetDiag:
         grad_data: GradDataMeter | bool | None = True,
         update: UpdateMeter | bool | None = True,
         loss_from_output: bool = True,
+        logits: LogitMeter | bool | None = True,
+        optimizer_state: OptimizerMeter | bool | None = True,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"Expected `model` to be a torch.nn.Module, got {type(model).__name__}")
@@ -113,6 +128,8 @@ class NetDiag:
         self.saturation = _meter("saturation", saturation, ActivationMeter)
         self.grad_data = _meter("grad_data", grad_data, GradDataMeter)
         self.update = _meter("update", update, UpdateMeter)
+        self.logits = _meter("logits", logits, LogitMeter)
+        self.optimizer_state = _meter("optimizer_state", optimizer_state, OptimizerMeter)
         self.steps = 0
         self.verdicts: list[report.Verdict] = []
         self._handles = HookHandles()
@@ -125,7 +142,8 @@ class NetDiag:
 
     @property
     def meters(self) -> list[Meter]:
-        return [m for m in (self.saturation, self.grad_data, self.update) if m is not None]
+        meters = (self.saturation, self.grad_data, self.update, self.logits, self.optimizer_state)
+        return [m for m in meters if m is not None]
 
     # --- lifetime -------------------------------------------------------------------------------------
 
@@ -138,7 +156,7 @@ class NetDiag:
             loggers = [] if self.writer is None else [WriterLogger(self.writer)]
             emit = None if self.writer is None else _emitter(sink, loggers)
             run = TorchRun(emit, self.scaler, None)
-            if isinstance(meter, ActivationMeter):
+            if isinstance(meter, (ActivationMeter, LogitMeter)):
                 meter.attach(self.model, run)
             else:
                 meter.attach(self.model, run, self.optimizers)  # type: ignore[attr-defined]
@@ -177,11 +195,16 @@ class NetDiag:
 
     # --- when: the hooks --------------------------------------------------------------------------------
 
+    @property
+    def _forward_meters(self) -> list[ActivationMeter | LogitMeter]:
+        """The meters armed for each forward and told when its backward starts and ends."""
+        return [m for m in (self.saturation, self.logits) if m is not None]
+
     def _measured(self) -> int | None:
         return self.steps if self.steps % self.every_n_steps == 0 else None
 
     def _begin(self) -> None:
-        for meter in (self.grad_data, self.update):
+        for meter in (self.grad_data, self.update, self.optimizer_state):
             if meter is not None:
                 meter.begin(self._measured())
 
@@ -191,23 +214,24 @@ class NetDiag:
             if self.update is not None:
                 self.update.measure()
             self._begin()
-        if self.saturation is None:
+        forward_meters = self._forward_meters
+        if not forward_meters:
             return
         if not (module.training and torch.is_grad_enabled()):
-            self.saturation.stop()  # validation: never recorded
+            for meter in forward_meters:
+                meter.stop()  # validation: never recorded
             return
-        if self._backward_seen:
-            self._backward_seen = False
-            self.saturation.backward_done()
+        backward_ended, self._backward_seen = self._backward_seen, False
         step = self._measured()
-        if step is not None:
-            self.saturation.arm(step, _device(self.model))
-        else:  # a step that is not measured: a flag, nothing else
-            self.saturation.arm(None, torch.device("cpu"))
+        device = _device(self.model) if step is not None else torch.device("cpu")  # not measured: a flag only
+        for meter in forward_meters:
+            if backward_ended:
+                meter.backward_done()
+            meter.arm(step, device)
 
     def _forward_ends(self, module: nn.Module, inputs: object, output: object) -> None:
         # Only measured steps need to know when their backward starts: no gradient hook on the others.
-        if self.saturation is None or self._measured() is None or not (module.training and torch.is_grad_enabled()):
+        if not self._forward_meters or self._measured() is None or not (module.training and torch.is_grad_enabled()):
             return
         # The first output gradient computed is the first thing a backward does: nothing (a checkpointed
         # segment's recomputation) runs before it. A model that computes its loss (Hugging Face) hands it over.
@@ -228,6 +252,8 @@ class NetDiag:
             self._backward_seen = True
             if self.saturation is not None:
                 self.saturation.backward(loss if self.saturation.needs_loss else None)
+            if self.logits is not None:
+                self.logits.backward()
 
     def _before_step(self, optimizer: Any, args: object = None, kwargs: object = None) -> None:
         self._stepped = True
@@ -236,6 +262,8 @@ class NetDiag:
                 self.saturation.forget_loss()
             self._backwards = 0
             self.saturation.flush()
+        if self.logits is not None:
+            self.logits.flush()
         if self.grad_data is not None:
             self.grad_data.measure(optimizer)
         if self.update is not None:
@@ -244,11 +272,13 @@ class NetDiag:
     def _after_step(self, optimizer: Any, args: object = None, kwargs: object = None) -> None:
         if self._in_scaler_step:
             return
-        self._step_done()
+        self._step_done(optimizer)
 
-    def _step_done(self) -> None:
+    def _step_done(self, optimizer: Any) -> None:
         if self.update is not None:
             self.update.measure()
+        if self.optimizer_state is not None:
+            self.optimizer_state.measure(optimizer)
         self.steps += 1
         self._begin()
 
@@ -265,7 +295,7 @@ class NetDiag:
         if optimizer in self.optimizers:
             if not self._stepped:
                 self._before_step(optimizer)
-            self._step_done()
+            self._step_done(optimizer)
         return out
 
     def step(self, loss: Tensor | None = None, lr: float | None = None) -> None:
@@ -280,6 +310,8 @@ class NetDiag:
             self.update.manual(lr)
         if self.saturation is not None:
             self.saturation.flush()
+        if self.logits is not None:
+            self.logits.flush()
         if self.grad_data is not None:
             self.grad_data.measure(None)
         if self.update is not None:

@@ -9,13 +9,21 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from lightning_netdiag.record import ActivationRecord, GradDataRecord, ParameterRecord, Record, UpdateRecord
+from lightning_netdiag.record import (
+    ActivationRecord,
+    GradDataRecord,
+    LogitRecord,
+    OptimizerRecord,
+    ParameterRecord,
+    Record,
+    UpdateRecord,
+)
 from lightning_netdiag.stats import Histogram
 
 __all__ = [
-    "MANY_LAYERS", "activation_distribution", "activation_gradient_distribution", "depth_profile",
-    "distribution_over_time", "draw_all", "layers_by_bins", "layers_by_steps", "update_ratio_over_time",
-    "weight_gradient_distribution",
+    "MANY_LAYERS", "activation_distribution", "activation_gradient_distribution", "attention_logits_over_time",
+    "depth_profile", "distribution_over_time", "draw_all", "layers_by_bins", "layers_by_steps",
+    "output_logits_over_time", "update_ratio_over_time", "weight_gradient_distribution",
 ]  # fmt: skip
 
 if TYPE_CHECKING:
@@ -136,6 +144,48 @@ def update_ratio_over_time(update: UpdateRecord, ax: Axes | None = None) -> Figu
         ax.plot([min(steps), max(steps)], [update.target, update.target], "k", label=f"target {update.target:g}")
         _legend(ax)
     ax.set_title("update:data ratio, log10")
+    ax.set_xlabel("step")
+    return fig
+
+
+def attention_logits_over_time(logits: LogitRecord, ax: Axes | None = None) -> Figure:
+    """The largest attention logit of each attention over the steps, on a log scale, with the level above which
+    the report warns (the instability suite's unstable runs passed it, its healthy ones never did). Above
+    ``MANY_LAYERS`` attentions: the largest, the median and the smallest over them."""
+    from lightning_netdiag.report import ATTN_LOGIT_HIGH
+
+    fig, ax = _axes(ax, figsize=(12, 4))
+    names = logits.names("attn_logit_max")
+    if len(names) > MANY_LAYERS:
+        import statistics
+
+        steps = logits.steps
+        at = [list(logits.at("attn_logit_max", s).values()) for s in steps]
+        kept = [(s, v) for s, v in zip(steps, at, strict=True) if v]
+        for label, f in (("largest", max), ("median", statistics.median), ("smallest", min)):
+            ax.plot([s for s, _ in kept], [f(v) for _, v in kept], label=f"{label} of {len(names)} attentions")
+    else:
+        for name in names:
+            xs, ys = zip(*logits.points("attn_logit_max", name), strict=True)
+            ax.plot(xs, ys, label=name + (" (q/k normalised)" if name in logits.qk_norm else ""))
+    if ax.lines:
+        ax.axhline(ATTN_LOGIT_HIGH, color="k", linestyle="--", label=f"{ATTN_LOGIT_HIGH:g}: unstable above")
+        ax.set_yscale("log")
+        _legend(ax)
+    ax.set_title("largest attention logit (pre-softmax)")
+    ax.set_xlabel("step")
+    return fig
+
+
+def output_logits_over_time(logits: LogitRecord, ax: Axes | None = None) -> Figure:
+    """The output's mean log Z and its largest logit over the steps, with their values at init."""
+    fig, ax = _axes(ax, figsize=(12, 4))
+    for metric, label in (("output_logz", "mean log Z"), ("output_logit_max", "largest logit")):
+        for name in logits.names(metric):
+            xs, ys = zip(*logits.points(metric, name), strict=True)
+            ax.plot(xs, ys, label=f"{name}: {label}")
+    _legend(ax)
+    ax.set_title("output logits")
     ax.set_xlabel("step")
     return fig
 
@@ -306,6 +356,8 @@ def draw_all(
     saturation: ActivationRecord | None = None,
     grad_data: GradDataRecord | None = None,
     update: UpdateRecord | None = None,
+    logits: LogitRecord | None = None,
+    optimizer: OptimizerRecord | None = None,
 ) -> dict[str, Figure]:
     """Every plot the given records have data for, by name: the lecture's plots up to ``MANY_LAYERS``
     layers; above, heatmaps (layers in depth order) and the depth profile."""
@@ -344,4 +396,10 @@ def draw_all(
         )
     if many:
         figures["depth_profile"] = depth_profile(saturation, grad_data, update)
+    if logits is not None and logits.names("attn_logit_max"):
+        figures["attention_logits"] = attention_logits_over_time(logits)
+    if logits is not None and logits.names("output_logz"):
+        figures["output_logits"] = output_logits_over_time(logits)
+    if optimizer is not None and optimizer.names("adam_step_rms"):
+        figures["adam_step"] = layers_by_steps(optimizer, "adam_step_rms", "Adam: normalised step RMS", log=True)
     return figures

@@ -23,8 +23,8 @@ from lightning_netdiag.history import History
 from lightning_netdiag.stats import DEFAULT_THRESHOLD, Histogram
 
 __all__ = [
-    "DEFAULT_TARGET", "KINDS", "RECORD_VERSION", "ActivationRecord", "GradDataRecord", "Key", "ParameterRecord",
-    "Record", "RecordVersionError", "Tagged", "UpdateRecord",
+    "DEFAULT_TARGET", "KINDS", "RECORD_VERSION", "ActivationRecord", "GradDataRecord", "Key", "LogitRecord",
+    "OptimizerRecord", "ParameterRecord", "Record", "RecordVersionError", "Tagged", "UpdateRecord",
 ]  # fmt: skip
 
 #: The version of a record's description and JSON form. 1: netdiag 0.1.0's logs (no version, no cadence).
@@ -300,8 +300,38 @@ class UpdateRecord(ParameterRecord):
     _described = (*ParameterRecord._described, "target", "optimizer_family")
 
 
+@dataclass(eq=False)
+class OptimizerRecord(ParameterRecord):
+    """The Adam family's state, per watched weight: the normalised step ``m / (sqrt(v) + eps)`` (bias-corrected)
+    and how much of the weight has ``sqrt(v)`` below eps (where eps, not the gradient, sets the step)."""
+
+    optimizer_family: str | None = None  # as UpdateRecord's
+    eps: float | None = None  # the main parameter group's
+
+    kind: ClassVar[str] = "optimizer"
+    _described = (*ParameterRecord._described, "optimizer_family", "eps")
+
+
+@dataclass(eq=False)
+class LogitRecord(Record):
+    """The logits that softmaxes see: per attention call (named by the module that made it) its largest logit
+    and the RMS of its q and k; the model's output (its classifier or LM head): its mean log Z and its largest
+    logit. Besides the numbers: how each attention ran, which have q/k normalisation, which attention modules
+    ran in a kernel that could not be watched."""
+
+    attention_kinds: dict[str, str] = field(default_factory=dict)  # "eager" or "fused"
+    qk_norm: set[str] = field(default_factory=set)  # the attention calls whose module normalises q and k
+    unwatched: set[str] = field(default_factory=set)  # attention modules that made no call seen (a custom kernel)
+    output: str | None = None  # the module that made the output
+
+    kind: ClassVar[str] = "logits"
+    _described = (*Record._described, "attention_kinds", "qk_norm", "unwatched", "output")
+
+
 #: kind -> its record class
-KINDS: dict[str, type[Record]] = {cls.kind: cls for cls in (ActivationRecord, GradDataRecord, UpdateRecord)}
+KINDS: dict[str, type[Record]] = {
+    cls.kind: cls for cls in (ActivationRecord, GradDataRecord, UpdateRecord, LogitRecord, OptimizerRecord)
+}
 
 
 class Tagged(Mapping[str, list[tuple[int, float]]]):

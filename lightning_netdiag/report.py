@@ -31,7 +31,15 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from lightning_netdiag.record import ActivationRecord, GradDataRecord, Key, Record, UpdateRecord
+from lightning_netdiag.record import (
+    ActivationRecord,
+    GradDataRecord,
+    Key,
+    LogitRecord,
+    OptimizerRecord,
+    Record,
+    UpdateRecord,
+)
 
 __all__ = [
     "ADAM_SHRINK_HIGH", "ADAM_SHRINK_OK", "COLUMNS", "DEAD_STD", "DEAD_UNITS_PCT", "FLAT_PCT", "GRAD_SPREAD",
@@ -83,6 +91,12 @@ SGD_OK = -2.3  # the middle of the healthy runs: the advice aims for it
 #: too-low advice either way (a higher rate is no cure, or no need).
 SGD_FALL = 1.0
 FLAT_PCT = 99.0  # % of a layer's values in the flat region: the layer passes no gradient
+#: The largest pre-softmax attention logit above which an attention is collapsing toward a one-hot softmax
+#: (attention-logit growth, Wortsman et al. 2023): the instability suite's healthy runs stay below it, its
+#: transformers trained 10x too fast pass it within the first fifth of the run.
+ATTN_LOGIT_HIGH = 100.0
+#: fp16's largest value: logits near it overflow to inf.
+FP16_MAX = 65504.0
 WORST = 3  # layers named per verdict
 
 _FAMILY_NAMES = {"tanh": "tanh-like", "sigmoid": "gates (sigmoid-like)", "relu": "ReLU-like", "gelu": "GELU-like"}
@@ -516,10 +530,75 @@ def learning_rate_note(update: UpdateRecord | None, grad_data: GradDataRecord | 
     return "learning rate: not judged for this optimizer (the checks are calibrated for SGD and Adam)"
 
 
+# --- instability: attention and output logits, Adam's state -----------------------------------------------
+
+
+def attention_logits_at(logits: LogitRecord | None, step: int) -> dict[str, float]:
+    """name -> the largest pre-softmax logit of each watched attention at ``step``."""
+    return _at(logits, "attn_logit_max", step)
+
+
+def has_warmup(update: UpdateRecord | None) -> bool:
+    """Whether the learning rate rose after step 0 (a warm-up), as far as the logged rates tell."""
+    rates = [lr for _, lr in _rates(update).items()]
+    return len(rates) > 1 and rates[0] < 0.5 * max(rates)
+
+
+def _attention_growth(logits: LogitRecord | None, update: UpdateRecord | None, fp16: bool) -> list[Verdict]:
+    def flagged(step: int) -> dict[str, float]:
+        return {n: v for n, v in attention_logits_at(logits, step).items() if v > ATTN_LOGIT_HIGH}
+
+    step, hits = _persistent(logits, flagged)
+    if not hits or logits is None:
+        return []
+    worst = max(hits, key=hits.__getitem__)
+    init = logits.at_init("attn_logit_max").get(worst)
+    fixes = ["lower the learning rate"]
+    if not has_warmup(update):
+        fixes.append("add a warm-up")
+    if not set(hits) <= logits.qk_norm:
+        fixes.append("normalise q and k (qk-layernorm)")
+    overflow = " (in fp16, logits above 65504 overflow to inf)" if fp16 else ""
+    return _verdict(
+        "warning", "attention logits growing", hits, lambda v: v, f"largest attention logit < {ATTN_LOGIT_HIGH:g}",
+        f"the largest pre-softmax logit in {worst} is {hits[worst]:.3g} at step {step}"
+        + (f" ({init:.2g} at init)" if init is not None else "")
+        + f": its softmax is close to one-hot and passes little gradient; runs like this end worse or diverge"
+        f"{overflow}. Typical of a learning rate too high for the model",
+        ", ".join(fixes[:-1]) + f" or {fixes[-1]}" if len(fixes) > 1 else fixes[0], step,
+    )  # fmt: skip
+
+
+def _fp16(saturation: ActivationRecord | None) -> bool:
+    """Whether gradients were computed in fp16 (only then are the fp16 counts logged)."""
+    return saturation is not None and bool(saturation.names("act_grad_fp16_tiny_pct"))
+
+
+def attention_note(logits: LogitRecord | None) -> str | None:
+    """What the attention check read at the latest step, said even when it finds nothing; and the attentions it
+    could not watch."""
+    steps = _steps(logits)
+    if logits is None:
+        return None
+    notes = []
+    if steps and (found := attention_logits_at(logits, steps[-1])):
+        worst = max(found, key=found.__getitem__)
+        notes.append(f"attention logits: largest {found[worst]:.3g} ({worst}) at step {steps[-1]}, too high above "
+                     f"{ATTN_LOGIT_HIGH:g}")  # fmt: skip
+    if logits.unwatched:
+        notes.append(
+            f"attention not watched in {', '.join(sorted(logits.unwatched))}: it runs in a kernel netdiag cannot see "
+            "(flash-attn, xformers, a custom op), so the attention check says nothing about it"
+        )
+    return "; ".join(notes) or None
+
+
 def evaluate(
     saturation: ActivationRecord | None = None,
     grad_data: GradDataRecord | None = None,
     update: UpdateRecord | None = None,
+    logits: LogitRecord | None = None,
+    optimizer: OptimizerRecord | None = None,
 ) -> list[Verdict]:
     """Every broken rule at the latest step recorded, fatal ones first (None for a record not made)."""
     verdicts = [
@@ -531,6 +610,7 @@ def evaluate(
         *_dead_units(saturation),
         *_not_learning(update, grad_data),
         *_underflow(saturation),
+        *_attention_growth(logits, update, _fp16(saturation)),
     ]
     if not any(v.step == 0 for v in verdicts):  # a fault at init explains small updates better than the rate
         verdicts += _learning_rate(saturation, grad_data, update)
@@ -557,16 +637,12 @@ class Report:
         return format_markdown(self.verdicts, self.step, self.notes)
 
 
-def replay(
-    saturation: ActivationRecord | None = None,
-    grad_data: GradDataRecord | None = None,
-    update: UpdateRecord | None = None,
-) -> Iterator[tuple[int, dict[str, Any]]]:
+def replay(**records: Record | None) -> Iterator[tuple[int, dict[str, Any]]]:
     """Every step recorded, in order, with the records as they were at it (what had been recorded up to it):
     ``(step, {kind: record or None})``, to judge each step as while training ran. Live or read from logs, the
     same records replay alike. The records given are not changed; the ones yielded grow as it goes (the rules
     read the latest points of each series, so each step is judged in time independent of the run's length)."""
-    full = {"saturation": saturation, "grad_data": grad_data, "update": update}
+    full = records
     partial = {kind: None if record is None else record.empty() for kind, record in full.items()}
     by_step: dict[int, dict[str, dict[Key, float]]] = {}
     for kind, record in full.items():
@@ -584,6 +660,8 @@ def summarize(
     saturation: ActivationRecord | None = None,
     grad_data: GradDataRecord | None = None,
     update: UpdateRecord | None = None,
+    logits: LogitRecord | None = None,
+    optimizer: OptimizerRecord | None = None,
     notes: Iterable[str] = (),
 ) -> Report:
     """The report of a run, from its records: the one summary that every front end and ``netdiag report``
@@ -593,41 +671,38 @@ def summarize(
     # rule -> (the first and the last step of its latest run of steps, its verdict at the last)
     spans: dict[tuple[str, str], tuple[int, int, Verdict]] = {}
     previous: int | None = None
-    for step, records in replay(saturation, grad_data, update):
-        for v in evaluate(**records):
+    records: dict[str, Any] = {"saturation": saturation, "grad_data": grad_data, "update": update,
+                               "logits": logits, "optimizer": optimizer}  # fmt: skip
+    for step, partial in replay(**records):
+        for v in evaluate(**partial):
             rule = (v.check, v.healthy)
             first, last, _ = spans.get(rule, (step, None, v))
             spans[rule] = (first if last == previous else step, step, v)
         previous = step
-    final = evaluate(saturation, grad_data, update)
+    final = evaluate(**records)
     now = {(v.check, v.healthy) for v in final}
     verdicts = [replace(v, since=spans.get((v.check, v.healthy), (v.step,))[0]) for v in final]
     verdicts += [
         replace(v, step=last, since=first, cleared=True) for rule, (first, last, v) in spans.items() if rule not in now
     ]
-    present = [r for r in (saturation, grad_data, update) if r is not None]
+    present = [r for r in records.values() if r is not None]
     last = max((r.last_step for r in present if r.last_step is not None), default=None)
-    return Report(verdicts, [*_notes(saturation, grad_data, update, verdicts), *notes], last)
+    return Report(verdicts, [*_notes(records, verdicts), *notes], last)
 
 
-def _notes(
-    saturation: ActivationRecord | None,
-    grad_data: GradDataRecord | None,
-    update: UpdateRecord | None,
-    verdicts: list[Verdict],
-) -> list[str]:
+def _notes(records: Mapping[str, Any], verdicts: list[Verdict]) -> list[str]:
     """What the report read where it found nothing, and what it could not read."""
+    grad_data, update, logits = records["grad_data"], records["update"], records["logits"]
+    present = [r for r in records.values() if r is not None]
     notes = []
-    note = learning_rate_note(update, grad_data)
-    if note is not None:
-        notes.append(note)
+    for note in (learning_rate_note(update, grad_data), attention_note(logits)):
+        if note is not None:
+            notes.append(note)
     if any(v.step not in (0, None) for v in verdicts):
-        every = next(
-            (r.every_n_steps for r in (saturation, grad_data, update) if r is not None and r.every_n_steps), None
-        )
+        every = next((r.every_n_steps for r in present if r.every_n_steps), None)
         window = f" (measured every {every} steps: over {every * (PERSIST - 1)} steps)" if every else ""
         notes.append(f"a rule during training counts once it holds at {PERSIST} logging steps in a row{window}")
-    undescribed = [r.kind for r in (saturation, grad_data, update) if r is not None and not r.described]
+    undescribed = [r.kind for r in present if not r.described]
     if undescribed:
         notes.append(
             f"note: these logs hold no description of {', '.join(undescribed)} (written by netdiag >= 0.1.0), so "

@@ -220,6 +220,11 @@ CHARTS = {
     "D2 activation-gradient std": "act_grad_std",
     "D3 grad:data ratio": "grad_data_ratio",
     "D4 update:data, log10 (line _target: the target)": "update_data_log10",
+    "attention: largest logit": "attn_logit_max",
+    "output logits: mean log Z": "output_logz",
+    "output logits: largest": "output_logit_max",
+    "Adam: normalised step RMS": "adam_step_rms",
+    "Adam: % where eps dominates": "adam_eps_pct",
 }
 #: Lines per chart at most: nobody reads more. Layers are grouped by module path to stay under it.
 MAX_LINES = 12

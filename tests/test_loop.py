@@ -11,7 +11,7 @@ from helpers import all_callbacks, loader, read_tensorboard, trainer
 from torch import nn
 from torch.nn import functional as F
 
-from lightning_netdiag import GradDataRatio, NetDiag
+from lightning_netdiag import GradDataRatio, LogitMonitor, NetDiag, OptimizerState
 from lightning_netdiag.meters import ActivationMeter
 
 STEPS, EVERY = 6, 2
@@ -59,7 +59,7 @@ def hist_counts(meters) -> dict[str, dict[int, tuple]]:
 
 
 def with_lightning(tmp_path, optimizer="adam", lr=0.01, **kw):
-    callbacks = all_callbacks(EVERY)
+    callbacks = [*all_callbacks(EVERY), LogitMonitor(every_n_steps=EVERY), OptimizerState(every_n_steps=EVERY)]
     trainer(tmp_path, callbacks, logger=False, max_steps=STEPS, limit_val_batches=0, **kw).fit(
         Net(optimizer, lr), loader()
     )

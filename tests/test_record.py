@@ -161,7 +161,9 @@ def test_the_layers_hold_core_imports_no_front_end_and_views_no_meter():
     import ast
 
     package = Path(__file__).parents[1] / "lightning_netdiag"
-    core = {"stats", "activations", "select", "capture", "dist", "tags", "history", "record", "run", "meters"}
+    core = {
+        "stats", "activations", "select", "capture", "attention", "dist", "tags", "history", "record", "run", "meters"
+    }  # fmt: skip
     views = {"sinks", "logs", "plots", "report"}
 
     def imported(path: Path) -> set[str]:

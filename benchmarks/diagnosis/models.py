@@ -28,7 +28,7 @@ import makemore_mlp  # noqa: E402
 class Recipe:
     """One training run: the model family, its optimizer and schedule, and the single thing changed."""
 
-    model: str  # "makemore", "gpt", "cnn", "vit", "gru", "relu-mlp"
+    model: str  # "makemore", "gpt", "cnn", "vit", "gru", "relu-mlp", "tiny-lm"
     steps: int
     lr: float
     options: dict[str, Any] = field(default_factory=dict)  # the model's own knobs (preset, gain, faults)
@@ -37,17 +37,19 @@ class Recipe:
 
 
 class Classifier(L.LightningModule):
-    """A network, a cross-entropy loss, an optimizer with a linear warm-up over the first tenth of the steps and
-    a cosine decay to a tenth after it; images are augmented (:func:`augment`) unless ``augmented`` is False."""
+    """A network, a cross-entropy loss, an optimizer with a linear warm-up over the first tenth of the steps
+    (unless ``warmup`` is False) and a cosine decay to a tenth after it; images are augmented (:func:`augment`)
+    unless ``augmented`` is False."""
 
     def __init__(
         self, net: nn.Module, optimizer: str, lr: float, steps: int, weight_decay: float = 0.0,
-        momentum: float = 0.9, param_groups: Any = None, augmented: bool = True,
+        momentum: float = 0.9, param_groups: Any = None, augmented: bool = True, warmup: bool = True,
+        eps: float = 1e-8,
     ) -> None:  # fmt: skip
         super().__init__()
         self.net, self.optimizer_name, self.lr, self.steps = net, optimizer, lr, steps
         self.weight_decay, self.momentum, self.param_groups = weight_decay, momentum, param_groups
-        self.augmented = augmented
+        self.augmented, self.warmup, self.eps = augmented, warmup, eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -62,8 +64,8 @@ class Classifier(L.LightningModule):
         if self.optimizer_name == "sgd":
             opt = torch.optim.SGD(groups, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
         else:
-            opt = torch.optim.AdamW(groups, lr=self.lr, weight_decay=self.weight_decay)
-        warmup, total = max(1, self.steps // 10), self.steps
+            opt = torch.optim.AdamW(groups, lr=self.lr, weight_decay=self.weight_decay, eps=self.eps)
+        warmup, total = max(1, self.steps // 10) if self.warmup else 0, self.steps
 
         def factor(step: int) -> float:
             if step < warmup:
@@ -136,11 +138,16 @@ def makemore(recipe: Recipe, seed: int) -> tuple[L.LightningModule, DataLoader]:
 
 class GroupedGPT(gpt_names.CharGPT):
     """The GPT example, with one block in a parameter group of its own at learning rate 0 (a layer-wise rate
-    table with a wrong entry)."""
+    table with a wrong entry); without its warm-up (a constant rate) when ``warmup`` is False."""
 
-    def __init__(self, cfg: gpt_names.Config, zero_lr: str | None = None) -> None:
+    def __init__(self, cfg: gpt_names.Config, zero_lr: str | None = None, warmup: bool = True) -> None:
         super().__init__(cfg)
-        self.zero_lr = zero_lr
+        self.zero_lr, self.warmup = zero_lr, warmup
+
+    def configure_optimizers(self):
+        if self.warmup:
+            return super().configure_optimizers()
+        return torch.optim.AdamW(self.param_groups(), lr=self.cfg.lr, weight_decay=0.1)
 
     def param_groups(self) -> list[dict]:
         if self.zero_lr is None:
@@ -160,7 +167,8 @@ def gpt(recipe: Recipe, seed: int) -> tuple[L.LightningModule, DataLoader]:
     g = torch.Generator().manual_seed(cfg.seed)
     data = gpt_names.encode(words, cfg.block_size)
     sampler = RandomSampler(range(len(data)), replacement=True, num_samples=cfg.max_steps * cfg.batch_size, generator=g)
-    return GroupedGPT(cfg, recipe.options.get("zero_lr")), DataLoader(
+    o = recipe.options
+    return GroupedGPT(cfg, o.get("zero_lr"), o.get("warmup", True)), DataLoader(
         TensorDataset(data), batch_size=cfg.batch_size, sampler=sampler
     )
 
@@ -293,4 +301,72 @@ def relu_mlp(recipe: Recipe, seed: int) -> tuple[L.LightningModule, DataLoader]:
     return module, digits(seed, 64, recipe.steps)
 
 
-BUILDERS = {"makemore": makemore, "gpt": gpt, "cnn": cnn, "vit": vit, "gru": gru, "relu-mlp": relu_mlp}
+class Block(nn.Module):
+    """A pre-norm transformer block with its own causal attention: eager (``softmax`` over the scores) or fused
+    (``F.scaled_dot_product_attention``), optionally with q and k normalised (qk-layernorm)."""
+
+    def __init__(self, n_embd: int, n_head: int, block_size: int, fused: bool, qk_norm: bool) -> None:
+        super().__init__()
+        self.n_head, self.fused = n_head, fused
+        self.ln_1, self.ln_2 = nn.LayerNorm(n_embd), nn.LayerNorm(n_embd)
+        self.qkv, self.proj = nn.Linear(n_embd, 3 * n_embd), nn.Linear(n_embd, n_embd)
+        head = n_embd // n_head
+        self.q_norm = nn.LayerNorm(head) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(head) if qk_norm else nn.Identity()
+        self.fc, self.out = nn.Linear(n_embd, 4 * n_embd), nn.Linear(4 * n_embd, n_embd)
+        self.register_buffer("causal", torch.ones(block_size, block_size, dtype=torch.bool).tril(), persistent=False)
+
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        q, k, v = (z.view(b, t, self.n_head, -1).transpose(1, 2) for z in self.qkv(x).split(c, dim=2))
+        q, k = self.q_norm(q), self.k_norm(k)
+        if self.fused:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+            scores = scores.masked_fill(~self.causal[:t, :t], float("-inf"))
+            y = F.softmax(scores, dim=-1) @ v
+        return self.proj(y.transpose(1, 2).reshape(b, t, c))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attend(self.ln_1(x))
+        return x + self.out(F.gelu(self.fc(self.ln_2(x))))
+
+
+class TinyLM(nn.Module):
+    """A small causal transformer (nanoGPT's shape: 4 blocks of 64, 4 heads) with attention of its own."""
+
+    def __init__(self, vocab: int, block_size: int = 16, n_layer: int = 4, n_embd: int = 64, n_head: int = 4,
+                 fused: bool = False, qk_norm: bool = False) -> None:  # fmt: skip
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(vocab, n_embd), nn.Embedding(block_size, n_embd)
+        self.blocks = nn.ModuleList(Block(n_embd, n_head, block_size, fused, qk_norm) for _ in range(n_layer))
+        self.ln_f, self.lm_head = nn.LayerNorm(n_embd), nn.Linear(n_embd, vocab, bias=False)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
+        for block in self.blocks:
+            x = block(x)
+        return self.lm_head(self.ln_f(x))
+
+
+def tiny_lm(recipe: Recipe, seed: int) -> tuple[L.LightningModule, DataLoader]:
+    """A small causal transformer on the names (blocks of 16), AdamW with weight decay 0.1 (``weight_decay``) and
+    ``eps``, warm-up unless ``warmup`` is False; eager attention unless ``fused``; ``qk_norm`` normalises q and k."""
+    torch.manual_seed(seed)
+    o = recipe.options
+    net = TinyLM(gpt_names.PAD + 1, fused=o.get("fused", False), qk_norm=o.get("qk_norm", False))
+    module = Classifier(net, "adamw", recipe.lr, recipe.steps, weight_decay=o.get("weight_decay", 0.1),
+                        warmup=o.get("warmup", True), eps=o.get("eps", 1e-8))  # fmt: skip
+    return module, names_sequences(recipe, seed, 16, 32)
+
+
+BUILDERS = {
+    "makemore": makemore,
+    "gpt": gpt,
+    "cnn": cnn,
+    "vit": vit,
+    "gru": gru,
+    "relu-mlp": relu_mlp,
+    "tiny-lm": tiny_lm,
+}

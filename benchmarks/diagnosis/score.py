@@ -7,10 +7,11 @@
     python benchmarks/diagnosis/score.py --quick --front loop   # through the plain-PyTorch front end
     python benchmarks/diagnosis/score.py --quick --front hf     # through the Hugging Face Trainer
 
-Each run trains on the CPU with SaturationMonitor, GradDataRatio, UpdateRatio and HealthReport attached, all
-with default arguments (measured every ``log_every_n_steps`` = 50 steps), and keeps what the report warned
-during training (each rule's first warning and its step) and what it says at the end. The warnings are also
-found again from the records (``report.replay``: the rules evaluated at every logged step, as the callback does):
+Each run trains on the CPU with SaturationMonitor, GradDataRatio, UpdateRatio, LogitMonitor, OptimizerState and
+HealthReport attached, all with default arguments (measured every ``log_every_n_steps`` = 50 steps), and keeps
+what the report warned during training (each rule's first warning and its step) and what it says at the end. The
+warnings are also found again from the records (``report.replay``: the rules evaluated at every logged step, as
+the callback does):
 ``--from-json`` scores stored runs that way, and a live run checks that both agree.
 
 Labels: a healthy run must get no warning at all; a fault must be named by its own check. A learning-rate
@@ -18,6 +19,11 @@ sweep's points are labelled from their final loss (the mean of the last 100 step
 the best of the same sweep and seed: within 3x of the best rate, healthy; 10x or more above (below) it and
 more than 5 % worse, the learning rate is too high (too low) and the report must say so, with a factor that
 moves toward the best; 10x or more away but not clearly worse, that one advice is allowed and nothing else.
+An instability run (a transformer at a high rate, in fp16, without weight decay, ...) is labelled from its final
+loss against its healthy twin's of the same seed: more than 5 % worse, or diverged, and its own check must name
+it; else healthy (10x or more above the best rate: its own check allowed). The table gives, per run, the step of
+the first warning and the lead time: the steps from it to the first logged step from which the run's loss (the
+mean of the 50 steps before) stays more than 5 % above its twin's, or is no longer finite.
 """
 
 from __future__ import annotations
@@ -55,7 +61,14 @@ def train(run: Run, seed: int) -> dict[str, Any]:
     from lightning.pytorch.callbacks import Callback
     from models import BUILDERS
 
-    from lightning_netdiag import GradDataRatio, HealthReport, SaturationMonitor, UpdateRatio
+    from lightning_netdiag import (
+        GradDataRatio,
+        HealthReport,
+        LogitMonitor,
+        OptimizerState,
+        SaturationMonitor,
+        UpdateRatio,
+    )
 
     class Losses(Callback):
         def __init__(self) -> None:
@@ -71,7 +84,7 @@ def train(run: Run, seed: int) -> dict[str, Any]:
 
         scaler = torch.amp.GradScaler("cpu", enabled=run.recipe.precision == "16-mixed")
         plugins.append(MixedPrecision("16-mixed", "cpu", scaler))
-    monitors = [SaturationMonitor(), GradDataRatio(), UpdateRatio()]
+    monitors = [SaturationMonitor(), GradDataRatio(), UpdateRatio(), LogitMonitor(), OptimizerState()]
     health, losses = HealthReport(print_table=False), Losses()
     trainer = L.Trainer(
         max_steps=run.recipe.steps, callbacks=[*monitors, health, losses], plugins=plugins, logger=False,
@@ -314,6 +327,32 @@ def labels(rows: list[dict[str, Any]]) -> None:
                 row["expect"], row["allowed"] = HEALTHY, [TOO_HIGH if ratio > 1 else TOO_LOW]
 
 
+def twin_labels(rows: list[dict[str, Any]]) -> None:
+    """Each instability run's label, from its final loss against its healthy twin's of the same seed; and when its
+    loss became clearly worse (``worse_at``)."""
+    by_name = {(row["name"], row["seed"]): row for row in rows}
+    for row in rows:
+        twin = by_name.get((row.get("twin"), row["seed"]))
+        if twin is None:
+            continue
+        unstable = not math.isfinite(row["loss"]) or row["loss"] > WORSE * twin["loss"]
+        far = row["lr"] >= FAR * twin["lr"]
+        own = row["own"]
+        row["expect"], row["allowed"] = (own, []) if unstable else (HEALTHY, [own] if far else [])
+        row["worse_at"] = worse_at(row["losses"], twin["losses"]) if unstable else None
+
+
+def worse_at(losses: list[float], twin: list[float], window: int = 50) -> int | None:
+    """The first logged step from which the mean loss of the ``window`` steps before stays more than 5 % above the
+    twin's (or the first step whose loss is not finite, if that comes first)."""
+    bad = next((i for i, x in enumerate(losses) if not math.isfinite(x)), None)
+    ends = range(window, min(len(losses), len(twin)) + 1, window)
+    worse = [statistics.fmean(losses[e - window : e]) > WORSE * statistics.fmean(twin[e - window : e]) for e in ends]
+    first = next((e for i, e in enumerate(ends) if all(worse[i:])), None)
+    found = [x for x in (bad, first) if x is not None]
+    return min(found) if found else None
+
+
 def judge(row: dict[str, Any]) -> None:
     """Whether the report was right about ``row``: ``ok``, and what went wrong in ``wrong``."""
     fired = {check for check, _ in row["warned"]} | {v["check"] for v in row["final"]}
@@ -358,6 +397,14 @@ def _cells(row: dict[str, Any]) -> tuple[str, str, str, str]:
     return expect, f"{row['loss']:.4g}", ", ".join(said) or "-", right
 
 
+def lead(row: dict[str, Any]) -> tuple[str, str, str]:
+    """An unstable run's first warning of its own check, the step its loss became clearly worse, and the lead."""
+    own = next((step for check, step in row["warned"] if check == row["expect"]), None)
+    worse = row.get("worse_at")
+    gap = "-" if own is None or worse is None else str(worse - own)
+    return ("-" if own is None else str(own)), ("-" if worse is None else str(worse)), gap
+
+
 def table(rows: list[dict[str, Any]], seeds: list[int]) -> str:
     """One row per run, its seeds' cells joined with " / " where they differ."""
     by_name: dict[str, dict[int, dict[str, Any]]] = {}
@@ -367,8 +414,17 @@ def table(rows: list[dict[str, Any]], seeds: list[int]) -> str:
         "| run | what it is | expected | final loss | the report said (step of the first warning) | right? |",
         "|---|---|---|---|---|---|",
     ]
+    twins = [row for row in rows if row.get("twin")]
+    if twins:
+        lines[0] = lines[0][:-1] + " first warning | clearly worse at | lead (steps) |"
+        lines[1] += "---|---|---|"
+
+    def cells(row: dict[str, Any]) -> tuple[str, ...]:
+        unstable = row.get("twin") and row["expect"] != HEALTHY
+        return _cells(row) + ((lead(row) if unstable else ("-", "-", "-")) if twins else ())
+
     for name, per_seed in by_name.items():
-        columns = zip(*(_cells(per_seed[s]) for s in seeds if s in per_seed), strict=True)
+        columns = zip(*(cells(per_seed[s]) for s in seeds if s in per_seed), strict=True)
         cells = [" / ".join(c) if len(set(c)) > 1 or c[0][:1].isdigit() else c[0] for c in columns]
         lines.append(f"| {name} | {next(iter(per_seed.values()))['about']} | " + " | ".join(cells) + " |")
     faults = [r for r in rows if r["expect"] != HEALTHY]
@@ -436,7 +492,8 @@ def evidence_table(rows: list[dict[str, Any]]) -> str:
 
 def row_of(run: Run, seed: int, result: dict[str, Any]) -> dict[str, Any]:
     return {
-        "name": run.name, "about": run.about, "seed": seed, "sweep": run.sweep, "lr": run.recipe.lr,
+        "name": run.name, "about": run.about, "seed": seed, "sweep": run.sweep, "twin": run.twin, "own": run.expect,
+        "lr": run.recipe.lr,
         "expect": run.expect, "allowed": [], "loss": final_loss(result["losses"]), **result,
     }  # fmt: skip
 
@@ -521,6 +578,7 @@ def main() -> None:
         if args.json:  # kept before scoring: the runs are the expensive part
             Path(args.json).write_text(json.dumps({"rows": rows}))
     labels(rows)
+    twin_labels(rows)
     for row in rows:
         judge(row)
     print(table(rows, sorted({r["seed"] for r in rows})))

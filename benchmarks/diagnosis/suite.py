@@ -8,6 +8,9 @@ A run is a :class:`~models.Recipe` and its label. Labels:
   twin with only that one thing changed. Other checks may fire too; its own must.
 - a learning-rate sweep point (``sweep`` set): labelled after the sweep has run, from its final loss against the
   sweep's best of the same seed (:func:`sweep_label`).
+- an instability run (``twin`` set): labelled after the suite has run, from its outcome against its healthy twin
+  (the same model at its best rate) of the same seed: unstable (its own check must name it) where its final
+  loss ends more than 5 % above the twin's or it diverges; else healthy.
 """
 
 from __future__ import annotations
@@ -26,14 +29,15 @@ class Run:
     expect: str = HEALTHY  # the check that must name the fault, or HEALTHY
     about: str = ""  # the fault, in words
     sweep: str | None = None  # the sweep this run belongs to; its label comes from the sweep's losses
+    twin: str | None = None  # the healthy twin of an instability run; its label comes from their losses
     quick: bool = False  # in the quick subset that the tests run
 
     def shortened(self) -> Run:
         """This run for the quick subset: the long makemore runs cut to 2,000 steps; a sweep's point on its own,
         with the label the full suite gives it on both seeds."""
         recipe = replace(self.recipe, steps=min(self.recipe.steps, QUICK_STEPS))
-        expect = QUICK_POINTS.get((self.sweep, self.recipe.lr), self.expect)
-        return replace(self, recipe=recipe, sweep=None, expect=expect)
+        expect = QUICK_POINTS.get((self.sweep, self.recipe.lr), QUICK_TWINS.get(self.name, self.expect))
+        return replace(self, recipe=recipe, sweep=None, twin=None, expect=expect)
 
 
 QUICK_STEPS = 2_000
@@ -111,5 +115,60 @@ RUNS = [
 # fmt: on
 
 
+ATTENTION, OUTPUT, EPS = "attention logits growing", "output logits drifting", "Adam epsilon dominating"
+TOO_HIGH, TOO_LOW = "learning rate too high", "learning rate too low"
+
+
+def _lm(name: str, lr_factor: float, own: str, about: str, precision: str = "32-true", quick: bool = False,
+        **options) -> Run:  # fmt: skip
+    best, steps = INSTABILITY_BEST["tiny-lm"]
+    recipe = Recipe("tiny-lm", steps, best * lr_factor, {"warmup": False, **options}, precision=precision)
+    return Run(f"tiny-lm {name}", recipe, own, about, twin="tiny-lm best", quick=quick)
+
+
+def _gpt(name: str, lr_factor: float, own: str, about: str, **options) -> Run:
+    best, steps = INSTABILITY_BEST["gpt"]
+    recipe = Recipe("gpt", steps, best * lr_factor, {"warmup": False, **options})
+    return Run(f"gpt {name}", recipe, own, about, twin="gpt best")
+
+
+#: The instability suite's models: the best AdamW rate without warm-up (of 1e-3, 3e-3, 1e-2 on seed 0) and steps.
+INSTABILITY_BEST = {"tiny-lm": (3e-3, 800), "gpt": (3e-3, 600)}
+
+# fmt: off
+#: Transformers trained with AdamW: at the best rate, 3x, 10x and 30x above it without warm-up, the high rates
+#: again with warm-up and with qk-layernorm, in fp16, without weight decay, with a large eps, below the best.
+INSTABILITY = [
+    Run("tiny-lm best", Recipe("tiny-lm", 800, 3e-3, {"warmup": False}),
+        about="a 4-block causal transformer with its own eager attention, AdamW at its best rate", quick=True),
+    _lm("lr x3", 3, ATTENTION, "3x the best rate, no warm-up"),
+    _lm("lr x10", 10, ATTENTION, "10x the best rate, no warm-up"),
+    _lm("lr x30", 30, ATTENTION, "30x the best rate, no warm-up", quick=True),
+    _lm("lr x10 warmup", 10, ATTENTION, "10x the best rate, with warm-up", warmup=True),
+    _lm("lr x30 warmup", 30, ATTENTION, "30x the best rate, with warm-up", warmup=True),
+    _lm("lr x10 qk-norm", 10, TOO_HIGH, "10x the best rate, q and k layer-normalised", qk_norm=True),
+    _lm("lr x30 qk-norm", 30, TOO_HIGH, "30x the best rate, q and k layer-normalised", qk_norm=True, quick=True),
+    _lm("fused lr x30", 30, ATTENTION, "30x the best rate, attention through F.scaled_dot_product_attention",
+        fused=True),
+    _lm("fp16 lr x30", 30, ATTENTION, "30x the best rate in fp16 with a GradScaler", precision="16-mixed"),
+    _lm("no weight decay", 1, OUTPUT, "the best rate without weight decay", weight_decay=0.0),
+    _lm("no weight decay lr x10", 10, OUTPUT, "10x the best rate without weight decay", weight_decay=0.0),
+    _lm("eps 1e-3", 1, EPS, "the best rate with Adam's eps at 1e-3", eps=1e-3),
+    _lm("lr /10", 0.1, TOO_LOW, "10x below the best rate"),
+    _lm("lr /30", 1 / 30, TOO_LOW, "30x below the best rate"),
+    Run("gpt best", Recipe("gpt", 600, 3e-3, {"warmup": False}),
+        about="the GPT example (12 blocks, fused attention), AdamW at its best rate without warm-up"),
+    _gpt("lr x3", 3, ATTENTION, "3x the best rate, no warm-up"),
+    _gpt("lr x10", 10, ATTENTION, "10x the best rate, no warm-up"),
+    _gpt("lr x30", 30, ATTENTION, "30x the best rate, no warm-up"),
+    _gpt("lr x10 warmup", 10, ATTENTION, "10x the best rate, with warm-up", warmup=True),
+    _gpt("lr x30 warmup", 30, ATTENTION, "30x the best rate, with warm-up", warmup=True),
+]
+# fmt: on
+
+#: The instability runs in the quick subset, with the label the full suite gives them on both seeds.
+QUICK_TWINS = {"tiny-lm best": HEALTHY, "tiny-lm lr x30": ATTENTION, "tiny-lm lr x30 qk-norm": TOO_HIGH}
+
+
 def all_runs() -> list[Run]:
-    return sweep_runs() + RUNS
+    return sweep_runs() + RUNS + INSTABILITY

@@ -7,12 +7,9 @@ step's number, or None when the step is not measured); :meth:`ActivationMeter.ba
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from lightning_netdiag import activations, stats
@@ -241,7 +238,7 @@ class ActivationMeter(Meter):
             if stats.recorded(act_record):
                 self._describe(layers[i], act_record, alive_counts, grad_record, scalars, histograms)
         if output is not None and probe is not None and probe.name is not None:
-            rows, excess, cells, losses, loss = values[-1]
+            rows, excess, cells, losses, loss = values[-1][:5]
             scalars[("init_output_ce", probe.name)] = excess / rows
             scalars[("init_output_classes", probe.name)] = cells / rows
             if losses:
@@ -254,20 +251,10 @@ class ActivationMeter(Meter):
     def _layout(self, hooks: ActivationHooks) -> list[Layer]:
         """The layers in an order every rank shares. Layers are found as they run, and a rank may run a call
         that another does not: then every rank takes the union, holding zeros for the layers it never ran."""
-        world = self._world()
-        if world == 1:
+        if self._world() == 1:
             return list(hooks.layers)
-        run: Run = self.run  # type: ignore[assignment]
-        names = sorted(layer.name for layer in hooks.layers)
-        local = torch.tensor([len(names), zlib.crc32("\n".join(names).encode())], dtype=torch.float64)
-        both = run.reduce(torch.cat([local, -local]).to(run.device), "max")
-        high_count, high_sum, neg_low_count, neg_low_sum = both.tolist()
-        if (high_count, high_sum) != (-neg_low_count, -neg_low_sum):
-            gathered: list[Any] = [None] * world
-            dist.all_gather_object(gathered, [layer.spec() for layer in hooks.layers])
-            for specs in gathered:
-                for spec in specs:
-                    hooks.adopt(spec)
+        for spec in self._union({layer.name: layer.spec() for layer in hooks.layers}).values():
+            hooks.adopt(spec)
         return sorted(hooks.layers, key=lambda layer: layer.name)
 
     def _describe_layers(self, layers: Sequence[Layer]) -> None:

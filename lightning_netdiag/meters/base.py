@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from lightning_netdiag import stats, tags
@@ -98,13 +100,36 @@ class Meter:
             found = self._tags[key] = tags.tag(self.record.prefix, *key)
         return found
 
-    def _summed(self, parts: list[Tensor], across: bool, same: Sequence[Tensor] = ()) -> list[list[float]]:
-        """The reduction, written once: additive ``parts`` summed over the ranks (``across``) and the values
-        ``same`` on every rank (not summed), moved to the host in one transfer, one list each."""
-        sizes = [x.numel() for x in (*parts, *same)]
+    def _summed(
+        self, parts: list[Tensor], across: bool, same: Sequence[Tensor] = (), peaks: Sequence[Tensor] = ()
+    ) -> list[list[float]]:
+        """The reduction, written once: additive ``parts`` summed over the ranks (``across``), ``peaks`` (largest
+        values) maxed over them, and the values ``same`` on every rank (not reduced), moved to the host in one
+        transfer, one list each, in that order."""
+        sizes = [x.numel() for x in (*parts, *peaks, *same)]
         if across and parts:
             parts = [self.run.reduce(torch.cat(parts), "sum")]  # type: ignore[union-attr]
-        return split(host([*parts, *(x.to(torch.float64) for x in same)]), sizes)
+        if across and peaks:
+            peaks = [self.run.reduce(torch.cat(list(peaks)), "max")]  # type: ignore[union-attr]
+        return split(host([*parts, *peaks, *(x.to(torch.float64) for x in same)]), sizes)
+
+    def _union(self, specs: Mapping[str, Any]) -> dict[str, Any]:
+        """name -> spec of what every rank found (layers are found as they run, and a rank may run one that
+        another does not), by name; one small collective when the ranks agree, a gather when they do not."""
+        if self._world() == 1:
+            return dict(specs)
+        run: Run = self.run  # type: ignore[assignment]
+        names = sorted(specs)
+        local = torch.tensor([len(names), zlib.crc32("\n".join(names).encode())], dtype=torch.float64)
+        both = run.reduce(torch.cat([local, -local]).to(run.device), "max")
+        high_count, high_sum, neg_low_count, neg_low_sum = both.tolist()
+        out = dict(specs)
+        if (high_count, high_sum) != (-neg_low_count, -neg_low_sum):
+            gathered: list[Any] = [None] * self._world()
+            dist.all_gather_object(gathered, list(specs.items()))
+            for items in gathered:
+                out.update((name, spec) for name, spec in items if name not in out)
+        return {name: out[name] for name in sorted(out)}
 
     def _world(self) -> int:
         return 1 if self.run is None else self.run.world_size

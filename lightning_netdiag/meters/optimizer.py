@@ -1,0 +1,94 @@
+"""The optimizer meter: the Adam family's state per watched weight, read from the optimizer after its step.
+
+Adam moves each element by ``lr * m_hat / (sqrt(v_hat) + eps)`` (``m_hat``, ``v_hat``: the moments, bias-corrected).
+The *normalised step* ``m_hat / (sqrt(v_hat) + eps)`` is about 1 where the gradient points the same way step after
+step and small where it is noise; where ``sqrt(v_hat)`` falls below ``eps`` (gradients that small), eps sets the
+step instead of the gradient and Adam turns into a slowed SGD (Wortsman et al. 2023). No extra pass: the moments
+are the optimizer's own.
+
+A step's life: :meth:`OptimizerMeter.begin` with the step's number (None: not measured), :meth:`measure` after
+the optimizer's step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_netdiag.meters.base import InRecord
+from lightning_netdiag.meters.parameters import ParameterMeter, optimizer_family
+from lightning_netdiag.record import Key, OptimizerRecord
+from lightning_netdiag.select import WEIGHT_NDIMS
+
+__all__ = ["OptimizerMeter", "adam_state"]
+
+
+def adam_state(
+    exp_avg: Tensor, exp_avg_sq: Tensor, step: float, betas: tuple[float, float], eps: float
+) -> tuple[Tensor, Tensor]:
+    """The normalised step ``m_hat / (sqrt(v_hat) + eps)`` and the mask of ``sqrt(v_hat) < eps``, in float32."""
+    beta1, beta2 = betas
+    m_hat = exp_avg.float() / (1 - beta1**step)
+    root = (exp_avg_sq.float() / (1 - beta2**step)).sqrt()
+    return m_hat / (root + eps), root < eps
+
+
+class OptimizerMeter(ParameterMeter):
+    """Per selected weight stepped by an Adam-family optimizer: the RMS of its normalised step and the share of
+    its elements where eps dominates.
+
+    See :class:`lightning_netdiag.OptimizerState` for the arguments and what is logged.
+    """
+
+    record_type = OptimizerRecord
+    record: OptimizerRecord
+    optimizer_family = InRecord()
+    eps = InRecord()
+
+    def __init__(
+        self,
+        params: Sequence[type | str] | None = None,
+        exclude: Sequence[type | str] = (),
+        ndims: Sequence[int] | None = WEIGHT_NDIMS,
+        prefix: str = "netdiag",
+        history_size: int = 10_000,
+    ) -> None:
+        super().__init__(params, exclude, ndims, prefix, history_size)
+
+    def attach(self, model: Any, run: Any, optimizers: Sequence[Any] = ()) -> None:
+        super().attach(model, run, optimizers)
+        families = [optimizer_family(o) for o in optimizers]
+        self.optimizer_family = next((f for f in families if f is not None), None)
+
+    def measure(self, optimizer: Any) -> None:
+        """Just after ``optimizer`` stepped (on a measured step): read its moments."""
+        if self._step is None or optimizer is None or optimizer_family(optimizer) != "adam":
+            return
+        group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+        parts: list[tuple[Tensor, int]] = []
+        names: list[str] = []
+        for name, p in self._stepped_by(optimizer):
+            state, group = optimizer.state.get(p, {}), group_of[id(p)]
+            second = state.get("max_exp_avg_sq") if group.get("amsgrad") else state.get("exp_avg_sq")
+            if "exp_avg" not in state or second is None or "step" not in state or "eps" not in group:
+                continue  # not stepped yet, or an Adam kin that keeps other state
+            self.eps = float(group["eps"])
+            (m, copies), (v, _) = self._shard(name, state["exp_avg"]), self._shard(name, second)
+            with torch.no_grad():
+                u, below = adam_state(m, v, float(state["step"]), group["betas"], group["eps"])
+                record = torch.stack([u.new_tensor(float(u.numel())), u.pow(2).sum(), below.sum().float()]).double()
+            parts.append((record / copies, copies))
+            names.append(name)
+        if not parts:
+            return
+        values = self._values([r for r, _ in parts])
+        scalars: dict[Key, float] = {}
+        for name, (count, sumsq, eps_bound) in zip(names, values, strict=True):
+            if count > 0:
+                scalars[("adam_step_rms", name)] = math.sqrt(sumsq / count)
+                scalars[("adam_eps_pct", name)] = 100 * eps_bound / count
+        self._emit(self._step, scalars, {})
