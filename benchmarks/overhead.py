@@ -8,7 +8,8 @@
 Configurations, each run in a process of its own, interleaved (bare, ours, lecture, wandb, bare, ...):
 
 - ``bare``: training with a TensorBoard logger attached and no diagnostics;
-- ``ours``: SaturationMonitor + GradDataRatio + UpdateRatio, default arguments, histograms on, TensorBoard;
+- ``ours``: SaturationMonitor + GradDataRatio + UpdateRatio + LogitMonitor + OptimizerState, default arguments,
+  histograms on, TensorBoard;
 - ``lecture``: the lecture's notebook code written as a plain callback: ``retain_grad`` on every
   activation module's output, ``.item()`` per statistic, ``torch.histogram``, TensorBoard's ``add_histogram``,
   and the ``lr * grad`` update estimate (it computes less than ours: no dead units, no non-finite counts);
@@ -17,8 +18,12 @@ Configurations, each run in a process of its own, interleaved (bare, ours, lectu
 
 With ``--breakdown``, also: ``no-sink`` (ours, computing everything but writing nothing: the difference to
 ``ours`` is the TensorBoard write, its writer thread included), ``fast-crc`` (ours after
-``lightning_netdiag.fast_tensorboard_checksums()``), each callback alone (``sat``, ``d3``, ``d4``), and
-``no-op`` (three callbacks that override nothing: what Lightning's hook calls cost any three callbacks).
+``lightning_netdiag.fast_tensorboard_checksums()``), each callback alone (``sat``, ``d3``, ``d4``, ``logits``,
+``adam``), and ``no-op`` (five callbacks that override nothing: what Lightning's hook calls cost any five).
+
+``--attention`` times, for GPT-2 6x384's shapes, one attention (``F.scaled_dot_product_attention``, causal,
+forward and backward) against what LogitMonitor adds to it on a measured step (its largest logit recomputed,
+:func:`lightning_netdiag.attention.logit_max`), interleaved, medians.
 For ``ours``, the time spent inside our hooks (callback hooks and module forward hooks) on the steps that
 are not logging steps is also measured within the run, as a share of bare's step: a ratio of two runs
 cannot resolve 1 % on this machine.
@@ -46,7 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 CONFIGS = ("bare", "ours", "lecture", "wandb")
-BREAKDOWN = ("no-sink", "fast-crc", "sat", "d3", "d4", "no-op")
+BREAKDOWN = ("no-sink", "fast-crc", "sat", "d3", "d4", "logits", "adam", "no-op")
 
 
 # --- models --------------------------------------------------------------------------------------------
@@ -282,7 +287,14 @@ def worker(workload: str, config: str, every: int, warmup: int, timed: int, out:
     import torch
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    from lightning_netdiag import GradDataRatio, SaturationMonitor, UpdateRatio, fast_tensorboard_checksums
+    from lightning_netdiag import (
+        GradDataRatio,
+        LogitMonitor,
+        OptimizerState,
+        SaturationMonitor,
+        UpdateRatio,
+        fast_tensorboard_checksums,
+    )
     from lightning_netdiag.capture import ActivationHooks
     from lightning_netdiag.select import WEIGHT_NDIMS
     from lightning_netdiag.sinks import LoggerSink
@@ -321,7 +333,13 @@ def worker(workload: str, config: str, every: int, warmup: int, timed: int, out:
         return run
 
     clock = Clock()
-    ours = {"sat": SaturationMonitor, "d3": GradDataRatio, "d4": UpdateRatio}
+    ours = {
+        "sat": SaturationMonitor,
+        "d3": GradDataRatio,
+        "d4": UpdateRatio,
+        "logits": LogitMonitor,
+        "adam": OptimizerState,
+    }
     callbacks: list[L.Callback] = []
     if config in ("ours", "no-sink", "fast-crc"):
         callbacks = [cls() for cls in ours.values()]
@@ -338,7 +356,7 @@ def worker(workload: str, config: str, every: int, warmup: int, timed: int, out:
     elif config in ours:
         callbacks = [ours[config]()]
     elif config == "no-op":
-        callbacks = [L.Callback() for _ in range(3)]
+        callbacks = [L.Callback() for _ in ours]
     elif config == "lecture":
         callbacks = [lecture_callback(every)]
     elif config == "wandb":
@@ -443,7 +461,11 @@ def main() -> None:
     parser.add_argument("--gpu", action="store_true", help="the GPU models, in bf16-mixed on CUDA")
     parser.add_argument("--json", type=Path, help="also write the raw numbers here")
     parser.add_argument("--from-json", type=Path, nargs="+", help="print the tables of saved runs, run nothing")
+    parser.add_argument("--attention", action="store_true", help="only time one attention against logit_max")
     args = parser.parse_args()
+    if args.attention:
+        print(attention_cost())
+        return
     if args.from_json:
         print_saved(args.from_json)
         return
@@ -576,8 +598,8 @@ def breakdown(workloads: list[Workload], results: dict) -> str:
     lines = [
         "| model | logging | added per logging step: ours | computing (no-sink) | TensorBoard write "
         "(ours - no-sink) | ours with fast checksums | SaturationMonitor alone | GradDataRatio alone "
-        "| UpdateRatio alone |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| UpdateRatio alone | LogitMonitor alone | OptimizerState alone |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for w in workloads:
         for every in w.timed:
@@ -587,9 +609,37 @@ def breakdown(workloads: list[Workload], results: dict) -> str:
                 f"| {w.name} | every {'step' if every == 1 else f'{every} steps'} | {add['ours']:.2f} ms | "
                 f"{add['no-sink']:.2f} ms | {add['ours'] - add['no-sink']:.2f} ms | {add['fast-crc']:.2f} ms | "
                 f"{add['sat']:.2f} ms | "
-                f"{add['d3']:.2f} ms | {add['d4']:.2f} ms |"
+                f"{add['d3']:.2f} ms | {add['d4']:.2f} ms | {add['logits']:.2f} ms | {add['adam']:.2f} ms |"
             )
     return "\n".join(lines)
+
+
+def attention_cost(rounds: int = 30) -> str:
+    """One causal attention of GPT-2 6x384 (batch 8, 6 heads, 128 tokens, head 64), forward and backward,
+    against LogitMonitor's recomputation of its largest logit; interleaved, medians."""
+    import torch
+    from torch.nn import functional as F
+
+    from lightning_netdiag.attention import logit_max
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(8, 6, 128, 64, requires_grad=True) for _ in range(3))
+
+    def attention() -> None:
+        F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+
+    def ours() -> None:
+        logit_max(q, k, is_causal=True)
+
+    times: dict[str, list[float]] = {"attention": [], "logit_max": []}
+    for _ in range(rounds):
+        for name, fn in (("attention", attention), ("logit_max", ours)):
+            start = time.perf_counter()
+            fn()
+            times[name].append(1000 * (time.perf_counter() - start))
+    a, b = statistics.median(times["attention"]), statistics.median(times["logit_max"])
+    return (f"one attention (forward and backward): {a:.2f} ms; its largest logit recomputed: {b:.2f} ms "
+            f"({b / a:.2f} of the attention)")  # fmt: skip
 
 
 if __name__ == "__main__":

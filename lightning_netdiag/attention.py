@@ -56,7 +56,11 @@ def is_attention_module(module: nn.Module) -> bool:
 
 def has_qk_norm(module: nn.Module) -> bool:
     """Whether ``module`` (an attention) holds a layer that normalises q or k (qk-layernorm)."""
-    return any(_QK_NORM.match(name.rsplit(".", 1)[-1]) for name, _ in module.named_modules() if name)
+    return any(
+        _QK_NORM.match(name.rsplit(".", 1)[-1]) and not isinstance(m, nn.Identity)  # timm's q_norm when off
+        for name, m in module.named_modules()
+        if name
+    )
 
 
 def scores_max(scores: Tensor) -> Tensor:

@@ -4,10 +4,12 @@ transformers' GPT-2, LLaMA with grouped-query heads and BERT with padding, ``nn.
 output's log Z over micro-batches, and the normalised Adam step with and without amsgrad."""
 
 import math
+import re
 
 import lightning as L
 import pytest
 import torch
+from tensorboard.plugins.custom_scalar import layout_pb2
 from torch import nn
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
@@ -279,6 +281,32 @@ def test_attention_it_cannot_see_is_listed():
     assert record.unwatched == {"1"} and record.names("attn_logit_max") == []
 
 
+def test_qk_norm_is_seen_where_it_is():
+    """A q/k norm layer counts (the report never advises what the model has); an Identity in its place does not."""
+    from lightning_netdiag.attention import has_qk_norm
+
+    class Attention(nn.Module):
+        def __init__(self, norm: bool) -> None:
+            super().__init__()
+            self.q_norm = nn.LayerNorm(8) if norm else nn.Identity()
+            self.k_norm = nn.LayerNorm(8) if norm else nn.Identity()
+
+    assert has_qk_norm(Attention(True)) and not has_qk_norm(Attention(False))
+
+
+def test_the_report_says_which_attention_it_could_not_watch():
+    from lightning_netdiag.report import summarize
+
+    class KernelAttention(nn.Module):
+        def forward(self, x):
+            return torch.ops.aten.relu(x)  # stands in for a kernel no function mode sees
+
+    model = nn.Sequential(nn.Linear(4, 4), KernelAttention(), nn.Linear(4, 2))
+    diag = run_steps(model, [torch.randn(3, 4)], lambda m, b: m(b).pow(2).mean())
+    notes = summarize(logits=diag.logits.record).notes
+    assert any(n.startswith("attention not watched in 1: it runs in a kernel") for n in notes), notes
+
+
 def test_output_logits_over_micro_batches():
     """The output's mean log Z and largest logit over both micro-batches of each measured step."""
     model = HandLM(fused=True)
@@ -373,13 +401,14 @@ def test_lightning_logs_what_the_plain_loop_measures(tmp_path, accumulate):
     from helpers import read_tensorboard
     from torch.utils.data import DataLoader, TensorDataset
 
-    from lightning_netdiag import HealthReport, LogitMonitor, OptimizerState
+    from lightning_netdiag import DiagnosticPlots, HealthReport, LogitMonitor, OptimizerState
     from lightning_netdiag.cli import health
     from lightning_netdiag.logs import load_run
 
     data = TensorDataset(torch.randint(0, 11, (48, 7), generator=torch.Generator().manual_seed(0)))
     health_cb = HealthReport(print_table=False)
-    callbacks = [LogitMonitor(every_n_steps=2), OptimizerState(every_n_steps=2), health_cb]
+    drawn = DiagnosticPlots(save_dir=str(tmp_path / "plots"))
+    callbacks = [LogitMonitor(every_n_steps=2), OptimizerState(every_n_steps=2), health_cb, drawn]
     trainer = L.Trainer(
         max_steps=5, callbacks=callbacks, logger=L.pytorch.loggers.TensorBoardLogger(tmp_path, name="tb"),
         accumulate_grad_batches=accumulate, enable_checkpointing=False, enable_progress_bar=False,
@@ -391,7 +420,7 @@ def test_lightning_logs_what_the_plain_loop_measures(tmp_path, accumulate):
     loss_of = lambda m, b: m.training_step(b, 0)  # noqa: E731
     batches = (list(DataLoader(data, batch_size=8)) * 2)[: 5 * accumulate]  # epochs, as the Trainer runs them
     loop = run_steps(model, batches, loss_of, optimizer, every=2, accumulate=accumulate, optimizer_state=True)
-    logged, _, _ = read_tensorboard(trainer.logger.log_dir)
+    logged, _, acc = read_tensorboard(trainer.logger.log_dir)
     want = {tag: dict(m.history[tag]) for m in (loop.logits, loop.optimizer_state) for tag in m.history}
     assert {
         "netdiag/attn_logit_max/lm.blocks.1",
@@ -406,6 +435,17 @@ def test_lightning_logs_what_the_plain_loop_measures(tmp_path, accumulate):
     assert run.record("logits").attention_kinds == {"lm.blocks.0": "eager", "lm.blocks.1": "eager"}
     assert health(run).table() == health_cb.report.table()
     assert "attention logits: largest" in health_cb.report.table()
+    # the pictures: the largest attention logit and log Z over the steps, in files and on the Custom Scalars page
+    assert {"attention_logits.png", "output_logits.png", "adam_step.png"} <= {
+        p.name for p in (tmp_path / "plots").rglob("*.png")
+    }
+    layout = layout_pb2.Layout.FromString(acc.Tensors("custom_scalars__config__")[-1].tensor_proto.string_val[0])
+    charts = {c.title: c.chart for c in layout.category}
+    for title, metric in (("attention: largest logit", "attn_logit_max"), ("output logits: mean log Z", "output_logz")):
+        regexes = [chart.multiline.tag[0] for chart in charts[f"netdiag: {title}"]]
+        assert [t for t in logged if any(re.fullmatch(r, t) for r in regexes)] == [
+            t for t in logged if t.startswith(f"netdiag/{metric}/")
+        ]
 
 
 def test_the_hugging_face_trainer_watches_attention(tmp_path):
