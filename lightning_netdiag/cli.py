@@ -41,6 +41,15 @@ def _median_at_last(record: Record | None, metric: str, groups: dict[str, Any]) 
     return {g: statistics.median(v) for g, v in sorted(values.items())}
 
 
+def _largest_at_last(record: Record | None, metric: str) -> str:
+    """The largest ``metric`` over the layers at the latest step logged, and its layer."""
+    last = {} if record is None or record.last_step is None else record.at(metric, record.last_step)
+    if not last:
+        return "-"
+    name = max(last, key=last.__getitem__)
+    return f"{last[name]:.3g} ({name})"
+
+
 def _cell(values: dict[str, float], fmt: str) -> str:
     if not values:
         return "-"
@@ -51,7 +60,7 @@ def _cell(values: dict[str, float], fmt: str) -> str:
 
 def compare(runs: Sequence[RunLogs]) -> str:
     """A markdown table, one row per run: the final loss, each diagnostic's median per layer group at the
-    latest step, and the report's verdicts."""
+    latest step, the largest attention logit there, and the report's verdicts."""
     first = runs[0].layers()
     for run in runs[1:]:
         layers = run.layers()
@@ -62,8 +71,9 @@ def compare(runs: Sequence[RunLogs]) -> str:
                 f"the latter: {missing[:5]}): their diagnostics cannot be compared layer group by layer group."
             )
     rows = [
-        "| run | final loss | saturated % | act. grad std | grad:data | update:data log10 | verdicts |",
-        "|---|---|---|---|---|---|---|",
+        "| run | final loss | saturated % | act. grad std | grad:data | update:data log10 | largest attention logit "
+        "| verdicts |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for run in runs:
         sat, gd, upd = run.record("saturation"), run.record("grad_data"), run.record("update")
@@ -77,6 +87,7 @@ def compare(runs: Sequence[RunLogs]) -> str:
             f"| {_cell(_median_at_last(sat, 'act_grad_std', families), '.2e')} "
             f"| {_cell(_median_at_last(gd, 'grad_data_ratio', classes), '.2e')} "
             f"| {_cell(_median_at_last(upd, 'update_data_log10', classes), '.2f')} "
+            f"| {_largest_at_last(run.record('logits'), 'attn_logit_max')} "
             f"| {', '.join(report.checks(verdicts)) or 'none'} |"
         )
     return "\n".join(rows)

@@ -95,8 +95,14 @@ FLAT_PCT = 99.0  # % of a layer's values in the flat region: the layer passes no
 #: (attention-logit growth, Wortsman et al. 2023): the instability suite's healthy runs stay below it, its
 #: transformers trained 10x too fast pass it within the first fifth of the run.
 ATTN_LOGIT_HIGH = 100.0
-#: fp16's largest value: logits near it overflow to inf.
-FP16_MAX = 65504.0
+#: Adam family: the median over the weights of the RMS of the normalised step ``m_hat / (sqrt(v_hat) + eps)``
+#: below which the learning rate is too high: each element's gradient flips sign from step to step, so its
+#: average ``m`` is small next to its size ``sqrt(v)``; the instability suite's runs 10x and 30x too fast sit
+#: below it, the healthy runs of both suites above it.
+ADAM_STEP_LOW = 0.07
+#: Adam family: % of a weight's elements with ``sqrt(v_hat) < eps`` (median over the weights) above which eps,
+#: not the gradient, sets the step: Adam turns into a slowed SGD (Wortsman et al. 2023).
+ADAM_EPS_PCT = 50.0
 WORST = 3  # layers named per verdict
 
 _FAMILY_NAMES = {"tanh": "tanh-like", "sigmoid": "gates (sigmoid-like)", "relu": "ReLU-like", "gelu": "GELU-like"}
@@ -461,7 +467,10 @@ def _nearest_step(record: Record | None, step: int) -> int:
 
 
 def _learning_rate(
-    saturation: ActivationRecord | None, grad_data: GradDataRecord | None, update: UpdateRecord | None
+    saturation: ActivationRecord | None,
+    grad_data: GradDataRecord | None,
+    update: UpdateRecord | None,
+    optimizer: OptimizerRecord | None = None,
 ) -> list[Verdict]:
     """Adam family: too high, from the update shrink (needs GradDataRatio: the weights' std at init). SGD: too
     low, from update:data at the schedule's highest rate; too high when the network died. Nothing else: the
@@ -475,6 +484,20 @@ def _learning_rate(
         ud = sgd_update_at(update, step)
         return {"median of the weights": ud} if ud is not None and ud < SGD_LOW else {}
 
+    def noisy(step: int) -> dict[str, float]:
+        rms = adam_step_at(optimizer, step)
+        return {"median of the weights": rms} if rms is not None and rms < ADAM_STEP_LOW else {}
+
+    step, hits = _persistent(optimizer, noisy)
+    if hits:
+        rms = hits["median of the weights"]
+        return _verdict(
+            "warning", "learning rate too high", hits, lambda v: -v, f"Adam: normalised step RMS > {ADAM_STEP_LOW:g}",
+            f"Adam's normalised step m/(sqrt(v)+eps) has an RMS of {rms:.2g}: each weight's gradient keeps flipping "
+            "sign from step to step, so the steps mostly cancel: typical of steps too large",
+            "divide the learning rate by about 3 to 10 (this signal does not say by how much), or add a warm-up",
+            step,
+        )  # fmt: skip
     step, hits = _persistent(update, high)
     if hits:
         shrink = hits["median of the weights"]
@@ -534,8 +557,9 @@ def learning_rate_note(update: UpdateRecord | None, grad_data: GradDataRecord | 
 
 
 def attention_logits_at(logits: LogitRecord | None, step: int) -> dict[str, float]:
-    """name -> the largest pre-softmax logit of each watched attention at ``step``."""
-    return _at(logits, "attn_logit_max", step)
+    """name -> the largest pre-softmax logit of each watched attention at ``step`` (inf where it was not finite:
+    overflowed, or NaN)."""
+    return {**_at(logits, "attn_logit_max", step), **dict.fromkeys(_at(logits, "attn_logit_nonfinite", step), math.inf)}
 
 
 def has_warmup(update: UpdateRecord | None) -> bool:
@@ -566,6 +590,38 @@ def _attention_growth(logits: LogitRecord | None, update: UpdateRecord | None, f
         + f": its softmax is close to one-hot and passes little gradient; runs like this end worse or diverge"
         f"{overflow}. Typical of a learning rate too high for the model",
         ", ".join(fixes[:-1]) + f" or {fixes[-1]}" if len(fixes) > 1 else fixes[0], step,
+    )  # fmt: skip
+
+
+def adam_step_at(optimizer: OptimizerRecord | None, step: int) -> float | None:
+    """The median over the weights of the RMS of Adam's normalised step at ``step`` (after step 0, whose step is
+    1 for every element), see :data:`ADAM_STEP_LOW`; None where it was not read."""
+    values = _at(optimizer, "adam_step_rms", step)
+    return statistics.median(values.values()) if values and step > 0 else None
+
+
+def adam_eps_at(optimizer: OptimizerRecord | None, step: int) -> dict[str, float]:
+    """name -> % of the weight's elements where Adam's eps exceeds sqrt(v_hat), at ``step``."""
+    return _at(optimizer, "adam_eps_pct", step)
+
+
+def _adam_eps(optimizer: OptimizerRecord | None) -> list[Verdict]:
+    def flagged(step: int) -> dict[str, float]:
+        pct = adam_eps_at(optimizer, step)
+        return (
+            {n: v for n, v in pct.items() if v > ADAM_EPS_PCT}
+            if pct and statistics.median(pct.values()) > ADAM_EPS_PCT
+            else {}
+        )
+
+    step, hits = _persistent(optimizer, flagged)
+    eps = None if optimizer is None else optimizer.eps
+    return _verdict(
+        "warning", "Adam epsilon dominating", hits, lambda v: v,
+        f"Adam: median over the weights < {ADAM_EPS_PCT:g} % of elements with sqrt(v) < eps",
+        f"in most elements the gradient's RMS is below Adam's eps ({eps:g}): eps, not the gradient, sets the step, "
+        "so Adam moves them like a slow SGD" if eps is not None else "eps, not the gradient, sets the step",
+        "lower eps (the default is 1e-8), or scale the loss up", step,
     )  # fmt: skip
 
 
@@ -611,9 +667,10 @@ def evaluate(
         *_not_learning(update, grad_data),
         *_underflow(saturation),
         *_attention_growth(logits, update, _fp16(saturation)),
+        *_adam_eps(optimizer),
     ]
     if not any(v.step == 0 for v in verdicts):  # a fault at init explains small updates better than the rate
-        verdicts += _learning_rate(saturation, grad_data, update)
+        verdicts += _learning_rate(saturation, grad_data, update, optimizer)
     return sorted(verdicts, key=lambda v: v.severity != "fatal")
 
 

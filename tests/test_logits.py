@@ -281,6 +281,23 @@ def test_attention_it_cannot_see_is_listed():
     assert record.unwatched == {"1"} and record.names("attn_logit_max") == []
 
 
+def test_an_overflowing_attention_is_said_so_and_named_by_the_report():
+    """Scores beyond float32's range (as fp16's logits above 65504) are recorded as non-finite, never dropped,
+    and count for the attention rule (the run's loss is NaN by then: the non-finite rule fires too)."""
+    from lightning_netdiag.report import summarize
+
+    model = HandLM(fused=False)
+    with torch.no_grad():
+        model.wte.weight.mul_(1e19)  # q . k beyond 3.4e38
+    x = torch.randint(0, 11, (4, 7))
+    loss_of = lambda m, b: F.cross_entropy(m(b).flatten(0, 1), b.flatten())  # noqa: E731
+    diag = run_steps(model, [x] * 3, loss_of, torch.optim.SGD(model.parameters(), lr=0.0))
+    record = diag.logits.record
+    assert record.names("attn_logit_nonfinite") == ["blocks.0", "blocks.1"] and record.names("attn_logit_max") == []
+    verdicts = summarize(logits=record).verdicts
+    assert [(v.check, v.value, v.steps) for v in verdicts] == [("attention logits growing", math.inf, "since 2")]
+
+
 def test_qk_norm_is_seen_where_it_is():
     """A q/k norm layer counts (the report never advises what the model has); an Identity in its place does not."""
     from lightning_netdiag.attention import has_qk_norm

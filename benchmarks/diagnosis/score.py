@@ -282,6 +282,18 @@ def step_signals(m: dict[str, Any], step: int) -> dict[str, float]:
                        ("SGD fall, a layer flat", report.sgd_died_at(sat, upd, step))):  # fmt: skip
         if value is not None:
             out[key] = value
+    logits, adam = m.get("logits"), m.get("optimizer")
+    attention = report.attention_logits_at(logits, step)
+    if attention:
+        out["largest attention logit"] = max(attention.values())
+    if logits is not None:
+        for name, log_z in logits.at("output_logz", step).items():
+            init = logits.at_init("output_logz").get(name)
+            if init is not None:
+                out["output log Z, drift from init"] = abs(log_z - init)
+    if adam is not None and (rms := adam.at("adam_step_rms", step)) and step > 0:
+        out["Adam step RMS, median"] = statistics.median(rms.values())
+        out["Adam eps %, median"] = statistics.median(adam.at("adam_eps_pct", step).values())
     return out
 
 
@@ -292,7 +304,7 @@ def persistent(per_step: list[dict[str, float]]) -> dict[str, float]:
     out: dict[str, float] = {}
     for key in {k for signals in per_step for k in signals}:
         series = [signals.get(key) for signals in per_step]
-        low = key == "SGD update:data at top rate"
+        low = key in ("SGD update:data at top rate", "Adam step RMS, median")
         windows = [series[i : i + PERSIST] for i in range(len(series) - PERSIST + 1)]
         held = [(max(w) if low else min(w)) for w in windows if all(v is not None for v in w)]
         if held:
@@ -336,13 +348,16 @@ def twin_labels(rows: list[dict[str, Any]]) -> None:
     """Each instability run's label, from its final loss against its healthy twin's of the same seed; and when its
     loss became clearly worse (``worse_at``)."""
     by_name = {(row["name"], row["seed"]): row for row in rows}
+    defined = {run.name: run for run in all_runs()}  # today's definitions: kept runs are scored by them
     for row in rows:
         twin = by_name.get((row.get("twin"), row["seed"]))
         if twin is None:
             continue
         unstable = not math.isfinite(row["loss"]) or row["loss"] > WORSE * twin["loss"]
-        far = row["lr"] >= FAR * twin["lr"]
-        own = row["own"]
+        run, twin_run = defined.get(row["name"]), defined.get(twin["name"])
+        lr, twin_lr = (run.recipe.lr, twin_run.recipe.lr) if run and twin_run else (row["lr"], twin["lr"])
+        far = lr >= FAR * twin_lr
+        own = run.expect if run else row["own"]
         row["expect"], row["allowed"] = (own, []) if unstable else (HEALTHY, [own] if far else [])
         row["worse_at"] = worse_at(row["losses"], twin["losses"]) if unstable else None
 
@@ -463,6 +478,9 @@ def constants() -> list[tuple[str, float, str, str, bool]]:
         ("ADAM_SHRINK_HIGH", r.ADAM_SHRINK_HIGH, "Adam update shrink", TOO_HIGH, True),
         ("SGD_LOW", r.SGD_LOW, "SGD update:data at top rate", TOO_LOW, False),
         ("SGD_FALL", r.SGD_FALL, "SGD fall, a layer flat", TOO_HIGH, True),
+        ("ATTN_LOGIT_HIGH", r.ATTN_LOGIT_HIGH, "largest attention logit", "attention logits growing", True),
+        ("ADAM_STEP_LOW", r.ADAM_STEP_LOW, "Adam step RMS, median", TOO_HIGH, False),
+        ("ADAM_EPS_PCT", r.ADAM_EPS_PCT, "Adam eps %, median", "Adam epsilon dominating", True),
     ]
 
 

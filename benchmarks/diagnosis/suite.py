@@ -115,7 +115,7 @@ RUNS = [
 # fmt: on
 
 
-ATTENTION, OUTPUT, EPS = "attention logits growing", "output logits drifting", "Adam epsilon dominating"
+ATTENTION, EPS = "attention logits growing", "Adam epsilon dominating"
 TOO_HIGH, TOO_LOW = "learning rate too high", "learning rate too low"
 
 
@@ -132,8 +132,9 @@ def _gpt(name: str, lr_factor: float, own: str, about: str, **options) -> Run:
     return Run(f"gpt {name}", recipe, own, about, twin="gpt best")
 
 
-#: The instability suite's models: the best AdamW rate without warm-up (of 1e-3, 3e-3, 1e-2 on seed 0) and steps.
-INSTABILITY_BEST = {"tiny-lm": (3e-3, 800), "gpt": (3e-3, 600)}
+#: The instability suite's models: the best AdamW rate without warm-up (of 1e-3, 3e-3, 1e-2 on seed 0: tiny-lm
+#: 1.91, 1.81, 1.86; the GPT example 2.10, 2.34, 2.27: without its warm-up, 12 blocks stall at 3e-3) and steps.
+INSTABILITY_BEST = {"tiny-lm": (3e-3, 800), "gpt": (1e-3, 600)}
 
 # fmt: off
 #: Transformers trained with AdamW: at the best rate, 3x, 10x and 30x above it without warm-up, the high rates
@@ -151,12 +152,14 @@ INSTABILITY = [
     _lm("fused lr x30", 30, ATTENTION, "30x the best rate, attention through F.scaled_dot_product_attention",
         fused=True),
     _lm("fp16 lr x30", 30, ATTENTION, "30x the best rate in fp16 with a GradScaler", precision="16-mixed"),
-    _lm("no weight decay", 1, OUTPUT, "the best rate without weight decay", weight_decay=0.0),
-    _lm("no weight decay lr x10", 10, OUTPUT, "10x the best rate without weight decay", weight_decay=0.0),
+    _lm("fp16 lr x30 no weight decay", 30, ATTENTION, "30x the best rate in fp16, no weight decay: the attention "
+        "logits overflow fp16 (inf) by step 100", precision="16-mixed", weight_decay=0.0),
+    _lm("no weight decay", 1, ATTENTION, "the best rate without weight decay", weight_decay=0.0),
+    _lm("no weight decay lr x10", 10, ATTENTION, "10x the best rate without weight decay", weight_decay=0.0),
     _lm("eps 1e-3", 1, EPS, "the best rate with Adam's eps at 1e-3", eps=1e-3),
     _lm("lr /10", 0.1, TOO_LOW, "10x below the best rate"),
     _lm("lr /30", 1 / 30, TOO_LOW, "30x below the best rate"),
-    Run("gpt best", Recipe("gpt", 600, 3e-3, {"warmup": False}),
+    Run("gpt best", Recipe("gpt", 600, 1e-3, {"warmup": False}),
         about="the GPT example (12 blocks, fused attention), AdamW at its best rate without warm-up"),
     _gpt("lr x3", 3, ATTENTION, "3x the best rate, no warm-up"),
     _gpt("lr x10", 10, ATTENTION, "10x the best rate, no warm-up"),

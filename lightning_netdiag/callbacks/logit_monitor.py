@@ -50,7 +50,8 @@ class LogitMonitor(LogitMeter, DiagnosticCallback):
     **Logged metrics**, at each measured step, over every micro-batch of the step (and every rank):
 
     - ``{prefix}/attn_logit_max/{name}``: the largest pre-softmax logit of attention ``{name}`` (its scale
-      applied, masked positions excluded);
+      applied, masked positions excluded); where it is not finite (fp16 overflow, NaN),
+      ``{prefix}/attn_logit_nonfinite/{name}`` = 1 instead;
     - ``{prefix}/attn_q_rms/{name}``, ``{prefix}/attn_k_rms/{name}``: the RMS of its q and k as they enter
       the product (eager: the operands of the product that made the scores; fused: the call's q and k);
     - ``{prefix}/output_logz/{out}``: the mean over the output's rows of ``logsumexp(z)`` (log Z), and

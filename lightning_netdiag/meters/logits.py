@@ -122,7 +122,10 @@ class LogitMeter(Meter):
             q_sq, q_n, k_sq, k_n = summed[i]
             if maxed[i][0] == -math.inf:  # not run on any rank at this step
                 continue
-            scalars[("attn_logit_max", names[i])] = maxed[i][0]
+            if math.isfinite(maxed[i][0]):
+                scalars[("attn_logit_max", names[i])] = maxed[i][0]
+            else:  # overflowed (fp16: above 65504) or NaN: said as such, never dropped as a non-finite value
+                scalars[("attn_logit_nonfinite", names[i])] = 1.0
             if q_n > 0 and k_n > 0:
                 scalars[("attn_q_rms", names[i])] = math.sqrt(q_sq / q_n)
                 scalars[("attn_k_rms", names[i])] = math.sqrt(k_sq / k_n)
