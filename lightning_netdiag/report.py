@@ -42,11 +42,12 @@ from lightning_netdiag.record import (
 )
 
 __all__ = [
-    "ADAM_SHRINK_HIGH", "ADAM_SHRINK_OK", "COLUMNS", "DEAD_STD", "DEAD_UNITS_PCT", "FLAT_PCT", "GRAD_SPREAD",
-    "OVERCONFIDENT", "PERSIST", "SATURATED_PCT", "SGD_FALL", "SGD_LOW", "SGD_OK", "UNDERFLOW_PCT", "UNEARNED",
-    "WORST", "Report", "Verdict", "adam_shrink_at", "as_table", "at_init", "checks", "dead_units_at", "evaluate",
-    "flat_at", "format_markdown", "format_table", "fp16_tiny_at", "gradient_ratio_at_init", "learning_rate_note",
-    "replay", "sgd_died_at", "sgd_fall_at", "sgd_update_at", "summarize",
+    "ADAM_EPS_PCT", "ADAM_SHRINK_HIGH", "ADAM_SHRINK_OK", "ADAM_STEP_LOW", "ATTN_LOGIT_HIGH", "COLUMNS", "DEAD_STD",
+    "DEAD_UNITS_PCT", "FLAT_PCT", "GRAD_SPREAD", "OVERCONFIDENT", "PERSIST", "SATURATED_PCT", "SGD_FALL", "SGD_LOW",
+    "SGD_OK", "UNDERFLOW_PCT", "UNEARNED", "WORST", "Report", "Verdict", "adam_eps_at", "adam_shrink_at",
+    "adam_step_at", "as_table", "at_init", "attention_logits_at", "checks", "dead_units_at", "evaluate", "flat_at",
+    "format_markdown", "format_table", "fp16_tiny_at", "gradient_ratio_at_init", "has_warmup", "learning_rate_note",
+    "logit_notes", "replay", "sgd_died_at", "sgd_fall_at", "sgd_update_at", "summarize",
 ]  # fmt: skip
 
 #: Logging steps in a row (not optimizer steps) at which a during-training condition must hold before it counts:
@@ -472,9 +473,10 @@ def _learning_rate(
     update: UpdateRecord | None,
     optimizer: OptimizerRecord | None = None,
 ) -> list[Verdict]:
-    """Adam family: too high, from the update shrink (needs GradDataRatio: the weights' std at init). SGD: too
-    low, from update:data at the schedule's highest rate; too high when the network died. Nothing else: the
-    suite shows no statistic here that tells the other cases apart (see the README)."""
+    """Adam family: too high, from the update shrink (needs GradDataRatio: the weights' std at init), else from the
+    normalised step (needs OptimizerState). SGD: too low, from update:data at the schedule's highest rate; too
+    high when the network died. Nothing else: the suites show no statistic here that tells the other cases apart
+    (see docs/diagnosis.md)."""
 
     def high(step: int) -> dict[str, float]:
         shrink = adam_shrink_at(update, grad_data, step)
@@ -483,6 +485,16 @@ def _learning_rate(
     def low(step: int) -> dict[str, float]:
         ud = sgd_update_at(update, step)
         return {"median of the weights": ud} if ud is not None and ud < SGD_LOW else {}
+
+    step, hits = _persistent(update, high)
+    if hits:
+        shrink = hits["median of the weights"]
+        return _verdict(
+            "warning", "learning rate too high", hits, lambda v: v, f"Adam: update shrink < {ADAM_SHRINK_HIGH:g}",
+            f"the updates are {10**shrink:.0f}x smaller than the learning rate relative to the weights' initial "
+            "scale: the steps mostly cancel, or the weights grew",
+            f"divide the learning rate by about {10 ** (shrink - ADAM_SHRINK_OK):.2g}", step,
+        )  # fmt: skip
 
     def noisy(step: int) -> dict[str, float]:
         rms = adam_step_at(optimizer, step)
@@ -497,15 +509,6 @@ def _learning_rate(
             "sign from step to step, so the steps mostly cancel: typical of steps too large",
             "divide the learning rate by about 3 to 10 (this signal does not say by how much), or add a warm-up",
             step,
-        )  # fmt: skip
-    step, hits = _persistent(update, high)
-    if hits:
-        shrink = hits["median of the weights"]
-        return _verdict(
-            "warning", "learning rate too high", hits, lambda v: v, f"Adam: update shrink < {ADAM_SHRINK_HIGH:g}",
-            f"the updates are {10**shrink:.0f}x smaller than the learning rate relative to the weights' initial "
-            "scale: the steps mostly cancel, or the weights grew",
-            f"divide the learning rate by about {10 ** (shrink - ADAM_SHRINK_OK):.2g}", step,
         )  # fmt: skip
 
     def died(step: int) -> dict[str, float]:
@@ -533,7 +536,9 @@ def _learning_rate(
     return []
 
 
-def learning_rate_note(update: UpdateRecord | None, grad_data: GradDataRecord | None) -> str | None:
+def learning_rate_note(
+    update: UpdateRecord | None, grad_data: GradDataRecord | None, optimizer: OptimizerRecord | None = None
+) -> str | None:
     """What the learning-rate check read at the latest step, and what it does not judge: said even when it finds
     nothing, so that a run at a good rate reads so."""
     steps = _steps(update)
@@ -543,7 +548,9 @@ def learning_rate_note(update: UpdateRecord | None, grad_data: GradDataRecord | 
     if family == "adam":
         shrink = adam_shrink_at(update, grad_data, step)
         read = "unread (needs GradDataRatio)" if shrink is None else f"{shrink:.2f} at step {step}"
-        return (f"learning rate (Adam): update shrink {read}, too high above {ADAM_SHRINK_HIGH:g}; "
+        rms = adam_step_at(optimizer, _nearest_step(optimizer, step))
+        noise = "" if rms is None else f"; normalised step RMS {rms:.2g}, too high below {ADAM_STEP_LOW:g}"
+        return (f"learning rate (Adam): update shrink {read}, too high above {ADAM_SHRINK_HIGH:g}{noise}; "
                 "too low is not judged under Adam")  # fmt: skip
     if family == "sgd":
         ud = sgd_update_at(update, step)
@@ -630,23 +637,33 @@ def _fp16(saturation: ActivationRecord | None) -> bool:
     return saturation is not None and bool(saturation.names("act_grad_fp16_tiny_pct"))
 
 
-def attention_note(logits: LogitRecord | None) -> str | None:
-    """What the attention check read at the latest step, said even when it finds nothing; and the attentions it
-    could not watch."""
+def logit_notes(logits: LogitRecord | None) -> list[str]:
+    """What the attention check read at the latest step, said even when it finds nothing; the output's logits (not
+    judged: the suites hold no run where they drift); and the attentions it could not watch."""
     steps = _steps(logits)
     if logits is None:
-        return None
+        return []
     notes = []
     if steps and (found := attention_logits_at(logits, steps[-1])):
         worst = max(found, key=found.__getitem__)
         notes.append(f"attention logits: largest {found[worst]:.3g} ({worst}) at step {steps[-1]}, too high above "
                      f"{ATTN_LOGIT_HIGH:g}")  # fmt: skip
+    out = logits.output
+    log_z, top = (
+        (_at(logits, m, steps[-1]).get(out or "") for m in ("output_logz", "output_logit_max"))
+        if steps
+        else (None, None)
+    )
+    if log_z is not None and top is not None:
+        init = logits.at_init("output_logz").get(out or "")
+        since = "" if init is None else f" ({init:.3g} at init)"
+        notes.append(f"output logits: mean log Z {log_z:.3g}{since}, largest {top:.3g} at step {steps[-1]}, not judged")
     if logits.unwatched:
         notes.append(
             f"attention not watched in {', '.join(sorted(logits.unwatched))}: it runs in a kernel netdiag cannot see "
             "(flash-attn, xformers, a custom op), so the attention check says nothing about it"
         )
-    return "; ".join(notes) or None
+    return notes
 
 
 def evaluate(
@@ -752,9 +769,8 @@ def _notes(records: Mapping[str, Any], verdicts: list[Verdict]) -> list[str]:
     grad_data, update, logits = records["grad_data"], records["update"], records["logits"]
     present = [r for r in records.values() if r is not None]
     notes = []
-    for note in (learning_rate_note(update, grad_data), attention_note(logits)):
-        if note is not None:
-            notes.append(note)
+    note = learning_rate_note(update, grad_data, records["optimizer"])
+    notes += [*([] if note is None else [note]), *logit_notes(logits)]
     if any(v.step not in (0, None) for v in verdicts):
         every = next((r.every_n_steps for r in present if r.every_n_steps), None)
         window = f" (measured every {every} steps: over {every * (PERSIST - 1)} steps)" if every else ""
