@@ -1,5 +1,6 @@
 """The health report on real training runs with a known outcome: the diagnosis suite's quick subset
-(benchmarks/diagnosis). Healthy recipes get no warning at all; each injected fault is named by its own check."""
+(benchmarks/diagnosis), the instability suite's among them. Healthy recipes get no warning at all; each injected
+fault is named by its own check."""
 
 import json
 import subprocess
@@ -41,7 +42,7 @@ def test_quick_suite_healthy_runs_get_no_warning_and_each_fault_its_own_check(qu
     assert len(healthy) >= 4 and all(not r["warned"] and not r["final"] for r in healthy)
     assert faults >= {"over-confident output", "saturation", "vanishing gradient", "exploding gradient", "dead units",
                       "not learning", "gradient underflow", "non-finite", "learning rate too high",
-                      "learning rate too low"}  # fmt: skip
+                      "learning rate too low", "attention logits growing"}  # fmt: skip
     faulty = len(rows) - len(healthy)
     assert f"Faults named by their own check: {faulty} of {faulty}. Healthy runs with any warning: 0 of" in printed
 
