@@ -419,7 +419,7 @@ def test_lightning_logs_what_the_plain_loop_measures(tmp_path, accumulate):
     from torch.utils.data import DataLoader, TensorDataset
 
     from lightning_netdiag import DiagnosticPlots, HealthReport, LogitMonitor, OptimizerState
-    from lightning_netdiag.cli import health
+    from lightning_netdiag.cli import compare, health
     from lightning_netdiag.logs import load_run
 
     data = TensorDataset(torch.randint(0, 11, (48, 7), generator=torch.Generator().manual_seed(0)))
@@ -451,6 +451,9 @@ def test_lightning_logs_what_the_plain_loop_measures(tmp_path, accumulate):
     run = load_run(tmp_path / "tb" / "version_0")
     assert run.record("logits").attention_kinds == {"lm.blocks.0": "eager", "lm.blocks.1": "eager"}
     assert health(run).table() == health_cb.report.table()
+    last = run.record("logits").at("attn_logit_max", 4)
+    worst = max(last, key=last.__getitem__)
+    assert f"| {last[worst]:.3g} ({worst}) |" in compare([run])  # netdiag compare: the largest attention logit
     assert "attention logits: largest" in health_cb.report.table()
     # the pictures: the largest attention logit and log Z over the steps, in files and on the Custom Scalars page
     assert {"attention_logits.png", "output_logits.png", "adam_step.png"} <= {
