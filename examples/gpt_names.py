@@ -23,7 +23,15 @@ import torch
 from makemore_mlp import VOCAB, load_words
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_netdiag import DiagnosticPlots, GradDataRatio, HealthReport, SaturationMonitor, UpdateRatio
+from lightning_netdiag import (
+    DiagnosticPlots,
+    GradDataRatio,
+    HealthReport,
+    LogitMonitor,
+    OptimizerState,
+    SaturationMonitor,
+    UpdateRatio,
+)
 
 PAD = len(VOCAB)  # one token past the characters; its labels are ignored (-100)
 
@@ -96,6 +104,8 @@ def train(cfg: Config, quiet: bool = False) -> tuple[L.Trainer, list]:
         UpdateRatio(every_n_steps=every),
         DiagnosticPlots(),
         HealthReport(warn=not quiet, print_table=not quiet),
+        LogitMonitor(every_n_steps=every),  # each block's attention logits, the LM head's log Z
+        OptimizerState(every_n_steps=every),  # AdamW's normalised step, where eps dominates
     ]
     trainer = L.Trainer(
         max_steps=cfg.max_steps,

@@ -19,7 +19,7 @@ def test_encode_frames_each_name_and_pads():
 
 
 def test_gpt_example_watches_every_block_and_draws_the_depth_views(tmp_path):
-    trainer, (sat, grad, update, drawn, health) = train(
+    trainer, (sat, grad, update, drawn, health, logits, adam) = train(
         Config(max_steps=11, every_n_steps=5, root_dir=str(tmp_path)), quiet=True
     )
     assert set(sat.layer_kinds) == {f"gpt.transformer.h.{i}.mlp.act" for i in range(12)}
@@ -28,5 +28,7 @@ def test_gpt_example_watches_every_block_and_draws_the_depth_views(tmp_path):
     assert len(grad.param_shapes) == 2 + 4 * 12 and "gpt.lm_head.weight" not in grad.param_shapes
     model = trainer.lightning_module.gpt
     assert model.lm_head.weight is model.transformer.wte.weight
-    assert {p.stem for p in drawn.saved} >= {"depth_profile", "activations", "update_ratio"}
+    assert {p.stem for p in drawn.saved} >= {"depth_profile", "activations", "update_ratio", "attention_logits"}
+    assert logits.record.names("attn_logit_max") == [f"gpt.transformer.h.{i}.attn" for i in range(12)]
+    assert logits.output == "gpt.lm_head" and adam.optimizer_family == "adam"
     assert all(torch.isfinite(torch.tensor([v for _, v in points])).all() for points in update.history.values())
