@@ -18,8 +18,8 @@ from lightning_netdiag.run import check_positive_int, scaler_scale
 from lightning_netdiag.sinks import LoggerSink
 
 __all__ = [
-    "DiagnosticCallback", "LightningRun", "ParameterCallback", "first_meter", "flat_sharding", "logging_step",
-    "loss_scale", "records",
+    "DiagnosticCallback", "ForwardCallback", "LightningRun", "ParameterCallback", "first_meter", "flat_sharding",
+    "logging_step", "loss_scale", "records",
 ]  # fmt: skip
 
 
@@ -124,6 +124,36 @@ class DiagnosticCallback(Callback):
 
     def detach(self) -> None:
         raise NotImplementedError
+
+
+class ForwardCallback(DiagnosticCallback):
+    """Base of the callbacks whose meter watches the forward (D1/D2, the logits): armed at each training batch,
+    told when its backward starts and ends, flushed just before the optimizer step, stopped after the batch (so
+    that validation never counts)."""
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self.arm(logging_step(trainer, self._every), pl_module.device)  # type: ignore[attr-defined]  # the meter's
+
+    @override
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
+        self.backward()  # type: ignore[attr-defined]  # the meter's
+
+    @override
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.backward_done()  # type: ignore[attr-defined]  # the meter's
+
+    @override
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        self.flush()  # type: ignore[attr-defined]  # the meter's
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self.stop()  # type: ignore[attr-defined]  # the meter's
 
 
 class ParameterCallback(DiagnosticCallback):

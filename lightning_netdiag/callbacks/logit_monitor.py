@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import lightning.pytorch as pl
-from torch import Tensor
-from typing_extensions import override
 
-from lightning_netdiag.callbacks._common import DiagnosticCallback, LightningRun, logging_step
+from lightning_netdiag.callbacks._common import ForwardCallback, LightningRun
 from lightning_netdiag.meters import LogitMeter
 
 __all__ = ["LogitMonitor"]
 
 
-class LogitMonitor(LogitMeter, DiagnosticCallback):
+class LogitMonitor(LogitMeter, ForwardCallback):
     r"""Watches the logits that softmaxes see: every attention's, and the model's output.
 
     Attention logits that grow until the softmax is one-hot, and output logits that drift, are how transformer
@@ -71,27 +67,3 @@ class LogitMonitor(LogitMeter, DiagnosticCallback):
 
     def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.attach(pl_module, LightningRun(trainer, self._sink))
-
-    @override
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        self.arm(logging_step(trainer, self._every), pl_module.device)
-
-    @override
-    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
-        self.backward()
-
-    @override
-    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.backward_done()
-
-    @override
-    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        self.flush()
-
-    @override
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        self.stop()  # validation runs after this: it must never count

@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import lightning.pytorch as pl
 from torch import Tensor
 from typing_extensions import override
 
 from lightning_netdiag import stats
-from lightning_netdiag.callbacks._common import DiagnosticCallback, LightningRun, logging_step, loss_scale
+from lightning_netdiag.callbacks._common import ForwardCallback, LightningRun, loss_scale
 from lightning_netdiag.meters import ActivationMeter
 
 __all__ = ["SaturationMonitor"]
 
 
-class SaturationMonitor(ActivationMeter, DiagnosticCallback):
+class SaturationMonitor(ActivationMeter, ForwardCallback):
     r"""Watches the activation layers: how saturated they are (D1) and what gradient reaches them (D2).
 
     Every activation that runs is watched by default: ``torch.nn`` activation modules, any other
@@ -124,29 +123,9 @@ class SaturationMonitor(ActivationMeter, DiagnosticCallback):
         self.attach(pl_module, LightningRun(trainer, self._sink))
 
     @override
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        self.arm(logging_step(trainer, self._every), pl_module.device)
-
-    @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
         if not self.needs_loss:
             self.backward()
             return
         scale = loss_scale(trainer)  # the loss as the step computed it: unscaled, not divided for accumulation
         self.backward(loss * trainer.accumulate_grad_batches / (1.0 if scale is None else scale))
-
-    @override
-    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.backward_done()
-
-    @override
-    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        self.flush()
-
-    @override
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        self.stop()  # validation runs after this: it must never count
