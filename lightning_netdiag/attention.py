@@ -184,9 +184,10 @@ class AttentionLayer:
     def add(self, peak: Tensor, q: Tensor | None, k: Tensor | None) -> None:
         torch.maximum(self.peak, peak.reshape(1), out=self.peak)  # type: ignore[arg-type]
         if q is not None and k is not None:
-            sq = [t.detach().float().pow(2).sum().double() for t in (q, k)]
-            n = [torch.tensor(float(t.numel()), dtype=torch.float64, device=q.device) for t in (q, k)]
-            self.sums.add_(torch.stack([sq[0], n[0], sq[1], n[1]]))  # type: ignore[union-attr]
+            sums: Tensor = self.sums  # type: ignore[assignment]
+            for i, t in enumerate((q, k)):
+                sums[2 * i].add_(t.detach().float().pow(2).sum())
+                sums[2 * i + 1].add_(t.numel())  # a host number as a kernel argument: no copy, no wait for the GPU
 
 
 class AttentionHooks:

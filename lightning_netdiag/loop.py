@@ -130,6 +130,10 @@ class NetDiag:
         self.update = _meter("update", update, UpdateMeter)
         self.logits = _meter("logits", logits, LogitMeter)
         self.optimizer_state = _meter("optimizer_state", optimizer_state, OptimizerMeter)
+        # armed for each forward and told when its backward starts and ends (known once: every forward asks)
+        self._forward_meters: list[ActivationMeter | LogitMeter] = [
+            m for m in (self.saturation, self.logits) if m is not None
+        ]
         self.steps = 0
         self.verdicts: list[report.Verdict] = []
         self._handles = HookHandles()
@@ -194,11 +198,6 @@ class NetDiag:
         self.close()
 
     # --- when: the hooks --------------------------------------------------------------------------------
-
-    @property
-    def _forward_meters(self) -> list[ActivationMeter | LogitMeter]:
-        """The meters armed for each forward and told when its backward starts and ends."""
-        return [m for m in (self.saturation, self.logits) if m is not None]
 
     def _measured(self) -> int | None:
         return self.steps if self.steps % self.every_n_steps == 0 else None

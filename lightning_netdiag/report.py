@@ -574,7 +574,7 @@ def attention_logits_at(logits: LogitRecord | None, step: int) -> dict[str, floa
 
 def has_warmup(update: UpdateRecord | None) -> bool:
     """Whether the learning rate rose after step 0 (a warm-up), as far as the logged rates tell."""
-    rates = [lr for _, lr in _rates(update).items()]
+    rates = list(_rates(update).values())
     return len(rates) > 1 and rates[0] < 0.5 * max(rates)
 
 

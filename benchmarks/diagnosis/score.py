@@ -45,11 +45,8 @@ from typing import Any
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 
-from suite import HEALTHY, Run, all_runs  # noqa: E402
+from suite import ATTENTION, HEALTHY, TOO_HIGH, TOO_LOW, Run, all_runs  # noqa: E402
 
-TOO_HIGH, TOO_LOW = "learning rate too high", "learning rate too low"
-#: The checks of the instability family (the instability suite's own checks).
-INSTABILITY_CHECKS = ["attention logits growing"]
 NEAR, FAR, WORSE = 3.4, 9.9, 1.05  # "within 3x", "10x or more" on a grid of ~3.16x steps; "more than 5 % worse"
 
 
@@ -334,7 +331,7 @@ def labels(rows: list[dict[str, Any]]) -> None:
             if 1 / NEAR <= ratio <= NEAR:  # clearly worse all the same: a warning of instability is no false alarm
                 row["expect"], row["allowed"] = (
                     HEALTHY,
-                    ([*INSTABILITY_CHECKS, TOO_HIGH] if worse and ratio > 1 else []),
+                    ([ATTENTION, TOO_HIGH] if worse and ratio > 1 else []),
                 )
             elif ratio >= FAR:
                 row["expect"], row["allowed"] = (TOO_HIGH, []) if worse else (HEALTHY, [TOO_HIGH])

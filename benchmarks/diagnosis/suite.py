@@ -15,6 +15,7 @@ A run is a :class:`~models.Recipe` and its label. Labels:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 
 from models import Recipe
@@ -119,29 +120,27 @@ ATTENTION, EPS = "attention logits growing", "Adam epsilon dominating"
 TOO_HIGH, TOO_LOW = "learning rate too high", "learning rate too low"
 
 
-def _lm(name: str, lr_factor: float, own: str, about: str, precision: str = "32-true", quick: bool = False,
-        **options) -> Run:  # fmt: skip
-    best, steps = INSTABILITY_BEST["tiny-lm"]
-    recipe = Recipe("tiny-lm", steps, best * lr_factor, {"warmup": False, **options}, precision=precision)
-    return Run(f"tiny-lm {name}", recipe, own, about, twin="tiny-lm best", quick=quick)
-
-
-def _gpt(name: str, lr_factor: float, own: str, about: str, **options) -> Run:
-    best, steps = INSTABILITY_BEST["gpt"]
-    recipe = Recipe("gpt", steps, best * lr_factor, {"warmup": False, **options})
-    return Run(f"gpt {name}", recipe, own, about, twin="gpt best")
+def _twin(model: str, name: str, lr_factor: float, own: str, about: str, precision: str = "32-true",
+          quick: bool = False, **options) -> Run:  # fmt: skip
+    """An instability run: ``model`` at ``lr_factor`` times its best rate without warm-up (unless ``options`` say
+    otherwise), labelled against its healthy twin ``{model} best`` (which is the run named so)."""
+    best, steps = INSTABILITY_BEST[model]
+    recipe = Recipe(model, steps, best * lr_factor, {"warmup": False, **options}, precision=precision)
+    twin = None if name == "best" else f"{model} best"
+    return Run(f"{model} {name}", recipe, own, about, twin=twin, quick=quick)
 
 
 #: The instability suite's models: the best AdamW rate without warm-up (of 1e-3, 3e-3, 1e-2 on seed 0: tiny-lm
 #: 1.91, 1.81, 1.86; the GPT example 2.10, 2.34, 2.27: without its warm-up, 12 blocks stall at 3e-3) and steps.
 INSTABILITY_BEST = {"tiny-lm": (3e-3, 800), "gpt": (1e-3, 600)}
+_lm, _gpt = functools.partial(_twin, "tiny-lm"), functools.partial(_twin, "gpt")
 
 # fmt: off
 #: Transformers trained with AdamW: at the best rate, 3x, 10x and 30x above it without warm-up, the high rates
 #: again with warm-up and with qk-layernorm, in fp16, without weight decay, with a large eps, below the best.
 INSTABILITY = [
-    Run("tiny-lm best", Recipe("tiny-lm", 800, 3e-3, {"warmup": False}),
-        about="a 4-block causal transformer with its own eager attention, AdamW at its best rate", quick=True),
+    _lm("best", 1, HEALTHY, "a 4-block causal transformer with its own eager attention, AdamW at its best rate",
+        quick=True),
     _lm("lr x3", 3, ATTENTION, "3x the best rate, no warm-up"),
     _lm("lr x10", 10, ATTENTION, "10x the best rate, no warm-up"),
     _lm("lr x30", 30, ATTENTION, "30x the best rate, no warm-up", quick=True),
@@ -159,8 +158,7 @@ INSTABILITY = [
     _lm("eps 1e-3", 1, EPS, "the best rate with Adam's eps at 1e-3", eps=1e-3),
     _lm("lr /10", 0.1, TOO_LOW, "10x below the best rate"),
     _lm("lr /30", 1 / 30, TOO_LOW, "30x below the best rate"),
-    Run("gpt best", Recipe("gpt", 600, 1e-3, {"warmup": False}),
-        about="the GPT example (12 blocks, fused attention), AdamW at its best rate without warm-up"),
+    _gpt("best", 1, HEALTHY, "the GPT example (12 blocks, fused attention), AdamW at its best rate without warm-up"),
     _gpt("lr x3", 3, TOO_HIGH, "3x the best rate, no warm-up: its 12 blocks stall for the first 200 steps"),
     _gpt("lr x10", 10, ATTENTION, "10x the best rate, no warm-up"),
     _gpt("lr x30", 30, ATTENTION, "30x the best rate, no warm-up"),

@@ -80,7 +80,8 @@ class OptimizerMeter(ParameterMeter):
             (m, copies), (v, _) = self._shard(name, state["exp_avg"]), self._shard(name, second)
             with torch.no_grad():
                 u, below = adam_state(m, v, float(state["step"]), group["betas"], group["eps"])
-                record = torch.stack([u.new_tensor(float(u.numel())), u.pow(2).sum(), below.sum().float()]).double()
+                # the count filled on the device: a host value copied there would wait for the GPU
+                record = torch.stack([u.new_full((), float(u.numel())), u.pow(2).sum(), below.sum().float()]).double()
             parts.append((record / copies, copies))
             names.append(name)
         if not parts:
