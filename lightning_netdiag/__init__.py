@@ -2,7 +2,8 @@
 
 Layers, each importing only the ones before it:
 
-- core, pure torch: ``stats`` (the formulas' additive records) -> ``activations`` (what counts as one) ->
+- core, pure torch: ``stats`` (the formulas' additive records), ``spikes`` (the flight recorder's bands and
+  scores) -> ``activations`` (what counts as one) ->
   ``select`` (what is watched), ``capture`` (the activation hooks), ``attention`` (the attention calls and the
   output's logits), ``dist`` (ranks and shards), ``tags`` (names and on-disk conventions), ``record`` (what was
   measured: the one thing every view reads) -> ``run``
@@ -24,6 +25,7 @@ __version__ = "0.2.0"
 
 _HOMES = {
     "DiagnosticPlots": "lightning_netdiag.callbacks",
+    "FlightRecorder": "lightning_netdiag.callbacks",
     "GradDataRatio": "lightning_netdiag.callbacks",
     "HealthReport": "lightning_netdiag.callbacks",
     "LogitMonitor": "lightning_netdiag.callbacks",

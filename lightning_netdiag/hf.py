@@ -6,14 +6,23 @@ training begins: the same hooks, meters and numbers as the plain loop and the Li
 
 from __future__ import annotations
 
+import atexit
 import os
+import sys
 from typing import Any
 
 from transformers import TrainerCallback
 
 from lightning_netdiag import report
 from lightning_netdiag.loop import NetDiag
-from lightning_netdiag.meters import ActivationMeter, GradDataMeter, LogitMeter, OptimizerMeter, UpdateMeter
+from lightning_netdiag.meters import (
+    ActivationMeter,
+    FlightMeter,
+    GradDataMeter,
+    LogitMeter,
+    OptimizerMeter,
+    UpdateMeter,
+)
 from lightning_netdiag.run import check_positive_int
 
 __all__ = ["NetDiagCallback"]
@@ -36,11 +45,14 @@ class NetDiagCallback(TrainerCallback):  # type: ignore[misc]
     (one run beside the Trainer's loss and learning rate), else ``{output_dir}/runs/netdiag`` (a run of its
     own beside the Trainer's time-stamped one). Otherwise they are kept in memory only (``diag``'s meters).
     At the end of training the health report is printed on rank 0 and kept in ``verdicts``. The Trainer
-    tells callbacks of no exception: after one, call ``callback.diag.close()`` to remove the hooks.
+    tells callbacks of no exception: after one, call ``callback.diag.close()`` to remove the hooks. The flight
+    recorder's window is written out all the same when the process ends during training (an exception nobody
+    caught), from an ``atexit`` hook.
 
     Args:
         every_n_steps: measure every n-th optimizer step; None takes ``args.logging_steps``.
-        saturation, grad_data, update, logits, optimizer_state: as for :class:`~lightning_netdiag.loop.NetDiag`.
+        saturation, grad_data, update, logits, optimizer_state, flight: as for
+            :class:`~lightning_netdiag.loop.NetDiag`.
         print_report: print the health report when training ends.
         log_dir: where the TensorBoard events go (see above); None: the default.
 
@@ -65,11 +77,12 @@ class NetDiagCallback(TrainerCallback):  # type: ignore[misc]
         log_dir: str | None = None,
         logits: LogitMeter | bool | None = True,
         optimizer_state: OptimizerMeter | bool | None = True,
+        flight: FlightMeter | bool | None = True,
     ) -> None:
         check_positive_int("every_n_steps", every_n_steps, allow_none=True)
         self.every_n_steps = every_n_steps
         self.saturation, self.grad_data, self.update = saturation, grad_data, update
-        self.logits, self.optimizer_state = logits, optimizer_state
+        self.logits, self.optimizer_state, self.flight = logits, optimizer_state, flight
         self.print_report = bool(print_report)
         self.log_dir = log_dir
         self.diag: NetDiag | None = None
@@ -88,17 +101,32 @@ class NetDiagCallback(TrainerCallback):  # type: ignore[misc]
         self.diag = NetDiag(
             model, inner, writer=self._writer, every_n_steps=every, scaler=getattr(optimizer, "scaler", None),
             saturation=self.saturation, grad_data=self.grad_data, update=self.update, logits=self.logits,
-            optimizer_state=self.optimizer_state,
+            optimizer_state=self.optimizer_state, flight=self.flight,
             loss_from_output=args.gradient_accumulation_steps == 1,
         )  # fmt: skip
         self.diag.steps = state.global_step  # resumed runs go on counting
         self.diag.attach()
+        atexit.register(self._process_ends)
+
+    def _process_ends(self) -> None:
+        """The process ends during training: the exception that ended it (where Python kept it) and the flight
+        recorder's window go into the logs."""
+        if self.diag is not None and self.diag.flight is not None:
+            error = getattr(sys, "last_value", None)
+            self.diag.flight.crashed(error if error is not None else "the process ended during training")
+        self._close()
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        atexit.unregister(self._process_ends)
         if self.diag is None:
             return
         self.diag.close()
         self.verdicts = self.diag.report(print_table=self.print_report and state.is_world_process_zero)
+        self._close()
+
+    def _close(self) -> None:
+        if self.diag is not None:
+            self.diag.close()
         if self._writer is not None:
             self._writer.close()
             self._writer = None

@@ -2,7 +2,8 @@
 
 Reads TensorBoard event files (scalars, histograms, and each record's description, logged once as JSON text)
 or Lightning's CSV logs (``metrics.csv``: scalars, the histograms' quantiles, and the descriptions in JSON files
-beside it), with the conventions of :mod:`lightning_netdiag.tags`. A run is a directory holding event files or a
+beside it), and the records written whole beside either (the flight recorder's window), with the conventions of
+:mod:`lightning_netdiag.tags`. A run is a directory holding event files or a
 ``metrics.csv``; a directory above several runs (``lightning_logs/``) stands for all of them.
 """
 
@@ -24,7 +25,7 @@ from lightning_netdiag import tags
 from lightning_netdiag.record import KINDS, Key, Record, RecordVersionError
 from lightning_netdiag.stats import Histogram
 
-__all__ = ["LogError", "RunLogs", "find_runs", "load_run", "read_csv_log", "read_tensorboard"]
+__all__ = ["LogError", "RunLogs", "find_runs", "load_run", "read_csv_log", "read_records", "read_tensorboard"]
 
 LOSS = re.compile(r"(^|[/_])(train[/_])?loss($|_step$)")
 
@@ -80,9 +81,10 @@ def find_runs(paths: Iterable[str | Path]) -> list[Path]:
         if not p.exists():
             raise LogError(f"{p}: no such file or directory")
         base = p if p.is_dir() else p.parent
-        found = sorted({f.parent for pattern in ("events.out.tfevents.*", "metrics.csv") for f in base.rglob(pattern)})
+        patterns = ("events.out.tfevents.*", "metrics.csv", tags.RECORD_FILES)
+        found = sorted({f.parent for pattern in patterns for f in base.rglob(pattern)})
         if not found:
-            raise LogError(f"{p}: no TensorBoard event file and no metrics.csv under it: not a run's logs")
+            raise LogError(f"{p}: no TensorBoard event file, metrics.csv or netdiag record under it: not a run's logs")
         runs += [r for r in found if r not in runs]
     return runs
 
@@ -153,7 +155,12 @@ def load_run(run: Path) -> RunLogs:
     """A run's records rebuilt from its logs, as the meters held them; a LogError if it holds no netdiag tag or
     a description written by a newer netdiag. ``notes`` says what the logs did not say (the cadence)."""
     has_events = any(run.glob("events.out.tfevents.*"))
-    scalars, hists, meta = read_tensorboard(run) if has_events else read_csv_log(run)
+    if has_events:
+        scalars, hists, meta = read_tensorboard(run)
+    elif (run / "metrics.csv").exists():
+        scalars, hists, meta = read_csv_log(run)
+    else:
+        scalars, hists, meta = {}, {}, {}
     records: dict[str, Record] = {}
     others: dict[str, dict[int, float]] = {}
     points: dict[str, dict[int, tuple[dict[Key, float], dict[Key, Histogram]]]] = defaultdict(dict)
@@ -178,7 +185,8 @@ def load_run(run: Path) -> RunLogs:
         record, key = found
         for step, value in series.items():
             points[record.kind].setdefault(step, ({}, {}))[0][key] = value
-    if not records:
+    whole = read_records(run)
+    if not records and not whole:
         where = "event files" if has_events else "metrics.csv"
         raise LogError(f"{run}: its {where} hold no netdiag tags (no SaturationMonitor, GradDataRatio or UpdateRatio?)")
     _describe(records, meta, run)
@@ -187,7 +195,23 @@ def load_run(run: Path) -> RunLogs:
     for kind, by_step in points.items():
         for step in sorted(by_step):
             records[kind].add(step, *by_step[step])
+    records.update(whole)  # a record written whole is exact (float64) and complete: it wins over its tags
     return RunLogs(run, records, others, _cadence(records))
+
+
+def read_records(run: Path) -> dict[str, Record]:
+    """The records written whole beside a run's logs (``tags.record_file``: the flight recorder's window), by
+    kind; a LogError for one that cannot be read."""
+    out: dict[str, Record] = {}
+    for path in sorted(run.glob(tags.RECORD_FILES)):
+        kind = tags.parse_record_file(path.name)
+        if kind not in KINDS:
+            continue
+        try:
+            out[kind] = Record.from_json(json.loads(path.read_text()))
+        except (ValueError, KeyError, TypeError) as e:  # RecordVersionError is a ValueError
+            raise LogError(f"{path}: not a netdiag record ({e})") from None
+    return out
 
 
 def _describe(records: dict[str, Record], meta: dict[str, dict], run: Path) -> None:

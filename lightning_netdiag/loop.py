@@ -29,6 +29,7 @@ from lightning_netdiag.capture import HookHandles
 from lightning_netdiag.dist import rank
 from lightning_netdiag.meters import (
     ActivationMeter,
+    FlightMeter,
     GradDataMeter,
     LogitMeter,
     Meter,
@@ -79,6 +80,11 @@ class NetDiag:
             (:class:`~lightning_netdiag.meters.LogitMeter`, see :class:`~lightning_netdiag.LogitMonitor`) and the
             Adam family's state (:class:`~lightning_netdiag.meters.OptimizerMeter`, see
             :class:`~lightning_netdiag.OptimizerState`).
+        flight: the flight recorder (:class:`~lightning_netdiag.meters.FlightMeter`, see
+            :class:`~lightning_netdiag.FlightRecorder`): every step's loss and norms in a ring, an event when they
+            spike. It sees the loss where the model returns one (``output.loss``), in :meth:`step`, or where
+            :meth:`loss` is called; used as a context manager (``with NetDiag(...)``), an exception that ends the
+            loop writes its window out before it propagates.
         loss_from_output: read a model's own ``loss`` output (Hugging Face models given labels) as the loss
             at init. Otherwise the loss is read where ``loss.backward()`` is called (seen through the function
             mode that watches functional activations: not with ``functional=False`` nor under torch.compile),
@@ -88,7 +94,7 @@ class NetDiag:
         ValueError: if an argument is out of range or of the wrong type.
 
     Attributes:
-        saturation, grad_data, update, logits, optimizer_state: the meters (None where left out); their
+        saturation, grad_data, update, logits, optimizer_state, flight: the meters (None where left out); their
             ``history`` holds every
             measurement; their ``record`` is what :func:`lightning_netdiag.plots.draw_all` and
             :func:`lightning_netdiag.report.summarize` read.
@@ -108,6 +114,7 @@ class NetDiag:
         loss_from_output: bool = True,
         logits: LogitMeter | bool | None = True,
         optimizer_state: OptimizerMeter | bool | None = True,
+        flight: FlightMeter | bool | None = True,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"Expected `model` to be a torch.nn.Module, got {type(model).__name__}")
@@ -130,6 +137,7 @@ class NetDiag:
         self.update = _meter("update", update, UpdateMeter)
         self.logits = _meter("logits", logits, LogitMeter)
         self.optimizer_state = _meter("optimizer_state", optimizer_state, OptimizerMeter)
+        self.flight = _meter("flight", flight, FlightMeter)
         # armed for each forward and told when its backward starts and ends (known once: every forward asks)
         self._forward_meters: list[ActivationMeter | LogitMeter] = [
             m for m in (self.saturation, self.logits) if m is not None
@@ -146,7 +154,7 @@ class NetDiag:
 
     @property
     def meters(self) -> list[Meter]:
-        meters = (self.saturation, self.grad_data, self.update, self.logits, self.optimizer_state)
+        meters = (self.saturation, self.grad_data, self.update, self.logits, self.optimizer_state, self.flight)
         return [m for m in meters if m is not None]
 
     # --- lifetime -------------------------------------------------------------------------------------
@@ -155,17 +163,19 @@ class NetDiag:
         """Select what to watch and register the hooks (before the first forward)."""
         self.close()
         for meter in self.meters:
-            meter.record.every_n_steps = self.every_n_steps
+            meter.record.every_n_steps = 1 if meter is self.flight else self.every_n_steps
             sink = LoggerSink(meter.kind, meter.prefix)
             loggers = [] if self.writer is None else [WriterLogger(self.writer)]
             emit = None if self.writer is None else _emitter(sink, loggers)
-            run = TorchRun(emit, self.scaler, None)
+            run = TorchRun(emit, self.scaler, None, self._flush)
             if isinstance(meter, (ActivationMeter, LogitMeter)):
                 meter.attach(self.model, run)
             else:
                 meter.attach(self.model, run, self.optimizers)  # type: ignore[attr-defined]
         if self.update is not None:
             self.update.grad_data = self.grad_data
+        if self.flight is not None:
+            self.flight.log_dir = getattr(self.writer, "log_dir", None)
         if self.saturation is not None and self.optimizers:  # a manual step is told the loss by step()
             self.saturation.watch_backward_calls(self._backward_called)
         self._handles.add(self.model.register_forward_pre_hook(self._forward_starts))
@@ -180,10 +190,14 @@ class NetDiag:
         return self
 
     def close(self) -> None:
-        """Finish a pending measurement, remove every hook; safe to call any number of times."""
-        if self._snapshot_pending and self.update is not None:
-            self.update.measure()
+        """Finish a pending measurement, write the flight recorder's window out, remove every hook; safe to call
+        any number of times."""
+        if self._snapshot_pending:
+            self._manual_update_done()
         self._snapshot_pending = False
+        if self.flight is not None and self._handles:
+            self.flight.finish()
+        self._flush()
         self._handles.remove()
         if self._scaler_step is not None:
             del self.scaler.step
@@ -194,24 +208,41 @@ class NetDiag:
     def __enter__(self) -> NetDiag:
         return self.attach()
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, kind: object, error: BaseException | None, traceback: object) -> None:
+        if error is not None and self.flight is not None and self._handles:  # the run dies: keep its last steps
+            self.flight.crashed(error)
         self.close()
+
+    def _flush(self) -> None:
+        if self.writer is not None and callable(getattr(self.writer, "flush", None)):
+            self.writer.flush()
 
     # --- when: the hooks --------------------------------------------------------------------------------
 
     def _measured(self) -> int | None:
-        return self.steps if self.steps % self.every_n_steps == 0 else None
+        """This step's number if it is measured: every n-th, and the one after a flight recorder's event."""
+        step = self.steps
+        if step % self.every_n_steps == 0 or (self.flight is not None and step in self.flight.requested):
+            return step
+        return None
 
     def _begin(self) -> None:
         for meter in (self.grad_data, self.update, self.optimizer_state):
             if meter is not None:
                 meter.begin(self._measured())
+        if self.flight is not None:
+            self.flight.begin(self.steps)
+
+    def _manual_update_done(self) -> None:
+        if self.update is not None:
+            self.update.measure()
+        if self.flight is not None:
+            self.flight.after_step()
 
     def _forward_starts(self, module: nn.Module, inputs: object) -> None:
         if self._snapshot_pending:  # the manual update happened since step(): measure it
             self._snapshot_pending = False
-            if self.update is not None:
-                self.update.measure()
+            self._manual_update_done()
             self._begin()
         forward_meters = self._forward_meters
         if not forward_meters:
@@ -229,12 +260,19 @@ class NetDiag:
             meter.arm(step, device)
 
     def _forward_ends(self, module: nn.Module, inputs: object, output: object) -> None:
+        if not (module.training and torch.is_grad_enabled()):
+            return
+        # A model that computes its loss (Hugging Face) hands it over: to the flight recorder always (a loss
+        # divided by the window's token count is off by a constant factor, which its scores do not see).
+        own = _loss_of(output)
+        if own is not None and self.flight is not None:
+            self.flight.add_loss(own)
+        loss = own if self.loss_from_output else None
         # Only measured steps need to know when their backward starts: no gradient hook on the others.
-        if not self._forward_meters or self._measured() is None or not (module.training and torch.is_grad_enabled()):
+        if not self._forward_meters or self._measured() is None:
             return
         # The first output gradient computed is the first thing a backward does: nothing (a checkpointed
-        # segment's recomputation) runs before it. A model that computes its loss (Hugging Face) hands it over.
-        loss = _loss_of(output) if self.loss_from_output else None
+        # segment's recomputation) runs before it.
         first = next((t for t in _tensors(output) if t.requires_grad), None)
         if first is not None:
             first.register_hook(lambda grad: self._backward_starts(loss))
@@ -267,6 +305,8 @@ class NetDiag:
             self.grad_data.measure(optimizer)
         if self.update is not None:
             self.update.snapshot(optimizer)
+        if self.flight is not None:
+            self.flight.before_step(optimizer)
 
     def _after_step(self, optimizer: Any, args: object = None, kwargs: object = None) -> None:
         if self._in_scaler_step:
@@ -278,6 +318,8 @@ class NetDiag:
             self.update.measure()
         if self.optimizer_state is not None:
             self.optimizer_state.measure(optimizer)
+        if self.flight is not None:
+            self.flight.after_step()
         self.steps += 1
         self._begin()
 
@@ -305,6 +347,8 @@ class NetDiag:
             raise RuntimeError("NetDiag.step() is for a manual update; with an optimizer, its step is seen by itself")
         if self.saturation is not None and loss is not None and self.steps == 0:
             self.saturation.add_loss(loss.detach())
+        if self.flight is not None and loss is not None:
+            self.flight.add_loss(loss)
         if self.update is not None:
             self.update.manual(lr)
         if self.saturation is not None:
@@ -315,13 +359,25 @@ class NetDiag:
             self.grad_data.measure(None)
         if self.update is not None:
             self.update.snapshot(None)
+        if self.flight is not None:
+            self.flight.before_step(None)
         self.steps += 1
         self._snapshot_pending = True
+
+    def loss(self, loss: Tensor) -> None:
+        """The loss of a micro-batch, for the flight recorder (call it after ``loss.backward()``, once per
+        micro-batch; the step's loss is their mean). Not needed where the model returns its own ``loss`` (Hugging
+        Face models given labels) nor with :meth:`step`; without it the recorder watches the gradients only."""
+        if self.flight is not None:
+            self.flight.add_loss(loss)
 
     # --- views ----------------------------------------------------------------------------------------
 
     def records(self) -> dict[str, Any]:
-        """The meters' records by kind (None for a meter left out): what the report and the plots read."""
+        """The meters' records by kind (None for a meter left out): what the report and the plots read (the
+        flight recorder's window is written into its record first)."""
+        if self.flight is not None:
+            self.flight.write_out()
         return records_by_kind(self.meters)
 
     def report(self, print_table: bool = True) -> list[report.Verdict]:

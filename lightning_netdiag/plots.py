@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from lightning_netdiag.record import (
     ActivationRecord,
+    FlightRecord,
     GradDataRecord,
     LogitRecord,
     OptimizerRecord,
@@ -22,7 +23,7 @@ from lightning_netdiag.stats import Histogram
 
 __all__ = [
     "MANY_LAYERS", "activation_distribution", "activation_gradient_distribution", "attention_logits_over_time",
-    "depth_profile", "distribution_over_time", "draw_all", "layers_by_bins", "layers_by_steps",
+    "depth_profile", "distribution_over_time", "draw_all", "flight_window", "layers_by_bins", "layers_by_steps",
     "output_logits_over_time", "update_ratio_over_time", "weight_gradient_distribution",
 ]  # fmt: skip
 
@@ -314,6 +315,54 @@ def layers_by_steps(record: Record, metric: str, title: str, log: bool = False, 
     return fig
 
 
+def flight_window(flight: FlightRecord, event: dict[str, Any] | None = None, ax: Axes | None = None) -> Figure:
+    """The flight recorder's window around ``event`` (default: the first event, else the latest steps): each
+    weight's gradient norm (weights by depth, one row each) at every step, as decades above or below its own median
+    over the window, with the event's step marked, and the loss above it."""
+    import math
+
+    names = flight.names("flight_grad_norm")
+    event = event if event is not None else next(iter(flight.events), None)
+    steps = flight.steps
+    if event is not None:  # the steps of the window that held it
+        steps = [s for s in steps if event["step"] - flight.window < s <= event["step"] + flight.window // 4]
+    if ax is None:
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(14, 3 + 0.18 * len(names)), layout="constrained")
+        top, ax = fig.subplots(2, 1, sharex=True, height_ratios=[1, 3])
+    else:
+        fig, top = ax.figure, None  # type: ignore[assignment]
+    rows = []
+    for name in names:
+        series = dict(flight.points("flight_grad_norm", name))
+        logs = [math.log10(series[s]) if series.get(s, 0) > 0 else math.nan for s in steps]
+        finite = sorted(v for v in logs if math.isfinite(v))
+        middle = finite[len(finite) // 2] if finite else 0.0
+        rows.append([v - middle for v in logs])
+    if steps and names:
+        x_edges = [s - 0.5 for s in steps] + [steps[-1] + 0.5]
+        spread = max((abs(v) for row in rows for v in row if math.isfinite(v)), default=1.0) or 1.0
+        kw: dict[str, Any] = {"shading": "flat", "cmap": "RdBu_r", "vmin": -spread, "vmax": spread}
+        mesh = ax.pcolormesh(x_edges, range(len(names) + 1), rows, **kw)
+        _layer_ticks(ax, names)
+        fig.colorbar(mesh, ax=ax, label="log10 gradient norm / its median")
+    ax.set_xlabel("step")
+    title = "flight recorder: gradient norm per weight"
+    if event is not None:
+        ax.axvline(event["step"], color="black", linestyle="--", linewidth=1)
+        title += f"; {event['cause']} at step {event['step']}"
+    ax.set_title(title)
+    if top is not None:
+        loss = [(s, v) for s, v in flight.points("flight_loss") if s in set(steps)]
+        if loss:
+            top.plot(*zip(*loss, strict=True), color="black", linewidth=1)
+            top.set_ylabel("loss")
+        if event is not None:
+            top.axvline(event["step"], color="black", linestyle="--", linewidth=1)
+    return fig
+
+
 def depth_profile(
     saturation: ActivationRecord | None = None,
     grad_data: GradDataRecord | None = None,
@@ -358,9 +407,11 @@ def draw_all(
     update: UpdateRecord | None = None,
     logits: LogitRecord | None = None,
     optimizer: OptimizerRecord | None = None,
+    flight: FlightRecord | None = None,
 ) -> dict[str, Figure]:
     """Every plot the given records have data for, by name: the lecture's plots up to ``MANY_LAYERS``
-    layers; above, heatmaps (layers in depth order) and the depth profile."""
+    layers; above, heatmaps (layers in depth order) and the depth profile; the flight recorder's window around
+    its first event (or its latest steps)."""
     layers = saturation.histogram_names("act") if saturation is not None else []
     weights = grad_data.histogram_names("grad") if grad_data is not None else []
     many = max(len(layers), len(weights)) > MANY_LAYERS
@@ -402,4 +453,6 @@ def draw_all(
         figures["output_logits"] = output_logits_over_time(logits)
     if optimizer is not None and optimizer.names("adam_step_rms"):
         figures["adam_step"] = layers_by_steps(optimizer, "adam_step_rms", "Adam: normalised step RMS", log=True)
+    if flight is not None and flight.names("flight_grad_norm"):
+        figures["flight"] = flight_window(flight)
     return figures

@@ -12,6 +12,7 @@ A new kind of measurement is a new subclass here, registered in :data:`KINDS`, w
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import itertools
 from collections.abc import Iterator, Mapping
@@ -23,8 +24,8 @@ from lightning_netdiag.history import History
 from lightning_netdiag.stats import DEFAULT_THRESHOLD, Histogram
 
 __all__ = [
-    "DEFAULT_TARGET", "KINDS", "RECORD_VERSION", "ActivationRecord", "GradDataRecord", "Key", "LogitRecord",
-    "OptimizerRecord", "ParameterRecord", "Record", "RecordVersionError", "Tagged", "UpdateRecord",
+    "DEFAULT_TARGET", "KINDS", "RECORD_VERSION", "ActivationRecord", "FlightRecord", "GradDataRecord", "Key",
+    "LogitRecord", "OptimizerRecord", "ParameterRecord", "Record", "RecordVersionError", "Tagged", "UpdateRecord",
 ]  # fmt: skip
 
 #: The version of a record's description and JSON form. 1: netdiag 0.1.0's logs (no version, no cadence).
@@ -180,6 +181,8 @@ class Record:
                 value = sorted(value)
             elif isinstance(value, dict):
                 value = {k: list(v) if isinstance(v, tuple) else v for k, v in value.items()}
+            elif isinstance(value, list):  # a copy: the record's own list may grow after this description is sent
+                value = copy.deepcopy(value)
             out[name] = value
         return out
 
@@ -328,9 +331,24 @@ class LogitRecord(Record):
     _described = (*Record._described, "attention_kinds", "qk_norm", "unwatched", "output")
 
 
+@dataclass(eq=False)
+class FlightRecord(ParameterRecord):
+    """The flight recorder: at every step the loss, each watched weight's gradient, update and weight norms (and
+    their totals), kept for the last ``window`` steps and written out when the run spikes or dies; the events it
+    saw (``events``: each one's step, its cause, the series that left their band first and by how many steps they
+    led). Its series are every step's, not the cadence's."""
+
+    window: int = 256
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+    kind: ClassVar[str] = "flight"
+    _described = (*ParameterRecord._described, "window", "events")
+
+
 #: kind -> its record class
 KINDS: dict[str, type[Record]] = {
-    cls.kind: cls for cls in (ActivationRecord, GradDataRecord, UpdateRecord, LogitRecord, OptimizerRecord)
+    cls.kind: cls
+    for cls in (ActivationRecord, GradDataRecord, UpdateRecord, LogitRecord, OptimizerRecord, FlightRecord)
 }
 
 

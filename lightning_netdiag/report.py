@@ -31,8 +31,10 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+from lightning_netdiag import spikes
 from lightning_netdiag.record import (
     ActivationRecord,
+    FlightRecord,
     GradDataRecord,
     Key,
     LogitRecord,
@@ -47,7 +49,7 @@ __all__ = [
     "SGD_OK", "UNDERFLOW_PCT", "UNEARNED", "WORST", "Report", "Verdict", "adam_eps_at", "adam_shrink_at",
     "adam_step_at", "as_table", "at_init", "attention_logits_at", "checks", "dead_units_at", "evaluate", "flat_at",
     "format_markdown", "format_table", "fp16_tiny_at", "gradient_ratio_at_init", "has_warmup", "learning_rate_note",
-    "logit_notes", "replay", "sgd_died_at", "sgd_fall_at", "sgd_update_at", "summarize",
+    "flight_notes", "logit_notes", "replay", "sgd_died_at", "sgd_fall_at", "sgd_update_at", "summarize",
 ]  # fmt: skip
 
 #: Logging steps in a row (not optimizer steps) at which a during-training condition must hold before it counts:
@@ -672,15 +674,69 @@ def logit_notes(logits: LogitRecord | None) -> list[str]:
     return notes
 
 
+# --- the flight recorder's events ----------------------------------------------------------------------
+
+_EVENT_ADVICE = {
+    "spike": "look at the first weights named, at that step: lower their learning rate (a parameter group of their "
+             "own) or the rate overall, clip gradients, check the batch of that step; the full measurement of the "
+             "next step is in the other checks",
+    "non-finite": "the first weights named went first: look for a log(0) / 0 or an overflow there (fp16 without a "
+                  "loss scaler); lower the learning rate, clip gradients",
+    "exception": "the last steps before the end are in the logs (netdiag plots draws them); the weights named were "
+                 "out of their band when it ended",
+}  # fmt: skip
+
+
+def _flight(flight: FlightRecord | None) -> list[Verdict]:
+    """One verdict per event of the flight recorder: the step, and where it began (the series that left their band
+    first). A spike is a warning, a non-finite loss or gradient fatal; the end by an exception is said as it was.
+    Only the events up to the record's latest step (as the report replays a run)."""
+    if flight is None or flight.last_step is None:
+        return []
+    last, out = flight.last_step, []
+    for event in [e for e in flight.events if e["step"] <= last]:  # replayed: those so far
+        cause = event["cause"]
+        kind = "exception" if cause == "exception" else "non-finite" if "non-finite" in cause else "spike"
+        began = event.get("began") or []
+        names = []
+        for b in began:
+            if b["name"] not in names:
+                names.append(b["name"])
+        value = event.get("grad_total") if cause == "gradient spike" else event.get("loss")
+        healthy = (
+            "training runs to its end" if kind == "exception" else f"loss and total gradient norm within "
+            f"{spikes.SPIKE:g} spreads of their median over the last {spikes.BAND} steps"
+        )  # fmt: skip
+        out.append(Verdict(
+            "warning" if kind == "spike" else "fatal", cause if kind != "exception" else "run ended by an exception",
+            ", ".join(names[:WORST]) + (f" and {len(names) - WORST} more" if len(names) > WORST else ""),
+            float(value) if value is not None else math.nan, healthy, spikes.event_text(event), _EVENT_ADVICE[kind],
+            len(names), tuple((b["name"], float(b["score"])) for b in began[:WORST]), event["step"],
+        ))  # fmt: skip
+    return out
+
+
+def flight_notes(flight: FlightRecord | None) -> list[str]:
+    """What the flight recorder kept, said even when it saw no event."""
+    if flight is None or not flight.steps:
+        return []
+    events = len(flight.events)
+    return [f"flight recorder: {len(flight.steps)} steps kept (every step, the last {flight.window} before each "
+            f"event and the end), {events} event{'s' if events != 1 else ''}"]  # fmt: skip
+
+
 def evaluate(
     saturation: ActivationRecord | None = None,
     grad_data: GradDataRecord | None = None,
     update: UpdateRecord | None = None,
     logits: LogitRecord | None = None,
     optimizer: OptimizerRecord | None = None,
+    flight: FlightRecord | None = None,
 ) -> list[Verdict]:
-    """Every broken rule at the latest step recorded, fatal ones first (None for a record not made)."""
+    """Every broken rule at the latest step recorded, fatal ones first (None for a record not made); the flight
+    recorder's events so far."""
     verdicts = [
+        *_flight(flight),
         *_nonfinite(saturation, grad_data),
         *_overconfident(saturation),
         *_saturation(saturation),
@@ -742,6 +798,7 @@ def summarize(
     update: UpdateRecord | None = None,
     logits: LogitRecord | None = None,
     optimizer: OptimizerRecord | None = None,
+    flight: FlightRecord | None = None,
     notes: Iterable[str] = (),
 ) -> Report:
     """The report of a run, from its records: the one summary that every front end and ``netdiag report``
@@ -753,7 +810,7 @@ def summarize(
     previous: int | None = None
     records: dict[str, Any] = {"saturation": saturation, "grad_data": grad_data, "update": update,
                                "logits": logits, "optimizer": optimizer}  # fmt: skip
-    for step, partial in replay(**records):
+    for step, partial in replay(**records):  # the flight recorder's events are facts: they are not replayed
         for v in evaluate(**partial):
             rule = (v.check, v.healthy)
             first, last, _ = spans.get(rule, (step, None, v))
@@ -761,13 +818,14 @@ def summarize(
         previous = step
     final = evaluate(**records)
     now = {(v.check, v.healthy) for v in final}
-    verdicts = [replace(v, since=spans.get((v.check, v.healthy), (v.step,))[0]) for v in final]
+    verdicts = [*_flight(flight), *(replace(v, since=spans.get((v.check, v.healthy), (v.step,))[0]) for v in final)]
+    verdicts.sort(key=lambda v: v.severity != "fatal")
     verdicts += [
         replace(v, step=last, since=first, cleared=True) for rule, (first, last, v) in spans.items() if rule not in now
     ]
-    present = [r for r in records.values() if r is not None]
+    present = [r for r in (*records.values(), flight) if r is not None]
     last = max((r.last_step for r in present if r.last_step is not None), default=None)
-    return Report(verdicts, [*_notes(records, verdicts), *notes], last)
+    return Report(verdicts, [*_notes(records, verdicts), *flight_notes(flight), *notes], last)
 
 
 def _notes(records: Mapping[str, Any], verdicts: list[Verdict]) -> list[str]:

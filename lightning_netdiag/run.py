@@ -42,6 +42,9 @@ class Run(Protocol):
         """Send one meter's measurement of one step to the loggers, with what it watches (``meta``, see
         :meth:`Meter.describe`) when that changed."""
 
+    def flush(self) -> None:
+        """Put what was sent onto the disk now (the run may die next)."""
+
 
 class TorchRun:
     """A :class:`Run` over ``torch.distributed`` (when initialised) for the front ends without a Trainer.
@@ -50,6 +53,7 @@ class TorchRun:
         emit: where measurements go (the front end's loggers), or None to keep them in the history only.
         scaler: the AMP GradScaler that scales the loss, if any.
         device: where collectives run; None: CUDA's current device under NCCL, the CPU otherwise.
+        flush: puts what was emitted onto the disk (None: nothing to do).
     """
 
     def __init__(
@@ -57,8 +61,9 @@ class TorchRun:
         emit: Callable[..., None] | None = None,
         scaler: Any = None,
         device: torch.device | None = None,
+        flush: Callable[[], None] | None = None,
     ) -> None:
-        self._emit, self.scaler, self._device = emit, scaler, device
+        self._emit, self.scaler, self._device, self._flush = emit, scaler, device, flush
 
     @property
     def world_size(self) -> int:
@@ -90,6 +95,10 @@ class TorchRun:
     ) -> None:
         if self._emit is not None:
             self._emit(step, scalars, histograms, meta)
+
+    def flush(self) -> None:
+        if self._flush is not None:
+            self._flush()
 
 
 def scaler_scale(scaler: Any) -> Tensor | float | None:

@@ -15,7 +15,8 @@ from lightning_netdiag.stats import Histogram
 from lightning_netdiag.tags import FALLBACK_QUANTILES, TARGET, meta_file, meta_tag, quantile_name, quantile_tag, split
 
 __all__ = [
-    "CHARTS", "MAX_LINES", "LoggerSink", "chart_groups", "fast_tensorboard_checksums", "log_figure", "log_report",
+    "CHARTS", "MAX_LINES", "LoggerSink", "chart_groups", "fast_tensorboard_checksums", "flush_loggers", "log_figure",
+    "log_report",
     "logger_kind", "quantile_scalars", "write_meta", "write_tensorboard", "write_tensorboard_layout",
 ]  # fmt: skip
 
@@ -305,6 +306,14 @@ def write_tensorboard_layout(writer: Any, prefix: str, scalars: Mapping[str, flo
                 for label, group in charts
             }
     writer.add_custom_scalars(layout)
+
+
+def flush_loggers(loggers: list[Any]) -> None:
+    """Everything logged so far onto the disk (a run that dies next keeps it)."""
+    for logger in loggers:
+        logger.save()
+        if logger_kind(logger) == "tensorboard":
+            logger.experiment.flush()
 
 
 def log_figure(loggers: list[Any], tag: str, figure: Any, step: int) -> None:

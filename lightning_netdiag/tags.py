@@ -12,8 +12,9 @@ from __future__ import annotations
 import re
 
 __all__ = [
-    "FALLBACK_QUANTILES", "KIND_OF", "META_FILES", "METRICS", "TARGET", "is_quantile", "meta_file", "meta_tag",
-    "parse", "parse_meta", "quantile_name", "quantile_tag", "split", "tag",
+    "FALLBACK_QUANTILES", "KIND_OF", "META_FILES", "METRICS", "RECORD_FILES", "TARGET", "is_quantile", "meta_file",
+    "meta_tag", "parse", "parse_meta", "parse_record_file", "quantile_name", "quantile_tag", "record_file", "split",
+    "tag",
 ]  # fmt: skip
 
 #: The metric names of each diagnostic, as the meters record them (``{prefix}/{metric}/{layer}`` in the logs).
@@ -29,6 +30,10 @@ METRICS = {
         "attn_logit_max", "attn_logit_nonfinite", "attn_q_rms", "attn_k_rms", "output_logz", "output_logit_max",
     ),
     "optimizer": ("adam_step_rms", "adam_eps_pct"),
+    "flight": (
+        "flight_loss", "flight_loss_nonfinite", "flight_grad_total", "flight_grad_norm", "flight_grad_nonfinite",
+        "flight_update_total", "flight_update_norm", "flight_weight_norm", "flight_skipped",
+    ),
 }  # fmt: skip
 
 #: metric -> the diagnostic that logs it
@@ -101,3 +106,19 @@ def meta_file(prefix: str, kind: str) -> str:
 
 #: The glob that finds every :func:`meta_file` in a run's directory.
 META_FILES = "*_meta_*.json"
+
+
+def record_file(prefix: str, kind: str) -> str:
+    """The name of the JSON file beside a run's logs that holds a whole record (``Record.to_json``): the flight
+    recorder's window, written when a run spikes or dies. Inverse: :func:`parse_record_file`."""
+    return f"{prefix.replace('/', '_')}_record_{kind}.json"
+
+
+def parse_record_file(name: str) -> str | None:
+    """The kind of a :func:`record_file` name, or None for another file."""
+    found = re.match(r"^.+_record_(\w+)\.json$", name)
+    return None if found is None else found[1]
+
+
+#: The glob that finds every :func:`record_file` in a run's directory.
+RECORD_FILES = "*_record_*.json"

@@ -11,7 +11,7 @@ from helpers import all_callbacks, loader, read_tensorboard, trainer
 from torch import nn
 from torch.nn import functional as F
 
-from lightning_netdiag import GradDataRatio, LogitMonitor, NetDiag, OptimizerState
+from lightning_netdiag import FlightRecorder, GradDataRatio, LogitMonitor, NetDiag, OptimizerState
 from lightning_netdiag.meters import ActivationMeter
 
 STEPS, EVERY = 6, 2
@@ -60,6 +60,7 @@ def hist_counts(meters) -> dict[str, dict[int, tuple]]:
 
 def with_lightning(tmp_path, optimizer="adam", lr=0.01, **kw):
     callbacks = [*all_callbacks(EVERY), LogitMonitor(every_n_steps=EVERY), OptimizerState(every_n_steps=EVERY)]
+    callbacks.append(FlightRecorder())  # every step
     trainer(tmp_path, callbacks, logger=False, max_steps=STEPS, limit_val_batches=0, **kw).fit(
         Net(optimizer, lr), loader()
     )
@@ -92,6 +93,7 @@ def test_an_optimizer_loop_gives_the_lightning_numbers_and_writes_them_to_tensor
             loss = F.cross_entropy(model(x), y)
             optimizer.zero_grad()
             loss.backward()
+            diag.loss(loss)  # for the flight recorder's loss series
             optimizer.step()
             with torch.no_grad():
                 model.eval()
@@ -146,6 +148,7 @@ def test_accumulation_and_a_grad_scaler_as_under_lightning(tmp_path):
                 with torch.autocast("cpu", dtype=torch.float16):
                     loss = F.cross_entropy(model(x), y) / 2
                 scaler.scale(loss).backward()
+                diag.loss(loss * 2)  # the micro-batch's own loss: the step's is their mean
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad()

@@ -36,31 +36,74 @@ class Recipe:
     data: str | None = None  # a names file; None: the census names of the `names` package
 
 
+@dataclass(frozen=True)
+class Fault:
+    """A fault injected mid-run, at training step ``step`` (counted by the module: every front end alike):
+
+    - ``"layer lr"``: the parameters of ``layer`` (a name prefix) in a parameter group of their own, whose rate is
+      multiplied by ``factor`` from ``step`` on;
+    - ``"scale weight"``: the weight ``layer`` multiplied by ``factor`` just before ``step``;
+    - ``"corrupt batch"``: the labels of the batch of ``step`` drawn at random (garbage);
+    - ``"divide by zero"``: the output of module ``layer`` divided by zero from ``step`` on (inf and NaN).
+    """
+
+    kind: str
+    step: int
+    layer: str | None = None
+    factor: float = 1.0
+
+
 class Classifier(L.LightningModule):
     """A network, a cross-entropy loss, an optimizer with a linear warm-up over the first tenth of the steps
     (unless ``warmup`` is False) and a cosine decay to a tenth after it; images are augmented (:func:`augment`)
-    unless ``augmented`` is False."""
+    unless ``augmented`` is False; a :class:`Fault` injected mid-run where ``fault`` is given."""
 
     def __init__(
         self, net: nn.Module, optimizer: str, lr: float, steps: int, weight_decay: float = 0.0,
         momentum: float = 0.9, param_groups: Any = None, augmented: bool = True, warmup: bool = True,
-        eps: float = 1e-8,
+        eps: float = 1e-8, fault: Fault | None = None,
     ) -> None:  # fmt: skip
         super().__init__()
         self.net, self.optimizer_name, self.lr, self.steps = net, optimizer, lr, steps
         self.weight_decay, self.momentum, self.param_groups = weight_decay, momentum, param_groups
         self.augmented, self.warmup, self.eps = augmented, warmup, eps
+        self.fault, self.calls = fault, 0  # training steps so far (no accumulation in the suite)
+        self._schedule: Any = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
     def training_step(self, batch, batch_idx):
         x, y = batch
+        if self.fault is not None and self.calls == self.fault.step:
+            x, y = self._inject(x, y)
+        self.calls += 1
         logits = self(augment(x) if self.augmented and x.dim() == 4 else x)
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=-100)
 
+    def _inject(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        fault = self.fault
+        assert fault is not None
+        if fault.kind == "layer lr":  # the group's base rate: the schedule keeps the factor
+            self._schedule.base_lrs[1] *= fault.factor
+            self._schedule.optimizer.param_groups[1]["lr"] *= fault.factor
+        elif fault.kind == "scale weight":
+            with torch.no_grad():
+                self.net.get_parameter(fault.layer).mul_(fault.factor)
+        elif fault.kind == "corrupt batch":
+            classes = self.net(x[:1] if not self.augmented or x.dim() != 4 else augment(x[:1])).shape[-1]
+            y = torch.where(y != -100, torch.randint_like(y, 0, classes), y)
+        elif fault.kind == "divide by zero":
+            self.net.get_submodule(fault.layer).register_forward_hook(lambda m, i, out: out / torch.zeros_like(out))
+        return x, y
+
     def configure_optimizers(self):
         groups = self.param_groups(self.net) if self.param_groups is not None else self.net.parameters()
+        if self.fault is not None and self.fault.kind == "layer lr":  # the faulty layer in a group of its own
+            layer = self.fault.layer
+            named = list(self.net.named_parameters())
+            groups = [{"params": [p for n, p in named if not n.startswith(layer)]},
+                      {"params": [p for n, p in named if n.startswith(layer)]}]  # fmt: skip
         if self.optimizer_name == "sgd":
             opt = torch.optim.SGD(groups, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
         else:
@@ -72,7 +115,7 @@ class Classifier(L.LightningModule):
                 return (step + 1) / warmup
             return 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
-        schedule = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        schedule = self._schedule = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
@@ -198,7 +241,8 @@ def cnn(recipe: Recipe, seed: int) -> tuple[L.LightningModule, DataLoader]:
     if recipe.options.get("left_out") is not None:  # the optimizer built from a list that misses one layer
         left_out = recipe.options["left_out"]
         groups = lambda net: [p for n, p in net.named_parameters() if not n.startswith(left_out)]  # noqa: E731
-    module = Classifier(net, "sgd", recipe.lr, recipe.steps, weight_decay=5e-4, param_groups=groups)
+    module = Classifier(net, "sgd", recipe.lr, recipe.steps, weight_decay=5e-4, param_groups=groups,
+                        fault=recipe.options.get("fault"))  # fmt: skip
     return module, digits(seed, 64, recipe.steps)
 
 
@@ -297,7 +341,7 @@ def relu_mlp(recipe: Recipe, seed: int) -> tuple[L.LightningModule, DataLoader]:
     torch.manual_seed(seed)
     o = recipe.options
     net = ReluMLP(gain=o.get("gain", 1.0), dead_bias=o.get("dead_bias"))
-    module = Classifier(net, "sgd", recipe.lr, recipe.steps, augmented=o.get("augmented", True))
+    module = Classifier(net, "sgd", recipe.lr, recipe.steps, augmented=o.get("augmented", True), fault=o.get("fault"))
     return module, digits(seed, 64, recipe.steps)
 
 
@@ -357,7 +401,7 @@ def tiny_lm(recipe: Recipe, seed: int) -> tuple[L.LightningModule, DataLoader]:
     o = recipe.options
     net = TinyLM(gpt_names.PAD + 1, fused=o.get("fused", False), qk_norm=o.get("qk_norm", False))
     module = Classifier(net, "adamw", recipe.lr, recipe.steps, weight_decay=o.get("weight_decay", 0.1),
-                        warmup=o.get("warmup", True), eps=o.get("eps", 1e-8))  # fmt: skip
+                        warmup=o.get("warmup", True), eps=o.get("eps", 1e-8), fault=o.get("fault"))  # fmt: skip
     return module, names_sequences(recipe, seed, 16, 32)
 
 

@@ -7,9 +7,10 @@
     python benchmarks/diagnosis/score.py --quick --front loop   # through the plain-PyTorch front end
     python benchmarks/diagnosis/score.py --quick --front hf     # through the Hugging Face Trainer
 
-Each run trains on the CPU with SaturationMonitor, GradDataRatio, UpdateRatio, LogitMonitor, OptimizerState and
-HealthReport attached, all with default arguments (measured every ``log_every_n_steps`` = 50 steps), and keeps
-what the report warned during training (each rule's first warning and its step) and what it says at the end. The
+Each run trains on the CPU with SaturationMonitor, GradDataRatio, UpdateRatio, LogitMonitor, OptimizerState,
+FlightRecorder and HealthReport attached, all with default arguments (measured every ``log_every_n_steps`` = 50
+steps; the flight recorder every step), and keeps what the report warned during training (each rule's first warning
+and its step) and what it says at the end. The
 warnings are also found again from the records (``report.replay``: the rules evaluated at every logged step, as
 the callback does):
 ``--from-json`` scores stored runs that way, and a live run checks that both agree.
@@ -45,7 +46,7 @@ from typing import Any
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 
-from suite import ATTENTION, HEALTHY, TOO_HIGH, TOO_LOW, Run, all_runs  # noqa: E402
+from suite import ATTENTION, FLIGHT_CHECKS, HEALTHY, NONFINITE, TOO_HIGH, TOO_LOW, Run, all_runs  # noqa: E402
 
 NEAR, FAR, WORSE = 3.4, 9.9, 1.05  # "within 3x", "10x or more" on a grid of ~3.16x steps; "more than 5 % worse"
 
@@ -61,6 +62,7 @@ def train(run: Run, seed: int) -> dict[str, Any]:
     from models import BUILDERS
 
     from lightning_netdiag import (
+        FlightRecorder,
         GradDataRatio,
         HealthReport,
         LogitMonitor,
@@ -83,7 +85,7 @@ def train(run: Run, seed: int) -> dict[str, Any]:
 
         scaler = torch.amp.GradScaler("cpu", enabled=run.recipe.precision == "16-mixed")
         plugins.append(MixedPrecision("16-mixed", "cpu", scaler))
-    monitors = [SaturationMonitor(), GradDataRatio(), UpdateRatio(), LogitMonitor(), OptimizerState()]
+    monitors = [SaturationMonitor(), GradDataRatio(), UpdateRatio(), LogitMonitor(), OptimizerState(), FlightRecorder()]
     health, losses = HealthReport(print_table=False), Losses()
     trainer = L.Trainer(
         max_steps=run.recipe.steps, callbacks=[*monitors, health, losses], plugins=plugins, logger=False,
@@ -370,8 +372,72 @@ def worse_at(losses: list[float], twin: list[float], window: int = 50) -> int | 
     return min(found) if found else None
 
 
+def flight_named(row: dict[str, Any]) -> tuple[int | None, int | None, str | None, str | None]:
+    """A flight run's injected step (for a death without one: its first non-finite loss) and layer, and the flight
+    recorder's first event: its step and the weight it named first."""
+    fault = row["fault"]
+    at = (
+        fault["step"]
+        if fault["kind"] != "none"
+        else next((i for i, x in enumerate(row["losses"]) if not math.isfinite(x)), None)
+    )
+    events = row["records"].get("flight", {}).get("events", [])
+    first = events[0] if events else {}
+    began = first.get("began") or []
+    return at, first.get("step"), fault["layer"], began[0]["name"] if began else None
+
+
+def judge_flight(row: dict[str, Any]) -> None:
+    """A flight run is right where the recorder's first event is of its kind, at its step (within one step; a
+    death may be foretold earlier by a spike) and, where the fault has a layer, names that layer first."""
+    at, step, layer, named = flight_named(row)
+    first = next((v for v in row["final"] if v["check"] in FLIGHT_CHECKS[row["expect"]]), None)
+    wrong = []
+    if step is None or first is None and row["expect"] != NONFINITE:
+        wrong.append(f"missed {row['expect']}")
+    elif at is None or not (0 <= step - at <= 1 or (row["expect"] == NONFINITE and step < at)):
+        wrong.append(f"step {step}, not {at}")
+    if layer is not None and (named is None or not named.removeprefix("net.").startswith(layer)):
+        wrong.append(f"named {named}, not {layer}")
+    row["ok"], row["wrong"] = not wrong, wrong
+
+
+def flight_table(rows: list[dict[str, Any]], seeds: list[int]) -> str:
+    """One row per flight run: the injected step and layer, the recorder's first event (step, cause) and the weight
+    it named first, how many steps its first series led the event, whether that was right."""
+    by_name: dict[str, dict[int, dict[str, Any]]] = {}
+    for row in rows:
+        by_name.setdefault(row["name"], {})[row["seed"]] = row
+    lines = [
+        "| run | what it is | injected: step, layer | first event: step, cause | named first (its series, step) | "
+        "lead | right? |",
+        "|---|---|---|---|---|---|---|",
+    ]
+
+    def cells(row: dict[str, Any]) -> tuple[str, ...]:
+        at, step, layer, named = flight_named(row)
+        events = row["records"].get("flight", {}).get("events", [])
+        first = events[0] if events else {}
+        began = (first.get("began") or [{}])[0]
+        what = f"{began['name']} ({began['series']}, {began['step']})" if began else "-"
+        right = "yes" if row["ok"] else "**no**: " + ", ".join(row["wrong"])
+        event = f"{step}, {first['cause']}" if first else "-"
+        return f"{at}, {layer or '-'}", event, what, str(first.get("lead", "-")), right
+
+    for name, per_seed in by_name.items():
+        columns = zip(*(cells(per_seed[s]) for s in seeds if s in per_seed), strict=True)
+        joined = [" / ".join(c) if len(set(c)) > 1 else c[0] for c in columns]
+        lines.append(f"| {name} | {next(iter(per_seed.values()))['about']} | " + " | ".join(joined) + " |")
+    right = sum(r["ok"] for r in rows)
+    lines += ["", f"Flight runs right (step within one, layer first where injected): {right} of {len(rows)}."]
+    return "\n".join(lines)
+
+
 def judge(row: dict[str, Any]) -> None:
     """Whether the report was right about ``row``: ``ok``, and what went wrong in ``wrong``."""
+    if row.get("fault"):
+        judge_flight(row)
+        return
     fired = {check for check, _ in row["warned"]} | {v["check"] for v in row["final"]}
     expect, allowed = row["expect"], set(row.get("allowed", []))
     wrong = []
@@ -513,7 +579,7 @@ def evidence_table(rows: list[dict[str, Any]]) -> str:
 def row_of(run: Run, seed: int, result: dict[str, Any]) -> dict[str, Any]:
     return {
         "name": run.name, "about": run.about, "seed": seed, "sweep": run.sweep, "twin": run.twin, "own": run.expect,
-        "lr": run.recipe.lr,
+        "lr": run.recipe.lr, "fault": None if run.fault is None else asdict(run.fault),
         "expect": run.expect, "allowed": [], "loss": final_loss(result["losses"]), **result,
     }  # fmt: skip
 
@@ -601,7 +667,12 @@ def main() -> None:
     twin_labels(rows)
     for row in rows:
         judge(row)
-    print(table(rows, sorted({r["seed"] for r in rows})))
+    seeds = sorted({r["seed"] for r in rows})
+    flights = [r for r in rows if r.get("fault")]
+    print(table([r for r in rows if not r.get("fault")], seeds))
+    if flights:
+        print()
+        print(flight_table(flights, seeds))
     print()
     print(evidence_table(rows))
     if args.json:

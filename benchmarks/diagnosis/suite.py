@@ -11,6 +11,9 @@ A run is a :class:`~models.Recipe` and its label. Labels:
 - an instability run (``twin`` set): labelled after the suite has run, from its outcome against its healthy twin
   (the same model at its best rate) of the same seed: unstable (its own check must name it) where its final
   loss ends more than 5 % above the twin's or it diverges; else healthy.
+- a flight run (``fault`` set): a healthy recipe with a blow-up injected at a known step (and, where it has one,
+  a known layer); the flight recorder must name that step (within one step) and that layer first. Its healthy
+  twins are the recipes it was injected into (here, healthy runs of the suite).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, replace
 
-from models import Recipe
+from models import Fault, Recipe
 
 HEALTHY = "healthy"
 
@@ -32,6 +35,7 @@ class Run:
     sweep: str | None = None  # the sweep this run belongs to; its label comes from the sweep's losses
     twin: str | None = None  # the healthy twin of an instability run; its label comes from their losses
     quick: bool = False  # in the quick subset that the tests run
+    fault: Fault | None = None  # a flight run's injected blow-up (its step and layer); None: it has its own
 
     def shortened(self) -> Run:
         """This run for the quick subset: the long makemore runs cut to 2,000 steps; a sweep's point on its own,
@@ -171,5 +175,42 @@ INSTABILITY = [
 QUICK_TWINS = {"tiny-lm best": HEALTHY, "tiny-lm lr x30": ATTENTION, "tiny-lm lr x30 qk-norm": TOO_HIGH}
 
 
+SPIKE, NONFINITE = "spike", "non-finite"
+#: The flight recorder's checks (its verdicts' names) that name a spike and a death.
+FLIGHT_CHECKS = {SPIKE: ("loss spike", "gradient spike"), NONFINITE: ("non-finite loss", "non-finite gradients")}
+
+
+def _flight(name: str, recipe: Recipe, expect: str, fault: Fault, about: str, quick: bool = False) -> Run:
+    options = {**recipe.options, "fault": fault}
+    return Run(name, replace(recipe, options=options), expect, about, fault=fault, quick=quick)
+
+
+_RELU, _CNN = Recipe("relu-mlp", 600, 0.03), Recipe("cnn", 600, 0.1)
+_LM = Recipe("tiny-lm", 800, 3e-3, {"warmup": True})
+
+# fmt: off
+#: Runs that spike or die at a known step, injected into healthy recipes of the suite (their twins: "relu-mlp
+#: lr=0.03", "cnn lr=0.1", "tiny-lm best" with warm-up is the recipe's default).
+FLIGHT = [
+    _flight("relu-mlp blocks.4 lr x100 at 300", _RELU, SPIKE, Fault("layer lr", 300, "blocks.4", 100.0),
+            "one block's rate (a parameter group of its own) multiplied by 100 from step 300", quick=True),
+    _flight("tiny-lm blocks.2.fc lr x100 at 400", _LM, SPIKE, Fault("layer lr", 400, "blocks.2.fc", 100.0),
+            "one MLP layer's rate (a parameter group of its own) multiplied by 100 from step 400"),
+    _flight("relu-mlp blocks.4 x10 at 300", _RELU, SPIKE, Fault("scale weight", 300, "blocks.4.weight", 10.0),
+            "one block's weight multiplied by 10 just before step 300", quick=True),
+    _flight("tiny-lm blocks.1.fc x10 at 400", _LM, SPIKE, Fault("scale weight", 400, "blocks.1.fc.weight", 10.0),
+            "one MLP layer's weight multiplied by 10 just before step 400"),
+    _flight("cnn corrupted labels at 300", _CNN, SPIKE, Fault("corrupt batch", 300),
+            "the labels of step 300 drawn at random", quick=True),
+    _flight("tiny-lm corrupted labels at 400", _LM, SPIKE, Fault("corrupt batch", 400),
+            "the labels of step 400 drawn at random"),
+    _flight("relu-mlp blocks.4 divides by 0 at 300", _RELU, NONFINITE, Fault("divide by zero", 300, "blocks.4"),
+            "block 4's output divided by zero from step 300 (inf, then NaN)", quick=True),
+    _flight("relu-mlp fp16 unscaled lr x30", replace(_RELU, lr=0.9, precision="16-unscaled"), NONFINITE,
+            Fault("none", 10**9), "fp16 autocast without a loss scaler at 30x the rate: the loss reaches inf"),
+]
+# fmt: on
+
+
 def all_runs() -> list[Run]:
-    return sweep_runs() + RUNS + INSTABILITY
+    return sweep_runs() + RUNS + INSTABILITY + FLIGHT

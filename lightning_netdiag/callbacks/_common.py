@@ -3,7 +3,7 @@ hooks removed at the end of fit or on a crash, checkpoint state."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Container, Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -13,9 +13,9 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_netdiag import stats
-from lightning_netdiag.meters import Meter, records_by_kind
+from lightning_netdiag.meters import FlightMeter, Meter, records_by_kind
 from lightning_netdiag.run import check_positive_int, scaler_scale
-from lightning_netdiag.sinks import LoggerSink
+from lightning_netdiag.sinks import LoggerSink, flush_loggers
 
 __all__ = [
     "DiagnosticCallback", "ForwardCallback", "LightningRun", "ParameterCallback", "first_meter", "flat_sharding",
@@ -23,17 +23,18 @@ __all__ = [
 ]  # fmt: skip
 
 
-def logging_step(trainer: pl.Trainer, every_n_steps: int) -> int | None:
+def logging_step(trainer: pl.Trainer, every_n_steps: int, requested: Container[int] = ()) -> int | None:
     """The optimizer step that the current training batch leads to, if that step is measured.
 
     One logging step is one optimizer step: ``trainer.global_step`` counts them, so every micro-batch of
     an accumulation window shares its step. Steps 0, n, 2n, ... are measured: step 0 shows the network
-    at initialisation, as the lecture does. Sanity checking, validation, test and predict never count.
+    at initialisation, as the lecture does; so are the steps ``requested`` (a flight recorder's: the one after an
+    event, so that the state after a spike is on record). Sanity checking, validation, test and predict never count.
     """
     if trainer.sanity_checking or not trainer.training:
         return None
     step = trainer.global_step
-    return step if step % every_n_steps == 0 else None
+    return step if step % every_n_steps == 0 or step in requested else None
 
 
 def loss_scale(trainer: pl.Trainer) -> Tensor | float | None:
@@ -70,6 +71,10 @@ class LightningRun:
     ) -> None:
         self.sink.emit(self.trainer.loggers, step, scalars, histograms, self.trainer.is_global_zero, meta)
 
+    def flush(self) -> None:
+        if self.trainer.is_global_zero:
+            flush_loggers(self.trainer.loggers)
+
 
 class DiagnosticCallback(Callback):
     """Base of the netdiag callbacks, mixed into a meter (first in the bases). Not for use on its own.
@@ -86,6 +91,7 @@ class DiagnosticCallback(Callback):
         check_positive_int("every_n_steps", every_n_steps, allow_none=True)
         self.every_n_steps = every_n_steps
         self._every = every_n_steps or 1
+        self._requested: Container[int] = ()  # a flight recorder's steps, found at setup
         self.record.every_n_steps = every_n_steps
         self._sink = LoggerSink(type(self).__name__, self.prefix)
 
@@ -104,6 +110,8 @@ class DiagnosticCallback(Callback):
                 "pass `every_n_steps` to measure with logging turned off"
             )
         self.record.every_n_steps = self._every
+        flight = first_meter(trainer, FlightMeter)  # its events ask for a full measurement of the next step
+        self._requested = flight.requested if flight is not None else ()
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -135,7 +143,8 @@ class ForwardCallback(DiagnosticCallback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        self.arm(logging_step(trainer, self._every), pl_module.device)  # type: ignore[attr-defined]  # the meter's
+        step = logging_step(trainer, self._every, self._requested)
+        self.arm(step, pl_module.device)  # type: ignore[attr-defined]  # the meter's
 
     @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
@@ -174,7 +183,7 @@ class ParameterCallback(DiagnosticCallback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        self.begin(logging_step(trainer, self._every))
+        self.begin(logging_step(trainer, self._every, self._requested))
 
     def begin(self, step: int | None) -> None:
         raise NotImplementedError

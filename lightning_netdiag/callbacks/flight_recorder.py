@@ -1,0 +1,119 @@
+"""The flight recorder under Lightning: every step into the ring, the window out when the run spikes or dies."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+from typing_extensions import override
+
+from lightning_netdiag.callbacks._common import LightningRun, ParameterCallback
+from lightning_netdiag.meters import FlightMeter
+from lightning_netdiag.select import WEIGHT_NDIMS
+
+__all__ = ["FlightRecorder"]
+
+
+class FlightRecorder(FlightMeter, ParameterCallback):
+    r"""Every step, cheaply: the loss, each selected weight's gradient, update and weight norms (and their totals),
+    in a ring of the last ``window`` steps on the device. When the loss or the total gradient norm spikes out of its
+    band, or turns non-finite, or an exception ends training, the window is written to the logs (TensorBoard, and
+    a JSON file beside them that ``netdiag report`` reads), the health report names the step and the weights whose
+    norms left their band first, and the other netdiag callbacks measure the step after it in full.
+
+    A series' band is its median and spread (median absolute deviation) over its last 64 steps, in decades; a
+    spike is a value more than 6 spreads above the median, once the band holds 16 steps (the first steps of
+    training are a transient). The gradient norms are read just before the optimizer step (complete over
+    accumulation, unscaled under a GradScaler, reduced across ranks); the update is the weights' change across the
+    step (one copy of the selected weights is kept for it: ``update_norms=False`` saves that memory); a step that
+    changed no weight is recorded as skipped. On a GPU nothing is copied to the host on a step without an event:
+    each step's verdict is read one step later.
+
+    Args:
+        window: the steps kept (more than 16).
+        params: parameter name globs and module types owning the parameter; None selects every trainable
+            parameter (filtered by ``ndims``).
+        exclude: name globs and module types never selected.
+        ndims: the numbers of dimensions selected (default: every weight of rank 2 to 5).
+        update_norms: measure each weight's update (needs one copy of the selected weights).
+        prefix: the first part of every tag.
+        history_size: the number of points kept in ``history`` per tag.
+
+    Raises:
+        ValueError: if an argument is out of range or a selection holds something other than module
+            types and strings.
+
+    Example::
+
+        from lightning import Trainer
+        from lightning_netdiag import FlightRecorder
+
+        trainer = Trainer(callbacks=[FlightRecorder(window=256)])
+
+    **Logged metrics**, for each step of a window written out (at an event, an exception, the end of training):
+
+    - ``{prefix}/flight_loss``: the step's loss (the mean of its micro-batches'); ``flight_loss_nonfinite``: 1 where
+      it was NaN or infinite;
+    - ``{prefix}/flight_grad_total``, ``{prefix}/flight_update_total``: the norms over every selected weight;
+    - ``{prefix}/flight_grad_norm/{name}``, ``flight_update_norm/{name}``, ``flight_weight_norm/{name}``: each
+      selected weight's; ``flight_grad_nonfinite/{name}``: 1 where its gradient norm was not finite;
+    - ``{prefix}/flight_skipped``: 1 for a step that changed no weight (a GradScaler skipped it).
+    """
+
+    def __init__(
+        self,
+        window: int = 256,
+        params: Sequence[type | str] | None = None,
+        exclude: Sequence[type | str] = (),
+        ndims: Sequence[int] | None = WEIGHT_NDIMS,
+        update_norms: bool = True,
+        prefix: str = "netdiag",
+        history_size: int = 10_000,
+    ) -> None:
+        FlightMeter.__init__(self, window, params, exclude, ndims, update_norms, prefix, history_size)
+        self._cadence(1)
+        self._stepped = False
+
+    def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.attach(pl_module, LightningRun(trainer, self._sink), trainer.optimizers)
+        self.log_dir = trainer.log_dir if trainer.loggers else None
+        self._stepped = False
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self.record.every_n_steps = 1  # every step, whatever the loggers' cadence
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.global_step != self._step:  # the first micro-batch of a step
+            self.begin(trainer.global_step)
+
+    @override
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        self.before_step(optimizer)
+        self._stepped = True
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if loss is not None and hasattr(loss, "detach"):  # divided by the accumulation window for the backward
+            self.add_loss(loss * trainer.accumulate_grad_batches)
+        if self._stepped:
+            self._stepped = False
+            self.after_step()
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if self._params:
+            self.crashed(exception)
+        super().on_exception(trainer, pl_module, exception)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.finish()

@@ -1,0 +1,279 @@
+"""The flight recorder: every step's norms equal a direct computation (also under accumulation and a GradScaler),
+the ring keeps exactly its last steps, a blow-up injected into one layer is named at its step with that layer
+(healthy twin silent), and a run that dies leaves a window that ``netdiag report`` reads as the live report."""
+
+import json
+import math
+import subprocess
+import sys
+
+import lightning as L
+import pytest
+import torch
+from helpers import loader, trainer
+from torch import nn
+from torch.nn import functional as F
+
+from lightning_netdiag import FlightRecorder, NetDiag, plots, report, spikes, tags
+from lightning_netdiag.logs import load_run
+from lightning_netdiag.meters import FlightMeter
+
+
+class Mlp(nn.Module):
+    """Four ReLU layers on the helpers' data; ``blocks.2`` is where faults are injected."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = nn.ModuleList([nn.Linear(6, 32), nn.Linear(32, 32), nn.Linear(32, 32)])
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = F.relu(block(x))
+        return self.head(x)
+
+
+def direct(model: nn.Module, before: dict[str, torch.Tensor]) -> dict[str, tuple[float, float, float]]:
+    """name -> (gradient, update, weight) norms of every weight, by torch.linalg.vector_norm."""
+    return {
+        n: (
+            float(torch.linalg.vector_norm(p.grad)),
+            float(torch.linalg.vector_norm(p.detach() - before[n])),
+            float(torch.linalg.vector_norm(p.detach())),
+        )
+        for n, p in model.named_parameters()
+        if p.dim() >= 2
+    }
+
+
+def assert_row(
+    record, step: int, expected: dict[str, tuple[float, float, float]], loss: float, loss_rel: float = 1e-6
+) -> None:
+    for name, (grad, update, weight) in expected.items():
+        assert record.value("flight_grad_norm", step, name) == pytest.approx(grad, rel=1e-5), (step, name)
+        assert record.value("flight_update_norm", step, name) == pytest.approx(update, rel=1e-5, abs=1e-12)
+        assert record.value("flight_weight_norm", step, name) == pytest.approx(weight, rel=1e-5)
+    total = math.sqrt(sum(g * g for g, _, _ in expected.values()))
+    assert record.value("flight_grad_total", step) == pytest.approx(total, rel=1e-5)
+    assert record.value("flight_loss", step) == pytest.approx(loss, rel=loss_rel)
+
+
+def test_every_step_equals_a_direct_computation_and_the_ring_keeps_its_last_steps():
+    model = Mlp()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    batches = list(loader())
+    expected = {}
+    with NetDiag(model, optimizer, every_n_steps=100, flight=FlightMeter(window=20)) as diag:
+        for step in range(50):
+            x, y = batches[step % len(batches)]
+            loss = F.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            diag.loss(loss)
+            before = {n: p.detach().clone() for n, p in model.named_parameters()}
+            optimizer.step()
+            expected[step] = (direct(model, before), float(loss))
+    record = diag.flight.record
+    assert record.steps == list(range(30, 50))  # no event: the last 20 steps, written when the loop ended
+    for step in record.steps:
+        assert_row(record, step, *expected[step])
+    assert record.events == [] and record.every_n_steps == 1
+
+
+def test_accumulation_and_a_grad_scaler_unscaled_with_the_skipped_step_recorded():
+    model = Mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**20)
+    batches = list(loader())
+    expected, by_scaler = {}, []
+    with NetDiag(model, optimizer, every_n_steps=100, scaler=scaler) as diag:
+        for step in range(6):
+            for x, y in batches[2 * step : 2 * step + 2]:
+                with torch.autocast("cpu", dtype=torch.float16):
+                    loss = F.cross_entropy(model(x), y) / 2
+                scaler.scale(loss).backward()
+                diag.loss(loss * 2)
+            losses = [float(F.cross_entropy(model(x), y)) for x, y in batches[2 * step : 2 * step + 2]]
+            scale = scaler.get_scale()
+            grads = {n: p.grad.detach() / scale for n, p in model.named_parameters() if p.dim() >= 2}
+            before = {n: p.detach().clone() for n, p in model.named_parameters()}
+            scaler.step(optimizer)
+            scaler.update()
+            if scaler.get_scale() < scale:  # it found inf or NaN (a bias's gradient, not watched) and skipped
+                by_scaler.append(step)
+            norms = direct(model, before)
+            optimizer.zero_grad()
+            expected[step] = {n: (float(torch.linalg.vector_norm(grads[n])), *norms[n][1:]) for n in norms}
+            expected[step] = (expected[step], sum(losses) / 2)
+    record = diag.flight.record
+    skipped = [s for s in record.steps if record.value("flight_skipped", s) == 1]
+    assert skipped == by_scaler and 0 in skipped  # a scale of 2**20 overflows fp16 at first
+    assert all(record.value("flight_update_total", s) == 0 for s in skipped)
+    for step in record.steps:
+        grads, loss = expected[step]
+        assert_row(record, step, grads, loss, loss_rel=2e-3)  # the loss under autocast, unscaled norms
+    assert record.events == []  # a loss scaler's skipped steps are no event
+
+
+def train_with_fault(tmp_path, lr_factor: float, front: str, steps: int = 160, at: int = 100):
+    """The helpers' data for ``steps`` steps with AdamW; from step ``at`` the rate of ``blocks.2`` (a parameter
+    group of its own) multiplied by ``lr_factor``. Returns the flight record."""
+    model = Mlp()
+    layer = [p for n, p in model.named_parameters() if n.startswith("blocks.2")]
+    rest = [p for n, p in model.named_parameters() if not n.startswith("blocks.2")]
+    optimizer = torch.optim.AdamW([{"params": rest}, {"params": layer}], lr=3e-3)
+    batches = list(loader(batch_size=32))
+
+    def step_fault(step: int) -> None:
+        if step == at:
+            optimizer.param_groups[1]["lr"] *= lr_factor
+
+    if front == "loop":
+        with NetDiag(model, optimizer, every_n_steps=50) as diag:
+            for step in range(steps):
+                step_fault(step)
+                x, y = batches[step % len(batches)]
+                loss = F.cross_entropy(model(x), y)
+                optimizer.zero_grad()
+                loss.backward()
+                diag.loss(loss)
+                optimizer.step()
+        return diag.flight.record
+
+    class Module(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def training_step(self, batch, batch_idx):
+            step_fault(self.global_step)
+            x, y = batch
+            return F.cross_entropy(self.model(x), y)
+
+        def configure_optimizers(self):
+            return optimizer
+
+    recorder = FlightRecorder()
+    data = torch.utils.data.DataLoader([b for b in batches for _ in range(1)] * steps, batch_size=None)
+    trainer(tmp_path, [recorder], logger=False, max_steps=steps, limit_val_batches=0).fit(Module(), data)
+    return recorder.record
+
+
+@pytest.mark.parametrize("front", ["loop", "lightning"])
+def test_a_layer_whose_rate_jumps_is_named_at_its_step_and_its_healthy_twin_is_silent(tmp_path, front):
+    healthy = train_with_fault(tmp_path / "healthy", 1.0, front)
+    assert healthy.events == []
+    faulty = train_with_fault(tmp_path / "faulty", 1000.0, front)
+    first = faulty.events[0]
+    assert first["step"] in (100, 101) and first["cause"] in ("gradient spike", "loss spike"), first
+    layer = "model.blocks.2.weight" if front == "lightning" else "blocks.2.weight"
+    assert first["began"][0]["name"] == layer and first["began"][0]["step"] == 100, first
+    verdicts = report.summarize(flight=faulty).verdicts
+    assert verdicts[0].check == first["cause"] and verdicts[0].layer.startswith(layer)
+    assert "blocks.2.weight" in verdicts[0].cause and f"step {first['step']}" in verdicts[0].cause
+    figure = plots.draw_all(flight=faulty)["flight"]
+    assert f"step {first['step']}" in figure.axes[1].get_title()
+
+
+def test_the_spike_score_is_the_robust_z_of_a_direct_computation():
+    history = torch.tensor([[1.0, 2.0], [1.1, 2.0], [0.9, 2.2], [1.0, math.nan]] * 6, dtype=torch.float64)
+    row = torch.tensor([2.0, 2.1], dtype=torch.float64)
+    z = spikes.band_scores(history, row)
+    for col in range(2):
+        values = history[:, col][~history[:, col].isnan()]
+        median = values.median()  # torch's lower median, as nanmedian's
+        mad = (values - median).abs().median() * 1.4826
+        assert z[col] == pytest.approx(float((row[col] - median) / max(float(mad), spikes.FLOOR)))
+    assert spikes.band_scores(history[:3], row).isnan().all()  # fewer than MIN_BAND steps: no score
+
+
+CRASHING = """
+import sys, torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.tensorboard import SummaryWriter
+sys.path.insert(0, {tests!r})
+from test_flight import Mlp
+from helpers import loader
+from lightning_netdiag import NetDiag
+
+model = Mlp()
+layer = [p for n, p in model.named_parameters() if n.startswith("blocks.2")]
+rest = [p for n, p in model.named_parameters() if not n.startswith("blocks.2")]
+optimizer = torch.optim.AdamW([{{"params": rest}}, {{"params": layer}}], lr=3e-3)
+batches = list(loader(batch_size=32))
+with NetDiag(model, optimizer, writer=SummaryWriter({logs!r}), every_n_steps=50) as diag:
+    for step in range(200):
+        if step == 100:
+            optimizer.param_groups[1]["lr"] *= 1000
+        x, y = batches[step % len(batches)]
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        diag.loss(loss)
+        optimizer.step()
+        if step == 120:
+            print(diag.report(print_table=False)[0].cause, flush=True)
+            raise RuntimeError("the run dies")
+"""
+
+
+def test_a_run_that_dies_leaves_a_window_that_netdiag_report_reads_as_the_live_report(tmp_path):
+    from pathlib import Path
+
+    logs = tmp_path / "run"
+    script = CRASHING.format(tests=str(Path(__file__).parent), logs=str(logs))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 1 and "the run dies" in done.stderr
+    live = done.stdout.strip().splitlines()[-1]  # the live report's first verdict, just before the crash
+    saved = json.loads((logs / tags.record_file("netdiag", "flight")).read_text())
+    assert [e["cause"] for e in saved["events"]][-1] == "exception"
+    run = load_run(logs)
+    assert run.record("flight").events == saved["events"]
+    out = subprocess.run([sys.executable, "-m", "lightning_netdiag.cli", "report", str(logs)], capture_output=True,
+                         text=True)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert live in out.stdout.replace("\n         ", " ") or live.split(":")[0] in out.stdout
+    assert "run ended by an exception" in out.stdout and "RuntimeError: the run dies" in out.stdout
+    assert "blocks.2.weight" in out.stdout and "step 10" in out.stdout
+
+
+def test_a_lightning_run_that_dies_keeps_its_window_in_tensorboard_and_beside_it(tmp_path):
+    class Dies(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = Mlp()
+
+        def training_step(self, batch, batch_idx):
+            if self.global_step == 30:
+                raise ValueError("a bad batch")
+            x, y = batch
+            return F.cross_entropy(self.model(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    recorder = FlightRecorder(window=25)
+    logger = TensorBoardLogger(tmp_path, name="run")
+    with pytest.raises(ValueError, match="a bad batch"):
+        trainer(tmp_path, [recorder], logger=logger, max_steps=100).fit(Dies(), loader())
+    event = recorder.events[-1]
+    assert event["cause"] == "exception" and event["step"] == 29 and "ValueError: a bad batch" in event["error"]
+    run = load_run(load_dir := __import__("pathlib").Path(logger.log_dir))
+    assert (load_dir / tags.record_file("netdiag", "flight")).exists()
+    assert run.record("flight").steps == list(range(5, 30)) == recorder.record.steps
+    grads = dict(recorder.record.points("flight_grad_norm", "model.head.weight"))
+    # TensorBoard holds float32: the record written whole holds the exact values
+    assert dict(run.record("flight").points("flight_grad_norm", "model.head.weight")) == grads
+
+
+def test_bad_arguments_name_what_was_wrong():
+    with pytest.raises(ValueError, match="Expected `window` to be a positive integer"):
+        FlightRecorder(window=0)
+    with pytest.raises(ValueError, match="Expected `window` to be more than 16 steps"):
+        FlightRecorder(window=10)
+    with pytest.raises(ValueError, match="Expected `flight` to be True, None or a FlightMeter"):
+        NetDiag(Mlp(), flight="yes")
