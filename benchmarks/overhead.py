@@ -21,6 +21,10 @@ With ``--breakdown``, also: ``no-sink`` (ours, computing everything but writing 
 ``lightning_netdiag.fast_tensorboard_checksums()``), each callback alone (``sat``, ``d3``, ``d4``, ``logits``,
 ``adam``), and ``no-op`` (five callbacks that override nothing: what Lightning's hook calls cost any five).
 
+``--flight`` times the flight recorder (``FlightRecorder``, every step) against ``bare`` on makemore-deep and
+GPT-2 6x384, interleaved rounds, logging every 50 steps: the medians of the steps that are not logging steps (the
+recorder's own cost, every step) and their ratio.
+
 ``--attention`` times, for GPT-2 6x384's shapes, one attention (``F.scaled_dot_product_attention``, causal,
 forward and backward) against what LogitMonitor adds to it on a measured step (its largest logit recomputed,
 :func:`lightning_netdiag.attention.logit_max`), interleaved, medians.
@@ -288,6 +292,7 @@ def worker(workload: str, config: str, every: int, warmup: int, timed: int, out:
     from lightning.pytorch.loggers import TensorBoardLogger
 
     from lightning_netdiag import (
+        FlightRecorder,
         GradDataRatio,
         LogitMonitor,
         OptimizerState,
@@ -355,6 +360,8 @@ def worker(workload: str, config: str, every: int, warmup: int, timed: int, out:
             fast_tensorboard_checksums()
     elif config in ours:
         callbacks = [ours[config]()]
+    elif config == "flight":
+        callbacks = [FlightRecorder()]
     elif config == "no-op":
         callbacks = [L.Callback() for _ in ours]
     elif config == "lecture":
@@ -462,9 +469,13 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the raw numbers here")
     parser.add_argument("--from-json", type=Path, nargs="+", help="print the tables of saved runs, run nothing")
     parser.add_argument("--attention", action="store_true", help="only time one attention against logit_max")
+    parser.add_argument("--flight", action="store_true", help="only time the flight recorder against bare")
     args = parser.parse_args()
     if args.attention:
         print(attention_cost())
+        return
+    if args.flight:
+        print(flight_cost(args.rounds, args.models or list(FLIGHT_TARGETS)))
         return
     if args.from_json:
         print_saved(args.from_json)
@@ -611,6 +622,32 @@ def breakdown(workloads: list[Workload], results: dict) -> str:
                 f"{add['sat']:.2f} ms | "
                 f"{add['d3']:.2f} ms | {add['d4']:.2f} ms | {add['logits']:.2f} ms | {add['adam']:.2f} ms |"
             )
+    return "\n".join(lines)
+
+
+#: The most the flight recorder may cost every step, as a ratio to bare (issue 22).
+FLIGHT_TARGETS = {"gpt2": 1.03, "makemore-deep": 1.15}
+
+
+def flight_cost(rounds: int, models: list[str]) -> str:
+    """The flight recorder alone against bare, every 50 steps, interleaved rounds: the medians of the steps that are
+    not logging steps (the recorder runs at every one of them)."""
+    lines = ["| model | bare: other steps ms (median) | with the flight recorder | ratio | target |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    for name in models:
+        w = WORKLOADS[name]
+        if missing(w) is not None:
+            lines.append(f"| {name} | skipped: {missing(w)} | | | |")
+            continue
+        runs: dict[str, list[dict]] = {"bare": [], "flight": []}
+        for r in range(rounds):
+            for config in runs:
+                runs[config].append(run_one(w, config, 50, w.timed[50]))
+                print(f"  {name:16s} round {r + 1}  {config:8s} {runs[config][-1]['other_ms']:9.3f} ms", flush=True)
+        bare, flight = _median(runs["bare"], "other_ms"), _median(runs["flight"], "other_ms")
+        target = FLIGHT_TARGETS.get(name)
+        verdict = "" if target is None else f"<= {target} {'met' if flight / bare <= target else 'MISSED'}"
+        lines.append(f"| {name} | {bare:.3f} | {flight:.3f} | {flight / bare:.3f}x | {verdict} |")
     return "\n".join(lines)
 
 

@@ -18,7 +18,7 @@ from torch import Tensor
 __all__ = ["BAND", "FLOOR", "LEFT", "LOOKBACK", "MIN_BAND", "SPIKE", "band_scores", "began", "decades", "event_text"]
 
 BAND = 64  # the steps before a value that make its band: a median that follows a drifting series
-MIN_BAND = 16  # finite steps a band needs before it scores: training's first steps are a transient
+MIN_BAND = 50  # finite steps a band needs before it scores: training's first steps (and a warm-up) are a transient
 _MAD_TO_STD = 1.4826  # the median absolute deviation of a normal, times this, is its standard deviation
 FLOOR = 0.05  # decades (12 %): the least spread a band is given, so that a series that barely moves is not "spiking"
 SPIKE = 6.0  # a loss or total-gradient score above this is an event
@@ -85,8 +85,10 @@ def event_text(event: dict) -> str:
     if began:
         first = began[0]
         lead = event["step"] - first["step"]
-        what = "end" if ended else "loss" if "loss" in causes else "total gradient norm"
+        since = f"step {first['step']}" + (" or before" if lead >= LOOKBACK else "")
+        if ended:
+            return f"{text}: out of its band at the end, first: {first['name']} (its {first['series']}, since {since})"
+        what = "loss" if "loss" in causes else "total gradient norm"
         led = f"{lead} step{'s' if lead != 1 else ''} before the {what}" if lead else "at that step"
-        where = "out of band first" if ended else "began"
-        text += f": {where} in {first['name']} (its {first['series']} left its band at step {first['step']}, {led})"
+        text += f": began in {first['name']} (its {first['series']} left its band at {since}, {led})"
     return text

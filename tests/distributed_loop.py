@@ -50,6 +50,7 @@ def worker(rank: int, world: int, port: int, out: str) -> None:
             loss = model(torch.stack(x), torch.stack(y), rank)
             optimizer.zero_grad()
             loss.backward()
+            diag.loss(loss)  # this rank's: the recorder's is their mean over the ranks
             optimizer.step()
     if rank == 0:
         history = {tag: dict(m.history[tag]) for m in diag.meters for tag in m.history}

@@ -28,7 +28,14 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_netdiag import GradDataRatio, HealthReport, LogitMonitor, SaturationMonitor, UpdateRatio
+from lightning_netdiag import (
+    FlightRecorder,
+    GradDataRatio,
+    HealthReport,
+    LogitMonitor,
+    SaturationMonitor,
+    UpdateRatio,
+)
 
 PER_RANK, STEPS = 8, 3
 
@@ -121,6 +128,7 @@ def main() -> None:
         GradDataRatio(every_n_steps=1, ndims=None),
         UpdateRatio(every_n_steps=1, ndims=None),
         LogitMonitor(every_n_steps=1),  # the output's logits: rows summed over the ranks, the largest maxed
+        FlightRecorder(),  # every step: the loss averaged over the ranks, the norms of the reduced gradients
         HealthReport(stop_on_fatal=True, print_table=False),
     ]
     trainer = L.Trainer(

@@ -38,13 +38,15 @@ def test_quick_suite_healthy_runs_get_no_warning_and_each_fault_its_own_check(qu
     wrong = [(r["name"], r["wrong"]) for r in rows if not r["ok"]]
     assert not wrong, printed
     healthy = [r for r in rows if r["expect"] == HEALTHY]
-    faults = {r["expect"] for r in rows if r["expect"] != HEALTHY}
+    faults = {r["expect"] for r in rows if r["expect"] != HEALTHY and not r["fault"]}
     assert len(healthy) >= 4 and all(not r["warned"] and not r["final"] for r in healthy)
     assert faults >= {"over-confident output", "saturation", "vanishing gradient", "exploding gradient", "dead units",
                       "not learning", "gradient underflow", "non-finite", "learning rate too high",
                       "learning rate too low", "attention logits growing"}  # fmt: skip
-    faulty = len(rows) - len(healthy)
+    faulty = len(rows) - len(healthy) - len(flights := [r for r in rows if r["fault"]])
     assert f"Faults named by their own check: {faulty} of {faulty}. Healthy runs with any warning: 0 of" in printed
+    # the flight recorder: a layer's rate or weight jumping, garbage labels; each named at its step (and layer)
+    assert len(flights) == 3 and "Flight runs right (step within one, layer first where injected): 3 of 3" in printed
 
 
 def test_quick_suite_rescored_from_its_histories_gives_the_same_verdicts(quick):
@@ -56,8 +58,9 @@ def test_quick_suite_rescored_from_its_histories_gives_the_same_verdicts(quick):
 
 def test_quick_suite_through_the_plain_loop_gives_the_lightning_verdicts(quick, tmp_path_factory):
     rows, printed = run_quick(tmp_path_factory, "loop")
-    faulty = sum(r["expect"] != HEALTHY for r in rows)
+    faulty = sum(r["expect"] != HEALTHY and not r["fault"] for r in rows)
     assert f"Faults named by their own check: {faulty} of {faulty}. Healthy runs with any warning: 0 of" in printed
+    assert "Flight runs right (step within one, layer first where injected): 3 of 3" in printed
     lightning = {r["name"]: r for r in quick[0]}
     for row in rows:  # the same model, batches, optimizer and schedule: the same training and the same report
         other = lightning[row["name"]]
@@ -71,8 +74,9 @@ def test_quick_suite_through_the_hugging_face_trainer_gives_the_lightning_verdic
     left_out = {r["name"] for r in quick[0]} - {r["name"] for r in rows}
     assert left_out == {"relu-mlp fp16 scaled"}  # on the CPU the Trainer's fp16 has no GradScaler (it says so)
     assert "not run through the Hugging Face Trainer: relu-mlp fp16 scaled" in printed
-    faulty = sum(r["expect"] != HEALTHY for r in rows)
+    faulty = sum(r["expect"] != HEALTHY and not r["fault"] for r in rows)
     assert f"Faults named by their own check: {faulty} of {faulty}. Healthy runs with any warning: 0 of" in printed
+    assert "Flight runs right (step within one, layer first where injected): 3 of 3" in printed
     lightning = {r["name"]: r for r in quick[0]}
     for row in rows:  # the same model, batches, optimizer, schedule and random stream: the same report
         other = lightning[row["name"]]

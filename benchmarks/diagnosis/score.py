@@ -142,6 +142,7 @@ def train_loop(run: Run, seed: int) -> dict[str, Any]:
             else:
                 loss.backward()
                 optimizer.step()
+            diag.loss(loss)  # the flight recorder's loss (under a scaler: the unscaled loss)
             if schedule is not None:
                 schedule.step()
             losses.append(float(loss))

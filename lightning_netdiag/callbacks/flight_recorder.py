@@ -23,7 +23,7 @@ class FlightRecorder(FlightMeter, ParameterCallback):
     norms left their band first, and the other netdiag callbacks measure the step after it in full.
 
     A series' band is its median and spread (median absolute deviation) over its last 64 steps, in decades; a
-    spike is a value more than 6 spreads above the median, once the band holds 16 steps (the first steps of
+    spike is a value more than 6 spreads above the median, once the band holds 50 steps (the first steps of
     training are a transient). The gradient norms are read just before the optimizer step (complete over
     accumulation, unscaled under a GradScaler, reduced across ranks); the update is the weights' change across the
     step (one copy of the selected weights is kept for it: ``update_norms=False`` saves that memory); a step that
@@ -31,7 +31,7 @@ class FlightRecorder(FlightMeter, ParameterCallback):
     each step's verdict is read one step later.
 
     Args:
-        window: the steps kept (more than 16).
+        window: the steps kept (more than 50).
         params: parameter name globs and module types owning the parameter; None selects every trainable
             parameter (filtered by ``ndims``).
         exclude: name globs and module types never selected.

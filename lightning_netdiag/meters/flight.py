@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_netdiag import spikes, tags
-from lightning_netdiag.dist import rank, rank_zero_warn
+from lightning_netdiag.dist import local_shard, rank, rank_zero_warn
 from lightning_netdiag.meters.base import InRecord
 from lightning_netdiag.meters.parameters import ParameterMeter
 from lightning_netdiag.record import FlightRecord, Key
@@ -74,7 +74,7 @@ class FlightMeter(ParameterMeter):
         self.log_dir: str | None = None  # where the window's JSON file goes (the front end's logs)
         self.requested: set[int] = set()  # steps the front end should measure in full (the one after an event)
         self._names: list[str] = []
-        self._params: list[Tensor] = []  # this rank's part of each selected weight, in depth order
+        self._params: list[tuple[str, nn.Parameter]] = []  # the selected weights, in depth order
         self._copies: Tensor | None = None  # the ranks holding each part (their sum counts it once)
         self._empty: dict[tuple[torch.device, torch.dtype], Tensor] = {}  # a missing gradient's stand-in
         self._reset()
@@ -100,18 +100,23 @@ class FlightMeter(ParameterMeter):
         self.events = []
         self.requested.clear()  # the same set: the other callbacks hold it
         self._names = [name for name, _ in self._selected.values()]
-        parts = [self._shard(name, p) for name, p in self._selected.values()]
-        self._params = [part for part, _ in parts]
+        self._params = list(self._selected.values())
+        # every rank's row is summed (one collective): a replicated weight is held by every rank
+        parts = [local_shard(name, p.detach(), self._world()) for name, p in self._params]
         device = parts[0][0].device if parts else None
         # each part's copies, for the three norms of the row: on the device once (not copied there each step)
         self._copies = torch.tensor([float(c) for _, c in parts] * 3, dtype=torch.float64, device=device)
         if self.update_norms:
-            self._snapshot = [part.detach().clone() for part in self._params]
+            self._snapshot = [part.clone() for part, _ in parts]
 
     def detach(self) -> None:
         super().detach()
         self._params, self._snapshot = [], []
         self._pending.clear()
+
+    def _weights(self) -> list[Tensor]:
+        """This rank's part of each selected weight, as it is now."""
+        return [self._shard(name, p)[0] for name, p in self._params]
 
     def begin(self, step: int | None) -> None:
         """A training step begins (every step is recorded: ``step`` is its number)."""
@@ -124,7 +129,7 @@ class FlightMeter(ParameterMeter):
         """One micro-batch's loss (the step's is their mean): a scalar tensor, kept on its device."""
         if self._step is None or not self._params:
             return
-        value = loss.detach().reshape(-1)[:1].double()
+        value = loss.detach().double().mean().reshape(1)
         self._loss = value if self._loss is None else self._loss + value
         self._losses += 1
 
@@ -132,17 +137,18 @@ class FlightMeter(ParameterMeter):
         """Just before the optimizer steps (None: a manual update): the gradients' norms, and the weights kept."""
         if self._step is None or not self._params:
             return
-        grads = []
-        for p, part in zip(self._selected.values(), self._params, strict=True):
-            grad = p[1].grad
-            grads.append(self._shard(p[0], grad)[0] if grad is not None else self._missing(part))
+        weights = self._weights()
+        grads = [
+            self._shard(name, p.grad)[0] if p.grad is not None else self._missing(part)
+            for (name, p), part in zip(self._params, weights, strict=True)
+        ]
         norms = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).double()
         amp = None if self.run is None else self.run.loss_scale()
         if amp is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
             norms = norms / amp  # a fused optimizer unscales inside its step: these are still scaled
         self._grads = norms
         if self.update_norms:
-            torch._foreach_copy_(self._snapshot, [p.detach() for p in self._params])
+            torch._foreach_copy_(self._snapshot, weights)
 
     def _missing(self, part: Tensor) -> Tensor:
         key = (part.device, part.dtype)
@@ -156,7 +162,7 @@ class FlightMeter(ParameterMeter):
         if step is None or grads is None or not self._params:
             return
         self._grads = None
-        weights = [p.detach() for p in self._params]
+        weights = self._weights()
         if self.update_norms:
             torch._foreach_sub_(self._snapshot, weights)  # now the update (with its sign flipped)
             updates = torch.stack(torch._foreach_norm(self._snapshot, 2, dtype=torch.float32)).double()
