@@ -705,7 +705,8 @@ def _flight(flight: FlightRecord | None) -> list[Verdict]:
         value = event.get("grad_total") if cause == "gradient spike" else event.get("loss")
         healthy = (
             "training runs to its end" if kind == "exception" else f"loss and total gradient norm within "
-            f"{spikes.SPIKE:g} spreads of their median over the last {spikes.BAND} steps"
+            f"{spikes.SPIKE:g} spreads of their median over the last {spikes.BAND} steps, each weight's update "
+            f"and norm within {spikes.WEIGHT_SPIKE:g}"
         )  # fmt: skip
         out.append(Verdict(
             "warning" if kind == "spike" else "fatal", cause if kind != "exception" else "run ended by an exception",

@@ -15,13 +15,17 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["BAND", "FLOOR", "LEFT", "LOOKBACK", "MIN_BAND", "SPIKE", "band_scores", "began", "decades", "event_text"]
+__all__ = [
+    "BAND", "FLOOR", "LEFT", "LOOKBACK", "MIN_BAND", "SPIKE", "WEIGHT_SPIKE", "band_scores", "began", "decades",
+    "event_text",
+]  # fmt: skip
 
 BAND = 64  # the steps before a value that make its band: a median that follows a drifting series
 MIN_BAND = 50  # finite steps a band needs before it scores: training's first steps (and a warm-up) are a transient
 _MAD_TO_STD = 1.4826  # the median absolute deviation of a normal, times this, is its standard deviation
 FLOOR = 0.05  # decades (12 %): the least spread a band is given, so that a series that barely moves is not "spiking"
-SPIKE = 6.0  # a loss or total-gradient score above this is an event
+SPIKE = 7.0  # a loss or total-gradient score above this is an event (healthy runs: 6.0 at most)
+WEIGHT_SPIKE = 12.0  # a weight's update or norm score above this is an event (healthy runs: 8 at most)
 LEFT = 4.0  # a weight's series with a score above this has left its band (naming where an event began)
 LOOKBACK = 16  # the steps before an event searched for where it began
 
@@ -88,7 +92,7 @@ def event_text(event: dict) -> str:
         since = f"step {first['step']}" + (" or before" if lead >= LOOKBACK else "")
         if ended:
             return f"{text}: out of its band at the end, first: {first['name']} (its {first['series']}, since {since})"
-        what = "loss" if "loss" in causes else "total gradient norm"
+        what = "loss" if "loss" in causes else "total gradient norm" if "gradient" in causes else "event"
         led = f"{lead} step{'s' if lead != 1 else ''} before the {what}" if lead else "at that step"
         text += f": began in {first['name']} (its {first['series']} left its band at {since}, {led})"
     return text

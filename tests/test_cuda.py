@@ -80,3 +80,31 @@ def test_no_host_synchronisation_off_logging_steps(tmp_path):
     assert guard.idle_steps == 9 and len(guard.logging_syncs) == 3
     # One transfer per callback per logging step: the records of every layer in one tolist().
     assert all(1 <= n <= 3 for n in guard.logging_syncs), guard.logging_syncs
+
+
+class GuardEnd(Callback):
+    """Ends a SyncGuard's window after every other callback's batch-end hook (listed last)."""
+
+    def __init__(self, guard: SyncGuard) -> None:
+        self.guard = guard
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        SyncGuard.on_train_batch_end(self.guard, trainer, pl_module, outputs, batch, batch_idx)
+
+
+class OpenEnded(SyncGuard):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        pass  # GuardEnd closes the window
+
+
+def test_the_flight_recorder_synchronises_only_at_an_event(tmp_path):
+    # Its verdict of each step travels to pinned memory without waiting and is read one step later: no step
+    # without an event, measured or not, reads anything back from the GPU (its ring stays there).
+    from lightning_netdiag import FlightRecorder
+
+    guard = OpenEnded()
+    recorder = FlightRecorder()
+    t = cuda_trainer(tmp_path, [guard, recorder, GuardEnd(guard)], logger=False, max_steps=80)
+    t.fit(Quiet(), loader())
+    assert guard.idle_steps == 60 and recorder.events == []
+    assert recorder.record.steps == list(range(80))  # written out at the end: one copy, outside the guard

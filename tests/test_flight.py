@@ -166,7 +166,7 @@ def test_a_layer_whose_rate_jumps_is_named_at_its_step_and_its_healthy_twin_is_s
     assert healthy.events == []
     faulty = train_with_fault(tmp_path / "faulty", 1000.0, front)
     first = faulty.events[0]
-    assert first["step"] in (100, 101) and first["cause"] in ("gradient spike", "loss spike"), first
+    assert first["step"] in (100, 101) and first["cause"] in ("gradient spike", "loss spike", "weight spike"), first
     layer = "model.blocks.2.weight" if front == "lightning" else "blocks.2.weight"
     assert first["began"][0]["name"] == layer and first["began"][0]["step"] == 100, first
     verdicts = report.summarize(flight=faulty).verdicts

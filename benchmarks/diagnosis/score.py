@@ -17,7 +17,8 @@ the callback does):
 
 Labels: a healthy run must get no warning at all; a fault must be named by its own check. A learning-rate
 sweep's points are labelled from their final loss (the mean of the last 100 steps' training losses) against
-the best of the same sweep and seed: within 3x of the best rate, healthy; 10x or more above (below) it and
+the best of the same sweep and seed: within 3x of the best rate, healthy (above the best and more than 5 % worse:
+warnings of instability, a rate too high or a spike allowed); 10x or more above (below) it and
 more than 5 % worse, the learning rate is too high (too low) and the report must say so, with a factor that
 moves toward the best; 10x or more away but not clearly worse, that one advice is allowed and nothing else.
 An instability run (a transformer at a high rate, in fp16, without weight decay, ...) is labelled from its final
@@ -46,7 +47,7 @@ from typing import Any
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 
-from suite import ATTENTION, FLIGHT_CHECKS, HEALTHY, NONFINITE, TOO_HIGH, TOO_LOW, Run, all_runs  # noqa: E402
+from suite import ATTENTION, FLIGHT_CHECKS, HEALTHY, NONFINITE, SPIKE, TOO_HIGH, TOO_LOW, Run, all_runs  # noqa: E402
 
 NEAR, FAR, WORSE = 3.4, 9.9, 1.05  # "within 3x", "10x or more" on a grid of ~3.16x steps; "more than 5 % worse"
 
@@ -334,7 +335,7 @@ def labels(rows: list[dict[str, Any]]) -> None:
             if 1 / NEAR <= ratio <= NEAR:  # clearly worse all the same: a warning of instability is no false alarm
                 row["expect"], row["allowed"] = (
                     HEALTHY,
-                    ([ATTENTION, TOO_HIGH] if worse and ratio > 1 else []),
+                    ([ATTENTION, TOO_HIGH, *FLIGHT_CHECKS[SPIKE]] if worse and ratio > 1 else []),
                 )
             elif ratio >= FAR:
                 row["expect"], row["allowed"] = (TOO_HIGH, []) if worse else (HEALTHY, [TOO_HIGH])

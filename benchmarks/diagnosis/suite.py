@@ -177,7 +177,10 @@ QUICK_TWINS = {"tiny-lm best": HEALTHY, "tiny-lm lr x30": ATTENTION, "tiny-lm lr
 
 SPIKE, NONFINITE = "spike", "non-finite"
 #: The flight recorder's checks (its verdicts' names) that name a spike and a death.
-FLIGHT_CHECKS = {SPIKE: ("loss spike", "gradient spike"), NONFINITE: ("non-finite loss", "non-finite gradients")}
+FLIGHT_CHECKS = {
+    SPIKE: ("loss spike", "gradient spike", "weight spike"),
+    NONFINITE: ("non-finite loss", "non-finite gradients"),
+}
 
 
 def _flight(name: str, recipe: Recipe, expect: str, fault: Fault, about: str, quick: bool = False) -> Run:

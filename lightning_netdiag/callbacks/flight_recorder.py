@@ -18,17 +18,18 @@ __all__ = ["FlightRecorder"]
 class FlightRecorder(FlightMeter, ParameterCallback):
     r"""Every step, cheaply: the loss, each selected weight's gradient, update and weight norms (and their totals),
     in a ring of the last ``window`` steps on the device. When the loss or the total gradient norm spikes out of its
-    band, or turns non-finite, or an exception ends training, the window is written to the logs (TensorBoard, and
-    a JSON file beside them that ``netdiag report`` reads), the health report names the step and the weights whose
-    norms left their band first, and the other netdiag callbacks measure the step after it in full.
+    band, or turns non-finite, or a weight's update or norm jumps out of its own, or an exception ends training, the
+    window is written to the logs (TensorBoard, and a JSON file beside them that ``netdiag report`` reads), the
+    health report names the step and the weights whose norms left their band first, and the other netdiag
+    callbacks measure the step after it in full.
 
     A series' band is its median and spread (median absolute deviation) over its last 64 steps, in decades; a
-    spike is a value more than 6 spreads above the median, once the band holds 50 steps (the first steps of
-    training are a transient). The gradient norms are read just before the optimizer step (complete over
-    accumulation, unscaled under a GradScaler, reduced across ranks); the update is the weights' change across the
-    step (one copy of the selected weights is kept for it: ``update_norms=False`` saves that memory); a step that
-    changed no weight is recorded as skipped. On a GPU nothing is copied to the host on a step without an event:
-    each step's verdict is read one step later.
+    spike is a value more than 7 spreads above the median (12 for a weight's update or norm, far steadier series),
+    once the band holds 50 steps (the first steps of training are a transient). The gradient norms are read just
+    before the optimizer step (complete over accumulation, unscaled under a GradScaler, reduced across ranks); the
+    update is the weights' change across the step (one copy of the selected weights is kept for it:
+    ``update_norms=False`` saves that memory); a step that changed no weight is recorded as skipped. On a GPU
+    nothing is copied to the host on a step without an event: each step's verdict is read one step later.
 
     Args:
         window: the steps kept (more than 50).

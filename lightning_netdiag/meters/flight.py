@@ -1,5 +1,6 @@
-"""The flight recorder: cheap records of every step in a ring buffer on the device, a spike score for the loss and
-the total gradient norm, and the window written out when a run spikes, goes non-finite or dies.
+"""The flight recorder: cheap records of every step in a ring buffer on the device, spike scores for the loss, the
+total gradient norm and each weight's update and norm, and the window written out when a run spikes, goes
+non-finite or dies.
 
 A step's life, as the front ends drive it: :meth:`FlightMeter.begin` with the step's number; :meth:`add_loss` with
 each micro-batch's loss (where the front end sees it); :meth:`before_step` just before the optimizer steps (the
@@ -31,7 +32,7 @@ from lightning_netdiag.select import WEIGHT_NDIMS
 __all__ = ["CAUSES", "MAX_EVENTS", "FlightMeter"]
 
 #: The bits of a step's verdict; the first set names the event (the others are said with it).
-CAUSES = ("non-finite loss", "non-finite gradients", "loss spike", "gradient spike")
+CAUSES = ("non-finite loss", "non-finite gradients", "loss spike", "gradient spike", "weight spike")
 #: The events kept per run: a run that keeps blowing up says so, its first events say where it began.
 MAX_EVENTS = 32
 # the ring's first columns (the step's loss, the micro-batch losses seen, the totals, skipped), then each weight's
@@ -45,7 +46,8 @@ _PRIORITY = (2, 1, 0)
 
 class FlightMeter(ParameterMeter):
     """Every step: the loss, each selected weight's gradient, update and weight norms, in a ring of the last
-    ``window`` steps; an event when the loss or the total gradient norm spikes or turns non-finite.
+    ``window`` steps; an event when the loss or the total gradient norm spikes or turns non-finite, or a weight's
+    update or norm jumps.
 
     See :class:`lightning_netdiag.FlightRecorder` for the arguments and what is logged.
     """
@@ -81,7 +83,8 @@ class FlightMeter(ParameterMeter):
 
     def _reset(self) -> None:
         self._ring: Tensor | None = None  # [window, 5 + 3 * weights], on the device
-        self._band: Tensor | None = None  # [BAND, 2]: the loss and the total gradient norm in decades
+        # [BAND, 2 + 2 * weights]: the loss, the total gradient norm, each weight's update and norm, in decades
+        self._band: Tensor | None = None
         self._steps: list[int | None] = [None] * self.window  # the step of each ring row
         self._rows = 0  # rows written so far
         self._loss: Tensor | None = None  # this step's summed micro-batch losses, on the device
@@ -186,19 +189,21 @@ class FlightMeter(ParameterMeter):
     def _write(self, step: int, row: Tensor, scaled: bool) -> None:
         if self._ring is None:
             self._ring = torch.full((self.window, row.numel()), math.nan, dtype=torch.float64, device=row.device)
-            self._band = torch.full((spikes.BAND, 2), math.nan, dtype=torch.float64, device=row.device)
+            width = 2 + 2 * len(self._params)
+            self._band = torch.full((spikes.BAND, width), math.nan, dtype=torch.float64, device=row.device)
         i = self._rows % self.window
         self._ring[i] = row
         self._steps[i] = step
         # the verdict, on the device: bits as in CAUSES
         skipped = row[_SKIPPED] == 1
-        scored = torch.stack([row[_LOSS], torch.where(skipped, math.nan, row[_GRAD])])
-        decades = spikes.decades(scored)
+        grad = torch.where(skipped, math.nan, row[_GRAD : _GRAD + 1])  # a skipped step's gradients: not scored
+        decades = spikes.decades(torch.cat([row[_LOSS : _LOSS + 1], grad, row[_FIRST + len(self._params) :]]))
         z = spikes.band_scores(self._band, decades)  # type: ignore[arg-type]
         loss_bad = ~torch.isfinite(row[_LOSS]) & (row[_LOSSES] > 0)
         grad_bad = ~torch.isfinite(row[_GRAD]) & (not scaled)  # a loss scaler skips those steps: no event
-        spiked = z > spikes.SPIKE
-        verdict = loss_bad.int() + grad_bad.int() * 2 + spiked[0].int() * 4 + spiked[1].int() * 8
+        spiked = z[:2] > spikes.SPIKE
+        jumped = (z[2:] > spikes.WEIGHT_SPIKE).any()  # a weight's update or norm: far steadier series
+        verdict = loss_bad.int() + grad_bad.int() * 2 + spiked[0].int() * 4 + spiked[1].int() * 8 + jumped.int() * 16
         self._band[self._rows % spikes.BAND] = decades  # type: ignore[index]
         self._rows += 1
         if verdict.device.type == "cuda":  # read one step later, when the copy is surely done: no wait now
