@@ -702,7 +702,10 @@ def _flight(flight: FlightRecord | None) -> list[Verdict]:
         for b in began:
             if b["name"] not in names:
                 names.append(b["name"])
-        value = event.get("grad_total") if cause == "gradient spike" else event.get("loss")
+        # the value that broke the band: the total gradient norm, a weight's score, else the loss
+        value = {"gradient spike": event.get("grad_total"), "weight spike": began[0]["score"] if began else None}.get(
+            cause, event.get("loss")
+        )
         healthy = (
             "training runs to its end" if kind == "exception" else f"loss and total gradient norm within "
             f"{spikes.SPIKE:g} spreads of their median over the last {spikes.BAND} steps, each weight's update "

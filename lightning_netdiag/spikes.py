@@ -16,12 +16,13 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "BAND", "FLOOR", "LEFT", "LOOKBACK", "MIN_BAND", "SPIKE", "WEIGHT_SPIKE", "band_scores", "began", "decades",
-    "event_text",
+    "BAND", "FLOOR", "LEFT", "LOOKBACK", "MIN_BAND", "REFRESH", "SPIKE", "WEIGHT_SPIKE", "band", "band_scores",
+    "began", "decades", "event_text",
 ]  # fmt: skip
 
 BAND = 64  # the steps before a value that make its band: a median that follows a drifting series
 MIN_BAND = 50  # finite steps a band needs before it scores: training's first steps (and a warm-up) are a transient
+REFRESH = 8  # steps between two computations of the bands while training runs (medians are the costly part)
 _MAD_TO_STD = 1.4826  # the median absolute deviation of a normal, times this, is its standard deviation
 FLOOR = 0.05  # decades (12 %): the least spread a band is given, so that a series that barely moves is not "spiking"
 SPIKE = 7.0  # a loss or total-gradient score above this is an event (healthy runs: 6.0 at most)
@@ -32,21 +33,25 @@ LOOKBACK = 16  # the steps before an event searched for where it began
 
 def decades(values: Tensor) -> Tensor:
     """log10 of positive finite values; NaN elsewhere (0, negative, NaN, inf: not scored, never a band's part)."""
-    ok = torch.isfinite(values) & (values > 0)
-    return torch.where(ok, values.clamp_min(torch.finfo(values.dtype).tiny).log10(), math.nan)
+    return values.log10().nan_to_num(nan=math.nan, posinf=math.nan, neginf=math.nan)
+
+
+def band(history: Tensor) -> tuple[Tensor, Tensor]:
+    """Each column's band over ``history`` (rows: steps, in decades, NaN for no value): its median and its spread
+    ``max(1.4826 * MAD, FLOOR)``; the spread NaN where the column has fewer than :data:`MIN_BAND` values (no score)."""
+    median = history.nanmedian(dim=0).values
+    spread = (history - median).abs().nanmedian(dim=0).values.mul(_MAD_TO_STD).clamp_min(FLOOR)
+    enough = (~history.isnan()).sum(dim=0) >= MIN_BAND
+    return median, torch.where(enough, spread, math.nan)
 
 
 def band_scores(history: Tensor, row: Tensor) -> Tensor:
-    """Each column's spike score of ``row`` against its band in ``history`` (rows: steps; both in decades, NaN for
-    no value): ``(row - median) / max(1.4826 * MAD, FLOOR)`` over the column's values in ``history``; NaN where the
-    column has fewer than :data:`MIN_BAND` of them, or ``row`` has none."""
+    """Each column's spike score of ``row`` against its band in ``history`` (:func:`band`): ``(row - median) /
+    spread``; NaN where the band is too short, or ``row`` has no value."""
     if history.shape[0] == 0:
         return torch.full_like(row, math.nan)
-    median = history.nanmedian(dim=0).values
-    spread = (history - median).abs().nanmedian(dim=0).values * _MAD_TO_STD
-    scores = (row - median) / spread.clamp_min(FLOOR)
-    enough = (~history.isnan()).sum(dim=0) >= MIN_BAND
-    return torch.where(enough, scores, math.nan)
+    median, spread = band(history)
+    return (row - median) / spread
 
 
 def began(values: Tensor, event: int, priority: Sequence[int] | None = None) -> list[tuple[int, int, float]]:

@@ -106,3 +106,46 @@ def test_without_tensorboard_in_report_to_nothing_is_written(tmp_path):
 def test_bad_arguments_name_what_was_wrong():
     with pytest.raises(ValueError, match="Expected `every_n_steps`"):
         NetDiagCallback(every_n_steps=0)
+
+
+DIES = """
+import sys
+sys.path.insert(0, {tests!r})
+import transformers
+from test_hf import Clf, InOrder, Rows, BATCH, LR
+from lightning_netdiag.hf import NetDiagCallback
+
+
+class Dies(Clf):
+    calls = 0
+
+    def forward(self, x, labels=None):
+        Dies.calls += 1
+        if Dies.calls == 5:
+            raise RuntimeError("the run dies")
+        return super().forward(x, labels)
+
+
+args = transformers.TrainingArguments(
+    output_dir={out!r}, per_device_train_batch_size=BATCH, max_steps=20, logging_steps=2, learning_rate=LR,
+    report_to=["tensorboard"], use_cpu=True, save_strategy="no", disable_tqdm=True, remove_unused_columns=False,
+)
+InOrder(model=Dies(), args=args, train_dataset=Rows(), callbacks=[NetDiagCallback()]).train()
+"""
+
+
+def test_a_trainer_run_that_dies_leaves_the_flight_recorders_window(tmp_path):
+    # The Trainer tells callbacks of no exception: the window goes out from an atexit hook as the process ends.
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from lightning_netdiag import tags
+
+    script = DIES.format(tests=str(Path(__file__).parent), out=str(tmp_path))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and "the run dies" in done.stderr
+    saved = json.loads((tmp_path / "runs" / "netdiag" / tags.record_file("netdiag", "flight")).read_text())
+    assert saved["steps"] == [0, 1, 2, 3]  # the four steps before the fifth forward raised
+    assert saved["events"][-1]["cause"] == "exception" and "RuntimeError: the run dies" in saved["events"][-1]["error"]

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_netdiag import spikes, tags
-from lightning_netdiag.dist import local_shard, rank, rank_zero_warn
+from lightning_netdiag.dist import is_sharded, local_shard, rank, rank_zero_warn
 from lightning_netdiag.meters.base import InRecord
 from lightning_netdiag.meters.parameters import ParameterMeter
 from lightning_netdiag.record import FlightRecord, Key
@@ -35,10 +35,18 @@ __all__ = ["CAUSES", "MAX_EVENTS", "FlightMeter"]
 CAUSES = ("non-finite loss", "non-finite gradients", "loss spike", "gradient spike", "weight spike")
 #: The events kept per run: a run that keeps blowing up says so, its first events say where it began.
 MAX_EVENTS = 32
-# the ring's first columns (the step's loss, the micro-batch losses seen, the totals, skipped), then each weight's
-# gradient, update and weight norms
-_LOSS, _LOSSES, _GRAD, _UPDATE, _SKIPPED = range(5)
+# A row as the host reads it: the step's loss, the micro-batch losses seen, the gradient, update and weight norms over
+# every watched weight, then each weight's gradient, update and weight norms. On the device the scored columns come
+# first (the loss, the total gradient norm, each weight's update and norm), so that they are one slice: no gather.
+_LOSS, _LOSSES, _GRAD, _UPDATE, _WEIGHT = range(5)
 _FIRST = 5
+
+
+def _host_order(w: int) -> list[int]:
+    """The device row's column of each host column, for ``w`` weights."""
+    return [0, 2 + 2 * w, 1, 3 + 2 * w, 4 + 2 * w, *range(5 + 2 * w, 5 + 3 * w), *range(2, 2 + 2 * w)]
+
+
 _SERIES = ("gradient norm", "update norm", "weight norm")
 # At the same step, a weight's own change (its norm, its update) comes before the gradients it makes.
 _PRIORITY = (2, 1, 0)
@@ -77,21 +85,27 @@ class FlightMeter(ParameterMeter):
         self.requested: set[int] = set()  # steps the front end should measure in full (the one after an event)
         self._names: list[str] = []
         self._params: list[tuple[str, nn.Parameter]] = []  # the selected weights, in depth order
+        self._views: list[Tensor] | None = None  # their detached views, when none is sharded
         self._copies: Tensor | None = None  # the ranks holding each part (their sum counts it once)
         self._empty: dict[tuple[torch.device, torch.dtype], Tensor] = {}  # a missing gradient's stand-in
         self._reset()
 
     def _reset(self) -> None:
-        self._ring: Tensor | None = None  # [window, 5 + 3 * weights], on the device
+        self._ring: Tensor | None = None  # [window, 5 + 3 * weights], float32, on the device
         # [BAND, 2 + 2 * weights]: the loss, the total gradient norm, each weight's update and norm, in decades
         self._band: Tensor | None = None
+        self._bands: tuple[Tensor, Tensor] | None = None  # their median and spread, refreshed every REFRESH steps
+        self._limits: Tensor | None = None  # each scored column's spike level
+        self._constants: dict[float, Tensor] = {}  # counts of losses, on the device once each
         self._steps: list[int | None] = [None] * self.window  # the step of each ring row
         self._rows = 0  # rows written so far
         self._loss: Tensor | None = None  # this step's summed micro-batch losses, on the device
         self._losses = 0
-        self._grads: Tensor | None = None  # this step's gradient norms, before the optimizer step
+        self._grads: list[Tensor] | None = None  # this step's gradient norms, before the optimizer step
+        self._unscale: Tensor | float | None = None  # the loss scale a fused optimizer's gradients still carry
         self._snapshot: list[Tensor] = []  # the weights before the step, for the update norms
-        self._pending: deque[tuple[int, Tensor, Any]] = deque()  # (step, its verdict on the host, its CUDA event)
+        # (step, its flags on the host, their CUDA event, whether a loss was seen, whether a loss scaler is on)
+        self._pending: deque[tuple[int, Tensor, Any, bool, bool]] = deque()
         self._armed = True  # a step without a verdict has passed since the last event: a blow-up is one event
         self._written: set[int] = set()  # steps already in the record and the logs
 
@@ -104,6 +118,7 @@ class FlightMeter(ParameterMeter):
         self.requested.clear()  # the same set: the other callbacks hold it
         self._names = [name for name, _ in self._selected.values()]
         self._params = list(self._selected.values())
+        self._views = None if any(is_sharded(p) for _, p in self._params) else [p.detach() for _, p in self._params]
         # every rank's row is summed (one collective): a replicated weight is held by every rank
         parts = [local_shard(name, p.detach(), self._world()) for name, p in self._params]
         device = parts[0][0].device if parts else None
@@ -114,11 +129,13 @@ class FlightMeter(ParameterMeter):
 
     def detach(self) -> None:
         super().detach()
-        self._params, self._snapshot = [], []
+        self._params, self._snapshot, self._views = [], [], None
         self._pending.clear()
 
     def _weights(self) -> list[Tensor]:
-        """This rank's part of each selected weight, as it is now."""
+        """This rank's part of each selected weight, as it is now (a plain tensor's view is kept: no call a step)."""
+        if self._views is not None:
+            return self._views
         return [self._shard(name, p)[0] for name, p in self._params]
 
     def begin(self, step: int | None) -> None:
@@ -126,13 +143,14 @@ class FlightMeter(ParameterMeter):
         self._step = step
         self._loss, self._losses = None, 0
 
-    # --- every step -----------------------------------------------------------------------------------
+    # --- every step: a few fused kernels, nothing read back -------------------------------------------
 
     def add_loss(self, loss: Tensor) -> None:
         """One micro-batch's loss (the step's is their mean): a scalar tensor, kept on its device."""
         if self._step is None or not self._params:
             return
-        value = loss.detach().double().mean().reshape(1)
+        value = loss.detach().float()
+        value = value.mean() if value.dim() else value  # a loss is a scalar: no kernel for it
         self._loss = value if self._loss is None else self._loss + value
         self._losses += 1
 
@@ -141,15 +159,15 @@ class FlightMeter(ParameterMeter):
         if self._step is None or not self._params:
             return
         weights = self._weights()
+        plain = self._views is not None
         grads = [
-            self._shard(name, p.grad)[0] if p.grad is not None else self._missing(part)
+            self._missing(part) if p.grad is None else p.grad if plain else self._shard(name, p.grad)[0]
             for (name, p), part in zip(self._params, weights, strict=True)
         ]
-        norms = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).double()
+        self._grads = list(torch._foreach_norm(grads, 2, dtype=torch.float32))
         amp = None if self.run is None else self.run.loss_scale()
-        if amp is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
-            norms = norms / amp  # a fused optimizer unscales inside its step: these are still scaled
-        self._grads = norms
+        # a fused optimizer unscales inside its step: its gradients are still scaled here
+        self._unscale = amp if getattr(optimizer, "_step_supports_amp_scaling", False) else None
         if self.update_norms:
             torch._foreach_copy_(self._snapshot, weights)
 
@@ -158,6 +176,12 @@ class FlightMeter(ParameterMeter):
         if key not in self._empty:
             self._empty[key] = part.new_zeros(0)
         return self._empty[key]
+
+    def _constant(self, value: float, like: Tensor) -> Tensor:
+        """``value`` as a float32 tensor on ``like``'s device, made once: no copy to the device each step."""
+        if value not in self._constants:
+            self._constants[value] = torch.full((), value, dtype=torch.float32, device=like.device)
+        return self._constants[value]
 
     def after_step(self) -> None:
         """After the step's update: the row of this step into the ring, its verdict computed on the device."""
@@ -168,64 +192,74 @@ class FlightMeter(ParameterMeter):
         weights = self._weights()
         if self.update_norms:
             torch._foreach_sub_(self._snapshot, weights)  # now the update (with its sign flipped)
-            updates = torch.stack(torch._foreach_norm(self._snapshot, 2, dtype=torch.float32)).double()
+            norms = torch.stack([*grads, *torch._foreach_norm([*self._snapshot, *weights], 2, dtype=torch.float32)])
         else:
-            updates = torch.full_like(grads, math.nan)
-        norms = torch.stack(torch._foreach_norm(weights, 2, dtype=torch.float32)).double()
-        loss = self._loss if self._loss is not None else grads.new_zeros(1)
-        count = grads.new_full((1,), float(self._losses))
-        squares = torch.cat([grads, updates, norms]).pow(2)
+            nans = [self._constant(math.nan, grads[0])] * len(grads)
+            norms = torch.stack([*grads, *nans, *torch._foreach_norm(weights, 2, dtype=torch.float32)])
+        if self._unscale is not None:
+            norms[: len(grads)] /= self._unscale
+        loss = self._loss if self._loss is not None else self._constant(0.0, norms)
+        count = self._constant(float(self._losses), norms)
         if self._world() > 1:  # one small collective: the same row, exactly, on every rank
-            parts = torch.cat([loss, count, squares / self._copies])  # type: ignore[operator]
+            parts = torch.cat([loss.reshape(1), count.reshape(1), norms.square() / self._copies])  # type: ignore[operator]
             summed = self.run.reduce(parts, "sum")  # type: ignore[union-attr]
-            loss, count, squares = summed[:1], summed[1:2], summed[2:]
-        loss = torch.where(count > 0, loss / count, math.nan)  # a NaN loss stays NaN
-        w = len(self._params)
-        totals = squares.reshape(3, w).sum(dim=1).sqrt()
-        skipped = (totals[1] == 0).double().reshape(1) if self.update_norms else grads.new_full((1,), math.nan)
-        row = torch.cat([loss, count, totals[:1], totals[1:2], skipped, squares.sqrt()])
+            loss, count, norms = summed[0], summed[1], summed[2:].sqrt()
+        w = len(grads)
+        totals = torch.linalg.vector_norm(norms.view(3, w), dim=1)
+        # as the device keeps it (_host_order); 0 / 0 (no loss seen): NaN
+        row = torch.cat([(loss / count).reshape(1), totals[:1], norms[w:], count.reshape(1), totals[1:], norms[:w]])
         self._write(step, row, scaled=self.run is not None and self.run.loss_scale() is not None)
 
     def _write(self, step: int, row: Tensor, scaled: bool) -> None:
         if self._ring is None:
-            self._ring = torch.full((self.window, row.numel()), math.nan, dtype=torch.float64, device=row.device)
-            width = 2 + 2 * len(self._params)
-            self._band = torch.full((spikes.BAND, width), math.nan, dtype=torch.float64, device=row.device)
+            self._allocate(row)
         i = self._rows % self.window
-        self._ring[i] = row
+        self._ring[i] = row  # type: ignore[index]
         self._steps[i] = step
-        # the verdict, on the device: bits as in CAUSES
-        skipped = row[_SKIPPED] == 1
-        grad = torch.where(skipped, math.nan, row[_GRAD : _GRAD + 1])  # a skipped step's gradients: not scored
-        decades = spikes.decades(torch.cat([row[_LOSS : _LOSS + 1], grad, row[_FIRST + len(self._params) :]]))
-        z = spikes.band_scores(self._band, decades)  # type: ignore[arg-type]
-        loss_bad = ~torch.isfinite(row[_LOSS]) & (row[_LOSSES] > 0)
-        grad_bad = ~torch.isfinite(row[_GRAD]) & (not scaled)  # a loss scaler skips those steps: no event
-        spiked = z[:2] > spikes.SPIKE
-        jumped = (z[2:] > spikes.WEIGHT_SPIKE).any()  # a weight's update or norm: far steadier series
-        verdict = loss_bad.int() + grad_bad.int() * 2 + spiked[0].int() * 4 + spiked[1].int() * 8 + jumped.int() * 16
+        # the verdict, on the device: the loss and the total gradient norm not finite; each score above its level
+        scored = row[: 2 + 2 * len(self._params)]
+        decades = spikes.decades(scored)
+        if self._rows % spikes.REFRESH == 0:
+            self._bands = spikes.band(self._band)  # type: ignore[arg-type]
+        median, spread = self._bands  # type: ignore[misc]
+        flags = torch.cat([~torch.isfinite(scored[:2]), (decades - median) / spread > self._limits])  # type: ignore[operator]
         self._band[self._rows % spikes.BAND] = decades  # type: ignore[index]
         self._rows += 1
-        if verdict.device.type == "cuda":  # read one step later, when the copy is surely done: no wait now
-            host = torch.empty((), dtype=torch.int32, pin_memory=True)
-            host.copy_(verdict, non_blocking=True)
+        seen = self._losses > 0
+        if flags.device.type == "cuda":  # read one step later, when the copy is surely done: no wait now
+            host = torch.empty(flags.shape, dtype=torch.bool, pin_memory=True)
+            host.copy_(flags, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
-            self._pending.append((step, host, event))
+            self._pending.append((step, host, event, seen, scaled))
             while len(self._pending) > 1:
                 self._resolve(*self._pending.popleft())
         else:
-            self._resolve(step, verdict, None)
+            self._resolve(step, flags, None, seen, scaled)
 
-    def _resolve(self, step: int, verdict: Tensor, event: Any) -> None:
+    def _allocate(self, row: Tensor) -> None:
+        """The ring, the bands and the indices, on the row's device, once."""
+        w, device = len(self._params), row.device
+        self._ring = torch.full((self.window, row.numel()), math.nan, dtype=torch.float32, device=device)
+        self._band = torch.full((spikes.BAND, 2 + 2 * w), math.nan, dtype=torch.float32, device=device)
+        # not each weight's gradient: far too noisy a series to judge alone
+        levels = [spikes.SPIKE] * 2 + [spikes.WEIGHT_SPIKE] * (2 * w)
+        self._limits = torch.tensor(levels, dtype=torch.float32, device=device)
+
+    def _resolve(self, step: int, flags: Tensor, event: Any, seen: bool, scaled: bool) -> None:
         if event is not None:
             event.synchronize()
-        bits = int(verdict)
-        if not bits:
+        values = flags.tolist()  # the loss and the total gradient not finite, then the scores above their levels
+        bits = [
+            values[0] and seen,  # no loss seen: nothing to judge
+            values[1] and not scaled,  # a loss scaler skips the steps whose gradients overflow: no event
+            values[2], values[3], any(values[4:]),  # a weight's update or norm
+        ]  # fmt: skip
+        if not any(bits):
             self._armed = True
             return
         if self._armed and len(self.events) < MAX_EVENTS:
-            causes = [c for i, c in enumerate(CAUSES) if bits >> i & 1]
+            causes = [c for c, bit in zip(CAUSES, bits, strict=True) if bit]
             self._event(step, causes[0], also=causes[1:])
         self._armed = False
 
@@ -237,7 +271,7 @@ class FlightMeter(ParameterMeter):
             return [], torch.empty(0)
         n = min(self._rows, self.window)
         order = [(self._rows - n + k) % self.window for k in range(n)]
-        rows = self._ring[torch.tensor(order, device=self._ring.device)].cpu()
+        rows = self._ring[torch.tensor(order, device=self._ring.device)].cpu()[:, _host_order(len(self._names))]
         return [self._steps[i] for i in order], rows  # type: ignore[misc]
 
     def _event(self, step: int, cause: str, error: str | None = None, also: Sequence[str] = ()) -> None:
@@ -294,7 +328,7 @@ class FlightMeter(ParameterMeter):
                 scalars[("flight_loss", "")] = row[_LOSS]  # dropped when not finite, as every value is:
                 if not math.isfinite(row[_LOSS]):
                     scalars[("flight_loss_nonfinite", "")] = 1.0
-            if row[_SKIPPED] == 1:
+            if self.update_norms and row[_UPDATE] == 0:  # no weight changed: the step was skipped
                 scalars[("flight_skipped", "")] = 1.0
             for k, name in enumerate(self._names):
                 grad, update, weight = row[_FIRST + k], row[_FIRST + w + k], row[_FIRST + 2 * w + k]
