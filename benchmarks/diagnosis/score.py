@@ -34,6 +34,7 @@ import argparse
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -136,6 +137,7 @@ def train_loop(run: Run, seed: int) -> dict[str, Any]:
             with torch.autocast("cpu", dtype=torch.float16, enabled=fp16):
                 loss = model.training_step(batch, i)
             optimizer.zero_grad()
+            diag.loss(loss)  # the flight recorder's loss, before the step it belongs to (unscaled)
             if scaler is not None:
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
@@ -143,7 +145,6 @@ def train_loop(run: Run, seed: int) -> dict[str, Any]:
             else:
                 loss.backward()
                 optimizer.step()
-            diag.loss(loss)  # the flight recorder's loss (under a scaler: the unscaled loss)
             if schedule is not None:
                 schedule.step()
             losses.append(float(loss))
@@ -399,7 +400,8 @@ def judge_flight(row: dict[str, Any]) -> None:
         wrong.append(f"missed {row['expect']}")
     elif at is None or not (0 <= step - at <= 1 or (row["expect"] == NONFINITE and step < at)):
         wrong.append(f"step {step}, not {at}")
-    if layer is not None and (named is None or not named.removeprefix("net.").startswith(layer)):
+    # the layer's name as a part of the weight's (the fronts wrap the model: "net.", "module.net.")
+    if layer is not None and (named is None or not re.search(rf"(^|\.){re.escape(layer)}(\.|$)", named)):
         wrong.append(f"named {named}, not {layer}")
     row["ok"], row["wrong"] = not wrong, wrong
 

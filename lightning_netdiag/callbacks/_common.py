@@ -110,13 +110,13 @@ class DiagnosticCallback(Callback):
                 "pass `every_n_steps` to measure with logging turned off"
             )
         self.record.every_n_steps = self._every
-        flight = first_meter(trainer, FlightMeter)  # its events ask for a full measurement of the next step
-        self._requested = flight.requested if flight is not None else ()
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Not in `setup`: `configure_model` runs after it and may create or shard (FSDP2) the modules and
         # parameters; here they are final, and no forward has run yet (nor been compiled).
+        flight = first_meter(trainer, FlightMeter)  # its events ask for a full measurement of the next step
+        self._requested = flight.requested if flight is not None else ()
         self._attach(trainer, pl_module)
 
     @override
