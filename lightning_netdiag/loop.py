@@ -365,9 +365,10 @@ class NetDiag:
         self._snapshot_pending = True
 
     def loss(self, loss: Tensor) -> None:
-        """The loss of a micro-batch, for the flight recorder (call it once per micro-batch, before the optimizer
-        steps: after ``loss.backward()`` is a good place; the step's loss is their mean). Not needed where the model returns its own ``loss`` (Hugging
-        Face models given labels) nor with :meth:`step`; without it the recorder watches the gradients only."""
+        """The loss of a micro-batch, for the flight recorder: call it once per micro-batch, before the optimizer
+        steps (after ``loss.backward()`` is a good place); the step's loss is their mean. Not needed where the model
+        returns its own ``loss`` (Hugging Face models given labels) nor with :meth:`step`; without it the recorder
+        watches the gradients only."""
         if self.flight is not None:
             self.flight.add_loss(loss)
 
