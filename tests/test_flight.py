@@ -14,7 +14,7 @@ from helpers import loader, trainer
 from torch import nn
 from torch.nn import functional as F
 
-from lightning_netdiag import FlightRecorder, NetDiag, plots, report, spikes, tags
+from lightning_netdiag import FlightRecorder, GradDataRatio, NetDiag, plots, report, spikes, tags
 from lightning_netdiag.logs import load_run
 from lightning_netdiag.meters import FlightMeter
 
@@ -118,7 +118,7 @@ def test_accumulation_and_a_grad_scaler_unscaled_with_the_skipped_step_recorded(
 
 def train_with_fault(tmp_path, lr_factor: float, front: str, steps: int = 160, at: int = 100):
     """The helpers' data for ``steps`` steps with AdamW; from step ``at`` the rate of ``blocks.2`` (a parameter
-    group of its own) multiplied by ``lr_factor``. Returns the flight record."""
+    group of its own) multiplied by ``lr_factor``. Returns the flight record and the steps D3 measured (every 50)."""
     model = Mlp()
     layer = [p for n, p in model.named_parameters() if n.startswith("blocks.2")]
     rest = [p for n, p in model.named_parameters() if not n.startswith("blocks.2")]
@@ -139,7 +139,7 @@ def train_with_fault(tmp_path, lr_factor: float, front: str, steps: int = 160, a
                 loss.backward()
                 diag.loss(loss)
                 optimizer.step()
-        return diag.flight.record
+        return diag.flight.record, diag.grad_data.record.steps
 
     class Module(L.LightningModule):
         def __init__(self) -> None:
@@ -154,18 +154,19 @@ def train_with_fault(tmp_path, lr_factor: float, front: str, steps: int = 160, a
         def configure_optimizers(self):
             return optimizer
 
-    recorder = FlightRecorder()
+    recorder, grad_data = FlightRecorder(), GradDataRatio(every_n_steps=50)
     data = torch.utils.data.DataLoader([b for b in batches for _ in range(1)] * steps, batch_size=None)
-    trainer(tmp_path, [recorder], logger=False, max_steps=steps, limit_val_batches=0).fit(Module(), data)
-    return recorder.record
+    trainer(tmp_path, [recorder, grad_data], logger=False, max_steps=steps, limit_val_batches=0).fit(Module(), data)
+    return recorder.record, grad_data.record.steps
 
 
 @pytest.mark.parametrize("front", ["loop", "lightning"])
 def test_a_layer_whose_rate_jumps_is_named_at_its_step_and_its_healthy_twin_is_silent(tmp_path, front):
-    healthy = train_with_fault(tmp_path / "healthy", 1.0, front)
-    assert healthy.events == []
-    faulty = train_with_fault(tmp_path / "faulty", 1000.0, front)
+    healthy, measured = train_with_fault(tmp_path / "healthy", 1.0, front)
+    assert healthy.events == [] and measured == [0, 50, 100, 150]
+    faulty, measured = train_with_fault(tmp_path / "faulty", 1000.0, front)
     first = faulty.events[0]
+    assert first["step"] + 1 in measured  # the step after the event measured in full
     assert first["step"] in (100, 101) and first["cause"] in ("gradient spike", "loss spike", "weight spike"), first
     layer = "model.blocks.2.weight" if front == "lightning" else "blocks.2.weight"
     assert first["began"][0]["name"] == layer and first["began"][0]["step"] == 100, first
