@@ -107,7 +107,7 @@ class FlightMeter(ParameterMeter):
         # (step, its flags on the host, their CUDA event, whether a loss was seen, whether a loss scaler is on)
         self._pending: deque[tuple[int, Tensor, Any, bool, bool]] = deque()
         self._armed = True  # a step without a verdict has passed since the last event: a blow-up is one event
-        self._written: set[int] = set()  # steps already in the record and the logs
+        self._out = 0  # rows already in the record and the logs (rows are written out in order)
 
     # --- lifetime -------------------------------------------------------------------------------------
 
@@ -123,7 +123,7 @@ class FlightMeter(ParameterMeter):
         parts = [local_shard(name, p.detach(), self._world()) for name, p in self._params]
         device = parts[0][0].device if parts else None
         # each part's copies, for the three norms of the row: on the device once (not copied there each step)
-        self._copies = torch.tensor([float(c) for _, c in parts] * 3, dtype=torch.float64, device=device)
+        self._copies = torch.tensor([float(c) for _, c in parts] * 3, dtype=torch.float32, device=device)
         if self.update_norms:
             self._snapshot = [part.clone() for part, _ in parts]
 
@@ -265,11 +265,12 @@ class FlightMeter(ParameterMeter):
 
     # --- events ---------------------------------------------------------------------------------------
 
-    def _window(self) -> tuple[list[int], Tensor]:
-        """The ring on the host, oldest step first: its steps and their rows (one copy, at an event only)."""
-        if self._ring is None:
+    def _window(self, since: int = 0) -> tuple[list[int], Tensor]:
+        """The ring's rows from row ``since`` on (those still held) on the host, oldest first: their steps and
+        values (one copy, at an event or the end only)."""
+        n = min(self._rows - since, self.window)
+        if self._ring is None or n <= 0:
             return [], torch.empty(0)
-        n = min(self._rows, self.window)
         order = [(self._rows - n + k) % self.window for k in range(n)]
         rows = self._ring[torch.tensor(order, device=self._ring.device)].cpu()[:, _host_order(len(self._names))]
         return [self._steps[i] for i in order], rows  # type: ignore[misc]
@@ -301,26 +302,33 @@ class FlightMeter(ParameterMeter):
     def crashed(self, error: BaseException | str) -> None:
         """An exception ends training (or, in words, something else did): an event of its own at the last step
         recorded, naming the weights out of their band then; the window is written out."""
-        while self._pending:
-            self._resolve(*self._pending.popleft())
+        self._drain()
         if self._rows:
             what = error if isinstance(error, str) else f"{type(error).__name__}: {error}"[:300]
             self._event(self._steps[(self._rows - 1) % self.window], "exception", what)  # type: ignore[arg-type]
 
     def finish(self) -> None:
         """Training ended: the verdicts still travelling are read, the window is written out."""
+        self._drain()
+        self.write_out()
+
+    def _drain(self) -> None:
+        """The verdicts still travelling from the device, read now."""
         while self._pending:
             self._resolve(*self._pending.popleft())
-        self.write_out()
 
     def write_out(self) -> None:
         """The ring's steps not yet written, into the record and to the loggers; the record to its JSON file."""
-        steps, rows = self._window()
+        steps, rows = self._window(since=self._out)
+        if not steps:  # no new row: no copy; only an event on rows already written changes what is kept
+            last = self.record.last_step
+            if last is not None and self.record.describe() != self._described:
+                self._emit(last, {}, {})  # the description, with its new event
+                self._keep()
+            return
+        self._out = self._rows
         w = len(self._names)
         for step, row in zip(steps, rows.tolist(), strict=True):
-            if step in self._written:
-                continue
-            self._written.add(step)
             scalars: dict[Key, float] = {
                 ("flight_grad_total", ""): row[_GRAD], ("flight_update_total", ""): row[_UPDATE]
             }  # fmt: skip
@@ -338,6 +346,10 @@ class FlightMeter(ParameterMeter):
                 scalars[("flight_update_norm", name)] = update
                 scalars[("flight_weight_norm", name)] = weight
             self._emit(step, scalars, {})
+        self._keep()
+
+    def _keep(self) -> None:
+        """The record to its JSON file, and the loggers flushed: on disk before the run may die."""
         self._save()
         if self.run is not None:
             self.run.flush()
