@@ -33,7 +33,7 @@ from torch.nn import functional as F
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.overrides import TorchFunctionMode
 
-from lightning_netdiag.capture import BACKWARD, FORWARD, IDLE, HookHandles, ModeExit, OutputProbe
+from lightning_netdiag.capture import BACKWARD, FORWARD, IDLE, HookHandles, ModeExit, OutputProbe, watching
 
 __all__ = [
     "BLOCK_ELEMENTS", "AttentionHooks", "AttentionLayer", "has_qk_norm", "is_attention_module", "logit_max",
@@ -267,7 +267,7 @@ class AttentionHooks:
     # --- the hooks ------------------------------------------------------------------------------------
 
     def _enter(self, module: nn.Module, inputs: object) -> None:
-        if id(module) in self._names:
+        if id(module) in self._names and watching():
             self._stack.append(module)
             if id(module) in self._attention and self.phase == FORWARD:
                 self._ran.add(id(module))
@@ -341,7 +341,7 @@ class _AttentionCapture(TorchFunctionMode):
 
     def __torch_function__(self, func: Callable, types: object, args: tuple = (), kwargs: dict | None = None) -> object:
         kwargs = kwargs or {}
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or not watching():
             return func(*args, **kwargs)
         hooks = self.hooks
         if func is F.scaled_dot_product_attention:

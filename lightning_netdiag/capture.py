@@ -6,7 +6,7 @@ No Lightning here either: the front ends decide *when* (through the meters), thi
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -18,8 +18,26 @@ from lightning_netdiag import activations, stats
 
 __all__ = [
     "BACKWARD", "FORWARD", "IDLE", "ActivationHooks", "HookHandles", "Layer", "ModeExit", "OutputProbe", "compiled",
-    "unit_dim_of",
+    "paused", "unit_dim_of", "watching",
 ]  # fmt: skip
+
+
+_PAUSED = [False]
+
+
+@contextlib.contextmanager
+def paused() -> Iterator[None]:
+    """Every capture looks away: a forward replayed (:mod:`lightning_netdiag.origin`) is not one to measure."""
+    _PAUSED[0] = True
+    try:
+        yield
+    finally:
+        _PAUSED[0] = False
+
+
+def watching() -> bool:
+    """Whether the captures record what runs (not while :func:`paused`)."""
+    return not _PAUSED[0]
 
 
 class HookHandles:
@@ -285,12 +303,12 @@ class ActivationHooks:
         return torch._C.DisableTorchFunction() if len(self._capture) else contextlib.nullcontext()
 
     def _pre_hook(self, module: nn.Module, inputs: tuple[object, ...]) -> None:
-        if self.phase == FORWARD and inputs and isinstance(inputs[0], Tensor):
+        if self.phase == FORWARD and _PAUSED[0] is False and inputs and isinstance(inputs[0], Tensor):
             with self._own_work():
                 self._pending[id(module)] = _input_mask(self._by_key[("m", id(module), 1)], inputs[0])
 
     def _hook(self, module: nn.Module, inputs: tuple[object, ...], output: object) -> None:
-        if self.phase == IDLE or not isinstance(output, Tensor):
+        if self.phase == IDLE or _PAUSED[0] or not isinstance(output, Tensor):
             return
         k = self._call_index(("m", id(module)))
         key = ("m", id(module), k)
@@ -338,7 +356,7 @@ class ActivationHooks:
         layer.act.add_(record)  # type: ignore[union-attr]
 
     def _enter(self, module: nn.Module, inputs: object) -> None:
-        if id(module) not in self._names:
+        if id(module) not in self._names or _PAUSED[0]:
             return
         self._stack.append(module)
         self._entered[id(module)] = self._entered.get(id(module), 0) + 1
@@ -415,6 +433,8 @@ class OutputProbe:
             self.handles.add(register_module_forward_hook(self._hook))
 
     def _hook(self, module: nn.Module, inputs: object, output: object) -> None:
+        if _PAUSED[0]:
+            return
         owns = next(module.parameters(recurse=False), None) is not None
         if owns and isinstance(output, Tensor) and output.is_floating_point() and output.dim() >= 2:
             self._last = (self._names.get(id(module), type(module).__name__), output)
@@ -477,7 +497,7 @@ class _CallCapture(TorchFunctionMode):
             found = activations.FUNCTIONS.get(func)
         except TypeError:  # an unhashable callable is no activation of ours
             found = None
-        if found is None or torch.compiler.is_compiling():
+        if found is None or _PAUSED[0] or torch.compiler.is_compiling():
             if func is Tensor.backward and self.hooks.on_backward is not None and args:
                 self.hooks.on_backward(args[0])  # the loss, before its backward runs
             return func(*args, **kwargs)

@@ -37,6 +37,7 @@ from lightning_netdiag.meters import (
     UpdateMeter,
     records_by_kind,
 )
+from lightning_netdiag.origin import floating_tensors
 from lightning_netdiag.run import TorchRun, check_positive_int, scaler_scale
 from lightning_netdiag.sinks import LoggerSink
 
@@ -273,7 +274,7 @@ class NetDiag:
             return
         # The first output gradient computed is the first thing a backward does: nothing (a checkpointed
         # segment's recomputation) runs before it.
-        first = next((t for t in _tensors(output) if t.requires_grad), None)
+        first = next((t for t in floating_tensors(output) if t.requires_grad), None)
         if first is not None:
             first.register_hook(lambda grad: self._backward_starts(loss))
 
@@ -420,14 +421,6 @@ def _emitter(sink: LoggerSink, loggers: list[Any]) -> Any:
 def _device(model: nn.Module) -> torch.device:
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
-
-
-def _tensors(output: object) -> list[Tensor]:
-    """The floating tensors of a model's output: a tensor, a tuple or list, a dict or a ``ModelOutput``."""
-    if isinstance(output, Tensor):
-        return [output] if output.is_floating_point() else []
-    values = output.values() if isinstance(output, Mapping) else output if isinstance(output, (tuple, list)) else ()
-    return [t for v in values for t in _tensors(v)]
 
 
 def _loss_of(output: object) -> Tensor | None:

@@ -688,9 +688,10 @@ _EVENT_ADVICE = {
 
 
 def _flight(flight: FlightRecord | None) -> list[Verdict]:
-    """One verdict per event of the flight recorder: the step, and where it began (the series that left their band
-    first). A spike is a warning, a non-finite loss or gradient fatal; the end by an exception is said as it was.
-    Only the events up to the record's latest step (as the report replays a run)."""
+    """One verdict per event of the flight recorder: the step, and where it began (the module whose forward made the
+    non-finite values, where the step was replayed; the series that left their band first). A spike is a warning, a
+    non-finite loss or gradient fatal; the end by an exception is said as it was. Only the events up to the record's
+    latest step (as the report replays a run)."""
     if flight is None or flight.last_step is None:
         return []
     last, out = flight.last_step, []
@@ -698,7 +699,8 @@ def _flight(flight: FlightRecord | None) -> list[Verdict]:
         cause = event["cause"]
         kind = "exception" if cause == "exception" else "non-finite" if "non-finite" in cause else "spike"
         began = event.get("began") or []
-        names = []
+        made = (event.get("made") or {}).get("module")  # the module whose forward made it, where replayed
+        names = [made] if made else []
         for b in began:
             if b["name"] not in names:
                 names.append(b["name"])

@@ -15,9 +15,11 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from lightning_netdiag.origin import INPUTS
+
 __all__ = [
     "BAND", "FLOOR", "LEFT", "LOOKBACK", "MIN_BAND", "REFRESH", "SPIKE", "WEIGHT_SPIKE", "band", "band_scores",
-    "began", "decades", "event_text",
+    "began", "decades", "event_text", "named_first",
 ]  # fmt: skip
 
 BAND = 64  # the steps before a value that make its band: a median that follows a drifting series
@@ -31,9 +33,10 @@ LEFT = 4.0  # a weight's series with a score above this has left its band (namin
 LOOKBACK = 16  # the steps before an event searched for where it began
 
 
-def decades(values: Tensor) -> Tensor:
-    """log10 of positive finite values; NaN elsewhere (0, negative, NaN, inf: not scored, never a band's part)."""
-    return values.log10().nan_to_num(nan=math.nan, posinf=math.nan, neginf=math.nan)
+def decades(values: Tensor, out: Tensor | None = None) -> Tensor:
+    """log10 of positive finite values; NaN elsewhere (0, negative, NaN, inf: not scored, never a band's part).
+    Written into ``out`` where given (the recorder's band row: no new tensor a step)."""
+    return torch.log10(values, out=out).nan_to_num_(nan=math.nan, posinf=math.nan, neginf=math.nan)
 
 
 def band(history: Tensor) -> tuple[Tensor, Tensor]:
@@ -83,6 +86,24 @@ def began(values: Tensor, event: int, priority: Sequence[int] | None = None) -> 
     return sorted(found, key=lambda f: (f[1], rank[f[0]], -f[2]))
 
 
+def named_first(event: dict) -> str | None:
+    """What an event names first: the module whose forward made its non-finite values (where the step was replayed,
+    :mod:`lightning_netdiag.origin`), else the weight whose series left its band first; None if neither is known."""
+    made = event.get("made") or {}
+    if made.get("module"):
+        return made["module"]
+    began = event.get("began") or []
+    return began[0]["name"] if began else None
+
+
+def _made_text(made: dict) -> str:
+    if made.get("module"):
+        return f"made in the forward of {made['module']} (the first module whose output was not finite)"
+    if made.get("in") == INPUTS:
+        return "the inputs of the step's forward were not finite"
+    return "the step's forward, replayed, stayed finite: they were made in the backward"
+
+
 def event_text(event: dict) -> str:
     """A flight recorder's event (``FlightRecord.events``) in words: what happened at which step and, where known,
     the series that left their band first and by how many steps they led."""
@@ -90,6 +111,8 @@ def event_text(event: dict) -> str:
     causes = " and ".join([event["cause"], *event.get("also", [])])
     step = event["step"]
     text = f"training ended at step {step} ({event.get('error', '')})" if ended else f"{causes} at step {step}"
+    if event.get("made"):
+        return f"{text}: {_made_text(event['made'])}"
     began = event.get("began") or []
     if began:
         first = began[0]

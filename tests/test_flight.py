@@ -14,7 +14,7 @@ from helpers import loader, trainer
 from torch import nn
 from torch.nn import functional as F
 
-from lightning_netdiag import FlightRecorder, GradDataRatio, NetDiag, plots, report, spikes, tags
+from lightning_netdiag import FlightRecorder, GradDataRatio, NetDiag, origin, plots, report, spikes, tags
 from lightning_netdiag.logs import load_run
 from lightning_netdiag.meters import FlightMeter
 
@@ -116,23 +116,14 @@ def test_accumulation_and_a_grad_scaler_unscaled_with_the_skipped_step_recorded(
     assert record.events == []  # a loss scaler's skipped steps are no event
 
 
-def train_with_fault(tmp_path, lr_factor: float, front: str, steps: int = 160, at: int = 100):
-    """The helpers' data for ``steps`` steps with AdamW; from step ``at`` the rate of ``blocks.2`` (a parameter
-    group of its own) multiplied by ``lr_factor``. Returns the flight record and the steps D3 measured (every 50)."""
-    model = Mlp()
-    layer = [p for n, p in model.named_parameters() if n.startswith("blocks.2")]
-    rest = [p for n, p in model.named_parameters() if not n.startswith("blocks.2")]
-    optimizer = torch.optim.AdamW([{"params": rest}, {"params": layer}], lr=3e-3)
+def train(tmp_path, model: nn.Module, optimizer, front: str, steps: int, fault):
+    """``model`` on the helpers' data for ``steps`` steps through ``front`` ("loop" or "lightning"), ``fault(step)``
+    called as each step begins. Returns the flight record and the steps D3 measured (every 50)."""
     batches = list(loader(batch_size=32))
-
-    def step_fault(step: int) -> None:
-        if step == at:
-            optimizer.param_groups[1]["lr"] *= lr_factor
-
     if front == "loop":
         with NetDiag(model, optimizer, every_n_steps=50) as diag:
             for step in range(steps):
-                step_fault(step)
+                fault(step)
                 x, y = batches[step % len(batches)]
                 loss = F.cross_entropy(model(x), y)
                 optimizer.zero_grad()
@@ -147,7 +138,7 @@ def train_with_fault(tmp_path, lr_factor: float, front: str, steps: int = 160, a
             self.model = model
 
         def training_step(self, batch, batch_idx):
-            step_fault(self.global_step)
+            fault(self.global_step)
             x, y = batch
             return F.cross_entropy(self.model(x), y)
 
@@ -155,9 +146,23 @@ def train_with_fault(tmp_path, lr_factor: float, front: str, steps: int = 160, a
             return optimizer
 
     recorder, grad_data = FlightRecorder(), GradDataRatio(every_n_steps=50)
-    data = torch.utils.data.DataLoader([b for b in batches for _ in range(1)] * steps, batch_size=None)
+    data = torch.utils.data.DataLoader(batches * steps, batch_size=None)
     trainer(tmp_path, [recorder, grad_data], logger=False, max_steps=steps, limit_val_batches=0).fit(Module(), data)
     return recorder.record, grad_data.record.steps
+
+
+def train_with_fault(tmp_path, lr_factor: float, front: str, steps: int = 160, at: int = 100):
+    """AdamW; from step ``at`` the rate of ``blocks.2`` (a parameter group of its own) multiplied by ``lr_factor``."""
+    model = Mlp()
+    layer = [p for n, p in model.named_parameters() if n.startswith("blocks.2")]
+    rest = [p for n, p in model.named_parameters() if not n.startswith("blocks.2")]
+    optimizer = torch.optim.AdamW([{"params": rest}, {"params": layer}], lr=3e-3)
+
+    def fault(step: int) -> None:
+        if step == at:
+            optimizer.param_groups[1]["lr"] *= lr_factor
+
+    return train(tmp_path, model, optimizer, front, steps, fault)
 
 
 @pytest.mark.parametrize("front", ["loop", "lightning"])
@@ -175,6 +180,56 @@ def test_a_layer_whose_rate_jumps_is_named_at_its_step_and_its_healthy_twin_is_s
     assert "blocks.2.weight" in verdicts[0].cause and f"step {first['step']}" in verdicts[0].cause
     figure = plots.draw_all(flight=faulty)["flight"]
     assert f"step {first['step']}" in figure.axes[1].get_title()
+
+
+def train_dividing(tmp_path, front: str, at: int = 30, steps: int = 40):
+    """SGD; from step ``at`` the output of ``blocks.1`` divided by zero (a hook of the model's, registered before any
+    of ours). Returns the flight record."""
+    model = Mlp()
+    on = [False]
+    model.blocks[1].register_forward_hook(lambda m, i, out: out / torch.zeros_like(out) if on[0] else None)
+
+    def fault(step: int) -> None:
+        on[0] = step >= at
+
+    return train(tmp_path, model, torch.optim.SGD(model.parameters(), lr=0.1), front, steps, fault)[0]
+
+
+@pytest.mark.parametrize("front", ["loop", "lightning"])
+def test_a_module_that_makes_a_nan_in_the_forward_is_named_by_replaying_the_step(tmp_path, front):
+    record = train_dividing(tmp_path, front)
+    first = record.events[0]
+    assert first["step"] == 30 and first["cause"] in ("non-finite loss", "non-finite gradients"), first
+    layer = "model.blocks.1" if front == "lightning" else "blocks.1"
+    assert first["made"] == {"in": origin.FORWARD, "module": layer}, first
+    assert spikes.named_first(first) == layer
+    verdict = report.summarize(flight=record).verdicts[0]
+    assert verdict.severity == "fatal" and verdict.layer.startswith(layer)
+    assert f"made in the forward of {layer} " in verdict.cause
+
+
+def test_the_replay_names_the_module_the_inputs_or_the_backward_and_restores_the_state():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Dropout(0.5), nn.Linear(8, 2))
+    calls = origin.ForwardCalls(model)
+    x = torch.randn(16, 4)
+    model(x).sum().backward()
+    assert len(calls.calls) == 1 and calls.calls[0][0] is model
+    running, rng = model[1].running_mean.clone(), torch.get_rng_state()
+    assert origin.where_nonfinite(calls) == {"in": origin.NOT_FORWARD}
+    assert torch.equal(model[1].running_mean, running) and torch.equal(torch.get_rng_state(), rng)
+    with torch.no_grad():
+        model[3].weight[0, 0] = math.inf  # the last layer makes the first non-finite value
+    assert origin.where_nonfinite(calls) == {"in": origin.FORWARD, "module": "3"}
+    calls.step_done()
+    assert calls.calls == [] and len(calls._children) == 0  # the model itself is called: its children not watched
+    model(torch.full((16, 4), math.nan))
+    assert origin.where_nonfinite(calls) == {"in": origin.INPUTS}
+    with torch.no_grad():
+        model(x)  # an evaluation is not kept
+    assert len(calls.calls) == 1
+    calls.remove()
+    assert origin.where_nonfinite(calls) is None  # nothing kept
 
 
 def test_the_spike_score_is_the_robust_z_of_a_direct_computation():

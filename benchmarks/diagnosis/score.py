@@ -50,6 +50,8 @@ sys.path.insert(0, str(HERE))
 
 from suite import ATTENTION, FLIGHT_CHECKS, HEALTHY, NONFINITE, SPIKE, TOO_HIGH, TOO_LOW, Run, all_runs  # noqa: E402
 
+from lightning_netdiag import spikes  # noqa: E402
+
 NEAR, FAR, WORSE = 3.4, 9.9, 1.05  # "within 3x", "10x or more" on a grid of ~3.16x steps; "more than 5 % worse"
 
 
@@ -386,8 +388,7 @@ def flight_named(row: dict[str, Any]) -> tuple[int | None, int | None, str | Non
     )
     events = row["records"].get("flight", {}).get("events", [])
     first = events[0] if events else {}
-    began = first.get("began") or []
-    return at, first.get("step"), fault["layer"], began[0]["name"] if began else None
+    return at, first.get("step"), fault["layer"], spikes.named_first(first)
 
 
 def judge_flight(row: dict[str, Any]) -> None:
@@ -423,7 +424,11 @@ def flight_table(rows: list[dict[str, Any]], seeds: list[int]) -> str:
         events = row["records"].get("flight", {}).get("events", [])
         first = events[0] if events else {}
         began = (first.get("began") or [{}])[0]
-        what = f"{began['name']} ({began['series']}, {began['step']})" if began else "-"
+        made = first.get("made") or {}
+        if made.get("module"):
+            what = f"{made['module']} (its forward, replayed)"
+        else:
+            what = f"{began['name']} ({began['series']}, {began['step']})" if began else "-"
         right = "yes" if row["ok"] else "**no**: " + ", ".join(row["wrong"])
         event = f"{step}, {first['cause']}" if first else "-"
         return f"{at}, {layer or '-'}", event, what, str(first.get("lead", "-")), right

@@ -74,12 +74,10 @@ class FlightRecorder(FlightMeter, ParameterCallback):
     ) -> None:
         FlightMeter.__init__(self, window, params, exclude, ndims, update_norms, prefix, history_size)
         self._cadence(1)
-        self._stepped = False
 
     def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.attach(pl_module, LightningRun(trainer, self._sink), trainer.optimizers)
         self.log_dir = trainer.log_dir if trainer.loggers else None
-        self._stepped = False
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -96,7 +94,6 @@ class FlightRecorder(FlightMeter, ParameterCallback):
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         self.before_step(optimizer)
-        self._stepped = True
 
     @override
     def on_train_batch_end(
@@ -104,10 +101,8 @@ class FlightRecorder(FlightMeter, ParameterCallback):
     ) -> None:
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if loss is not None and hasattr(loss, "detach"):  # divided by the accumulation window for the backward
-            self.add_loss(loss * trainer.accumulate_grad_batches)
-        if self._stepped:
-            self._stepped = False
-            self.after_step()
+            self.add_loss(loss * trainer.accumulate_grad_batches if trainer.accumulate_grad_batches > 1 else loss)
+        self.after_step()  # nothing where the optimizer did not step (accumulation)
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:

@@ -22,9 +22,11 @@ import torch
 from torch import Tensor, nn
 
 from lightning_netdiag import spikes, tags
+from lightning_netdiag.capture import compiled
 from lightning_netdiag.dist import is_sharded, local_shard, rank, rank_zero_warn
 from lightning_netdiag.meters.base import InRecord
 from lightning_netdiag.meters.parameters import ParameterMeter
+from lightning_netdiag.origin import ForwardCalls, where_nonfinite
 from lightning_netdiag.record import FlightRecord, Key
 from lightning_netdiag.run import Run, check_positive_int
 from lightning_netdiag.select import WEIGHT_NDIMS
@@ -36,15 +38,34 @@ CAUSES = ("non-finite loss", "non-finite gradients", "loss spike", "gradient spi
 #: The events kept per run: a run that keeps blowing up says so, its first events say where it began.
 MAX_EVENTS = 32
 # A row as the host reads it: the step's loss, the micro-batch losses seen, the gradient, update and weight norms over
-# every watched weight, then each weight's gradient, update and weight norms. On the device the scored columns come
-# first (the loss, the total gradient norm, each weight's update and norm), so that they are one slice: no gather.
+# every watched weight, then each weight's gradient, update and weight norms. On the device a row holds the loss, the
+# total gradient norm, each weight's update, weight and gradient norms, the losses seen: the scored columns (the loss,
+# the total gradient norm, each weight's update and norm) are one slice, the norms another (summed across ranks as
+# one), each written in place by one kernel.
 _LOSS, _LOSSES, _GRAD, _UPDATE, _WEIGHT = range(5)
 _FIRST = 5
 
 
-def _host_order(w: int) -> list[int]:
-    """The device row's column of each host column, for ``w`` weights."""
-    return [0, 2 + 2 * w, 1, 3 + 2 * w, 4 + 2 * w, *range(5 + 2 * w, 5 + 3 * w), *range(2, 2 + 2 * w)]
+def _host_rows(rows: Tensor, w: int) -> Tensor:
+    """Device rows of ``w`` weights (on the host) in the host's layout, with the update and weight totals."""
+    updates, weights = rows[:, 2 : 2 + w], rows[:, 2 + w : 2 + 2 * w]
+    totals = torch.linalg.vector_norm(torch.stack([updates, weights]), dim=2).T
+    loss, grad_total, grads = rows[:, :1], rows[:, 1:2], rows[:, 2 + 2 * w : 2 + 3 * w]
+    return torch.cat([loss, rows[:, 2 + 3 * w :], grad_total, totals, grads, updates, weights], dim=1)
+
+
+class _Row:
+    """A step's row on the device (the layout above) and its verdict, with the views each kernel writes into, made
+    once: a slice costs a call, and on a CPU the calls are the cost."""
+
+    def __init__(self, row: Tensor, w: int) -> None:
+        self.all, self.loss, self.grad_total, self.count = row, row[0], row[1], row[-1]
+        self.judged, self.scored = row[:2], row[: 2 + 2 * w]  # the loss and total gradient; every scored column
+        self.norms = row[2 : 2 + 3 * w]
+        self.changes, self.weights, self.grads = self.norms[: 2 * w], self.norms[w : 2 * w], self.norms[2 * w :]
+        self.score = torch.empty(2 + 2 * w, dtype=row.dtype, device=row.device)
+        self.flags = torch.empty(4 + 2 * w, dtype=torch.bool, device=row.device)
+        self.nonfinite, self.over = self.flags[:2], self.flags[2:]
 
 
 _SERIES = ("gradient norm", "update norm", "weight norm")
@@ -88,25 +109,29 @@ class FlightMeter(ParameterMeter):
         self._views: list[Tensor] | None = None  # their detached views, when none is sharded
         self._copies: Tensor | None = None  # the ranks holding each part (their sum counts it once)
         self._empty: dict[tuple[torch.device, torch.dtype], Tensor] = {}  # a missing gradient's stand-in
+        self._calls: ForwardCalls | None = None  # the step's forwards, where a non-finite one can be replayed
         self._reset()
 
     def _reset(self) -> None:
-        self._ring: Tensor | None = None  # [window, 5 + 3 * weights], float32, on the device
+        self._ring: Tensor | None = None  # [window, 3 + 3 * weights], float32, on the device
         # [BAND, 2 + 2 * weights]: the loss, the total gradient norm, each weight's update and norm, in decades
         self._band: Tensor | None = None
         self._bands: tuple[Tensor, Tensor] | None = None  # their median and spread, refreshed every REFRESH steps
         self._limits: Tensor | None = None  # each scored column's spike level
-        self._constants: dict[float, Tensor] = {}  # counts of losses, on the device once each
+        self._row: _Row | None = None  # this step's row and verdict, written in place, then copied into the ring
+        self._ring_rows: Sequence[Tensor] = ()
+        self._band_rows: Sequence[Tensor] = ()
         self._steps: list[int | None] = [None] * self.window  # the step of each ring row
         self._rows = 0  # rows written so far
         self._loss: Tensor | None = None  # this step's summed micro-batch losses, on the device
         self._losses = 0
-        self._grads: list[Tensor] | None = None  # this step's gradient norms, before the optimizer step
-        self._unscale: Tensor | float | None = None  # the loss scale a fused optimizer's gradients still carry
+        self._stepped = False  # the gradients' norms are in the step's row: the optimizer steps now
+        self._scaled = False  # whether a loss scaler is on (it skips the steps whose gradients overflow)
         self._snapshot: list[Tensor] = []  # the weights before the step, for the update norms
         # (step, its flags on the host, their CUDA event, whether a loss was seen, whether a loss scaler is on)
         self._pending: deque[tuple[int, Tensor, Any, bool, bool]] = deque()
         self._armed = True  # a step without a verdict has passed since the last event: a blow-up is one event
+        self._made: tuple[int, dict[str, Any] | None] | None = None  # a step's replay: where its non-finite began
         self._out = 0  # rows already in the record and the logs (rows are written out in order)
 
     # --- lifetime -------------------------------------------------------------------------------------
@@ -126,9 +151,17 @@ class FlightMeter(ParameterMeter):
         self._copies = torch.tensor([float(c) for _, c in parts] * 3, dtype=torch.float32, device=device)
         if self.update_norms:
             self._snapshot = [part.clone() for part, _ in parts]
+        # Where the verdict is read at once (not on a GPU: there it comes a step late, after the optimizer step), a
+        # step whose gradients turn non-finite is replayed to find the module that made them; not when sharded (a
+        # replay is a forward every rank must run) nor compiled.
+        if device is not None and device.type != "cuda" and self._views is not None and not compiled(model):
+            self._calls = ForwardCalls(model, device.type)
 
     def detach(self) -> None:
         super().detach()
+        if self._calls is not None:
+            self._calls.remove()
+            self._calls = None
         self._params, self._snapshot, self._views = [], [], None
         self._pending.clear()
 
@@ -164,10 +197,19 @@ class FlightMeter(ParameterMeter):
             self._missing(part) if p.grad is None else p.grad if plain else self._shard(name, p.grad)[0]
             for (name, p), part in zip(self._params, weights, strict=True)
         ]
-        self._grads = list(torch._foreach_norm(grads, 2, dtype=torch.float32))
+        if self._row is None:
+            self._allocate(weights[0].device, len(weights))
+        row = self._row
+        torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32), out=row.grads)  # type: ignore[union-attr]
+        self._stepped = True
         amp = None if self.run is None else self.run.loss_scale()
-        # a fused optimizer unscales inside its step: its gradients are still scaled here
-        self._unscale = amp if getattr(optimizer, "_step_supports_amp_scaling", False) else None
+        self._scaled = amp is not None
+        if amp is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
+            row.grads.div_(amp)  # type: ignore[union-attr]  # a fused optimizer unscales inside its step
+        torch.linalg.vector_norm(row.grads, out=row.grad_total)  # type: ignore[union-attr]  # this rank's, for now
+        # not under a loss scaler: there an overflow is routine (the scaler skips the step)
+        if self._calls is not None and not self._scaled and not math.isfinite(row.grad_total):  # type: ignore[union-attr]
+            self._made = (self._step, where_nonfinite(self._calls))
         if self.update_norms:
             torch._foreach_copy_(self._snapshot, weights)
 
@@ -177,74 +219,73 @@ class FlightMeter(ParameterMeter):
             self._empty[key] = part.new_zeros(0)
         return self._empty[key]
 
-    def _constant(self, value: float, like: Tensor) -> Tensor:
-        """``value`` as a float32 tensor on ``like``'s device, made once: no copy to the device each step."""
-        if value not in self._constants:
-            self._constants[value] = torch.full((), value, dtype=torch.float32, device=like.device)
-        return self._constants[value]
-
     def after_step(self) -> None:
-        """After the step's update: the row of this step into the ring, its verdict computed on the device."""
-        step, grads = self._step, self._grads
-        if step is None or grads is None or not self._params:
+        """After the step's update: the row of this step written into the ring, its verdict computed on the device.
+        A few kernels, each writing in place into views made once (on a CPU a call, not its work, is the cost)."""
+        step = self._step
+        if step is None or not self._stepped or not self._params:
             return
-        self._grads = None
-        weights = self._weights()
+        self._stepped = False
+        row, weights = self._row, self._weights()
         if self.update_norms:
             torch._foreach_sub_(self._snapshot, weights)  # now the update (with its sign flipped)
-            norms = torch.stack([*grads, *torch._foreach_norm([*self._snapshot, *weights], 2, dtype=torch.float32)])
+            torch.stack(torch._foreach_norm([*self._snapshot, *weights], 2, dtype=torch.float32), out=row.changes)  # type: ignore[union-attr]
+        else:  # the update columns stay NaN (the row is made so)
+            torch.stack(torch._foreach_norm(weights, 2, dtype=torch.float32), out=row.weights)  # type: ignore[union-attr]
+        if self._loss is None:
+            row.loss.fill_(math.nan)  # type: ignore[union-attr]
         else:
-            nans = [self._constant(math.nan, grads[0])] * len(grads)
-            norms = torch.stack([*grads, *nans, *torch._foreach_norm(weights, 2, dtype=torch.float32)])
-        if self._unscale is not None:
-            norms[: len(grads)] /= self._unscale
-        loss = self._loss if self._loss is not None else self._constant(0.0, norms)
-        count = self._constant(float(self._losses), norms)
+            row.loss.copy_(self._loss)  # type: ignore[union-attr]
+        row.count.fill_(self._losses)  # type: ignore[union-attr]
         if self._world() > 1:  # one small collective: the same row, exactly, on every rank
-            parts = torch.cat([loss.reshape(1), count.reshape(1), norms.square() / self._copies])  # type: ignore[operator]
-            summed = self.run.reduce(parts, "sum")  # type: ignore[union-attr]
-            loss, count, norms = summed[0], summed[1], summed[2:].sqrt()
-        w = len(grads)
-        totals = torch.linalg.vector_norm(norms.view(3, w), dim=1)
-        # as the device keeps it (_host_order); 0 / 0 (no loss seen): NaN
-        row = torch.cat([(loss / count).reshape(1), totals[:1], norms[w:], count.reshape(1), totals[1:], norms[:w]])
-        self._write(step, row, scaled=self.run is not None and self.run.loss_scale() is not None)
-
-    def _write(self, step: int, row: Tensor, scaled: bool) -> None:
-        if self._ring is None:
-            self._allocate(row)
+            row.norms.square_().div_(self._copies)  # type: ignore[union-attr, arg-type]
+            row.loss.nan_to_num_(0.0)  # type: ignore[union-attr]
+            row.all.copy_(self.run.reduce(row.all, "sum"))  # type: ignore[union-attr]
+            row.norms.sqrt_()  # type: ignore[union-attr]
+            row.loss.div_(row.count)  # type: ignore[union-attr]  # 0 / 0 (no loss seen): NaN
+            torch.linalg.vector_norm(row.grads, out=row.grad_total)  # type: ignore[union-attr]
+        elif self._losses > 1:
+            row.loss.div_(self._losses)  # type: ignore[union-attr]
         i = self._rows % self.window
-        self._ring[i] = row  # type: ignore[index]
+        self._ring_rows[i].copy_(row.all)  # type: ignore[union-attr]
         self._steps[i] = step
-        # the verdict, on the device: the loss and the total gradient norm not finite; each score above its level
-        scored = row[: 2 + 2 * len(self._params)]
-        decades = spikes.decades(scored)
+        self._judge(step, row, scaled=self._scaled)  # type: ignore[arg-type]
+        if self._calls is not None:
+            self._calls.step_done()
+
+    def _judge(self, step: int, row: _Row, scaled: bool) -> None:
+        """The verdict, on the device: the loss and the total gradient norm not finite; each score above its level
+        (against the bands of the steps before, refreshed every few steps)."""
         if self._rows % spikes.REFRESH == 0:
             self._bands = spikes.band(self._band)  # type: ignore[arg-type]
         median, spread = self._bands  # type: ignore[misc]
-        flags = torch.cat([~torch.isfinite(scored[:2]), (decades - median) / spread > self._limits])  # type: ignore[operator]
-        self._band[self._rows % spikes.BAND] = decades  # type: ignore[index]
+        decades = spikes.decades(row.scored, out=self._band_rows[self._rows % spikes.BAND])
         self._rows += 1
+        # x - x is 0 for a finite x, NaN for NaN and inf: one kernel fewer than isfinite
+        torch.ne(row.judged - row.judged, 0, out=row.nonfinite)
+        torch.sub(decades, median, out=row.score).div_(spread)
+        torch.gt(row.score, self._limits, out=row.over)  # type: ignore[arg-type]
         seen = self._losses > 0
-        if flags.device.type == "cuda":  # read one step later, when the copy is surely done: no wait now
-            host = torch.empty(flags.shape, dtype=torch.bool, pin_memory=True)
-            host.copy_(flags, non_blocking=True)
+        if row.flags.device.type == "cuda":  # read one step later, when the copy is surely done: no wait now
+            host = torch.empty(row.flags.shape, dtype=torch.bool, pin_memory=True)
+            host.copy_(row.flags, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
             self._pending.append((step, host, event, seen, scaled))
             while len(self._pending) > 1:
                 self._resolve(*self._pending.popleft())
         else:
-            self._resolve(step, flags, None, seen, scaled)
+            self._resolve(step, row.flags, None, seen, scaled)
 
-    def _allocate(self, row: Tensor) -> None:
-        """The ring, the bands and the indices, on the row's device, once."""
-        w, device = len(self._params), row.device
-        self._ring = torch.full((self.window, row.numel()), math.nan, dtype=torch.float32, device=device)
+    def _allocate(self, device: torch.device, w: int) -> None:
+        """The ring, the bands, the step's row and its views, on the device, once."""
+        self._ring = torch.full((self.window, 3 + 3 * w), math.nan, dtype=torch.float32, device=device)
         self._band = torch.full((spikes.BAND, 2 + 2 * w), math.nan, dtype=torch.float32, device=device)
         # not each weight's gradient: far too noisy a series to judge alone
         levels = [spikes.SPIKE] * 2 + [spikes.WEIGHT_SPIKE] * (2 * w)
         self._limits = torch.tensor(levels, dtype=torch.float32, device=device)
+        self._ring_rows, self._band_rows = self._ring.unbind(0), self._band.unbind(0)  # their rows' views, once
+        self._row = _Row(torch.full((3 + 3 * w,), math.nan, dtype=torch.float32, device=device), w)
 
     def _resolve(self, step: int, flags: Tensor, event: Any, seen: bool, scaled: bool) -> None:
         if event is not None:
@@ -272,8 +313,8 @@ class FlightMeter(ParameterMeter):
         if self._ring is None or n <= 0:
             return [], torch.empty(0)
         order = [(self._rows - n + k) % self.window for k in range(n)]
-        rows = self._ring[torch.tensor(order, device=self._ring.device)].cpu()[:, _host_order(len(self._names))]
-        return [self._steps[i] for i in order], rows  # type: ignore[misc]
+        rows = self._ring[torch.tensor(order, device=self._ring.device)].cpu()
+        return [self._steps[i] for i in order], _host_rows(rows, len(self._names))  # type: ignore[misc]
 
     def _event(self, step: int, cause: str, error: str | None = None, also: Sequence[str] = ()) -> None:
         steps, rows = self._window()
@@ -282,6 +323,8 @@ class FlightMeter(ParameterMeter):
             event["also"] = list(also)
         if error is not None:
             event["error"] = error
+        if self._made is not None and self._made[0] == step and self._made[1] is not None:
+            event["made"] = self._made[1]
         if step in steps:
             at = steps.index(step)
             event["loss"] = _number(rows[at, _LOSS])

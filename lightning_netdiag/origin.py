@@ -1,0 +1,127 @@
+"""Where non-finite values were made: a step's forward replayed without gradients, a hook on every module.
+
+When a step's gradients turn non-finite the optimizer has not stepped yet: the weights are still those that made
+them. The step's outermost module calls (kept by reference while the step runs) are run again without gradients,
+each module's output looked at as it finishes: the first module to finish with a non-finite output made it (a module
+finishes before the one that called it, so this is the innermost); inputs that were not finite to begin with are the
+data's. A forward that stays finite leaves the backward. Only the step's own state is touched: the buffers (batch
+norm's running statistics) and the random generator are restored after the replay, and the other diagnostics'
+captures look away while it runs.
+
+No Lightning here: the flight recorder decides when, and on which device (where the verdict is read at once).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_netdiag.capture import HookHandles, paused
+
+__all__ = ["FORWARD", "INPUTS", "NOT_FORWARD", "ForwardCalls", "floating_tensors", "where_nonfinite"]
+
+#: Where the replay found the first non-finite value: a module's forward, the data, or not in the forward at all.
+FORWARD, INPUTS, NOT_FORWARD = "forward", "inputs", "backward"
+
+
+class ForwardCalls:
+    """The training forwards of a step, kept by reference for a replay: the calls of the model (or, where the model
+    itself is never called, as a LightningModule's is not, of its direct children).
+
+    Example::
+
+        calls = ForwardCalls(model)
+        loss = model(x).sum(); loss.backward()
+        where_nonfinite(calls)  # {"in": "backward"}: the forward was finite
+        calls.step_done()
+    """
+
+    def __init__(self, model: nn.Module, device_type: str = "cpu") -> None:
+        self.model, self.device_type = model, device_type
+        # each call with its autocast (a mixed-precision forward is replayed as it ran)
+        self.calls: list[tuple[nn.Module, tuple, dict, torch.dtype | None]] = []
+        self._root = HookHandles()
+        self._children = HookHandles()
+        self._settled = False  # whether the first step showed which modules are called
+        self._called = False  # whether the model itself is (its children's calls are then within its own)
+        self._root.add(model.register_forward_pre_hook(self._keep, with_kwargs=True))
+        for child in model.children():
+            self._children.add(child.register_forward_pre_hook(self._keep, with_kwargs=True))
+
+    def _keep(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if not (module.training and torch.is_grad_enabled()):  # an evaluation, not a training forward
+            return
+        if module is self.model:
+            self._called = True
+        elif self._called:  # a call within the model's: replayed with it
+            return
+        cast = torch.get_autocast_dtype(self.device_type) if torch.is_autocast_enabled(self.device_type) else None
+        self.calls.append((module, args, kwargs, cast))
+
+    def step_done(self) -> None:
+        """The step is over: its calls are let go. After the first, a model that is called itself holds all the
+        others: its children are no longer watched (a hook less per call)."""
+        if not self._settled and self.calls:
+            self._settled = True
+            if self._called:
+                self._children.remove()
+        self.calls.clear()
+
+    def remove(self) -> None:
+        self._root.remove()
+        self._children.remove()
+        self.calls.clear()
+
+
+def floating_tensors(output: object) -> list[Tensor]:
+    """The floating tensors of a module's output (or inputs): a tensor, a tuple or list, a dict or a ``ModelOutput``."""
+    if isinstance(output, Tensor):
+        return [output] if output.is_floating_point() else []
+    values = output.values() if isinstance(output, Mapping) else output if isinstance(output, (tuple, list)) else ()
+    return [t for v in values for t in floating_tensors(v)]
+
+
+def _nonfinite(value: object) -> bool:
+    return any(not bool(torch.isfinite(t).all()) for t in floating_tensors(value))
+
+
+def where_nonfinite(calls: ForwardCalls) -> dict[str, Any] | None:
+    """The replay of the step's ``calls`` (see the module's docstring): ``{"in": FORWARD, "module": name}`` for the
+    first module of the model to finish with a non-finite output, ``{"in": INPUTS}`` where a call's inputs were not
+    finite, ``{"in": NOT_FORWARD}`` where the forward stayed finite; None without calls or where the replay failed
+    (it raised: the error is not the run's)."""
+    model = calls.model
+    if not calls.calls:
+        return None
+    names = {module: name or type(model).__name__ for name, module in model.named_modules()}
+    found: list[str] = []
+
+    def hook(module: nn.Module, args: object, output: object) -> None:
+        if not found and _nonfinite(output):
+            found.append(names.get(module, type(module).__name__))
+
+    handles = HookHandles()
+    for module in model.modules():  # after the model's own hooks: what they do to an output is the module's
+        handles.add(module.register_forward_hook(hook))
+    buffers = list(model.buffers())
+    kept = [b.clone() for b in buffers]
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]), paused():
+            for module, args, kwargs, cast in calls.calls:
+                if _nonfinite(args) or _nonfinite(kwargs):
+                    return {"in": INPUTS}
+                with torch.autocast(calls.device_type, dtype=cast, enabled=cast is not None):
+                    module(*args, **kwargs)
+                if found:
+                    return {"in": FORWARD, "module": found[0]}
+        return {"in": NOT_FORWARD}
+    except Exception:  # noqa: BLE001 - a replay that fails says nothing of the run
+        return None
+    finally:
+        handles.remove()
+        with torch.no_grad():
+            for b, saved in zip(buffers, kept, strict=True):
+                b.copy_(saved)
