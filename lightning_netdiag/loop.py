@@ -179,7 +179,8 @@ class NetDiag:
             self.flight.log_dir = getattr(self.writer, "log_dir", None)
         if self.saturation is not None and self.optimizers:  # a manual step is told the loss by step()
             self.saturation.watch_backward_calls(self._backward_called)
-        self._handles.add(self.model.register_forward_pre_hook(self._forward_starts))
+        # first of the pre-hooks: a manual update is measured (its step ends) before anything of the next step starts
+        self._handles.add(self.model.register_forward_pre_hook(self._forward_starts, prepend=True))
         self._handles.add(self.model.register_forward_hook(self._forward_ends))
         for opt in self.optimizers:
             self._handles.add(opt.register_step_pre_hook(self._before_step))

@@ -21,10 +21,13 @@ from torch import Tensor, nn
 
 from lightning_netdiag.capture import HookHandles, paused
 
-__all__ = ["FORWARD", "INPUTS", "NOT_FORWARD", "ForwardCalls", "floating_tensors", "where_nonfinite"]
+__all__ = ["FORWARD", "INPUTS", "MAX_CALLS", "NOT_FORWARD", "ForwardCalls", "floating_tensors", "where_nonfinite"]
 
 #: Where the replay found the first non-finite value: a module's forward, the data, or not in the forward at all.
 FORWARD, INPUTS, NOT_FORWARD = "forward", "inputs", "backward"
+#: The calls kept per step, at most (accumulation over more micro-batches, or a loop whose steps are not seen: no
+#: replay, rather than inputs held without end).
+MAX_CALLS = 64
 
 
 class ForwardCalls:
@@ -47,6 +50,7 @@ class ForwardCalls:
         self._children = HookHandles()
         self._settled = False  # whether the first step showed which modules are called
         self._called = False  # whether the model itself is (its children's calls are then within its own)
+        self.complete = True  # no call of the step was left out
         self._root.add(model.register_forward_pre_hook(self._keep, with_kwargs=True))
         for child in model.children():
             self._children.add(child.register_forward_pre_hook(self._keep, with_kwargs=True))
@@ -57,6 +61,9 @@ class ForwardCalls:
         if module is self.model:
             self._called = True
         elif self._called:  # a call within the model's: replayed with it
+            return
+        if len(self.calls) >= MAX_CALLS:
+            self.complete = False
             return
         cast = torch.get_autocast_dtype(self.device_type) if torch.is_autocast_enabled(self.device_type) else None
         self.calls.append((module, args, kwargs, cast))
@@ -69,6 +76,7 @@ class ForwardCalls:
             if self._called:
                 self._children.remove()
         self.calls.clear()
+        self.complete = True
 
     def remove(self) -> None:
         self._root.remove()
@@ -91,10 +99,10 @@ def _nonfinite(value: object) -> bool:
 def where_nonfinite(calls: ForwardCalls) -> dict[str, Any] | None:
     """The replay of the step's ``calls`` (see the module's docstring): ``{"in": FORWARD, "module": name}`` for the
     first module of the model to finish with a non-finite output, ``{"in": INPUTS}`` where a call's inputs were not
-    finite, ``{"in": NOT_FORWARD}`` where the forward stayed finite; None without calls or where the replay failed
-    (it raised: the error is not the run's)."""
+    finite, ``{"in": NOT_FORWARD}`` where the forward stayed finite; None without calls, with more than
+    :data:`MAX_CALLS`, or where the replay failed (it raised: the error is not the run's)."""
     model = calls.model
-    if not calls.calls:
+    if not calls.calls or not calls.complete:
         return None
     names = {module: name or type(model).__name__ for name, module in model.named_modules()}
     found: list[str] = []

@@ -117,9 +117,24 @@ def test_accumulation_and_a_grad_scaler_unscaled_with_the_skipped_step_recorded(
 
 
 def train(tmp_path, model: nn.Module, optimizer, front: str, steps: int, fault):
-    """``model`` on the helpers' data for ``steps`` steps through ``front`` ("loop" or "lightning"), ``fault(step)``
-    called as each step begins. Returns the flight record and the steps D3 measured (every 50)."""
+    """``model`` on the helpers' data for ``steps`` steps through ``front`` ("loop", "manual": the lecture's update
+    by hand, at SGD's rate, or "lightning"), ``fault(step)`` called as each step begins. Returns the flight record and
+    the steps D3 measured (every 50)."""
     batches = list(loader(batch_size=32))
+    if front == "manual":
+        lr = optimizer.param_groups[0]["lr"]
+        with NetDiag(model, every_n_steps=50) as diag:
+            for step in range(steps):
+                fault(step)
+                x, y = batches[step % len(batches)]
+                loss = F.cross_entropy(model(x), y)
+                model.zero_grad()
+                loss.backward()
+                diag.step(loss, lr)
+                with torch.no_grad():
+                    for p in model.parameters():
+                        p -= lr * p.grad
+        return diag.flight.record, diag.grad_data.record.steps
     if front == "loop":
         with NetDiag(model, optimizer, every_n_steps=50) as diag:
             for step in range(steps):
@@ -195,7 +210,7 @@ def train_dividing(tmp_path, front: str, at: int = 30, steps: int = 40):
     return train(tmp_path, model, torch.optim.SGD(model.parameters(), lr=0.1), front, steps, fault)[0]
 
 
-@pytest.mark.parametrize("front", ["loop", "lightning"])
+@pytest.mark.parametrize("front", ["loop", "manual", "lightning"])
 def test_a_module_that_makes_a_nan_in_the_forward_is_named_by_replaying_the_step(tmp_path, front):
     record = train_dividing(tmp_path, front)
     first = record.events[0]
@@ -228,6 +243,9 @@ def test_the_replay_names_the_module_the_inputs_or_the_backward_and_restores_the
     with torch.no_grad():
         model(x)  # an evaluation is not kept
     assert len(calls.calls) == 1
+    for _ in range(origin.MAX_CALLS):  # a loop whose steps are never seen: the inputs are not held without end
+        model(x)
+    assert len(calls.calls) == origin.MAX_CALLS and origin.where_nonfinite(calls) is None
     calls.remove()
     assert origin.where_nonfinite(calls) is None  # nothing kept
 
