@@ -121,30 +121,23 @@ def train(tmp_path, model: nn.Module, optimizer, front: str, steps: int, fault):
     by hand, at SGD's rate, or "lightning"), ``fault(step)`` called as each step begins. Returns the flight record and
     the steps D3 measured (every 50)."""
     batches = list(loader(batch_size=32))
-    if front == "manual":
-        lr = optimizer.param_groups[0]["lr"]
-        with NetDiag(model, every_n_steps=50) as diag:
-            for step in range(steps):
-                fault(step)
-                x, y = batches[step % len(batches)]
-                loss = F.cross_entropy(model(x), y)
-                model.zero_grad()
-                loss.backward()
-                diag.step(loss, lr)
-                with torch.no_grad():
-                    for p in model.parameters():
-                        p -= lr * p.grad
-        return diag.flight.record, diag.grad_data.record.steps
-    if front == "loop":
-        with NetDiag(model, optimizer, every_n_steps=50) as diag:
+    if front in ("loop", "manual"):
+        manual, lr = front == "manual", optimizer.param_groups[0]["lr"]
+        with NetDiag(model, None if manual else optimizer, every_n_steps=50) as diag:
             for step in range(steps):
                 fault(step)
                 x, y = batches[step % len(batches)]
                 loss = F.cross_entropy(model(x), y)
                 optimizer.zero_grad()
                 loss.backward()
-                diag.loss(loss)
-                optimizer.step()
+                if manual:
+                    diag.step(loss, lr)
+                    with torch.no_grad():
+                        for p in model.parameters():
+                            p -= lr * p.grad
+                else:
+                    diag.loss(loss)
+                    optimizer.step()
         return diag.flight.record, diag.grad_data.record.steps
 
     class Module(L.LightningModule):
