@@ -29,7 +29,10 @@ class FlightRecorder(FlightMeter, ParameterCallback):
     before the optimizer step (complete over accumulation, unscaled under a GradScaler, reduced across ranks); the
     update is the weights' change across the step (one copy of the selected weights is kept for it:
     ``update_norms=False`` saves that memory); a step that changed no weight is recorded as skipped. On a GPU
-    nothing is copied to the host on a step without an event: each step's verdict is read one step later.
+    nothing is copied to the host on a step without an event: each step's verdict is read one step later. Where the
+    verdict is read at once (a CPU; not sharded, not compiled, no loss scaler), a step whose gradients turn
+    non-finite has its forward replayed before the optimizer steps, to name the module that made them
+    (:mod:`lightning_netdiag.origin`).
 
     Args:
         window: the steps kept (more than 50).
