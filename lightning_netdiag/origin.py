@@ -5,7 +5,7 @@ them. The step's outermost module calls (kept by reference while the step runs) 
 each module's output looked at as it finishes: the first module to finish with a non-finite output made it (a module
 finishes before the one that called it, so this is the innermost); inputs that were not finite to begin with are the
 data's. A forward that stays finite leaves the backward. Only the step's own state is touched: the buffers (batch
-norm's running statistics) and the random generator are restored after the replay, and the other diagnostics'
+norm's running statistics) and the random generators are restored after the replay, and the other diagnostics'
 captures look away while it runs.
 
 No Lightning here: the flight recorder decides when, and on which device (where the verdict is read at once).
@@ -42,8 +42,9 @@ class ForwardCalls:
         calls.step_done()
     """
 
-    def __init__(self, model: nn.Module, device_type: str = "cpu") -> None:
-        self.model, self.device_type = model, device_type
+    def __init__(self, model: nn.Module, device: torch.device | None = None) -> None:
+        self.model, self.device = model, device if device is not None else torch.device("cpu")
+        self.device_type = self.device.type
         # each call with its autocast (a mixed-precision forward is replayed as it ran)
         self.calls: list[tuple[nn.Module, tuple, dict, torch.dtype | None]] = []
         self._root = HookHandles()
@@ -117,7 +118,8 @@ def where_nonfinite(calls: ForwardCalls) -> dict[str, Any] | None:
     buffers = list(model.buffers())
     kept = [b.clone() for b in buffers]
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[]), paused():
+        gpus = [calls.device.index or 0] if calls.device_type == "cuda" else []
+        with torch.no_grad(), torch.random.fork_rng(devices=gpus), paused():
             for module, args, kwargs, cast in calls.calls:
                 if _nonfinite(args) or _nonfinite(kwargs):
                     return {"in": INPUTS}

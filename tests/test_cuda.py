@@ -97,6 +97,23 @@ class OpenEnded(SyncGuard):
         pass  # GuardEnd closes the window
 
 
+def test_asked_to_the_recorder_replays_a_nan_made_on_the_gpu_and_names_its_module(tmp_path):
+    # replay_nonfinite=True: one synchronisation a step, and the step's forward replayed before the optimizer steps
+    from lightning_netdiag import FlightRecorder
+
+    model, on = Quiet(), [False]
+    model.net[3].register_forward_hook(lambda m, i, out: out / torch.zeros_like(out) if on[0] else None)
+
+    class Switch(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            on[0] = trainer.global_step >= 10
+
+    recorder = FlightRecorder(replay_nonfinite=True)
+    cuda_trainer(tmp_path, [Switch(), recorder], logger=False, max_steps=12).fit(model, loader())
+    first = recorder.events[0]
+    assert first["step"] == 10 and first["made"] == {"in": "forward", "module": "net.3"}, first
+
+
 def test_the_flight_recorder_synchronises_only_at_an_event(tmp_path):
     # Its verdict of each step travels to pinned memory without waiting and is read one step later: no step
     # without an event, measured or not, reads anything back from the GPU (its ring stays there).

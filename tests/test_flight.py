@@ -116,14 +116,14 @@ def test_accumulation_and_a_grad_scaler_unscaled_with_the_skipped_step_recorded(
     assert record.events == []  # a loss scaler's skipped steps are no event
 
 
-def train(tmp_path, model: nn.Module, optimizer, front: str, steps: int, fault):
+def train(tmp_path, model: nn.Module, optimizer, front: str, steps: int, fault, flight: FlightMeter | bool = True):
     """``model`` on the helpers' data for ``steps`` steps through ``front`` ("loop", "manual": the lecture's update
     by hand, at SGD's rate, or "lightning"), ``fault(step)`` called as each step begins. Returns the flight record and
-    the steps D3 measured (every 50)."""
+    the steps D3 measured (every 50). ``flight``: NetDiag's flight recorder (the loop fronts)."""
     batches = list(loader(batch_size=32))
     if front in ("loop", "manual"):
         manual, lr = front == "manual", optimizer.param_groups[0]["lr"]
-        with NetDiag(model, None if manual else optimizer, every_n_steps=50) as diag:
+        with NetDiag(model, None if manual else optimizer, every_n_steps=50, flight=flight) as diag:
             for step in range(steps):
                 fault(step)
                 x, y = batches[step % len(batches)]
@@ -190,7 +190,7 @@ def test_a_layer_whose_rate_jumps_is_named_at_its_step_and_its_healthy_twin_is_s
     assert f"step {first['step']}" in figure.axes[1].get_title()
 
 
-def train_dividing(tmp_path, front: str, at: int = 30, steps: int = 40):
+def train_dividing(tmp_path, front: str, at: int = 30, steps: int = 40, flight: FlightMeter | bool = True):
     """SGD; from step ``at`` the output of ``blocks.1`` divided by zero (a hook of the model's, registered before any
     of ours). Returns the flight record."""
     model = Mlp()
@@ -200,7 +200,7 @@ def train_dividing(tmp_path, front: str, at: int = 30, steps: int = 40):
     def fault(step: int) -> None:
         on[0] = step >= at
 
-    return train(tmp_path, model, torch.optim.SGD(model.parameters(), lr=0.1), front, steps, fault)[0]
+    return train(tmp_path, model, torch.optim.SGD(model.parameters(), lr=0.1), front, steps, fault, flight)[0]
 
 
 @pytest.mark.parametrize("front", ["loop", "manual", "lightning"])
@@ -214,6 +214,11 @@ def test_a_module_that_makes_a_nan_in_the_forward_is_named_by_replaying_the_step
     verdict = report.summarize(flight=record).verdicts[0]
     assert verdict.severity == "fatal" and verdict.layer.startswith(layer)
     assert f"made in the forward of {layer} " in verdict.cause
+
+
+def test_asked_not_to_replay_the_recorder_names_the_step_alone(tmp_path):
+    first = train_dividing(tmp_path, "loop", flight=FlightMeter(replay_nonfinite=False)).events[0]
+    assert first["step"] == 30 and "made" not in first
 
 
 def test_the_replay_names_the_module_the_inputs_or_the_backward_and_restores_the_state():
@@ -342,5 +347,7 @@ def test_bad_arguments_name_what_was_wrong():
         FlightRecorder(window=0)
     with pytest.raises(ValueError, match="Expected `window` to be more than 50 steps"):
         FlightRecorder(window=10)
+    with pytest.raises(ValueError, match="`replay_nonfinite` to be None, True or False"):
+        FlightRecorder(replay_nonfinite="yes")
     with pytest.raises(ValueError, match="Expected `flight` to be True, None or a FlightMeter"):
         NetDiag(Mlp(), flight="yes")

@@ -41,6 +41,9 @@ class FlightRecorder(FlightMeter, ParameterCallback):
         exclude: name globs and module types never selected.
         ndims: the numbers of dimensions selected (default: every weight of rank 2 to 5).
         update_norms: measure each weight's update (needs one copy of the selected weights).
+        replay_nonfinite: replay the forward of a step whose gradients turn non-finite, to name the module that made
+            them. None: where it costs nothing (the verdict is read at once: not on a GPU); True: on a GPU too, at one
+            host synchronisation a step; False: never.
         prefix: the first part of every tag.
         history_size: the number of points kept in ``history`` per tag.
 
@@ -72,10 +75,11 @@ class FlightRecorder(FlightMeter, ParameterCallback):
         exclude: Sequence[type | str] = (),
         ndims: Sequence[int] | None = WEIGHT_NDIMS,
         update_norms: bool = True,
+        replay_nonfinite: bool | None = None,
         prefix: str = "netdiag",
         history_size: int = 10_000,
     ) -> None:
-        FlightMeter.__init__(self, window, params, exclude, ndims, update_norms, prefix, history_size)
+        FlightMeter.__init__(self, window, params, exclude, ndims, update_norms, replay_nonfinite, prefix, history_size)
         self._cadence(1)
 
     def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

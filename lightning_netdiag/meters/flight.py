@@ -93,6 +93,7 @@ class FlightMeter(ParameterMeter):
         exclude: Sequence[type | str] = (),
         ndims: Sequence[int] | None = WEIGHT_NDIMS,
         update_norms: bool = True,
+        replay_nonfinite: bool | None = None,
         prefix: str = "netdiag",
         history_size: int = 10_000,
     ) -> None:
@@ -100,8 +101,11 @@ class FlightMeter(ParameterMeter):
         check_positive_int("window", window)
         if window <= spikes.MIN_BAND:
             raise ValueError(f"Expected `window` to be more than {spikes.MIN_BAND} steps, got {window}")
+        if replay_nonfinite not in (None, True, False):
+            raise ValueError(f"Expected `replay_nonfinite` to be None, True or False, got {replay_nonfinite!r}")
         self.window = window
         self.update_norms = bool(update_norms)
+        self.replay_nonfinite = replay_nonfinite
         self.log_dir: str | None = None  # where the window's JSON file goes (the front end's logs)
         self.requested: set[int] = set()  # steps the front end should measure in full (the one after an event)
         self._names: list[str] = []
@@ -131,7 +135,7 @@ class FlightMeter(ParameterMeter):
         # (step, its flags on the host, their CUDA event, whether a loss was seen, whether a loss scaler is on)
         self._pending: deque[tuple[int, Tensor, Any, bool, bool]] = deque()
         self._armed = True  # a step without a verdict has passed since the last event: a blow-up is one event
-        self._made: tuple[int, dict[str, Any] | None] | None = None  # a step's replay: where its non-finite began
+        self._made: dict[int, dict[str, Any] | None] = {}  # step -> its replay: where its non-finite values began
         self._out = 0  # rows already in the record and the logs (rows are written out in order)
 
     # --- lifetime -------------------------------------------------------------------------------------
@@ -151,11 +155,13 @@ class FlightMeter(ParameterMeter):
         self._copies = torch.tensor([float(c) for _, c in parts] * 3, dtype=torch.float32, device=device)
         if self.update_norms:
             self._snapshot = [part.clone() for part, _ in parts]
-        # Where the verdict is read at once (not on a GPU: there it comes a step late, after the optimizer step), a
-        # step whose gradients turn non-finite is replayed to find the module that made them; not when sharded (a
-        # replay is a forward every rank must run) nor compiled.
-        if device is not None and device.type != "cuda" and self._views is not None and not compiled(model):
-            self._calls = ForwardCalls(model, device.type)
+        # By default where the verdict is read at once (not on a GPU: there it comes a step late, after the optimizer
+        # step; asked for, one synchronisation a step), a step whose gradients turn non-finite is replayed to find the
+        # module that made them; never when sharded (a replay is a forward every rank must run) nor compiled.
+        on_gpu = device is not None and device.type == "cuda"
+        replay = not on_gpu if self.replay_nonfinite is None else self.replay_nonfinite
+        if device is not None and replay and self._views is not None and not compiled(model):
+            self._calls = ForwardCalls(model, device)  # type: ignore[arg-type]
 
     def detach(self) -> None:
         super().detach()
@@ -208,8 +214,11 @@ class FlightMeter(ParameterMeter):
             row.grads.div_(amp)  # type: ignore[union-attr]  # a fused optimizer unscales inside its step
         torch.linalg.vector_norm(row.grads, out=row.grad_total)  # type: ignore[union-attr]  # this rank's, for now
         # not under a loss scaler: there an overflow is routine (the scaler skips the step)
-        if self._calls is not None and not self._scaled and not math.isfinite(row.grad_total):  # type: ignore[union-attr]
-            self._made = (self._step, where_nonfinite(self._calls))
+        # once a blow-up (a run that stays non-finite is replayed at its first step; on a GPU its second too, whose
+        # verdict is read a step late)
+        if self._calls is not None and self._armed and not self._scaled and not math.isfinite(row.grad_total):  # type: ignore[union-attr]
+            self._made = {s: m for s, m in self._made.items() if s >= self._step - 2}  # those still to be read
+            self._made[self._step] = where_nonfinite(self._calls)
         if self.update_norms:
             torch._foreach_copy_(self._snapshot, weights)
 
@@ -323,8 +332,9 @@ class FlightMeter(ParameterMeter):
             event["also"] = list(also)
         if error is not None:
             event["error"] = error
-        if self._made is not None and self._made[0] == step and self._made[1] is not None:
-            event["made"] = self._made[1]
+        made = self._made.pop(step, None)
+        if made is not None:
+            event["made"] = made
         if step in steps:
             at = steps.index(step)
             event["loss"] = _number(rows[at, _LOSS])
