@@ -680,8 +680,8 @@ _EVENT_ADVICE = {
     "spike": "look at the first weights named, at that step: lower their learning rate (a parameter group of their "
              "own) or the rate overall, clip gradients, check the batch of that step; the full measurement of the "
              "next step is in the other checks",
-    "non-finite": "the first weights named went first: look for a log(0) / 0 or an overflow there (fp16 without a "
-                  "loss scaler); lower the learning rate, clip gradients",
+    "non-finite": "the module or weights named first went first: look for a log(0), a division by zero or an "
+                  "overflow there (fp16 without a loss scaler); lower the learning rate, clip gradients",
     "exception": "the last steps before the end are in the logs (netdiag plots draws them); the weights named were "
                  "out of their band when it ended",
 }  # fmt: skip
