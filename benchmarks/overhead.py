@@ -59,6 +59,11 @@ BLOCK = 10  # --flight: the recorder on for this many steps, then off for as man
 BREAKDOWN = ("no-sink", "fast-crc", "sat", "d3", "d4", "logits", "adam", "no-op")
 
 
+def recording(step: int) -> bool:
+    """--flight: whether the recorder is on at ``step``."""
+    return step // BLOCK % 2 == 0
+
+
 # --- models --------------------------------------------------------------------------------------------
 
 
@@ -361,12 +366,7 @@ def worker(workload: str, config: str, every: int, warmup: int, timed: int, out:
             fast_tensorboard_checksums()
     elif config in ours:
         callbacks = [ours[config]()]
-    elif config == "flight":
-        callbacks = [FlightRecorder()]
-    elif config == "flight-alternating":  # on for BLOCK steps, off for the next BLOCK: both timed in this process
-
-        def recording(step: int) -> bool:
-            return step // BLOCK % 2 == 0
+    elif config == "flight":  # on for BLOCK steps, off for the next BLOCK: both timed in this process
 
         class Alternating(FlightRecorder):
             def on_train_batch_start(self, trainer, *args) -> None:
@@ -432,9 +432,9 @@ def worker(workload: str, config: str, every: int, warmup: int, timed: int, out:
         "peak_mb": peak_mb,
         "snapshot_mb": sum(p.numel() * p.element_size() for p in weights) / 2**20,  # UpdateRatio's copy
     }
-    if config == "flight-alternating":  # the steps that are not logging steps, with the recorder and without
-        on = [1000 * steps[i] for i in window if not logging[i] and i // BLOCK % 2 == 0]
-        off = [1000 * steps[i] for i in window if not logging[i] and i // BLOCK % 2 == 1]
+    if config == "flight":  # the steps that are not logging steps, with the recorder and without
+        on = [1000 * steps[i] for i in window if not logging[i] and recording(i)]
+        off = [1000 * steps[i] for i in window if not logging[i] and not recording(i)]
         result["on_ms"], result["off_ms"] = statistics.median(on), statistics.median(off)
     print(json.dumps(result))
     if config == "wandb":
@@ -667,7 +667,7 @@ def flight_cost(rounds: int, models: list[str]) -> str:
             continue
         runs = []
         for r in range(rounds):
-            runs.append(run_one(w, "flight-alternating", 50, w.timed[50]))
+            runs.append(run_one(w, "flight", 50, w.timed[50]))
             on, off = runs[-1]["on_ms"], runs[-1]["off_ms"]
             print(f"  {name:16s} round {r + 1}  off {off:8.3f} ms  on {on:8.3f} ms  {on / off:.3f}x", flush=True)
         ratios = [run["on_ms"] / run["off_ms"] for run in runs]

@@ -28,11 +28,11 @@ _PAUSED = [False]
 @contextlib.contextmanager
 def paused() -> Iterator[None]:
     """Every capture looks away: a forward replayed (:mod:`lightning_netdiag.origin`) is not one to measure."""
-    _PAUSED[0] = True
+    before, _PAUSED[0] = _PAUSED[0], True
     try:
         yield
     finally:
-        _PAUSED[0] = False
+        _PAUSED[0] = before
 
 
 def watching() -> bool:
@@ -303,7 +303,7 @@ class ActivationHooks:
         return torch._C.DisableTorchFunction() if len(self._capture) else contextlib.nullcontext()
 
     def _pre_hook(self, module: nn.Module, inputs: tuple[object, ...]) -> None:
-        if self.phase == FORWARD and _PAUSED[0] is False and inputs and isinstance(inputs[0], Tensor):
+        if self.phase == FORWARD and not _PAUSED[0] and inputs and isinstance(inputs[0], Tensor):
             with self._own_work():
                 self._pending[id(module)] = _input_mask(self._by_key[("m", id(module), 1)], inputs[0])
 

@@ -699,11 +699,7 @@ def _flight(flight: FlightRecord | None) -> list[Verdict]:
         cause = event["cause"]
         kind = "exception" if cause == "exception" else "non-finite" if "non-finite" in cause else "spike"
         began = event.get("began") or []
-        made = (event.get("made") or {}).get("module")  # the module whose forward made it, where replayed
-        names = [made] if made else []
-        for b in began:
-            if b["name"] not in names:
-                names.append(b["name"])
+        names = spikes.named(event)
         # the value that broke the band: the total gradient norm, a weight's score, else the loss
         value = {"gradient spike": event.get("grad_total"), "weight spike": began[0]["score"] if began else None}.get(
             cause, event.get("loss")

@@ -19,7 +19,7 @@ from lightning_netdiag.origin import INPUTS
 
 __all__ = [
     "BAND", "FLOOR", "LEFT", "LOOKBACK", "MIN_BAND", "REFRESH", "SPIKE", "WEIGHT_SPIKE", "band", "band_scores",
-    "began", "decades", "event_text", "named_first",
+    "began", "decades", "event_text", "named", "named_first",
 ]  # fmt: skip
 
 BAND = 64  # the steps before a value that make its band: a median that follows a drifting series
@@ -86,14 +86,17 @@ def began(values: Tensor, event: int, priority: Sequence[int] | None = None) -> 
     return sorted(found, key=lambda f: (f[1], rank[f[0]], -f[2]))
 
 
+def named(event: dict) -> list[str]:
+    """What an event names, first things first, each once: the module whose forward made its non-finite values
+    (where the step was replayed, :mod:`lightning_netdiag.origin`), then the weights whose series left their band,
+    the first to leave first."""
+    made = (event.get("made") or {}).get("module")
+    return list(dict.fromkeys([*([made] if made else []), *(b["name"] for b in event.get("began") or [])]))
+
+
 def named_first(event: dict) -> str | None:
-    """What an event names first: the module whose forward made its non-finite values (where the step was replayed,
-    :mod:`lightning_netdiag.origin`), else the weight whose series left its band first; None if neither is known."""
-    made = event.get("made") or {}
-    if made.get("module"):
-        return made["module"]
-    began = event.get("began") or []
-    return began[0]["name"] if began else None
+    """The first of :func:`named`; None if the event names nothing."""
+    return next(iter(named(event)), None)
 
 
 def _made_text(made: dict) -> str:

@@ -14,7 +14,17 @@ from helpers import loader, trainer
 from torch import nn
 from torch.nn import functional as F
 
-from lightning_netdiag import FlightRecorder, GradDataRatio, NetDiag, origin, plots, report, spikes, tags
+from lightning_netdiag import (
+    FlightRecorder,
+    GradDataRatio,
+    NetDiag,
+    SaturationMonitor,
+    origin,
+    plots,
+    report,
+    spikes,
+    tags,
+)
 from lightning_netdiag.logs import load_run
 from lightning_netdiag.meters import FlightMeter
 
@@ -116,10 +126,13 @@ def test_accumulation_and_a_grad_scaler_unscaled_with_the_skipped_step_recorded(
     assert record.events == []  # a loss scaler's skipped steps are no event
 
 
-def train(tmp_path, model: nn.Module, optimizer, front: str, steps: int, fault, flight: FlightMeter | bool = True):
+def train(
+    tmp_path, model: nn.Module, optimizer, front: str, steps: int, fault, flight: FlightMeter | bool = True, also=()
+):
     """``model`` on the helpers' data for ``steps`` steps through ``front`` ("loop", "manual": the lecture's update
     by hand, at SGD's rate, or "lightning"), ``fault(step)`` called as each step begins. Returns the flight record and
-    the steps D3 measured (every 50). ``flight``: NetDiag's flight recorder (the loop fronts)."""
+    the steps D3 measured (every 50). ``flight``: NetDiag's flight recorder (the loop fronts); ``also``: callbacks
+    after the recorder (Lightning)."""
     batches = list(loader(batch_size=32))
     if front in ("loop", "manual"):
         manual, lr = front == "manual", optimizer.param_groups[0]["lr"]
@@ -155,7 +168,8 @@ def train(tmp_path, model: nn.Module, optimizer, front: str, steps: int, fault, 
 
     recorder, grad_data = FlightRecorder(), GradDataRatio(every_n_steps=50)
     data = torch.utils.data.DataLoader(batches * steps, batch_size=None)
-    trainer(tmp_path, [recorder, grad_data], logger=False, max_steps=steps, limit_val_batches=0).fit(Module(), data)
+    callbacks = [recorder, grad_data, *also]
+    trainer(tmp_path, callbacks, logger=False, max_steps=steps, limit_val_batches=0).fit(Module(), data)
     return recorder.record, grad_data.record.steps
 
 
@@ -190,7 +204,7 @@ def test_a_layer_whose_rate_jumps_is_named_at_its_step_and_its_healthy_twin_is_s
     assert f"step {first['step']}" in figure.axes[1].get_title()
 
 
-def train_dividing(tmp_path, front: str, at: int = 30, steps: int = 40, flight: FlightMeter | bool = True):
+def train_dividing(tmp_path, front: str, at: int = 30, steps: int = 40, flight: FlightMeter | bool = True, also=()):
     """SGD; from step ``at`` the output of ``blocks.1`` divided by zero (a hook of the model's, registered before any
     of ours). Returns the flight record."""
     model = Mlp()
@@ -200,7 +214,7 @@ def train_dividing(tmp_path, front: str, at: int = 30, steps: int = 40, flight: 
     def fault(step: int) -> None:
         on[0] = step >= at
 
-    return train(tmp_path, model, torch.optim.SGD(model.parameters(), lr=0.1), front, steps, fault, flight)[0]
+    return train(tmp_path, model, torch.optim.SGD(model.parameters(), lr=0.1), front, steps, fault, flight, also)[0]
 
 
 @pytest.mark.parametrize("front", ["loop", "manual", "lightning"])
@@ -214,6 +228,15 @@ def test_a_module_that_makes_a_nan_in_the_forward_is_named_by_replaying_the_step
     verdict = report.summarize(flight=record).verdicts[0]
     assert verdict.severity == "fatal" and verdict.layer.startswith(layer)
     assert f"made in the forward of {layer} " in verdict.cause
+
+
+def test_the_replay_is_not_measured_by_the_other_callbacks(tmp_path):
+    # The recorder's hook before SaturationMonitor's flush: after the backward D1 still records (a manual
+    # accumulation's next forward would count), and the replay's forward would be counted into the step's record.
+    saturation = SaturationMonitor(every_n_steps=1)
+    train_dividing(tmp_path, "lightning", also=[saturation])
+    counts = {step: float(sum(h.counts)) for step, h in saturation.record.histograms_of("act", "model/relu")}
+    assert counts[29] == counts[30] == 32 * 32  # one forward's batch x units, the event's step too
 
 
 def test_asked_not_to_replay_the_recorder_names_the_step_alone(tmp_path):

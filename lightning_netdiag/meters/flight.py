@@ -37,21 +37,14 @@ __all__ = ["CAUSES", "MAX_EVENTS", "FlightMeter"]
 CAUSES = ("non-finite loss", "non-finite gradients", "loss spike", "gradient spike", "weight spike")
 #: The events kept per run: a run that keeps blowing up says so, its first events say where it began.
 MAX_EVENTS = 32
-# A row as the host reads it: the step's loss, the micro-batch losses seen, the gradient, update and weight norms over
-# every watched weight, then each weight's gradient, update and weight norms. On the device a row holds the loss, the
-# total gradient norm, each weight's update, weight and gradient norms, the losses seen: the scored columns (the loss,
-# the total gradient norm, each weight's update and norm) are one slice, the norms another (summed across ranks as
-# one), each written in place by one kernel.
-_LOSS, _LOSSES, _GRAD, _UPDATE, _WEIGHT = range(5)
-_FIRST = 5
-
-
-def _host_rows(rows: Tensor, w: int) -> Tensor:
-    """Device rows of ``w`` weights (on the host) in the host's layout, with the update and weight totals."""
-    updates, weights = rows[:, 2 : 2 + w], rows[:, 2 + w : 2 + 2 * w]
-    totals = torch.linalg.vector_norm(torch.stack([updates, weights]), dim=2).T
-    loss, grad_total, grads = rows[:, :1], rows[:, 1:2], rows[:, 2 + 2 * w : 2 + 3 * w]
-    return torch.cat([loss, rows[:, 2 + 3 * w :], grad_total, totals, grads, updates, weights], dim=1)
+# A row, on the device and as the host reads it: the step's loss, the total gradient norm, each weight's update,
+# weight and gradient norms (in that order of series), the micro-batch losses seen. The scored columns (the loss, the
+# total gradient norm, each weight's update and norm) are one slice, the norms another (summed across ranks as one),
+# each written in place by one kernel.
+_LOSS, _GRAD_TOTAL, _NORMS, _COUNT = 0, 1, 2, -1
+_SERIES = ("update norm", "weight norm", "gradient norm")
+# At the same step, a weight's own change (its norm, its update) comes before the gradients it makes.
+_PRIORITY = (1, 0, 2)
 
 
 class _Row:
@@ -59,18 +52,13 @@ class _Row:
     once: a slice costs a call, and on a CPU the calls are the cost."""
 
     def __init__(self, row: Tensor, w: int) -> None:
-        self.all, self.loss, self.grad_total, self.count = row, row[0], row[1], row[-1]
+        self.all, self.loss, self.grad_total, self.count = row, row[_LOSS], row[_GRAD_TOTAL], row[_COUNT]
         self.judged, self.scored = row[:2], row[: 2 + 2 * w]  # the loss and total gradient; every scored column
-        self.norms = row[2 : 2 + 3 * w]
+        self.norms = row[_NORMS : _NORMS + 3 * w]
         self.changes, self.weights, self.grads = self.norms[: 2 * w], self.norms[w : 2 * w], self.norms[2 * w :]
         self.score = torch.empty(2 + 2 * w, dtype=row.dtype, device=row.device)
         self.flags = torch.empty(4 + 2 * w, dtype=torch.bool, device=row.device)
         self.nonfinite, self.over = self.flags[:2], self.flags[2:]
-
-
-_SERIES = ("gradient norm", "update norm", "weight norm")
-# At the same step, a weight's own change (its norm, its update) comes before the gradients it makes.
-_PRIORITY = (2, 1, 0)
 
 
 class FlightMeter(ParameterMeter):
@@ -258,13 +246,14 @@ class FlightMeter(ParameterMeter):
         i = self._rows % self.window
         self._ring_rows[i].copy_(row.all)  # type: ignore[union-attr]
         self._steps[i] = step
-        self._judge(step, row, scaled=self._scaled)  # type: ignore[arg-type]
+        self._judge(step)
         if self._calls is not None:
             self._calls.step_done()
 
-    def _judge(self, step: int, row: _Row, scaled: bool) -> None:
-        """The verdict, on the device: the loss and the total gradient norm not finite; each score above its level
-        (against the bands of the steps before, refreshed every few steps)."""
+    def _judge(self, step: int) -> None:
+        """The verdict of the step's row, on the device: the loss and the total gradient norm not finite; each score
+        above its level (against the bands of the steps before, refreshed every few steps)."""
+        row, scaled = self._row, self._scaled
         if self._rows % spikes.REFRESH == 0:
             self._bands = spikes.band(self._band)  # type: ignore[arg-type]
         median, spread = self._bands  # type: ignore[misc]
@@ -323,7 +312,7 @@ class FlightMeter(ParameterMeter):
             return [], torch.empty(0)
         order = [(self._rows - n + k) % self.window for k in range(n)]
         rows = self._ring[torch.tensor(order, device=self._ring.device)].cpu()
-        return [self._steps[i] for i in order], _host_rows(rows, len(self._names))  # type: ignore[misc]
+        return [self._steps[i] for i in order], rows  # type: ignore[misc]
 
     def _event(self, step: int, cause: str, error: str | None = None, also: Sequence[str] = ()) -> None:
         steps, rows = self._window()
@@ -338,9 +327,9 @@ class FlightMeter(ParameterMeter):
         if step in steps:
             at = steps.index(step)
             event["loss"] = _number(rows[at, _LOSS])
-            event["grad_total"] = _number(rows[at, _GRAD])
+            event["grad_total"] = _number(rows[at, _GRAD_TOTAL])
             w = len(self._names)
-            found = spikes.began(rows[:, _FIRST:], at, [_PRIORITY[c // w] for c in range(3 * w)])
+            found = spikes.began(rows[:, _NORMS : _NORMS + 3 * w], at, [_PRIORITY[c // w] for c in range(3 * w)])
             event["began"] = [
                 {"name": self._names[c % w], "series": _SERIES[c // w], "step": steps[t], "score": _number(score)}
                 for c, t, score in found[:8]
@@ -381,18 +370,19 @@ class FlightMeter(ParameterMeter):
             return
         self._out = self._rows
         w = len(self._names)
-        for step, row in zip(steps, rows.tolist(), strict=True):
+        update_totals = torch.linalg.vector_norm(rows[:, _NORMS : _NORMS + w], dim=1).tolist()
+        for step, row, update_total in zip(steps, rows.tolist(), update_totals, strict=True):
             scalars: dict[Key, float] = {
-                ("flight_grad_total", ""): row[_GRAD], ("flight_update_total", ""): row[_UPDATE]
+                ("flight_grad_total", ""): row[_GRAD_TOTAL], ("flight_update_total", ""): update_total
             }  # fmt: skip
-            if row[_LOSSES] > 0:
+            if row[_COUNT] > 0:
                 scalars[("flight_loss", "")] = row[_LOSS]  # dropped when not finite, as every value is:
                 if not math.isfinite(row[_LOSS]):
                     scalars[("flight_loss_nonfinite", "")] = 1.0
-            if self.update_norms and row[_UPDATE] == 0:  # no weight changed: the step was skipped
+            if self.update_norms and update_total == 0:  # no weight changed: the step was skipped
                 scalars[("flight_skipped", "")] = 1.0
             for k, name in enumerate(self._names):
-                grad, update, weight = row[_FIRST + k], row[_FIRST + w + k], row[_FIRST + 2 * w + k]
+                update, weight, grad = row[_NORMS + k], row[_NORMS + w + k], row[_NORMS + 2 * w + k]
                 scalars[("flight_grad_norm", name)] = grad
                 if not math.isfinite(grad):
                     scalars[("flight_grad_nonfinite", name)] = 1.0
