@@ -194,17 +194,18 @@ class FlightMeter(ParameterMeter):
         if self._row is None:
             self._allocate(weights[0].device, len(weights))
         row = self._row
-        torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32), out=row.grads)  # type: ignore[union-attr]
+        assert row is not None
+        torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32), out=row.grads)
         self._stepped = True
         amp = None if self.run is None else self.run.loss_scale()
         self._scaled = amp is not None
         if amp is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
-            row.grads.div_(amp)  # type: ignore[union-attr]  # a fused optimizer unscales inside its step
-        torch.linalg.vector_norm(row.grads, out=row.grad_total)  # type: ignore[union-attr]  # this rank's, for now
+            row.grads.div_(amp)  # a fused optimizer unscales inside its step
+        torch.linalg.vector_norm(row.grads, out=row.grad_total)  # this rank's, for now
         # not under a loss scaler: there an overflow is routine (the scaler skips the step)
         # once a blow-up (a run that stays non-finite is replayed at its first step; on a GPU its second too, whose
         # verdict is read a step late)
-        if self._calls is not None and self._armed and not self._scaled and not math.isfinite(row.grad_total):  # type: ignore[union-attr]
+        if self._calls is not None and self._armed and not self._scaled and not math.isfinite(row.grad_total):
             self._made = {s: m for s, m in self._made.items() if s >= self._step - 2}  # those still to be read
             self._made[self._step] = where_nonfinite(self._calls)
         if self.update_norms:
@@ -224,27 +225,28 @@ class FlightMeter(ParameterMeter):
             return
         self._stepped = False
         row, weights = self._row, self._weights()
+        assert row is not None
         if self.update_norms:
             torch._foreach_sub_(self._snapshot, weights)  # now the update (with its sign flipped)
-            torch.stack(torch._foreach_norm([*self._snapshot, *weights], 2, dtype=torch.float32), out=row.changes)  # type: ignore[union-attr]
+            torch.stack(torch._foreach_norm([*self._snapshot, *weights], 2, dtype=torch.float32), out=row.changes)
         else:  # the update columns stay NaN (the row is made so)
-            torch.stack(torch._foreach_norm(weights, 2, dtype=torch.float32), out=row.weights)  # type: ignore[union-attr]
+            torch.stack(torch._foreach_norm(weights, 2, dtype=torch.float32), out=row.weights)
         if self._loss is None:
-            row.loss.fill_(math.nan)  # type: ignore[union-attr]
+            row.loss.fill_(math.nan)
         else:
-            row.loss.copy_(self._loss)  # type: ignore[union-attr]
-        row.count.fill_(self._losses)  # type: ignore[union-attr]
+            row.loss.copy_(self._loss)
+        row.count.fill_(self._losses)
         if self._world() > 1:  # one small collective: the same row, exactly, on every rank
-            row.norms.square_().div_(self._copies)  # type: ignore[union-attr, arg-type]
-            row.loss.nan_to_num_(0.0)  # type: ignore[union-attr]
+            row.norms.square_().div_(self._copies)  # type: ignore[arg-type]
+            row.loss.nan_to_num_(0.0)
             row.all.copy_(self.run.reduce(row.all, "sum"))  # type: ignore[union-attr]
-            row.norms.sqrt_()  # type: ignore[union-attr]
-            row.loss.div_(row.count)  # type: ignore[union-attr]  # 0 / 0 (no loss seen): NaN
-            torch.linalg.vector_norm(row.grads, out=row.grad_total)  # type: ignore[union-attr]
+            row.norms.sqrt_()
+            row.loss.div_(row.count)  # 0 / 0 (no loss seen): NaN
+            torch.linalg.vector_norm(row.grads, out=row.grad_total)
         elif self._losses > 1:
-            row.loss.div_(self._losses)  # type: ignore[union-attr]
+            row.loss.div_(self._losses)
         i = self._rows % self.window
-        self._ring_rows[i].copy_(row.all)  # type: ignore[union-attr]
+        self._ring_rows[i].copy_(row.all)
         self._steps[i] = step
         self._judge(step)
         if self._calls is not None:
@@ -254,6 +256,7 @@ class FlightMeter(ParameterMeter):
         """The verdict of the step's row, on the device: the loss and the total gradient norm not finite; each score
         above its level (against the bands of the steps before, refreshed every few steps)."""
         row, scaled = self._row, self._scaled
+        assert row is not None
         if self._rows % spikes.REFRESH == 0:
             self._bands = spikes.band(self._band)  # type: ignore[arg-type]
         median, spread = self._bands  # type: ignore[misc]
