@@ -19,7 +19,7 @@ from lightning_netdiag.origin import INPUTS
 
 __all__ = [
     "BAND", "FLOOR", "LEFT", "LOOKBACK", "MIN_BAND", "REFRESH", "SPIKE", "WEIGHT_SPIKE", "band", "band_scores",
-    "began", "decades", "event_text", "named", "named_first",
+    "began", "decades", "over", "event_text", "named", "named_first",
 ]  # fmt: skip
 
 BAND = 64  # the steps before a value that make its band: a median that follows a drifting series
@@ -33,10 +33,9 @@ LEFT = 4.0  # a weight's series with a score above this has left its band (namin
 LOOKBACK = 16  # the steps before an event searched for where it began
 
 
-def decades(values: Tensor, out: Tensor | None = None) -> Tensor:
-    """log10 of positive finite values; NaN elsewhere (0, negative, NaN, inf: not scored, never a band's part).
-    Written into ``out`` where given (the recorder's band row: no new tensor a step)."""
-    return torch.log10(values, out=out).nan_to_num_(nan=math.nan, posinf=math.nan, neginf=math.nan)
+def decades(values: Tensor) -> Tensor:
+    """log10 of positive finite values; NaN elsewhere (0, negative, NaN, inf: not scored, never a band's part)."""
+    return torch.log10(values).nan_to_num_(nan=math.nan, posinf=math.nan, neginf=math.nan)
 
 
 def band(history: Tensor) -> tuple[Tensor, Tensor]:
@@ -55,6 +54,15 @@ def band_scores(history: Tensor, row: Tensor) -> Tensor:
         return torch.full_like(row, math.nan)
     median, spread = band(history)
     return (row - median) / spread
+
+
+def over(history: Tensor, levels: Tensor) -> Tensor:
+    """Each column's raw value above which its score against ``history`` (raw values, rows: steps) passes its
+    level in ``levels``: the inverse of :func:`band_scores`, ``10 ** (median + level * spread)``, NaN where the band
+    is too short. While training runs one comparison a step against it tells what the score would (a positive
+    infinite value is over; a NaN never is)."""
+    median, spread = band(decades(history))
+    return torch.pow(10.0, median + levels * spread)
 
 
 def began(values: Tensor, event: int, priority: Sequence[int] | None = None) -> list[tuple[int, int, float]]:

@@ -283,6 +283,22 @@ def test_the_spike_score_is_the_robust_z_of_a_direct_computation():
     assert spikes.band_scores(history[:40], row).isnan().all()  # fewer than MIN_BAND steps: no score
 
 
+def test_the_live_threshold_is_the_inverse_of_the_score():
+    """What the recorder compares each step with (`over`, raw values) says what the score says (decades)."""
+    g = torch.Generator().manual_seed(0)
+    raw = torch.rand(64, 6, generator=g, dtype=torch.float64).mul(3).exp()
+    raw[:20, 5] = math.nan  # 44 finite steps: no band, nothing is over
+    levels = torch.tensor([7.0, 7.0, 12.0, 12.0, 1.0, 7.0], dtype=torch.float64)
+    upper = spikes.over(raw, levels)
+    assert upper[5].isnan()
+    for row in raw[1:40] * torch.logspace(-1, 3, 39, dtype=torch.float64)[:, None]:
+        z = spikes.band_scores(spikes.decades(raw), spikes.decades(row))
+        assert torch.equal(row > upper, z > levels)
+    inf = torch.full((6,), math.inf, dtype=torch.float64)
+    assert (inf > upper)[:5].all()  # an infinite value is over (the recorder says it once, as non-finite)
+    assert not (torch.full((6,), math.nan, dtype=torch.float64) > upper).any()
+
+
 CRASHING = """
 import sys, torch
 from torch import nn

@@ -37,10 +37,10 @@ __all__ = ["CAUSES", "MAX_EVENTS", "FlightMeter"]
 CAUSES = ("non-finite loss", "non-finite gradients", "loss spike", "gradient spike", "weight spike")
 #: The events kept per run: a run that keeps blowing up says so, its first events say where it began.
 MAX_EVENTS = 32
-# A row, on the device and as the host reads it: the step's loss, the total gradient norm, each weight's update,
-# weight and gradient norms (in that order of series), the micro-batch losses seen. The scored columns (the loss, the
-# total gradient norm, each weight's update and norm) are one slice, the norms another (summed across ranks as one),
-# each written in place by one kernel.
+# A row of the ring, on the device and as the host reads it: the step's loss, the total gradient norm, each weight's
+# update, weight and gradient norms (in that order of series), the micro-batch losses seen (where ranks are summed).
+# The scored columns (the loss, the total gradient norm, each weight's update and norm) are one slice, the norms
+# another (summed across ranks as one), each written in place by one kernel.
 _LOSS, _GRAD_TOTAL, _NORMS, _COUNT = 0, 1, 2, -1
 _SERIES = ("update norm", "weight norm", "gradient norm")
 # At the same step, a weight's own change (its norm, its update) comes before the gradients it makes.
@@ -48,17 +48,14 @@ _PRIORITY = (1, 0, 2)
 
 
 class _Row:
-    """A step's row on the device (the layout above) and its verdict, with the views each kernel writes into, made
-    once: a slice costs a call, and on a CPU the calls are the cost."""
+    """A row of the ring (the layout above) with the views each kernel writes into, made once: a slice costs a
+    call, and on a CPU the calls are the cost."""
 
     def __init__(self, row: Tensor, w: int) -> None:
         self.all, self.loss, self.grad_total, self.count = row, row[_LOSS], row[_GRAD_TOTAL], row[_COUNT]
         self.judged, self.scored = row[:2], row[: 2 + 2 * w]  # the loss and total gradient; every scored column
         self.norms = row[_NORMS : _NORMS + 3 * w]
         self.changes, self.weights, self.grads = self.norms[: 2 * w], self.norms[w : 2 * w], self.norms[2 * w :]
-        self.score = torch.empty(2 + 2 * w, dtype=row.dtype, device=row.device)
-        self.flags = torch.empty(4 + 2 * w, dtype=torch.bool, device=row.device)
-        self.nonfinite, self.over = self.flags[:2], self.flags[2:]
 
 
 class FlightMeter(ParameterMeter):
@@ -105,15 +102,16 @@ class FlightMeter(ParameterMeter):
         self._reset()
 
     def _reset(self) -> None:
-        self._ring: Tensor | None = None  # [window, 3 + 3 * weights], float32, on the device
-        # [BAND, 2 + 2 * weights]: the loss, the total gradient norm, each weight's update and norm, in decades
-        self._band: Tensor | None = None
-        self._bands: tuple[Tensor, Tensor] | None = None  # their median and spread, refreshed every REFRESH steps
-        self._limits: Tensor | None = None  # each scored column's spike level
-        self._row: _Row | None = None  # this step's row and verdict, written in place, then copied into the ring
-        self._ring_rows: Sequence[Tensor] = ()
-        self._band_rows: Sequence[Tensor] = ()
-        self._steps: list[int | None] = [None] * self.window  # the step of each ring row
+        # [size, 3 + 3 * weights], float32, on the device: each step written in place into its row
+        self._ring: Tensor | None = None
+        self._slots: Sequence[_Row] = ()  # its rows' views
+        self._size = max(self.window, spikes.BAND + 1)  # its rows: the BAND before a step's make its bands
+        self._back: Tensor | None = None  # -BAND, ..., -1: the rows of the bands, from the step's, on the device
+        self._steps: list[int | None] = [None] * self._size  # the step of each ring row
+        self._seen = [False] * self._size  # whether a loss was seen at each row's step (on this rank)
+        self._levels: Tensor | None = None  # each scored column's spike level
+        self._upper: Tensor | None = None  # the value above which each scores over its level, refreshed every REFRESH
+        self._flags: Tensor | None = None  # the step's verdict: the loss and total gradient non-finite, then the spikes
         self._rows = 0  # rows written so far
         self._loss: Tensor | None = None  # this step's summed micro-batch losses, on the device
         self._losses = 0
@@ -137,7 +135,8 @@ class FlightMeter(ParameterMeter):
         self._params = list(self._selected.values())
         self._views = None if any(is_sharded(p) for _, p in self._params) else [p.detach() for _, p in self._params]
         # every rank's row is summed (one collective): a replicated weight is held by every rank
-        parts = [local_shard(name, p.detach(), self._world()) for name, p in self._params]
+        self._ranks = self._world()
+        parts = [local_shard(name, p.detach(), self._ranks) for name, p in self._params]
         device = parts[0][0].device if parts else None
         # each part's copies, for the three norms of the row: on the device once (not copied there each step)
         self._copies = torch.tensor([float(c) for _, c in parts] * 3, dtype=torch.float32, device=device)
@@ -191,10 +190,9 @@ class FlightMeter(ParameterMeter):
             self._missing(part) if p.grad is None else p.grad if plain else self._shard(name, p.grad)[0]
             for (name, p), part in zip(self._params, weights, strict=True)
         ]
-        if self._row is None:
+        if self._ring is None:
             self._allocate(weights[0].device, len(weights))
-        row = self._row
-        assert row is not None
+        row = self._slots[self._rows % self._size]
         torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32), out=row.grads)
         self._stepped = True
         amp = None if self.run is None else self.run.loss_scale()
@@ -224,8 +222,8 @@ class FlightMeter(ParameterMeter):
         if step is None or not self._stepped or not self._params:
             return
         self._stepped = False
-        row, weights = self._row, self._weights()
-        assert row is not None
+        i, weights = self._rows % self._size, self._weights()
+        row = self._slots[i]
         if self.update_norms:
             torch._foreach_sub_(self._snapshot, weights)  # now the update (with its sign flipped)
             torch.stack(torch._foreach_norm([*self._snapshot, *weights], 2, dtype=torch.float32), out=row.changes)
@@ -235,8 +233,8 @@ class FlightMeter(ParameterMeter):
             row.loss.fill_(math.nan)
         else:
             row.loss.copy_(self._loss)
-        row.count.fill_(self._losses)
-        if self._world() > 1:  # one small collective: the same row, exactly, on every rank
+        if self._ranks > 1:  # one small collective: the same row, exactly, on every rank
+            row.count.fill_(self._losses)
             row.norms.square_().div_(self._copies)  # type: ignore[arg-type]
             row.loss.nan_to_num_(0.0)
             row.all.copy_(self.run.reduce(row.all, "sum"))  # type: ignore[union-attr]
@@ -245,48 +243,48 @@ class FlightMeter(ParameterMeter):
             torch.linalg.vector_norm(row.grads, out=row.grad_total)
         elif self._losses > 1:
             row.loss.div_(self._losses)
-        i = self._rows % self.window
-        self._ring_rows[i].copy_(row.all)
-        self._steps[i] = step
-        self._judge(step)
+        self._steps[i], self._seen[i] = step, self._losses > 0
+        self._judge(step, row)
         if self._calls is not None:
             self._calls.step_done()
 
-    def _judge(self, step: int) -> None:
-        """The verdict of the step's row, on the device: the loss and the total gradient norm not finite; each score
-        above its level (against the bands of the steps before, refreshed every few steps)."""
-        row, scaled = self._row, self._scaled
-        assert row is not None
-        if self._rows % spikes.REFRESH == 0:
-            self._bands = spikes.band(self._band)  # type: ignore[arg-type]
-        median, spread = self._bands  # type: ignore[misc]
-        decades = spikes.decades(row.scored, out=self._band_rows[self._rows % spikes.BAND])
+    def _judge(self, step: int, row: _Row) -> None:
+        """The verdict of the step's row, on the device: the loss and the total gradient norm not finite; each scored
+        value over its level (against the bands of the steps before, refreshed every few steps)."""
+        flags, scaled = self._flags, self._scaled
+        assert flags is not None and self._ring is not None
+        if self._rows % spikes.REFRESH == 0 and self._rows >= spikes.MIN_BAND:  # before: no band is long enough
+            # the rows of the BAND steps before this one, found on the device (an index from the host would wait
+            # for it); rows not yet written are NaN: no part of a band
+            before = torch.remainder(self._back + self._rows, self._size)  # type: ignore[operator]
+            self._upper = spikes.over(self._ring[before, : row.scored.numel()], self._levels)  # type: ignore[arg-type]
         self._rows += 1
         # x - x is 0 for a finite x, NaN for NaN and inf: one kernel fewer than isfinite
-        torch.ne(row.judged - row.judged, 0, out=row.nonfinite)
-        torch.sub(decades, median, out=row.score).div_(spread)
-        torch.gt(row.score, self._limits, out=row.over)  # type: ignore[arg-type]
+        torch.ne(row.judged - row.judged, 0, out=self._nonfinite)
+        torch.gt(row.scored, self._upper, out=self._spiked)  # type: ignore[arg-type]
         seen = self._losses > 0
-        if row.flags.device.type == "cuda":  # read one step later, when the copy is surely done: no wait now
-            host = torch.empty(row.flags.shape, dtype=torch.bool, pin_memory=True)
-            host.copy_(row.flags, non_blocking=True)
+        if flags.device.type == "cuda":  # read one step later, when the copy is surely done: no wait now
+            host = torch.empty(flags.shape, dtype=torch.bool, pin_memory=True)
+            host.copy_(flags, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
             self._pending.append((step, host, event, seen, scaled))
             while len(self._pending) > 1:
                 self._resolve(*self._pending.popleft())
         else:
-            self._resolve(step, row.flags, None, seen, scaled)
+            self._resolve(step, flags, None, seen, scaled)
 
     def _allocate(self, device: torch.device, w: int) -> None:
-        """The ring, the bands, the step's row and its views, on the device, once."""
-        self._ring = torch.full((self.window, 3 + 3 * w), math.nan, dtype=torch.float32, device=device)
-        self._band = torch.full((spikes.BAND, 2 + 2 * w), math.nan, dtype=torch.float32, device=device)
+        """The ring and its rows' views, the levels and the verdict, on the device, once."""
+        self._ring = torch.full((self._size, 3 + 3 * w), math.nan, dtype=torch.float32, device=device)
+        self._slots = [_Row(row, w) for row in self._ring.unbind(0)]
+        self._back = torch.arange(-spikes.BAND, 0, device=device)
         # not each weight's gradient: far too noisy a series to judge alone
         levels = [spikes.SPIKE] * 2 + [spikes.WEIGHT_SPIKE] * (2 * w)
-        self._limits = torch.tensor(levels, dtype=torch.float32, device=device)
-        self._ring_rows, self._band_rows = self._ring.unbind(0), self._band.unbind(0)  # their rows' views, once
-        self._row = _Row(torch.full((3 + 3 * w,), math.nan, dtype=torch.float32, device=device), w)
+        self._levels = torch.tensor(levels, dtype=torch.float32, device=device)
+        self._upper = torch.full_like(self._levels, math.nan)  # no band yet: nothing scores
+        self._flags = torch.zeros(4 + 2 * w, dtype=torch.bool, device=device)
+        self._nonfinite, self._spiked = self._flags[:2], self._flags[2:]
 
     def _resolve(self, step: int, flags: Tensor, event: Any, seen: bool, scaled: bool) -> None:
         if event is not None:
@@ -295,7 +293,8 @@ class FlightMeter(ParameterMeter):
         bits = [
             values[0] and seen,  # no loss seen: nothing to judge
             values[1] and not scaled,  # a loss scaler skips the steps whose gradients overflow: no event
-            values[2], values[3], any(values[4:]),  # a weight's update or norm
+            # a non-finite loss or total gradient norm is over its band too: said once, as non-finite
+            values[2] and not values[0], values[3] and not values[1], any(values[4:]),  # a weight's update or norm
         ]  # fmt: skip
         if not any(bits):
             self._armed = True
@@ -308,17 +307,17 @@ class FlightMeter(ParameterMeter):
     # --- events ---------------------------------------------------------------------------------------
 
     def _window(self, since: int = 0) -> tuple[list[int], Tensor]:
-        """The ring's rows from row ``since`` on (those still held) on the host, oldest first: their steps and
-        values (one copy, at an event or the end only)."""
+        """The ring's rows from row ``since`` on (those still held, at most ``window``) on the host, oldest first:
+        their places in the ring and their values (one copy, at an event or the end only)."""
         n = min(self._rows - since, self.window)
         if self._ring is None or n <= 0:
             return [], torch.empty(0)
-        order = [(self._rows - n + k) % self.window for k in range(n)]
-        rows = self._ring[torch.tensor(order, device=self._ring.device)].cpu()
-        return [self._steps[i] for i in order], rows  # type: ignore[misc]
+        order = [(self._rows - n + k) % self._size for k in range(n)]
+        return order, self._ring[torch.tensor(order, device=self._ring.device)].cpu()
 
     def _event(self, step: int, cause: str, error: str | None = None, also: Sequence[str] = ()) -> None:
-        steps, rows = self._window()
+        slots, rows = self._window()
+        steps: list[int] = [self._steps[i] for i in slots]  # type: ignore[misc]
         event: dict[str, Any] = {"step": step, "cause": cause}
         if also:
             event["also"] = list(also)
@@ -350,7 +349,7 @@ class FlightMeter(ParameterMeter):
         self._drain()
         if self._rows:
             what = error if isinstance(error, str) else f"{type(error).__name__}: {error}"[:300]
-            self._event(self._steps[(self._rows - 1) % self.window], "exception", what)  # type: ignore[arg-type]
+            self._event(self._steps[(self._rows - 1) % self._size], "exception", what)  # type: ignore[arg-type]
 
     def finish(self) -> None:
         """Training ended: the verdicts still travelling are read, the window is written out."""
@@ -364,8 +363,8 @@ class FlightMeter(ParameterMeter):
 
     def write_out(self) -> None:
         """The ring's steps not yet written, into the record and to the loggers; the record to its JSON file."""
-        steps, rows = self._window(since=self._out)
-        if not steps:  # no new row: no copy; only an event on rows already written changes what is kept
+        slots, rows = self._window(since=self._out)
+        if not slots:  # no new row: no copy; only an event on rows already written changes what is kept
             last = self.record.last_step
             if last is not None and self.record.describe() != self._described:
                 self._emit(last, {}, {})  # the description, with its new event
@@ -374,11 +373,11 @@ class FlightMeter(ParameterMeter):
         self._out = self._rows
         w = len(self._names)
         update_totals = torch.linalg.vector_norm(rows[:, _NORMS : _NORMS + w], dim=1).tolist()
-        for step, row, update_total in zip(steps, rows.tolist(), update_totals, strict=True):
+        for i, row, update_total in zip(slots, rows.tolist(), update_totals, strict=True):
             scalars: dict[Key, float] = {
                 ("flight_grad_total", ""): row[_GRAD_TOTAL], ("flight_update_total", ""): update_total
             }  # fmt: skip
-            if row[_COUNT] > 0:
+            if self._seen[i]:
                 scalars[("flight_loss", "")] = row[_LOSS]  # dropped when not finite, as every value is:
                 if not math.isfinite(row[_LOSS]):
                     scalars[("flight_loss_nonfinite", "")] = 1.0
@@ -391,7 +390,7 @@ class FlightMeter(ParameterMeter):
                     scalars[("flight_grad_nonfinite", name)] = 1.0
                 scalars[("flight_update_norm", name)] = update
                 scalars[("flight_weight_norm", name)] = weight
-            self._emit(step, scalars, {})
+            self._emit(self._steps[i], scalars, {})  # type: ignore[arg-type]
         self._keep()
 
     def _keep(self) -> None:
