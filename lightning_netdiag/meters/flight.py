@@ -112,6 +112,8 @@ class FlightMeter(ParameterMeter):
         self._levels: Tensor | None = None  # each scored column's spike level
         self._upper: Tensor | None = None  # the value above which each scores over its level, refreshed every REFRESH
         self._flags: Tensor | None = None  # the step's verdict: the loss and total gradient non-finite, then the spikes
+        self._nonfinite: Tensor | None = None  # its first two bits (a view, written in place)
+        self._spiked: Tensor | None = None  # the others: each scored value over its threshold (a view)
         self._rows = 0  # rows written so far
         self._loss: Tensor | None = None  # this step's summed micro-batch losses, on the device
         self._losses = 0
