@@ -28,6 +28,11 @@ medians of its steps with and without it (not logging steps); the table gives th
 ``--attention`` times, for GPT-2 6x384's shapes, one attention (``F.scaled_dot_product_attention``, causal,
 forward and backward) against what LogitMonitor adds to it on a measured step (its largest logit recomputed,
 :func:`lightning_netdiag.attention.logit_max`), interleaved, medians.
+``--records`` times one record (:func:`lightning_netdiag.stats.tensor_record`, log2 bins) of a GELU output of GPT-2
+124M (8 x 1024 x 3072, bf16) and of its token embedding's gradient (50257 x 768, float32), on CUDA when there is
+one, per chunk size and per way of counting the histogram (``histc``, ``index_add_``), with the peak of the
+memory it takes beside its input (CUDA only); median of five after one warm-up.
+
 For ``ours``, the time spent inside our hooks (callback hooks and module forward hooks) on the steps that
 are not logging steps is also measured within the run, as a share of bare's step: a ratio of two runs
 cannot resolve 1 % on this machine.
@@ -264,24 +269,28 @@ def lecture_callback(every: int):
                 return
             tb, step, metrics = trainer.logger.experiment, trainer.global_step, {}
             with torch.no_grad():
+                # torch.histogram and TensorBoard's numpy want float32 on the CPU: on a GPU in bf16, a copy there
                 for name, t in self.outs.items():  # activation distribution
                     metrics[f"act/{name}/mean"], metrics[f"act/{name}/std"] = t.mean().item(), t.std().item()
                     metrics[f"act/{name}/saturated"] = ((t.abs() > 0.97).float().mean() * 100).item()
-                    torch.histogram(t.detach(), density=True)
-                    tb.add_histogram(f"act/{name}", t.detach(), step)
+                    h = t.detach().float().cpu()
+                    torch.histogram(h, density=True)
+                    tb.add_histogram(f"act/{name}", h, step)
                 for name, t in self.outs.items():  # gradient distribution
                     g = t.grad
                     metrics[f"act_grad/{name}/mean"], metrics[f"act_grad/{name}/std"] = g.mean().item(), g.std().item()
-                    torch.histogram(g, density=True)
-                    tb.add_histogram(f"act_grad/{name}", g, step)
+                    h = g.float().cpu()
+                    torch.histogram(h, density=True)
+                    tb.add_histogram(f"act_grad/{name}", h, step)
                 lr = optimizer.param_groups[0]["lr"]
                 for name, p in pl_module.named_parameters():
                     if p.ndim == 2:  # weights gradient distribution
                         g = p.grad
                         metrics[f"grad/{name}/mean"], metrics[f"grad/{name}/std"] = g.mean().item(), g.std().item()
                         metrics[f"grad/{name}/ratio"] = (g.std() / p.std()).item()
-                        torch.histogram(g, density=True)
-                        tb.add_histogram(f"grad/{name}", g, step)
+                        h = g.float().cpu()
+                        torch.histogram(h, density=True)
+                        tb.add_histogram(f"grad/{name}", h, step)
                     metrics[f"ud/{name}"] = ((lr * p.grad).std() / p.data.std()).log10().item()
             trainer.logger.log_metrics(metrics, step)
             self.outs = {}
@@ -494,7 +503,11 @@ def main() -> None:
     parser.add_argument("--from-json", type=Path, nargs="+", help="print the tables of saved runs, run nothing")
     parser.add_argument("--attention", action="store_true", help="only time one attention against logit_max")
     parser.add_argument("--flight", action="store_true", help="only time the flight recorder against bare")
+    parser.add_argument("--records", action="store_true", help="only time one record per chunk size and counting")
     args = parser.parse_args()
+    if args.records:
+        print(records_cost())
+        return
     if args.attention:
         print(attention_cost())
         return
@@ -678,6 +691,50 @@ def flight_cost(rounds: int, models: list[str]) -> str:
             f"| {name} | {_median(runs, 'off_ms'):.3f} | {_median(runs, 'on_ms'):.3f} | {ratio:.3f}x "
             f"({min(ratios):.3f}-{max(ratios):.3f}) | {verdict} |"
         )
+    return "\n".join(lines)
+
+
+def records_cost() -> str:
+    """See the module's docstring (``--records``)."""
+    import torch
+
+    from lightning_netdiag import stats
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "GELU output, 8 x 1024 x 3072 bf16": torch.randn(8, 1024, 3072, generator=g).bfloat16().to(device),
+        "wte gradient, 50257 x 768 fp32": (torch.randn(50257, 768, generator=g) * 1e-3).to(device),
+    }
+    bins = stats.log2_bins().to(device)
+    lines = [f"one record on {torch.cuda.get_device_name() if cuda else 'the CPU'}", "",
+             "| tensor | counted by | chunk | ms | memory beside the input |", "|---|---|---|---|---|"]  # fmt: skip
+    chunks, count = ("_GPU_CHUNK", (18, 20, 22, 24)) if cuda else ("_CHUNK", (18, 20))
+    saved = stats._count, getattr(stats, chunks)
+    try:
+        for name, x in tensors.items():
+            for counter in ("histc_count", "index_add_count"):
+                stats._count = getattr(stats, counter)
+                for exp in count:
+                    setattr(stats, chunks, 1 << exp)
+                    times, peak = [], 0
+                    for _ in range(6):
+                        if cuda:
+                            torch.cuda.synchronize()
+                            base = torch.cuda.memory_allocated()
+                            torch.cuda.reset_peak_memory_stats()
+                        start = time.perf_counter()
+                        stats.tensor_record(x, bins)
+                        if cuda:
+                            torch.cuda.synchronize()
+                            peak = torch.cuda.max_memory_allocated() - base
+                        times.append(1000 * (time.perf_counter() - start))
+                    memory = f"{peak / 2**20:.0f} MB ({peak / x.numel():.1f} B a value)" if cuda else ""
+                    lines.append(f"| {name} | {counter} | 2^{exp} | {statistics.median(times[1:]):.2f} | {memory} |")
+    finally:
+        stats._count = saved[0]
+        setattr(stats, chunks, saved[1])
     return "\n".join(lines)
 
 

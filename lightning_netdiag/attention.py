@@ -33,16 +33,18 @@ from torch.nn import functional as F
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.overrides import TorchFunctionMode
 
-from lightning_netdiag.capture import BACKWARD, FORWARD, IDLE, HookHandles, ModeExit, OutputProbe, watching
+from lightning_netdiag.capture import BACKWARD, FORWARD, IDLE, HookHandles, ModeExit, OutputProbe, own_work, watching
 
 __all__ = [
-    "BLOCK_ELEMENTS", "AttentionHooks", "AttentionLayer", "has_qk_norm", "is_attention_module", "logit_max",
-    "mha_qk", "scores_max",
+    "BLOCK_ELEMENTS", "GPU_BLOCK_ELEMENTS", "AttentionHooks", "AttentionLayer", "has_qk_norm", "is_attention_module",
+    "logit_max", "mha_qk", "scores_max",
 ]  # fmt: skip
 
-#: The most score elements computed at once to find a fused attention's largest logit: 2**22 float32 values
-#: (16 MiB), whatever the sequence length (GPT-2 at 1024 tokens, batch 8, 12 heads: 1/24 of one score tensor).
+#: The most score elements computed at once to find a fused attention's largest logit on a CPU: 2**22 float32
+#: values (16 MiB), whatever the sequence length (GPT-2 at 1024 tokens, batch 8, 12 heads: 1/24 of one score tensor).
 BLOCK_ELEMENTS = 2**22
+#: The same on a GPU (64 MiB), where each block's eight kernels cost their launches on the host whatever their size.
+GPU_BLOCK_ELEMENTS = 2**24
 
 _ATTENTION_CLASS = re.compile(r"Attention|Attn")
 #: a child module that normalises q or k: ``q_norm``, ``k_layernorm``, ``query_norm``, ``k_ln`` ...
@@ -75,14 +77,15 @@ def logit_max(
     is_causal: bool = False,
     scale: float | None = None,
     enable_gqa: bool = False,
-    block_elements: int = BLOCK_ELEMENTS,
+    block_elements: int | None = None,
 ) -> Tensor:
     """The largest logit the softmax of ``F.scaled_dot_product_attention(q, k, v, attn_mask, is_causal=is_causal,
     scale=scale, enable_gqa=enable_gqa)`` sees, masked positions excluded, as a float64 scalar on q's device.
 
     The scores ``q @ k.T * scale`` (+ a float mask; a boolean mask keeps where True; ``is_causal``: the lower
     triangle, aligned top-left as SDPA does) are computed in float32, a block of queries at a time, so that at
-    most about ``block_elements`` scores exist at once. Grouped-query heads (fewer k heads than q heads) are
+    most about ``block_elements`` scores exist at once (default: :data:`BLOCK_ELEMENTS` on a CPU,
+    :data:`GPU_BLOCK_ELEMENTS` elsewhere). Grouped-query heads (fewer k heads than q heads) are
     repeated as SDPA repeats them. -inf where every position is masked.
     """
     length, keys = q.shape[-2], k.shape[-2]
@@ -92,6 +95,8 @@ def logit_max(
         if q.dim() >= 3 and k.dim() >= 3 and k.shape[-3] not in (1, q.shape[-3]):  # grouped-query heads
             k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
         kt = k.float().transpose(-2, -1)
+        if block_elements is None:
+            block_elements = BLOCK_ELEMENTS if q.device.type == "cpu" else GPU_BLOCK_ELEMENTS
         per_row = max(1, q[..., :1, :1].numel() * keys)
         rows = max(1, block_elements // per_row)
         best = torch.full((), -math.inf, dtype=torch.float32, device=q.device)
@@ -101,9 +106,9 @@ def logit_max(
             if attn_mask is not None:
                 m = attn_mask if attn_mask.shape[-2] == 1 else attn_mask[..., start:stop, :]
                 s = s.masked_fill(~m, -math.inf) if m.dtype == torch.bool else s + m.float()
-            if is_causal:
-                keep = torch.ones(stop - start, keys, dtype=torch.bool, device=q.device).tril(diagonal=start)
-                s = s.masked_fill(~keep, -math.inf)
+            if is_causal:  # key j is past query i where j > i + start
+                past = torch.ones(stop - start, keys, dtype=torch.bool, device=q.device).triu_(diagonal=start + 1)
+                s = s.masked_fill(past, -math.inf)
             best = torch.maximum(best, s.amax())
         return best.to(torch.float64)
 
@@ -291,12 +296,14 @@ class AttentionHooks:
         owner = self._owner()
         product = self._products.pop(id(owner), None)
         q, k = (product[1], product[2]) if product is not None and product[0] == scores.shape else (None, None)
-        self._record(owner, False, scores_max(scores), q, k)
+        with own_work():
+            self._record(owner, False, scores_max(scores), q, k)
 
     def fused(self, q: Tensor, k: Tensor, peak: Callable[[], Tensor]) -> None:
         """A fused attention of ``q`` and ``k``; ``peak()`` computes its largest logit."""
         if self.phase == FORWARD:
-            self._record(self._owner(), True, peak(), q, k)
+            with own_work():
+                self._record(self._owner(), True, peak(), q, k)
 
     def _record(self, owner: nn.Module, fused: bool, peak: Tensor, q: Tensor | None, k: Tensor | None) -> None:
         for m in self._stack:

@@ -158,6 +158,7 @@ def trainer(tmp_path: Path, callbacks: list, logger=None, max_steps: int = 6, **
     kw.setdefault("limit_val_batches", 2)
     kw.setdefault("val_check_interval", 3)
     kw.setdefault("enable_checkpointing", False)
+    kw.setdefault("accelerator", "cpu")
     return L.Trainer(
         max_steps=max_steps,
         callbacks=callbacks,
@@ -165,7 +166,6 @@ def trainer(tmp_path: Path, callbacks: list, logger=None, max_steps: int = 6, **
         default_root_dir=tmp_path,
         enable_progress_bar=False,
         enable_model_summary=False,
-        accelerator="cpu",
         **kw,
     )
 

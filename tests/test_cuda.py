@@ -1,14 +1,20 @@
-"""CUDA checks: 16-mixed with a GradScaler on the GPU, and no host synchronisation off logging steps.
+"""CUDA checks: 16-mixed with a GradScaler on the GPU, attention and output logits and Adam's state in bf16-mixed
+against a direct computation, no host synchronisation off logging steps, and the flight recorder's.
 
 CI has no GPU: these skip there. Run them on a CUDA machine with ``python -m pytest tests/test_cuda.py``.
 """
 
+import copy
+import math
 import warnings
 
+import lightning as L
 import pytest
 import torch
 from helpers import TinyNet, assert_matches_reference, loader, read_tensorboard, trainer
 from lightning import Callback
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_netdiag import GradDataRatio, SaturationMonitor, UpdateRatio
 
@@ -29,6 +35,31 @@ def test_cuda_16_mixed_gradients_are_unscaled(tmp_path):
     assert t.precision_plugin.scaler.get_scale() >= 2.0**15  # the scale was really in play
     scalars, _, _ = read_tensorboard(t.logger.log_dir)
     assert assert_matches_reference(scalars, model.ref, rel=1e-3, abs_=1e-6) > 40
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["histc", "index_add"])
+def test_records_on_the_gpu_equal_the_cpu_records(deterministic, monkeypatch):
+    """The sync-free records (histc's counts; index_add_'s where deterministic algorithms are asked for) of a
+    chunked tensor, a plain one and many small ones, with non-finite values, equal the CPU's exactly in counts."""
+    from lightning_netdiag import stats
+
+    monkeypatch.setattr(stats, "_GPU_CHUNK", 1 << 16)
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(300_000, generator=g) * 1e-3, torch.randn(5000, generator=g), torch.randn(40, generator=g)]
+    xs[0][7], xs[1][3], xs[2][0] = math.nan, math.inf, -math.inf
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        for bins in (stats.log2_bins(), stats.linear_bins(-1.0, 1.0)):
+            cpu = [stats.tensor_record(x, bins) for x in xs] + stats.tensor_records(xs, bins)
+            on_gpu = [x.cuda() for x in xs]
+            gpu_bins = bins.to(torch.device("cuda"))
+            gpu = [stats.tensor_record(x, gpu_bins) for x in on_gpu] + stats.tensor_records(on_gpu, gpu_bins)
+            for a, b in zip(cpu, gpu, strict=True):
+                b = b.cpu()
+                assert torch.equal(a[stats.NONFINITE :], b[stats.NONFINITE :])  # the counts
+                assert torch.allclose(a, b, rtol=1e-12, atol=0)
+    finally:
+        torch.use_deterministic_algorithms(False)
 
 
 class Quiet(TinyNet):
@@ -79,7 +110,74 @@ def test_no_host_synchronisation_off_logging_steps(tmp_path):
     t.fit(Quiet(), loader())  # the batch reaches the GPU before batch start; "error" raises on any sync after
     assert guard.idle_steps == 9 and len(guard.logging_syncs) == 3
     # One transfer per callback per logging step: the records of every layer in one tolist().
+    print("synchronisations per logging step, three callbacks:", guard.logging_syncs)
     assert all(1 <= n <= 3 for n in guard.logging_syncs), guard.logging_syncs
+
+
+class FusedLM(L.LightningModule):
+    """test_logits' HandLM with SDPA attention (flash or memory-efficient on the GPU), AdamW."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from test_logits import HandLM
+
+        self.lm = HandLM(fused=True)
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self.lm(batch[0]).flatten(0, 1), batch[0].flatten())
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=3e-2, eps=1e-6)
+
+
+def tokens() -> DataLoader:
+    return DataLoader(TensorDataset(torch.randint(0, 11, (96, 32), generator=torch.Generator().manual_seed(0))), 16)
+
+
+def test_logits_and_adam_state_in_bf16_match_a_direct_computation(tmp_path):
+    from lightning_netdiag import LogitMonitor, OptimizerState
+
+    model = FusedLM()
+    start = copy.deepcopy(model.lm).double()  # the weights the one measured step's forward used
+    t = cuda_trainer(tmp_path, [LogitMonitor(), OptimizerState()], max_steps=1, precision="bf16-mixed")
+    t.fit(model, tokens())
+    logged, _, _ = read_tensorboard(t.logger.log_dir)
+    idx = next(iter(tokens()))[0]
+    x = start.wte(idx)
+    for i, block in enumerate(start.blocks):
+        q, k, _ = block.qk(x)
+        s = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+        want = s.masked_fill(~torch.ones(s.shape[-2:], dtype=torch.bool).tril(), -math.inf).max().item()
+        assert logged[f"netdiag/attn_logit_max/lm.blocks.{i}"][0] == pytest.approx(want, rel=2e-2)  # bf16 q, k
+        x = x + block(x)
+    z = start.head(x)
+    assert logged["netdiag/output_logz/lm.head"][0] == pytest.approx(torch.logsumexp(z, -1).mean().item(), rel=2e-2)
+    assert logged["netdiag/output_logit_max/lm.head"][0] == pytest.approx(z.max().item(), rel=2e-2)
+    optimizer = t.optimizers[0]
+    for name, p in model.named_parameters():
+        tag = f"netdiag/adam_step_rms/{name}"
+        if p.dim() < 2:
+            assert tag not in logged
+            continue
+        s = optimizer.state[p]
+        m = s["exp_avg"].double() / (1 - 0.9)
+        v = s["exp_avg_sq"].double() / (1 - 0.999)
+        u = m / (v.sqrt() + 1e-6)
+        assert logged[tag][0] == pytest.approx(u.pow(2).mean().sqrt().item(), rel=1e-5)
+        want = 100 * (v.sqrt() < 1e-6).double().mean().item()
+        assert logged[f"netdiag/adam_eps_pct/{name}"][0] == pytest.approx(want, abs=100 / p.numel())  # one element
+
+
+def test_logits_and_adam_state_synchronise_only_on_logging_steps(tmp_path):
+    from lightning_netdiag import LogitMonitor, OptimizerState
+
+    guard = SyncGuard()
+    cbs = [LogitMonitor(every_n_steps=EVERY), OptimizerState(every_n_steps=EVERY)]
+    t = cuda_trainer(tmp_path, [guard, *cbs], logger=False, max_steps=12, precision="bf16-mixed")
+    t.fit(FusedLM(), tokens())
+    assert guard.idle_steps == 9 and len(guard.logging_syncs) == 3
+    print("synchronisations per logging step, LogitMonitor and OptimizerState:", guard.logging_syncs)
+    assert all(1 <= n <= 2 for n in guard.logging_syncs), guard.logging_syncs
 
 
 class GuardEnd(Callback):

@@ -70,6 +70,15 @@ def test_records_add_up_across_parts_and_chunks(monkeypatch):
     assert torch.allclose(stats.tensor_record(x, bins), whole)
 
 
+@pytest.mark.parametrize("size", [66, 512, 512 * 300, stats.HISTC_KEYS])
+def test_histc_counts_every_key_in_its_own_bin(size):
+    """Keys at the centres of histc's bins are counted exactly where bincount counts them, up to the largest key
+    count it is used for (both ends included)."""
+    keys = torch.cat([torch.randint(0, size, (100_000,), generator=torch.Generator().manual_seed(size)),
+                      torch.tensor([0, 1, size - 2, size - 1] * 3)]).to(torch.int32)  # fmt: skip
+    assert torch.equal(stats.histc_count(keys, size), torch.bincount(keys, minlength=size).double())
+
+
 def test_moments_keep_their_precision_far_from_zero():
     # A weight near 1 with a spread of 1e-4 (a norm layer's gain): sums of squares in float32 would lose it.
     g = torch.Generator().manual_seed(2)
@@ -134,9 +143,11 @@ def test_many_small_tensors_in_one_pass_equal_one_record_each(bins, divisor):
     "bins", [None, stats.log2_bins(), stats.linear_bins(-1.0, 1.0)], ids=["none", "log2", "linear"]
 )
 @pytest.mark.parametrize("nonfinite", [False, True], ids=["finite", "nonfinite"])
-def test_host_branch_and_sync_free_paths_give_equal_records(bins, nonfinite, monkeypatch):
+@pytest.mark.parametrize("count", ["bincount", "histc_count", "index_add_count"])
+def test_host_branch_and_sync_free_paths_give_equal_records(bins, nonfinite, count, monkeypatch):
     """On CPU a record assumes finite values and checks once on the host; on CUDA it cleans up without a
-    host read. Both paths, for one tensor, chunked tensors and many small ones, give the same record."""
+    host read. Both paths, for one tensor, chunked tensors and many small ones, give the same record, whichever
+    way the histogram is counted (CUDA's histc, index_add_ in a graph)."""
     g = torch.Generator().manual_seed(1)
     xs = [torch.randn(300, generator=g) * 0.3, torch.randn(stats.SMALL + 5, generator=g), torch.randn(7, generator=g)]
     if nonfinite:
@@ -148,6 +159,8 @@ def test_host_branch_and_sync_free_paths_give_equal_records(bins, nonfinite, mon
     host_path = [stats.tensor_record(x, bins) for x in xs] + stats.tensor_records(xs, bins)
     assert bool(cleanups) == nonfinite  # finite values never reach the clean-up on CPU
     monkeypatch.setattr(stats, "host_reads_free", lambda x: False)
+    if count != "bincount":
+        monkeypatch.setattr(stats, "_count", getattr(stats, count))
     sync_free = [stats.tensor_record(x, bins) for x in xs] + stats.tensor_records(xs, bins)
     for a, b in zip(host_path, sync_free, strict=True):
         assert torch.equal(a[stats.NONFINITE :], b[stats.NONFINITE :])  # counts are exact

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_netdiag import activations, stats
-from lightning_netdiag.capture import ActivationHooks, Layer, OutputProbe, compiled
+from lightning_netdiag.capture import ActivationHooks, Layer, OutputProbe, compiled, own_work
 from lightning_netdiag.dist import rank_zero_warn
 from lightning_netdiag.meters.base import InRecord, Meter
 from lightning_netdiag.record import ActivationRecord, Key
@@ -204,49 +204,50 @@ class ActivationMeter(Meter):
         hooks, step = self._hooks, self._records_step
         if hooks is None or step is None or not self._pending:
             return
-        self._pending = False
-        hooks.stop()
-        layers = self._layout(hooks)
-        if not layers:
-            if not self._warned_empty and self._model is not None:
-                self._warned_empty = True
-                self._warn_nothing_selected(
-                    self._model,
-                    f"activation modules (looked for: modules={_names(self.modules)}) and no functional "
-                    "activation calls",
-                )
-            return
-        # Every layer has a record of fixed size on every rank, zeros where it did not run, so that the
-        # ranks' sums line up; only the per-unit counts are sized by the layer's first run.
-        units = self._unit_counts(layers)
-        parts: list[Tensor] = []
-        for layer, n in zip(layers, units, strict=True):
-            act: Tensor = layer.act  # type: ignore[assignment]
-            alive = act.new_zeros(n) if layer.alive is None else layer.alive
-            parts += [act, alive, act.new_zeros(0) if layer.grad is None else layer.grad]
-        probe = self._probe
-        output = probe.record if probe is not None and probe.name is not None and step == 0 else None
-        if output is not None:
-            parts.append(output)
-        values = self._summed(parts, across=self._world() > 1)  # every rank arrives here at the same step
-        hooks.reset()
-        self._describe_layers(layers)
-        scalars: dict[Key, float] = {}
-        histograms: dict[Key, stats.Histogram] = {}
-        for i in sorted(range(len(layers)), key=lambda i: layers[i].depth):
-            act_record, alive_counts, grad_record = values[3 * i : 3 * i + 3]
-            if stats.recorded(act_record):
-                self._describe(layers[i], act_record, alive_counts, grad_record, scalars, histograms)
-        if output is not None and probe is not None and probe.name is not None:
-            rows, excess, cells, losses, loss = values[-1][:5]
-            scalars[("init_output_ce", probe.name)] = excess / rows
-            scalars[("init_output_classes", probe.name)] = cells / rows
-            if losses:
-                scalars[("init_loss", "")] = loss / losses
-        if probe is not None:  # it reads step 0 only: nothing of it runs after the first measured step
-            probe.stop()
-            self._probe = None
-        self._emit(step, scalars, histograms)
+        with own_work():
+            self._pending = False
+            hooks.stop()
+            layers = self._layout(hooks)
+            if not layers:
+                if not self._warned_empty and self._model is not None:
+                    self._warned_empty = True
+                    self._warn_nothing_selected(
+                        self._model,
+                        f"activation modules (looked for: modules={_names(self.modules)}) and no functional "
+                        "activation calls",
+                    )
+                return
+            # Every layer has a record of fixed size on every rank, zeros where it did not run, so that the
+            # ranks' sums line up; only the per-unit counts are sized by the layer's first run.
+            units = self._unit_counts(layers)
+            parts: list[Tensor] = []
+            for layer, n in zip(layers, units, strict=True):
+                act: Tensor = layer.act  # type: ignore[assignment]
+                alive = act.new_zeros(n) if layer.alive is None else layer.alive
+                parts += [act, alive, act.new_zeros(0) if layer.grad is None else layer.grad]
+            probe = self._probe
+            output = probe.record if probe is not None and probe.name is not None and step == 0 else None
+            if output is not None:
+                parts.append(output)
+            values = self._summed(parts, across=self._world() > 1)  # every rank arrives here at the same step
+            hooks.reset()
+            self._describe_layers(layers)
+            scalars: dict[Key, float] = {}
+            histograms: dict[Key, stats.Histogram] = {}
+            for i in sorted(range(len(layers)), key=lambda i: layers[i].depth):
+                act_record, alive_counts, grad_record = values[3 * i : 3 * i + 3]
+                if stats.recorded(act_record):
+                    self._describe(layers[i], act_record, alive_counts, grad_record, scalars, histograms)
+            if output is not None and probe is not None and probe.name is not None:
+                rows, excess, cells, losses, loss = values[-1][:5]
+                scalars[("init_output_ce", probe.name)] = excess / rows
+                scalars[("init_output_classes", probe.name)] = cells / rows
+                if losses:
+                    scalars[("init_loss", "")] = loss / losses
+            if probe is not None:  # it reads step 0 only: nothing of it runs after the first measured step
+                probe.stop()
+                self._probe = None
+            self._emit(step, scalars, histograms)
 
     def _layout(self, hooks: ActivationHooks) -> list[Layer]:
         """The layers in an order every rank shares. Layers are found as they run, and a rank may run a call

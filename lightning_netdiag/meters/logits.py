@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_netdiag.attention import AttentionHooks
-from lightning_netdiag.capture import compiled
+from lightning_netdiag.capture import compiled, own_work
 from lightning_netdiag.dist import rank_zero_warn
 from lightning_netdiag.meters.base import InRecord, Meter
 from lightning_netdiag.record import Key, LogitRecord
@@ -95,45 +95,46 @@ class LogitMeter(Meter):
         hooks, step = self._hooks, self._step
         if hooks is None or step is None or not self._pending:
             return
-        self._pending = False
-        hooks.stop()
-        out = hooks.output
-        local = {layer.name: layer for layer in hooks.layers if layer.peak is not None}
-        names = [n for n in self._union({**dict.fromkeys(local), _OUTPUT: None}) if n != _OUTPUT]
-        device = self.run.device if self.run is not None and self._world() > 1 else _device(hooks, out.record)
-        sums: list[Tensor] = []
-        peaks: list[Tensor] = []
-        for name in names:
-            layer = local.get(name)
-            ran = layer is not None and layer.sums is not None and layer.peak is not None
-            sums.append(layer.sums if ran else torch.zeros(4, dtype=torch.float64, device=device))  # type: ignore[union-attr,arg-type]
-            peaks.append(layer.peak if ran else _nothing(device))  # type: ignore[union-attr,arg-type]
-        sums.append(
-            out.record[[0, 5]] if out.record is not None else torch.zeros(2, dtype=torch.float64, device=device)
-        )
-        peaks.append(out.peak if out.peak is not None else _nothing(device))
-        values = self._summed([t.to(device) for t in sums], self._world() > 1, peaks=[t.to(device) for t in peaks])
-        n = len(names) + 1
-        summed, maxed = values[:n], values[n:]
-        self._describe(hooks, out.name)
-        scalars: dict[Key, float] = {}
-        order = {layer.name: layer.depth for layer in hooks.layers}
-        for i in sorted(range(len(names)), key=lambda i: order.get(names[i], (True, 0))):
-            q_sq, q_n, k_sq, k_n = summed[i]
-            if maxed[i][0] == -math.inf:  # not run on any rank at this step
-                continue
-            if math.isfinite(maxed[i][0]):
-                scalars[("attn_logit_max", names[i])] = maxed[i][0]
-            else:  # overflowed (fp16: above 65504) or NaN: said as such, never dropped as a non-finite value
-                scalars[("attn_logit_nonfinite", names[i])] = 1.0
-            if q_n > 0 and k_n > 0:
-                scalars[("attn_q_rms", names[i])] = math.sqrt(q_sq / q_n)
-                scalars[("attn_k_rms", names[i])] = math.sqrt(k_sq / k_n)
-        rows, log_z = summed[-1]
-        if rows > 0 and self.output is not None:
-            scalars[("output_logz", self.output)] = log_z / rows
-            scalars[("output_logit_max", self.output)] = maxed[-1][0]
-        self._emit(step, scalars, {})
+        with own_work():
+            self._pending = False
+            hooks.stop()
+            out = hooks.output
+            local = {layer.name: layer for layer in hooks.layers if layer.peak is not None}
+            names = [n for n in self._union({**dict.fromkeys(local), _OUTPUT: None}) if n != _OUTPUT]
+            device = self.run.device if self.run is not None and self._world() > 1 else _device(hooks, out.record)
+            sums: list[Tensor] = []
+            peaks: list[Tensor] = []
+            for name in names:
+                layer = local.get(name)
+                ran = layer is not None and layer.sums is not None and layer.peak is not None
+                sums.append(layer.sums if ran else torch.zeros(4, dtype=torch.float64, device=device))  # type: ignore[union-attr,arg-type]
+                peaks.append(layer.peak if ran else _nothing(device))  # type: ignore[union-attr,arg-type]
+            sums.append(
+                out.record[[0, 5]] if out.record is not None else torch.zeros(2, dtype=torch.float64, device=device)
+            )
+            peaks.append(out.peak if out.peak is not None else _nothing(device))
+            values = self._summed([t.to(device) for t in sums], self._world() > 1, peaks=[t.to(device) for t in peaks])
+            n = len(names) + 1
+            summed, maxed = values[:n], values[n:]
+            self._describe(hooks, out.name)
+            scalars: dict[Key, float] = {}
+            order = {layer.name: layer.depth for layer in hooks.layers}
+            for i in sorted(range(len(names)), key=lambda i: order.get(names[i], (True, 0))):
+                q_sq, q_n, k_sq, k_n = summed[i]
+                if maxed[i][0] == -math.inf:  # not run on any rank at this step
+                    continue
+                if math.isfinite(maxed[i][0]):
+                    scalars[("attn_logit_max", names[i])] = maxed[i][0]
+                else:  # overflowed (fp16: above 65504) or NaN: said as such, never dropped as a non-finite value
+                    scalars[("attn_logit_nonfinite", names[i])] = 1.0
+                if q_n > 0 and k_n > 0:
+                    scalars[("attn_q_rms", names[i])] = math.sqrt(q_sq / q_n)
+                    scalars[("attn_k_rms", names[i])] = math.sqrt(k_sq / k_n)
+            rows, log_z = summed[-1]
+            if rows > 0 and self.output is not None:
+                scalars[("output_logz", self.output)] = log_z / rows
+                scalars[("output_logit_max", self.output)] = maxed[-1][0]
+            self._emit(step, scalars, {})
 
     def _describe(self, hooks: AttentionHooks, output: str | None) -> None:
         for layer in sorted(hooks.layers, key=lambda layer: layer.depth):

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_netdiag.capture import own_work
 from lightning_netdiag.meters.base import InRecord
 from lightning_netdiag.meters.parameters import ParameterMeter, optimizer_family
 from lightning_netdiag.record import Key, OptimizerRecord
@@ -68,28 +69,31 @@ class OptimizerMeter(ParameterMeter):
         """Just after ``optimizer`` stepped (on a measured step): read its moments."""
         if self._step is None or optimizer is None or optimizer_family(optimizer) != "adam":
             return
-        group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
-        parts: list[tuple[Tensor, int]] = []
-        names: list[str] = []
-        for name, p in self._stepped_by(optimizer):
-            state, group = optimizer.state.get(p, {}), group_of[id(p)]
-            second = state.get("max_exp_avg_sq") if group.get("amsgrad") else state.get("exp_avg_sq")
-            if "exp_avg" not in state or second is None or "step" not in state or "eps" not in group:
-                continue  # not stepped yet, or an Adam kin that keeps other state
-            self.eps = float(group["eps"])
-            (m, copies), (v, _) = self._shard(name, state["exp_avg"]), self._shard(name, second)
-            with torch.no_grad():
-                u, below = adam_state(m, v, float(state["step"]), group["betas"], group["eps"])
-                # the count filled on the device: a host value copied there would wait for the GPU
-                record = torch.stack([u.new_full((), float(u.numel())), u.pow(2).sum(), below.sum().float()]).double()
-            parts.append((record / copies, copies))
-            names.append(name)
-        if not parts:
-            return
-        values = self._values([r for r, _ in parts])
-        scalars: dict[Key, float] = {}
-        for name, (count, sumsq, eps_bound) in zip(names, values, strict=True):
-            if count > 0:
-                scalars[("adam_step_rms", name)] = math.sqrt(sumsq / count)
-                scalars[("adam_eps_pct", name)] = 100 * eps_bound / count
-        self._emit(self._step, scalars, {})
+        with own_work():
+            group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+            parts: list[tuple[Tensor, int]] = []
+            names: list[str] = []
+            for name, p in self._stepped_by(optimizer):
+                state, group = optimizer.state.get(p, {}), group_of[id(p)]
+                second = state.get("max_exp_avg_sq") if group.get("amsgrad") else state.get("exp_avg_sq")
+                if "exp_avg" not in state or second is None or "step" not in state or "eps" not in group:
+                    continue  # not stepped yet, or an Adam kin that keeps other state
+                self.eps = float(group["eps"])
+                (m, copies), (v, _) = self._shard(name, state["exp_avg"]), self._shard(name, second)
+                with torch.no_grad():
+                    u, below = adam_state(m, v, float(state["step"]), group["betas"], group["eps"])
+                    # the count filled on the device: a host value copied there would wait for the GPU
+                    record = torch.stack(
+                        [u.new_full((), float(u.numel())), u.pow(2).sum(), below.sum().float()]
+                    ).double()
+                parts.append((record / copies, copies))
+                names.append(name)
+            if not parts:
+                return
+            values = self._values([r for r, _ in parts])
+            scalars: dict[Key, float] = {}
+            for name, (count, sumsq, eps_bound) in zip(names, values, strict=True):
+                if count > 0:
+                    scalars[("adam_step_rms", name)] = math.sqrt(sumsq / count)
+                    scalars[("adam_eps_pct", name)] = 100 * eps_bound / count
+            self._emit(self._step, scalars, {})

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_netdiag import stats, tags
+from lightning_netdiag.capture import own_work
 from lightning_netdiag.dist import is_sharded, local_shard
 from lightning_netdiag.meters.base import InRecord, Meter
 from lightning_netdiag.record import DEFAULT_TARGET, GradDataRecord, Key, ParameterRecord, UpdateRecord
@@ -165,43 +166,44 @@ class GradDataMeter(ParameterMeter):
         """Just before ``optimizer`` steps (None: before a manual update), with the step's full gradients."""
         if self._step is None:
             return
-        chosen = self._stepped_by(optimizer)
-        if not chosen:
-            return
-        amp = None if self.run is None else self.run.loss_scale()
-        # Optimizers that unscale inside their own step (fused ones) still hold loss-scaled gradients here.
-        scale = amp if getattr(optimizer, "_step_supports_amp_scaling", False) else None
-        grads, weights = [], []
-        for name, p in chosen:
-            self._bins = self._bins.to(p.device)
-            # A parameter without a gradient sends an empty record: skipped below unless another rank has one.
-            grads.append(self._shard(name, p.grad if p.grad is not None else torch.empty(0, device=p.device)))
-            weights.append(self._shard(name, p))
-        grad_records = self._records(grads, self._bins if self.histograms else None, divisor=scale)
-        weight_records = self._records(weights)
-        # kept by name over the optimizers of a step (manual optimization); older entries fail the step check
-        for (name, p), (_, copies), record in zip(chosen, weights, weight_records, strict=True):
-            self.weight_records[name] = (self._step, p._version, copies, record)
-        device = chosen[0][1].device
-        same = [torch.as_tensor(amp, dtype=torch.float64, device=device).reshape(1)] if amp is not None else []
-        records = [r for pair in zip(grad_records, weight_records, strict=True) for r in pair]
-        values = self._values(records, same)
-        scalars: dict[Key, float] = {}
-        if amp is not None:  # the scaler skips steps whose gradients overflowed: the report must know it is on
-            scalars[("loss_scale", "")] = values.pop()[0]
-        histograms: dict[Key, stats.Histogram] = {}
-        for i, (name, _) in enumerate(chosen):
-            grad_record, param_record = values[2 * i], values[2 * i + 1]
-            if not stats.recorded(grad_record):
-                continue
-            g, w = stats.Moments.of(grad_record), stats.Moments.of(param_record)
-            scalars[("grad_mean", name)] = g.mean
-            scalars[("grad_std", name)] = g.std
-            scalars[("grad_data_ratio", name)] = g.std / w.std if w.std > 0 else float("nan")
-            scalars[("grad_nonfinite", name)] = g.nonfinite
-            if self.histograms:
-                histograms[("grad", name)] = stats.Histogram.of(grad_record, self._bins.edges)
-        self._emit(self._step, scalars, histograms)
+        with own_work():
+            chosen = self._stepped_by(optimizer)
+            if not chosen:
+                return
+            amp = None if self.run is None else self.run.loss_scale()
+            # Optimizers that unscale inside their own step (fused ones) still hold loss-scaled gradients here.
+            scale = amp if getattr(optimizer, "_step_supports_amp_scaling", False) else None
+            grads, weights = [], []
+            for name, p in chosen:
+                self._bins = self._bins.to(p.device)
+                # A parameter without a gradient sends an empty record: skipped below unless another rank has one.
+                grads.append(self._shard(name, p.grad if p.grad is not None else torch.empty(0, device=p.device)))
+                weights.append(self._shard(name, p))
+            grad_records = self._records(grads, self._bins if self.histograms else None, divisor=scale)
+            weight_records = self._records(weights)
+            # kept by name over the optimizers of a step (manual optimization); older entries fail the step check
+            for (name, p), (_, copies), record in zip(chosen, weights, weight_records, strict=True):
+                self.weight_records[name] = (self._step, p._version, copies, record)
+            device = chosen[0][1].device
+            same = [torch.as_tensor(amp, dtype=torch.float64, device=device).reshape(1)] if amp is not None else []
+            records = [r for pair in zip(grad_records, weight_records, strict=True) for r in pair]
+            values = self._values(records, same)
+            scalars: dict[Key, float] = {}
+            if amp is not None:  # the scaler skips steps whose gradients overflowed: the report must know it is on
+                scalars[("loss_scale", "")] = values.pop()[0]
+            histograms: dict[Key, stats.Histogram] = {}
+            for i, (name, _) in enumerate(chosen):
+                grad_record, param_record = values[2 * i], values[2 * i + 1]
+                if not stats.recorded(grad_record):
+                    continue
+                g, w = stats.Moments.of(grad_record), stats.Moments.of(param_record)
+                scalars[("grad_mean", name)] = g.mean
+                scalars[("grad_std", name)] = g.std
+                scalars[("grad_data_ratio", name)] = g.std / w.std if w.std > 0 else float("nan")
+                scalars[("grad_nonfinite", name)] = g.nonfinite
+                if self.histograms:
+                    histograms[("grad", name)] = stats.Histogram.of(grad_record, self._bins.edges)
+            self._emit(self._step, scalars, histograms)
 
 
 class UpdateMeter(ParameterMeter):
@@ -270,16 +272,17 @@ class UpdateMeter(ParameterMeter):
         """Just before ``optimizer`` steps (None: before a manual update of every selected weight)."""
         if self._step is None:
             return
-        chosen = self._stepped_by(optimizer)
-        if self._main is not None and optimizer is self._main[0]:
-            # A weight left out of every optimizer is compared across the main one's step: it must not move.
-            chosen += [(name, p) for name, p in self._orphans if p.grad is not None]
-            self._lr = float(optimizer.param_groups[self._main[1]]["lr"])  # a tensor rate: read once a step
-        for name, p in chosen:
-            part = self._shard(name, p)[0]
-            index = self._sample_of(name, part)
-            copy = part.clone() if index is None else torch.take(part, index)
-            self._before[name] = (p, index, copy, p._version)
+        with own_work():
+            chosen = self._stepped_by(optimizer)
+            if self._main is not None and optimizer is self._main[0]:
+                # A weight left out of every optimizer is compared across the main one's step: it must not move.
+                chosen += [(name, p) for name, p in self._orphans if p.grad is not None]
+                self._lr = float(optimizer.param_groups[self._main[1]]["lr"])  # a tensor rate: read once a step
+            for name, p in chosen:
+                part = self._shard(name, p)[0]
+                index = self._sample_of(name, part)
+                copy = part.clone() if index is None else torch.take(part, index)
+                self._before[name] = (p, index, copy, p._version)
 
     def _sample_of(self, name: str, part: Tensor) -> Tensor | None:
         """The fixed elements of ``part`` kept with ``sample``: the same every step (so the update is
@@ -312,26 +315,27 @@ class UpdateMeter(ParameterMeter):
         before, self._before = self._before, {}
         if self._step is None or not before:
             return
-        shards = [self._shard(name, p) for name, (p, _, _, _) in before.items()]
-        copies = [(copy, n) for (_, _, copy, _), (_, n) in zip(before.values(), shards, strict=True)]
-        old_records = self._old_records(before, copies)
-        for (_, index, copy, _), (now, _) in zip(before.values(), shards, strict=True):
-            # the copy becomes the update: no second full-size tensor
-            torch.sub(now if index is None else torch.take(now, index), copy, out=copy)
-        update_records = self._records(copies)
-        values = self._values([r for pair in zip(update_records, old_records, strict=True) for r in pair])
-        scalars: dict[Key, float] = {}
-        moved = [values[2 * i][stats.SUMSQ] > 0 or values[2 * i][stats.NONFINITE] > 0 for i in range(len(before))]
-        for i, name in enumerate(before):
-            if moved[i]:
-                update, old = stats.Moments.of(values[2 * i]), stats.Moments.of(values[2 * i + 1])
-                scalars[("update_data_log10", name)] = stats.ratio_log10(update.std, old.std)
-            elif any(moved):  # a weight with a gradient that stood still while others moved
-                scalars[("update_zero", name)] = 1.0
-        scalars[("update_data_log10", tags.TARGET)] = self.target
-        scalars[("update_skipped", "")] = float(not any(moved))
-        if self._lr is not None:
-            scalars[("lr", "")] = self._lr
-            if self._main is not None:  # read again at the next step; a manual rate stays as told
-                self._lr = None
-        self._emit(self._step, scalars, {})
+        with own_work():
+            shards = [self._shard(name, p) for name, (p, _, _, _) in before.items()]
+            copies = [(copy, n) for (_, _, copy, _), (_, n) in zip(before.values(), shards, strict=True)]
+            old_records = self._old_records(before, copies)
+            for (_, index, copy, _), (now, _) in zip(before.values(), shards, strict=True):
+                # the copy becomes the update: no second full-size tensor
+                torch.sub(now if index is None else torch.take(now, index), copy, out=copy)
+            update_records = self._records(copies)
+            values = self._values([r for pair in zip(update_records, old_records, strict=True) for r in pair])
+            scalars: dict[Key, float] = {}
+            moved = [values[2 * i][stats.SUMSQ] > 0 or values[2 * i][stats.NONFINITE] > 0 for i in range(len(before))]
+            for i, name in enumerate(before):
+                if moved[i]:
+                    update, old = stats.Moments.of(values[2 * i]), stats.Moments.of(values[2 * i + 1])
+                    scalars[("update_data_log10", name)] = stats.ratio_log10(update.std, old.std)
+                elif any(moved):  # a weight with a gradient that stood still while others moved
+                    scalars[("update_zero", name)] = 1.0
+            scalars[("update_data_log10", tags.TARGET)] = self.target
+            scalars[("update_skipped", "")] = float(not any(moved))
+            if self._lr is not None:
+                scalars[("lr", "")] = self._lr
+                if self._main is not None:  # read again at the next step; a manual rate stays as told
+                    self._lr = None
+            self._emit(self._step, scalars, {})
