@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Every GPU check of benchmarks/README.md in one command, sized for a 15-minute lease of one GPU (about 8 minutes
+# on an H200): the CUDA tests, one record timed per way of counting, the flight recorder's cost, the every-50 totals.
+# Each step has its own time limit, so that a slow one leaves the others their time; the logs go to $1 (default
+# gpu-logs/) and the end of each is printed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${1:-gpu-logs}"
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+step() {  # name, seconds, command...
+  local name=$1 seconds=$2
+  shift 2
+  echo "== $name ($(date +%T))"
+  timeout "$seconds" "$@" >"$out/$name.log" 2>&1
+  echo "   exit $?"
+  tail -n 25 "$out/$name.log"
+}
+nvidia-smi -L
+step cuda-tests 150 python -m pytest tests/test_cuda.py -rA -p no:cacheprovider
+step records 60 python benchmarks/overhead.py --records
+step flight 150 python benchmarks/overhead.py --flight --models gpt2-124m resnet50 --rounds 2
+step every-50 240 python benchmarks/overhead.py --gpu --every 50 --rounds 1 --json "$out/every-50.json"
