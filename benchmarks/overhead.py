@@ -714,7 +714,7 @@ def records_cost() -> str:
     saved = stats._count, getattr(stats, chunks)
     try:
         for name, x in tensors.items():
-            for counter in ("histc_count", "index_add_count"):
+            for counter in ("_histc_count", "_index_add_count"):
                 stats._count = getattr(stats, counter)
                 for exp in count:
                     setattr(stats, chunks, 1 << exp)

@@ -22,9 +22,9 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "DEFAULT_THRESHOLD", "HALF_EXTRA", "HISTC_KEYS", "MOMENTS", "SMALL", "Bins", "Histogram", "Moments", "finite_mask",
-    "half_counts", "histc_count", "host_reads_free", "index_add_count", "linear_bins", "log2_bins", "ratio_log10",
-    "record_size", "recorded", "saturation_extra", "tensor_record", "tensor_records", "with_extra", "zero_bin",
+    "DEFAULT_THRESHOLD", "HALF_EXTRA", "MOMENTS", "SMALL", "Bins", "Histogram", "Moments", "finite_mask",
+    "half_counts", "host_reads_free", "linear_bins", "log2_bins", "ratio_log10", "record_size", "recorded",
+    "saturation_extra", "tensor_record", "tensor_records", "with_extra", "zero_bin",
 ]  # fmt: skip
 
 #: Slots every record starts with: finite count, sum, sum of squares, non-finite count.
@@ -111,14 +111,14 @@ class Bins:
 
 
 #: The most keys :func:`_count` counts with ``histc``: its float32 keys stay exact, and so does its bin.
-HISTC_KEYS = 1 << 22
+_HISTC_KEYS = 1 << 22
 
 
 def _count(index: Tensor, size: int) -> Tensor:
     """How many times each of ``0 .. size-1`` occurs in ``index``, as float64.
 
     ``bincount`` on a CPU, where it is twice as fast as the rest; on CUDA, where ``bincount`` synchronises (it
-    reads the maximum), ``histc`` (:func:`histc_count`); ``index_add_`` of ones elsewhere, under torch.compile
+    reads the maximum), ``histc`` (:func:`_histc_count`); ``index_add_`` of ones elsewhere, under torch.compile
     (where bincount's output size breaks the graph), and where deterministic algorithms are asked for (histc has
     none on CUDA).
     """
@@ -126,22 +126,22 @@ def _count(index: Tensor, size: int) -> Tensor:
     if index.device.type == "cpu" and not compiling:
         return torch.bincount(index, minlength=size).to(torch.float64)
     cuda = index.device.type == "cuda" and not compiling and not torch.are_deterministic_algorithms_enabled()
-    return histc_count(index, size) if cuda and size <= HISTC_KEYS else index_add_count(index, size)
+    return _histc_count(index, size) if cuda and size <= _HISTC_KEYS else _index_add_count(index, size)
 
 
-def index_add_count(index: Tensor, size: int) -> Tensor:
+def _index_add_count(index: Tensor, size: int) -> Tensor:
     """:func:`_count` by ``index_add_`` of ones: on any device, and in a compiled graph."""
     ones = torch.ones((), dtype=torch.float64, device=index.device).expand(index.numel())
     return torch.zeros(size, dtype=torch.float64, device=index.device).index_add_(0, index, ones)
 
 
-def histc_count(index: Tensor, size: int) -> Tensor:
+def _histc_count(index: Tensor, size: int) -> Tensor:
     """:func:`_count` by ``histc``, which on CUDA counts in each block's shared memory, where ``index_add_`` of ones
     adds to the few bins most values fall in, one global atomic after another (an H200 made records of 25M values at
     2.2e9 values a second, whatever the chunk: a small fraction of its bandwidth, most likely for that).
 
     Each key is put at the centre of its bin, so that either way of rounding ``(k + 0.5) * size / size`` gives ``k``
-    (``size`` at most :data:`HISTC_KEYS`); the float32 counts are exact up to 2**24 a bin, more than a chunk holds.
+    (``size`` at most :data:`_HISTC_KEYS`); the float32 counts are exact up to 2**24 a bin, more than a chunk holds.
     """
     return torch.histc(index + 0.5, bins=size, min=0, max=size).to(torch.float64)
 

@@ -70,13 +70,13 @@ def test_records_add_up_across_parts_and_chunks(monkeypatch):
     assert torch.allclose(stats.tensor_record(x, bins), whole)
 
 
-@pytest.mark.parametrize("size", [66, 512, 512 * 300, stats.HISTC_KEYS])
+@pytest.mark.parametrize("size", [66, 512, 512 * 300, stats._HISTC_KEYS])
 def test_histc_counts_every_key_in_its_own_bin(size):
     """Keys at the centres of histc's bins are counted exactly where bincount counts them, up to the largest key
     count it is used for (both ends included)."""
     keys = torch.cat([torch.randint(0, size, (100_000,), generator=torch.Generator().manual_seed(size)),
                       torch.tensor([0, 1, size - 2, size - 1] * 3)]).to(torch.int32)  # fmt: skip
-    assert torch.equal(stats.histc_count(keys, size), torch.bincount(keys, minlength=size).double())
+    assert torch.equal(stats._histc_count(keys, size), torch.bincount(keys, minlength=size).double())
 
 
 def test_moments_keep_their_precision_far_from_zero():
@@ -143,7 +143,7 @@ def test_many_small_tensors_in_one_pass_equal_one_record_each(bins, divisor):
     "bins", [None, stats.log2_bins(), stats.linear_bins(-1.0, 1.0)], ids=["none", "log2", "linear"]
 )
 @pytest.mark.parametrize("nonfinite", [False, True], ids=["finite", "nonfinite"])
-@pytest.mark.parametrize("count", ["bincount", "histc_count", "index_add_count"])
+@pytest.mark.parametrize("count", ["bincount", "_histc_count", "_index_add_count"])
 def test_host_branch_and_sync_free_paths_give_equal_records(bins, nonfinite, count, monkeypatch):
     """On CPU a record assumes finite values and checks once on the host; on CUDA it cleans up without a
     host read. Both paths, for one tensor, chunked tensors and many small ones, give the same record, whichever
