@@ -9,7 +9,7 @@ An attention call is one of
   the largest); q and k are the operands of the latest matrix product, in the same module, whose result had
   the scores' shape;
 - **fused**: ``F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa)``,
-  whose scores nobody sees: :func:`logit_max` computes them again, a block of queries at a time; and
+  whose scores nobody sees: :func:`sdpa_scores` computes them again, a block of queries at a time; and
   ``F.multi_head_attention_forward`` (``nn.MultiheadAttention``: torchvision's ViT, ``nn.Transformer*``), one
   torch function for the whole attention, whose q and k :func:`mha_qk` projects again.
 
@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -34,17 +34,22 @@ from torch.nn.modules.module import register_module_forward_hook, register_modul
 from torch.overrides import TorchFunctionMode
 
 from lightning_netdiag.capture import BACKWARD, FORWARD, IDLE, HookHandles, ModeExit, OutputProbe, own_work, watching
+from lightning_netdiag.stats import launch_bound
 
 __all__ = [
-    "BLOCK_ELEMENTS", "GPU_BLOCK_ELEMENTS", "AttentionHooks", "AttentionLayer", "has_qk_norm", "is_attention_module",
-    "logit_max", "mha_qk", "scores_max",
+    "BLOCK_ELEMENTS", "GPU_BLOCK_ELEMENTS", "MASKED", "AttentionHooks", "AttentionLayer", "block_size", "has_qk_norm",
+    "is_attention_module", "mha_qk", "query_blocks", "score_stats", "sdpa_scores",
 ]  # fmt: skip
 
-#: The most score elements computed at once to find a fused attention's largest logit on a CPU: 2**22 float32
+#: The most score elements computed at once to measure an attention's scores on a CPU: 2**22 float32
 #: values (16 MiB), whatever the sequence length (GPT-2 at 1024 tokens, batch 8, 12 heads: 1/24 of one score tensor).
 BLOCK_ELEMENTS = 2**22
-#: The same on a GPU (64 MiB), where each block's eight kernels cost their launches on the host whatever their size.
+#: The same on a GPU (64 MiB), where each block's kernels cost their launches on the host whatever their size.
 GPU_BLOCK_ELEMENTS = 2**24
+
+#: A score at or below this is a masked key: masks fill -inf, the dtype's minimum, -1e9 or add -1e4 (its softmax
+#: weight, below e^-5000, is 0 in any float format); a logit this low unmasked sits in a one-hot row anyway.
+MASKED = -5e3
 
 _ATTENTION_CLASS = re.compile(r"Attention|Attn")
 #: a child module that normalises q or k: ``q_norm``, ``k_layernorm``, ``query_norm``, ``k_ln`` ...
@@ -65,12 +70,40 @@ def has_qk_norm(module: nn.Module) -> bool:
     )
 
 
-def scores_max(scores: Tensor) -> Tensor:
-    """The largest logit in an eager attention's score tensor, as float64 (masked positions never are)."""
-    return scores.detach().amax().to(torch.float64)
+def score_stats(blocks: Iterable[Tensor]) -> Tensor:
+    """``[largest logit, sum of the rows' normalised entropies, rows]`` (float64) of an attention's scores, given
+    as blocks of whole rows (the last dimension: the keys). A score at or below :data:`MASKED` is a masked key
+    (masks fill -inf, the dtype's minimum, -1e9 or -1e4): never the largest, no weight in its row's softmax. A
+    row's normalised entropy is ``H(softmax(row)) / log(keys not masked)``: 1 when the softmax is uniform, 0 when
+    it is one-hot; rows with fewer than two keys not masked are not counted."""
+    parts = []
+    with torch.no_grad():
+        for block in blocks:
+            s = block.detach().float()
+            if not s.numel():
+                continue
+            keep = s > MASKED
+            keys = keep.sum(-1)
+            p = torch.softmax(s, dim=-1)  # a masked key's weight: below e^-5000 next to its row's largest, 0
+            counted = keys > 1
+            h = torch.special.entr(p).sum(-1) / keys.clamp_min(2).float().log()
+            entropy = torch.where(counted, h, 0.0).sum(dtype=torch.float64)
+            parts.append(torch.stack([s.amax().double(), entropy, counted.sum(dtype=torch.float64)]))
+        if not parts:
+            return torch.tensor([-math.inf, 0.0, 0.0], dtype=torch.float64)
+        both = torch.stack(parts)
+        return torch.cat([both[:, 0].amax().reshape(1), both[:, 1:].sum(0)])
 
 
-def logit_max(
+def query_blocks(scores: Tensor, block_elements: int | None = None) -> Iterator[Tensor]:
+    """An eager attention's score tensor ``[..., queries, keys]`` as blocks of queries of about ``block_elements``
+    scores (default: :func:`block_size`), so that their float32 copies stay small."""
+    rows = max(1, block_size(scores.device, block_elements) // max(1, scores[..., :1, :].numel()))
+    for start in range(0, scores.shape[-2], rows):
+        yield scores[..., start : start + rows, :]
+
+
+def sdpa_scores(
     q: Tensor,
     k: Tensor,
     attn_mask: Tensor | None = None,
@@ -78,39 +111,43 @@ def logit_max(
     scale: float | None = None,
     enable_gqa: bool = False,
     block_elements: int | None = None,
-) -> Tensor:
-    """The largest logit the softmax of ``F.scaled_dot_product_attention(q, k, v, attn_mask, is_causal=is_causal,
-    scale=scale, enable_gqa=enable_gqa)`` sees, masked positions excluded, as a float64 scalar on q's device.
+) -> Iterator[Tensor]:
+    """The scores the softmax of ``F.scaled_dot_product_attention(q, k, v, attn_mask, is_causal=is_causal,
+    scale=scale, enable_gqa=enable_gqa)`` sees, computed again in float32 a block of queries at a time, so that at
+    most about ``block_elements`` scores exist at once (default: :func:`block_size`).
 
-    The scores ``q @ k.T * scale`` (+ a float mask; a boolean mask keeps where True; ``is_causal``: the lower
-    triangle, aligned top-left as SDPA does) are computed in float32, a block of queries at a time, so that at
-    most about ``block_elements`` scores exist at once (default: :data:`BLOCK_ELEMENTS` on a CPU,
-    :data:`GPU_BLOCK_ELEMENTS` elsewhere). Grouped-query heads (fewer k heads than q heads) are
-    repeated as SDPA repeats them. -inf where every position is masked.
+    The scores are ``q @ k.T * scale`` (+ a float mask; a boolean mask keeps where True, -inf elsewhere;
+    ``is_causal``: the lower triangle, aligned top-left as SDPA does). Grouped-query heads (fewer k heads than q
+    heads) are repeated as SDPA repeats them.
     """
     length, keys = q.shape[-2], k.shape[-2]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    with torch.no_grad():
-        q, k = q.detach(), k.detach()
-        if q.dim() >= 3 and k.dim() >= 3 and k.shape[-3] not in (1, q.shape[-3]):  # grouped-query heads
-            k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
-        kt = k.float().transpose(-2, -1)
-        if block_elements is None:
-            block_elements = BLOCK_ELEMENTS if q.device.type == "cpu" else GPU_BLOCK_ELEMENTS
-        per_row = max(1, q[..., :1, :1].numel() * keys)
-        rows = max(1, block_elements // per_row)
-        best = torch.full((), -math.inf, dtype=torch.float32, device=q.device)
-        for start in range(0, length, rows):
-            stop = min(length, start + rows)
-            s = (q[..., start:stop, :].float() @ kt) * scale
-            if attn_mask is not None:
-                m = attn_mask if attn_mask.shape[-2] == 1 else attn_mask[..., start:stop, :]
-                s = s.masked_fill(~m, -math.inf) if m.dtype == torch.bool else s + m.float()
-            if is_causal:  # key j is past query i where j > i + start
-                past = torch.ones(stop - start, keys, dtype=torch.bool, device=q.device).triu_(diagonal=start + 1)
-                s = s.masked_fill(past, -math.inf)
-            best = torch.maximum(best, s.amax())
-        return best.to(torch.float64)
+    # detached inputs build no graph (a generator cannot hold torch.no_grad across its yields)
+    q, k = q.detach(), k.detach()
+    mask = None if attn_mask is None else attn_mask.detach()
+    if q.dim() >= 3 and k.dim() >= 3 and k.shape[-3] not in (1, q.shape[-3]):  # grouped-query heads
+        k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
+    kt = k.float().transpose(-2, -1)
+    per_row = max(1, q[..., :1, :1].numel() * keys)
+    rows = max(1, block_size(q.device, block_elements) // per_row)
+    for start in range(0, length, rows):
+        stop = min(length, start + rows)
+        s = (q[..., start:stop, :].float() @ kt) * scale
+        if mask is not None:
+            m = mask if mask.shape[-2] == 1 else mask[..., start:stop, :]
+            s = s.masked_fill(~m, -math.inf) if m.dtype == torch.bool else s + m.float()
+        if is_causal:  # key j is past query i where j > i + start
+            past = torch.ones(stop - start, keys, dtype=torch.bool, device=q.device).triu_(diagonal=start + 1)
+            s = s.masked_fill(past, -math.inf)
+        yield s
+
+
+def block_size(device: torch.device, block_elements: int | None = None) -> int:
+    """``block_elements``, or the default for ``device``: :data:`GPU_BLOCK_ELEMENTS` where launches bound the work
+    (:func:`lightning_netdiag.stats.launch_bound`), else :data:`BLOCK_ELEMENTS`."""
+    if block_elements is not None:
+        return block_elements
+    return GPU_BLOCK_ELEMENTS if launch_bound(device) else BLOCK_ELEMENTS
 
 
 _MHA = (
@@ -160,8 +197,11 @@ def mha_qk(args: tuple, kwargs: dict) -> tuple[Tensor, Tensor, Tensor | None] | 
 
 
 class AttentionLayer:
-    """One watched attention call: its records over a step. ``peak``: the largest logit; ``sums``: the sum of
-    squares and the count of q's and of k's elements (additive, for their RMS)."""
+    """One watched attention call: its records over a step. ``peak``: the largest logit; ``sums`` (additive): the
+    sum of squares and the count of q's elements, the same of k's (for their RMS), the sum of the rows' normalised
+    entropies and the count of rows (for their mean)."""
+
+    SUMS = 6
 
     def __init__(self, name: str, fused: bool, qk_norm: bool) -> None:
         self.name, self.fused, self.qk_norm = name, fused, qk_norm
@@ -177,7 +217,7 @@ class AttentionLayer:
     def allocate(self, device: torch.device) -> None:
         if self.peak is None or self.peak.device != device:
             self.peak = torch.full((1,), -math.inf, dtype=torch.float64, device=device)
-            self.sums = torch.zeros(4, dtype=torch.float64, device=device)
+            self.sums = torch.zeros(self.SUMS, dtype=torch.float64, device=device)
         else:
             self.reset()
 
@@ -186,10 +226,13 @@ class AttentionLayer:
             self.peak.fill_(-math.inf)
             self.sums.zero_()
 
-    def add(self, peak: Tensor, q: Tensor | None, k: Tensor | None) -> None:
-        torch.maximum(self.peak, peak.reshape(1), out=self.peak)  # type: ignore[arg-type]
+    def add(self, stats: Tensor, q: Tensor | None, k: Tensor | None) -> None:
+        """One call's :func:`score_stats` and its q and k (None where they were not seen)."""
+        sums: Tensor = self.sums  # type: ignore[assignment]
+        stats = stats.to(sums.device)
+        torch.maximum(self.peak, stats[:1], out=self.peak)  # type: ignore[arg-type]
+        sums[4:].add_(stats[1:])
         if q is not None and k is not None:
-            sums: Tensor = self.sums  # type: ignore[assignment]
             for i, t in enumerate((q, k)):
                 sums[2 * i].add_(t.detach().float().pow(2).sum())
                 sums[2 * i + 1].add_(t.numel())  # a host number as a kernel argument: no copy, no wait for the GPU
@@ -297,15 +340,15 @@ class AttentionHooks:
         product = self._products.pop(id(owner), None)
         q, k = (product[1], product[2]) if product is not None and product[0] == scores.shape else (None, None)
         with own_work():
-            self._record(owner, False, scores_max(scores), q, k)
+            self._record(owner, False, score_stats(query_blocks(scores)), q, k)
 
-    def fused(self, q: Tensor, k: Tensor, peak: Callable[[], Tensor]) -> None:
-        """A fused attention of ``q`` and ``k``; ``peak()`` computes its largest logit."""
+    def fused(self, q: Tensor, k: Tensor, stats: Callable[[], Tensor]) -> None:
+        """A fused attention of ``q`` and ``k``; ``stats()`` computes its :func:`score_stats`."""
         if self.phase == FORWARD:
             with own_work():
-                self._record(self._owner(), True, peak(), q, k)
+                self._record(self._owner(), True, stats(), q, k)
 
-    def _record(self, owner: nn.Module, fused: bool, peak: Tensor, q: Tensor | None, k: Tensor | None) -> None:
+    def _record(self, owner: nn.Module, fused: bool, stats: Tensor, q: Tensor | None, k: Tensor | None) -> None:
         for m in self._stack:
             self._seen.add(id(m))
         self._seen.add(id(owner))
@@ -323,7 +366,7 @@ class AttentionHooks:
         if layer.order is None:
             layer.order, self._order = self._order, self._order + 1
         if layer.peak is not None:
-            layer.add(peak, q, k)
+            layer.add(stats, q, k)
 
 
 def _bind(args: tuple, kwargs: dict, names: Sequence[str], defaults: Sequence[Any]) -> list[Any]:
@@ -353,13 +396,13 @@ class _AttentionCapture(TorchFunctionMode):
         hooks = self.hooks
         if func is F.scaled_dot_product_attention:
             q, k, _, mask, _, causal, scale, gqa = _bind(args, kwargs, _SDPA, _SDPA_DEFAULTS)
-            hooks.fused(q, k, lambda: logit_max(q, k, mask, bool(causal), scale, bool(gqa)))  # type: ignore[arg-type]
+            hooks.fused(q, k, lambda: score_stats(sdpa_scores(q, k, mask, bool(causal), scale, bool(gqa))))  # type: ignore[arg-type]
             return func(*args, **kwargs)
         if func is F.multi_head_attention_forward:  # one torch function for the whole attention: nothing inside it
             found = mha_qk(args, kwargs)  # is seen, so its q and k are projected again
             if found is not None:
                 q, k, keep = found
-                hooks.fused(q, k, lambda: logit_max(q, k, keep))
+                hooks.fused(q, k, lambda: score_stats(sdpa_scores(q, k, keep)))
             return func(*args, **kwargs)
         out = func(*args, **kwargs)
         try:

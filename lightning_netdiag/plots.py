@@ -22,7 +22,8 @@ from lightning_netdiag.record import (
 from lightning_netdiag.stats import Histogram
 
 __all__ = [
-    "MANY_LAYERS", "activation_distribution", "activation_gradient_distribution", "attention_logits_over_time",
+    "MANY_LAYERS", "activation_distribution", "activation_gradient_distribution", "attention_entropy_over_time",
+    "attention_logits_over_time",
     "depth_profile", "distribution_over_time", "draw_all", "flight_window", "layers_by_bins", "layers_by_steps",
     "output_logits_over_time", "update_ratio_over_time", "weight_gradient_distribution",
 ]  # fmt: skip
@@ -156,26 +157,47 @@ def attention_logits_over_time(logits: LogitRecord, ax: Axes | None = None) -> F
     from lightning_netdiag.report import ATTN_LOGIT_HIGH
 
     fig, ax = _axes(ax, figsize=(12, 4))
-    names = logits.names("attn_logit_max")
-    if len(names) > MANY_LAYERS:
-        import statistics
-
-        steps = logits.steps
-        at = [list(logits.at("attn_logit_max", s).values()) for s in steps]
-        kept = [(s, v) for s, v in zip(steps, at, strict=True) if v]
-        for label, f in (("largest", max), ("median", statistics.median), ("smallest", min)):
-            ax.plot([s for s, _ in kept], [f(v) for _, v in kept], label=f"{label} of {len(names)} attentions")
-    else:
-        for name in names:
-            xs, ys = zip(*logits.points("attn_logit_max", name), strict=True)
-            ax.plot(xs, ys, label=name + (" (q/k normalised)" if name in logits.qk_norm else ""))
-    if ax.lines:
+    if _over_attentions(logits, "attn_logit_max", ax):
         ax.axhline(ATTN_LOGIT_HIGH, color="k", linestyle="--", label=f"{ATTN_LOGIT_HIGH:g}: unstable above")
         ax.set_yscale("log")
         _legend(ax)
     ax.set_title("largest attention logit (pre-softmax)")
     ax.set_xlabel("step")
     return fig
+
+
+def attention_entropy_over_time(logits: LogitRecord, ax: Axes | None = None) -> Figure:
+    """The mean normalised entropy of each attention's softmax over the steps (1: uniform, 0: one-hot), with the
+    level below which the report warns when it has fallen from init. Above ``MANY_LAYERS`` attentions: the
+    largest, the median and the smallest over them."""
+    from lightning_netdiag.report import ATTN_ENTROPY_LOW
+
+    fig, ax = _axes(ax, figsize=(12, 4))
+    if _over_attentions(logits, "attn_entropy", ax):
+        ax.axhline(ATTN_ENTROPY_LOW, color="k", linestyle="--", label=f"{ATTN_ENTROPY_LOW:g}: collapsed below")
+        ax.set_ylim(0, 1.05)
+        _legend(ax)
+    ax.set_title("attention softmax entropy (1: uniform, 0: one-hot)")
+    ax.set_xlabel("step")
+    return fig
+
+
+def _over_attentions(logits: LogitRecord, metric: str, ax: Axes) -> bool:
+    """Draws ``metric`` of each attention over the steps, or above ``MANY_LAYERS`` attentions its largest, median
+    and smallest over them; whether anything was drawn."""
+    names = logits.names(metric)
+    if len(names) > MANY_LAYERS:
+        import statistics
+
+        at = [(s, list(logits.at(metric, s).values())) for s in logits.steps]
+        kept = [(s, v) for s, v in at if v]
+        for label, f in (("largest", max), ("median", statistics.median), ("smallest", min)):
+            ax.plot([s for s, _ in kept], [f(v) for _, v in kept], label=f"{label} of {len(names)} attentions")
+    else:
+        for name in names:
+            xs, ys = zip(*logits.points(metric, name), strict=True)
+            ax.plot(xs, ys, label=name + (" (q/k normalised)" if name in logits.qk_norm else ""))
+    return bool(ax.lines)
 
 
 def output_logits_over_time(logits: LogitRecord, ax: Axes | None = None) -> Figure:
@@ -449,6 +471,8 @@ def draw_all(
         figures["depth_profile"] = depth_profile(saturation, grad_data, update)
     if logits is not None and logits.names("attn_logit_max"):
         figures["attention_logits"] = attention_logits_over_time(logits)
+    if logits is not None and logits.names("attn_entropy"):
+        figures["attention_entropy"] = attention_entropy_over_time(logits)
     if logits is not None and logits.names("output_logz"):
         figures["output_logits"] = output_logits_over_time(logits)
     if optimizer is not None and optimizer.names("adam_step_rms"):

@@ -44,10 +44,11 @@ from lightning_netdiag.record import (
 )
 
 __all__ = [
-    "ADAM_EPS_PCT", "ADAM_SHRINK_HIGH", "ADAM_SHRINK_OK", "ADAM_STEP_LOW", "ATTN_LOGIT_HIGH", "COLUMNS", "DEAD_STD",
-    "DEAD_UNITS_PCT", "FLAT_PCT", "GRAD_SPREAD", "OVERCONFIDENT", "PERSIST", "SATURATED_PCT", "SGD_FALL", "SGD_LOW",
-    "SGD_OK", "UNDERFLOW_PCT", "UNEARNED", "WORST", "Report", "Verdict", "adam_eps_at", "adam_shrink_at",
-    "adam_step_at", "as_table", "at_init", "attention_logits_at", "checks", "dead_units_at", "evaluate", "flat_at",
+    "ADAM_EPS_PCT", "ADAM_SHRINK_HIGH", "ADAM_SHRINK_OK", "ADAM_STEP_LOW", "ATTN_ENTROPY_FALL", "ATTN_ENTROPY_LOW",
+    "ATTN_LOGIT_HIGH", "COLUMNS", "DEAD_STD", "DEAD_UNITS_PCT", "FLAT_PCT", "GRAD_SPREAD", "OVERCONFIDENT", "PERSIST",
+    "SATURATED_PCT", "SGD_FALL", "SGD_LOW", "SGD_OK", "UNDERFLOW_PCT", "UNEARNED", "WORST", "Report", "Verdict",
+    "adam_eps_at", "adam_shrink_at", "adam_step_at", "as_table", "at_init", "attention_entropy_at",
+    "attention_logits_at", "checks", "collapsed_attentions_at", "dead_units_at", "evaluate", "flat_at",
     "format_markdown", "format_table", "fp16_tiny_at", "gradient_ratio_at_init", "has_warmup", "learning_rate_note",
     "flight_notes", "logit_notes", "replay", "sgd_died_at", "sgd_fall_at", "sgd_update_at", "summarize",
 ]  # fmt: skip
@@ -100,6 +101,17 @@ FLAT_PCT = 99.0  # % of a layer's values in the flat region: the layer passes no
 #: GPT example at 3x its best rate with warm-up (2.8 % worse than the best: healthy by the label); the runs
 #: 30x too fast 276 to 6,600; runs 10x too fast 85 to 2,750, on both sides of the line.
 ATTN_LOGIT_HIGH = 200.0
+#: The median over the attentions of their softmax's mean normalised entropy (1: uniform, 0: one-hot; held over
+#: PERSIST logging steps) below which, fallen below ATTN_ENTROPY_FALL times its first logged value, the softmaxes
+#: have collapsed toward one-hot (entropy collapse, Zhai et al. 2023): the failure attention-logit growth leads to,
+#: seen where the logits' spread, not their largest value, grew. Held values on the suites: healthy runs 0.20 at
+#: least (the GPT example at 1e-2, 3x its best rate, seed 1: its attentions collapse one by one and it ends 2.8 %
+#: worse); tiny-lm 10x too fast without warm-up 0.10 and 0.12 (its largest logit held at 170 and 242), with
+#: warm-up 0.25 and 0.34 (not named); runs 30x too fast 0.03 to 0.31 (named by their largest logit).
+ATTN_ENTROPY_LOW = 0.15
+#: A median entropy that has not fallen to half its first value is how the attentions started (pretrained, or
+#: local by design): not a collapse.
+ATTN_ENTROPY_FALL = 0.5
 #: Adam family: the median over the weights of the RMS of the normalised step ``m_hat / (sqrt(v_hat) + eps)``
 #: (held over PERSIST logging steps) below which the learning rate is too high: each element's gradient flips
 #: sign from step to step, so its average ``m`` is small next to its size ``sqrt(v)``. Held values on the suites:
@@ -580,30 +592,65 @@ def has_warmup(update: UpdateRecord | None) -> bool:
     return len(rates) > 1 and rates[0] < 0.5 * max(rates)
 
 
+def attention_entropy_at(logits: LogitRecord | None, step: int) -> tuple[float, float] | None:
+    """The median over the attentions of their softmax's mean normalised entropy at ``step``, and the same at the
+    first logged step (see :data:`ATTN_ENTROPY_LOW`); None where it was not read."""
+    now = _at(logits, "attn_entropy", step)
+    if logits is None or not now:
+        return None
+    first = [points[0][1] for points in logits.first("attn_entropy", 1).values() if points]
+    return statistics.median(now.values()), statistics.median(first)
+
+
+def collapsed_attentions_at(logits: LogitRecord | None, step: int) -> dict[str, float]:
+    """name -> the mean normalised entropy of each attention below :data:`ATTN_ENTROPY_LOW` at ``step``, where the
+    median over the attentions is below it and below :data:`ATTN_ENTROPY_FALL` times its first logged value (most
+    softmaxes have collapsed toward one-hot); empty elsewhere."""
+    found = attention_entropy_at(logits, step)
+    if found is None or not (found[0] < ATTN_ENTROPY_LOW and found[0] < ATTN_ENTROPY_FALL * found[1]):
+        return {}
+    return {name: v for name, v in _at(logits, "attn_entropy", step).items() if v < ATTN_ENTROPY_LOW}
+
+
 def _attention_growth(logits: LogitRecord | None, update: UpdateRecord | None, fp16: bool) -> list[Verdict]:
     def highest(step: int) -> dict[str, float]:
         top = max(attention_logits_at(logits, step).values(), default=0.0)
         return {"largest of the attentions": top} if top > ATTN_LOGIT_HIGH else {}
 
-    # The largest over the attentions must stay high (the one holding it may change); named: those above it now.
-    step, held = _persistent(logits, highest)
-    if not held or logits is None or step is None:
+    def collapsed(step: int) -> dict[str, float]:
+        return {"median of the attentions": 0.0} if collapsed_attentions_at(logits, step) else {}
+
+    # Either must hold over the steps (the attention that holds it may change); named: those that break it now.
+    step, high = _persistent(logits, highest)
+    _, low = _persistent(logits, collapsed)
+    if not (high or low) or logits is None or step is None:
         return []
-    hits = {n: v for n, v in attention_logits_at(logits, step).items() if v > ATTN_LOGIT_HIGH}
-    worst = max(hits, key=hits.__getitem__)
-    init = logits.at_init("attn_logit_max").get(worst)
     fixes = ["lower the learning rate"]
     if not has_warmup(update):
         fixes.append("add a warm-up")
+    if high:
+        hits = {n: v for n, v in attention_logits_at(logits, step).items() if v > ATTN_LOGIT_HIGH}
+        worst = max(hits, key=hits.__getitem__)
+        init = logits.at_init("attn_logit_max").get(worst)
+        healthy, badness = f"largest attention logit < {ATTN_LOGIT_HIGH:g}", float.__pos__
+        since = f" ({init:.2g} at init)" if init is not None else ""
+        found = f"the largest pre-softmax logit in {worst} is {hits[worst]:.3g} at step {step}{since}: its softmax is "
+        found += "close to one-hot"
+    else:
+        hits = collapsed_attentions_at(logits, step)
+        median, first = attention_entropy_at(logits, step) or (math.nan, math.nan)
+        worst = min(hits, key=hits.__getitem__)
+        healthy, badness = f"median attention entropy > {ATTN_ENTROPY_LOW:g}", float.__neg__
+        found = "the softmaxes are close to one-hot: the median over the attentions of their mean normalised entropy "
+        found += f"(1 uniform, 0 one-hot) is {median:.2f} at step {step} ({first:.2f} at first), {hits[worst]:.2f} in "
+        found += f"{worst}; their logits grew apart"
     if not set(hits) <= logits.qk_norm:
         fixes.append("normalise q and k (qk-layernorm)")
     overflow = " (in fp16, logits above 65504 overflow to inf)" if fp16 else ""
     return _verdict(
-        "warning", "attention logits growing", hits, lambda v: v, f"largest attention logit < {ATTN_LOGIT_HIGH:g}",
-        f"the largest pre-softmax logit in {worst} is {hits[worst]:.3g} at step {step}"
-        + (f" ({init:.2g} at init)" if init is not None else "")
-        + f": its softmax is close to one-hot and passes little gradient; runs like this end worse or diverge"
-        f"{overflow}. Typical of a learning rate too high for the model",
+        "warning", "attention logits growing", hits, badness, healthy,
+        f"{found} and passes little gradient; runs like this end worse or diverge{overflow}. Typical of a learning "
+        "rate too high for the model",
         ", ".join(fixes[:-1]) + f" or {fixes[-1]}" if len(fixes) > 1 else fixes[0], step,
     )  # fmt: skip
 
@@ -656,6 +703,12 @@ def logit_notes(logits: LogitRecord | None) -> list[str]:
         worst = max(found, key=found.__getitem__)
         notes.append(f"attention logits: largest {found[worst]:.3g} ({worst}) at step {steps[-1]}, too high above "
                      f"{ATTN_LOGIT_HIGH:g}")  # fmt: skip
+    if steps and (entropies := _at(logits, "attn_entropy", steps[-1])):
+        low = min(entropies, key=entropies.__getitem__)
+        first = logits.first("attn_entropy", 1)[low][0]
+        line = f"attention entropy: smallest {entropies[low]:.2f} ({low}) at step {steps[-1]}, {first[1]:.2f} at step "
+        line += f"{first[0]}; collapsed below {ATTN_ENTROPY_LOW:g} and {ATTN_ENTROPY_FALL:g}x its first"
+        notes.append(line)
     out = logits.output
     log_z, top = (
         (_at(logits, m, steps[-1]).get(out or "") for m in ("output_logz", "output_logit_max"))

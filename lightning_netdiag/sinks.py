@@ -222,6 +222,7 @@ CHARTS = {
     "D3 grad:data ratio": "grad_data_ratio",
     "D4 update:data, log10 (line _target: the target)": "update_data_log10",
     "attention: largest logit": "attn_logit_max",
+    "attention: softmax entropy (1 uniform, 0 one-hot)": "attn_entropy",
     "output logits: mean log Z": "output_logz",
     "output logits: largest": "output_logit_max",
     "Adam: normalised step RMS": "adam_step_rms",

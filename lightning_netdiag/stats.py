@@ -23,8 +23,8 @@ from torch import Tensor
 
 __all__ = [
     "DEFAULT_THRESHOLD", "HALF_EXTRA", "MOMENTS", "SMALL", "Bins", "Histogram", "Moments", "finite_mask",
-    "half_counts", "host_reads_free", "linear_bins", "log2_bins", "ratio_log10", "record_size", "recorded",
-    "saturation_extra", "tensor_record", "tensor_records", "with_extra", "zero_bin",
+    "half_counts", "host_reads_free", "launch_bound", "linear_bins", "log2_bins", "ratio_log10", "record_size",
+    "recorded", "saturation_extra", "tensor_record", "tensor_records", "with_extra", "zero_bin",
 ]  # fmt: skip
 
 #: Slots every record starts with: finite count, sum, sum of squares, non-finite count.
@@ -169,6 +169,14 @@ def record_size(bins: Bins | None, extra: int = 0) -> int:
     return MOMENTS + extra + (0 if bins is None else bins.size)
 
 
+def launch_bound(device: torch.device) -> bool:
+    """Whether a pass over a chunk of values costs its kernels' launches more than their work on ``device``: on
+    an accelerator (each launch costs the host the same whatever the size), not on a CPU (where a call is its
+    work). It sets the chunks' size: :data:`_CHUNK` or :data:`_GPU_CHUNK` here, the attention's blocks of scores
+    (:func:`lightning_netdiag.attention.block_size`)."""
+    return device.type != "cpu"
+
+
 def host_reads_free(x: Tensor) -> bool:
     """Whether reading a value of ``x`` on the host costs nothing: a CPU tensor outside a compiled graph.
 
@@ -194,7 +202,7 @@ def tensor_record(x: Tensor, bins: Bins | None, divisor: Tensor | float | None =
     summed in float32, and they and the division are taken chunk by chunk, so no full-size temporary is made.
     """
     flat = x.detach().reshape(-1)
-    size = _CHUNK if flat.device.type == "cpu" else _GPU_CHUNK
+    size = _GPU_CHUNK if launch_bound(flat.device) else _CHUNK
     chunks = flat.split(size) if flat.numel() > size else (flat,)
     host = host_reads_free(flat)
     body = [_chunk_record(_summable(c, divisor), bins, host) for c in chunks]

@@ -27,7 +27,8 @@ METRICS = {
     "grad_data": ("grad_mean", "grad_std", "grad_data_ratio", "grad_nonfinite", "grad", "loss_scale"),
     "update": ("update_data_log10", "update_skipped", "update_zero", "lr"),
     "logits": (
-        "attn_logit_max", "attn_logit_nonfinite", "attn_q_rms", "attn_k_rms", "output_logz", "output_logit_max",
+        "attn_logit_max", "attn_logit_nonfinite", "attn_entropy", "attn_q_rms", "attn_k_rms", "output_logz",
+        "output_logit_max",
     ),
     "optimizer": ("adam_step_rms", "adam_eps_pct"),
     "flight": (

@@ -116,3 +116,45 @@ def test_a_run_is_right_only_with_its_own_check_and_advice_toward_the_best():
     assert judged(score.TOO_HIGH, [score.TOO_HIGH], "divide the learning rate by about 20") == (True, [])
     assert judged(score.TOO_HIGH, [score.TOO_HIGH], "divide the learning rate by about 1e+03") == (
         False, ["factor not toward the best"])  # fmt: skip
+
+
+def test_attentions_sharp_from_the_start_are_not_a_collapse():
+    """The entropy rule on real training: tiny-lm trained at 10x its best rate, no warm-up, collapses its softmaxes
+    while no logit reaches ATTN_LOGIT_HIGH (seed 0), and is named from its entropy. Trained on from there at its
+    best rate with a fresh NetDiag, as one fine-tunes a model whose attentions are sharp from the start, its
+    entropy is low from the first logged step and is not a collapse."""
+    import itertools
+    import warnings
+
+    from models import BUILDERS, Recipe
+
+    from lightning_netdiag import NetDiag, report
+
+    def train(recipe, state=None):
+        module, loader = BUILDERS["tiny-lm"](recipe, 0)
+        if state is not None:
+            module.net.load_state_dict(state)
+        conf = module.configure_optimizers()
+        optimizer, schedule = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
+        batches = itertools.chain.from_iterable(itertools.repeat(loader))
+        with warnings.catch_warnings(), NetDiag(module, optimizer, every_n_steps=50, flight=False) as diag:
+            warnings.simplefilter("ignore")  # `self.log` outside a Trainer
+            for i, batch in zip(range(recipe.steps), batches, strict=False):
+                loss = module.training_step(batch, i)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+        return module.net.state_dict(), diag.logits.record
+
+    state, hot = train(Recipe("tiny-lm", 200, 3e-2, {"warmup": False}))
+    collapsed = [s for s in hot.steps if report.collapsed_attentions_at(hot, s)]
+    assert collapsed and collapsed[0] <= 100
+    assert max(report.attention_logits_at(hot, hot.steps[-1]).values()) < report.ATTN_LOGIT_HIGH
+    warned = [v for v in report.evaluate(logits=hot) if v.check == "attention logits growing"]
+    assert warned and "entropy" in warned[0].cause
+    _, fine = train(Recipe("tiny-lm", 200, 3e-3, {"warmup": False}), state)
+    first = report.attention_entropy_at(fine, 0)
+    assert first is not None and first[1] < report.ATTN_ENTROPY_LOW  # sharp from the start
+    assert not any(report.collapsed_attentions_at(fine, s) for s in fine.steps)
+    assert not report.evaluate(logits=fine)

@@ -15,13 +15,13 @@ from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
 from lightning_netdiag import NetDiag
-from lightning_netdiag.attention import logit_max
+from lightning_netdiag.attention import score_stats, sdpa_scores
 
 ONLY_LOGITS = dict(saturation=False, grad_data=False, update=False, optimizer_state=False)
 
 
-def direct_sdpa_max(q, k, mask=None, is_causal=False, scale=None, enable_gqa=False) -> float:
-    """The scores SDPA's softmax sees, all at once in float64, and their largest unmasked value."""
+def direct_sdpa_scores(q, k, mask=None, is_causal=False, scale=None, enable_gqa=False) -> torch.Tensor:
+    """The scores SDPA's softmax sees, all at once in float64 (masked: -inf)."""
     q, k = q.double(), k.double()
     if enable_gqa:
         k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
@@ -30,7 +30,21 @@ def direct_sdpa_max(q, k, mask=None, is_causal=False, scale=None, enable_gqa=Fal
         s = s.masked_fill(~torch.ones(s.shape[-2:], dtype=torch.bool).tril(), -math.inf)
     if mask is not None:
         s = s.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else s + mask.double()
-    return s.max().item()
+    return s
+
+
+def direct_sdpa_max(*args, **kwargs) -> float:
+    return direct_sdpa_scores(*args, **kwargs).max().item()
+
+
+def direct_entropy(scores: torch.Tensor) -> float:
+    """The mean over rows of H(softmax(row)) / log(keys with a weight), rows with one such key left out, from the
+    whole score tensor in float64: masked keys (-inf, or the float32 minimum) get a weight of exactly 0."""
+    p = torch.softmax(scores.double(), -1)
+    keys = (p > 0).sum(-1)
+    h = -torch.where(p > 0, p * p.log(), 0.0).sum(-1)
+    counted = keys > 1
+    return (h[counted] / keys[counted].double().log()).mean().item()
 
 
 CASES = {
@@ -47,7 +61,7 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("block", [2**22, 40])  # in one block, and over many query blocks
-def test_fused_logit_max_is_exact(case, block):
+def test_fused_logit_max_and_entropy_are_exact(case, block):
     o = dict(CASES[case])
     g = torch.Generator().manual_seed(0)
     b, h, length, keys, d = 2, 4, o.pop("queries", 9), 9, 8
@@ -74,8 +88,10 @@ def test_fused_logit_max_is_exact(case, block):
         s = s.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else s + mask.double()
     vv = v.repeat_interleave(h // v.shape[1], dim=1) if o.get("enable_gqa") else v
     torch.testing.assert_close(out.double(), torch.softmax(s, -1) @ vv.double(), atol=1e-5, rtol=1e-5)
-    got = logit_max(q, k, mask, o.get("is_causal", False), o.get("scale"), o.get("enable_gqa", False), block)
-    assert got.dtype == torch.float64 and got.item() == pytest.approx(want, rel=1e-6)
+    blocks = sdpa_scores(q, k, mask, o.get("is_causal", False), o.get("scale"), o.get("enable_gqa", False), block)
+    peak, entropy, rows = score_stats(blocks).tolist()
+    assert peak == pytest.approx(want, rel=1e-6)
+    assert entropy / rows == pytest.approx(direct_entropy(direct_sdpa_scores(q, k, mask, **o)), rel=1e-5)
 
 
 # --- every attention call of real models -------------------------------------------------------------------
@@ -144,6 +160,7 @@ def test_hand_written_attention(fused):
         q, k, _ = block.qk(h)
         want[name] = (
             direct_sdpa_max(q, k, is_causal=True),
+            direct_entropy(direct_sdpa_scores(q, k, is_causal=True)),
             q.pow(2).mean().sqrt().item(),
             k.pow(2).mean().sqrt().item(),
         )
@@ -152,8 +169,9 @@ def test_hand_written_attention(fused):
     record = diag.logits.record
     assert record.names("attn_logit_max") == ["blocks.0", "blocks.1"]
     assert record.attention_kinds == dict.fromkeys(want, "fused" if fused else "eager")
-    for name, (peak, q_rms, k_rms) in want.items():
+    for name, (peak, entropy, q_rms, k_rms) in want.items():
         assert record.value("attn_logit_max", 0, name) == pytest.approx(peak, rel=1e-5)
+        assert record.value("attn_entropy", 0, name) == pytest.approx(entropy, rel=1e-5)
         assert record.value("attn_q_rms", 0, name) == pytest.approx(q_rms, rel=1e-5)
         assert record.value("attn_k_rms", 0, name) == pytest.approx(k_rms, rel=1e-5)
     assert record.output == "head" and record.unwatched == set()
@@ -164,22 +182,22 @@ def test_hand_written_attention(fused):
 
 
 class DirectAttention(TorchFunctionMode):
-    """Keeps each attention call's largest logit computed directly (the whole score tensor at once, in float64):
-    the reference. Entered around the run, it sees every call after netdiag's own mode has."""
+    """Keeps each attention call's scores computed directly (the whole score tensor at once, in float64): the
+    reference. Entered around the run, it sees every call after netdiag's own mode has."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.seen: list[float] = []
+        self.seen: list[torch.Tensor] = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
             names = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
             o = dict(zip(names, args[3:], strict=False)) | kwargs
-            self.seen.append(direct_sdpa_max(args[0], args[1], o.get("attn_mask"), o.get("is_causal", False),
-                                             o.get("scale"), o.get("enable_gqa", False)))  # fmt: skip
+            self.seen.append(direct_sdpa_scores(args[0], args[1], o.get("attn_mask"), o.get("is_causal", False),
+                                                o.get("scale"), o.get("enable_gqa", False)))  # fmt: skip
         elif func is F.softmax and args[0].dim() >= 3 and args[0].shape[-1] == args[0].shape[-2]:
-            self.seen.append(args[0].detach().double().max().item())
+            self.seen.append(args[0].detach().double())
         return func(*args, **kwargs)
 
 
@@ -218,7 +236,13 @@ def test_transformers_attention(kind, impl):
     record = diag.logits.record
     names = [layer.format(i) for i in range(2)]
     assert record.names("attn_logit_max") == names
-    assert [record.value("attn_logit_max", 0, n) for n in names] == pytest.approx(seen, rel=1e-5)
+    assert [record.value("attn_logit_max", 0, n) for n in names] == pytest.approx(
+        [s.max().item() for s in seen], rel=1e-5
+    )
+    # padding: a masked key has no weight, and the softmax's rows are as uniform as their keys allow at init
+    assert [record.value("attn_entropy", 0, n) for n in names] == pytest.approx(
+        [direct_entropy(s) for s in seen], rel=1e-5
+    )
     assert record.attention_kinds == dict.fromkeys(names, "fused" if impl == "sdpa" else "eager")
     assert record.unwatched == set() and record.output == head
 
@@ -250,7 +274,7 @@ def test_multihead_attention_modules(padding):
             s = s.masked_fill(pad[:, None, None, :], -math.inf)
         if causal is not None:
             s = s + causal.double()
-        return s.max().item()
+        return s
 
     model = Encoder()
     x = torch.randn(2, 5, 16) * 3
@@ -264,7 +288,12 @@ def test_multihead_attention_modules(padding):
     record = run_steps(model, [x], lambda m, b: m(b, pad, causal).pow(2).mean()).logits.record
     names = record.names("attn_logit_max")
     assert names == ["mha", "layer.self_attn"] and record.unwatched == set()
-    assert [record.value("attn_logit_max", 0, n) for n in names] == pytest.approx(want, rel=1e-5)
+    assert [record.value("attn_logit_max", 0, n) for n in names] == pytest.approx(
+        [s.max().item() for s in want], rel=1e-5
+    )
+    assert [record.value("attn_entropy", 0, n) for n in names] == pytest.approx(
+        [direct_entropy(s) for s in want], rel=1e-5
+    )
 
 
 def test_attention_it_cannot_see_is_listed():
@@ -441,6 +470,7 @@ def test_lightning_logs_what_the_plain_loop_measures(tmp_path, accumulate):
     want = {tag: dict(m.history[tag]) for m in (loop.logits, loop.optimizer_state) for tag in m.history}
     assert {
         "netdiag/attn_logit_max/lm.blocks.1",
+        "netdiag/attn_entropy/lm.blocks.1",
         "netdiag/output_logz/lm.head",
         "netdiag/adam_eps_pct/lm.wte.weight",
     } <= set(want)
@@ -455,13 +485,18 @@ def test_lightning_logs_what_the_plain_loop_measures(tmp_path, accumulate):
     worst = max(last, key=last.__getitem__)
     assert f"| {last[worst]:.3g} ({worst}) |" in compare([run])  # netdiag compare: the largest attention logit
     assert "attention logits: largest" in health_cb.report.table()
-    # the pictures: the largest attention logit and log Z over the steps, in files and on the Custom Scalars page
-    assert {"attention_logits.png", "output_logits.png", "adam_step.png"} <= {
+    # the pictures: the largest attention logit, the softmax entropy and log Z over the steps, in files and on the
+    # Custom Scalars page
+    assert {"attention_logits.png", "attention_entropy.png", "output_logits.png", "adam_step.png"} <= {
         p.name for p in (tmp_path / "plots").rglob("*.png")
     }
     layout = layout_pb2.Layout.FromString(acc.Tensors("custom_scalars__config__")[-1].tensor_proto.string_val[0])
     charts = {c.title: c.chart for c in layout.category}
-    for title, metric in (("attention: largest logit", "attn_logit_max"), ("output logits: mean log Z", "output_logz")):
+    for title, metric in (
+        ("attention: largest logit", "attn_logit_max"),
+        ("attention: softmax entropy (1 uniform, 0 one-hot)", "attn_entropy"),
+        ("output logits: mean log Z", "output_logz"),
+    ):
         regexes = [chart.multiline.tag[0] for chart in charts[f"netdiag: {title}"]]
         assert [t for t in logged if any(re.fullmatch(r, t) for r in regexes)] == [
             t for t in logged if t.startswith(f"netdiag/{metric}/")
@@ -494,3 +529,6 @@ def test_the_hugging_face_trainer_watches_attention(tmp_path):
     assert logits.steps == [0, 2] and logits.names("attn_logit_max") == ["transformer.h.0.attn", "transformer.h.1.attn"]
     assert logits.output == "lm_head" and adam.optimizer_family == "adam" and adam.steps == [0, 2]
     assert all(0 < v <= 1.0 + 1e-6 for v in adam.at("adam_step_rms", 0).values())  # |m_hat / sqrt(v_hat)| = 1 at first
+    # the softmaxes' entropy: a causal GPT-2 at init attends almost uniformly (1 uniform, 0 one-hot)
+    assert logits.names("attn_entropy") == logits.names("attn_logit_max")
+    assert all(0.9 < v <= 1.0 + 1e-6 for v in logits.at("attn_entropy", 0).values())

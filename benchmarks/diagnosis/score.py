@@ -235,13 +235,17 @@ def replay(result: dict[str, Any]) -> tuple[list[list[Any]], list[dict[str, Any]
     from lightning_netdiag import report
 
     records = records_of(result)
+    # the signals at the meters' logging steps (not at the flight recorder's steps between them: the rules hold
+    # over logging steps in a row)
+    logged = {step for kind, record in records.items() if kind != "flight" for step in record.steps}
     warned, seen, per_step = [], set(), []
     for step, partial in report.replay(**records):
         for v in report.evaluate(**partial):
             if (v.check, v.healthy) not in seen:
                 seen.add((v.check, v.healthy))
                 warned.append([v.check, v.step])
-        per_step.append(step_signals(partial, step))
+        if step in logged:
+            per_step.append(step_signals(partial, step))
     result["signals"] = {**init_signals(records), **persistent(per_step)}
     final = [asdict(v) for v in report.summarize(**records).verdicts]
     return warned, final
@@ -291,6 +295,9 @@ def step_signals(m: dict[str, Any], step: int) -> dict[str, float]:
     if attention:
         out["largest attention logit"] = max(attention.values())
     if logits is not None:
+        entropy = report.attention_entropy_at(logits, step)
+        if entropy is not None and entropy[0] < report.ATTN_ENTROPY_FALL * entropy[1]:
+            out["attention entropy, median (fallen)"] = entropy[0]
         for name, log_z in logits.at("output_logz", step).items():
             init = logits.at_init("output_logz").get(name)
             if init is not None:
@@ -308,7 +315,7 @@ def persistent(per_step: list[dict[str, float]]) -> dict[str, float]:
     out: dict[str, float] = {}
     for key in {k for signals in per_step for k in signals}:
         series = [signals.get(key) for signals in per_step]
-        low = key in ("SGD update:data at top rate", "Adam step RMS, median")
+        low = key in ("SGD update:data at top rate", "Adam step RMS, median", "attention entropy, median (fallen)")
         windows = [series[i : i + PERSIST] for i in range(len(series) - PERSIST + 1)]
         held = [(max(w) if low else min(w)) for w in windows if all(v is not None for v in w)]
         if held:
@@ -508,7 +515,7 @@ def table(rows: list[dict[str, Any]], seeds: list[int]) -> str:
     ]
     twins = [row for row in rows if row.get("twin")]
     if twins:
-        lines[0] = lines[0][:-1] + " first warning | clearly worse at | lead (steps) |"
+        lines[0] += " first warning | clearly worse at | lead (steps) |"
         lines[1] += "---|---|---|"
 
     def row_cells(row: dict[str, Any]) -> tuple[str, ...]:
@@ -551,6 +558,13 @@ def constants() -> list[tuple[str, float, str, str, bool]]:
         ("SGD_LOW", r.SGD_LOW, "SGD update:data at top rate", TOO_LOW, False),
         ("SGD_FALL", r.SGD_FALL, "SGD fall, a layer flat", TOO_HIGH, True),
         ("ATTN_LOGIT_HIGH", r.ATTN_LOGIT_HIGH, "largest attention logit", "attention logits growing", True),
+        (
+            "ATTN_ENTROPY_LOW",
+            r.ATTN_ENTROPY_LOW,
+            "attention entropy, median (fallen)",
+            "attention logits growing",
+            False,
+        ),
         ("ADAM_STEP_LOW", r.ADAM_STEP_LOW, "Adam step RMS, median", TOO_HIGH, False),
         ("ADAM_EPS_PCT", r.ADAM_EPS_PCT, "Adam eps %, median", "Adam epsilon dominating", True),
     ]

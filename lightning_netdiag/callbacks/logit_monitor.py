@@ -48,6 +48,9 @@ class LogitMonitor(LogitMeter, ForwardCallback):
     - ``{prefix}/attn_logit_max/{name}``: the largest pre-softmax logit of attention ``{name}`` (its scale
       applied, masked positions excluded); where it is not finite (fp16 overflow, NaN),
       ``{prefix}/attn_logit_nonfinite/{name}`` = 1 instead;
+    - ``{prefix}/attn_entropy/{name}``: the mean over its softmax's rows of their entropy divided by the log of
+      the keys each row attends to (masked keys excluded; rows with one key left out): 1 for a uniform softmax,
+      0 for a one-hot one;
     - ``{prefix}/attn_q_rms/{name}``, ``{prefix}/attn_k_rms/{name}``: the RMS of its q and k as they enter
       the product (eager: the operands of the product that made the scores; fused: the call's q and k);
     - ``{prefix}/output_logz/{out}``: the mean over the output's rows of ``logsumexp(z)`` (log Z), and

@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from lightning_netdiag.attention import AttentionHooks
+from lightning_netdiag.attention import AttentionHooks, AttentionLayer
 from lightning_netdiag.capture import compiled, own_work
 from lightning_netdiag.dist import rank_zero_warn
 from lightning_netdiag.meters.base import InRecord, Meter
@@ -25,7 +25,8 @@ _OUTPUT = "\0output"  # the output's place among the layers of a reduction (no m
 
 
 class LogitMeter(Meter):
-    """Per attention call, its largest logit and the RMS of its q and k; the output's mean log Z and largest logit.
+    """Per attention call, its largest logit, its softmax's mean normalised entropy and the RMS of its q and k; the
+    output's mean log Z and largest logit.
 
     See :class:`lightning_netdiag.LogitMonitor` for the arguments, what is watched and what is logged.
     """
@@ -107,7 +108,7 @@ class LogitMeter(Meter):
             for name in names:
                 layer = local.get(name)
                 ran = layer is not None and layer.sums is not None and layer.peak is not None
-                sums.append(layer.sums if ran else torch.zeros(4, dtype=torch.float64, device=device))  # type: ignore[union-attr,arg-type]
+                sums.append(layer.sums if ran else torch.zeros(AttentionLayer.SUMS, dtype=torch.float64, device=device))  # type: ignore[union-attr,arg-type]
                 peaks.append(layer.peak if ran else _nothing(device))  # type: ignore[union-attr,arg-type]
             sums.append(
                 out.record[[0, 5]] if out.record is not None else torch.zeros(2, dtype=torch.float64, device=device)
@@ -120,7 +121,7 @@ class LogitMeter(Meter):
             scalars: dict[Key, float] = {}
             order = {layer.name: layer.depth for layer in hooks.layers}
             for i in sorted(range(len(names)), key=lambda i: order.get(names[i], (True, 0))):
-                q_sq, q_n, k_sq, k_n = summed[i]
+                q_sq, q_n, k_sq, k_n, entropy, rows = summed[i]
                 if maxed[i][0] == -math.inf:  # not run on any rank at this step
                     continue
                 if math.isfinite(maxed[i][0]):
@@ -130,6 +131,8 @@ class LogitMeter(Meter):
                 if q_n > 0 and k_n > 0:
                     scalars[("attn_q_rms", names[i])] = math.sqrt(q_sq / q_n)
                     scalars[("attn_k_rms", names[i])] = math.sqrt(k_sq / k_n)
+                if rows > 0 and math.isfinite(entropy):
+                    scalars[("attn_entropy", names[i])] = entropy / rows
             rows, log_z = summed[-1]
             if rows > 0 and self.output is not None:
                 scalars[("output_logz", self.output)] = log_z / rows
