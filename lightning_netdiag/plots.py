@@ -168,13 +168,13 @@ def attention_logits_over_time(logits: LogitRecord, ax: Axes | None = None) -> F
 
 def attention_entropy_over_time(logits: LogitRecord, ax: Axes | None = None) -> Figure:
     """The mean normalised entropy of each attention's softmax over the steps (1: uniform, 0: one-hot), with the
-    level below which the report warns when it has fallen from init. Above ``MANY_LAYERS`` attentions: the
-    largest, the median and the smallest over them."""
+    level below which the report warns when the median over the attentions has fallen there from its first value.
+    Above ``MANY_LAYERS`` attentions: the largest, the median and the smallest over them."""
     from lightning_netdiag.report import ATTN_ENTROPY_LOW
 
     fig, ax = _axes(ax, figsize=(12, 4))
     if _over_attentions(logits, "attn_entropy", ax):
-        ax.axhline(ATTN_ENTROPY_LOW, color="k", linestyle="--", label=f"{ATTN_ENTROPY_LOW:g}: collapsed below")
+        ax.axhline(ATTN_ENTROPY_LOW, color="k", linestyle="--", label=f"{ATTN_ENTROPY_LOW:g}: median collapsed below")
         ax.set_ylim(0, 1.05)
         _legend(ax)
     ax.set_title("attention softmax entropy (1: uniform, 0: one-hot)")
