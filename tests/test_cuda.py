@@ -147,8 +147,12 @@ def test_logits_and_adam_state_in_bf16_match_a_direct_computation(tmp_path):
     for i, block in enumerate(start.blocks):
         q, k, _ = block.qk(x)
         s = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
-        want = s.masked_fill(~torch.ones(s.shape[-2:], dtype=torch.bool).tril(), -math.inf).max().item()
-        assert logged[f"netdiag/attn_logit_max/lm.blocks.{i}"][0] == pytest.approx(want, rel=2e-2)  # bf16 q, k
+        masked = s.masked_fill(~torch.ones(s.shape[-2:], dtype=torch.bool).tril(), -math.inf)
+        assert logged[f"netdiag/attn_logit_max/lm.blocks.{i}"][0] == pytest.approx(masked.max().item(), rel=2e-2)
+        # the softmax's entropy over log(keys): causal row r sees r + 1 keys; row 0 (one key) left out
+        h = torch.special.entr(torch.softmax(masked, -1)).sum(-1)[..., 1:]
+        want = (h / torch.arange(2, h.shape[-1] + 2, dtype=h.dtype).log()).mean().item()
+        assert logged[f"netdiag/attn_entropy/lm.blocks.{i}"][0] == pytest.approx(want, rel=2e-2)  # bf16 q, k
         x = x + block(x)
     z = start.head(x)
     assert logged["netdiag/output_logz/lm.head"][0] == pytest.approx(torch.logsumexp(z, -1).mean().item(), rel=2e-2)
