@@ -70,21 +70,25 @@ def has_qk_norm(module: nn.Module) -> bool:
     )
 
 
-def score_stats(blocks: Iterable[Tensor]) -> Tensor:
+def score_stats(blocks: Iterable[Tensor], softmaxes: Iterable[Tensor] | None = None) -> Tensor:
     """``[largest logit, sum of the rows' normalised entropies, rows]`` (float64) of an attention's scores, given
     as blocks of whole rows (the last dimension: the keys). A score at or below :data:`MASKED` is a masked key
     (masks fill -inf, the dtype's minimum, -1e9 or -1e4): never the largest, no weight in its row's softmax. A
     row's normalised entropy is ``H(softmax(row)) / log(keys not masked)``: 1 when the softmax is uniform, 0 when
-    it is one-hot; rows with fewer than two keys not masked are not counted."""
+    it is one-hot; rows with fewer than two keys not masked are not counted. ``softmaxes``: the softmax of each
+    block where the model computed it (an eager attention's), not computed again."""
     parts = []
+    given = None if softmaxes is None else iter(softmaxes)
     with torch.no_grad():
         for block in blocks:
             s = block.detach().float()
+            p = None if given is None else next(given).detach().float()
             if not s.numel():
                 continue
             keep = s > MASKED
             keys = keep.sum(-1)
-            p = torch.softmax(s, dim=-1)  # a masked key's weight: below e^-5000 next to its row's largest, 0
+            if p is None:
+                p = torch.softmax(s, dim=-1)  # a masked key's weight: below e^-5000 next to its row's largest, 0
             counted = keys > 1
             h = torch.special.entr(p).sum(-1) / keys.clamp_min(2).float().log()
             entropy = torch.where(counted, h, 0.0).sum(dtype=torch.float64)
@@ -332,15 +336,19 @@ class AttentionHooks:
         if self.phase == FORWARD:
             self._products[id(self._owner())] = (out.shape, a, b)
 
-    def softmax(self, scores: Tensor) -> None:
-        """A softmax over the scores' last dimension (an eager attention)."""
+    def softmax(self, scores: Tensor, weights: Tensor) -> None:
+        """A softmax over the scores' last dimension (an eager attention) and its output, the attention weights:
+        their entropy is read from them where they are float32 or wider (a half-precision softmax, from the
+        scores)."""
         if self.phase != FORWARD:
             return
         owner = self._owner()
         product = self._products.pop(id(owner), None)
         q, k = (product[1], product[2]) if product is not None and product[0] == scores.shape else (None, None)
+        wide = weights.shape == scores.shape and weights.dtype in (torch.float32, torch.float64)
         with own_work():
-            self._record(owner, False, score_stats(query_blocks(scores)), q, k)
+            stats = score_stats(query_blocks(scores), query_blocks(weights) if wide else None)
+            self._record(owner, False, stats, q, k)
 
     def fused(self, q: Tensor, k: Tensor, stats: Callable[[], Tensor]) -> None:
         """A fused attention of ``q`` and ``k``; ``stats()`` computes its :func:`score_stats`."""
@@ -411,8 +419,8 @@ class _AttentionCapture(TorchFunctionMode):
             return out
         if softmax:
             x, dim = _bind(args, kwargs, ("input", "dim"), (None, None))
-            if isinstance(x, Tensor) and x.dim() == 4 and dim in (-1, 3):
-                hooks.softmax(x)
+            if isinstance(x, Tensor) and x.dim() == 4 and dim in (-1, 3) and isinstance(out, Tensor):
+                hooks.softmax(x, out)
         elif product and len(args) >= 2 and isinstance(out, Tensor) and out.dim() >= 3:
             hooks.product(args[0], args[1], out)
         elif func is torch.baddbmm and len(args) >= 3 and isinstance(out, Tensor):

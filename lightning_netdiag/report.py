@@ -48,9 +48,10 @@ __all__ = [
     "ATTN_LOGIT_HIGH", "COLUMNS", "DEAD_STD", "DEAD_UNITS_PCT", "FLAT_PCT", "GRAD_SPREAD", "OVERCONFIDENT", "PERSIST",
     "SATURATED_PCT", "SGD_FALL", "SGD_LOW", "SGD_OK", "UNDERFLOW_PCT", "UNEARNED", "WORST", "Report", "Verdict",
     "adam_eps_at", "adam_shrink_at", "adam_step_at", "as_table", "at_init", "attention_entropy_at",
-    "attention_logits_at", "checks", "collapsed_attentions_at", "dead_units_at", "evaluate", "flat_at",
-    "format_markdown", "format_table", "fp16_tiny_at", "gradient_ratio_at_init", "has_warmup", "learning_rate_note",
-    "flight_notes", "logit_notes", "replay", "sgd_died_at", "sgd_fall_at", "sgd_update_at", "summarize",
+    "attention_logits_at", "checks", "collapsed_attentions_at", "dead_units_at", "evaluate", "fallen_entropy_at",
+    "flat_at", "format_markdown", "format_table", "fp16_tiny_at", "gradient_ratio_at_init", "has_warmup",
+    "learning_rate_note", "flight_notes", "logit_notes", "replay", "sgd_died_at", "sgd_fall_at", "sgd_update_at",
+    "summarize",
 ]  # fmt: skip
 
 #: Logging steps in a row (not optimizer steps) at which a during-training condition must hold before it counts:
@@ -602,12 +603,19 @@ def attention_entropy_at(logits: LogitRecord | None, step: int) -> tuple[float, 
     return statistics.median(now.values()), statistics.median(first)
 
 
+def fallen_entropy_at(logits: LogitRecord | None, step: int) -> float | None:
+    """The median over the attentions of their mean normalised entropy at ``step`` where it has fallen below
+    :data:`ATTN_ENTROPY_FALL` times its first logged value; None elsewhere (or where it was not read)."""
+    found = attention_entropy_at(logits, step)
+    return found[0] if found is not None and found[0] < ATTN_ENTROPY_FALL * found[1] else None
+
+
 def collapsed_attentions_at(logits: LogitRecord | None, step: int) -> dict[str, float]:
     """name -> the mean normalised entropy of each attention below :data:`ATTN_ENTROPY_LOW` at ``step``, where the
-    median over the attentions is below it and below :data:`ATTN_ENTROPY_FALL` times its first logged value (most
-    softmaxes have collapsed toward one-hot); empty elsewhere."""
-    found = attention_entropy_at(logits, step)
-    if found is None or not (found[0] < ATTN_ENTROPY_LOW and found[0] < ATTN_ENTROPY_FALL * found[1]):
+    median over the attentions has fallen (:func:`fallen_entropy_at`) below it (most softmaxes have collapsed
+    toward one-hot); empty elsewhere."""
+    median = fallen_entropy_at(logits, step)
+    if median is None or median >= ATTN_ENTROPY_LOW:
         return {}
     return {name: v for name, v in _at(logits, "attn_entropy", step).items() if v < ATTN_ENTROPY_LOW}
 
@@ -640,7 +648,8 @@ def _attention_growth(logits: LogitRecord | None, update: UpdateRecord | None, f
         hits = collapsed_attentions_at(logits, step)
         median, first = attention_entropy_at(logits, step) or (math.nan, math.nan)
         worst = min(hits, key=hits.__getitem__)
-        healthy, badness = f"median attention entropy > {ATTN_ENTROPY_LOW:g}", float.__neg__
+        healthy = f"entropy > {ATTN_ENTROPY_LOW:g} (or above {ATTN_ENTROPY_FALL:g}x its first) in half the attentions"
+        badness = float.__neg__
         found = "the softmaxes are close to one-hot: the median over the attentions of their mean normalised entropy "
         found += f"(1 uniform, 0 one-hot) is {median:.2f} at step {step} ({first:.2f} at first), {hits[worst]:.2f} in "
         found += f"{worst}; their logits grew apart"

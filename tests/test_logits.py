@@ -15,7 +15,7 @@ from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
 from lightning_netdiag import NetDiag
-from lightning_netdiag.attention import score_stats, sdpa_scores
+from lightning_netdiag.attention import query_blocks, score_stats, sdpa_scores
 
 ONLY_LOGITS = dict(saturation=False, grad_data=False, update=False, optimizer_state=False)
 
@@ -103,6 +103,7 @@ class HandAttention(nn.Module):
     def __init__(self, fused: bool, width: int = 16, heads: int = 2) -> None:
         super().__init__()
         self.fused, self.heads = fused, heads
+        self.bf16_softmax = False  # eager: the softmax of the scores rounded to bf16
         self.qkv, self.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
 
     def qk(self, x):
@@ -116,7 +117,7 @@ class HandAttention(nn.Module):
         else:
             s = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
             s = s.masked_fill(~torch.ones(s.shape[-2:], dtype=torch.bool).tril(), float("-inf"))
-            y = F.softmax(s, dim=-1) @ v
+            y = F.softmax(s.bfloat16() if self.bf16_softmax else s, dim=-1).float() @ v
         return self.proj(y.transpose(1, 2).flatten(2))
 
 
@@ -179,6 +180,29 @@ def test_hand_written_attention(fused):
         torch.logsumexp(want_out, -1).mean().item(), rel=1e-6
     )
     assert record.value("output_logit_max", 0, "head") == pytest.approx(want_out.max().item(), rel=1e-6)
+
+
+def test_entropy_from_the_models_softmax_is_the_same():
+    """An eager attention's own softmax, handed over, gives the entropy its scores give (masked keys included)."""
+    g = torch.Generator().manual_seed(0)
+    s = (torch.randn(2, 3, 9, 9, generator=g) * 4).masked_fill(~torch.ones(9, 9, dtype=torch.bool).tril(), -math.inf)
+    given = score_stats(query_blocks(s, 40), query_blocks(torch.softmax(s, -1), 40))
+    torch.testing.assert_close(given, score_stats(query_blocks(s, 40)), rtol=1e-6, atol=0)
+    assert given[1] / given[2] == pytest.approx(direct_entropy(s), rel=1e-5)
+
+
+def test_a_half_precision_softmax_is_not_where_the_entropy_is_read():
+    """A softmax in bf16 (its weights to three digits): the entropy is computed again from its scores."""
+    model = HandLM(fused=False)
+    for block in model.blocks:
+        block.bf16_softmax = True
+    x = torch.randint(0, 11, (4, 7))
+    with DirectAttention() as direct:
+        diag = run_steps(model, [x], lambda m, b: F.cross_entropy(m(b).flatten(0, 1), b.flatten()))
+    record = diag.logits.record
+    assert [record.value("attn_entropy", 0, n) for n in ("blocks.0", "blocks.1")] == pytest.approx(
+        [direct_entropy(s) for s in direct.seen], rel=1e-5
+    )
 
 
 class DirectAttention(TorchFunctionMode):

@@ -295,9 +295,9 @@ def step_signals(m: dict[str, Any], step: int) -> dict[str, float]:
     if attention:
         out["largest attention logit"] = max(attention.values())
     if logits is not None:
-        entropy = report.attention_entropy_at(logits, step)
-        if entropy is not None and entropy[0] < report.ATTN_ENTROPY_FALL * entropy[1]:
-            out["attention entropy, median (fallen)"] = entropy[0]
+        fallen = report.fallen_entropy_at(logits, step)
+        if fallen is not None:
+            out["attention entropy, median (fallen)"] = fallen
         for name, log_z in logits.at("output_logz", step).items():
             init = logits.at_init("output_logz").get(name)
             if init is not None:
