@@ -643,23 +643,22 @@ def _attention_growth(logits: LogitRecord | None, update: UpdateRecord | None, f
         healthy, badness = f"largest attention logit < {ATTN_LOGIT_HIGH:g}", float.__pos__
         since = f" ({init:.2g} at init)" if init is not None else ""
         found = f"the largest pre-softmax logit in {worst} is {hits[worst]:.3g} at step {step}{since}: its softmax is "
-        found += "close to one-hot"
+        found += "close to one-hot and passes little gradient"
     else:
         hits = collapsed_attentions_at(logits, step)
         median, first = attention_entropy_at(logits, step) or (math.nan, math.nan)
         worst = min(hits, key=hits.__getitem__)
         healthy = f"entropy > {ATTN_ENTROPY_LOW:g} (or above {ATTN_ENTROPY_FALL:g}x its first) in half the attentions"
         badness = float.__neg__
-        found = "the softmaxes are close to one-hot: the median over the attentions of their mean normalised entropy "
-        found += f"(1 uniform, 0 one-hot) is {median:.2f} at step {step} ({first:.2f} at first), {hits[worst]:.2f} in "
-        found += f"{worst}; their logits grew apart"
+        found = "the softmaxes are close to one-hot and pass little gradient: the median over the attentions of "
+        found += f"their mean normalised entropy (1 uniform, 0 one-hot) is {median:.2f} at step {step} ({first:.2f} "
+        found += f"at first), {hits[worst]:.2f} in {worst} (their logits grew apart)"
     if not set(hits) <= logits.qk_norm:
         fixes.append("normalise q and k (qk-layernorm)")
     overflow = " (in fp16, logits above 65504 overflow to inf)" if fp16 else ""
     return _verdict(
         "warning", "attention logits growing", hits, badness, healthy,
-        f"{found} and passes little gradient; runs like this end worse or diverge{overflow}. Typical of a learning "
-        "rate too high for the model",
+        f"{found}; runs like this end worse or diverge{overflow}. Typical of a learning rate too high for the model",
         ", ".join(fixes[:-1]) + f" or {fixes[-1]}" if len(fixes) > 1 else fixes[0], step,
     )  # fmt: skip
 
