@@ -76,12 +76,14 @@ def score_stats(blocks: Iterable[Tensor], softmaxes: Iterable[Tensor] | None = N
     (masks fill -inf, the dtype's minimum, -1e9 or -1e4): never the largest, no weight in its row's softmax. A
     row's normalised entropy is ``H(softmax(row)) / log(keys not masked)``: 1 when the softmax is uniform, 0 when
     it is one-hot; rows with fewer than two keys not masked are not counted. ``softmaxes``: the softmax of each
-    block where the model computed it (an eager attention's), not computed again."""
+    block where the model computed it (an eager attention's), not computed again. On the blocks' device (they
+    come at least one, empty where there are no queries)."""
     parts = []
     given = None if softmaxes is None else iter(softmaxes)
+    device = None
     with torch.no_grad():
         for block in blocks:
-            s = block.detach().float()
+            s, device = block.detach().float(), block.device
             p = None if given is None else next(given).detach().float()
             if not s.numel():
                 continue
@@ -94,16 +96,17 @@ def score_stats(blocks: Iterable[Tensor], softmaxes: Iterable[Tensor] | None = N
             entropy = torch.where(counted, h, 0.0).sum(dtype=torch.float64)
             parts.append(torch.stack([s.amax().double(), entropy, counted.sum(dtype=torch.float64)]))
         if not parts:
-            return torch.tensor([-math.inf, 0.0, 0.0], dtype=torch.float64)
+            return torch.tensor([-math.inf, 0.0, 0.0], dtype=torch.float64, device=device)
         both = torch.stack(parts)
         return torch.cat([both[:, 0].amax().reshape(1), both[:, 1:].sum(0)])
 
 
 def query_blocks(scores: Tensor, block_elements: int | None = None) -> Iterator[Tensor]:
     """An eager attention's score tensor ``[..., queries, keys]`` as blocks of queries of about ``block_elements``
-    scores (default: :func:`block_size`), so that their float32 copies stay small."""
+    scores (default: :func:`block_size`), so that their float32 copies stay small; one empty block where there
+    are no queries."""
     rows = max(1, block_size(scores.device, block_elements) // max(1, scores[..., :1, :].numel()))
-    for start in range(0, scores.shape[-2], rows):
+    for start in range(0, max(1, scores.shape[-2]), rows):
         yield scores[..., start : start + rows, :]
 
 
@@ -122,7 +125,7 @@ def sdpa_scores(
 
     The scores are ``q @ k.T * scale`` (+ a float mask; a boolean mask keeps where True, -inf elsewhere;
     ``is_causal``: the lower triangle, aligned top-left as SDPA does). Grouped-query heads (fewer k heads than q
-    heads) are repeated as SDPA repeats them.
+    heads) are repeated as SDPA repeats them. One empty block where there are no queries.
     """
     length, keys = q.shape[-2], k.shape[-2]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
@@ -134,7 +137,7 @@ def sdpa_scores(
     kt = k.float().transpose(-2, -1)
     per_row = max(1, q[..., :1, :1].numel() * keys)
     rows = max(1, block_size(q.device, block_elements) // per_row)
-    for start in range(0, length, rows):
+    for start in range(0, max(1, length), rows):
         stop = min(length, start + rows)
         s = (q[..., start:stop, :].float() @ kt) * scale
         if mask is not None:
@@ -233,7 +236,6 @@ class AttentionLayer:
     def add(self, stats: Tensor, q: Tensor | None, k: Tensor | None) -> None:
         """One call's :func:`score_stats` and its q and k (None where they were not seen)."""
         sums: Tensor = self.sums  # type: ignore[assignment]
-        stats = stats.to(sums.device)
         torch.maximum(self.peak, stats[:1], out=self.peak)  # type: ignore[arg-type]
         sums[4:].add_(stats[1:])
         if q is not None and k is not None:

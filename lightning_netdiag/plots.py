@@ -23,9 +23,9 @@ from lightning_netdiag.stats import Histogram
 
 __all__ = [
     "MANY_LAYERS", "activation_distribution", "activation_gradient_distribution", "attention_entropy_over_time",
-    "attention_logits_over_time",
-    "depth_profile", "distribution_over_time", "draw_all", "flight_window", "layers_by_bins", "layers_by_steps",
-    "output_logits_over_time", "update_ratio_over_time", "weight_gradient_distribution",
+    "attention_logits_over_time", "depth_profile", "distribution_over_time", "draw_all", "flight_window",
+    "layers_by_bins", "layers_by_steps", "output_logits_over_time", "update_ratio_over_time",
+    "weight_gradient_distribution",
 ]  # fmt: skip
 
 if TYPE_CHECKING:

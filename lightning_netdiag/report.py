@@ -711,11 +711,12 @@ def logit_notes(logits: LogitRecord | None) -> list[str]:
         worst = max(found, key=found.__getitem__)
         notes.append(f"attention logits: largest {found[worst]:.3g} ({worst}) at step {steps[-1]}, too high above "
                      f"{ATTN_LOGIT_HIGH:g}")  # fmt: skip
-    if steps and (entropies := _at(logits, "attn_entropy", steps[-1])):
+    if steps and (found_entropy := attention_entropy_at(logits, steps[-1])):
+        entropies = _at(logits, "attn_entropy", steps[-1])
         low = min(entropies, key=entropies.__getitem__)
-        first = logits.first("attn_entropy", 1)[low][0]
-        line = f"attention entropy: smallest {entropies[low]:.2f} ({low}) at step {steps[-1]}, {first[1]:.2f} at step "
-        line += f"{first[0]}; collapsed below {ATTN_ENTROPY_LOW:g} and {ATTN_ENTROPY_FALL:g}x its first"
+        line = f"attention entropy: median over the attentions {found_entropy[0]:.2f} at step {steps[-1]} "
+        line += f"({found_entropy[1]:.2f} at first), smallest {entropies[low]:.2f} ({low}); collapsed where the median "
+        line += f"is below {ATTN_ENTROPY_LOW:g} and {ATTN_ENTROPY_FALL:g}x its first"
         notes.append(line)
     out = logits.output
     log_z, top = (

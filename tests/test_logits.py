@@ -182,29 +182,6 @@ def test_hand_written_attention(fused):
     assert record.value("output_logit_max", 0, "head") == pytest.approx(want_out.max().item(), rel=1e-6)
 
 
-def test_entropy_from_the_models_softmax_is_the_same():
-    """An eager attention's own softmax, handed over, gives the entropy its scores give (masked keys included)."""
-    g = torch.Generator().manual_seed(0)
-    s = (torch.randn(2, 3, 9, 9, generator=g) * 4).masked_fill(~torch.ones(9, 9, dtype=torch.bool).tril(), -math.inf)
-    given = score_stats(query_blocks(s, 40), query_blocks(torch.softmax(s, -1), 40))
-    torch.testing.assert_close(given, score_stats(query_blocks(s, 40)), rtol=1e-6, atol=0)
-    assert given[1] / given[2] == pytest.approx(direct_entropy(s), rel=1e-5)
-
-
-def test_a_half_precision_softmax_is_not_where_the_entropy_is_read():
-    """A softmax in bf16 (its weights to three digits): the entropy is computed again from its scores."""
-    model = HandLM(fused=False)
-    for block in model.blocks:
-        block.bf16_softmax = True
-    x = torch.randint(0, 11, (4, 7))
-    with DirectAttention() as direct:
-        diag = run_steps(model, [x], lambda m, b: F.cross_entropy(m(b).flatten(0, 1), b.flatten()))
-    record = diag.logits.record
-    assert [record.value("attn_entropy", 0, n) for n in ("blocks.0", "blocks.1")] == pytest.approx(
-        [direct_entropy(s) for s in direct.seen], rel=1e-5
-    )
-
-
 class DirectAttention(TorchFunctionMode):
     """Keeps each attention call's scores computed directly (the whole score tensor at once, in float64): the
     reference. Entered around the run, it sees every call after netdiag's own mode has."""
@@ -223,6 +200,31 @@ class DirectAttention(TorchFunctionMode):
         elif func is F.softmax and args[0].dim() >= 3 and args[0].shape[-1] == args[0].shape[-2]:
             self.seen.append(args[0].detach().double())
         return func(*args, **kwargs)
+
+
+def test_entropy_from_the_models_softmax_is_the_same():
+    """An eager attention's own softmax, handed over, gives the entropy its scores give (masked keys included)."""
+    g = torch.Generator().manual_seed(0)
+    s = (torch.randn(2, 3, 9, 9, generator=g) * 4).masked_fill(~torch.ones(9, 9, dtype=torch.bool).tril(), -math.inf)
+    given = score_stats(query_blocks(s, 40), query_blocks(torch.softmax(s, -1), 40))
+    torch.testing.assert_close(given, score_stats(query_blocks(s, 40)), rtol=1e-6, atol=0)
+    assert given[1] / given[2] == pytest.approx(direct_entropy(s), rel=1e-5)
+    # no queries: one empty block, nothing counted, on the scores' device
+    assert score_stats(query_blocks(s[..., :0, :])).tolist() == [-math.inf, 0.0, 0.0]
+
+
+def test_a_half_precision_softmax_is_not_where_the_entropy_is_read():
+    """A softmax in bf16 (its weights to three digits): the entropy is computed again from its scores."""
+    model = HandLM(fused=False)
+    for block in model.blocks:
+        block.bf16_softmax = True
+    x = torch.randint(0, 11, (4, 7))
+    with DirectAttention() as direct:
+        diag = run_steps(model, [x], lambda m, b: F.cross_entropy(m(b).flatten(0, 1), b.flatten()))
+    record = diag.logits.record
+    assert [record.value("attn_entropy", 0, n) for n in ("blocks.0", "blocks.1")] == pytest.approx(
+        [direct_entropy(s) for s in direct.seen], rel=1e-5
+    )
 
 
 def _hf(kind: str, impl: str):
