@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import atexit
 import os
+import socket
 import sys
+from datetime import datetime
 from typing import Any
 
 from transformers import TrainerCallback
@@ -42,8 +44,10 @@ class NetDiagCallback(TrainerCallback):  # type: ignore[misc]
 
     Where ``report_to`` holds ``"tensorboard"`` (or ``"all"``), the measurements go to a ``SummaryWriter``
     in ``log_dir``: by default the Trainer's TensorBoard directory where ``TENSORBOARD_LOGGING_DIR`` sets it
-    (one run beside the Trainer's loss and learning rate), else ``{output_dir}/runs/netdiag`` (a run of its
-    own beside the Trainer's time-stamped one). Otherwise they are kept in memory only (``diag``'s meters).
+    (one run beside the Trainer's loss and learning rate), else a directory of its own for each training,
+    ``{output_dir}/runs/netdiag/{time}_{host}``, named as the Trainer names its own run (trainings that reuse an
+    ``output_dir`` do not mix: their logs would read back as one run); ``run_dir`` says which. Otherwise they are
+    kept in memory only (``diag``'s meters).
     At the end of training the health report is printed on rank 0 and kept in ``verdicts``. The Trainer
     tells callbacks of no exception: after one, call ``callback.diag.close()`` to remove the hooks. The flight
     recorder's window is written out all the same when the process ends during training (an exception nobody
@@ -87,6 +91,7 @@ class NetDiagCallback(TrainerCallback):  # type: ignore[misc]
         self.log_dir = log_dir
         self.diag: NetDiag | None = None
         self.verdicts: list[report.Verdict] = []
+        self.run_dir: str | None = None  # where this training's TensorBoard events and flight window go
         self._writer: Any = None
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
@@ -96,7 +101,8 @@ class NetDiagCallback(TrainerCallback):  # type: ignore[misc]
         if ("tensorboard" in report_to or "all" in report_to) and state.is_world_process_zero:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(log_dir=self.log_dir or _tensorboard_dir(args))
+            self.run_dir = self.log_dir or _tensorboard_dir(args)
+            self._writer = SummaryWriter(log_dir=self.run_dir)
         every = self.every_n_steps or int(args.logging_steps)
         self.diag = NetDiag(
             model, inner, writer=self._writer, every_n_steps=every, scaler=getattr(optimizer, "scaler", None),
@@ -133,5 +139,12 @@ class NetDiagCallback(TrainerCallback):  # type: ignore[misc]
 
 
 def _tensorboard_dir(args: Any) -> str:
-    """The Trainer's TensorBoard directory where set, else ``{output_dir}/runs/netdiag``."""
-    return os.environ.get("TENSORBOARD_LOGGING_DIR") or os.path.join(args.output_dir, "runs", "netdiag")
+    """The Trainer's TensorBoard directory where set, else a new ``{output_dir}/runs/netdiag/{time}_{host}``."""
+    shared = os.environ.get("TENSORBOARD_LOGGING_DIR")
+    if shared:
+        return os.path.expanduser(shared)
+    base = os.path.join(args.output_dir, "runs", "netdiag", f"{datetime.now():%b%d_%H-%M-%S}_{socket.gethostname()}")
+    path, n = base, 1
+    while os.path.exists(path):  # two trainings within a second
+        path, n = f"{base}_{n}", n + 1
+    return path

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import re
 import statistics
 import struct
@@ -151,9 +152,13 @@ def read_csv_log(run: Path) -> tuple[Scalars, Histograms, dict[str, dict]]:
     return scalars, {}, meta
 
 
-def load_run(run: Path) -> RunLogs:
-    """A run's records rebuilt from its logs, as the meters held them; a LogError if it holds no netdiag tag or
-    a description written by a newer netdiag. ``notes`` says what the logs did not say (the cadence)."""
+def load_run(run: str | os.PathLike[str]) -> RunLogs:
+    """A run's records rebuilt from its logs (a directory), as the meters held them; a LogError if it is no
+    directory, holds no netdiag tag or a description written by a newer netdiag. ``notes`` says what the logs did
+    not say (the cadence)."""
+    run = Path(run)
+    if not run.is_dir():
+        raise LogError(f"{run}: no such directory of logs")
     has_events = any(run.glob("events.out.tfevents.*"))
     if has_events:
         scalars, hists, meta = read_tensorboard(run)

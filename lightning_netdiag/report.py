@@ -746,6 +746,8 @@ _EVENT_ADVICE = {
                   "overflow there (fp16 without a loss scaler); lower the learning rate, clip gradients",
     "exception": "the last steps before the end are in the logs (netdiag plots draws them); the weights named were "
                  "out of their band when it ended",
+    "calm end": "the last steps before the end are in the logs; no watched series was out of its band when it "
+                "ended, so the error, not the training's numbers, is where to look",
 }  # fmt: skip
 
 
@@ -774,7 +776,8 @@ def _flight(flight: FlightRecord | None) -> list[Verdict]:
         out.append(Verdict(
             "warning" if kind == "spike" else "fatal", cause if kind != "exception" else "run ended by an exception",
             ", ".join(names[:WORST]) + (f" and {len(names) - WORST} more" if len(names) > WORST else ""),
-            float(value) if value is not None else math.nan, healthy, spikes.event_text(event), _EVENT_ADVICE[kind],
+            float(value) if value is not None else math.nan, healthy, spikes.event_text(event),
+            _EVENT_ADVICE["calm end" if kind == "exception" and not names else kind],
             len(names), tuple((b["name"], float(b["score"])) for b in began[:WORST]), event["step"],
         ))  # fmt: skip
     return out
@@ -920,7 +923,8 @@ def _value(v: Verdict) -> str:
 
 
 def _layers(v: Verdict) -> str:
-    return v.layer if v.hits == 1 else f"{v.hits} layers: {v.layer}"
+    # "-": no layer named (a run that ended by an exception with every series in its band)
+    return "-" if not v.hits else v.layer if v.hits == 1 else f"{v.hits} layers: {v.layer}"
 
 
 def format_table(verdicts: list[Verdict], step: int | None = None, notes: Iterable[str] = ()) -> str:

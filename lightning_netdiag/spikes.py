@@ -121,7 +121,8 @@ def event_text(event: dict) -> str:
     ended = event["cause"] == "exception"
     causes = " and ".join([event["cause"], *event.get("also", [])])
     step = event["step"]
-    text = f"training ended at step {step} ({event.get('error', '')})" if ended else f"{causes} at step {step}"
+    # an exception is recorded at the last step completed: it may have been raised in the next one
+    text = f"training ended after step {step} ({event.get('error', '')})" if ended else f"{causes} at step {step}"
     if event.get("made"):
         return f"{text}: {_made_text(event['made'])}"
     began = event.get("began") or []
@@ -134,4 +135,6 @@ def event_text(event: dict) -> str:
         what = "loss" if "loss" in causes else "total gradient norm" if "gradient" in causes else "event"
         led = f"{lead} step{'s' if lead != 1 else ''} before the {what}" if lead else "at that step"
         text += f": began in {first['name']} (its {first['series']} left its band at {since}, {led})"
+    elif ended and "began" in event:  # the window was searched and nothing had left its band
+        text += ": every watched series was within its band"
     return text

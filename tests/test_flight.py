@@ -379,6 +379,19 @@ def test_a_lightning_run_that_dies_keeps_its_window_in_tensorboard_and_beside_it
     grads = dict(recorder.record.points("flight_grad_norm", "model.head.weight"))
     # TensorBoard holds float32: the record written whole holds the exact values
     assert dict(run.record("flight").points("flight_grad_norm", "model.head.weight")) == grads
+    # a healthy run ended by a bad batch: the report names no layer and sends the reader to the error
+    [ended] = report.evaluate(flight=run.record("flight"))
+    assert ended.check == "run ended by an exception" and ended.hits == 0
+    assert (
+        ended.cause
+        == "training ended after step 69 (ValueError: a bad batch): every watched series was within its band"
+    )
+    assert "the error, not the training's numbers" in ended.advice
+    assert report.format_table([ended]).splitlines()[2].split()[:7] == [
+        "FATAL",
+        *"run ended by an exception".split(),
+        "-",
+    ]
 
 
 def test_bad_arguments_name_what_was_wrong():

@@ -3,6 +3,7 @@ plain loop on the same model and batches (fp32, 1e-6), with and without gradient
 TensorBoard when ``report_to`` asks, and prints the report."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, SequentialSampler
 
 from lightning_netdiag import NetDiag
+from lightning_netdiag.logs import load_run
 
 transformers = pytest.importorskip("transformers")
 from lightning_netdiag.hf import NetDiagCallback  # noqa: E402
@@ -93,9 +95,19 @@ def test_the_trainer_gives_the_plain_loops_numbers(tmp_path, accumulate, capsys)
             assert math.isclose(ours[tag][step], value, rel_tol=1e-6, abs_tol=1e-9), (tag, step, ours[tag][step], value)
     assert hf.diag.update.optimizer_family == "adam" and ours["netdiag/lr"][4] == LR
     assert "netdiag health report" in capsys.readouterr().out
-    logged, hists, _ = read_tensorboard(tmp_path / "runs" / "netdiag")
+    assert Path(hf.run_dir).parent == tmp_path / "runs" / "netdiag"  # type: ignore[arg-type]
+    logged, hists, _ = read_tensorboard(hf.run_dir)
     assert {t for t in logged if t.startswith("netdiag/")} == set(ours)
     assert "netdiag/act/net.1" in hists and "netdiag/grad/out.weight" in hists
+
+
+def test_trainings_that_reuse_an_output_dir_keep_their_logs_apart(tmp_path):
+    # one directory per training: shared, a second run's events would read back as more points of the first
+    first, second = with_hf(tmp_path), with_hf(tmp_path)
+    assert first.run_dir != second.run_dir and Path(second.run_dir).parent == Path(first.run_dir).parent
+    for callback in (first, second):
+        assert len(list(Path(callback.run_dir).glob("events.out.tfevents.*"))) == 1
+        assert load_run(callback.run_dir).record("flight").steps == list(range(STEPS))
 
 
 def test_without_tensorboard_in_report_to_nothing_is_written(tmp_path):
@@ -146,6 +158,7 @@ def test_a_trainer_run_that_dies_leaves_the_flight_recorders_window(tmp_path):
     script = DIES.format(tests=str(Path(__file__).parent), out=str(tmp_path))
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 1 and "the run dies" in done.stderr
-    saved = json.loads((tmp_path / "runs" / "netdiag" / tags.record_file("netdiag", "flight")).read_text())
+    [run] = (tmp_path / "runs" / "netdiag").iterdir()
+    saved = json.loads((run / tags.record_file("netdiag", "flight")).read_text())
     assert saved["steps"] == [0, 1, 2, 3]  # the four steps before the fifth forward raised
     assert saved["events"][-1]["cause"] == "exception" and "RuntimeError: the run dies" in saved["events"][-1]["error"]

@@ -12,7 +12,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from lightning_netdiag import HealthReport, cli
 from lightning_netdiag.cli import compare
-from lightning_netdiag.logs import find_runs, load_run
+from lightning_netdiag.logs import LogError, find_runs, load_run
 
 
 class LoggedLoss(TinyNet):
@@ -96,6 +96,8 @@ def test_logs_it_cannot_read_get_a_clear_error(two_runs, tmp_path):
     assert done.returncode == 2 and "hold no netdiag tags" in done.stderr
     done = netdiag("report", str(tmp_path / "nothing here"))
     assert done.returncode == 2 and "no such file or directory" in done.stderr
+    with pytest.raises(LogError, match="nothing here: no such directory of logs"):  # and from Python
+        load_run(str(tmp_path / "nothing here"))
     (tmp_path / "empty").mkdir()
     done = netdiag("report", str(tmp_path / "empty"))
     assert done.returncode == 2 and "no TensorBoard event file, metrics.csv or netdiag record" in done.stderr

@@ -87,9 +87,11 @@ class HealthReport(Callback):
             if self.warn and (v.check, v.healthy) not in self._warned:  # once per rule (and family)
                 self._warned.add((v.check, v.healthy))
                 self.warnings.append(v)
-                where = v.layer if v.hits == 1 else f"{v.hits} layers, worst {v.layer}"
+                where = (
+                    "" if not v.hits else f" in {v.layer}" if v.hits == 1 else f" in {v.hits} layers, worst {v.layer}"
+                )
                 at = f"at step {v.step}, " if v.step is not None else ""
-                rank_zero_warn(f"netdiag: {v.check} in {where} ({at}{v.value:.4g}; healthy {v.healthy}): {v.cause}")
+                rank_zero_warn(f"netdiag: {v.check}{where} ({at}{v.value:.4g}; healthy {v.healthy}): {v.cause}")
             if v.severity == "fatal" and self.stop_on_fatal:
                 trainer.should_stop = True
 
