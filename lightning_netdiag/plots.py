@@ -373,7 +373,8 @@ def flight_window(flight: FlightRecord, event: dict[str, Any] | None = None, ax:
     title = "flight recorder: gradient norm per weight"
     if event is not None:
         ax.axvline(event["step"], color="black", linestyle="--", linewidth=1)
-        title += f"; {event['cause']} at step {event['step']}"
+        when = "ended by an exception after" if event["cause"] == "exception" else f"{event['cause']} at"
+        title += f"; {when} step {event['step']}"
     ax.set_title(title)
     if top is not None:
         loss = [(s, v) for s, v in flight.points("flight_loss") if s in set(steps)]

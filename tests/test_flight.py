@@ -350,6 +350,59 @@ def test_a_run_that_dies_leaves_a_window_that_netdiag_report_reads_as_the_live_r
     assert "blocks.2.weight" in out.stdout and "step 10" in out.stdout
 
 
+KILLED = """
+import json, os, signal, sys, torch
+from torch.nn import functional as F
+from torch.utils.tensorboard import SummaryWriter
+sys.path.insert(0, {tests!r})
+from test_flight import Mlp
+from helpers import loader
+from lightning_netdiag import NetDiag
+from lightning_netdiag.meters import FlightMeter
+
+model = Mlp()
+optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+batches = list(loader(batch_size=32))
+diag = NetDiag(model, optimizer, writer=SummaryWriter({logs!r}), every_n_steps=50,
+               flight=FlightMeter(save_interval={interval}))
+with diag:
+    for step in range(200):
+        x, y = batches[step % len(batches)]
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        diag.loss(loss)
+        grads = {{n: float(torch.linalg.vector_norm(p.grad)) for n, p in model.named_parameters() if p.dim() == 2}}
+        optimizer.step()
+        if step == 120:
+            print(json.dumps([float(loss), grads]), flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)  # no exception, no atexit: as the out-of-memory killer does
+"""
+
+
+@pytest.mark.parametrize("interval", [0, None])
+def test_a_run_killed_without_a_word_leaves_the_steps_up_to_its_last_save(tmp_path, interval):
+    from pathlib import Path
+
+    logs = tmp_path / "run"
+    script = KILLED.format(tests=str(Path(__file__).parent), logs=str(logs), interval=interval)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == -9, done.stderr
+    saved = logs / tags.record_file("netdiag", "flight")
+    if interval is None:  # saved only at events and the end: a healthy run killed leaves none
+        assert not saved.exists()
+        return
+    loss, grads = json.loads(done.stdout.strip().splitlines()[-1])
+    flight = load_run(logs).record("flight")
+    assert flight.steps == list(range(121)) and flight.events == []  # saved after every step, to the last
+    assert flight.value("flight_loss", 120) == pytest.approx(loss, rel=1e-6)
+    for name, norm in grads.items():
+        assert flight.value("flight_grad_norm", 120, name) == pytest.approx(norm, rel=1e-5)
+    out = subprocess.run([sys.executable, "-m", "lightning_netdiag.cli", "report", str(logs)], capture_output=True,
+                         text=True)  # fmt: skip
+    assert out.returncode == 0 and "flight recorder: 121 steps kept" in out.stdout, out.stderr
+
+
 def test_a_lightning_run_that_dies_keeps_its_window_in_tensorboard_and_beside_it(tmp_path):
     class Dies(L.LightningModule):
         def __init__(self) -> None:
@@ -403,3 +456,6 @@ def test_bad_arguments_name_what_was_wrong():
         FlightRecorder(replay_nonfinite="yes")
     with pytest.raises(ValueError, match="Expected `flight` to be True, None or a FlightMeter"):
         NetDiag(Mlp(), flight="yes")
+    for interval in (-1, "30", True, math.nan):
+        with pytest.raises(ValueError, match="Expected `save_interval` to be None or a number of seconds >= 0"):
+            FlightMeter(save_interval=interval)

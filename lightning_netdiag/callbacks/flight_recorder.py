@@ -46,6 +46,10 @@ class FlightRecorder(FlightMeter, ParameterCallback):
             host synchronisation a step; False: never.
         prefix: the first part of every tag.
         history_size: the number of points kept in ``history`` per tag.
+        save_interval: seconds between two saves of the window (the record with the ring's steps) to its JSON file
+            while training runs, so that a run killed without an exception (SIGKILL, the out-of-memory killer, an
+            abort) leaves its steps up to the last save; each save is one copy from the device. 0: after every
+            step; None: only at events and the end.
 
     Raises:
         ValueError: if an argument is out of range or a selection holds something other than module
@@ -66,6 +70,9 @@ class FlightRecorder(FlightMeter, ParameterCallback):
     - ``{prefix}/flight_grad_norm/{name}``, ``flight_update_norm/{name}``, ``flight_weight_norm/{name}``: each
       selected weight's; ``flight_grad_nonfinite/{name}``: 1 where its gradient norm was not finite;
     - ``{prefix}/flight_skipped``: 1 for a step that changed no weight (a GradScaler skipped it).
+
+    Every ``save_interval`` seconds the record with the ring's steps so far also goes to its JSON file beside the
+    logs (not to the loggers, which are flushed then).
     """
 
     def __init__(
@@ -78,8 +85,11 @@ class FlightRecorder(FlightMeter, ParameterCallback):
         replay_nonfinite: bool | None = None,
         prefix: str = "netdiag",
         history_size: int = 10_000,
+        save_interval: float | None = 30.0,
     ) -> None:
-        FlightMeter.__init__(self, window, params, exclude, ndims, update_norms, replay_nonfinite, prefix, history_size)
+        FlightMeter.__init__(
+            self, window, params, exclude, ndims, update_norms, replay_nonfinite, prefix, history_size, save_interval
+        )
         self._cadence(1)
 
     def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

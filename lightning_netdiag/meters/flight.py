@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from collections import deque
 from collections.abc import Sequence
 from typing import Any
@@ -24,6 +25,7 @@ from torch import Tensor, nn
 from lightning_netdiag import spikes, tags
 from lightning_netdiag.capture import compiled
 from lightning_netdiag.dist import is_sharded, local_shard, rank, rank_zero_warn
+from lightning_netdiag.history import finite_only
 from lightning_netdiag.meters.base import InRecord
 from lightning_netdiag.meters.parameters import ParameterMeter
 from lightning_netdiag.origin import ForwardCalls, where_nonfinite
@@ -81,6 +83,7 @@ class FlightMeter(ParameterMeter):
         replay_nonfinite: bool | None = None,
         prefix: str = "netdiag",
         history_size: int = 10_000,
+        save_interval: float | None = 30.0,
     ) -> None:
         super().__init__(params, exclude, ndims, prefix, history_size)
         check_positive_int("window", window)
@@ -88,9 +91,14 @@ class FlightMeter(ParameterMeter):
             raise ValueError(f"Expected `window` to be more than {spikes.MIN_BAND} steps, got {window}")
         if replay_nonfinite not in (None, True, False):
             raise ValueError(f"Expected `replay_nonfinite` to be None, True or False, got {replay_nonfinite!r}")
+        if save_interval is not None and (
+            isinstance(save_interval, bool) or not isinstance(save_interval, (int, float)) or not save_interval >= 0
+        ):
+            raise ValueError(f"Expected `save_interval` to be None or a number of seconds >= 0, got {save_interval!r}")
         self.window = window
         self.update_norms = bool(update_norms)
         self.replay_nonfinite = replay_nonfinite
+        self.save_interval = save_interval
         self.log_dir: str | None = None  # where the window's JSON file goes (the front end's logs)
         self.requested: set[int] = set()  # steps the front end should measure in full (the one after an event)
         self._names: list[str] = []
@@ -125,6 +133,7 @@ class FlightMeter(ParameterMeter):
         self._armed = True  # a step without a verdict has passed since the last event: a blow-up is one event
         self._made: dict[int, dict[str, Any] | None] = {}  # step -> its replay: where its non-finite values began
         self._out = 0  # rows already in the record and the logs (rows are written out in order)
+        self._saved_at = time.monotonic()  # when the JSON file was last written
 
     # --- lifetime -------------------------------------------------------------------------------------
 
@@ -249,6 +258,8 @@ class FlightMeter(ParameterMeter):
         self._judge(step, row)
         if self._calls is not None:
             self._calls.step_done()
+        if self.save_interval is not None and time.monotonic() - self._saved_at >= self.save_interval:
+            self._keep(running=True)
 
     def _judge(self, step: int, row: _Row) -> None:
         """The verdict of the step's row, on the device: the loss and the total gradient norm not finite; each scored
@@ -373,8 +384,17 @@ class FlightMeter(ParameterMeter):
                 self._keep()
             return
         self._out = self._rows
+        for step, scalars in self._rows_scalars(slots, rows):
+            self._emit(step, scalars, {})
+        self._keep()
+
+    def _rows_scalars(self, slots: list[int], rows: Tensor) -> list[tuple[int, dict[Key, float]]]:
+        """Ring rows (their places and values, as :meth:`_window` gives them) as the steps and scalars recorded."""
+        if not slots:
+            return []
         w = len(self._names)
         update_totals = torch.linalg.vector_norm(rows[:, _NORMS : _NORMS + w], dim=1).tolist()
+        out = []
         for i, row, update_total in zip(slots, rows.tolist(), update_totals, strict=True):
             scalars: dict[Key, float] = {
                 ("flight_grad_total", ""): row[_GRAD_TOTAL], ("flight_update_total", ""): update_total
@@ -392,22 +412,32 @@ class FlightMeter(ParameterMeter):
                     scalars[("flight_grad_nonfinite", name)] = 1.0
                 scalars[("flight_update_norm", name)] = update
                 scalars[("flight_weight_norm", name)] = weight
-            self._emit(self._steps[i], scalars, {})  # type: ignore[arg-type]
-        self._keep()
+            out.append((self._steps[i], scalars))
+        return out  # type: ignore[return-value]  # a written row has its step
 
-    def _keep(self) -> None:
-        """The record to its JSON file, and the loggers flushed: on disk before the run may die."""
-        self._save()
+    def _keep(self, running: bool = False) -> None:
+        """The record to its JSON file (``running``: see :meth:`_save`), and the loggers flushed: on disk before the
+        run may die."""
+        self._save(running)
         if self.run is not None:
             self.run.flush()
 
-    def _save(self) -> None:
+    def _save(self, running: bool = False) -> None:
+        """The record to its JSON file; ``running``: with the ring's rows not yet written out added (to the file
+        only: the record and the loggers get them at an event or the end), what a run killed without an exception
+        (SIGKILL, the out-of-memory killer, an abort) leaves. One copy from the device."""
+        self._saved_at = time.monotonic()
         if self.log_dir is None or rank() != 0:
             return
+        record = self.record
+        if running:
+            record = FlightRecord.from_json(record.to_json())  # type: ignore[assignment]
+            for step, scalars in self._rows_scalars(*self._window(since=self._out)):
+                record.add(step, finite_only(scalars), {})
         os.makedirs(self.log_dir, exist_ok=True)
         path = os.path.join(self.log_dir, tags.record_file(self.prefix, self.kind))
         with open(path + ".tmp", "w") as f:  # replaced whole: a reader never sees half a file
-            json.dump(self.record.to_json(), f)
+            json.dump(record.to_json(), f)
         os.replace(path + ".tmp", path)
 
 
