@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -207,14 +207,24 @@ class Record:
                 setattr(self, name, value)
         self.described = True
 
-    def to_json(self) -> dict[str, Any]:
-        """The whole record as JSON-able values; :meth:`from_json` gives it back unchanged."""
+    def to_json(self, later: Iterable[tuple[int, Mapping[Key, float]]] = ()) -> dict[str, Any]:
+        """The whole record as JSON-able values; :meth:`from_json` gives it back unchanged. ``later``: the scalars
+        of steps after the last, written as if added (the record itself stays as it is)."""
+        later = list(later)
+        more: dict[Key, list[list[Any]]] = {}
+        for step, scalars in later:
+            for key, value in scalars.items():
+                more.setdefault(key, []).append([step, value])
+        keys = [*self.series, *(key for key in more if key not in self.series)]
         return {
             **self.describe(),
             "described": self.described,
             "history_size": self.history_size,
-            "steps": self.steps,
-            "scalars": [[m, n, [list(p) for p in points]] for (m, n), points in self.series.items()],
+            "steps": [*self.steps, *(step for step, _ in later)],
+            "scalars": [
+                [m, n, [list(p) for p in (self.series[m, n] if (m, n) in self.series else ())] + more.get((m, n), [])]
+                for m, n in keys
+            ],
             "histograms": [
                 [m, n, [[s, list(h.edges), list(h.counts)] for s, h in self.series.histograms_of((m, n))]]
                 for m, n in self.series.histogram_tags()

@@ -3,6 +3,7 @@
 fault is named by its own check."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -103,9 +104,9 @@ def test_sweep_points_are_labelled_from_the_best_final_loss_of_their_sweep():
 
 
 def test_a_run_is_right_only_with_its_own_check_and_advice_toward_the_best():
-    def judged(expect, fired, advice="", lr=0.1, best=0.003):
+    def judged(expect, fired, advice="", lr=0.1, best=0.003, loss=2.0):
         row = {"expect": expect, "allowed": [], "lr": lr, "best_lr": best, "warned": [[c, 0] for c in fired],
-               "final": [{"check": c, "advice": advice} for c in fired]}  # fmt: skip
+               "final": [{"check": c, "advice": advice} for c in fired], "loss": loss}  # fmt: skip
         score.judge(row)
         return row["ok"], row["wrong"]
 
@@ -116,13 +117,17 @@ def test_a_run_is_right_only_with_its_own_check_and_advice_toward_the_best():
     assert judged(score.TOO_HIGH, [score.TOO_HIGH], "divide the learning rate by about 20") == (True, [])
     assert judged(score.TOO_HIGH, [score.TOO_HIGH], "divide the learning rate by about 1e+03") == (
         False, ["factor not toward the best"])  # fmt: skip
+    # a rate too high whose run diverged: named by the non-finite check (which says to lower the rate), not otherwise
+    assert judged(score.TOO_HIGH, ["non-finite"], loss=float("inf")) == (True, [])
+    assert judged(score.TOO_HIGH, ["non-finite"]) == (False, ["missed learning rate too high"])
+    assert judged(score.TOO_LOW, ["non-finite"], loss=float("inf")) == (False, ["missed learning rate too low"])
 
 
-def test_attentions_sharp_from_the_start_are_not_a_collapse():
-    """The entropy rule on real training: tiny-lm trained at 10x its best rate, no warm-up, collapses its softmaxes
-    while no logit reaches ATTN_LOGIT_HIGH (seed 0), and is named from its entropy. Trained on from there at its
-    best rate with a fresh NetDiag, as one fine-tunes a model whose attentions are sharp from the start, its
-    entropy is low from the first logged step and is not a collapse."""
+def test_attentions_sharp_from_the_start_are_not_a_collapse(monkeypatch):
+    """The entropy rule on real training: tiny-lm trained at 10x its best rate, no warm-up, collapses its softmaxes,
+    and is named from its entropy alone (its largest logit holds above ATTN_LOGIT_HIGH on some CPUs, not on
+    others). Trained on from there at its best rate with a fresh NetDiag, as one fine-tunes a model whose
+    attentions are sharp from the start, its entropy is low from the first logged step and is not a collapse."""
     import itertools
     import warnings
 
@@ -150,8 +155,13 @@ def test_attentions_sharp_from_the_start_are_not_a_collapse():
     state, hot = train(Recipe("tiny-lm", 200, 3e-2, {"warmup": False}))
     collapsed = [s for s in hot.steps if report.collapsed_attentions_at(hot, s)]
     assert collapsed and collapsed[0] <= 100
-    assert max(report.attention_logits_at(hot, hot.steps[-1]).values()) < report.ATTN_LOGIT_HIGH
-    warned = [v for v in report.evaluate(logits=hot) if v.check == "attention logits growing"]
+
+    def growing():
+        return [v for v in report.evaluate(logits=hot) if v.check == "attention logits growing"]
+
+    assert growing()  # from its largest logits or from its entropy: which holds first depends on the CPU
+    monkeypatch.setattr(report, "ATTN_LOGIT_HIGH", math.inf)  # the entropy alone names it
+    warned = growing()
     assert warned and "entropy" in warned[0].cause
     _, fine = train(Recipe("tiny-lm", 200, 3e-3, {"warmup": False}), state)
     first = report.attention_entropy_at(fine, 0)

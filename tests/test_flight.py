@@ -403,6 +403,21 @@ def test_a_run_killed_without_a_word_leaves_the_steps_up_to_its_last_save(tmp_pa
     assert out.returncode == 0 and "flight recorder: 121 steps kept" in out.stdout, out.stderr
 
 
+def test_an_interrupt_is_said_by_its_type():
+    model = Mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    batches = list(loader(batch_size=32))
+    with pytest.raises(KeyboardInterrupt), NetDiag(model, optimizer) as diag:  # Ctrl-C in the loop
+        for step, (x, y) in enumerate(batches):
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+            if step == 2:
+                raise KeyboardInterrupt
+    assert diag.flight.events[-1]["error"] == "KeyboardInterrupt"
+    assert "training ended after step 2 (KeyboardInterrupt)" in diag.report(print_table=False)[0].cause
+
+
 def test_a_lightning_run_that_dies_keeps_its_window_in_tensorboard_and_beside_it(tmp_path):
     class Dies(L.LightningModule):
         def __init__(self) -> None:

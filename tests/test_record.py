@@ -65,6 +65,14 @@ def test_the_json_form_gives_back_every_series_histogram_and_description(recover
         assert back.series.histograms == record.series.histograms
         assert (back.described, back.history_size, back.every_n_steps) == (True, 10_000, 1)
         assert back.to_json() == record.to_json()
+        # later steps written with it (a new series among them) read back as if added, the record left as it was
+        last, key = record.last_step, next(iter(record.series))
+        later = [(last + 1, {key: 1.5, (key[0], "new.layer"): 2.0}), (last + 2, {key: 2.5})]
+        before = record.to_json()
+        added = Record.from_json(json.loads(json.dumps(record.to_json())))
+        for step, scalars in later:
+            added.add(step, scalars, {})
+        assert record.to_json(later) == added.to_json() and record.to_json() == before
     activations = callbacks[0].record.describe()
     assert activations["layer_families"] == {"net.2": "tanh", "net.4": "tanh"}
     assert activations["layer_regions"]["net.2"] == "|t| > 0.97" and activations["version"] == RECORD_VERSION

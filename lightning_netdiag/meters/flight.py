@@ -361,7 +361,9 @@ class FlightMeter(ParameterMeter):
         recorded, naming the weights out of their band then; the window is written out."""
         self._drain()
         if self._rows:
-            what = error if isinstance(error, str) else f"{type(error).__name__}: {error}"[:300]
+            # an exception without a message (KeyboardInterrupt) is said by its type alone
+            what = error if isinstance(error, str) else type(error).__name__ + (f": {error}" if str(error) else "")
+            what = what[:300]
             self._event(self._steps[(self._rows - 1) % self._size], "exception", what)  # type: ignore[arg-type]
 
     def finish(self) -> None:
@@ -429,15 +431,12 @@ class FlightMeter(ParameterMeter):
         self._saved_at = time.monotonic()
         if self.log_dir is None or rank() != 0:
             return
-        record = self.record
-        if running:
-            record = FlightRecord.from_json(record.to_json())  # type: ignore[assignment]
-            for step, scalars in self._rows_scalars(*self._window(since=self._out)):
-                record.add(step, finite_only(scalars), {})
+        later = self._rows_scalars(*self._window(since=self._out)) if running else []
+        data = self.record.to_json([(step, finite_only(scalars)) for step, scalars in later])
         os.makedirs(self.log_dir, exist_ok=True)
         path = os.path.join(self.log_dir, tags.record_file(self.prefix, self.kind))
         with open(path + ".tmp", "w") as f:  # replaced whole: a reader never sees half a file
-            json.dump(record.to_json(), f)
+            f.write(json.dumps(data))  # dumps encodes in C; dump, to a file, in Python: 5x slower
         os.replace(path + ".tmp", path)
 
 
