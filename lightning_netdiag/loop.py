@@ -239,7 +239,7 @@ class NetDiag:
         if self.update is not None:
             self.update.measure()
         if self.flight is not None:
-            self.flight.after_step()
+            self.flight.after_step(logging=self._measured() is not None)
 
     def _forward_starts(self, module: nn.Module, inputs: object) -> None:
         if self._snapshot_pending:  # the manual update happened since step(): measure it
@@ -321,7 +321,7 @@ class NetDiag:
         if self.optimizer_state is not None:
             self.optimizer_state.measure(optimizer)
         if self.flight is not None:
-            self.flight.after_step()
+            self.flight.after_step(logging=self._measured() is not None)
         self.steps += 1
         self._begin()
 

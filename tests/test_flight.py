@@ -374,8 +374,9 @@ with diag:
         diag.loss(loss)
         grads = {{n: float(torch.linalg.vector_norm(p.grad)) for n, p in model.named_parameters() if p.dim() == 2}}
         optimizer.step()
-        if step == 120:
+        if step == 100:  # a logging step: the last save before the end
             print(json.dumps([float(loss), grads]), flush=True)
+        if step == 120:
             os.kill(os.getpid(), signal.SIGKILL)  # no exception, no atexit: as the out-of-memory killer does
 """
 
@@ -394,13 +395,43 @@ def test_a_run_killed_without_a_word_leaves_the_steps_up_to_its_last_save(tmp_pa
         return
     loss, grads = json.loads(done.stdout.strip().splitlines()[-1])
     flight = load_run(logs).record("flight")
-    assert flight.steps == list(range(121)) and flight.events == []  # saved after every step, to the last
-    assert flight.value("flight_loss", 120) == pytest.approx(loss, rel=1e-6)
+    # saved at every logging step (0, 50, 100: never between them, where nothing else waits for the device)
+    assert flight.steps == list(range(101)) and flight.events == []
+    assert flight.value("flight_loss", 100) == pytest.approx(loss, rel=1e-6)
     for name, norm in grads.items():
-        assert flight.value("flight_grad_norm", 120, name) == pytest.approx(norm, rel=1e-5)
+        assert flight.value("flight_grad_norm", 100, name) == pytest.approx(norm, rel=1e-5)
     out = subprocess.run([sys.executable, "-m", "lightning_netdiag.cli", "report", str(logs)], capture_output=True,
                          text=True)  # fmt: skip
-    assert out.returncode == 0 and "flight recorder: 121 steps kept" in out.stdout, out.stderr
+    assert out.returncode == 0 and "flight recorder: 101 steps kept" in out.stdout, out.stderr
+
+
+def test_under_lightning_the_window_is_saved_at_logging_steps_only(tmp_path):
+    from pathlib import Path
+
+    class Peek(L.Callback):  # after the recorder: what a run killed now would leave
+        saved: dict[int, list[int]] = {}
+
+        def on_train_batch_end(self, trainer, *args) -> None:
+            path = Path(trainer.log_dir) / tags.record_file("netdiag", "flight")
+            self.saved[trainer.global_step - 1] = json.loads(path.read_text())["steps"] if path.exists() else []
+
+    class Fit(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = Mlp()
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return F.cross_entropy(self.model(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    trainer(tmp_path, [FlightRecorder(save_interval=0), Peek()], max_steps=25, log_every_n_steps=10).fit(
+        Fit(), loader()
+    )
+    assert Peek.saved[9] == list(range(1)) and Peek.saved[10] == Peek.saved[19] == list(range(11))
+    assert Peek.saved[20] == list(range(21))
 
 
 def test_an_interrupt_is_said_by_its_type():

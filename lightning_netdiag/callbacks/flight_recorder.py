@@ -46,10 +46,11 @@ class FlightRecorder(FlightMeter, ParameterCallback):
             host synchronisation a step; False: never.
         prefix: the first part of every tag.
         history_size: the number of points kept in ``history`` per tag.
-        save_interval: seconds between two saves of the window (the record with the ring's steps) to its JSON file
-            while training runs, so that a run killed without an exception (SIGKILL, the out-of-memory killer, an
-            abort) leaves its steps up to the last save; each save is one copy from the device. 0: after every
-            step; None: only at events and the end.
+        save_interval: the least seconds between two saves of the window (the record with the ring's steps) to its
+            JSON file while training runs, each at a logging step (``log_every_n_steps``, where the other callbacks
+            copy to the host anyway), so that a run killed without an exception (SIGKILL, the out-of-memory killer,
+            an abort) leaves its steps up to the last save; each save is one copy from the device. 0: at every
+            logging step; None: only at events and the end.
 
     Raises:
         ValueError: if an argument is out of range or a selection holds something other than module
@@ -71,8 +72,8 @@ class FlightRecorder(FlightMeter, ParameterCallback):
       selected weight's; ``flight_grad_nonfinite/{name}``: 1 where its gradient norm was not finite;
     - ``{prefix}/flight_skipped``: 1 for a step that changed no weight (a GradScaler skipped it).
 
-    Every ``save_interval`` seconds the record with the ring's steps so far also goes to its JSON file beside the
-    logs (not to the loggers, which are flushed then).
+    At a logging step at least ``save_interval`` seconds after the last save, the record with the ring's steps so
+    far also goes to its JSON file beside the logs (not to the loggers, which are flushed then).
     """
 
     def __init__(
@@ -100,6 +101,7 @@ class FlightRecorder(FlightMeter, ParameterCallback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         self.record.every_n_steps = 1  # every step, whatever the loggers' cadence
+        self._log_every: int = trainer.log_every_n_steps  # type: ignore[attr-defined]  # the others' cadence
 
     @override
     def on_train_batch_start(
@@ -119,7 +121,9 @@ class FlightRecorder(FlightMeter, ParameterCallback):
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if loss is not None and hasattr(loss, "detach"):  # divided by the accumulation window for the backward
             self.add_loss(loss * trainer.accumulate_grad_batches if trainer.accumulate_grad_batches > 1 else loss)
-        self.after_step()  # nothing where the optimizer did not step (accumulation)
+        # nothing where the optimizer did not step (accumulation); the step just done is ours, the trainer's counted
+        logging = self._step is not None and self._log_every > 0 and self._step % self._log_every == 0
+        self.after_step(logging)
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:

@@ -226,9 +226,11 @@ class FlightMeter(ParameterMeter):
             self._empty[key] = part.new_zeros(0)
         return self._empty[key]
 
-    def after_step(self) -> None:
+    def after_step(self, logging: bool = True) -> None:
         """After the step's update: the row of this step written into the ring, its verdict computed on the device.
-        A few kernels, each writing in place into views made once (on a CPU a call, not its work, is the cost)."""
+        A few kernels, each writing in place into views made once (on a CPU a call, not its work, is the cost).
+        ``logging``: the front end measures this step (its meters copy to the host there anyway): only such a step
+        saves the window while training runs (``save_interval``), so that no other step waits for the device."""
         step = self._step
         if step is None or not self._stepped or not self._params:
             return
@@ -258,7 +260,7 @@ class FlightMeter(ParameterMeter):
         self._judge(step, row)
         if self._calls is not None:
             self._calls.step_done()
-        if self.save_interval is not None and time.monotonic() - self._saved_at >= self.save_interval:
+        if logging and self.save_interval is not None and time.monotonic() - self._saved_at >= self.save_interval:
             self._keep(running=True)
 
     def _judge(self, step: int, row: _Row) -> None:
