@@ -147,6 +147,10 @@ def main() -> None:
         default_root_dir=out,
     )
     trainer.fit(Net(shard, fault))
+    # gloo's worker threads must end before the interpreter does: a rank that exits with its process group alive
+    # can abort at exit ("terminate called without an active exception", SIGABRT; pytorch/pytorch#190489).
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
