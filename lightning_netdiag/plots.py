@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from lightning_netdiag import spikes
 from lightning_netdiag.record import (
     ActivationRecord,
     FlightRecord,
@@ -373,7 +374,10 @@ def flight_window(flight: FlightRecord, event: dict[str, Any] | None = None, ax:
     title = "flight recorder: gradient norm per weight"
     if event is not None:
         ax.axvline(event["step"], color="black", linestyle="--", linewidth=1)
-        when = "ended by an exception after" if event["cause"] == "exception" else f"{event['cause']} at"
+        when = (
+            "stopped by its user after" if spikes.interrupted(event)
+            else "ended by an exception after" if event["cause"] == "exception" else f"{event['cause']} at"
+        )  # fmt: skip
         title += f"; {when} step {event['step']}"
     ax.set_title(title)
     if top is not None:

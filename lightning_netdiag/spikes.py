@@ -18,8 +18,8 @@ from torch import Tensor
 from lightning_netdiag.origin import INPUTS
 
 __all__ = [
-    "BAND", "FLOOR", "LEFT", "LOOKBACK", "MIN_BAND", "REFRESH", "SPIKE", "WEIGHT_SPIKE", "band", "band_scores",
-    "began", "decades", "over", "event_text", "named", "named_first",
+    "BAND", "FLOOR", "INTERRUPT", "LEFT", "LOOKBACK", "MIN_BAND", "REFRESH", "SPIKE", "WEIGHT_SPIKE", "band",
+    "band_scores", "began", "decades", "over", "event_text", "interrupted", "named", "named_first",
 ]  # fmt: skip
 
 BAND = 64  # the steps before a value that make its band: a median that follows a drifting series
@@ -31,6 +31,7 @@ SPIKE = 7.0  # a loss or total-gradient score above this is an event (healthy ru
 WEIGHT_SPIKE = 12.0  # a weight's update or norm score above this is an event (healthy runs: 8 at most)
 LEFT = 4.0  # a weight's series with a score above this has left its band (naming where an event began)
 LOOKBACK = 16  # the steps before an event searched for where it began
+INTERRUPT = "KeyboardInterrupt"  # the exception of a run stopped on purpose (Ctrl-C): stopped, not broken
 
 
 def decades(values: Tensor) -> Tensor:
@@ -115,6 +116,11 @@ def _made_text(made: dict) -> str:
     return "the step's forward, replayed, stayed finite: they were made in the backward"
 
 
+def interrupted(event: dict) -> bool:
+    """Whether an event is the end of a run its user stopped (Ctrl-C), as :meth:`FlightMeter.crashed` writes it."""
+    return event["cause"] == "exception" and event.get("error", "").split(":")[0] == INTERRUPT
+
+
 def event_text(event: dict) -> str:
     """A flight recorder's event (``FlightRecord.events``) in words: what happened at which step and, where known,
     the series that left their band first and by how many steps they led."""
@@ -122,7 +128,8 @@ def event_text(event: dict) -> str:
     causes = " and ".join([event["cause"], *event.get("also", [])])
     step = event["step"]
     # an exception is recorded at the last step completed: it may have been raised in the next one
-    text = f"training ended after step {step} ({event.get('error', '')})" if ended else f"{causes} at step {step}"
+    how = "stopped by its user" if interrupted(event) else "ended"
+    text = f"training {how} after step {step} ({event.get('error', '')})" if ended else f"{causes} at step {step}"
     if event.get("made"):
         return f"{text}: {_made_text(event['made'])}"
     began = event.get("began") or []

@@ -4,6 +4,7 @@ the ring keeps exactly its last steps, a blow-up injected into one layer is name
 
 import json
 import math
+import signal
 import subprocess
 import sys
 
@@ -434,7 +435,7 @@ def test_under_lightning_the_window_is_saved_at_logging_steps_only(tmp_path):
     assert Peek.saved[20] == list(range(21))
 
 
-def test_an_interrupt_is_said_by_its_type():
+def test_a_run_its_user_stops_is_no_fault():
     model = Mlp()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     batches = list(loader(batch_size=32))
@@ -445,8 +446,44 @@ def test_an_interrupt_is_said_by_its_type():
             optimizer.step()
             if step == 2:
                 raise KeyboardInterrupt
-    assert diag.flight.events[-1]["error"] == "KeyboardInterrupt"
-    assert "training ended after step 2 (KeyboardInterrupt)" in diag.report(print_table=False)[0].cause
+    assert diag.flight.events[-1]["error"] == "KeyboardInterrupt"  # said by its type: it has no message
+    # nothing was out of its band: no verdict, a note
+    summary = report.summarize(flight=diag.flight.record)
+    assert summary.verdicts == []
+    assert "training stopped by its user after step 2 (KeyboardInterrupt)" in summary.notes[-1]
+
+
+def test_a_user_who_stops_a_lightning_run_that_is_blowing_up_gets_a_warning_naming_where(tmp_path):
+    class Stopped(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = Mlp()
+
+        def training_step(self, batch, batch_idx):
+            if self.global_step == 70:
+                with torch.no_grad():
+                    self.model.blocks[2].weight.mul_(100)  # what the user saw blow up
+            if self.global_step == 72:
+                raise KeyboardInterrupt  # and stopped with Ctrl-C
+            x, y = batch
+            return F.cross_entropy(self.model(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    recorder = FlightRecorder()
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit):  # Lightning's way out of a Ctrl-C
+            trainer(tmp_path, [recorder], max_steps=100).fit(Stopped(), loader())
+    finally:
+        signal.signal(signal.SIGINT, handler)  # Lightning ignores Ctrl-C after one
+    stop = recorder.events[-1]
+    assert stop["step"] == 71 and stop["error"] == "KeyboardInterrupt"
+    [*_, stopped] = report.summarize(flight=recorder.record).verdicts
+    assert (stopped.severity, stopped.check) == ("warning", "run interrupted")
+    assert stopped.layer.startswith("model.blocks.2.weight")
+    assert stopped.cause.startswith("training stopped by its user after step 71 (KeyboardInterrupt): out of its band")
 
 
 def test_a_lightning_run_that_dies_keeps_its_window_in_tensorboard_and_beside_it(tmp_path):
