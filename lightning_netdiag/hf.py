@@ -51,7 +51,7 @@ class NetDiagCallback(TrainerCallback):  # type: ignore[misc]
     At the end of training the health report is printed on rank 0 and kept in ``verdicts``. The Trainer
     tells callbacks of no exception: after one, call ``callback.diag.close()`` to remove the hooks. The flight
     recorder's window is written out all the same when the process ends during training (an exception nobody
-    caught), from an ``atexit`` hook.
+    caught), from an ``atexit`` hook, and on SIGTERM (see :class:`~lightning_netdiag.loop.NetDiag`).
 
     Args:
         every_n_steps: measure every n-th optimizer step; None takes ``args.logging_steps``.

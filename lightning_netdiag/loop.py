@@ -17,6 +17,10 @@ The lecture's loop has no optimizer (``p.data += -lr * p.grad``): there, call ``
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -85,7 +89,8 @@ class NetDiag:
             :class:`~lightning_netdiag.FlightRecorder`): every step's loss and norms in a ring, an event when they
             spike. It sees the loss where the model returns one (``output.loss``), in :meth:`step`, or where
             :meth:`loss` is called; used as a context manager (``with NetDiag(...)``), an exception that ends the
-            loop writes its window out before it propagates.
+            loop writes its window out before it propagates. While attached, SIGTERM writes it out too before the
+            signal ends the process (where the process had no handler of its own for it).
         loss_from_output: read a model's own ``loss`` output (Hugging Face models given labels) as the loss
             at init. Otherwise the loss is read where ``loss.backward()`` is called (seen through the function
             mode that watches functional activations: not with ``functional=False`` nor under torch.compile),
@@ -177,6 +182,7 @@ class NetDiag:
             self.update.grad_data = self.grad_data
         if self.flight is not None:
             self.flight.log_dir = getattr(self.writer, "log_dir", None)
+            _watch_sigterm(self)
         if self.saturation is not None and self.optimizers:  # a manual step is told the loss by step()
             self.saturation.watch_backward_calls(self._backward_called)
         # first of the pre-hooks: a manual update is measured (its step ends) before anything of the next step starts
@@ -206,14 +212,21 @@ class NetDiag:
             self._scaler_step = None
         for meter in self.meters:
             meter.detach()
+        _unwatch_sigterm(self)
 
     def __enter__(self) -> NetDiag:
         return self.attach()
 
     def __exit__(self, kind: object, error: BaseException | None, traceback: object) -> None:
-        if error is not None and self.flight is not None and self._handles:  # the run dies: keep its last steps
-            self.flight.crashed(error)
+        if error is not None:
+            self._crashed(error)
         self.close()
+
+    def _crashed(self, error: BaseException | str) -> None:
+        """The run dies: its flight recorder's last steps to the logs."""
+        if self.flight is not None and self._handles:
+            self.flight.crashed(error)
+            self._flush()
 
     def _flush(self) -> None:
         if self.writer is not None and callable(getattr(self.writer, "flush", None)):
@@ -428,3 +441,32 @@ def _loss_of(output: object) -> Tensor | None:
     """The loss a model computed itself (Hugging Face models given labels: ``output.loss``), or None."""
     loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
     return loss if isinstance(loss, Tensor) and loss.numel() == 1 else None
+
+
+# SIGTERM (a scheduler's preemption; torchrun ending every rank after one failed) kills a process that has no handler
+# for it without a word. While a NetDiag with a flight recorder is attached, one handler writes each one's window out,
+# then puts the default back and sends the signal again: the process dies as it would have. A handler already there
+# is the user's (or their framework's) way out and is left alone; so is a thread that may not set one.
+_ATTACHED: weakref.WeakSet[NetDiag] = weakref.WeakSet()
+
+
+def _terminated(signum: int, frame: object) -> None:
+    for diag in list(_ATTACHED):
+        diag._crashed("SIGTERM")
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _watch_sigterm(diag: NetDiag) -> None:
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, _terminated):
+        signal.signal(signal.SIGTERM, _terminated)
+        _ATTACHED.add(diag)
+
+
+def _unwatch_sigterm(diag: NetDiag) -> None:
+    _ATTACHED.discard(diag)
+    if not _ATTACHED and threading.current_thread() is threading.main_thread():
+        if signal.getsignal(signal.SIGTERM) is _terminated:  # not replaced since
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)

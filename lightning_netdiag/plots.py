@@ -375,7 +375,7 @@ def flight_window(flight: FlightRecord, event: dict[str, Any] | None = None, ax:
     if event is not None:
         ax.axvline(event["step"], color="black", linestyle="--", linewidth=1)
         when = (
-            "stopped by its user after" if spikes.interrupted(event)
+            "stopped after" if spikes.stopped(event)
             else "ended by an exception after" if event["cause"] == "exception" else f"{event['cause']} at"
         )  # fmt: skip
         title += f"; {when} step {event['step']}"

@@ -748,7 +748,7 @@ _EVENT_ADVICE = {
                  "out of their band when it ended",
     "calm end": "the last steps before the end are in the logs; no watched series was out of its band when it "
                 "ended, so the error, not the training's numbers, is where to look",
-    "interrupt": "the last steps before the stop are in the logs (netdiag plots draws them); the weights named were "
+    "stopped": "the last steps before the stop are in the logs (netdiag plots draws them); the weights named were "
                  "out of their band when it was stopped",
 }  # fmt: skip
 
@@ -756,8 +756,8 @@ _EVENT_ADVICE = {
 def _flight(flight: FlightRecord | None) -> list[Verdict]:
     """One verdict per event of the flight recorder: the step, and where it began (the module whose forward made the
     non-finite values, where the step was replayed; the series that left their band first). A spike is a warning, a
-    non-finite loss or gradient fatal; the end by an exception is said as it was. A run its user stopped (Ctrl-C) is
-    no fault: a warning where a series was out of its band then, else only a note. Only the events up to the
+    non-finite loss or gradient fatal; the end by an exception is said as it was. A run stopped from outside (Ctrl-C,
+    SIGTERM) is no fault: a warning where a series was out of its band then, else only a note. Only the events up to the
     record's latest step (as the report replays a run)."""
     if flight is None or flight.last_step is None:
         return []
@@ -767,7 +767,7 @@ def _flight(flight: FlightRecord | None) -> list[Verdict]:
         kind = "exception" if cause == "exception" else "non-finite" if "non-finite" in cause else "spike"
         began = event.get("began") or []
         names = spikes.named(event)
-        stopped = spikes.interrupted(event)
+        stopped = spikes.stopped(event)
         if stopped and not names:
             continue  # said in the notes
         # the value that broke the band: the total gradient norm, a weight's score, else the loss
@@ -779,12 +779,12 @@ def _flight(flight: FlightRecord | None) -> list[Verdict]:
             f"{spikes.SPIKE:g} spreads of their median over the last {spikes.BAND} steps, each weight's update "
             f"and norm within {spikes.WEIGHT_SPIKE:g}"
         )  # fmt: skip
-        check = "run interrupted" if stopped else "run ended by an exception" if kind == "exception" else cause
+        check = "run stopped" if stopped else "run ended by an exception" if kind == "exception" else cause
         out.append(Verdict(
             "warning" if kind == "spike" or stopped else "fatal", check,
             ", ".join(names[:WORST]) + (f" and {len(names) - WORST} more" if len(names) > WORST else ""),
             float(value) if value is not None else math.nan, healthy, spikes.event_text(event),
-            _EVENT_ADVICE["interrupt" if stopped else "calm end" if kind == "exception" and not names else kind],
+            _EVENT_ADVICE["stopped" if stopped else "calm end" if kind == "exception" and not names else kind],
             len(names), tuple((b["name"], float(b["score"])) for b in began[:WORST]), event["step"],
         ))  # fmt: skip
     return out
@@ -795,7 +795,7 @@ def flight_notes(flight: FlightRecord | None) -> list[str]:
     if flight is None or not flight.steps:
         return []
     events = len(flight.events)
-    stops = [spikes.event_text(e) for e in flight.events if spikes.interrupted(e) and not spikes.named(e)]
+    stops = [spikes.event_text(e) for e in flight.events if spikes.stopped(e) and not spikes.named(e)]
     return [f"flight recorder: {len(flight.steps)} steps kept (every step, the last {flight.window} before each "
             f"event and the end), {events} event{'s' if events != 1 else ''}", *stops]  # fmt: skip
 

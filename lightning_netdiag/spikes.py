@@ -18,8 +18,8 @@ from torch import Tensor
 from lightning_netdiag.origin import INPUTS
 
 __all__ = [
-    "BAND", "FLOOR", "INTERRUPT", "LEFT", "LOOKBACK", "MIN_BAND", "REFRESH", "SPIKE", "WEIGHT_SPIKE", "band",
-    "band_scores", "began", "decades", "over", "event_text", "interrupted", "named", "named_first",
+    "BAND", "FLOOR", "LEFT", "LOOKBACK", "MIN_BAND", "REFRESH", "SPIKE", "STOPS", "WEIGHT_SPIKE", "band",
+    "band_scores", "began", "decades", "over", "event_text", "named", "named_first", "stopped",
 ]  # fmt: skip
 
 BAND = 64  # the steps before a value that make its band: a median that follows a drifting series
@@ -31,7 +31,9 @@ SPIKE = 7.0  # a loss or total-gradient score above this is an event (healthy ru
 WEIGHT_SPIKE = 12.0  # a weight's update or norm score above this is an event (healthy runs: 8 at most)
 LEFT = 4.0  # a weight's series with a score above this has left its band (naming where an event began)
 LOOKBACK = 16  # the steps before an event searched for where it began
-INTERRUPT = "KeyboardInterrupt"  # the exception of a run stopped on purpose (Ctrl-C): stopped, not broken
+# How a run stopped from outside ends (Ctrl-C; a scheduler's or launcher's SIGTERM, which Lightning raises as
+# SIGTERMException): stopped, not broken.
+STOPS = ("KeyboardInterrupt", "SIGTERM", "SIGTERMException")
 
 
 def decades(values: Tensor) -> Tensor:
@@ -116,9 +118,9 @@ def _made_text(made: dict) -> str:
     return "the step's forward, replayed, stayed finite: they were made in the backward"
 
 
-def interrupted(event: dict) -> bool:
-    """Whether an event is the end of a run its user stopped (Ctrl-C), as :meth:`FlightMeter.crashed` writes it."""
-    return event["cause"] == "exception" and event.get("error", "").split(":")[0] == INTERRUPT
+def stopped(event: dict) -> bool:
+    """Whether an event is the end of a run stopped from outside (:data:`STOPS`), as ``FlightMeter.crashed`` says it."""
+    return event["cause"] == "exception" and event.get("error", "").split(":")[0] in STOPS
 
 
 def event_text(event: dict) -> str:
@@ -128,7 +130,7 @@ def event_text(event: dict) -> str:
     causes = " and ".join([event["cause"], *event.get("also", [])])
     step = event["step"]
     # an exception is recorded at the last step completed: it may have been raised in the next one
-    how = "stopped by its user" if interrupted(event) else "ended"
+    how = "stopped" if stopped(event) else "ended"
     text = f"training {how} after step {step} ({event.get('error', '')})" if ended else f"{causes} at step {step}"
     if event.get("made"):
         return f"{text}: {_made_text(event['made'])}"

@@ -4,6 +4,7 @@ the ring keeps exactly its last steps, a blow-up injected into one layer is name
 
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -377,25 +378,31 @@ with diag:
         optimizer.step()
         if step == 100:  # a logging step: the last save before the end
             print(json.dumps([float(loss), grads]), flush=True)
-        if step == 120:
-            os.kill(os.getpid(), signal.SIGKILL)  # no exception, no atexit: as the out-of-memory killer does
+        if step == 120:  # SIGKILL: no exception, no atexit, as the out-of-memory killer does; SIGTERM: a scheduler
+            os.kill(os.getpid(), signal.{sig})
 """
 
 
-@pytest.mark.parametrize("interval", [0, None])
-def test_a_run_killed_without_a_word_leaves_the_steps_up_to_its_last_save(tmp_path, interval):
+@pytest.mark.parametrize(("sig", "interval"), [("SIGKILL", 0), ("SIGKILL", None), ("SIGTERM", None)])
+def test_a_run_killed_without_a_word_leaves_the_steps_up_to_its_last_save(tmp_path, sig, interval):
     from pathlib import Path
 
     logs = tmp_path / "run"
-    script = KILLED.format(tests=str(Path(__file__).parent), logs=str(logs), interval=interval)
+    script = KILLED.format(tests=str(Path(__file__).parent), logs=str(logs), interval=interval, sig=sig)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
-    assert done.returncode == -9, done.stderr
+    assert done.returncode == -getattr(signal, sig), done.stderr  # killed by it, as without the recorder
     saved = logs / tags.record_file("netdiag", "flight")
-    if interval is None:  # saved only at events and the end: a healthy run killed leaves none
+    if sig == "SIGKILL" and interval is None:  # saved only at events and the end: a healthy run killed leaves none
         assert not saved.exists()
         return
     loss, grads = json.loads(done.stdout.strip().splitlines()[-1])
     flight = load_run(logs).record("flight")
+    if sig == "SIGTERM":  # caught: every step up to the one it came in, and the stop, said as no fault
+        assert flight.steps == list(range(121)) and [e["error"] for e in flight.events] == ["SIGTERM"]
+        out = subprocess.run([sys.executable, "-m", "lightning_netdiag.cli", "report", str(logs)],
+                             capture_output=True, text=True)  # fmt: skip
+        assert "training stopped after step 120 (SIGTERM)" in out.stdout and "FATAL" not in out.stdout, out.stdout
+        return
     # saved at every logging step (0, 50, 100: never between them, where nothing else waits for the device)
     assert flight.steps == list(range(101)) and flight.events == []
     assert flight.value("flight_loss", 100) == pytest.approx(loss, rel=1e-6)
@@ -404,6 +411,28 @@ def test_a_run_killed_without_a_word_leaves_the_steps_up_to_its_last_save(tmp_pa
     out = subprocess.run([sys.executable, "-m", "lightning_netdiag.cli", "report", str(logs)], capture_output=True,
                          text=True)  # fmt: skip
     assert out.returncode == 0 and "flight recorder: 101 steps kept" in out.stdout, out.stderr
+
+
+def test_sigterm_is_caught_only_while_attached_and_never_over_a_handler_already_there():
+    model = Mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        with NetDiag(model, optimizer):
+            assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None)
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+        with NetDiag(model, optimizer, flight=None):  # nothing to write out
+            assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+        def mine(signum, frame):  # the user's own way out
+            pass
+
+        signal.signal(signal.SIGTERM, mine)
+        with NetDiag(model, optimizer):
+            assert signal.getsignal(signal.SIGTERM) is mine
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 def test_under_lightning_the_window_is_saved_at_logging_steps_only(tmp_path):
@@ -450,10 +479,13 @@ def test_a_run_its_user_stops_is_no_fault():
     # nothing was out of its band: no verdict, a note
     summary = report.summarize(flight=diag.flight.record)
     assert summary.verdicts == []
-    assert "training stopped by its user after step 2 (KeyboardInterrupt)" in summary.notes[-1]
+    assert "training stopped after step 2 (KeyboardInterrupt)" in summary.notes[-1]
 
 
-def test_a_user_who_stops_a_lightning_run_that_is_blowing_up_gets_a_warning_naming_where(tmp_path):
+@pytest.mark.parametrize("how", ["KeyboardInterrupt", "SIGTERMException"])
+def test_a_lightning_run_stopped_while_it_blows_up_gets_a_warning_naming_where(tmp_path, how):
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
     class Stopped(L.LightningModule):
         def __init__(self) -> None:
             super().__init__()
@@ -464,7 +496,9 @@ def test_a_user_who_stops_a_lightning_run_that_is_blowing_up_gets_a_warning_nami
                 with torch.no_grad():
                     self.model.blocks[2].weight.mul_(100)  # what the user saw blow up
             if self.global_step == 72:
-                raise KeyboardInterrupt  # and stopped with Ctrl-C
+                if how == "KeyboardInterrupt":
+                    raise KeyboardInterrupt  # and stopped with Ctrl-C
+                os.kill(os.getpid(), signal.SIGTERM)  # a scheduler's: Lightning raises it after this step
             x, y = batch
             return F.cross_entropy(self.model(x), y)
 
@@ -473,17 +507,18 @@ def test_a_user_who_stops_a_lightning_run_that_is_blowing_up_gets_a_warning_nami
 
     recorder = FlightRecorder()
     handler = signal.getsignal(signal.SIGINT)
-    try:
-        with pytest.raises(SystemExit):  # Lightning's way out of a Ctrl-C
+    try:  # Lightning's ways out: SystemExit after a Ctrl-C, its own exception after SIGTERM
+        with pytest.raises(SystemExit if how == "KeyboardInterrupt" else SIGTERMException):
             trainer(tmp_path, [recorder], max_steps=100).fit(Stopped(), loader())
     finally:
         signal.signal(signal.SIGINT, handler)  # Lightning ignores Ctrl-C after one
     stop = recorder.events[-1]
-    assert stop["step"] == 71 and stop["error"] == "KeyboardInterrupt"
+    at = 71 if how == "KeyboardInterrupt" else 72  # the step Ctrl-C came in did not complete; SIGTERM's did
+    assert stop["step"] == at and stop["error"] == how
     [*_, stopped] = report.summarize(flight=recorder.record).verdicts
-    assert (stopped.severity, stopped.check) == ("warning", "run interrupted")
+    assert (stopped.severity, stopped.check) == ("warning", "run stopped")
     assert stopped.layer.startswith("model.blocks.2.weight")
-    assert stopped.cause.startswith("training stopped by its user after step 71 (KeyboardInterrupt): out of its band")
+    assert stopped.cause.startswith(f"training stopped after step {at} ({how}): out of its band")
 
 
 def test_a_lightning_run_that_dies_keeps_its_window_in_tensorboard_and_beside_it(tmp_path):

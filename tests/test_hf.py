@@ -121,7 +121,7 @@ def test_bad_arguments_name_what_was_wrong():
 
 
 DIES = """
-import sys
+import os, signal, sys
 sys.path.insert(0, {tests!r})
 import transformers
 from test_hf import Clf, InOrder, Rows, BATCH, LR
@@ -134,7 +134,7 @@ class Dies(Clf):
     def forward(self, x, labels=None):
         Dies.calls += 1
         if Dies.calls == 5:
-            raise RuntimeError("the run dies")
+            {fault}
         return super().forward(x, labels)
 
 
@@ -146,8 +146,14 @@ InOrder(model=Dies(), args=args, train_dataset=Rows(), callbacks=[NetDiagCallbac
 """
 
 
-def test_a_trainer_run_that_dies_leaves_the_flight_recorders_window(tmp_path):
-    # The Trainer tells callbacks of no exception: the window goes out from an atexit hook as the process ends.
+@pytest.mark.parametrize(
+    ("fault", "returncode", "error"),
+    [('raise RuntimeError("the run dies")', 1, "RuntimeError: the run dies"),
+     ("os.kill(os.getpid(), signal.SIGTERM)", -15, "SIGTERM")],  # a scheduler's preemption
+)  # fmt: skip
+def test_a_trainer_run_that_dies_leaves_the_flight_recorders_window(tmp_path, fault, returncode, error):
+    # The Trainer tells callbacks of no exception: the window goes out from an atexit hook as the process ends; on
+    # SIGTERM from NetDiag's handler, before the signal kills the process.
     import json
     import subprocess
     import sys
@@ -155,10 +161,10 @@ def test_a_trainer_run_that_dies_leaves_the_flight_recorders_window(tmp_path):
 
     from lightning_netdiag import tags
 
-    script = DIES.format(tests=str(Path(__file__).parent), out=str(tmp_path))
+    script = DIES.format(tests=str(Path(__file__).parent), out=str(tmp_path), fault=fault)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 1 and "the run dies" in done.stderr
+    assert done.returncode == returncode, done.stderr[-2000:]
     [run] = (tmp_path / "runs" / "netdiag").iterdir()
     saved = json.loads((run / tags.record_file("netdiag", "flight")).read_text())
-    assert saved["steps"] == [0, 1, 2, 3]  # the four steps before the fifth forward raised
-    assert saved["events"][-1]["cause"] == "exception" and "RuntimeError: the run dies" in saved["events"][-1]["error"]
+    assert saved["steps"] == [0, 1, 2, 3]  # the four steps before the fifth forward
+    assert saved["events"][-1]["cause"] == "exception" and saved["events"][-1]["error"] == error
