@@ -748,6 +748,8 @@ _EVENT_ADVICE = {
                  "out of their band when it ended",
     "calm end": "the last steps before the end are in the logs; no watched series was out of its band when it "
                 "ended, so the error, not the training's numbers, is where to look",
+    "unread": "the error left the device unreadable (on a GPU, a CUDA error: run again with CUDA_LAUNCH_BLOCKING=1 "
+              "to see which kernel failed); the steps kept end at the last save of the window (save_interval)",
     "stopped": "the last steps before the stop are in the logs (netdiag plots draws them); the weights named were "
                  "out of their band when it was stopped",
 }  # fmt: skip
@@ -762,7 +764,8 @@ def _flight(flight: FlightRecord | None) -> list[Verdict]:
     if flight is None or flight.last_step is None:
         return []
     last, out = flight.last_step, []
-    for event in [e for e in flight.events if e["step"] <= last]:  # replayed: those so far
+    # replayed: those so far; an error that left the device unreadable comes after the last steps that could be kept
+    for event in [e for e in flight.events if e["step"] <= last or e.get("unread")]:
         cause = event["cause"]
         kind = "exception" if cause == "exception" else "non-finite" if "non-finite" in cause else "spike"
         began = event.get("began") or []
@@ -784,7 +787,10 @@ def _flight(flight: FlightRecord | None) -> list[Verdict]:
             "warning" if kind == "spike" or stopped else "fatal", check,
             ", ".join(names[:WORST]) + (f" and {len(names) - WORST} more" if len(names) > WORST else ""),
             float(value) if value is not None else math.nan, healthy, spikes.event_text(event),
-            _EVENT_ADVICE["stopped" if stopped else "calm end" if kind == "exception" and not names else kind],
+            _EVENT_ADVICE[
+                "unread" if event.get("unread") else "stopped" if stopped
+                else "calm end" if kind == "exception" and not names else kind
+            ],
             len(names), tuple((b["name"], float(b["score"])) for b in began[:WORST]), event["step"],
         ))  # fmt: skip
     return out

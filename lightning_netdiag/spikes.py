@@ -132,6 +132,8 @@ def event_text(event: dict) -> str:
     # an exception is recorded at the last step completed: it may have been raised in the next one
     how = "stopped" if stopped(event) else "ended"
     text = f"training {how} after step {step} ({event.get('error', '')})" if ended else f"{causes} at step {step}"
+    if event.get("unread"):  # the device could not be read after the error: no window, no band
+        return f"{text}: the device could not be read after it ({event['unread']}); the steps kept end at the last save"
     if event.get("made"):
         return f"{text}: {_made_text(event['made'])}"
     began = event.get("began") or []

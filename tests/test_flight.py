@@ -413,6 +413,41 @@ def test_a_run_killed_without_a_word_leaves_the_steps_up_to_its_last_save(tmp_pa
     assert out.returncode == 0 and "flight recorder: 101 steps kept" in out.stdout, out.stderr
 
 
+def test_an_error_that_leaves_the_device_unreadable_keeps_the_last_save_and_raises_alone(tmp_path, monkeypatch):
+    from torch.utils.tensorboard import SummaryWriter
+
+    def unreadable(*args):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    model = Mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    batches = list(loader(batch_size=32))
+    diag = NetDiag(model, optimizer, writer=SummaryWriter(tmp_path), every_n_steps=10,
+                   flight=FlightMeter(save_interval=0))  # fmt: skip
+    with pytest.raises(RuntimeError, match="device-side assert") as caught, diag:
+        for step in range(30):
+            x, y = batches[step % len(batches)]
+            loss = F.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            diag.loss(loss)
+            optimizer.step()
+            if step == 24:  # a CUDA error breaks the context: every later read of the device raises too
+                monkeypatch.setattr(FlightMeter, "_window", unreadable)
+                raise RuntimeError("CUDA error: device-side assert triggered")
+    assert caught.value.__context__ is None  # the user's error, alone: nothing of ours raised while it passed
+    flight = load_run(tmp_path).record("flight")
+    assert flight.steps == list(range(21))  # as last saved, at the logging step 20
+    [event] = flight.events
+    assert (
+        event["step"] == 24 and event["unread"] == "RuntimeError: CUDA error: an illegal memory access was encountered"
+    )
+    [ended] = report.summarize(flight=flight).verdicts
+    assert ended.check == "run ended by an exception" and "CUDA_LAUNCH_BLOCKING=1" in ended.advice
+    assert ended.cause.startswith("training ended after step 24 (RuntimeError: CUDA error: device-side assert")
+    assert "the device could not be read after it" in ended.cause
+
+
 def test_sigterm_is_caught_only_while_attached_and_never_over_a_handler_already_there():
     model = Mlp()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)

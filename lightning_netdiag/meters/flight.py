@@ -134,6 +134,7 @@ class FlightMeter(ParameterMeter):
         self._made: dict[int, dict[str, Any] | None] = {}  # step -> its replay: where its non-finite values began
         self._out = 0  # rows already in the record and the logs (rows are written out in order)
         self._saved_at = time.monotonic()  # when the JSON file was last written
+        self._unreadable = False  # an exception left the device unreadable: nothing more is read from it
 
     # --- lifetime -------------------------------------------------------------------------------------
 
@@ -360,13 +361,42 @@ class FlightMeter(ParameterMeter):
 
     def crashed(self, error: BaseException | str) -> None:
         """An exception ends training (or, in words, something else did): an event of its own at the last step
-        recorded, naming the weights out of their band then; the window is written out."""
-        self._drain()
-        if self._rows:
-            # an exception without a message (KeyboardInterrupt) is said by its type alone
-            what = error if isinstance(error, str) else type(error).__name__ + (f": {error}" if str(error) else "")
-            what = what[:300]
-            self._event(self._steps[(self._rows - 1) % self._size], "exception", what)  # type: ignore[arg-type]
+        recorded, naming the weights out of their band then; the window is written out. Never raises: where the
+        device cannot be read any more (a CUDA error breaks its context), the event goes into the file as it was
+        last saved, and the exception that ends training stays the only one."""
+        if not self._rows or self._unreadable:
+            return
+        # an exception without a message (KeyboardInterrupt) is said by its type alone
+        what = error if isinstance(error, str) else type(error).__name__ + (f": {error}" if str(error) else "")
+        step: int = self._steps[(self._rows - 1) % self._size]  # type: ignore[assignment]  # a written row's
+        try:
+            self._drain()
+            self._event(step, "exception", what[:300])
+        except Exception as failed:  # noqa: BLE001  # whatever the device raises: the user's error comes first
+            self._unreadable = True
+            self._events_only(step, what[:300], failed)
+
+    def _events_only(self, step: int, what: str, failed: Exception) -> None:
+        """The exception's event, without the ring (the device cannot be read): into the record and into the JSON
+        file as it was last saved (its steps up to that save: the file is the copy kept on the host)."""
+        event = {
+            "step": step,
+            "cause": "exception",
+            "error": what,
+            "unread": f"{type(failed).__name__}: {failed}"[:300],
+        }
+        self.events.append(event)
+        rank_zero_warn(f"FlightRecorder: {spikes.event_text(event)}")
+        if self.log_dir is None or rank() != 0:
+            return
+        path = os.path.join(self.log_dir, tags.record_file(self.prefix, self.kind))
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except (OSError, ValueError):  # never saved (or not readable): the record as it is
+            data = self.record.to_json()
+        data.update(self.record.describe())  # the events, this one with them
+        self._write(path, data)
 
     def finish(self) -> None:
         """Training ended: the verdicts still travelling are read, the window is written out."""
@@ -375,11 +405,15 @@ class FlightMeter(ParameterMeter):
 
     def _drain(self) -> None:
         """The verdicts still travelling from the device, read now."""
+        if self._unreadable:  # they are lost
+            self._pending.clear()
         while self._pending:
             self._resolve(*self._pending.popleft())
 
     def write_out(self) -> None:
         """The ring's steps not yet written, into the record and to the loggers; the record to its JSON file."""
+        if self._unreadable:  # the file has what could be kept
+            return
         slots, rows = self._window(since=self._out)
         if not slots:  # no new row: no copy; only an event on rows already written changes what is kept
             last = self.record.last_step
@@ -435,8 +469,11 @@ class FlightMeter(ParameterMeter):
             return
         later = self._rows_scalars(*self._window(since=self._out)) if running else []
         data = self.record.to_json([(step, finite_only(scalars)) for step, scalars in later])
-        os.makedirs(self.log_dir, exist_ok=True)
-        path = os.path.join(self.log_dir, tags.record_file(self.prefix, self.kind))
+        self._write(os.path.join(self.log_dir, tags.record_file(self.prefix, self.kind)), data)
+
+    @staticmethod
+    def _write(path: str, data: dict[str, Any]) -> None:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path + ".tmp", "w") as f:  # replaced whole: a reader never sees half a file
             f.write(json.dumps(data))  # dumps encodes in C; dump, to a file, in Python: 5x slower
         os.replace(path + ".tmp", path)
