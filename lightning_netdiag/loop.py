@@ -17,12 +17,13 @@ The lecture's loop has no optimizer (``p.data += -lr * p.grad``): there, call ``
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import threading
 import weakref
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -46,6 +47,68 @@ from lightning_netdiag.run import TorchRun, check_positive_int, scaler_scale
 from lightning_netdiag.sinks import LoggerSink
 
 __all__ = ["NetDiag", "WriterLogger"]
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+class _Sigterm:
+    """SIGTERM (a scheduler's preemption; torchrun ending every rank when one failed) kills a process that has no
+    handler for it without a word. While a NetDiag with a flight recorder is attached and nothing else handles
+    SIGTERM, this handler writes each one's window to its JSON file, then puts the default back and sends the signal
+    again: the process dies as it would have. A handler already there is the user's (or their framework's) way out
+    and is left alone; so is a thread that may not set one. A signal that comes while NetDiag is inside one of its
+    calls (a step's row half written, the window being written out) waits until that call returns; a second one
+    does not wait."""
+
+    def __init__(self) -> None:
+        self.attached: weakref.WeakSet[NetDiag] = weakref.WeakSet()
+        self.busy = 0  # NetDiag calls in progress
+        self.pending = False  # a SIGTERM waits for them
+
+    def watch(self, diag: NetDiag) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, self.handle):
+            signal.signal(signal.SIGTERM, self.handle)
+            self.attached.add(diag)
+
+    def unwatch(self, diag: NetDiag) -> None:
+        self.attached.discard(diag)
+        if not self.attached and threading.current_thread() is threading.main_thread():
+            if signal.getsignal(signal.SIGTERM) == self.handle:  # not replaced since
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    def handle(self, signum: int, frame: object) -> None:
+        if self.busy and not self.pending:
+            self.pending = True
+            return
+        self.deliver(write=not self.busy)
+
+    def deliver(self, write: bool = True) -> None:
+        if write:
+            for diag in list(self.attached):
+                diag._terminated()
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def held(self, method: _F) -> _F:
+        """A NetDiag method during which SIGTERM waits."""
+
+        @functools.wraps(method)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            self.busy += 1
+            try:
+                return method(*args, **kwargs)
+            finally:
+                self.busy -= 1
+                if self.pending and not self.busy:
+                    self.deliver()
+
+        return call  # type: ignore[return-value]
+
+
+_SIGTERM = _Sigterm()
 
 
 class WriterLogger:
@@ -157,6 +220,7 @@ class NetDiag:
         self._in_scaler_step = False  # inside the GradScaler's step: it ends the step, not the optimizer's hook
         self._stepped = False  # the optimizer's pre-step hook ran
         self._scaler_step: Any = None
+        self._ended = False  # an exception ended the run: its window is written out
 
     @property
     def meters(self) -> list[Meter]:
@@ -168,6 +232,7 @@ class NetDiag:
     def attach(self) -> NetDiag:
         """Select what to watch and register the hooks (before the first forward)."""
         self.close()
+        self._ended = False
         for meter in self.meters:
             meter.record.every_n_steps = 1 if meter is self.flight else self.every_n_steps
             sink = LoggerSink(meter.kind, meter.prefix)
@@ -182,7 +247,7 @@ class NetDiag:
             self.update.grad_data = self.grad_data
         if self.flight is not None:
             self.flight.log_dir = getattr(self.writer, "log_dir", None)
-            _watch_sigterm(self)
+            _SIGTERM.watch(self)
         if self.saturation is not None and self.optimizers:  # a manual step is told the loss by step()
             self.saturation.watch_backward_calls(self._backward_called)
         # first of the pre-hooks: a manual update is measured (its step ends) before anything of the next step starts
@@ -197,6 +262,7 @@ class NetDiag:
         self._begin()
         return self
 
+    @_SIGTERM.held
     def close(self) -> None:
         """Finish a pending measurement, write the flight recorder's window out, remove every hook; safe to call
         any number of times."""
@@ -212,7 +278,7 @@ class NetDiag:
             self._scaler_step = None
         for meter in self.meters:
             meter.detach()
-        _unwatch_sigterm(self)
+        _SIGTERM.unwatch(self)
 
     def __enter__(self) -> NetDiag:
         return self.attach()
@@ -222,11 +288,19 @@ class NetDiag:
             self._crashed(error)
         self.close()
 
+    @_SIGTERM.held
     def _crashed(self, error: BaseException | str) -> None:
         """The run dies: its flight recorder's last steps to the logs."""
         if self.flight is not None and self._handles:
             self.flight.crashed(error)
             self._flush()
+            self._ended = True
+
+    def _terminated(self) -> None:
+        """SIGTERM, between two of NetDiag's calls: the flight recorder's window to its file (unless an exception
+        ended the run first)."""
+        if self.flight is not None and self._handles and not self._ended:
+            self.flight.crashed("SIGTERM", quiet=True)
 
     def _flush(self) -> None:
         if self.writer is not None and callable(getattr(self.writer, "flush", None)):
@@ -254,6 +328,7 @@ class NetDiag:
         if self.flight is not None:
             self.flight.after_step(logging=self._measured() is not None)
 
+    @_SIGTERM.held
     def _forward_starts(self, module: nn.Module, inputs: object) -> None:
         if self._snapshot_pending:  # the manual update happened since step(): measure it
             self._snapshot_pending = False
@@ -274,6 +349,7 @@ class NetDiag:
                 meter.backward_done()
             meter.arm(step, device)
 
+    @_SIGTERM.held
     def _forward_ends(self, module: nn.Module, inputs: object, output: object) -> None:
         if not (module.training and torch.is_grad_enabled()):
             return
@@ -307,6 +383,7 @@ class NetDiag:
             if self.logits is not None:
                 self.logits.backward()
 
+    @_SIGTERM.held
     def _before_step(self, optimizer: Any, args: object = None, kwargs: object = None) -> None:
         self._stepped = True
         if self.saturation is not None:
@@ -323,6 +400,7 @@ class NetDiag:
         if self.flight is not None:
             self.flight.before_step(optimizer)
 
+    @_SIGTERM.held
     def _after_step(self, optimizer: Any, args: object = None, kwargs: object = None) -> None:
         if self._in_scaler_step:
             return
@@ -338,6 +416,7 @@ class NetDiag:
         self.steps += 1
         self._begin()
 
+    @_SIGTERM.held
     def _scaled_step(self, optimizer: Any, *args: Any, **kwargs: Any) -> Any:
         """The GradScaler's step, unscaling first (as it would), so that a step it skips (non-finite
         gradients: the optimizer's hooks never run) is measured all the same, as under Lightning."""
@@ -354,6 +433,7 @@ class NetDiag:
             self._step_done(optimizer)
         return out
 
+    @_SIGTERM.held
     def step(self, loss: Tensor | None = None, lr: float | None = None) -> None:
         """A manual update is about to happen (no optimizer): call it after ``loss.backward()``, before the
         update. ``loss``: the step's loss (for the report's loss at init); ``lr``: the rate of the update
@@ -379,6 +459,7 @@ class NetDiag:
         self.steps += 1
         self._snapshot_pending = True
 
+    @_SIGTERM.held
     def loss(self, loss: Tensor) -> None:
         """The loss of a micro-batch, for the flight recorder: call it once per micro-batch, before the optimizer
         steps (after ``loss.backward()`` is a good place); the step's loss is their mean. Not needed where the model
@@ -389,6 +470,7 @@ class NetDiag:
 
     # --- views ----------------------------------------------------------------------------------------
 
+    @_SIGTERM.held
     def records(self) -> dict[str, Any]:
         """The meters' records by kind (None for a meter left out): what the report and the plots read (the
         flight recorder's window is written into its record first)."""
@@ -441,32 +523,3 @@ def _loss_of(output: object) -> Tensor | None:
     """The loss a model computed itself (Hugging Face models given labels: ``output.loss``), or None."""
     loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
     return loss if isinstance(loss, Tensor) and loss.numel() == 1 else None
-
-
-# SIGTERM (a scheduler's preemption; torchrun ending every rank after one failed) kills a process that has no handler
-# for it without a word. While a NetDiag with a flight recorder is attached, one handler writes each one's window out,
-# then puts the default back and sends the signal again: the process dies as it would have. A handler already there
-# is the user's (or their framework's) way out and is left alone; so is a thread that may not set one.
-_ATTACHED: weakref.WeakSet[NetDiag] = weakref.WeakSet()
-
-
-def _terminated(signum: int, frame: object) -> None:
-    for diag in list(_ATTACHED):
-        diag._crashed("SIGTERM")
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    os.kill(os.getpid(), signal.SIGTERM)
-
-
-def _watch_sigterm(diag: NetDiag) -> None:
-    if threading.current_thread() is not threading.main_thread():
-        return
-    if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, _terminated):
-        signal.signal(signal.SIGTERM, _terminated)
-        _ATTACHED.add(diag)
-
-
-def _unwatch_sigterm(diag: NetDiag) -> None:
-    _ATTACHED.discard(diag)
-    if not _ATTACHED and threading.current_thread() is threading.main_thread():
-        if signal.getsignal(signal.SIGTERM) is _terminated:  # not replaced since
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)

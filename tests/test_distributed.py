@@ -7,6 +7,7 @@ forwards: neither recorded again nor counted as a second call) in fp32. A Tanh a
 only rank 0 runs check that the ranks' records line up; faults on one rank must end the job, not hang it.
 """
 
+import json
 import math
 import subprocess
 import sys
@@ -14,6 +15,8 @@ from pathlib import Path
 
 import pytest
 from helpers import read_csv
+
+from lightning_netdiag.tags import record_file
 
 SCRIPT = Path(__file__).with_name("distributed_run.py")
 PRECISIONS = ["32-true", "16-mixed", "bf16-mixed"]
@@ -130,3 +133,46 @@ def test_the_plain_loop_on_two_ranks_equals_lightning_on_the_global_batch(tmp_pa
         assert set(loop[tag]) == set(reference[tag]), tag
         for step, value in reference[tag].items():
             assert math.isclose(loop[tag][step], value, **tolerance(tag, step, reference, "32-true")), (tag, step)
+
+
+TORCHRUN = """
+import sys, torch, torch.distributed as dist
+from torch import nn
+from torch.nn import functional as F
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.tensorboard import SummaryWriter
+from lightning_netdiag import NetDiag
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+torch.manual_seed(0)
+model = DistributedDataParallel(nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 4)))
+optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+g = torch.Generator().manual_seed(rank)
+with NetDiag(model, optimizer, writer=SummaryWriter(sys.argv[1]) if rank == 0 else None, every_n_steps=10) as diag:
+    for step in range(100):
+        x, y = torch.randn(16, 6, generator=g), torch.randint(0, 4, (16,), generator=g)
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        diag.loss(loss)
+        optimizer.step()
+        if rank == 1 and step == 60:
+            raise RuntimeError("rank 1 fails at step 60")
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_a_rank_that_fails_under_torchrun_leaves_rank_0s_window(tmp_path):
+    # torchrun ends the other ranks (SIGTERM) when one fails; rank 0's window is on disk all the same
+    script, logs = tmp_path / "run.py", tmp_path / "logs"
+    script.write_text(TORCHRUN)
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), str(logs)]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "rank 1 fails at step 60" in done.stderr
+    saved = json.loads((logs / record_file("netdiag", "flight")).read_text())
+    assert saved["steps"][-1] == 60 and saved["events"][-1]["step"] == 60  # the step every rank completed
+    out = subprocess.run([sys.executable, "-m", "lightning_netdiag.cli", "report", str(logs)], capture_output=True,
+                         text=True)  # fmt: skip
+    assert out.returncode == 0 and "after step 60" in out.stdout, out.stderr

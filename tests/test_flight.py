@@ -367,6 +367,15 @@ optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
 batches = list(loader(batch_size=32))
 diag = NetDiag(model, optimizer, writer=SummaryWriter({logs!r}), every_n_steps=50,
                flight=FlightMeter(save_interval={interval}))
+if {inside}:  # the signal comes while NetDiag is inside the recorder (its row of the step half written)
+    after_step = FlightMeter.after_step
+
+    def signalled(self, logging=True):
+        if self._step == 120:
+            os.kill(os.getpid(), signal.{sig})
+        after_step(self, logging)
+
+    FlightMeter.after_step = signalled
 with diag:
     for step in range(200):
         x, y = batches[step % len(batches)]
@@ -378,17 +387,20 @@ with diag:
         optimizer.step()
         if step == 100:  # a logging step: the last save before the end
             print(json.dumps([float(loss), grads]), flush=True)
-        if step == 120:  # SIGKILL: no exception, no atexit, as the out-of-memory killer does; SIGTERM: a scheduler
-            os.kill(os.getpid(), signal.{sig})
+        if step == 120 and not {inside}:  # SIGKILL: no exception, no atexit, as the out-of-memory killer does
+            os.kill(os.getpid(), signal.{sig})  # SIGTERM: a scheduler's
 """
 
 
-@pytest.mark.parametrize(("sig", "interval"), [("SIGKILL", 0), ("SIGKILL", None), ("SIGTERM", None)])
-def test_a_run_killed_without_a_word_leaves_the_steps_up_to_its_last_save(tmp_path, sig, interval):
+@pytest.mark.parametrize(
+    ("sig", "interval", "inside"),
+    [("SIGKILL", 0, False), ("SIGKILL", None, False), ("SIGTERM", None, False), ("SIGTERM", None, True)],
+)
+def test_a_run_killed_without_a_word_leaves_the_steps_up_to_its_last_save(tmp_path, sig, interval, inside):
     from pathlib import Path
 
     logs = tmp_path / "run"
-    script = KILLED.format(tests=str(Path(__file__).parent), logs=str(logs), interval=interval, sig=sig)
+    script = KILLED.format(tests=str(Path(__file__).parent), logs=str(logs), interval=interval, sig=sig, inside=inside)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert done.returncode == -getattr(signal, sig), done.stderr  # killed by it, as without the recorder
     saved = logs / tags.record_file("netdiag", "flight")
@@ -397,8 +409,9 @@ def test_a_run_killed_without_a_word_leaves_the_steps_up_to_its_last_save(tmp_pa
         return
     loss, grads = json.loads(done.stdout.strip().splitlines()[-1])
     flight = load_run(logs).record("flight")
-    if sig == "SIGTERM":  # caught: every step up to the one it came in, and the stop, said as no fault
+    if sig == "SIGTERM":  # caught: every step up to the one it came in (whole), and the stop, said as no fault
         assert flight.steps == list(range(121)) and [e["error"] for e in flight.events] == ["SIGTERM"]
+        assert math.isfinite(flight.value("flight_loss", 120)) and flight.events[0]["step"] == 120
         out = subprocess.run([sys.executable, "-m", "lightning_netdiag.cli", "report", str(logs)],
                              capture_output=True, text=True)  # fmt: skip
         assert "training stopped after step 120 (SIGTERM)" in out.stdout and "FATAL" not in out.stdout, out.stdout

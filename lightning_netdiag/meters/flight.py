@@ -331,7 +331,9 @@ class FlightMeter(ParameterMeter):
         order = [(self._rows - n + k) % self._size for k in range(n)]
         return order, self._ring[torch.tensor(order, device=self._ring.device)].cpu()
 
-    def _event(self, step: int, cause: str, error: str | None = None, also: Sequence[str] = ()) -> None:
+    def _event(
+        self, step: int, cause: str, error: str | None = None, also: Sequence[str] = (), quiet: bool = False
+    ) -> None:
         slots, rows = self._window()
         steps: list[int] = [self._steps[i] for i in slots]  # type: ignore[misc]
         event: dict[str, Any] = {"step": step, "cause": cause}
@@ -355,15 +357,19 @@ class FlightMeter(ParameterMeter):
             event["lead"] = step - steps[found[0][1]] if found else 0
         self.events.append(event)
         self.requested.add(step + 1 + len(self._pending))  # the first step not yet begun
+        if quiet:  # the file only, with the ring's steps not yet written out
+            self._save(running=True)
+            return
         kept = f"the last {len(steps)} steps are written to the logs"
         rank_zero_warn(f"FlightRecorder: {spikes.event_text(event)}; {kept}")
         self.write_out()
 
-    def crashed(self, error: BaseException | str) -> None:
+    def crashed(self, error: BaseException | str, quiet: bool = False) -> None:
         """An exception ends training (or, in words, something else did): an event of its own at the last step
         recorded, naming the weights out of their band then; the window is written out. Never raises: where the
         device cannot be read any more (a CUDA error breaks its context), the event goes into the file as it was
-        last saved, and the exception that ends training stays the only one."""
+        last saved, and the exception that ends training stays the only one. ``quiet``: from a signal handler, to
+        the JSON file only (no logger, no warning: the code it interrupted may be inside either)."""
         if not self._rows or self._unreadable:
             return
         # an exception without a message (KeyboardInterrupt) is said by its type alone
@@ -371,7 +377,7 @@ class FlightMeter(ParameterMeter):
         step: int = self._steps[(self._rows - 1) % self._size]  # type: ignore[assignment]  # a written row's
         try:
             self._drain()
-            self._event(step, "exception", what[:300])
+            self._event(step, "exception", what[:300], quiet=quiet)
         except Exception as failed:  # noqa: BLE001  # whatever the device raises: the user's error comes first
             self._unreadable = True
             self._events_only(step, what[:300], failed)
