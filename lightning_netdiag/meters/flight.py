@@ -198,8 +198,8 @@ class FlightMeter(ParameterMeter):
             return
         weights = self._weights()
         plain = self._views is not None
-        grads = [
-            self._missing(part) if p.grad is None else p.grad if plain else self._shard(name, p.grad)[0]
+        grads = [  # each .grad read once: a read is a call into C++
+            self._missing(part) if (g := p.grad) is None else g if plain else self._shard(name, g)[0]
             for (name, p), part in zip(self._params, weights, strict=True)
         ]
         if self._ring is None:
