@@ -46,6 +46,22 @@ class Mlp(nn.Module):
         return self.head(x)
 
 
+class LitMlp(L.LightningModule):
+    """The Mlp under Lightning with SGD; ``fault(module, step)`` runs as each training step begins."""
+
+    def __init__(self, fault=lambda module, step: None, lr: float = 0.1) -> None:
+        super().__init__()
+        self.model, self.fault, self.lr = Mlp(), fault, lr
+
+    def training_step(self, batch, batch_idx):
+        self.fault(self, self.global_step)
+        x, y = batch
+        return F.cross_entropy(self.model(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
 def direct(model: nn.Module, before: dict[str, torch.Tensor]) -> dict[str, tuple[float, float, float]]:
     """name -> (gradient, update, weight) norms of every weight, by torch.linalg.vector_norm."""
     return {
@@ -129,16 +145,24 @@ def test_accumulation_and_a_grad_scaler_unscaled_with_the_skipped_step_recorded(
 
 
 def train(
-    tmp_path, model: nn.Module, optimizer, front: str, steps: int, fault, flight: FlightMeter | bool = True, also=()
+    tmp_path,
+    model: nn.Module,
+    optimizer,
+    front: str,
+    steps: int,
+    fault,
+    flight: FlightMeter | bool = True,
+    also=(),
+    writer=None,
 ):
     """``model`` on the helpers' data for ``steps`` steps through ``front`` ("loop", "manual": the lecture's update
     by hand, at SGD's rate, or "lightning"), ``fault(step)`` called as each step begins. Returns the flight record and
-    the steps D3 measured (every 50). ``flight``: NetDiag's flight recorder (the loop fronts); ``also``: callbacks
-    after the recorder (Lightning)."""
+    the steps D3 measured (every 50). ``flight``: NetDiag's flight recorder and ``writer`` its SummaryWriter (the loop
+    fronts); ``also``: callbacks after the recorder (Lightning)."""
     batches = list(loader(batch_size=32))
     if front in ("loop", "manual"):
         manual, lr = front == "manual", optimizer.param_groups[0]["lr"]
-        with NetDiag(model, None if manual else optimizer, every_n_steps=50, flight=flight) as diag:
+        with NetDiag(model, None if manual else optimizer, writer, every_n_steps=50, flight=flight) as diag:
             for step in range(steps):
                 fault(step)
                 x, y = batches[step % len(batches)]
@@ -432,32 +456,26 @@ def test_an_error_that_leaves_the_device_unreadable_keeps_the_last_save_and_rais
     def unreadable(*args):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
+    def fault(step):
+        if step == 55:  # a CUDA error breaks the context: every later read of the device raises too
+            monkeypatch.setattr(FlightMeter, "_window", unreadable)
+            raise RuntimeError("CUDA error: device-side assert triggered")
+
     model = Mlp()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    batches = list(loader(batch_size=32))
-    diag = NetDiag(model, optimizer, writer=SummaryWriter(tmp_path), every_n_steps=10,
-                   flight=FlightMeter(save_interval=0))  # fmt: skip
-    with pytest.raises(RuntimeError, match="device-side assert") as caught, diag:
-        for step in range(30):
-            x, y = batches[step % len(batches)]
-            loss = F.cross_entropy(model(x), y)
-            optimizer.zero_grad()
-            loss.backward()
-            diag.loss(loss)
-            optimizer.step()
-            if step == 24:  # a CUDA error breaks the context: every later read of the device raises too
-                monkeypatch.setattr(FlightMeter, "_window", unreadable)
-                raise RuntimeError("CUDA error: device-side assert triggered")
+    flight, writer = FlightMeter(save_interval=0), SummaryWriter(tmp_path)
+    with pytest.raises(RuntimeError, match="device-side assert") as caught:
+        train(tmp_path, model, optimizer, "loop", 60, fault, flight, writer=writer)
     assert caught.value.__context__ is None  # the user's error, alone: nothing of ours raised while it passed
     flight = load_run(tmp_path).record("flight")
-    assert flight.steps == list(range(21))  # as last saved, at the logging step 20
+    assert flight.steps == list(range(51))  # as last saved, at the logging step 50
     [event] = flight.events
     assert (
-        event["step"] == 24 and event["unread"] == "RuntimeError: CUDA error: an illegal memory access was encountered"
+        event["step"] == 54 and event["unread"] == "RuntimeError: CUDA error: an illegal memory access was encountered"
     )
     [ended] = report.summarize(flight=flight).verdicts
     assert ended.check == "run ended by an exception" and "CUDA_LAUNCH_BLOCKING=1" in ended.advice
-    assert ended.cause.startswith("training ended after step 24 (RuntimeError: CUDA error: device-side assert")
+    assert ended.cause.startswith("training ended after step 54 (RuntimeError: CUDA error: device-side assert")
     assert "the device could not be read after it" in ended.cause
 
 
@@ -493,39 +511,24 @@ def test_under_lightning_the_window_is_saved_at_logging_steps_only(tmp_path):
             path = Path(trainer.log_dir) / tags.record_file("netdiag", "flight")
             self.saved[trainer.global_step - 1] = json.loads(path.read_text())["steps"] if path.exists() else []
 
-    class Fit(L.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = Mlp()
-
-        def training_step(self, batch, batch_idx):
-            x, y = batch
-            return F.cross_entropy(self.model(x), y)
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1)
-
     trainer(tmp_path, [FlightRecorder(save_interval=0), Peek()], max_steps=25, log_every_n_steps=10).fit(
-        Fit(), loader()
+        LitMlp(), loader()
     )
     assert Peek.saved[9] == list(range(1)) and Peek.saved[10] == Peek.saved[19] == list(range(11))
     assert Peek.saved[20] == list(range(21))
 
 
-def test_a_run_its_user_stops_is_no_fault():
-    model = Mlp()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    batches = list(loader(batch_size=32))
-    with pytest.raises(KeyboardInterrupt), NetDiag(model, optimizer) as diag:  # Ctrl-C in the loop
-        for step, (x, y) in enumerate(batches):
-            optimizer.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            optimizer.step()
-            if step == 2:
-                raise KeyboardInterrupt
-    assert diag.flight.events[-1]["error"] == "KeyboardInterrupt"  # said by its type: it has no message
+def test_a_run_its_user_stops_is_no_fault(tmp_path):
+    def fault(step):
+        if step == 3:
+            raise KeyboardInterrupt  # Ctrl-C in the loop
+
+    model, flight = Mlp(), FlightMeter()
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path, model, torch.optim.SGD(model.parameters(), lr=0.1), "loop", 10, fault, flight)
+    assert flight.events[-1]["error"] == "KeyboardInterrupt"  # said by its type: it has no message
     # nothing was out of its band: no verdict, a note
-    summary = report.summarize(flight=diag.flight.record)
+    summary = report.summarize(flight=flight.record)
     assert summary.verdicts == []
     assert "training stopped after step 2 (KeyboardInterrupt)" in summary.notes[-1]
 
@@ -534,30 +537,20 @@ def test_a_run_its_user_stops_is_no_fault():
 def test_a_lightning_run_stopped_while_it_blows_up_gets_a_warning_naming_where(tmp_path, how):
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    class Stopped(L.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = Mlp()
-
-        def training_step(self, batch, batch_idx):
-            if self.global_step == 70:
-                with torch.no_grad():
-                    self.model.blocks[2].weight.mul_(100)  # what the user saw blow up
-            if self.global_step == 72:
-                if how == "KeyboardInterrupt":
-                    raise KeyboardInterrupt  # and stopped with Ctrl-C
-                os.kill(os.getpid(), signal.SIGTERM)  # a scheduler's: Lightning raises it after this step
-            x, y = batch
-            return F.cross_entropy(self.model(x), y)
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.05)
+    def fault(module, step):
+        if step == 70:
+            with torch.no_grad():
+                module.model.blocks[2].weight.mul_(100)  # what the user saw blow up
+        if step == 72:
+            if how == "KeyboardInterrupt":
+                raise KeyboardInterrupt  # and stopped with Ctrl-C
+            os.kill(os.getpid(), signal.SIGTERM)  # a scheduler's: Lightning raises it after this step
 
     recorder = FlightRecorder()
     handler = signal.getsignal(signal.SIGINT)
     try:  # Lightning's ways out: SystemExit after a Ctrl-C, its own exception after SIGTERM
         with pytest.raises(SystemExit if how == "KeyboardInterrupt" else SIGTERMException):
-            trainer(tmp_path, [recorder], max_steps=100).fit(Stopped(), loader())
+            trainer(tmp_path, [recorder], max_steps=100).fit(LitMlp(fault, lr=0.05), loader())
     finally:
         signal.signal(signal.SIGINT, handler)  # Lightning ignores Ctrl-C after one
     stop = recorder.events[-1]
@@ -570,26 +563,16 @@ def test_a_lightning_run_stopped_while_it_blows_up_gets_a_warning_naming_where(t
 
 
 def test_a_lightning_run_that_dies_keeps_its_window_in_tensorboard_and_beside_it(tmp_path):
-    class Dies(L.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = Mlp()
-
-        def training_step(self, batch, batch_idx):
-            if self.global_step == 70:
-                raise ValueError("a bad batch")
-            x, y = batch
-            return F.cross_entropy(self.model(x), y)
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1)
+    def fault(module, step):
+        if step == 70:
+            raise ValueError("a bad batch")
 
     from lightning.pytorch.loggers import TensorBoardLogger
 
     recorder = FlightRecorder(window=60)
     logger = TensorBoardLogger(tmp_path, name="run")
     with pytest.raises(ValueError, match="a bad batch"):
-        trainer(tmp_path, [recorder], logger=logger, max_steps=100).fit(Dies(), loader())
+        trainer(tmp_path, [recorder], logger=logger, max_steps=100).fit(LitMlp(fault), loader())
     event = recorder.events[-1]
     assert event["cause"] == "exception" and event["step"] == 69 and "ValueError: a bad batch" in event["error"]
     run = load_run(load_dir := __import__("pathlib").Path(logger.log_dir))
