@@ -59,12 +59,14 @@ class _Sigterm:
     again: the process dies as it would have. A handler already there is the user's (or their framework's) way out
     and is left alone; so is a thread that may not set one. A signal that comes while NetDiag is inside one of its
     calls (a step's row half written, the window being written out) waits until that call returns; a second one
-    does not wait."""
+    does not wait. A child forked from the process (a multiprocessing pool: its parent ends it with SIGTERM) holds a
+    stale copy of everything: it dies at once, writing nothing."""
 
     def __init__(self) -> None:
         self.attached: weakref.WeakSet[NetDiag] = weakref.WeakSet()
         self.busy = 0  # NetDiag calls in progress
         self.pending = False  # a SIGTERM waits for them
+        self.pid = 0  # the process that installed the handler
 
     def watch(self, diag: NetDiag) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -72,6 +74,7 @@ class _Sigterm:
         if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, self.handle):
             signal.signal(signal.SIGTERM, self.handle)
             self.attached.add(diag)
+            self.pid = os.getpid()
 
     def unwatch(self, diag: NetDiag) -> None:
         self.attached.discard(diag)
@@ -80,10 +83,10 @@ class _Sigterm:
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
     def handle(self, signum: int, frame: object) -> None:
-        if self.busy and not self.pending:
+        if self.busy and not self.pending and os.getpid() == self.pid:
             self.pending = True
             return
-        self.deliver(write=not self.busy)
+        self.deliver(write=not self.busy and os.getpid() == self.pid)
 
     def deliver(self, write: bool = True) -> None:
         if write:

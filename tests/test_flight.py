@@ -501,6 +501,29 @@ def test_sigterm_is_caught_only_while_attached_and_never_over_a_handler_already_
         signal.signal(signal.SIGTERM, before)
 
 
+def test_a_forked_child_ended_by_sigterm_writes_nothing(tmp_path):
+    import multiprocessing
+    import time
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    model = Mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        with NetDiag(model, optimizer, writer=SummaryWriter(tmp_path), flight=FlightMeter(save_interval=None)):
+            F.cross_entropy(model(torch.randn(8, 6)), torch.zeros(8, dtype=torch.long)).backward()
+            optimizer.step()  # a step in the ring: a stale copy of it in the child
+            child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,))
+            child.start()
+            child.terminate()  # SIGTERM, as a pool ends its workers
+            child.join(30)
+            assert child.exitcode == -signal.SIGTERM
+            assert not (tmp_path / tags.record_file("netdiag", "flight")).exists()  # the child wrote nothing
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def test_under_lightning_the_window_is_saved_at_logging_steps_only(tmp_path):
     from pathlib import Path
 
