@@ -60,13 +60,32 @@ class _Sigterm:
     and is left alone; so is a thread that may not set one. A signal that comes while NetDiag is inside one of its
     calls (a step's row half written, the window being written out) waits until that call returns; a second one
     does not wait. A child forked from the process (a multiprocessing pool: its parent ends it with SIGTERM) holds a
-    stale copy of everything: it dies at once, writing nothing."""
+    stale copy of everything: there SIGTERM gets its default back as the child starts, and is blocked across the
+    fork so that none reaches the child before (Python drops a signal caught between fork and its own reset)."""
 
     def __init__(self) -> None:
         self.attached: weakref.WeakSet[NetDiag] = weakref.WeakSet()
         self.busy = 0  # NetDiag calls in progress
         self.pending = False  # a SIGTERM waits for them
-        self.pid = 0  # the process that installed the handler
+        self.mask: set[int | signal.Signals] | None = None  # the signal mask before a fork, while SIGTERM is blocked
+        os.register_at_fork(before=self.before_fork, after_in_parent=self.after_fork, after_in_child=self.forked)
+
+    def before_fork(self) -> None:
+        if self.attached:
+            self.mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+    def after_fork(self) -> None:
+        if self.mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, self.mask)
+            self.mask = None
+
+    def forked(self) -> None:
+        self.attached.clear()
+        self.busy, self.pending = 0, False
+        main = threading.current_thread() is threading.main_thread()
+        if main and signal.getsignal(signal.SIGTERM) == self.handle:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        self.after_fork()  # a SIGTERM already sent is delivered now, with the default: the child dies
 
     def watch(self, diag: NetDiag) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -74,7 +93,6 @@ class _Sigterm:
         if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, self.handle):
             signal.signal(signal.SIGTERM, self.handle)
             self.attached.add(diag)
-            self.pid = os.getpid()
 
     def unwatch(self, diag: NetDiag) -> None:
         self.attached.discard(diag)
@@ -83,10 +101,10 @@ class _Sigterm:
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
     def handle(self, signum: int, frame: object) -> None:
-        if self.busy and not self.pending and os.getpid() == self.pid:
+        if self.busy and not self.pending:
             self.pending = True
             return
-        self.deliver(write=not self.busy and os.getpid() == self.pid)
+        self.deliver(write=not self.busy)
 
     def deliver(self, write: bool = True) -> None:
         if write:

@@ -514,12 +514,21 @@ def test_a_forked_child_ended_by_sigterm_writes_nothing(tmp_path):
         with NetDiag(model, optimizer, writer=SummaryWriter(tmp_path), flight=FlightMeter(save_interval=None)):
             F.cross_entropy(model(torch.randn(8, 6)), torch.zeros(8, dtype=torch.long)).backward()
             optimizer.step()  # a step in the ring: a stale copy of it in the child
-            child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,))
-            child.start()
-            child.terminate()  # SIGTERM, as a pool ends its workers
-            child.join(30)
-            assert child.exitcode == -signal.SIGTERM
-            assert not (tmp_path / tags.record_file("netdiag", "flight")).exists()  # the child wrote nothing
+            fork = multiprocessing.get_context("fork")
+            for wait in (True, False):  # ended while it runs, and as it starts (before Python's reset in it)
+                started = fork.Event()
+
+                def work(started=started):
+                    started.set()
+                    time.sleep(60)
+
+                child = fork.Process(target=work)
+                child.start()
+                assert not wait or started.wait(30)
+                child.terminate()  # SIGTERM, as a pool ends its workers
+                child.join(30)
+                assert child.exitcode == -signal.SIGTERM, wait
+                assert not (tmp_path / tags.record_file("netdiag", "flight")).exists()  # the child wrote nothing
     finally:
         signal.signal(signal.SIGTERM, before)
 

@@ -324,12 +324,13 @@ class FlightMeter(ParameterMeter):
 
     def _window(self, since: int = 0) -> tuple[list[int], Tensor]:
         """The ring's rows from row ``since`` on (those still held, at most ``window``) on the host, oldest first:
-        their places in the ring and their values (one copy, at an event or the end only)."""
+        their places in the ring and their values (one copy of the ring, at an event, a save or the end only: the
+        rows are picked on the host, so that nothing is allocated on the device, which may be out of memory)."""
         n = min(self._rows - since, self.window)
         if self._ring is None or n <= 0:
             return [], torch.empty(0)
         order = [(self._rows - n + k) % self._size for k in range(n)]
-        return order, self._ring[torch.tensor(order, device=self._ring.device)].cpu()
+        return order, self._ring.cpu()[order]
 
     def _event(
         self, step: int, cause: str, error: str | None = None, also: Sequence[str] = (), quiet: bool = False
