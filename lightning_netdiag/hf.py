@@ -119,7 +119,7 @@ class NetDiagCallback(TrainerCallback):  # type: ignore[misc]
         recorder's window go into the logs."""
         if self.diag is not None and self.diag.flight is not None:
             error = getattr(sys, "last_value", None)
-            self.diag.flight.crashed(error if error is not None else "the process ended during training")
+            self.diag.crashed(error if error is not None else "the process ended during training")
         self._close()
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:

@@ -306,12 +306,14 @@ class NetDiag:
 
     def __exit__(self, kind: object, error: BaseException | None, traceback: object) -> None:
         if error is not None:
-            self._crashed(error)
+            self.crashed(error)
         self.close()
 
     @_SIGTERM.held
-    def _crashed(self, error: BaseException | str) -> None:
-        """The run dies: its flight recorder's last steps to the logs."""
+    def crashed(self, error: BaseException | str) -> None:
+        """The run dies of ``error`` (an exception, or what ended it in words): the flight recorder's last steps to
+        the logs. Called by ``with NetDiag(...)`` as an exception leaves the block; call it where the loop catches
+        the exception itself, before :meth:`close`."""
         if self.flight is not None and self._handles:
             self.flight.crashed(error)
             self._flush()
@@ -321,7 +323,7 @@ class NetDiag:
         """SIGTERM, between two of NetDiag's calls: the flight recorder's window to its file (unless an exception
         ended the run first)."""
         if self.flight is not None and self._handles and not self._ended:
-            self.flight.crashed("SIGTERM", quiet=True)
+            self.flight.crashed(signal.SIGTERM.name, quiet=True)
 
     def _flush(self) -> None:
         if self.writer is not None and callable(getattr(self.writer, "flush", None)):

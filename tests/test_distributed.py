@@ -165,14 +165,15 @@ dist.destroy_process_group()
 
 @pytest.mark.slow
 def test_a_rank_that_fails_under_torchrun_leaves_rank_0s_window(tmp_path):
-    # torchrun ends the other ranks (SIGTERM) when one fails; rank 0's window is on disk all the same
+    # When rank 1 dies, rank 0 gets gloo's error (its peer is gone) and then torchrun's SIGTERM, perhaps while it
+    # writes its window: the window is on disk to the step every rank completed, written once, with one event.
     script, logs = tmp_path / "run.py", tmp_path / "logs"
     script.write_text(TORCHRUN)
     args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), str(logs)]
     done = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0 and "rank 1 fails at step 60" in done.stderr
     saved = json.loads((logs / record_file("netdiag", "flight")).read_text())
-    assert saved["steps"][-1] == 60 and saved["events"][-1]["step"] == 60  # the step every rank completed
+    assert saved["steps"] == list(range(61)) and [e["step"] for e in saved["events"]] == [60]
     out = subprocess.run([sys.executable, "-m", "lightning_netdiag.cli", "report", str(logs)], capture_output=True,
                          text=True)  # fmt: skip
     assert out.returncode == 0 and "after step 60" in out.stdout, out.stderr

@@ -8,7 +8,7 @@ from typing import Any
 import lightning.pytorch as pl
 from typing_extensions import override
 
-from lightning_netdiag.callbacks._common import LightningRun, ParameterCallback
+from lightning_netdiag.callbacks._common import LightningRun, ParameterCallback, logging_step
 from lightning_netdiag.meters import FlightMeter
 from lightning_netdiag.select import WEIGHT_NDIMS
 
@@ -102,6 +102,7 @@ class FlightRecorder(FlightMeter, ParameterCallback):
         super().setup(trainer, pl_module, stage)
         self.record.every_n_steps = 1  # every step, whatever the loggers' cadence
         self._log_every: int = trainer.log_every_n_steps  # type: ignore[attr-defined]  # the others' cadence
+        self._logging = False  # the step under way is a logging step
 
     @override
     def on_train_batch_start(
@@ -109,6 +110,8 @@ class FlightRecorder(FlightMeter, ParameterCallback):
     ) -> None:
         if trainer.global_step != self._step:  # the first micro-batch of a step
             self.begin(trainer.global_step)
+            # where the other callbacks copy to the host anyway: the window may be saved at its end
+            self._logging = self._log_every > 0 and logging_step(trainer, self._log_every) is not None
 
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
@@ -121,9 +124,7 @@ class FlightRecorder(FlightMeter, ParameterCallback):
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if loss is not None and hasattr(loss, "detach"):  # divided by the accumulation window for the backward
             self.add_loss(loss * trainer.accumulate_grad_batches if trainer.accumulate_grad_batches > 1 else loss)
-        # nothing where the optimizer did not step (accumulation); the step just done is ours, the trainer's counted
-        logging = self._step is not None and self._log_every > 0 and self._step % self._log_every == 0
-        self.after_step(logging)
+        self.after_step(self._logging)  # nothing where the optimizer did not step (accumulation)
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:

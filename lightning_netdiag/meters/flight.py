@@ -367,10 +367,10 @@ class FlightMeter(ParameterMeter):
 
     def crashed(self, error: BaseException | str, quiet: bool = False) -> None:
         """An exception ends training (or, in words, something else did): an event of its own at the last step
-        recorded, naming the weights out of their band then; the window is written out. Never raises: where the
-        device cannot be read any more (a CUDA error breaks its context), the event goes into the file as it was
-        last saved, and the exception that ends training stays the only one. ``quiet``: from a signal handler, to
-        the JSON file only (no logger, no warning: the code it interrupted may be inside either)."""
+        recorded, naming the weights out of their band then; the window is written out. Where the device cannot be
+        read any more (a CUDA error breaks its context; torch raises a RuntimeError) the event goes into the file as
+        it was last saved, so that the exception that ends training stays the only one. ``quiet``: from a signal
+        handler, to the JSON file only (no logger, no warning: the code it interrupted may be inside either)."""
         if not self._rows or self._unreadable:
             return
         # an exception without a message (KeyboardInterrupt) is said by its type alone
@@ -379,11 +379,11 @@ class FlightMeter(ParameterMeter):
         try:
             self._drain()
             self._event(step, "exception", what[:300], quiet=quiet)
-        except Exception as failed:  # noqa: BLE001  # whatever the device raises: the user's error comes first
+        except RuntimeError as failed:  # what torch raises from a broken device (a CUDA error, out of memory)
             self._unreadable = True
-            self._events_only(step, what[:300], failed)
+            self._events_only(step, what[:300], failed, quiet)
 
-    def _events_only(self, step: int, what: str, failed: Exception) -> None:
+    def _events_only(self, step: int, what: str, failed: RuntimeError, quiet: bool) -> None:
         """The exception's event, without the ring (the device cannot be read): into the record and into the JSON
         file as it was last saved (its steps up to that save: the file is the copy kept on the host)."""
         event = {
@@ -393,7 +393,8 @@ class FlightMeter(ParameterMeter):
             "unread": f"{type(failed).__name__}: {failed}"[:300],
         }
         self.events.append(event)
-        rank_zero_warn(f"FlightRecorder: {spikes.event_text(event)}")
+        if not quiet:
+            rank_zero_warn(f"FlightRecorder: {spikes.event_text(event)}")
         if self.log_dir is None or rank() != 0:
             return
         path = os.path.join(self.log_dir, tags.record_file(self.prefix, self.kind))
