@@ -13,7 +13,10 @@ Two phases, as the lecture's rules of thumb are about the network at initialisat
   gradients vanishing or exploding through the layers, an over-confident output;
 - **during training**: a condition must hold at :data:`PERSIST` consecutive *logging* steps (measured steps,
   ``every_n_steps`` apart, the cadence each record carries) before it counts: dead units, a weight that is not
-  learning, fp16 gradients underflowing, the learning rate. The suite was calibrated at every 50 steps.
+  learning, fp16 gradients underflowing, the learning rate. The suite was calibrated at every 50 steps. A signal
+  far past its line (an attention logit above :data:`ATTN_LOGIT_AT_ONCE`, Adam's normalised step below
+  :data:`ADAM_STEP_AT_ONCE`) counts at the first logging step it is seen: the hold is for values that one batch
+  can push across a line, and waiting would cost the warning 2 logging steps.
 
 Non-finite values are fatal at once (under a loss scaler, which skips the steps whose gradients overflow,
 only when they persist). Each rule gives **one** verdict naming how many layers break it and the worst few.
@@ -44,8 +47,9 @@ from lightning_netdiag.record import (
 )
 
 __all__ = [
-    "ADAM_EPS_PCT", "ADAM_SHRINK_HIGH", "ADAM_SHRINK_OK", "ADAM_STEP_LOW", "ATTN_ENTROPY_FALL", "ATTN_ENTROPY_LOW",
-    "ATTN_LOGIT_HIGH", "COLUMNS", "DEAD_STD", "DEAD_UNITS_PCT", "FLAT_PCT", "GRAD_SPREAD", "OVERCONFIDENT", "PERSIST",
+    "ADAM_EPS_PCT", "ADAM_SHRINK_HIGH", "ADAM_SHRINK_OK", "ADAM_STEP_AT_ONCE", "ADAM_STEP_LOW", "ATTN_ENTROPY_FALL",
+    "ATTN_ENTROPY_LOW", "ATTN_LOGIT_AT_ONCE", "ATTN_LOGIT_HIGH", "COLUMNS", "DEAD_STD", "DEAD_UNITS_PCT", "FLAT_PCT",
+    "GRAD_SPREAD", "OVERCONFIDENT", "PERSIST",
     "SATURATED_PCT", "SGD_FALL", "SGD_LOW", "SGD_OK", "UNDERFLOW_PCT", "UNEARNED", "WORST", "Report", "Verdict",
     "adam_eps_at", "adam_shrink_at", "adam_step_at", "as_table", "at_init", "attention_entropy_at",
     "attention_logits_at", "checks", "collapsed_attentions_at", "dead_units_at", "evaluate", "fallen_entropy_at",
@@ -102,6 +106,10 @@ FLAT_PCT = 99.0  # % of a layer's values in the flat region: the layer passes no
 #: GPT example at 3x its best rate with warm-up (2.8 % worse than the best: healthy by the label); the runs
 #: 30x too fast 276 to 6,600; runs 10x too fast 85 to 2,750, on both sides of the line.
 ATTN_LOGIT_HIGH = 200.0
+#: The largest attention logit above which one logging step is enough (no PERSIST hold). At any single logged
+#: step on the suites: healthy runs 242 at most (the GPT example at 3x its best rate; 315 for the ViT at 3x, 5 %
+#: worse than its best); the runs 30x too fast without warm-up 1,700 to 3,900 at step 50 (tiny-lm, eager and fused).
+ATTN_LOGIT_AT_ONCE = 5 * ATTN_LOGIT_HIGH
 #: The median over the attentions of their softmax's mean normalised entropy (1: uniform, 0: one-hot; held over
 #: PERSIST logging steps) below which, fallen below ATTN_ENTROPY_FALL times its first logged value, the softmaxes
 #: have collapsed toward one-hot (entropy collapse, Zhai et al. 2023): the failure attention-logit growth leads to,
@@ -119,6 +127,10 @@ ATTN_ENTROPY_FALL = 0.5
 #: healthy runs 0.078 and up, but 0.060 for the GPT example at 3x its best rate; runs 30x too fast 0.004 to
 #: 0.051, runs 10x too fast 0.025 to 0.10.
 ADAM_STEP_LOW = 0.045
+#: The normalised step's median below which one logging step is enough (no PERSIST hold). At any single logged
+#: step (after step 0) on the suites: healthy runs 0.042 and up (0.028 for the ViT at 3x, 5 % worse than its
+#: best); tiny-lm 30x too fast with qk-layernorm 0.016 at step 50, the GPT example at 3x 0.007 at step 100.
+ADAM_STEP_AT_ONCE = 0.02
 #: Adam family: % of a weight's elements with ``sqrt(v_hat) < eps`` (median over the weights) above which eps,
 #: not the gradient, sets the step: Adam turns into a slowed SGD (Wortsman et al. 2023).
 ADAM_EPS_PCT = 50.0
@@ -182,9 +194,16 @@ def at_init(record: Record | None, metric: str) -> dict[str, float]:
     return {} if record is None else record.at_init(metric)
 
 
-def _persistent(record: Record | None, rule: Callable[[int], dict[str, float]]) -> tuple[int | None, dict[str, float]]:
-    """The latest step and the layers ``rule`` flags at each of the last :data:`PERSIST` logged steps."""
+def _persistent(
+    record: Record | None,
+    rule: Callable[[int], dict[str, float]],
+    at_once: Callable[[int], dict[str, float]] | None = None,
+) -> tuple[int | None, dict[str, float]]:
+    """The latest step and the layers ``rule`` flags at each of the last :data:`PERSIST` logged steps, or those
+    ``at_once`` flags at the latest step alone (a signal so far past its line that one logging step is enough)."""
     steps = _steps(record)
+    if at_once is not None and steps and (now := at_once(steps[-1])):
+        return steps[-1], now
     if len(steps) < PERSIST:
         return None, {}
     flagged = [rule(step) for step in steps]
@@ -514,11 +533,11 @@ def _learning_rate(
             f"divide the learning rate by about {10 ** (shrink - ADAM_SHRINK_OK):.2g}", step,
         )  # fmt: skip
 
-    def noisy(step: int) -> dict[str, float]:
+    def noisy(step: int, line: float = ADAM_STEP_LOW) -> dict[str, float]:
         rms = adam_step_at(optimizer, step)
-        return {"median of the weights": rms} if rms is not None and rms < ADAM_STEP_LOW else {}
+        return {"median of the weights": rms} if rms is not None and rms < line else {}
 
-    step, hits = _persistent(optimizer, noisy)
+    step, hits = _persistent(optimizer, noisy, lambda s: noisy(s, ADAM_STEP_AT_ONCE))
     if hits:
         rms = hits["median of the weights"]
         return _verdict(
@@ -621,15 +640,15 @@ def collapsed_attentions_at(logits: LogitRecord | None, step: int) -> dict[str, 
 
 
 def _attention_growth(logits: LogitRecord | None, update: UpdateRecord | None, fp16: bool) -> list[Verdict]:
-    def highest(step: int) -> dict[str, float]:
+    def highest(step: int, line: float = ATTN_LOGIT_HIGH) -> dict[str, float]:
         top = max(attention_logits_at(logits, step).values(), default=0.0)
-        return {"largest of the attentions": top} if top > ATTN_LOGIT_HIGH else {}
+        return {"largest of the attentions": top} if top > line else {}
 
     def collapsed(step: int) -> dict[str, float]:
         return {"median of the attentions": 0.0} if collapsed_attentions_at(logits, step) else {}
 
     # Either must hold over the steps (the attention that holds it may change); named: those that break it now.
-    step, high = _persistent(logits, highest)
+    step, high = _persistent(logits, highest, lambda s: highest(s, ATTN_LOGIT_AT_ONCE))
     _, low = _persistent(logits, collapsed)
     if not (high or low) or logits is None or step is None:
         return []
@@ -919,7 +938,10 @@ def _notes(records: Mapping[str, Any], verdicts: list[Verdict]) -> list[str]:
     if any(v.step not in (0, None) for v in verdicts):
         every = next((r.every_n_steps for r in present if r.every_n_steps), None)
         window = f" (measured every {every} steps: over {every * (PERSIST - 1)} steps)" if every else ""
-        notes.append(f"a rule during training counts once it holds at {PERSIST} logging steps in a row{window}")
+        notes.append(
+            f"a rule during training counts once it holds at {PERSIST} logging steps in a row{window}, or at once "
+            "where its signal is far past its line"
+        )
     undescribed = [r.kind for r in present if not r.described]
     if undescribed:
         notes.append(

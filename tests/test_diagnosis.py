@@ -123,36 +123,44 @@ def test_a_run_is_right_only_with_its_own_check_and_advice_toward_the_best():
     assert judged(score.TOO_LOW, ["non-finite"], loss=float("inf")) == (False, ["missed learning rate too low"])
 
 
+def train_tiny_lm(recipe, state=None, steps=None):
+    """tiny-lm trained with ``recipe`` (from ``state`` if given) for ``steps`` of its schedule (all by default),
+    seed 0, watched by NetDiag every 50 steps: its trained weights and NetDiag."""
+    import itertools
+    import warnings
+
+    from models import BUILDERS
+
+    from lightning_netdiag import NetDiag
+
+    module, loader = BUILDERS["tiny-lm"](recipe, 0)
+    if state is not None:
+        module.net.load_state_dict(state)
+    conf = module.configure_optimizers()
+    optimizer, schedule = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
+    batches = itertools.chain.from_iterable(itertools.repeat(loader))
+    with warnings.catch_warnings(), NetDiag(module, optimizer, every_n_steps=50, flight=False) as diag:
+        warnings.simplefilter("ignore")  # `self.log` outside a Trainer
+        for i, batch in zip(range(steps or recipe.steps), batches, strict=False):
+            loss = module.training_step(batch, i)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    return module.net.state_dict(), diag
+
+
 def test_attentions_sharp_from_the_start_are_not_a_collapse(monkeypatch):
     """The entropy rule on real training: tiny-lm trained at 10x its best rate, no warm-up, collapses its softmaxes,
     and is named from its entropy alone (its largest logit holds above ATTN_LOGIT_HIGH on some CPUs, not on
     others). Trained on from there at its best rate with a fresh NetDiag, as one fine-tunes a model whose
     attentions are sharp from the start, its entropy is low from the first logged step and is not a collapse."""
-    import itertools
-    import warnings
+    from models import Recipe
 
-    from models import BUILDERS, Recipe
+    from lightning_netdiag import report
 
-    from lightning_netdiag import NetDiag, report
-
-    def train(recipe, state=None):
-        module, loader = BUILDERS["tiny-lm"](recipe, 0)
-        if state is not None:
-            module.net.load_state_dict(state)
-        conf = module.configure_optimizers()
-        optimizer, schedule = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
-        batches = itertools.chain.from_iterable(itertools.repeat(loader))
-        with warnings.catch_warnings(), NetDiag(module, optimizer, every_n_steps=50, flight=False) as diag:
-            warnings.simplefilter("ignore")  # `self.log` outside a Trainer
-            for i, batch in zip(range(recipe.steps), batches, strict=False):
-                loss = module.training_step(batch, i)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                schedule.step()
-        return module.net.state_dict(), diag.logits.record
-
-    state, hot = train(Recipe("tiny-lm", 200, 3e-2, {"warmup": False}))
+    state, diag = train_tiny_lm(Recipe("tiny-lm", 200, 3e-2, {"warmup": False}))
+    hot = diag.logits.record
     collapsed = [s for s in hot.steps if report.collapsed_attentions_at(hot, s)]
     assert collapsed and collapsed[0] <= 100
 
@@ -161,10 +169,35 @@ def test_attentions_sharp_from_the_start_are_not_a_collapse(monkeypatch):
 
     assert growing()  # from its largest logits or from its entropy: which holds first depends on the CPU
     monkeypatch.setattr(report, "ATTN_LOGIT_HIGH", math.inf)  # the entropy alone names it
+    monkeypatch.setattr(report, "ATTN_LOGIT_AT_ONCE", math.inf)
     warned = growing()
     assert warned and "entropy" in warned[0].cause
-    _, fine = train(Recipe("tiny-lm", 200, 3e-3, {"warmup": False}), state)
+    _, diag = train_tiny_lm(Recipe("tiny-lm", 200, 3e-3, {"warmup": False}), state)
+    fine = diag.logits.record
     first = report.attention_entropy_at(fine, 0)
     assert first is not None and first[1] < report.ATTN_ENTROPY_LOW  # sharp from the start
     assert not any(report.collapsed_attentions_at(fine, s) for s in fine.steps)
     assert not report.evaluate(logits=fine)
+
+
+def test_a_signal_far_past_its_line_is_named_at_the_first_logging_step(monkeypatch):
+    """tiny-lm at 100x its best rate without warm-up, stopped at step 50 (its schedule's, the second logging step):
+    its largest attention logit is already past ATTN_LOGIT_AT_ONCE (2,200 to 13,000 on seeds 0-2) and Adam's
+    normalised step below ADAM_STEP_AT_ONCE (0.006 to 0.012), so both rules name it there, 100 steps before a
+    rule held over 3 logging steps could. At its best rate (logits below 10, steps about 0.2) neither does."""
+    from models import Recipe
+
+    from lightning_netdiag import report
+
+    def said(recipe):
+        _, diag = train_tiny_lm(recipe, steps=51)
+        logits, optimizer = diag.logits.record, diag.optimizer_state.record
+        assert logits.steps == optimizer.steps == [0, 50]
+        return {(v.check, v.step) for v in report.evaluate(logits=logits, optimizer=optimizer)}
+
+    hot = Recipe("tiny-lm", 800, 0.3, {"warmup": False})
+    assert said(hot) == {("attention logits growing", 50), ("learning rate too high", 50)}
+    assert said(Recipe("tiny-lm", 800, 3e-3, {"warmup": False})) == set()
+    monkeypatch.setattr(report, "ATTN_LOGIT_AT_ONCE", math.inf)
+    monkeypatch.setattr(report, "ADAM_STEP_AT_ONCE", 0.0)
+    assert said(hot) == set()  # two logging steps: the held rules cannot speak yet

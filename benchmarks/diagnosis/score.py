@@ -18,7 +18,8 @@ the callback does):
 Labels: a healthy run must get no warning at all; a fault must be named by its own check. A learning-rate
 sweep's points are labelled from their final loss (the mean of the last 100 steps' training losses) against
 the best of the same sweep and seed: within 3x of the best rate, healthy (above the best and more than 5 % worse:
-warnings of instability, a rate too high or a spike allowed); 10x or more above (below) it and
+warnings of instability, a rate too high, dead units or a spike allowed: a run clearly worse than it could be,
+named by a warning whose advice includes the rate, is no false alarm); 10x or more above (below) it and
 more than 5 % worse, the learning rate is too high (too low) and the report must say so, with a factor that
 moves toward the best; 10x or more away but not clearly worse, that one advice is allowed and nothing else.
 An instability run (a transformer at a high rate, in fp16, without weight decay, ...) is labelled from its final
@@ -48,7 +49,7 @@ from typing import Any
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 
-from suite import ATTENTION, FLIGHT_CHECKS, HEALTHY, NONFINITE, SPIKE, TOO_HIGH, TOO_LOW, Run, all_runs  # noqa: E402
+from suite import ATTENTION, DEAD_UNITS, FLIGHT_CHECKS, HEALTHY, NONFINITE, SPIKE, TOO_HIGH, TOO_LOW, Run, all_runs  # noqa: E402
 
 from lightning_netdiag import spikes  # noqa: E402
 
@@ -246,7 +247,7 @@ def replay(result: dict[str, Any]) -> tuple[list[list[Any]], list[dict[str, Any]
                 warned.append([v.check, v.step])
         if step in logged:
             per_step.append(step_signals(partial, step))
-    result["signals"] = {**init_signals(records), **persistent(per_step)}
+    result["signals"] = {**init_signals(records), **persistent(per_step), **at_any_step(per_step)}
     final = [asdict(v) for v in report.summarize(**records).verdicts]
     return warned, final
 
@@ -308,6 +309,21 @@ def step_signals(m: dict[str, Any], step: int) -> dict[str, float]:
     return out
 
 
+#: The signals with a line that counts at a single logged step (see report.ATTN_LOGIT_AT_ONCE), and whether low
+#: values are the bad ones.
+AT_ONCE = {"largest attention logit": False, "Adam step RMS, median": True}
+
+
+def at_any_step(per_step: list[dict[str, float]]) -> dict[str, float]:
+    """The most extreme value at any one logged step of each signal in :data:`AT_ONCE`, as ``"<signal>, one step"``."""
+    out: dict[str, float] = {}
+    for key, low in AT_ONCE.items():
+        values = [signals[key] for signals in per_step if key in signals]
+        if values:
+            out[f"{key}, one step"] = min(values) if low else max(values)
+    return out
+
+
 def persistent(per_step: list[dict[str, float]]) -> dict[str, float]:
     """Each signal's most extreme value held over PERSIST logged steps in a row (the SGD one: lowest)."""
     from lightning_netdiag.report import PERSIST
@@ -345,7 +361,7 @@ def labels(rows: list[dict[str, Any]]) -> None:
             if 1 / NEAR <= ratio <= NEAR:  # clearly worse all the same: a warning of instability is no false alarm
                 row["expect"], row["allowed"] = (
                     HEALTHY,
-                    ([ATTENTION, TOO_HIGH, *FLIGHT_CHECKS[SPIKE]] if worse and ratio > 1 else []),
+                    ([ATTENTION, TOO_HIGH, DEAD_UNITS, *FLIGHT_CHECKS[SPIKE]] if worse and ratio > 1 else []),
                 )
             elif ratio >= FAR:
                 row["expect"], row["allowed"] = (TOO_HIGH, []) if worse else (HEALTHY, [TOO_HIGH])
@@ -555,8 +571,10 @@ def table(rows: list[dict[str, Any]], seeds: list[int]) -> str:
     return "\n".join(lines)
 
 
-def constants() -> list[tuple[str, float, str, str, bool]]:
-    """(constant, its value, the signal compared with it, the check it makes, whether high values are bad)."""
+def constants() -> list[tuple[str, float, str, str | None, bool]]:
+    """(constant, its value, the signal compared with it, the check it makes, whether high values are bad). The check
+    of a line that counts at once is None: it must stay clear of every healthy run; the held line names the
+    faults, the line at once only names them earlier."""
     from lightning_netdiag import report as r
 
     saturation = [(f"SATURATED_PCT[{f}]", v, f"saturation at init, {f}", "saturation", True)
@@ -580,6 +598,8 @@ def constants() -> list[tuple[str, float, str, str, bool]]:
             False,
         ),
         ("ADAM_STEP_LOW", r.ADAM_STEP_LOW, "Adam step RMS, median", TOO_HIGH, False),
+        ("ATTN_LOGIT_AT_ONCE", r.ATTN_LOGIT_AT_ONCE, "largest attention logit, one step", None, True),
+        ("ADAM_STEP_AT_ONCE", r.ADAM_STEP_AT_ONCE, "Adam step RMS, median, one step", None, False),
         ("ADAM_EPS_PCT", r.ADAM_EPS_PCT, "Adam eps %, median", "Adam epsilon dominating", True),
     ]
 
@@ -602,7 +622,7 @@ def evidence_table(rows: list[dict[str, Any]]) -> str:
     for name, value, signal, check, high_bad in constants():
         at = [(r, r["signals"][signal]) for r in rows if signal in r["signals"]]
         healthy = _nearest([(r, v) for r, v in at if r["expect"] == HEALTHY and not r.get("allowed")], high_bad)
-        faults = _nearest([(r, v) for r, v in at if r["expect"] == check], not high_bad)
+        faults = None if check is None else _nearest([(r, v) for r, v in at if r["expect"] == check], not high_bad)
         below, above = (healthy, faults) if high_bad else (faults, healthy)
         ok = (below is None or below[0] <= value) and (above is None or value < above[0])
         cells = ["-" if found is None else f"{found[0]:.3g} ({found[1]})" for found in (healthy, faults)]

@@ -122,6 +122,8 @@ RUNS = [
 
 ATTENTION, EPS = "attention logits growing", "Adam epsilon dominating"
 TOO_HIGH, TOO_LOW = "learning rate too high", "learning rate too low"
+#: What an SGD rate too high does to ReLU units, whose advice includes lowering the rate.
+DEAD_UNITS = "dead units"
 
 
 def _twin(model: str, name: str, lr_factor: float, own: str, about: str, precision: str = "32-true",

@@ -26,8 +26,9 @@ class HealthReport(Callback):
     over-confident output (the loss at init far above ln(classes)). During training, each holding at three
     logging steps in a row: dead ReLU/GELU units, a weight that does not move while the others do (left out of
     the optimizer, or a rate of 0), fp16 gradients below fp16's range, and the learning rate (too high under
-    Adam, too low under SGD, or a network killed by too large SGD steps). Non-finite values are fatal. Each
-    rule gives one verdict: how many layers break it and the worst few.
+    Adam, too low under SGD, or a network killed by too large SGD steps), attention logits growing and Adam's
+    epsilon dominating; an attention logit or Adam's normalised step far past its line counts at once. Non-finite
+    values are fatal. Each rule gives one verdict: how many layers break it and the worst few.
 
     At the end of fit the report (:func:`lightning_netdiag.report.summarize`, the same as the plain loop's, the
     Hugging Face callback's and ``netdiag report``'s on the run's logs) is printed as a table, with a note on what
