@@ -117,7 +117,7 @@ class NetDiagCallback(TrainerCallback):  # type: ignore[misc]
     def _process_ends(self) -> None:
         """The process ends during training: the exception that ended it (where Python kept it) and the flight
         recorder's window go into the logs."""
-        if self.diag is not None and self.diag.flight is not None:
+        if self.diag is not None:  # NetDiag.crashed does nothing without a flight recorder
             error = getattr(sys, "last_value", None)
             self.diag.crashed(error if error is not None else "the process ended during training")
         self._close()

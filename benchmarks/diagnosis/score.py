@@ -247,7 +247,7 @@ def replay(result: dict[str, Any]) -> tuple[list[list[Any]], list[dict[str, Any]
                 warned.append([v.check, v.step])
         if step in logged:
             per_step.append(step_signals(partial, step))
-    result["signals"] = {**init_signals(records), **persistent(per_step), **at_any_step(per_step)}
+    result["signals"] = {**init_signals(records), **persistent(per_step)}
     final = [asdict(v) for v in report.summarize(**records).verdicts]
     return warned, final
 
@@ -309,34 +309,29 @@ def step_signals(m: dict[str, Any], step: int) -> dict[str, float]:
     return out
 
 
-#: The signals with a line that counts at a single logged step (see report.ATTN_LOGIT_AT_ONCE), and whether low
-#: values are the bad ones.
-AT_ONCE = {"largest attention logit": False, "Adam step RMS, median": True}
+#: The signals whose low values are the bad ones (the others: high values).
+LOW_BAD = {"SGD update:data at top rate", "Adam step RMS, median", "attention entropy, median (fallen)"}
 
 
-def at_any_step(per_step: list[dict[str, float]]) -> dict[str, float]:
-    """The most extreme value at any one logged step of each signal in :data:`AT_ONCE`, as ``"<signal>, one step"``."""
+def held(per_step: list[dict[str, float]], n: int) -> dict[str, float]:
+    """Each signal's most extreme value held over ``n`` logged steps in a row (n = 1: at any one logged step)."""
     out: dict[str, float] = {}
-    for key, low in AT_ONCE.items():
-        values = [signals[key] for signals in per_step if key in signals]
+    for key in {k for signals in per_step for k in signals}:
+        series = [signals.get(key) for signals in per_step]
+        low = key in LOW_BAD
+        windows = [series[i : i + n] for i in range(len(series) - n + 1)]
+        values = [(max(w) if low else min(w)) for w in windows if all(v is not None for v in w)]
         if values:
-            out[f"{key}, one step"] = min(values) if low else max(values)
+            out[key] = min(values) if low else max(values)
     return out
 
 
 def persistent(per_step: list[dict[str, float]]) -> dict[str, float]:
-    """Each signal's most extreme value held over PERSIST logged steps in a row (the SGD one: lowest)."""
+    """The signals as the rules during training see them: each held over PERSIST logged steps; and, for the lines
+    that count at once (report.ATTN_LOGIT_AT_ONCE, ...), at any one logged step, as ``"<signal>, one step"``."""
     from lightning_netdiag.report import PERSIST
 
-    out: dict[str, float] = {}
-    for key in {k for signals in per_step for k in signals}:
-        series = [signals.get(key) for signals in per_step]
-        low = key in ("SGD update:data at top rate", "Adam step RMS, median", "attention entropy, median (fallen)")
-        windows = [series[i : i + PERSIST] for i in range(len(series) - PERSIST + 1)]
-        held = [(max(w) if low else min(w)) for w in windows if all(v is not None for v in w)]
-        if held:
-            out[key] = min(held) if low else max(held)
-    return out
+    return {**held(per_step, PERSIST), **{f"{k}, one step": v for k, v in held(per_step, 1).items()}}
 
 
 # --- labels and scores ------------------------------------------------------------------------------------
