@@ -11,7 +11,8 @@ Layers, each importing only the ones before it:
 - front ends, deciding *when* to measure: ``callbacks`` (Lightning), ``loop`` (a plain loop or notebook),
   ``hf`` (the Hugging Face Trainer), ``cli`` (the ``netdiag`` command, on finished runs' logs);
 - sinks, readers and views, taking records: ``sinks`` (loggers), ``logs`` (the logs read back into records),
-  ``plots``, ``report``.
+  ``plots``, ``rules`` (the health report's rules, declared, one registry), ``report`` (the rules replayed over
+  a run: its summary), ``render`` (the report as text).
 
 Nothing here imports Lightning until a callback is asked for, so the plain loop runs without it.
 """

@@ -155,7 +155,7 @@ def attention_logits_over_time(logits: LogitRecord, ax: Axes | None = None) -> F
     """The largest attention logit of each attention over the steps, on a log scale, with the level above which
     the report warns (the instability suite's unstable runs passed it, its healthy ones never did). Above
     ``MANY_LAYERS`` attentions: the largest, the median and the smallest over them."""
-    from lightning_netdiag.report import ATTN_LOGIT_HIGH
+    from lightning_netdiag.rules.instability import ATTN_LOGIT_HIGH
 
     fig, ax = _axes(ax, figsize=(12, 4))
     if _over_attentions(logits, "attn_logit_max", ax):
@@ -171,7 +171,7 @@ def attention_entropy_over_time(logits: LogitRecord, ax: Axes | None = None) -> 
     """The mean normalised entropy of each attention's softmax over the steps (1: uniform, 0: one-hot), with the
     level below which the report warns when the median over the attentions has fallen there from its first value.
     Above ``MANY_LAYERS`` attentions: the largest, the median and the smallest over them."""
-    from lightning_netdiag.report import ATTN_ENTROPY_LOW
+    from lightning_netdiag.rules.instability import ATTN_ENTROPY_LOW
 
     fig, ax = _axes(ax, figsize=(12, 4))
     if _over_attentions(logits, "attn_entropy", ax):

@@ -6,6 +6,7 @@ import json
 import math
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -150,7 +151,7 @@ def train_tiny_lm(recipe, state=None, steps=None):
     return module.net.state_dict(), diag
 
 
-def test_attentions_sharp_from_the_start_are_not_a_collapse(monkeypatch):
+def test_attentions_sharp_from_the_start_are_not_a_collapse():
     """The entropy rule on real training: tiny-lm trained at 10x its best rate, no warm-up, collapses its softmaxes,
     and is named from its entropy alone (its largest logit holds above ATTN_LOGIT_HIGH on some CPUs, not on
     others). Trained on from there at its best rate with a fresh NetDiag, as one fine-tunes a model whose
@@ -158,29 +159,31 @@ def test_attentions_sharp_from_the_start_are_not_a_collapse(monkeypatch):
     from models import Recipe
 
     from lightning_netdiag import report
+    from lightning_netdiag.rules import RULES, instability
 
     state, diag = train_tiny_lm(Recipe("tiny-lm", 200, 3e-2, {"warmup": False}))
-    hot = diag.logits.record
-    collapsed = [s for s in hot.steps if report.collapsed_attentions_at(hot, s)]
+    hot = {"logits": diag.logits.record}
+    collapsed = [s for s in hot["logits"].steps if instability.collapsed_attentions_at(hot, s)]
     assert collapsed and collapsed[0] <= 100
 
-    def growing():
-        return [v for v in report.evaluate(logits=hot) if v.check == "attention logits growing"]
+    def growing(rules=RULES):
+        return [v for v in report.evaluate(**hot, rules=rules) if v.check == "attention logits growing"]
 
     assert growing()  # from its largest logits or from its entropy: which holds first depends on the CPU
-    monkeypatch.setattr(report, "ATTN_LOGIT_HIGH", math.inf)  # the entropy alone names it
-    monkeypatch.setattr(report, "ATTN_LOGIT_AT_ONCE", math.inf)
-    warned = growing()
-    assert warned and "entropy" in warned[0].cause
+    # the entropy alone names it: the logit rule's lines out of reach
+    logits_off = tuple(replace(r, line=math.inf, at_once=math.inf) if r.id == "instability.attention_logits" else r
+                       for r in RULES)  # fmt: skip
+    warned = growing(logits_off)
+    assert warned and "entropy" in warned[0].cause and warned[0].rule == "instability.attention_entropy"
     _, diag = train_tiny_lm(Recipe("tiny-lm", 200, 3e-3, {"warmup": False}), state)
-    fine = diag.logits.record
-    first = report.attention_entropy_at(fine, 0)
-    assert first is not None and first[1] < report.ATTN_ENTROPY_LOW  # sharp from the start
-    assert not any(report.collapsed_attentions_at(fine, s) for s in fine.steps)
-    assert not report.evaluate(logits=fine)
+    fine = {"logits": diag.logits.record}
+    first = instability.attention_entropy_at(fine, 0)
+    assert first is not None and first[1] < instability.ATTN_ENTROPY_LOW  # sharp from the start
+    assert not any(instability.collapsed_attentions_at(fine, s) for s in fine["logits"].steps)
+    assert not report.evaluate(**fine)
 
 
-def test_a_signal_far_past_its_line_is_named_at_the_first_logging_step(monkeypatch):
+def test_a_signal_far_past_its_line_is_named_at_the_first_logging_step():
     """tiny-lm at 100x its best rate without warm-up, stopped at step 50 (its schedule's, the second logging step):
     its largest attention logit is already past ATTN_LOGIT_AT_ONCE (2,200 to 13,000 on seeds 0-2) and Adam's
     normalised step below ADAM_STEP_AT_ONCE (0.006 to 0.012), so both rules name it there, 100 steps before a
@@ -188,16 +191,16 @@ def test_a_signal_far_past_its_line_is_named_at_the_first_logging_step(monkeypat
     from models import Recipe
 
     from lightning_netdiag import report
+    from lightning_netdiag.rules import RULES
 
-    def said(recipe):
+    def said(recipe, rules=RULES):
         _, diag = train_tiny_lm(recipe, steps=51)
         logits, optimizer = diag.logits.record, diag.optimizer_state.record
         assert logits.steps == optimizer.steps == [0, 50]
-        return {(v.check, v.step) for v in report.evaluate(logits=logits, optimizer=optimizer)}
+        return {(v.check, v.step) for v in report.evaluate(logits=logits, optimizer=optimizer, rules=rules)}
 
     hot = Recipe("tiny-lm", 800, 0.3, {"warmup": False})
     assert said(hot) == {("attention logits growing", 50), ("learning rate too high", 50)}
     assert said(Recipe("tiny-lm", 800, 3e-3, {"warmup": False})) == set()
-    monkeypatch.setattr(report, "ATTN_LOGIT_AT_ONCE", math.inf)
-    monkeypatch.setattr(report, "ADAM_STEP_AT_ONCE", 0.0)
-    assert said(hot) == set()  # two logging steps: the held rules cannot speak yet
+    held_only = tuple(replace(r, at_once=None) for r in RULES)
+    assert said(hot, held_only) == set()  # two logging steps: the held rules cannot speak yet

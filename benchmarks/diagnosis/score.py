@@ -242,8 +242,8 @@ def replay(result: dict[str, Any]) -> tuple[list[list[Any]], list[dict[str, Any]
     warned, seen, per_step = [], set(), []
     for step, partial in report.replay(**records):
         for v in report.evaluate(**partial):
-            if (v.check, v.healthy) not in seen:
-                seen.add((v.check, v.healthy))
+            if v.rule not in seen:
+                seen.add(v.rule)
                 warned.append([v.check, v.step])
         if step in logged:
             per_step.append(step_signals(partial, step))
@@ -255,70 +255,42 @@ def replay(result: dict[str, Any]) -> tuple[list[list[Any]], list[dict[str, Any]
 # --- where each run stands against each constant ----------------------------------------------------------
 
 
-def init_signals(m: dict[str, Any]) -> dict[str, float]:
-    """The values the at-init rules compare with their constants (the worst layer's)."""
-    from lightning_netdiag import report
+def init_signals(records: dict[str, Any]) -> dict[str, float]:
+    """The signals of the rules at init, as each compares them with its line (the registry's)."""
+    from lightning_netdiag.rules import RULES
 
-    sat, out = m["saturation"], {}
-    for name, pct in report.at_init(sat, "act_saturated_pct").items():
-        key = f"saturation at init, {sat.family(name)}"
-        out[key] = max(out.get(key, -math.inf), pct)
-    stds = [v for n, v in report.at_init(sat, "act_std").items() if sat.family(n) == "tanh"]
-    if stds:
-        out["tanh std at init (least)"] = min(stds)
-    flow = report.gradient_ratio_at_init(sat)
-    if flow is not None:
-        out["gradient ratio at init"] = flow[1]
-    ce, classes = report.at_init(sat, "init_output_ce"), report.at_init(sat, "init_output_classes")
-    for name, value in ce.items():
-        if classes.get(name, 1) > 1:
-            out["output at init / ln(classes)"] = value / math.log(classes[name])
+    return signals_at(records, 0, [r for r in RULES if r.when == "init"])
+
+
+def step_signals(records: dict[str, Any], step: int) -> dict[str, float]:
+    """The signals of the rules during training at ``step``."""
+    from lightning_netdiag.rules import RULES
+
+    return signals_at(records, step, [r for r in RULES if r.when != "init"])
+
+
+def signals_at(records: dict[str, Any], step: int, rules: list[Any]) -> dict[str, float]:
+    out = {}
+    for rule in rules:
+        if rule.signal is not None and (value := rule.signal(records, step)) is not None:
+            out[rule.signal_name] = value
     return out
 
 
-def step_signals(m: dict[str, Any], step: int) -> dict[str, float]:
-    from lightning_netdiag import report
+def low_bad() -> set[str]:
+    """The signals whose low values are the bad ones (the others: high values)."""
+    from lightning_netdiag.rules import RULES
 
-    sat, gd, upd, out = m["saturation"], m["grad_data"], m["update"], {}
-    dead = report.dead_units_at(sat, step)
-    if dead:
-        out["dead units %"] = max(v for _, v in dead.values())
-    tiny = report.fp16_tiny_at(sat, step)
-    if tiny:
-        out["fp16 tiny %, median"] = statistics.median(tiny.values())
-    for key, value in (("Adam update shrink", report.adam_shrink_at(upd, gd, step)),
-                       ("SGD update:data at top rate", report.sgd_update_at(upd, step)),
-                       ("SGD fall, a layer flat", report.sgd_died_at(sat, upd, step))):  # fmt: skip
-        if value is not None:
-            out[key] = value
-    logits, adam = m.get("logits"), m.get("optimizer")
-    attention = report.attention_logits_at(logits, step)
-    if attention:
-        out["largest attention logit"] = max(attention.values())
-    if logits is not None:
-        fallen = report.fallen_entropy_at(logits, step)
-        if fallen is not None:
-            out["attention entropy, median (fallen)"] = fallen
-        for name, log_z in logits.at("output_logz", step).items():
-            init = logits.at_init("output_logz").get(name)
-            if init is not None:
-                out["output log Z, drift from init"] = abs(log_z - init)
-    if adam is not None and (rms := adam.at("adam_step_rms", step)) and step > 0:
-        out["Adam step RMS, median"] = statistics.median(rms.values())
-        out["Adam eps %, median"] = statistics.median(adam.at("adam_eps_pct", step).values())
-    return out
-
-
-#: The signals whose low values are the bad ones (the others: high values).
-LOW_BAD = {"SGD update:data at top rate", "Adam step RMS, median", "attention entropy, median (fallen)"}
+    return {rule.signal_name for rule in RULES if rule.signal is not None and not rule.above}
 
 
 def held(per_step: list[dict[str, float]], n: int) -> dict[str, float]:
     """Each signal's most extreme value held over ``n`` logged steps in a row (n = 1: at any one logged step)."""
     out: dict[str, float] = {}
+    lows = low_bad()
     for key in {k for signals in per_step for k in signals}:
         series = [signals.get(key) for signals in per_step]
-        low = key in LOW_BAD
+        low = key in lows
         windows = [series[i : i + n] for i in range(len(series) - n + 1)]
         values = [(max(w) if low else min(w)) for w in windows if all(v is not None for v in w)]
         if values:
@@ -328,8 +300,8 @@ def held(per_step: list[dict[str, float]], n: int) -> dict[str, float]:
 
 def persistent(per_step: list[dict[str, float]]) -> dict[str, float]:
     """The signals as the rules during training see them: each held over PERSIST logged steps; and, for the lines
-    that count at once (report.ATTN_LOGIT_AT_ONCE, ...), at any one logged step, as ``"<signal>, one step"``."""
-    from lightning_netdiag.report import PERSIST
+    that count at once (a rule's ``at_once``), at any one logged step, as ``"<signal>, one step"``."""
+    from lightning_netdiag.rules import PERSIST
 
     return {**held(per_step, PERSIST), **{f"{k}, one step": v for k, v in held(per_step, 1).items()}}
 
@@ -567,36 +539,18 @@ def table(rows: list[dict[str, Any]], seeds: list[int]) -> str:
 
 
 def constants() -> list[tuple[str, float, str, str | None, bool]]:
-    """(constant, its value, the signal compared with it, the check it makes, whether high values are bad). The check
-    of a line that counts at once is None: it must stay clear of every healthy run; the held line names the
-    faults, the line at once only names them earlier."""
-    from lightning_netdiag import report as r
+    """(constant, its value, the signal compared with it, the check it makes, whether high values are bad), from the
+    rules' registry, in its order. The check of a line that counts at once is None: it must stay clear of every
+    healthy run; the held line names the faults, the line at once only names them earlier."""
+    from lightning_netdiag.rules import RULES
 
-    saturation = [(f"SATURATED_PCT[{f}]", v, f"saturation at init, {f}", "saturation", True)
-                  for f, v in r.SATURATED_PCT.items()]  # fmt: skip
-    return saturation + [
-        ("DEAD_STD", r.DEAD_STD, "tanh std at init (least)", "dead layer", False),
-        ("GRAD_SPREAD", r.GRAD_SPREAD, "gradient ratio at init", "exploding gradient", True),
-        ("1 / GRAD_SPREAD", 1 / r.GRAD_SPREAD, "gradient ratio at init", "vanishing gradient", False),
-        ("OVERCONFIDENT", r.OVERCONFIDENT, "output at init / ln(classes)", "over-confident output", True),
-        ("DEAD_UNITS_PCT", max(r.DEAD_UNITS_PCT.values()), "dead units %", "dead units", True),
-        ("UNDERFLOW_PCT", r.UNDERFLOW_PCT, "fp16 tiny %, median", "gradient underflow", True),
-        ("ADAM_SHRINK_HIGH", r.ADAM_SHRINK_HIGH, "Adam update shrink", TOO_HIGH, True),
-        ("SGD_LOW", r.SGD_LOW, "SGD update:data at top rate", TOO_LOW, False),
-        ("SGD_FALL", r.SGD_FALL, "SGD fall, a layer flat", TOO_HIGH, True),
-        ("ATTN_LOGIT_HIGH", r.ATTN_LOGIT_HIGH, "largest attention logit", "attention logits growing", True),
-        (
-            "ATTN_ENTROPY_LOW",
-            r.ATTN_ENTROPY_LOW,
-            "attention entropy, median (fallen)",
-            "attention logits growing",
-            False,
-        ),
-        ("ADAM_STEP_LOW", r.ADAM_STEP_LOW, "Adam step RMS, median", TOO_HIGH, False),
-        ("ATTN_LOGIT_AT_ONCE", r.ATTN_LOGIT_AT_ONCE, "largest attention logit, one step", None, True),
-        ("ADAM_STEP_AT_ONCE", r.ADAM_STEP_AT_ONCE, "Adam step RMS, median, one step", None, False),
-        ("ADAM_EPS_PCT", r.ADAM_EPS_PCT, "Adam eps %, median", "Adam epsilon dominating", True),
-    ]
+    out: list[tuple[str, float, str, str | None, bool]] = []
+    for rule in RULES:
+        if rule.signal is not None:
+            out.append((rule.constant, rule.line, rule.signal_name, rule.check, rule.above))
+        if rule.at_once is not None:
+            out.append((rule.at_once_constant, rule.at_once, f"{rule.signal_name}, one step", None, rule.above))
+    return out
 
 
 def _nearest(points: list[tuple[dict[str, Any], float]], highest: bool) -> tuple[float, str] | None:

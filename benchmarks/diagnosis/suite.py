@@ -23,6 +23,8 @@ from dataclasses import dataclass, replace
 
 from models import Fault, Recipe
 
+from lightning_netdiag.rules import BY_ID as RULE
+
 HEALTHY = "healthy"
 
 
@@ -120,10 +122,11 @@ RUNS = [
 # fmt: on
 
 
-ATTENTION, EPS = "attention logits growing", "Adam epsilon dominating"
-TOO_HIGH, TOO_LOW = "learning rate too high", "learning rate too low"
+# The labels are the checks of the rules that must name each fault (the registry's words, never typed again).
+ATTENTION, EPS = RULE["instability.attention_logits"].check, RULE["instability.adam_eps"].check
+TOO_HIGH, TOO_LOW = RULE["lr.adam_shrink"].check, RULE["lr.sgd_low"].check
 #: What an SGD rate too high does to ReLU units, whose advice includes lowering the rate.
-DEAD_UNITS = "dead units"
+DEAD_UNITS = RULE["training.dead_units"].check
 
 
 def _twin(model: str, name: str, lr_factor: float, own: str, about: str, precision: str = "32-true",

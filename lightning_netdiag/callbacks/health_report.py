@@ -59,7 +59,7 @@ class HealthReport(Callback):
         self.verdicts: list[report.Verdict] = []
         self.warnings: list[report.Verdict] = []  # each rule's first verdict during training, with its step
         self.notes: list[str] = []  # what the report read where it found nothing (the learning rate)
-        self._warned: set[tuple[str, str]] = set()
+        self._warned: set[str] = set()
         self._checked: tuple[int | None, ...] = ()
         self._records: dict[str, Any] = {}
 
@@ -85,8 +85,8 @@ class HealthReport(Callback):
             return
         self._checked = latest
         for v in report.evaluate(**self._records):
-            if self.warn and (v.check, v.healthy) not in self._warned:  # once per rule (and family)
-                self._warned.add((v.check, v.healthy))
+            if self.warn and v.rule not in self._warned:  # once per rule
+                self._warned.add(v.rule)
                 self.warnings.append(v)
                 where = (
                     "" if not v.hits else f" in {v.layer}" if v.hits == 1 else f" in {v.hits} layers, worst {v.layer}"

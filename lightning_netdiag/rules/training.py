@@ -1,0 +1,125 @@
+"""The rules during training: non-finite values (fatal, at once), dead units, a weight that is not learning, fp16
+gradients underflowing. Calibration: ``docs/diagnosis.md#the-rules-at-init-and-during-training``."""
+
+from __future__ import annotations
+
+import statistics
+
+from lightning_netdiag.rules.base import Found, Records, Rule, at, median, positive
+
+__all__ = ["DEAD_UNITS_PCT", "NONFINITE", "RULES", "UNDERFLOW_PCT", "dead_units_at", "fp16_tiny_at"]
+
+#: % of units saturated for every example of a step, in a row, above which a layer has dead units: ReLU
+#: and GELU layers only (healthy recurrent and gated layers keep many units saturated by design).
+DEAD_UNITS_PCT = {"relu": 25.0, "gelu": 25.0}
+#: Median % of the layers' fp16 activation-gradient values below fp16's normal range above which the
+#: gradients underflow (no loss scaling).
+UNDERFLOW_PCT = 5.0
+
+_FAMILY_NAMES = {"relu": "ReLU-like", "gelu": "GELU-like"}
+
+
+def _nonfinite(metric: str, kind: str, what: str) -> Rule:
+    return Rule(
+        id=f"nonfinite.{metric}", check="non-finite", reads=(kind,), when="now", line=0.0, above=True,
+        flag=lambda records, step, line: positive(at(records.get(kind), metric, step)),
+        # named in depth order, not by count: the first layer that goes non-finite is where to look; under a loss
+        # scaler the gradients' counts must persist (it skips a step whose gradients overflowed)
+        badness=lambda count: 0.0, severity="fatal", held_under_scaler=metric != "act_nonfinite",
+        healthy=f"0 NaN/Inf in the {what}",
+        cause="NaN/Inf values: the loss or the weights have diverged, or a log(0) / 0 upstream; the first layer "
+        "named is the earliest affected",
+        advice="lower the learning rate, clip gradients, check the loss for log(0); under fp16 use a GradScaler",
+        section="the-rules-at-init-and-during-training",
+    )  # fmt: skip
+
+
+NONFINITE: tuple[Rule, ...] = (
+    _nonfinite("act_nonfinite", "saturation", "activations"),
+    _nonfinite("act_grad_nonfinite", "saturation", "activation gradients"),
+    _nonfinite("grad_nonfinite", "grad_data", "weight gradients"),
+)
+
+
+def dead_units_at(records: Records, step: int) -> dict[str, tuple[str, float]]:
+    """name -> (family, % of dead units) at ``step``, for the families with a limit."""
+    saturation = records.get("saturation")
+    if saturation is None:
+        return {}
+    values = saturation.at("act_dead_pct", step)
+    return {n: (f, v) for n, v in values.items() if (f := saturation.family(n)) is not None and f in DEAD_UNITS_PCT}
+
+
+def fp16_tiny_at(records: Records, step: int) -> dict[str, float]:
+    """name -> % of its fp16 gradient values below fp16's normal range, at ``step``."""
+    return at(records.get("saturation"), "act_grad_fp16_tiny_pct", step)
+
+
+def _underflow(records: Records, step: int, line: float) -> dict[str, float]:
+    tiny = fp16_tiny_at(records, step)
+    return tiny if tiny and statistics.median(tiny.values()) > line else {}
+
+
+def _not_learning(found: Found) -> str:
+    grad_data = found.records.get("grad_data")
+    latest = grad_data.last_step if grad_data is not None and grad_data.last_step is not None else -1
+    no_grad = {n for n, v in at(grad_data, "grad_std", latest).items() if v == 0}
+    return (
+        "the weight has a gradient but never changes while the others do: left out of the optimizer, frozen, or "
+        "its learning rate is 0" + (" (or its gradient is exactly 0)" if no_grad & set(found.hits) else "")
+    )
+
+
+RULES: tuple[Rule, ...] = (
+    Rule(
+        id="training.dead_units",
+        check="dead units",
+        reads=("saturation",),
+        when="training",
+        line=max(DEAD_UNITS_PCT.values()),
+        above=True,
+        flag=lambda records, step, line: {
+            n: v for n, (f, v) in dead_units_at(records, step).items() if v > DEAD_UNITS_PCT[f]
+        },
+        signal=lambda records, step: max((v for _, v in dead_units_at(records, step).values()), default=None),
+        signal_name="dead units %",
+        constant="DEAD_UNITS_PCT",
+        healthy=", ".join(f"{_FAMILY_NAMES[f]} <= {v:g} %" for f, v in DEAD_UNITS_PCT.items()),
+        cause="units output 0 (their flat side) for every example: no gradient reaches their weights",
+        advice="check the init and the bias before the layer (a large negative bias kills ReLUs); lower the "
+        "learning rate; try a leaky variant",
+        section="the-rules-at-init-and-during-training",
+    ),
+    Rule(
+        id="training.not_learning",
+        check="not learning",
+        reads=("update",),
+        when="training",
+        line=0.0,
+        above=True,
+        flag=lambda records, step, line: at(records.get("update"), "update_zero", step),
+        badness=lambda v: 0.0,
+        healthy="changes at every step",
+        cause=_not_learning,
+        advice="pass every parameter to the optimizer (build it after the model is complete); check the parameter "
+        "groups' learning rates",
+        section="the-rules-at-init-and-during-training",
+    ),
+    Rule(
+        id="training.underflow",
+        check="gradient underflow",
+        reads=("saturation",),
+        when="training",
+        line=UNDERFLOW_PCT,
+        above=True,
+        flag=_underflow,
+        signal=lambda records, step: median(fp16_tiny_at(records, step)),
+        signal_name="fp16 tiny %, median",
+        constant="UNDERFLOW_PCT",
+        named=lambda found: {n: v for n, v in found.hits.items() if v > UNDERFLOW_PCT},
+        healthy=f"fp16 gradients: median < {UNDERFLOW_PCT:g} % below fp16's normal range (6.1e-05)",
+        cause="fp16 gradients are too small for fp16: they lose precision or flush to 0 (no loss scaling)",
+        advice="use a GradScaler (Lightning's precision='16-mixed' has one), or bf16",
+        section="the-rules-at-init-and-during-training",
+    ),
+)
