@@ -36,6 +36,7 @@ _HOMES = {
     "NetDiag": "lightning_netdiag.loop",
     "NetDiagCallback": "lightning_netdiag.hf",
     "fast_tensorboard_checksums": "lightning_netdiag.sinks",
+    "netdiag_callbacks": "lightning_netdiag.callbacks",
 }
 
 __all__ = [*sorted(_HOMES), "__version__"]

@@ -6,7 +6,6 @@ training begins: the same hooks, meters and numbers as the plain loop and the Li
 
 from __future__ import annotations
 
-import atexit
 import os
 import socket
 import sys
@@ -16,22 +15,15 @@ from typing import Any
 from transformers import TrainerCallback
 
 from lightning_netdiag import report
-from lightning_netdiag.loop import NetDiag
-from lightning_netdiag.meters import (
-    ActivationMeter,
-    FlightMeter,
-    GradDataMeter,
-    LogitMeter,
-    OptimizerMeter,
-    UpdateMeter,
-)
+from lightning_netdiag.flight.lifeline import at_exit
+from lightning_netdiag.loop import METERS, NetDiag, meter_option
 from lightning_netdiag.run import check_positive_int
 
 __all__ = ["NetDiagCallback"]
 
 
 class NetDiagCallback(TrainerCallback):  # type: ignore[misc]
-    """D1-D4 for ``transformers.Trainer``: ``Trainer(..., callbacks=[NetDiagCallback()])``.
+    """The diagnostics for ``transformers.Trainer``: ``Trainer(..., callbacks=[NetDiagCallback()])``.
 
     Measures every ``every_n_steps``-th optimizer step (None: the Trainer's ``logging_steps``), as the plain
     loop does: activations and their gradients over every micro-batch of the step, the gradients unscaled
@@ -55,13 +47,14 @@ class NetDiagCallback(TrainerCallback):  # type: ignore[misc]
 
     Args:
         every_n_steps: measure every n-th optimizer step; None takes ``args.logging_steps``.
-        saturation, grad_data, update, logits, optimizer_state, flight: as for
-            :class:`~lightning_netdiag.loop.NetDiag`.
         print_report: print the health report when training ends.
         log_dir: where the TensorBoard events go (see above); None: the default.
+        **meters: the meters to run, passed on to :class:`~lightning_netdiag.loop.NetDiag` (``saturation``,
+            ``grad_data``, ``update``, ``logits``, ``optimizer_state``, ``flight``: each True by default, a
+            configured meter, or None to leave out).
 
     Raises:
-        ValueError: if an argument is out of range.
+        ValueError: if an argument is out of range, or is not one of NetDiag's meters.
 
     Example::
 
@@ -72,27 +65,23 @@ class NetDiagCallback(TrainerCallback):  # type: ignore[misc]
     """
 
     def __init__(
-        self,
-        every_n_steps: int | None = None,
-        saturation: ActivationMeter | bool | None = True,
-        grad_data: GradDataMeter | bool | None = True,
-        update: UpdateMeter | bool | None = True,
-        print_report: bool = True,
-        log_dir: str | None = None,
-        logits: LogitMeter | bool | None = True,
-        optimizer_state: OptimizerMeter | bool | None = True,
-        flight: FlightMeter | bool | None = True,
+        self, every_n_steps: int | None = None, print_report: bool = True, log_dir: str | None = None, **meters: Any
     ) -> None:
         check_positive_int("every_n_steps", every_n_steps, allow_none=True)
+        unknown = sorted(set(meters) - set(METERS))
+        if unknown:
+            raise ValueError(f"Expected the meters to be among {sorted(METERS)}, got {unknown}")
+        for name, value in meters.items():
+            meter_option(name, value)  # refused now, not when training begins
         self.every_n_steps = every_n_steps
-        self.saturation, self.grad_data, self.update = saturation, grad_data, update
-        self.logits, self.optimizer_state, self.flight = logits, optimizer_state, flight
+        self.meters = meters
         self.print_report = bool(print_report)
         self.log_dir = log_dir
         self.diag: NetDiag | None = None
         self.verdicts: list[report.Verdict] = []
         self.run_dir: str | None = None  # where this training's TensorBoard events and flight window go
         self._writer: Any = None
+        self._unregister: Any = None  # the exit hook's, while training runs
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         optimizer = kwargs.get("optimizer")
@@ -106,13 +95,11 @@ class NetDiagCallback(TrainerCallback):  # type: ignore[misc]
         every = self.every_n_steps or int(args.logging_steps)
         self.diag = NetDiag(
             model, inner, writer=self._writer, every_n_steps=every, scaler=getattr(optimizer, "scaler", None),
-            saturation=self.saturation, grad_data=self.grad_data, update=self.update, logits=self.logits,
-            optimizer_state=self.optimizer_state, flight=self.flight,
-            loss_from_output=args.gradient_accumulation_steps == 1,
+            loss_from_output=args.gradient_accumulation_steps == 1, **self.meters,
         )  # fmt: skip
         self.diag.steps = state.global_step  # resumed runs go on counting
         self.diag.attach()
-        atexit.register(self._process_ends)
+        self._unregister = at_exit(self._process_ends)
 
     def _process_ends(self) -> None:
         """The process ends during training: the exception that ended it (where Python kept it) and the flight
@@ -123,7 +110,9 @@ class NetDiagCallback(TrainerCallback):  # type: ignore[misc]
         self._close()
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        atexit.unregister(self._process_ends)
+        if self._unregister is not None:
+            self._unregister()
+            self._unregister = None
         if self.diag is None:
             return
         self.diag.close()

@@ -45,6 +45,10 @@ class Run(Protocol):
     def flush(self) -> None:
         """Put what was sent onto the disk now (the run may die next)."""
 
+    @property
+    def log_dir(self) -> str | None:
+        """The directory of the run's logs, where files beside them go (None: no logs)."""
+
 
 class TorchRun:
     """A :class:`Run` over ``torch.distributed`` (when initialised) for the front ends without a Trainer.
@@ -54,6 +58,7 @@ class TorchRun:
         scaler: the AMP GradScaler that scales the loss, if any.
         device: where collectives run; None: CUDA's current device under NCCL, the CPU otherwise.
         flush: puts what was emitted onto the disk (None: nothing to do).
+        log_dir: the directory of the logs (None: no logs).
     """
 
     def __init__(
@@ -62,8 +67,10 @@ class TorchRun:
         scaler: Any = None,
         device: torch.device | None = None,
         flush: Callable[[], None] | None = None,
+        log_dir: str | None = None,
     ) -> None:
         self._emit, self.scaler, self._device, self._flush = emit, scaler, device, flush
+        self.log_dir = log_dir
 
     @property
     def world_size(self) -> int:

@@ -35,6 +35,7 @@ def quick(tmp_path_factory):
     return run_quick(tmp_path_factory, "lightning")
 
 
+@pytest.mark.slow
 def test_quick_suite_healthy_runs_get_no_warning_and_each_fault_its_own_check(quick):
     rows, printed = quick
     wrong = [(r["name"], r["wrong"]) for r in rows if not r["ok"]]
@@ -52,6 +53,7 @@ def test_quick_suite_healthy_runs_get_no_warning_and_each_fault_its_own_check(qu
     assert len(flights) == 4 and "Flight runs right (step within one, layer first where injected): 4 of 4" in printed
 
 
+@pytest.mark.slow
 def test_quick_suite_rescored_from_its_histories_gives_the_same_verdicts(quick):
     rows, _ = quick
     for row in rows:
@@ -59,6 +61,7 @@ def test_quick_suite_rescored_from_its_histories_gives_the_same_verdicts(quick):
         assert warned == row["warned"] and [v["check"] for v in final] == [v["check"] for v in row["final"]]
 
 
+@pytest.mark.slow
 def test_quick_suite_through_the_plain_loop_gives_the_lightning_verdicts(quick, tmp_path_factory):
     rows, printed = run_quick(tmp_path_factory, "loop")
     faulty = sum(r["expect"] != HEALTHY and not r["fault"] for r in rows)
@@ -71,6 +74,7 @@ def test_quick_suite_through_the_plain_loop_gives_the_lightning_verdicts(quick, 
         assert [c for c, _ in row["warned"]] == [c for c, _ in other["warned"]], row["name"]
 
 
+@pytest.mark.slow
 def test_quick_suite_through_the_hugging_face_trainer_gives_the_lightning_verdicts(quick, tmp_path_factory):
     pytest.importorskip("accelerate")
     rows, printed = run_quick(tmp_path_factory, "hf")
@@ -151,6 +155,7 @@ def train_tiny_lm(recipe, state=None, steps=None):
     return module.net.state_dict(), diag
 
 
+@pytest.mark.slow
 def test_attentions_sharp_from_the_start_are_not_a_collapse():
     """The entropy rule on real training: tiny-lm trained at 10x its best rate, no warm-up, collapses its softmaxes,
     and is named from its entropy alone (its largest logit holds above ATTN_LOGIT_HIGH on some CPUs, not on
@@ -183,6 +188,7 @@ def test_attentions_sharp_from_the_start_are_not_a_collapse():
     assert not report.evaluate(**fine)
 
 
+@pytest.mark.slow
 def test_a_signal_far_past_its_line_is_named_at_the_first_logging_step():
     """tiny-lm at 100x its best rate without warm-up, stopped at step 50 (its schedule's, the second logging step):
     its largest attention logit is already past ATTN_LOGIT_AT_ONCE (2,200 to 13,000 on seeds 0-2) and Adam's

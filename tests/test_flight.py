@@ -394,10 +394,10 @@ diag = NetDiag(model, optimizer, writer=SummaryWriter({logs!r}), every_n_steps=5
 if {inside}:  # the signal comes while NetDiag is inside the recorder (its row of the step half written)
     after_step = FlightMeter.after_step
 
-    def signalled(self, logging=True):
+    def signalled(self, optimizer, logging=True):
         if self._step == 120:
             os.kill(os.getpid(), signal.{sig})
-        after_step(self, logging)
+        after_step(self, optimizer, logging)
 
     FlightMeter.after_step = signalled
 with diag:

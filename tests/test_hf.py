@@ -118,6 +118,25 @@ def test_without_tensorboard_in_report_to_nothing_is_written(tmp_path):
 def test_bad_arguments_name_what_was_wrong():
     with pytest.raises(ValueError, match="Expected `every_n_steps`"):
         NetDiagCallback(every_n_steps=0)
+    with pytest.raises(ValueError, match="among"):  # NetDiag's meters, passed on by name
+        NetDiagCallback(fligth=None)
+    with pytest.raises(ValueError, match="Expected `saturation` to be True, None or a ActivationMeter"):
+        NetDiagCallback(saturation="yes")
+
+
+def test_the_meters_options_pass_through_to_netdiag(tmp_path):
+    from lightning_netdiag.meters import LogitMeter
+
+    logits = LogitMeter(max_calls=2)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=BATCH, max_steps=2, logging_steps=1, report_to=[],
+        use_cpu=True, save_strategy="no", disable_tqdm=True, remove_unused_columns=False,
+    )  # fmt: skip
+    callback = NetDiagCallback(flight=None, optimizer_state=False, logits=logits, print_report=False)
+    InOrder(model=Clf(), args=args, train_dataset=Rows(), callbacks=[callback]).train()
+    diag = callback.diag
+    assert diag.flight is None and diag.optimizer_state is None and diag.logits is logits
+    assert [m.kind for m in diag.meters] == ["saturation", "grad_data", "update", "logits"]
 
 
 DIES = """

@@ -1,6 +1,7 @@
 """The options every callback shares: cadence, histograms on/off, prefix, bounded history."""
 
 import pytest
+import torch
 from helpers import TinyNet, all_callbacks, loader, read_csv, read_tensorboard, trainer
 from lightning.pytorch.loggers import CSVLogger
 
@@ -63,3 +64,42 @@ def test_log_every_n_steps_zero_needs_an_explicit_cadence(tmp_path, cls):
     cb = cls(every_n_steps=1)
     trainer(tmp_path, [cb], max_steps=1, log_every_n_steps=0, logger=False).fit(TinyNet(), loader())
     assert len(cb.history) > 0
+
+
+def test_netdiag_callbacks_gives_every_callback_with_shared_options_and_the_three_callback_numbers(tmp_path):
+    from lightning_netdiag import (
+        DiagnosticPlots,
+        FlightRecorder,
+        HealthReport,
+        LogitMonitor,
+        OptimizerState,
+        netdiag_callbacks,
+    )
+
+    every = netdiag_callbacks(every_n_steps=2, prefix="diag")
+    kinds = [SaturationMonitor, GradDataRatio, UpdateRatio, LogitMonitor, OptimizerState, FlightRecorder,
+             DiagnosticPlots, HealthReport]  # fmt: skip
+    assert [type(cb) for cb in every] == kinds
+    monitors = every[:5]
+    assert all(cb.every_n_steps == 2 and cb.prefix == "diag" for cb in monitors) and every[5].prefix == "diag"
+    three = all_callbacks(2)
+    for callbacks, name in ((every, "all"), (three, "three")):
+        torch.manual_seed(0)  # the same init and batches
+        trainer(tmp_path / name, callbacks, max_steps=5, limit_val_batches=0, logger=False).fit(TinyNet(), loader())
+    for ours, theirs in zip(every[:3], three, strict=True):  # the same numbers as the three-callback pattern
+        assert ours.record.steps == theirs.record.steps == [0, 2, 4]
+        assert {k: [v for _, v in p] for k, p in ours.record.series.items()} == {
+            k: [v for _, v in p] for k, p in theirs.record.series.items()
+        }
+    assert every[3].record.steps == [0, 2, 4] and every[5].record.steps == list(range(5))  # the logits; every step
+    assert every[7].report is not None  # the report at the end of fit
+
+    left_out = netdiag_callbacks(flight=None, plots=False, report=HealthReport(warn=False))
+    assert FlightRecorder not in map(type, left_out) and DiagnosticPlots not in map(type, left_out)
+    assert left_out[-1].warn is False  # the one given
+    with pytest.raises(ValueError, match="among"):
+        netdiag_callbacks(saturations=True)
+    with pytest.raises(ValueError, match="Expected `update` to be True, None or a UpdateRatio"):
+        netdiag_callbacks(update=GradDataRatio())
+    with pytest.raises(ValueError, match="`every_n_steps`"):
+        netdiag_callbacks(every_n_steps=0)

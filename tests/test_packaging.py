@@ -39,6 +39,7 @@ def test_wheel_builds_with_py_typed_and_the_package_version(tmp_path):
     shutil.rmtree(ROOT / "build", ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_mypy_passes_on_the_package():
     pytest.importorskip("mypy")
     done = subprocess.run(

@@ -171,7 +171,7 @@ def test_the_layers_hold_core_imports_no_front_end_and_views_no_meter():
     package = Path(__file__).parents[1] / "lightning_netdiag"
     core = {
         "stats", "spikes", "activations", "select", "capture", "attention", "origin", "dist", "tags", "history",
-        "record", "run", "meters",
+        "record", "run", "meters", "flight",
     }  # fmt: skip
     views = {"sinks", "logs", "plots", "report", "render", "rules"}
 

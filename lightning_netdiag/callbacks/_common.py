@@ -13,13 +13,13 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_netdiag import stats
-from lightning_netdiag.meters import FlightMeter, Meter, records_by_kind
+from lightning_netdiag.meters import Meter, records_by_kind
+from lightning_netdiag.meters.base import MOMENTS, listening, requested_by
 from lightning_netdiag.run import check_positive_int, scaler_scale
 from lightning_netdiag.sinks import LoggerSink, flush_loggers
 
 __all__ = [
-    "DiagnosticCallback", "ForwardCallback", "LightningRun", "ParameterCallback", "first_meter", "flat_sharding",
-    "logging_step", "loss_scale", "records",
+    "DiagnosticCallback", "LightningRun", "ParameterCallback", "flat_sharding", "logging_step", "loss_scale", "records",
 ]  # fmt: skip
 
 
@@ -75,13 +75,21 @@ class LightningRun:
         if self.trainer.is_global_zero:
             flush_loggers(self.trainer.loggers)
 
+    @property
+    def log_dir(self) -> str | None:
+        return self.trainer.log_dir if self.trainer.loggers else None
+
 
 class DiagnosticCallback(Callback):
-    """Base of the netdiag callbacks, mixed into a meter (first in the bases). Not for use on its own.
+    """The one adapter from Lightning's hooks to the meters' lifecycle (:class:`~lightning_netdiag.meters.Meter`),
+    mixed into a meter (first in the bases). Not for use on its own.
 
     The meter measures; this class decides when (every ``every_n_steps``-th optimizer step, from
-    ``trainer.log_every_n_steps`` when None), attaches the meter when fit starts and detaches it when fit
-    ends or fails.
+    ``trainer.log_every_n_steps`` when None), attaches the meter when fit starts and detaches it when fit ends or
+    fails. Lightning's hooks, as the meter hears them: ``on_train_batch_start``: the step starts (at its first
+    micro-batch) and a forward starts; ``on_before_backward``/``on_after_backward``: its backward starts and ends;
+    ``on_before_optimizer_step``: before the step; ``on_train_batch_end``: the micro-batch's loss, after the step of
+    each optimizer that stepped, and nothing recorded until the next batch (validation).
     """
 
     prefix: str
@@ -92,6 +100,11 @@ class DiagnosticCallback(Callback):
         self.every_n_steps = every_n_steps
         self._every = every_n_steps or 1
         self._requested: Container[int] = ()  # a flight recorder's steps, found at setup
+        self._began: int | None = None  # the step begun last
+        self._logging = False  # the step under way is a logging step of the run
+        self._stepping: list[Any] = []  # the optimizers that step in the batch under way
+        # the moments this meter acts at: only those are passed on (a step makes no call for nothing)
+        self._moments = frozenset(m for m in MOMENTS if listening([self], m))  # type: ignore[list-item]
         self.record.every_n_steps = every_n_steps
         self._sink = LoggerSink(type(self).__name__, self.prefix)
 
@@ -109,64 +122,87 @@ class DiagnosticCallback(Callback):
                 f"{type(self).__name__}: `trainer.log_every_n_steps` is {log_every}; "
                 "pass `every_n_steps` to measure with logging turned off"
             )
-        self.record.every_n_steps = self._every
+        self._log_every = log_every  # the run's logging steps (a meter that records every step saves there)
+        self.record.every_n_steps = 1 if self.every_step else self._every  # type: ignore[attr-defined]
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Not in `setup`: `configure_model` runs after it and may create or shard (FSDP2) the modules and
         # parameters; here they are final, and no forward has run yet (nor been compiled).
-        flight = first_meter(trainer, FlightMeter)  # its events ask for a full measurement of the next step
-        self._requested = flight.requested if flight is not None else ()
-        self._attach(trainer, pl_module)
-
-    @override
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self.detach()
-
-    @override
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self.detach()
-
-    def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        raise NotImplementedError
-
-    def detach(self) -> None:
-        raise NotImplementedError
-
-
-class ForwardCallback(DiagnosticCallback):
-    """Base of the callbacks whose meter watches the forward (D1/D2, the logits): armed at each training batch,
-    told when its backward starts and ends, flushed just before the optimizer step, stopped after the batch (so
-    that validation never counts)."""
+        meters = [cb for cb in trainer.callbacks if isinstance(cb, Meter)]  # type: ignore[attr-defined]
+        self._requested = requested_by(meters)  # a flight recorder's events ask for a full measurement
+        self._began = None
+        self.attach(pl_module, LightningRun(trainer, self._sink), trainer.optimizers)  # type: ignore[attr-defined]
+        self.meet(meters)  # type: ignore[attr-defined]
 
     @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        step = logging_step(trainer, self._every, self._requested)
-        self.arm(step, pl_module.device)  # type: ignore[attr-defined]  # the meter's
+        measured = logging_step(trainer, self._every, self._requested)
+        if trainer.global_step != self._began:  # the first micro-batch of a step
+            self._began = trainer.global_step
+            if self.every_step:  # type: ignore[attr-defined]  # it saves its window at the run's logging steps
+                self._logging = self._log_every > 0 and logging_step(trainer, self._log_every) is not None
+            if "step_starts" in self._moments:
+                self.step_starts(trainer.global_step, measured)  # type: ignore[attr-defined]
+        if "forward_starts" in self._moments:
+            self.forward_starts(measured, pl_module.device)  # type: ignore[attr-defined]
 
     @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
-        self.backward()  # type: ignore[attr-defined]  # the meter's
+        if "backward_starts" not in self._moments:
+            return
+        if not self.needs_loss:  # type: ignore[attr-defined]
+            self.backward_starts(None)  # type: ignore[attr-defined]
+            return
+        scale = loss_scale(trainer)  # the loss as the step computed it: unscaled, not divided for accumulation
+        self.backward_starts(loss * trainer.accumulate_grad_batches / (1.0 if scale is None else scale))  # type: ignore[attr-defined]
 
     @override
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.backward_done()  # type: ignore[attr-defined]  # the meter's
+        if "backward_ends" in self._moments:
+            self.backward_ends()  # type: ignore[attr-defined]
 
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        self.flush()  # type: ignore[attr-defined]  # the meter's
+        optimizer = getattr(optimizer, "optimizer", optimizer)  # Lightning's wrapper holds the torch one
+        self._stepping.append(optimizer)
+        if "before_step" in self._moments:
+            self.before_step(optimizer)  # type: ignore[attr-defined]
 
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self.stop()  # type: ignore[attr-defined]  # the meter's
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if "add_loss" in self._moments and loss is not None and hasattr(loss, "detach"):
+            accumulate = trainer.accumulate_grad_batches  # the loss was divided by it for the backward
+            self.add_loss(loss * accumulate if accumulate > 1 else loss)  # type: ignore[attr-defined]
+        stepped, self._stepping = self._stepping, []
+        if "after_step" in self._moments:
+            for optimizer in stepped:  # none where the optimizer did not step (accumulation)
+                self.after_step(optimizer, self._logging)  # type: ignore[attr-defined]
+        if "pause" in self._moments:
+            self.pause()  # type: ignore[attr-defined]
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.finish()  # type: ignore[attr-defined]
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.detach()  # type: ignore[attr-defined]
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self.crashed(exception)  # type: ignore[attr-defined]
+        self.detach()  # type: ignore[attr-defined]
 
 
 class ParameterCallback(DiagnosticCallback):
-    """Base of the callbacks that watch parameters (D3, D4): each step's number, flat sharding refused."""
+    """Base of the callbacks that watch parameters (D3, D4, Adam's state, the flight recorder): flat sharding
+    refused."""
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -178,15 +214,6 @@ class ParameterCallback(DiagnosticCallback):
                 "per-parameter statistics would be one rank's fragment. Use ModelParallelStrategy with "
                 "`fully_shard` (FSDP2): its DTensor shards are reduced across ranks here."
             )
-
-    @override
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        self.begin(logging_step(trainer, self._every, self._requested))
-
-    def begin(self, step: int | None) -> None:
-        raise NotImplementedError
 
 
 def flat_sharding(strategy: object) -> str | None:

@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
-import lightning.pytorch as pl
-from typing_extensions import override
-
-from lightning_netdiag.callbacks._common import LightningRun, ParameterCallback, logging_step
+from lightning_netdiag.callbacks._common import ParameterCallback
 from lightning_netdiag.meters import FlightMeter
 from lightning_netdiag.select import WEIGHT_NDIMS
 
@@ -92,46 +88,3 @@ class FlightRecorder(FlightMeter, ParameterCallback):
             self, window, params, exclude, ndims, update_norms, replay_nonfinite, prefix, history_size, save_interval
         )
         self._cadence(1)
-
-    def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.attach(pl_module, LightningRun(trainer, self._sink), trainer.optimizers)
-        self.log_dir = trainer.log_dir if trainer.loggers else None
-
-    @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        self.record.every_n_steps = 1  # every step, whatever the loggers' cadence
-        self._log_every: int = trainer.log_every_n_steps  # type: ignore[attr-defined]  # the others' cadence
-        self._logging = False  # the step under way is a logging step
-
-    @override
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        if trainer.global_step != self._step:  # the first micro-batch of a step
-            self.begin(trainer.global_step)
-            # where the other callbacks copy to the host anyway: the window may be saved at its end
-            self._logging = self._log_every > 0 and logging_step(trainer, self._log_every) is not None
-
-    @override
-    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        self.before_step(optimizer)
-
-    @override
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        if loss is not None and hasattr(loss, "detach"):  # divided by the accumulation window for the backward
-            self.add_loss(loss * trainer.accumulate_grad_batches if trainer.accumulate_grad_batches > 1 else loss)
-        self.after_step(self._logging)  # nothing where the optimizer did not step (accumulation)
-
-    @override
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        if self._params:
-            self.crashed(exception)
-        super().on_exception(trainer, pl_module, exception)
-
-    @override
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.finish()

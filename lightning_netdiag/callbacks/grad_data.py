@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
-import lightning.pytorch as pl
-from typing_extensions import override
-
-from lightning_netdiag.callbacks._common import LightningRun, ParameterCallback
+from lightning_netdiag.callbacks._common import ParameterCallback
 from lightning_netdiag.meters import GradDataMeter
 from lightning_netdiag.select import WEIGHT_NDIMS
 
@@ -66,10 +62,3 @@ class GradDataRatio(GradDataMeter, ParameterCallback):
     ) -> None:
         GradDataMeter.__init__(self, params, exclude, ndims, histograms, prefix, history_size)
         self._cadence(every_n_steps)
-
-    def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.attach(pl_module, LightningRun(trainer, self._sink), trainer.optimizers)
-
-    @override
-    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        self.measure(optimizer)

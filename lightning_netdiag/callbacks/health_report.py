@@ -19,8 +19,8 @@ __all__ = ["HealthReport"]
 class HealthReport(Callback):
     r"""Says what is wrong with the network and why, from what the diagnostic callbacks recorded.
 
-    The rules (see ``lightning_netdiag.report``; each constant was set on the diagnosis suite, healthy and
-    faulty training runs, and the README gives the evidence) come in two phases. At initialisation (step 0):
+    The rules (``lightning_netdiag.rules``; each line was set on the diagnosis suite, healthy and faulty
+    training runs, and docs/diagnosis.md gives the evidence) come in two phases. At initialisation (step 0):
     saturation (tanh-like above 40 %, gates above 25 %, ReLU-like above 90 %, GELU-like above 10 %), dead
     tanh-like layers, activation gradients vanishing or exploding from the last layer to the first, and an
     over-confident output (the loss at init far above ln(classes)). During training, each holding at three

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import lightning.pytorch as pl
-
-from lightning_netdiag.callbacks._common import ForwardCallback, LightningRun
+from lightning_netdiag.callbacks._common import DiagnosticCallback
 from lightning_netdiag.meters import LogitMeter
 
 __all__ = ["LogitMonitor"]
 
 
-class LogitMonitor(LogitMeter, ForwardCallback):
+class LogitMonitor(LogitMeter, DiagnosticCallback):
     r"""Watches the logits that softmaxes see: every attention's, and the model's output.
 
     Attention logits that grow until the softmax is one-hot, and output logits that drift, are how transformer
@@ -67,6 +65,3 @@ class LogitMonitor(LogitMeter, ForwardCallback):
     ) -> None:
         LogitMeter.__init__(self, max_calls, prefix, history_size)
         self._cadence(every_n_steps)
-
-    def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.attach(pl_module, LightningRun(trainer, self._sink))

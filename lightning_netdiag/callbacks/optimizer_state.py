@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
-import lightning.pytorch as pl
-from typing_extensions import override
-
-from lightning_netdiag.callbacks._common import LightningRun, ParameterCallback
+from lightning_netdiag.callbacks._common import ParameterCallback
 from lightning_netdiag.meters import OptimizerMeter
 from lightning_netdiag.select import WEIGHT_NDIMS
 
@@ -62,19 +58,3 @@ class OptimizerState(OptimizerMeter, ParameterCallback):
     ) -> None:
         OptimizerMeter.__init__(self, params, exclude, ndims, prefix, history_size)
         self._cadence(every_n_steps)
-        self._stepped: list[Any] = []
-
-    def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.attach(pl_module, LightningRun(trainer, self._sink), trainer.optimizers)
-
-    @override
-    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        self._stepped.append(optimizer)
-
-    @override
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        stepped, self._stepped = self._stepped, []
-        for optimizer in stepped:
-            self.measure(getattr(optimizer, "optimizer", optimizer))  # Lightning's wrapper holds the torch one

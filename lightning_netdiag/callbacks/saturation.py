@@ -4,18 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import lightning.pytorch as pl
-from torch import Tensor
-from typing_extensions import override
-
 from lightning_netdiag import stats
-from lightning_netdiag.callbacks._common import ForwardCallback, LightningRun, loss_scale
+from lightning_netdiag.callbacks._common import DiagnosticCallback
 from lightning_netdiag.meters import ActivationMeter
 
 __all__ = ["SaturationMonitor"]
 
 
-class SaturationMonitor(ActivationMeter, ForwardCallback):
+class SaturationMonitor(ActivationMeter, DiagnosticCallback):
     r"""Watches the activation layers: how saturated they are (D1) and what gradient reaches them (D2).
 
     Every activation that runs is watched by default: ``torch.nn`` activation modules, any other
@@ -118,14 +114,3 @@ class SaturationMonitor(ActivationMeter, ForwardCallback):
             history_size,
         )  # fmt: skip
         self._cadence(every_n_steps)
-
-    def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.attach(pl_module, LightningRun(trainer, self._sink))
-
-    @override
-    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
-        if not self.needs_loss:
-            self.backward()
-            return
-        scale = loss_scale(trainer)  # the loss as the step computed it: unscaled, not divided for accumulation
-        self.backward(loss * trainer.accumulate_grad_batches / (1.0 if scale is None else scale))

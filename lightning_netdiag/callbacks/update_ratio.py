@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
-import lightning.pytorch as pl
-from typing_extensions import override
-
-from lightning_netdiag.callbacks._common import LightningRun, ParameterCallback, first_meter
-from lightning_netdiag.meters import DEFAULT_TARGET, GradDataMeter, UpdateMeter
+from lightning_netdiag.callbacks._common import ParameterCallback
+from lightning_netdiag.meters import DEFAULT_TARGET, UpdateMeter
 from lightning_netdiag.select import WEIGHT_NDIMS
 
 __all__ = ["UpdateRatio"]
@@ -80,17 +76,3 @@ class UpdateRatio(UpdateMeter, ParameterCallback):
     ) -> None:
         UpdateMeter.__init__(self, params, exclude, ndims, target, sample, prefix, history_size)
         self._cadence(every_n_steps)
-
-    def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.attach(pl_module, LightningRun(trainer, self._sink), trainer.optimizers)
-        self.grad_data = first_meter(trainer, GradDataMeter)
-
-    @override
-    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        self.snapshot(optimizer)
-
-    @override
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        self.measure()

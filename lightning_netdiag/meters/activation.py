@@ -1,13 +1,15 @@
 """D1 and D2: the activation meter. It owns the activation hooks and turns their records into a measurement.
 
-A step's life, as the front ends drive it: :meth:`ActivationMeter.arm` before each forward of the step (with the
-step's number, or None when the step is not measured); :meth:`ActivationMeter.backward` when a backward starts;
-:meth:`ActivationMeter.backward_done` when it ends; :meth:`ActivationMeter.flush` before the optimizer step.
+It lives at the moments of the meters' one lifecycle (:class:`~lightning_netdiag.meters.Meter`):
+:meth:`~ActivationMeter.forward_starts` before each forward of the step (with the step's number, or None when the
+step is not measured), :meth:`~ActivationMeter.backward_starts` and :meth:`~ActivationMeter.backward_ends` around
+its backward, :meth:`~ActivationMeter.before_step` before the optimizer step.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -30,6 +32,7 @@ class ActivationMeter(Meter):
     """
 
     record_type = ActivationRecord
+    watches_forward = True
     record: ActivationRecord
     # what was watched, kept in the record (see ActivationRecord)
     threshold = InRecord()
@@ -74,7 +77,7 @@ class ActivationMeter(Meter):
         self._units: tuple[tuple[str, ...], list[int]] | None = None  # the layers they were agreed for
         self._warned_empty = False
 
-    def attach(self, model: nn.Module, run: Run) -> None:
+    def attach(self, model: nn.Module, run: Run, optimizers: Sequence[Any] = ()) -> None:
         """Select the layers of ``model`` to watch and register the hooks, before its first forward."""
         self.detach()
         self.run, self._model = run, model
@@ -139,32 +142,32 @@ class ActivationMeter(Meter):
         self._records_step = self._units = None
         self._pending = False
 
-    def arm(self, step: int | None, device: torch.device) -> None:
-        """A forward of a training step begins: ``step`` is the step's number if it is measured, else None.
+    def forward_starts(self, measured: int | None, device: torch.device) -> None:
+        """A forward of a training step begins: ``measured`` is the step's number if it is measured, else None.
 
         Every forward of a measured step adds to its records (accumulation); they are zeroed at the first
         forward of the step, so that the records of a step that never reached an optimizer step are dropped.
         """
         if self._hooks is None:
             return
-        if step != self._records_step:
-            self._records_step = step
-            if step is not None:
+        if measured != self._records_step:
+            self._records_step = measured
+            if measured is not None:
                 self._hooks.prepare(device)
             if self._probe is not None:
                 self._probe.reset()
-        self._pending = step is not None
+        self._pending = measured is not None
         if self._pending:
             self._hooks.start()
-            if step == 0 and self._probe is not None and self._model is not None:
+            if measured == 0 and self._probe is not None and self._model is not None:
                 self._probe.start(self._model)
 
     @property
     def needs_loss(self) -> bool:
-        """Whether :meth:`backward` wants the loss: only until the output at init is recorded."""
+        """Whether :meth:`backward_starts` wants the loss: only until the output at init is recorded."""
         return self._probe is not None
 
-    def backward(self, loss: Tensor | None = None) -> None:
+    def backward_starts(self, loss: Tensor | None) -> None:
         """A backward starts; ``loss``: the loss it starts from, unscaled and not divided for accumulation
         (None when the front end cannot see it: the output at init is then recorded without it)."""
         if self._hooks is not None:
@@ -183,23 +186,23 @@ class ActivationMeter(Meter):
         if self._probe is not None:
             self._probe.forget_loss()
 
-    def add_loss(self, loss: Tensor) -> None:
+    def manual_step(self, loss: Tensor | None, lr: float | None) -> None:
         """The loss of the step, told after its backward (the plain loop's ``step(loss)``)."""
-        if self._probe is not None:
-            self._probe.add_loss(loss)
+        if self._probe is not None and loss is not None:
+            self._probe.add_loss(loss.detach())
 
-    def backward_done(self) -> None:
+    def backward_ends(self) -> None:
         if self._hooks is not None:
             self._hooks.backward_done()
 
-    def stop(self) -> None:
+    def pause(self) -> None:
         """The training batch ended: nothing after it (validation) is recorded."""
         if self._hooks is not None:
             self._hooks.stop()
         if self._probe is not None:
             self._probe.stop()
 
-    def flush(self) -> None:
+    def before_step(self, optimizer: Any | None) -> None:
         """Just before the optimizer step of a measured step: reduce, describe and emit its records."""
         hooks, step = self._hooks, self._records_step
         if hooks is None or step is None or not self._pending:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -16,7 +16,7 @@ from lightning_netdiag.history import finite_only
 from lightning_netdiag.record import KINDS, Key, Record, Tagged
 from lightning_netdiag.run import Run, check_positive_int
 
-__all__ = ["InRecord", "Meter", "records_by_kind"]
+__all__ = ["MOMENTS", "InRecord", "Meter", "listening", "records_by_kind", "requested_by"]
 
 
 class InRecord:
@@ -70,6 +70,84 @@ class Meter:
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history.load_state_dict(state_dict["history"])
+
+    # --- the lifecycle --------------------------------------------------------------------------------
+    # A front end tells every meter the moments of training, in this order, and nothing else: it walks its meters
+    # and calls these. Each does nothing here; a meter overrides the moments it measures at.
+    #
+    #   attach, meet                 before the first forward
+    #   step_starts                  an optimizer step begins (before its first forward)
+    #   forward_starts, pause        each training forward (a micro-batch); a forward not trained (validation)
+    #   backward_starts, backward_ends
+    #   add_loss                     a micro-batch's loss, as the model computed it
+    #   manual_step                  a manual update (no optimizer) is about to happen
+    #   before_step, after_step      around each optimizer's step
+    #   crashed, finish, detach      an exception (or a signal) ended training; training ended; hooks removed
+
+    #: Whether the meter watches the forward (its front end arms it at each forward and tells it the backward).
+    watches_forward: ClassVar[bool] = False
+    #: Whether the meter records every step (not every n-th): its record's cadence is 1.
+    every_step: ClassVar[bool] = False
+    #: Whether the meter must hear of the process ending (SIGTERM, exit): the front end installs the lifeline.
+    lifeline: ClassVar[bool] = False
+    #: The steps this meter asks every meter to measure in full (the flight recorder's: the one after an event).
+    requested: Container[int] = frozenset()
+
+    def attach(self, model: nn.Module, run: Run, optimizers: Sequence[Any] = ()) -> None:
+        """Select what to watch in ``model`` (final: created, sharded) and register the hooks."""
+        self.run = run
+
+    def meet(self, meters: Sequence[Meter]) -> None:
+        """The run's meters (this one among them), once all are attached: a meter may share another's work."""
+
+    def step_starts(self, step: int, measured: int | None) -> None:
+        """Optimizer step ``step`` begins; ``measured``: its number where the meters measure it, else None."""
+
+    def forward_starts(self, measured: int | None, device: torch.device) -> None:
+        """A training forward of the step begins (one per micro-batch)."""
+
+    def pause(self) -> None:
+        """Until the next :meth:`forward_starts`, nothing is recorded (validation, the batch's end)."""
+
+    @property
+    def needs_loss(self) -> bool:
+        """Whether :meth:`backward_starts` wants the loss (the front end computes it only then)."""
+        return False
+
+    def backward_starts(self, loss: Tensor | None) -> None:
+        """A forward's backward starts from ``loss`` (unscaled, not divided for accumulation; None: not seen)."""
+
+    def backward_ends(self) -> None:
+        """That backward ended."""
+
+    def watch_backward_calls(self, callback: Callable[[Tensor], None] | None) -> None:
+        """Have ``callback(loss)`` called at each ``loss.backward()`` where the meter can see it (a front end with
+        no hook of its own at the backward's start)."""
+
+    def forget_loss(self) -> None:
+        """The losses told at the backward's start were not the step's (micro-batches scaled for accumulation)."""
+
+    def add_loss(self, loss: Tensor) -> None:
+        """A micro-batch's loss, as the model computed it (the step's is their mean)."""
+
+    def manual_step(self, loss: Tensor | None, lr: float | None) -> None:
+        """A manual update ``p -= lr * p.grad`` is about to happen (no optimizer), after the backward of ``loss``."""
+
+    def before_step(self, optimizer: Any | None) -> None:
+        """Just before ``optimizer`` steps (None: a manual update), with the step's complete gradients."""
+
+    def after_step(self, optimizer: Any | None, logging: bool) -> None:
+        """Just after ``optimizer`` stepped; ``logging``: the step is a logging step of the run (its meters copy to
+        the host there anyway)."""
+
+    def write_out(self) -> None:
+        """Bring the record up to date with what the meter still holds (before a view reads it)."""
+
+    def crashed(self, error: BaseException | str, quiet: bool = False) -> None:
+        """An exception (or, in words, a signal) ends training; ``quiet``: from a signal handler, no logger."""
+
+    def finish(self) -> None:
+        """Training ended."""
 
     def detach(self) -> None:
         """Remove every hook and drop every pending tensor; safe to call any number of times."""
@@ -143,3 +221,35 @@ def records_by_kind(candidates: Iterable[object]) -> dict[str, Any]:
         if isinstance(meter, Meter) and out[meter.kind] is None:
             out[meter.kind] = meter.record
     return out
+
+
+class _Requested:
+    """The steps any of some meters asks to measure in full (a live view: events add steps as training runs)."""
+
+    def __init__(self, sets: list[Container[int]]) -> None:
+        self.sets = sets
+
+    def __contains__(self, step: object) -> bool:
+        return any(step in s for s in self.sets)
+
+
+def requested_by(meters: Iterable[object]) -> Container[int]:
+    """The steps that any of ``meters`` asks every meter to measure in full."""
+    sets = [m.requested for m in meters if isinstance(m, Meter) and m.requested is not Meter.requested]
+    if len(sets) < 2:  # as a rule: a set of its own, no call a step
+        return sets[0] if sets else frozenset()
+    return _Requested(sets)
+
+
+#: The moments of the lifecycle, as :class:`Meter`'s methods.
+MOMENTS = (
+    "meet", "step_starts", "forward_starts", "pause", "backward_starts", "backward_ends", "watch_backward_calls",
+    "forget_loss", "add_loss", "manual_step", "before_step", "after_step", "write_out", "crashed", "finish",
+)  # fmt: skip
+
+
+def listening(meters: Iterable[Meter], moment: str) -> list[Meter]:
+    """Those of ``meters`` that act at ``moment`` (their class overrides it): a front end tells them alone, so that a
+    step makes no call for nothing."""
+    base = getattr(Meter, moment)
+    return [m for m in meters if getattr(type(m), moment) is not base]

@@ -2,11 +2,12 @@
 total gradient norm and each weight's update and norm, and the window written out when a run spikes, goes
 non-finite or dies.
 
-A step's life, as the front ends drive it: :meth:`FlightMeter.begin` with the step's number; :meth:`add_loss` with
-each micro-batch's loss (where the front end sees it); :meth:`before_step` just before the optimizer steps (the
-gradients, complete); :meth:`after_step` after it (the update). :meth:`crashed` when an exception ends training,
-:meth:`finish` when it ends. Nothing is copied to the host on a step without an event: on a GPU each step's
-verdict (a few bits) travels asynchronously and is read one step later.
+A step's life, at the moments of the meters' one lifecycle (:class:`~lightning_netdiag.meters.Meter`):
+:meth:`~FlightMeter.step_starts` with the step's number; :meth:`~FlightMeter.add_loss` with each micro-batch's loss
+(where the front end sees it); :meth:`~FlightMeter.before_step` just before the optimizer steps (the gradients,
+complete); :meth:`~FlightMeter.after_step` after it (the update). :meth:`~FlightMeter.crashed` when an exception
+ends training, :meth:`~FlightMeter.finish` when it ends. Nothing is copied to the host on a step without an event:
+on a GPU each step's verdict (a few bits) travels asynchronously and is read one step later.
 """
 
 from __future__ import annotations
@@ -69,6 +70,8 @@ class FlightMeter(ParameterMeter):
     """
 
     record_type = FlightRecord
+    every_step = True
+    lifeline = True
     record: FlightRecord
     window = InRecord()
     events = InRecord()
@@ -140,6 +143,7 @@ class FlightMeter(ParameterMeter):
 
     def attach(self, model: nn.Module, run: Run, optimizers: Sequence[Any] = ()) -> None:
         super().attach(model, run, optimizers)
+        self.log_dir = run.log_dir
         self._reset()
         self.events = []
         self.requested.clear()  # the same set: the other callbacks hold it
@@ -176,7 +180,7 @@ class FlightMeter(ParameterMeter):
             return self._views
         return [self._shard(name, p)[0] for name, p in self._params]
 
-    def begin(self, step: int | None) -> None:
+    def step_starts(self, step: int, measured: int | None) -> None:
         """A training step begins (every step is recorded: ``step`` is its number)."""
         self._step = step
         self._loss, self._losses = None, 0
@@ -227,7 +231,7 @@ class FlightMeter(ParameterMeter):
             self._empty[key] = part.new_zeros(0)
         return self._empty[key]
 
-    def after_step(self, logging: bool = True) -> None:
+    def after_step(self, optimizer: Any | None = None, logging: bool = True) -> None:
         """After the step's update: the row of this step written into the ring, its verdict computed on the device.
         A few kernels, each writing in place into views made once (on a CPU a call, not its work, is the cost).
         ``logging``: the front end measures this step (its meters copy to the host there anyway): only such a step

@@ -1,13 +1,16 @@
 """The logit meter: what every attention's softmax sees, and the model's output logits, at measured steps.
 
-A step's life, as the front ends drive it (as for :class:`~lightning_netdiag.meters.ActivationMeter`):
-:meth:`LogitMeter.arm` before each forward of the step; :meth:`LogitMeter.backward` when its backward starts;
-:meth:`LogitMeter.backward_done` when it ends; :meth:`LogitMeter.flush` before the optimizer step.
+It lives at the moments of the meters' one lifecycle (:class:`~lightning_netdiag.meters.Meter`), as the activation
+meter does: :meth:`~LogitMeter.forward_starts` before each forward of the step, :meth:`~LogitMeter.backward_starts`
+and :meth:`~LogitMeter.backward_ends` around its backward, :meth:`~LogitMeter.before_step` before the optimizer
+step.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -32,6 +35,7 @@ class LogitMeter(Meter):
     """
 
     record_type = LogitRecord
+    watches_forward = True
     record: LogitRecord
     attention_kinds = InRecord()
     qk_norm = InRecord()
@@ -46,7 +50,7 @@ class LogitMeter(Meter):
         self._step: int | None = None
         self._pending = False
 
-    def attach(self, model: nn.Module, run: Run) -> None:
+    def attach(self, model: nn.Module, run: Run, optimizers: Sequence[Any] = ()) -> None:
         """Watch ``model``'s attention calls and output, before its first forward."""
         self.detach()
         self.run = run
@@ -63,35 +67,35 @@ class LogitMeter(Meter):
             self._hooks.remove()
         self._hooks, self._step, self._pending = None, None, False
 
-    def arm(self, step: int | None, device: torch.device) -> None:
-        """A forward of a training step begins: ``step`` is its number if it is measured, else None."""
+    def forward_starts(self, measured: int | None, device: torch.device) -> None:
+        """A forward of a training step begins: ``measured`` is its number if it is measured, else None."""
         hooks = self._hooks
         if hooks is None:
             return
-        if step != self._step:
-            self._step = step
-            if step is not None:
+        if measured != self._step:
+            self._step = measured
+            if measured is not None:
                 hooks.prepare(device)
-        self._pending = step is not None
+        self._pending = measured is not None
         if self._pending:
             hooks.start()
 
-    def backward(self) -> None:
+    def backward_starts(self, loss: Tensor | None) -> None:
         """A backward starts: the forward's output is read, and a recomputed forward records nothing."""
         if self._hooks is not None and self._pending:
             self._hooks.backward()
             self._hooks.output.backward(None)
 
-    def backward_done(self) -> None:
+    def backward_ends(self) -> None:
         if self._hooks is not None:
             self._hooks.backward_done()
 
-    def stop(self) -> None:
+    def pause(self) -> None:
         """The training batch ended: nothing after it (validation) is recorded."""
         if self._hooks is not None:
             self._hooks.stop()
 
-    def flush(self) -> None:
+    def before_step(self, optimizer: Any | None) -> None:
         """Just before the optimizer step of a measured step: reduce and emit its records."""
         hooks, step = self._hooks, self._step
         if hooks is None or step is None or not self._pending:

@@ -65,7 +65,7 @@ class OptimizerMeter(ParameterMeter):
         families = [optimizer_family(o) for o in optimizers]
         self.optimizer_family = next((f for f in families if f is not None), None)
 
-    def measure(self, optimizer: Any) -> None:
+    def after_step(self, optimizer: Any | None, logging: bool) -> None:
         """Just after ``optimizer`` stepped (on a measured step): read its moments."""
         if self._step is None or optimizer is None or optimizer_family(optimizer) != "adam":
             return

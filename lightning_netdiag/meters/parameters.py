@@ -1,8 +1,8 @@
 """D3 and D4: the parameter meters. They read the watched weights and their gradients around the optimizer's step.
 
-A step's life, as the front ends drive it: :meth:`ParameterMeter.begin` with the step's number (None: not
-measured); :meth:`GradDataMeter.measure` before the optimizer step; :meth:`UpdateMeter.snapshot` before it and
-:meth:`UpdateMeter.measure` after it.
+They live at the moments of the meters' one lifecycle (:class:`~lightning_netdiag.meters.Meter`):
+:meth:`~ParameterMeter.step_starts` with the step's number (None: not measured); :meth:`GradDataMeter.before_step`
+before the optimizer step; :meth:`UpdateMeter.before_step` before it and :meth:`UpdateMeter.after_step` after it.
 """
 
 from __future__ import annotations
@@ -95,9 +95,9 @@ class ParameterMeter(Meter):
         self._selected = {}
         self._step = None
 
-    def begin(self, step: int | None) -> None:
-        """A training step begins: ``step`` is its number if it is measured, else None."""
-        self._step = step
+    def step_starts(self, step: int, measured: int | None) -> None:
+        """A training step begins: ``measured`` is its number if it is measured, else None."""
+        self._step = measured
 
     def _stepped_by(self, optimizer: Any | None) -> list[tuple[str, torch.nn.Parameter]]:
         """The selected parameters that ``optimizer`` updates (None: a manual update of them all) and that
@@ -162,7 +162,7 @@ class GradDataMeter(ParameterMeter):
         super().detach()
         self.weight_records = {}
 
-    def measure(self, optimizer: Any | None) -> None:
+    def before_step(self, optimizer: Any | None) -> None:
         """Just before ``optimizer`` steps (None: before a manual update), with the step's full gradients."""
         if self._step is None:
             return
@@ -263,12 +263,16 @@ class UpdateMeter(ParameterMeter):
         self._orphans = []
         self._main = None
 
-    def manual(self, lr: float | None) -> None:
+    def meet(self, meters: Sequence[Meter]) -> None:
+        """The GradDataMeter among ``meters`` shares its reads of the weights before the step."""
+        self.grad_data = next((m for m in meters if isinstance(m, GradDataMeter)), None)
+
+    def manual_step(self, loss: Tensor | None, lr: float | None) -> None:
         """The step is a manual ``p -= lr * p.grad`` (the lecture's loop): plain SGD at ``lr`` (None: unknown)."""
         self._lr = None if lr is None else float(lr)
         self.optimizer_family = "sgd" if lr is not None else None
 
-    def snapshot(self, optimizer: Any | None) -> None:
+    def before_step(self, optimizer: Any | None) -> None:
         """Just before ``optimizer`` steps (None: before a manual update of every selected weight)."""
         if self._step is None:
             return
@@ -310,8 +314,9 @@ class UpdateMeter(ParameterMeter):
             records[i] = record
         return records  # type: ignore[return-value]
 
-    def measure(self) -> None:
-        """After the step's updates: compare each weight with its copy (the copies are freed here)."""
+    def after_step(self, optimizer: Any | None, logging: bool) -> None:
+        """After the step's updates: compare each weight with its copy (the copies are freed here; the step of a
+        second optimizer finds none left)."""
         before, self._before = self._before, {}
         if self._step is None or not before:
             return
