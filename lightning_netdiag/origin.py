@@ -14,17 +14,24 @@ No Lightning here: the flight recorder decides when, and on which device (where 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TypedDict
 
 import torch
 from torch import Tensor, nn
+from typing_extensions import NotRequired
 
 from lightning_netdiag.capture import HookHandles, paused
 
-__all__ = ["FORWARD", "INPUTS", "MAX_CALLS", "NOT_FORWARD", "ForwardCalls", "floating_tensors", "where_nonfinite"]
+__all__ = [
+    "FORWARD", "INPUTS", "MAX_CALLS", "NOT_FORWARD", "ForwardCalls", "Made", "floating_tensors", "where_nonfinite",
+]  # fmt: skip
 
 #: Where the replay found the first non-finite value: a module's forward, the data, or not in the forward at all.
 FORWARD, INPUTS, NOT_FORWARD = "forward", "inputs", "backward"
+
+#: Where a step's non-finite values were made (:func:`where_nonfinite`): ``in`` the forward (``module``: the first
+#: module whose output was not finite), its inputs, or not the forward.
+Made = TypedDict("Made", {"in": str, "module": NotRequired[str]})
 #: The calls kept per step, at most (accumulation over more micro-batches, or a loop whose steps are not seen: no
 #: replay, rather than inputs held without end).
 MAX_CALLS = 64
@@ -97,7 +104,7 @@ def _nonfinite(value: object) -> bool:
     return any(not bool(torch.isfinite(t).all()) for t in floating_tensors(value))
 
 
-def where_nonfinite(calls: ForwardCalls) -> dict[str, Any] | None:
+def where_nonfinite(calls: ForwardCalls) -> Made | None:
     """The replay of the step's ``calls`` (see the module's docstring): ``{"in": FORWARD, "module": name}`` for the
     first module of the model to finish with a non-finite output, ``{"in": INPUTS}`` where a call's inputs were not
     finite, ``{"in": NOT_FORWARD}`` where the forward stayed finite; None without calls, with more than

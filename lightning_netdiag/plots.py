@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from lightning_netdiag import spikes
+from lightning_netdiag.flight.events import Event, stopped
 from lightning_netdiag.record import (
     ActivationRecord,
     FlightRecord,
@@ -338,7 +338,7 @@ def layers_by_steps(record: Record, metric: str, title: str, log: bool = False, 
     return fig
 
 
-def flight_window(flight: FlightRecord, event: dict[str, Any] | None = None, ax: Axes | None = None) -> Figure:
+def flight_window(flight: FlightRecord, event: Event | None = None, ax: Axes | None = None) -> Figure:
     """The flight recorder's window around ``event`` (default: the first event, else the latest steps): each
     weight's gradient norm (weights by depth, one row each) at every step, as decades above or below its own median
     over the window, with the event's step marked, and the loss above it."""
@@ -375,7 +375,7 @@ def flight_window(flight: FlightRecord, event: dict[str, Any] | None = None, ax:
     if event is not None:
         ax.axvline(event["step"], color="black", linestyle="--", linewidth=1)
         when = (
-            "stopped after" if spikes.stopped(event)
+            "stopped after" if stopped(event)
             else "ended by an exception after" if event["cause"] == "exception" else f"{event['cause']} at"
         )  # fmt: skip
         title += f"; {when} step {event['step']}"

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from lightning_netdiag import tags
+from lightning_netdiag.flight.events import Event
 from lightning_netdiag.history import History
 from lightning_netdiag.stats import DEFAULT_THRESHOLD, Histogram
 
@@ -349,7 +350,7 @@ class FlightRecord(ParameterRecord):
     led). Its series are every step's, not the cadence's."""
 
     window: int = 256
-    events: list[dict[str, Any]] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
 
     kind: ClassVar[str] = "flight"
     _described = (*ParameterRecord._described, "window", "events")

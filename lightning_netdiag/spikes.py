@@ -15,11 +15,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from lightning_netdiag.origin import INPUTS
-
 __all__ = [
-    "BAND", "FLOOR", "LEFT", "LOOKBACK", "MIN_BAND", "REFRESH", "SPIKE", "STOPS", "WEIGHT_SPIKE", "band",
-    "band_scores", "began", "decades", "over", "event_text", "named", "named_first", "stopped",
+    "BAND", "FLOOR", "LEFT", "LOOKBACK", "MIN_BAND", "REFRESH", "SPIKE", "WEIGHT_SPIKE", "band", "band_scores",
+    "began", "decades", "over",
 ]  # fmt: skip
 
 BAND = 64  # the steps before a value that make its band: a median that follows a drifting series
@@ -31,9 +29,6 @@ SPIKE = 7.0  # a loss or total-gradient score above this is an event (healthy ru
 WEIGHT_SPIKE = 12.0  # a weight's update or norm score above this is an event (healthy runs: 8 at most)
 LEFT = 4.0  # a weight's series with a score above this has left its band (naming where an event began)
 LOOKBACK = 16  # the steps before an event searched for where it began
-# How a run stopped from outside ends (Ctrl-C; a scheduler's or launcher's SIGTERM, which Lightning raises as
-# SIGTERMException): stopped, not broken.
-STOPS = ("KeyboardInterrupt", "SIGTERM", "SIGTERMException")
 
 
 def decades(values: Tensor) -> Tensor:
@@ -95,57 +90,3 @@ def began(values: Tensor, event: int, priority: Sequence[int] | None = None) -> 
         found.append((column, first + start, float(scores[start, column])))
     rank = priority if priority is not None else [0] * values.shape[1]
     return sorted(found, key=lambda f: (f[1], rank[f[0]], -f[2]))
-
-
-def named(event: dict) -> list[str]:
-    """What an event names, first things first, each once: the module whose forward made its non-finite values
-    (where the step was replayed, :mod:`lightning_netdiag.origin`), then the weights whose series left their band,
-    the first to leave first."""
-    made = (event.get("made") or {}).get("module")
-    return list(dict.fromkeys([*([made] if made else []), *(b["name"] for b in event.get("began") or [])]))
-
-
-def named_first(event: dict) -> str | None:
-    """The first of :func:`named`; None if the event names nothing."""
-    return next(iter(named(event)), None)
-
-
-def _made_text(made: dict) -> str:
-    if made.get("module"):
-        return f"made in the forward of {made['module']} (the first module whose output was not finite)"
-    if made.get("in") == INPUTS:
-        return "the inputs of the step's forward were not finite"
-    return "the step's forward, replayed, stayed finite: they were made in the backward"
-
-
-def stopped(event: dict) -> bool:
-    """Whether an event is the end of a run stopped from outside (:data:`STOPS`), as ``FlightMeter.crashed`` says it."""
-    return event["cause"] == "exception" and event.get("error", "").split(":")[0] in STOPS
-
-
-def event_text(event: dict) -> str:
-    """A flight recorder's event (``FlightRecord.events``) in words: what happened at which step and, where known,
-    the series that left their band first and by how many steps they led."""
-    ended = event["cause"] == "exception"
-    causes = " and ".join([event["cause"], *event.get("also", [])])
-    step = event["step"]
-    # an exception is recorded at the last step completed: it may have been raised in the next one
-    how = "stopped" if stopped(event) else "ended"
-    text = f"training {how} after step {step} ({event.get('error', '')})" if ended else f"{causes} at step {step}"
-    if event.get("unread"):  # the device could not be read after the error: no window, no band
-        return f"{text}: the device could not be read after it ({event['unread']}); the steps kept end at the last save"
-    if event.get("made"):
-        return f"{text}: {_made_text(event['made'])}"
-    began = event.get("began") or []
-    if began:
-        first = began[0]
-        lead = event["step"] - first["step"]
-        since = f"step {first['step']}" + (" or before" if lead >= LOOKBACK else "")
-        if ended:
-            return f"{text}: out of its band at the end, first: {first['name']} (its {first['series']}, since {since})"
-        what = "loss" if "loss" in causes else "total gradient norm" if "gradient" in causes else "event"
-        led = f"{lead} step{'s' if lead != 1 else ''} before the {what}" if lead else "at that step"
-        text += f": began in {first['name']} (its {first['series']} left its band at {since}, {led})"
-    elif ended and "began" in event:  # the window was searched and nothing had left its band
-        text += ": every watched series was within its band"
-    return text

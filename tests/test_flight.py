@@ -27,6 +27,8 @@ from lightning_netdiag import (
     spikes,
     tags,
 )
+from lightning_netdiag.flight.events import named_first
+from lightning_netdiag.flight.ring import Ring
 from lightning_netdiag.logs import load_run
 from lightning_netdiag.meters import FlightMeter
 
@@ -250,7 +252,7 @@ def test_a_module_that_makes_a_nan_in_the_forward_is_named_by_replaying_the_step
     assert first["step"] == 30 and first["cause"] in ("non-finite loss", "non-finite gradients"), first
     layer = "model.blocks.1" if front == "lightning" else "blocks.1"
     assert first["made"] == {"in": origin.FORWARD, "module": layer}, first
-    assert spikes.named_first(first) == layer
+    assert named_first(first) == layer
     verdict = report.summarize(flight=record).verdicts[0]
     assert verdict.severity == "fatal" and verdict.layer.startswith(layer)
     assert f"made in the forward of {layer} " in verdict.cause
@@ -458,7 +460,7 @@ def test_an_error_that_leaves_the_device_unreadable_keeps_the_last_save_and_rais
 
     def fault(step):
         if step == 55:  # a CUDA error breaks the context: every later read of the device raises too
-            monkeypatch.setattr(FlightMeter, "_window", unreadable)
+            monkeypatch.setattr(Ring, "read", unreadable)
             raise RuntimeError("CUDA error: device-side assert triggered")
 
     model = Mlp()

@@ -4,6 +4,7 @@ recorded and the persistence rule counts logging steps; logs from netdiag 0.1.0 
 record from a newer netdiag is refused with a clear error."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -198,4 +199,7 @@ def test_the_layers_hold_core_imports_no_front_end_and_views_no_meter():
             assert ours <= core, (path, ours - core)
             assert not {"<lightning>", "<pytorch_lightning>"} & imported(path), path
         if module in views:
-            assert ours <= {"stats", "spikes", "dist", "tags", "history", "record", *views}, (path, ours)
+            assert ours <= {"stats", "spikes", "dist", "tags", "history", "record", "flight", *views}, (path, ours)
+            # of the flight recorder's parts, a view reads the events' type and text only (not the ring, the lifeline)
+            flight = {m for m in re.findall(r"lightning_netdiag\.flight\.(\w+)", path.read_text())}
+            assert flight <= {"events"}, (path, flight)

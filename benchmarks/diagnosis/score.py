@@ -51,7 +51,7 @@ sys.path.insert(0, str(HERE))
 
 from suite import ATTENTION, DEAD_UNITS, FLIGHT_CHECKS, HEALTHY, NONFINITE, SPIKE, TOO_HIGH, TOO_LOW, Run, all_runs  # noqa: E402
 
-from lightning_netdiag import spikes  # noqa: E402
+from lightning_netdiag.flight.events import named_first  # noqa: E402
 
 NEAR, FAR, WORSE = 3.4, 9.9, 1.05  # "within 3x", "10x or more" on a grid of ~3.16x steps; "more than 5 % worse"
 
@@ -378,7 +378,7 @@ def flight_named(row: dict[str, Any]) -> tuple[int | None, int | None, str | Non
     )
     events = row["records"].get("flight", {}).get("events", [])
     first = events[0] if events else {}
-    return at, first.get("step"), fault["layer"], spikes.named_first(first)
+    return at, first.get("step"), fault["layer"], named_first(first)
 
 
 def judge_flight(row: dict[str, Any]) -> None:

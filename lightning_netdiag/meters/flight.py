@@ -12,7 +12,6 @@ on a GPU each step's verdict (a few bits) travels asynchronously and is read one
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -26,39 +25,21 @@ from torch import Tensor, nn
 from lightning_netdiag import spikes, tags
 from lightning_netdiag.capture import compiled
 from lightning_netdiag.dist import is_sharded, local_shard, rank, rank_zero_warn
+from lightning_netdiag.flight import persist
+from lightning_netdiag.flight.events import CAUSES, Event, event_text
+from lightning_netdiag.flight.ring import GRAD_TOTAL, LOSS, NORMS, PRIORITY, SERIES, Ring, Row
 from lightning_netdiag.history import finite_only
 from lightning_netdiag.meters.base import InRecord
 from lightning_netdiag.meters.parameters import ParameterMeter
-from lightning_netdiag.origin import ForwardCalls, where_nonfinite
+from lightning_netdiag.origin import ForwardCalls, Made, where_nonfinite
 from lightning_netdiag.record import FlightRecord, Key
 from lightning_netdiag.run import Run, check_positive_int
 from lightning_netdiag.select import WEIGHT_NDIMS
 
-__all__ = ["CAUSES", "MAX_EVENTS", "FlightMeter"]
+__all__ = ["MAX_EVENTS", "FlightMeter"]
 
-#: The bits of a step's verdict; the first set names the event (the others are said with it).
-CAUSES = ("non-finite loss", "non-finite gradients", "loss spike", "gradient spike", "weight spike")
 #: The events kept per run: a run that keeps blowing up says so, its first events say where it began.
 MAX_EVENTS = 32
-# A row of the ring, on the device and as the host reads it: the step's loss, the total gradient norm, each weight's
-# update, weight and gradient norms (in that order of series), the micro-batch losses seen (where ranks are summed).
-# The scored columns (the loss, the total gradient norm, each weight's update and norm) are one slice, the norms
-# another (summed across ranks as one), each written in place by one kernel.
-_LOSS, _GRAD_TOTAL, _NORMS, _COUNT = 0, 1, 2, -1
-_SERIES = ("update norm", "weight norm", "gradient norm")
-# At the same step, a weight's own change (its norm, its update) comes before the gradients it makes.
-_PRIORITY = (1, 0, 2)
-
-
-class _Row:
-    """A row of the ring (the layout above) with the views each kernel writes into, made once: a slice costs a
-    call, and on a CPU the calls are the cost."""
-
-    def __init__(self, row: Tensor, w: int) -> None:
-        self.all, self.loss, self.grad_total, self.count = row, row[_LOSS], row[_GRAD_TOTAL], row[_COUNT]
-        self.judged, self.scored = row[:2], row[: 2 + 2 * w]  # the loss and total gradient; every scored column
-        self.norms = row[_NORMS : _NORMS + 3 * w]
-        self.changes, self.weights, self.grads = self.norms[: 2 * w], self.norms[w : 2 * w], self.norms[2 * w :]
 
 
 class FlightMeter(ParameterMeter):
@@ -113,19 +94,12 @@ class FlightMeter(ParameterMeter):
         self._reset()
 
     def _reset(self) -> None:
-        # [size, 3 + 3 * weights], float32, on the device: each step written in place into its row
-        self._ring: Tensor | None = None
-        self._slots: Sequence[_Row] = ()  # its rows' views
-        self._size = max(self.window, spikes.BAND + 1)  # its rows: the BAND before a step's make its bands
-        self._back: Tensor | None = None  # -BAND, ..., -1: the rows of the bands, from the step's, on the device
-        self._steps: list[int | None] = [None] * self._size  # the step of each ring row
-        self._seen = [False] * self._size  # whether a loss was seen at each row's step (on this rank)
+        self._ring = Ring(self.window)  # the last steps' rows, on the device
         self._levels: Tensor | None = None  # each scored column's spike level
         self._upper: Tensor | None = None  # the value above which each scores over its level, refreshed every REFRESH
         self._flags: Tensor | None = None  # the step's verdict: the loss and total gradient non-finite, then the spikes
         self._nonfinite: Tensor | None = None  # its first two bits (a view, written in place)
         self._spiked: Tensor | None = None  # the others: each scored value over its threshold (a view)
-        self._rows = 0  # rows written so far
         self._loss: Tensor | None = None  # this step's summed micro-batch losses, on the device
         self._losses = 0
         self._stepped = False  # the gradients' norms are in the step's row: the optimizer steps now
@@ -134,7 +108,7 @@ class FlightMeter(ParameterMeter):
         # (step, its flags on the host, their CUDA event, whether a loss was seen, whether a loss scaler is on)
         self._pending: deque[tuple[int, Tensor, Any, bool, bool]] = deque()
         self._armed = True  # a step without a verdict has passed since the last event: a blow-up is one event
-        self._made: dict[int, dict[str, Any] | None] = {}  # step -> its replay: where its non-finite values began
+        self._made: dict[int, Made | None] = {}  # step -> its replay: where its non-finite values began
         self._out = 0  # rows already in the record and the logs (rows are written out in order)
         self._saved_at = time.monotonic()  # when the JSON file was last written
         self._unreadable = False  # an exception left the device unreadable: nothing more is read from it
@@ -206,9 +180,9 @@ class FlightMeter(ParameterMeter):
             self._missing(part) if (g := p.grad) is None else g if plain else self._shard(name, g)[0]
             for (name, p), part in zip(self._params, weights, strict=True)
         ]
-        if self._ring is None:
+        if self._ring.tensor is None:
             self._allocate(weights[0].device, len(weights))
-        row = self._slots[self._rows % self._size]
+        row = self._ring.next
         torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32), out=row.grads)
         self._stepped = True
         amp = None if self.run is None else self.run.loss_scale()
@@ -240,8 +214,7 @@ class FlightMeter(ParameterMeter):
         if step is None or not self._stepped or not self._params:
             return
         self._stepped = False
-        i, weights = self._rows % self._size, self._weights()
-        row = self._slots[i]
+        weights, row = self._weights(), self._ring.next
         if self.update_norms:
             torch._foreach_sub_(self._snapshot, weights)  # now the update (with its sign flipped)
             torch.stack(torch._foreach_norm([*self._snapshot, *weights], 2, dtype=torch.float32), out=row.changes)
@@ -261,24 +234,21 @@ class FlightMeter(ParameterMeter):
             torch.linalg.vector_norm(row.grads, out=row.grad_total)
         elif self._losses > 1:
             row.loss.div_(self._losses)
-        self._steps[i], self._seen[i] = step, self._losses > 0
+        self._ring.written(step, self._losses > 0)
         self._judge(step, row)
         if self._calls is not None:
             self._calls.step_done()
         if logging and self.save_interval is not None and time.monotonic() - self._saved_at >= self.save_interval:
             self._keep(running=True)
 
-    def _judge(self, step: int, row: _Row) -> None:
+    def _judge(self, step: int, row: Row) -> None:
         """The verdict of the step's row, on the device: the loss and the total gradient norm not finite; each scored
         value over its level (against the bands of the steps before, refreshed every few steps)."""
-        flags, scaled = self._flags, self._scaled
-        assert flags is not None and self._ring is not None
-        if self._rows % spikes.REFRESH == 0 and self._rows >= spikes.MIN_BAND:  # before: no band is long enough
-            # the rows of the BAND steps before this one, found on the device (an index from the host would wait
-            # for it); rows not yet written are NaN: no part of a band
-            before = torch.remainder(self._back + self._rows, self._size)  # type: ignore[operator]
-            self._upper = spikes.over(self._ring[before, : row.scored.numel()], self._levels)  # type: ignore[arg-type]
-        self._rows += 1
+        flags, scaled, rows = self._flags, self._scaled, self._ring.rows
+        assert flags is not None
+        if rows % spikes.REFRESH == 0 and rows >= spikes.MIN_BAND:  # before: no band is long enough
+            self._upper = spikes.over(self._ring.band(row.scored.numel()), self._levels)  # type: ignore[arg-type]
+        self._ring.advance()
         # x - x is 0 for a finite x, NaN for NaN and inf: one kernel fewer than isfinite
         torch.ne(row.judged - row.judged, 0, out=self._nonfinite)
         torch.gt(row.scored, self._upper, out=self._spiked)  # type: ignore[arg-type]
@@ -295,10 +265,8 @@ class FlightMeter(ParameterMeter):
             self._resolve(step, flags, None, seen, scaled)
 
     def _allocate(self, device: torch.device, w: int) -> None:
-        """The ring and its rows' views, the levels and the verdict, on the device, once."""
-        self._ring = torch.full((self._size, 3 + 3 * w), math.nan, dtype=torch.float32, device=device)
-        self._slots = [_Row(row, w) for row in self._ring.unbind(0)]
-        self._back = torch.arange(-spikes.BAND, 0, device=device)
+        """The ring, the levels and the verdict, on the device, once."""
+        self._ring.allocate(device, w)
         # not each weight's gradient: far too noisy a series to judge alone
         levels = [spikes.SPIKE] * 2 + [spikes.WEIGHT_SPIKE] * (2 * w)
         self._levels = torch.tensor(levels, dtype=torch.float32, device=device)
@@ -326,22 +294,12 @@ class FlightMeter(ParameterMeter):
 
     # --- events ---------------------------------------------------------------------------------------
 
-    def _window(self, since: int = 0) -> tuple[list[int], Tensor]:
-        """The ring's rows from row ``since`` on (those still held, at most ``window``) on the host, oldest first:
-        their places in the ring and their values (one copy of the ring, at an event, a save or the end only: the
-        rows are picked on the host, so that nothing is allocated on the device, which may be out of memory)."""
-        n = min(self._rows - since, self.window)
-        if self._ring is None or n <= 0:
-            return [], torch.empty(0)
-        order = [(self._rows - n + k) % self._size for k in range(n)]
-        return order, self._ring.cpu()[order]
-
     def _event(
         self, step: int, cause: str, error: str | None = None, also: Sequence[str] = (), quiet: bool = False
     ) -> None:
-        slots, rows = self._window()
-        steps: list[int] = [self._steps[i] for i in slots]  # type: ignore[misc]
-        event: dict[str, Any] = {"step": step, "cause": cause}
+        slots, rows = self._ring.read()
+        steps: list[int] = [self._ring.steps[i] for i in slots]  # type: ignore[misc]
+        event: Event = {"step": step, "cause": cause}
         if also:
             event["also"] = list(also)
         if error is not None:
@@ -351,12 +309,12 @@ class FlightMeter(ParameterMeter):
             event["made"] = made
         if step in steps:
             at = steps.index(step)
-            event["loss"] = _number(rows[at, _LOSS])
-            event["grad_total"] = _number(rows[at, _GRAD_TOTAL])
+            event["loss"] = _number(rows[at, LOSS])
+            event["grad_total"] = _number(rows[at, GRAD_TOTAL])
             w = len(self._names)
-            found = spikes.began(rows[:, _NORMS : _NORMS + 3 * w], at, [_PRIORITY[c // w] for c in range(3 * w)])
+            found = spikes.began(rows[:, NORMS : NORMS + 3 * w], at, [PRIORITY[c // w] for c in range(3 * w)])
             event["began"] = [
-                {"name": self._names[c % w], "series": _SERIES[c // w], "step": steps[t], "score": _number(score)}
+                {"name": self._names[c % w], "series": SERIES[c // w], "step": steps[t], "score": _number(score)}
                 for c, t, score in found[:8]
             ]
             event["lead"] = step - steps[found[0][1]] if found else 0
@@ -366,7 +324,7 @@ class FlightMeter(ParameterMeter):
             self._save(running=True)
             return
         kept = f"the last {len(steps)} steps are written to the logs"
-        rank_zero_warn(f"FlightRecorder: {spikes.event_text(event)}; {kept}")
+        rank_zero_warn(f"FlightRecorder: {event_text(event)}; {kept}")
         self.write_out()
 
     def crashed(self, error: BaseException | str, quiet: bool = False) -> None:
@@ -375,11 +333,11 @@ class FlightMeter(ParameterMeter):
         read any more (a CUDA error breaks its context; torch raises a RuntimeError) the event goes into the file as
         it was last saved, so that the exception that ends training stays the only one. ``quiet``: from a signal
         handler, to the JSON file only (no logger, no warning: the code it interrupted may be inside either)."""
-        if not self._rows or self._unreadable:
+        step = self._ring.last_step
+        if step is None or self._unreadable:
             return
         # an exception without a message (KeyboardInterrupt) is said by its type alone
         what = error if isinstance(error, str) else type(error).__name__ + (f": {error}" if str(error) else "")
-        step: int = self._steps[(self._rows - 1) % self._size]  # type: ignore[assignment]  # a written row's
         try:
             self._drain()
             self._event(step, "exception", what[:300], quiet=quiet)
@@ -390,7 +348,7 @@ class FlightMeter(ParameterMeter):
     def _events_only(self, step: int, what: str, failed: RuntimeError, quiet: bool) -> None:
         """The exception's event, without the ring (the device cannot be read): into the record and into the JSON
         file as it was last saved (its steps up to that save: the file is the copy kept on the host)."""
-        event = {
+        event: Event = {
             "step": step,
             "cause": "exception",
             "error": what,
@@ -398,17 +356,13 @@ class FlightMeter(ParameterMeter):
         }
         self.events.append(event)
         if not quiet:
-            rank_zero_warn(f"FlightRecorder: {spikes.event_text(event)}")
-        if self.log_dir is None or rank() != 0:
+            rank_zero_warn(f"FlightRecorder: {event_text(event)}")
+        path = self._path()
+        if path is None:
             return
-        path = os.path.join(self.log_dir, tags.record_file(self.prefix, self.kind))
-        try:
-            with open(path) as f:
-                data = json.load(f)
-        except (OSError, ValueError):  # never saved (or not readable): the record as it is
-            data = self.record.to_json()
+        data = persist.read(path) or self.record.to_json()  # never saved (or not readable): the record as it is
         data.update(self.record.describe())  # the events, this one with them
-        self._write(path, data)
+        persist.write(path, data)
 
     def finish(self) -> None:
         """Training ended: the verdicts still travelling are read, the window is written out."""
@@ -426,14 +380,14 @@ class FlightMeter(ParameterMeter):
         """The ring's steps not yet written, into the record and to the loggers; the record to its JSON file."""
         if self._unreadable:  # the file has what could be kept
             return
-        slots, rows = self._window(since=self._out)
+        slots, rows = self._ring.read(since=self._out)
         if not slots:  # no new row: no copy; only an event on rows already written changes what is kept
             last = self.record.last_step
             if last is not None and self.record.describe() != self._described:
                 self._emit(last, {}, {})  # the description, with its new event
                 self._keep()
             return
-        self._out = self._rows
+        self._out = self._ring.rows
         for step, scalars in self._rows_scalars(slots, rows):
             self._emit(step, scalars, {})
         self._keep()
@@ -443,26 +397,26 @@ class FlightMeter(ParameterMeter):
         if not slots:
             return []
         w = len(self._names)
-        update_totals = torch.linalg.vector_norm(rows[:, _NORMS : _NORMS + w], dim=1).tolist()
+        update_totals = torch.linalg.vector_norm(rows[:, NORMS : NORMS + w], dim=1).tolist()
         out = []
         for i, row, update_total in zip(slots, rows.tolist(), update_totals, strict=True):
             scalars: dict[Key, float] = {
-                ("flight_grad_total", ""): row[_GRAD_TOTAL], ("flight_update_total", ""): update_total
+                ("flight_grad_total", ""): row[GRAD_TOTAL], ("flight_update_total", ""): update_total
             }  # fmt: skip
-            if self._seen[i]:
-                scalars[("flight_loss", "")] = row[_LOSS]  # dropped when not finite, as every value is:
-                if not math.isfinite(row[_LOSS]):
+            if self._ring.seen[i]:
+                scalars[("flight_loss", "")] = row[LOSS]  # dropped when not finite, as every value is:
+                if not math.isfinite(row[LOSS]):
                     scalars[("flight_loss_nonfinite", "")] = 1.0
             if self.update_norms and update_total == 0:  # no weight changed: the step was skipped
                 scalars[("flight_skipped", "")] = 1.0
             for k, name in enumerate(self._names):
-                update, weight, grad = row[_NORMS + k], row[_NORMS + w + k], row[_NORMS + 2 * w + k]
+                update, weight, grad = row[NORMS + k], row[NORMS + w + k], row[NORMS + 2 * w + k]
                 scalars[("flight_grad_norm", name)] = grad
                 if not math.isfinite(grad):
                     scalars[("flight_grad_nonfinite", name)] = 1.0
                 scalars[("flight_update_norm", name)] = update
                 scalars[("flight_weight_norm", name)] = weight
-            out.append((self._steps[i], scalars))
+            out.append((self._ring.steps[i], scalars))
         return out  # type: ignore[return-value]  # a written row has its step
 
     def _keep(self, running: bool = False) -> None:
@@ -477,18 +431,17 @@ class FlightMeter(ParameterMeter):
         only: the record and the loggers get them at an event or the end), what a run killed without an exception
         (SIGKILL, the out-of-memory killer, an abort) leaves. One copy from the device."""
         self._saved_at = time.monotonic()
-        if self.log_dir is None or rank() != 0:
+        path = self._path()
+        if path is None:
             return
-        later = self._rows_scalars(*self._window(since=self._out)) if running else []
-        data = self.record.to_json([(step, finite_only(scalars)) for step, scalars in later])
-        self._write(os.path.join(self.log_dir, tags.record_file(self.prefix, self.kind)), data)
+        later = self._rows_scalars(*self._ring.read(since=self._out)) if running else []
+        persist.write(path, self.record.to_json([(step, finite_only(scalars)) for step, scalars in later]))
 
-    @staticmethod
-    def _write(path: str, data: dict[str, Any]) -> None:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path + ".tmp", "w") as f:  # replaced whole: a reader never sees half a file
-            f.write(json.dumps(data))  # dumps encodes in C; dump, to a file, in Python: 5x slower
-        os.replace(path + ".tmp", path)
+    def _path(self) -> str | None:
+        """The window's file (rank 0's, beside the logs); None without logs."""
+        if self.log_dir is None or rank() != 0:
+            return None
+        return os.path.join(self.log_dir, tags.record_file(self.prefix, self.kind))
 
 
 def _number(x: Tensor | float) -> float | str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 
 from lightning_netdiag import spikes
+from lightning_netdiag.flight.events import event_text, named, stopped
 from lightning_netdiag.record import FlightRecord
 from lightning_netdiag.rules.base import WORST, Verdict
 
@@ -43,9 +44,9 @@ def event_verdicts(flight: FlightRecord | None) -> list[Verdict]:
         cause = event["cause"]
         kind = "exception" if cause == "exception" else "non-finite" if "non-finite" in cause else "spike"
         began = event.get("began") or []
-        names = spikes.named(event)
-        stopped = spikes.stopped(event)
-        if stopped and not names:
+        names = named(event)
+        was_stopped = stopped(event)
+        if was_stopped and not names:
             continue  # said in the notes
         # the value that broke the band: the total gradient norm, a weight's score, else the loss
         value = {"gradient spike": event.get("grad_total"), "weight spike": began[0]["score"] if began else None}.get(
@@ -56,17 +57,17 @@ def event_verdicts(flight: FlightRecord | None) -> list[Verdict]:
             f"{spikes.SPIKE:g} spreads of their median over the last {spikes.BAND} steps, each weight's update "
             f"and norm within {spikes.WEIGHT_SPIKE:g}"
         )  # fmt: skip
-        check = "run stopped" if stopped else "run ended by an exception" if kind == "exception" else cause
+        check = "run stopped" if was_stopped else "run ended by an exception" if kind == "exception" else cause
         out.append(Verdict(
-            "warning" if kind == "spike" or stopped else "fatal", check,
+            "warning" if kind == "spike" or was_stopped else "fatal", check,
             ", ".join(names[:WORST]) + (f" and {len(names) - WORST} more" if len(names) > WORST else ""),
-            float(value) if value is not None else math.nan, healthy, spikes.event_text(event),
+            float(value) if value is not None else math.nan, healthy, event_text(event),
             _EVENT_ADVICE[
-                "unread" if event.get("unread") else "stopped" if stopped
+                "unread" if event.get("unread") else "stopped" if was_stopped
                 else "calm end" if kind == "exception" and not names else kind
             ],
             len(names), tuple((b["name"], float(b["score"])) for b in began[:WORST]), event["step"],
-            rule=f"flight.{'stopped' if stopped else kind}",
+            rule=f"flight.{'stopped' if was_stopped else kind}",
         ))  # fmt: skip
     return out
 
@@ -76,6 +77,6 @@ def flight_notes(flight: FlightRecord | None) -> list[str]:
     if flight is None or not flight.steps:
         return []
     events = len(flight.events)
-    stops = [spikes.event_text(e) for e in flight.events if spikes.stopped(e) and not spikes.named(e)]
+    stops = [event_text(e) for e in flight.events if stopped(e) and not named(e)]
     return [f"flight recorder: {len(flight.steps)} steps kept (every step, the last {flight.window} before each "
             f"event and the end), {events} event{'s' if events != 1 else ''}", *stops]  # fmt: skip

@@ -1,0 +1,102 @@
+"""The flight recorder's events, typed: what happened at which step, where it began, and each in words. An event is
+a JSON object in the record (``FlightRecord.events``) and in the window's file, so it is a ``TypedDict``: the same
+dict on disk, in the record and here."""
+
+from __future__ import annotations
+
+from typing import TypedDict
+
+from typing_extensions import NotRequired
+
+from lightning_netdiag.origin import INPUTS, Made
+from lightning_netdiag.spikes import LOOKBACK
+
+__all__ = ["CAUSES", "STOPS", "Began", "Event", "event_text", "named", "named_first", "stopped"]
+
+#: The causes of a step's event, in the order of the bits of its verdict; the first set names it (the others are
+#: said with it). An exception (or a stop) that ends training is an event of its own, ``"exception"``.
+CAUSES = ("non-finite loss", "non-finite gradients", "loss spike", "gradient spike", "weight spike")
+# How a run stopped from outside ends (Ctrl-C; a scheduler's or launcher's SIGTERM, which Lightning raises as
+# SIGTERMException): stopped, not broken.
+STOPS = ("KeyboardInterrupt", "SIGTERM", "SIGTERMException")
+
+
+class Began(TypedDict):
+    """A series that left its band before an event: the weight, which of its series, the step it left, its score
+    there (its name where not finite)."""
+
+    name: str
+    series: str
+    step: int
+    score: float | str
+
+
+class Event(TypedDict):
+    """One event: its step and cause (:data:`CAUSES` or ``"exception"``); the other causes of the same step
+    (``also``); what ended the run (``error``); where its non-finite values were made (``made``); the step's loss and
+    total gradient norm; the series that left their band first (``began``) and by how many steps they led the event
+    (``lead``); what the device raised when it could not be read after an error (``unread``)."""
+
+    step: int
+    cause: str
+    also: NotRequired[list[str]]
+    error: NotRequired[str]
+    made: NotRequired[Made]
+    loss: NotRequired[float | str]
+    grad_total: NotRequired[float | str]
+    began: NotRequired[list[Began]]
+    lead: NotRequired[int]
+    unread: NotRequired[str]
+
+
+def named(event: Event) -> list[str]:
+    """What an event names, first things first, each once: the module whose forward made its non-finite values
+    (where the step was replayed), then the weights whose series left their band, the first to leave first."""
+    made = event["made"].get("module") if "made" in event else None
+    return list(dict.fromkeys([*([made] if made else []), *(b["name"] for b in event.get("began") or [])]))
+
+
+def named_first(event: Event) -> str | None:
+    """The first of :func:`named`; None if the event names nothing."""
+    return next(iter(named(event)), None)
+
+
+def stopped(event: Event) -> bool:
+    """Whether an event is the end of a run stopped from outside (:data:`STOPS`)."""
+    return event["cause"] == "exception" and event.get("error", "").split(":")[0] in STOPS
+
+
+def _made_text(made: Made) -> str:
+    if made.get("module"):
+        return f"made in the forward of {made['module']} (the first module whose output was not finite)"
+    if made.get("in") == INPUTS:
+        return "the inputs of the step's forward were not finite"
+    return "the step's forward, replayed, stayed finite: they were made in the backward"
+
+
+def event_text(event: Event) -> str:
+    """An event in words: what happened at which step and, where known, the series that left their band first and by
+    how many steps they led."""
+    ended = event["cause"] == "exception"
+    causes = " and ".join([event["cause"], *event.get("also", [])])
+    step = event["step"]
+    # an exception is recorded at the last step completed: it may have been raised in the next one
+    how = "stopped" if stopped(event) else "ended"
+    text = f"training {how} after step {step} ({event.get('error', '')})" if ended else f"{causes} at step {step}"
+    if event.get("unread"):  # the device could not be read after the error: no window, no band
+        return f"{text}: the device could not be read after it ({event['unread']}); the steps kept end at the last save"
+    if event.get("made"):
+        return f"{text}: {_made_text(event['made'])}"
+    began = event.get("began") or []
+    if began:
+        first = began[0]
+        lead = event["step"] - first["step"]
+        since = f"step {first['step']}" + (" or before" if lead >= LOOKBACK else "")
+        if ended:
+            return f"{text}: out of its band at the end, first: {first['name']} (its {first['series']}, since {since})"
+        what = "loss" if "loss" in causes else "total gradient norm" if "gradient" in causes else "event"
+        led = f"{lead} step{'s' if lead != 1 else ''} before the {what}" if lead else "at that step"
+        text += f": began in {first['name']} (its {first['series']} left its band at {since}, {led})"
+    elif ended and "began" in event:  # the window was searched and nothing had left its band
+        text += ": every watched series was within its band"
+    return text
