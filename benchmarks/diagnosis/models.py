@@ -43,6 +43,8 @@ class Fault:
     - ``"layer lr"``: the parameters of ``layer`` (a name prefix) in a parameter group of their own, whose rate is
       multiplied by ``factor`` from ``step`` on;
     - ``"scale weight"``: the weight ``layer`` multiplied by ``factor`` just before ``step``;
+    - ``"global lr"``: every parameter group's rate multiplied by ``factor`` from ``step`` on (a schedule's bug, a bad
+      resume);
     - ``"corrupt batch"``: the labels of the batch of ``step`` drawn at random (garbage);
     - ``"divide by zero"``: the output of module ``layer`` divided by zero from ``step`` on (inf and NaN).
     """
@@ -87,6 +89,10 @@ class Classifier(L.LightningModule):
         if fault.kind == "layer lr":  # the group's base rate: the schedule keeps the factor
             self._schedule.base_lrs[1] *= fault.factor
             self._schedule.optimizer.param_groups[1]["lr"] *= fault.factor
+        elif fault.kind == "global lr":
+            for i, group in enumerate(self._schedule.optimizer.param_groups):
+                self._schedule.base_lrs[i] *= fault.factor
+                group["lr"] *= fault.factor
         elif fault.kind == "scale weight":
             with torch.no_grad():
                 self.net.get_parameter(fault.layer).mul_(fault.factor)

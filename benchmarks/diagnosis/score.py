@@ -49,7 +49,19 @@ from typing import Any
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 
-from suite import ATTENTION, DEAD_UNITS, FLIGHT_CHECKS, HEALTHY, NONFINITE, SPIKE, TOO_HIGH, TOO_LOW, Run, all_runs  # noqa: E402
+from suite import (  # noqa: E402
+    ATTENTION,
+    DEAD_UNITS,
+    FAULT_CAUSES,
+    FLIGHT_CHECKS,
+    HEALTHY,
+    NONFINITE,
+    SPIKE,
+    TOO_HIGH,
+    TOO_LOW,
+    Run,
+    all_runs,
+)  # fmt: skip
 
 from lightning_netdiag.flight.events import named_first  # noqa: E402
 
@@ -394,7 +406,16 @@ def judge_flight(row: dict[str, Any]) -> None:
     # the layer's name as a part of the weight's (the fronts wrap the model: "net.", "module.net.")
     if layer is not None and (named is None or not re.search(rf"(^|\.){re.escape(layer)}(\.|$)", named)):
         wrong.append(f"named {named}, not {layer}")
+    want, said = FAULT_CAUSES.get(row["fault"]["kind"]), said_cause(row)
+    if want is not None and first is not None and said != want:
+        wrong.append(f"cause {said}, not {want}")
     row["ok"], row["wrong"] = not wrong, wrong
+
+
+def said_cause(row: dict[str, Any]) -> str | None:
+    """The cause the report gave the run's first spike (its verdict's rule: ``flight.<cause>``)."""
+    first = next((v for v in row["final"] if v["check"] in FLIGHT_CHECKS[SPIKE]), None)
+    return None if first is None else first.get("rule", "").removeprefix("flight.") or None
 
 
 def flight_table(rows: list[dict[str, Any]], seeds: list[int]) -> str:
@@ -405,8 +426,8 @@ def flight_table(rows: list[dict[str, Any]], seeds: list[int]) -> str:
         by_name.setdefault(row["name"], {})[row["seed"]] = row
     lines = [
         "| run | what it is | injected: step, layer | first event: step, cause | named first (its series, step) | "
-        "lead | right? |",
-        "|---|---|---|---|---|---|---|",
+        "lead | said why | right? |",
+        "|---|---|---|---|---|---|---|---|",
     ]
 
     def cells(row: dict[str, Any]) -> tuple[str, ...]:
@@ -421,14 +442,17 @@ def flight_table(rows: list[dict[str, Any]], seeds: list[int]) -> str:
             what = f"{began['name']} ({began['series']}, {began['step']})" if began else "-"
         right = "yes" if row["ok"] else "**no**: " + ", ".join(row["wrong"])
         event = f"{step}, {first['cause']}" if first else "-"
-        return f"{at}, {layer or '-'}", event, what, str(first.get("lead", "-")), right
+        return f"{at}, {layer or '-'}", event, what, str(first.get("lead", "-")), said_cause(row) or "-", right
 
     for name, per_seed in by_name.items():
         columns = zip(*(cells(per_seed[s]) for s in seeds if s in per_seed), strict=True)
         joined = [" / ".join(c) if len(set(c)) > 1 else c[0] for c in columns]
         lines.append(f"| {name} | {next(iter(per_seed.values()))['about']} | " + " | ".join(joined) + " |")
     right = sum(r["ok"] for r in rows)
-    lines += ["", f"Flight runs right (step within one, layer first where injected): {right} of {len(rows)}."]
+    lines += [
+        "",
+        f"Flight runs right (step within one, layer first where injected, the cause said): {right} of {len(rows)}.",
+    ]
     return "\n".join(lines)
 
 

@@ -190,6 +190,8 @@ FLIGHT_CHECKS = {
     SPIKE: ("loss spike", "gradient spike", "weight spike"),
     NONFINITE: ("non-finite loss", "non-finite gradients"),
 }
+#: The cause the report must give a spike, by the fault injected (``rules.flight.SPIKE_CAUSES``' ids).
+FAULT_CAUSES = {"layer lr": "weight", "scale weight": "weight", "global lr": "learning_rate", "corrupt batch": "batch"}
 
 
 def _flight(name: str, recipe: Recipe, expect: str, fault: Fault, about: str, quick: bool = False) -> Run:
@@ -212,6 +214,10 @@ FLIGHT = [
             "one block's weight multiplied by 10 just before step 300", quick=True),
     _flight("tiny-lm blocks.1.fc x10 at 400", _LM, SPIKE, Fault("scale weight", 400, "blocks.1.fc.weight", 10.0),
             "one MLP layer's weight multiplied by 10 just before step 400"),
+    _flight("relu-mlp lr x30 at 300", _RELU, SPIKE, Fault("global lr", 300, factor=30.0),
+            "every parameter group's rate multiplied by 30 from step 300 (a schedule's bug, a bad resume)"),
+    _flight("tiny-lm lr x30 at 400", _LM, SPIKE, Fault("global lr", 400, factor=30.0),
+            "every parameter group's rate multiplied by 30 from step 400"),
     _flight("cnn corrupted labels at 300", _CNN, SPIKE, Fault("corrupt batch", 300),
             "the labels of step 300 drawn at random", quick=True),
     _flight("tiny-lm corrupted labels at 400", _LM, SPIKE, Fault("corrupt batch", 400),

@@ -11,7 +11,10 @@ from typing_extensions import NotRequired
 from lightning_netdiag.origin import INPUTS, Made
 from lightning_netdiag.spikes import LOOKBACK
 
-__all__ = ["CAUSES", "STOPS", "Began", "Event", "event_text", "named", "named_first", "stopped"]
+__all__ = [
+    "AFTER", "CAUSES", "RATE_JUMP", "STOPS", "Began", "Event", "Rate", "Rose", "event_text", "named", "named_first",
+    "stopped",
+]  # fmt: skip
 
 #: The causes of a step's event, in the order of the bits of its verdict; the first set names it (the others are
 #: said with it). An exception (or a stop) that ends training is an event of its own, ``"exception"``.
@@ -19,6 +22,8 @@ CAUSES = ("non-finite loss", "non-finite gradients", "loss spike", "gradient spi
 # How a run stopped from outside ends (Ctrl-C; a scheduler's or launcher's SIGTERM, which Lightning raises as
 # SIGTERMException): stopped, not broken.
 STOPS = ("KeyboardInterrupt", "SIGTERM", "SIGTERMException")
+AFTER = 4  # the steps after a spike watched for its loss to come back under its spike line
+RATE_JUMP = 1.5  # a parameter group's rate that rises by this factor from one step to the next has jumped
 
 
 class Began(TypedDict):
@@ -31,11 +36,28 @@ class Began(TypedDict):
     score: float | str
 
 
+class Rose(TypedDict):
+    """How many of the ``of`` watched weights had their gradient norm, and their update norm, out of their band (above
+    it) at the event's step: all of them together is a batch's mark, one or a few a weight's."""
+
+    gradient: int
+    update: int
+    of: int
+
+
+#: The learning rate at the event's step against the step before, where a parameter group's rate rose by
+#: :data:`RATE_JUMP` or more: the largest rise (``from``, ``to``) and how many of the ``of`` groups rose so.
+Rate = TypedDict("Rate", {"from": float, "to": float, "groups": int, "of": int})
+
+
 class Event(TypedDict):
     """One event: its step and cause (:data:`CAUSES` or ``"exception"``); the other causes of the same step
     (``also``); what ended the run (``error``); where its non-finite values were made (``made``); the step's loss and
     total gradient norm; the series that left their band first (``began``) and by how many steps they led the event
-    (``lead``); what the device raised when it could not be read after an error (``unread``)."""
+    (``lead``); what the device raised when it could not be read after an error (``unread``). The evidence of why: the
+    median loss of the steps before (``loss_median``), how many weights rose with it (``rose``), a rise of the learning
+    rate at its step (``rate``), the first step after it whose loss was back under its spike line (``back``; None:
+    not within :data:`AFTER` steps)."""
 
     step: int
     cause: str
@@ -47,6 +69,10 @@ class Event(TypedDict):
     began: NotRequired[list[Began]]
     lead: NotRequired[int]
     unread: NotRequired[str]
+    loss_median: NotRequired[float | str]
+    rose: NotRequired[Rose]
+    rate: NotRequired[Rate]
+    back: NotRequired[int | None]
 
 
 def named(event: Event) -> list[str]:

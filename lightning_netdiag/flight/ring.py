@@ -45,6 +45,7 @@ class Ring:
         self.slots: Sequence[Row] = ()
         self.steps: list[int | None] = [None] * self.size  # the step of each row
         self.seen = [False] * self.size  # whether a loss was seen at each row's step (on this rank)
+        self.rates: list[tuple[float, ...]] = [()] * self.size  # each parameter group's learning rate at it (host)
         self.rows = 0  # rows written so far
         self._back: Tensor | None = None  # -BAND, ..., -1: the rows of a band, from the step's, on the device
 
@@ -59,10 +60,10 @@ class Ring:
         """The row the step under way writes."""
         return self.slots[self.rows % self.size]
 
-    def written(self, step: int, seen: bool) -> None:
-        """The step under way wrote its row."""
+    def written(self, step: int, seen: bool, rates: tuple[float, ...]) -> None:
+        """The step under way wrote its row; ``rates``: its parameter groups' learning rates."""
         i = self.rows % self.size
-        self.steps[i], self.seen[i] = step, seen
+        self.steps[i], self.seen[i], self.rates[i] = step, seen, rates
 
     def band(self, columns: int) -> Tensor:
         """The first ``columns`` of the :data:`spikes.BAND` rows before the step under way, found on the device (an

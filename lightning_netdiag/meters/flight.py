@@ -26,7 +26,7 @@ from lightning_netdiag import spikes, tags
 from lightning_netdiag.capture import compiled
 from lightning_netdiag.dist import is_sharded, local_shard, rank, rank_zero_warn
 from lightning_netdiag.flight import persist
-from lightning_netdiag.flight.events import CAUSES, Event, event_text
+from lightning_netdiag.flight.events import AFTER, CAUSES, RATE_JUMP, Event, Rate, event_text
 from lightning_netdiag.flight.ring import GRAD_TOTAL, LOSS, NORMS, PRIORITY, SERIES, Ring, Row
 from lightning_netdiag.history import finite_only
 from lightning_netdiag.meters.base import InRecord
@@ -100,6 +100,9 @@ class FlightMeter(ParameterMeter):
         self._flags: Tensor | None = None  # the step's verdict: the loss and total gradient non-finite, then the spikes
         self._nonfinite: Tensor | None = None  # its first two bits (a view, written in place)
         self._spiked: Tensor | None = None  # the others: each scored value over its threshold (a view)
+        self._rates: list[float] = []  # this step's parameter groups' learning rates, as the optimizers step
+        self._manual_rate: float | None = None  # a manual update's
+        self._after: Event | None = None  # the spike whose aftermath is watched (its loss back under its line)
         self._loss: Tensor | None = None  # this step's summed micro-batch losses, on the device
         self._losses = 0
         self._stepped = False  # the gradients' norms are in the step's row: the optimizer steps now
@@ -158,6 +161,10 @@ class FlightMeter(ParameterMeter):
         """A training step begins (every step is recorded: ``step`` is its number)."""
         self._step = step
         self._loss, self._losses = None, 0
+        self._rates = []
+
+    def manual_step(self, loss: Tensor | None, lr: float | None) -> None:
+        self._manual_rate = lr
 
     # --- every step: a few fused kernels, nothing read back -------------------------------------------
 
@@ -174,6 +181,9 @@ class FlightMeter(ParameterMeter):
         """Just before the optimizer steps (None: a manual update): the gradients' norms, and the weights kept."""
         if self._step is None or not self._params:
             return
+        # each group's rate, as cheaply as the loss: host floats (a tensor rate would wait for the device: not read)
+        groups = () if optimizer is None else optimizer.param_groups
+        self._rates += [_rate(g["lr"]) for g in groups] if optimizer is not None else [_rate(self._manual_rate)]
         weights = self._weights()
         plain = self._views is not None
         grads = [  # each .grad read once: a read is a call into C++
@@ -234,7 +244,7 @@ class FlightMeter(ParameterMeter):
             torch.linalg.vector_norm(row.grads, out=row.grad_total)
         elif self._losses > 1:
             row.loss.div_(self._losses)
-        self._ring.written(step, self._losses > 0)
+        self._ring.written(step, self._losses > 0, tuple(self._rates))
         self._judge(step, row)
         if self._calls is not None:
             self._calls.step_done()
@@ -278,6 +288,8 @@ class FlightMeter(ParameterMeter):
         if event is not None:
             event.synchronize()
         values = flags.tolist()  # the loss and the total gradient not finite, then the scores above their levels
+        if self._after is not None and step > self._after["step"]:
+            self._aftermath(step, back=seen and not values[0] and not values[2])
         bits = [
             values[0] and seen,  # no loss seen: nothing to judge
             values[1] and not scaled,  # a loss scaler skips the steps whose gradients overflow: no event
@@ -318,13 +330,47 @@ class FlightMeter(ParameterMeter):
                 for c, t, score in found[:8]
             ]
             event["lead"] = step - steps[found[0][1]] if found else 0
+            if cause in CAUSES:  # not an exception's end
+                self._evidence(event, slots, rows, at)
         self.events.append(event)
+        if cause in CAUSES[2:]:  # a spike: is its loss back under its line at the next steps?
+            self._after = event
         self.requested.add(step + 1 + len(self._pending))  # the first step not yet begun
         if quiet:  # the file only, with the ring's steps not yet written out
             self._save(running=True)
             return
         kept = f"the last {len(steps)} steps are written to the logs"
         rank_zero_warn(f"FlightRecorder: {event_text(event)}; {kept}")
+        self.write_out()
+
+    def _evidence(self, event: Event, slots: list[int], rows: Tensor, at: int) -> None:
+        """Why the event's step spiked, as far as the window tells: the loss of the steps before (its median), how
+        many weights' gradient and update norms left their band with it, a rise of the learning rate at it."""
+        w, band = len(self._names), rows[max(at - spikes.BAND, 0) : at]
+        losses = band[:, LOSS][band[:, LOSS].isfinite()]
+        if len(losses):
+            event["loss_median"] = _number(losses.median())
+        rows_at = rows[at, NORMS : NORMS + 3 * w]
+        scores = spikes.band_scores(spikes.decades(band[:, NORMS : NORMS + 3 * w]), spikes.decades(rows_at))
+        out = (scores > spikes.LEFT) | ~rows_at.isfinite()
+        event["rose"] = {"gradient": int(out[2 * w :].sum()), "update": int(out[:w].sum()), "of": w}
+        before, now = (self._ring.rates[slots[i]] if i >= 0 else () for i in (at - 1, at))
+        # the groups in order, as the optimizers stepped; one added since (unfrozen layers) has no rate before
+        jumps = [(a, b) for a, b in zip(before, now) if a > 0 and b >= RATE_JUMP * a]  # noqa: B905
+        if jumps:
+            first, last = max(jumps, key=lambda j: j[1] / j[0])
+            rate: Rate = {"from": first, "to": last, "groups": len(jumps), "of": len(now)}
+            event["rate"] = rate
+
+    def _aftermath(self, step: int, back: bool) -> None:
+        """A step after a spike: its loss back under the spike's line ends the watch (``back``: that step), as do
+        :data:`AFTER` steps without; the window is written out again, so that the steps after it are kept."""
+        event = self._after
+        assert event is not None
+        if not back and step - event["step"] < AFTER:
+            return
+        event["back"] = step if back else None
+        self._after = None
         self.write_out()
 
     def crashed(self, error: BaseException | str, quiet: bool = False) -> None:
@@ -442,6 +488,11 @@ class FlightMeter(ParameterMeter):
         if self.log_dir is None or rank() != 0:
             return None
         return os.path.join(self.log_dir, tags.record_file(self.prefix, self.kind))
+
+
+def _rate(lr: object) -> float:
+    """A parameter group's rate as the host holds it; NaN for a tensor rate (reading it would wait for the device)."""
+    return float(lr) if isinstance(lr, (float, int)) else math.nan
 
 
 def _number(x: Tensor | float) -> float | str:

@@ -1,22 +1,128 @@
 """The flight recorder's events as verdicts. Events are facts, not rules: the recorder decided them while the run
 went on, at every step, against bands (:mod:`lightning_netdiag.spikes`), so they are said as they were, never
-replayed. Calibration: ``docs/diagnosis.md#the-flight-recorder``."""
+replayed. A spike's cause is decided from the evidence its event holds, by the first of :data:`SPIKE_CAUSES` that
+holds. Calibration: ``docs/diagnosis.md#the-flight-recorder``."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from lightning_netdiag import spikes
-from lightning_netdiag.flight.events import event_text, named, stopped
+from lightning_netdiag.flight.events import AFTER, Event, event_text, named, stopped
 from lightning_netdiag.record import FlightRecord
 from lightning_netdiag.rules.base import WORST, Verdict
 
-__all__ = ["event_verdicts", "flight_notes"]
+__all__ = ["SPIKE_CAUSES", "TOGETHER", "Cause", "cause_of", "event_verdicts", "flight_notes"]
+
+#: The share of the watched weights whose gradient norms must leave their band with a spike for the spike to be
+#: the batch's (the loss, not a layer, the outlier): where one weight goes first, the others follow later.
+TOGETHER = 2 / 3
+
+
+@dataclass(frozen=True)
+class Cause:
+    """Why a spike happened: ``holds`` on the event's evidence, said by ``text``, with ``advice``; ``names_weights``:
+    whether the verdict names the weights that left their band (a batch or a rate names none: no layer is at fault)."""
+
+    id: str
+    holds: Callable[[Event], bool]
+    text: Callable[[Event], str]
+    advice: str
+    names_weights: bool
+
+
+def _causes(event: Event) -> str:
+    return " and ".join([event["cause"], *event.get("also", [])])
+
+
+def _times_median(event: Event) -> str:
+    loss, median = event.get("loss"), event.get("loss_median")
+    if not isinstance(loss, float) or not isinstance(median, float) or median <= 0:
+        return ""
+    return f", {loss / median:.2g}x its median"
+
+
+def _rose(event: Event) -> str:
+    rose = event.get("rose")
+    if rose is None:
+        return ""
+    return f"{rose['gradient']} of {rose['of']} weights' gradients and {rose['update']} of their updates rose with it"
+
+
+def _together(event: Event) -> bool:
+    rose = event.get("rose")
+    return rose is not None and rose["of"] > 0 and rose["gradient"] >= TOGETHER * rose["of"]
+
+
+def _back(event: Event) -> str:
+    back = event.get("back")
+    return f"back in band at {back}" if back is not None else f"not back in band within {AFTER} steps"
+
+
+def _rate_text(event: Event) -> str:
+    rate = event["rate"]
+    groups = "every parameter group" if rate["groups"] == rate["of"] else f"{rate['groups']} of {rate['of']} groups"
+    return f"the learning rate went from {rate['from']:.3g} to {rate['to']:.3g} at step {event['step']} ({groups})"
+
+
+def _weight_text(event: Event) -> str:
+    rate = f"; {_rate_text(event)}" if "rate" in event else ""
+    return f"{event_text(event)}{rate}"
+
+
+def _batch_text(event: Event) -> str:
+    step = event["step"]
+    loss = event.get("loss")
+    said = f"loss {loss:.3g}" if isinstance(loss, float) else f"loss {loss}"
+    return (
+        f"{_causes(event)} at step {step}: the batch of step {step} ({said}{_times_median(event)}; {_back(event)}; "
+        f"{_rose(event)})"
+    )
+
+
+def _unclear_text(event: Event) -> str:
+    seen = "; ".join(x for x in (_rose(event), _back(event) if "back" in event else "") if x)
+    return f"{_causes(event)} at step {event['step']}: cause unclear" + (f" ({seen})" if seen else "")
+
+
+_LOSS_OR_GRADIENT = ("loss spike", "gradient spike")
+_WEIGHT_ADVICE = (
+    "look at the first weights named, at that step: lower their learning rate (a parameter group of their own) or the "
+    "rate overall, clip gradients; the full measurement of the next step is in the other checks"
+)
+
+#: A spike's causes, in the order they are tried: the first that holds is said.
+SPIKE_CAUSES: tuple[Cause, ...] = (
+    Cause(
+        "learning_rate", lambda e: "rate" in e and e["rate"]["groups"] == e["rate"]["of"],
+        lambda e: f"{_causes(e)} at step {e['step']}: {_rate_text(e)}" + (f"; {_rose(e)}" if "rose" in e else ""),
+        "check the schedule (or a resumed optimizer's state): the rate jumped at that step; bring it back, or warm up "
+        "to it", False,
+    ),
+    Cause(
+        "weight", lambda e: bool(e.get("began")) and e.get("lead", 0) > 0, _weight_text, _WEIGHT_ADVICE, True,
+    ),
+    Cause(
+        "batch", lambda e: e["cause"] in _LOSS_OR_GRADIENT and _together(e) and e.get("back") is not None,
+        _batch_text, "look at the batch of that step (its inputs and labels): corrupted, mislabelled or out of "
+        "distribution; skip it, or clean the data it came from", False,
+    ),
+    Cause("weight", lambda e: bool(e.get("began")) and not _together(e), _weight_text, _WEIGHT_ADVICE, True),
+    Cause(
+        "unclear", lambda e: True, _unclear_text, "look at the steps around it (netdiag plots draws them) and at the "
+        "batch of that step; if it comes back, lower the learning rate or clip gradients", False,
+    ),
+)  # fmt: skip
+
+
+def cause_of(event: Event) -> Cause:
+    """The cause of a spike: the first of :data:`SPIKE_CAUSES` whose evidence holds."""
+    return next(cause for cause in SPIKE_CAUSES if cause.holds(event))
+
 
 _EVENT_ADVICE = {
-    "spike": "look at the first weights named, at that step: lower their learning rate (a parameter group of their "
-             "own) or the rate overall, clip gradients, check the batch of that step; the full measurement of the "
-             "next step is in the other checks",
     "non-finite": "the module or weights named first went first: look for a log(0), a division by zero or an "
                   "overflow there (fp16 without a loss scaler); lower the learning rate, clip gradients",
     "exception": "the last steps before the end are in the logs (netdiag plots draws them); the weights named were "
@@ -46,6 +152,9 @@ def event_verdicts(flight: FlightRecord | None) -> list[Verdict]:
         began = event.get("began") or []
         names = named(event)
         was_stopped = stopped(event)
+        cause_found = cause_of(event) if kind == "spike" else None
+        if cause_found is not None and not cause_found.names_weights:
+            names, began = [], []
         if was_stopped and not names:
             continue  # said in the notes
         # the value that broke the band: the total gradient norm, a weight's score, else the loss
@@ -61,13 +170,14 @@ def event_verdicts(flight: FlightRecord | None) -> list[Verdict]:
         out.append(Verdict(
             "warning" if kind == "spike" or was_stopped else "fatal", check,
             ", ".join(names[:WORST]) + (f" and {len(names) - WORST} more" if len(names) > WORST else ""),
-            float(value) if value is not None else math.nan, healthy, event_text(event),
-            _EVENT_ADVICE[
+            float(value) if value is not None else math.nan, healthy,
+            event_text(event) if cause_found is None else cause_found.text(event),
+            cause_found.advice if cause_found is not None else _EVENT_ADVICE[
                 "unread" if event.get("unread") else "stopped" if was_stopped
                 else "calm end" if kind == "exception" and not names else kind
             ],
             len(names), tuple((b["name"], float(b["score"])) for b in began[:WORST]), event["step"],
-            rule=f"flight.{'stopped' if was_stopped else kind}",
+            rule=f"flight.{'stopped' if was_stopped else kind if cause_found is None else cause_found.id}",
         ))  # fmt: skip
     return out
 

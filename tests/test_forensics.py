@@ -1,0 +1,140 @@
+"""Why a run spiked: the cause the report gives a flight recorder's spike, from the evidence its event holds (how many
+weights rose with it, a jump of the learning rate at its step, whether its loss came back into its band). Real short
+runs with a known fault, in the plain loop and under Lightning; every cause by construction on synthetic events."""
+
+import lightning as L
+import pytest
+import torch
+from helpers import loader
+from test_flight import Mlp
+from torch.nn import functional as F
+
+from lightning_netdiag import FlightRecorder, NetDiag, report
+from lightning_netdiag.rules.flight import SPIKE_CAUSES, cause_of
+
+AT, STEPS = 150, 200  # the fault's step; the band needs 50 steps before it
+
+
+def corrupt(step: int, x: torch.Tensor, y: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch of step ``AT`` garbage (random labels, inputs scaled up) for ``kind == "batch"``."""
+    if kind == "batch" and step == AT:
+        g = torch.Generator().manual_seed(1)
+        return x * 5, torch.randint(0, 4, y.shape, generator=g)
+    return x, y
+
+
+def optimizer_for(model: Mlp) -> torch.optim.Optimizer:
+    """AdamW; ``blocks.2`` in a parameter group of its own."""
+    layer = [p for n, p in model.named_parameters() if n.startswith("blocks.2")]
+    rest = [p for n, p in model.named_parameters() if not n.startswith("blocks.2")]
+    return torch.optim.AdamW([{"params": rest}, {"params": layer}], lr=1e-2)
+
+
+def jump(step: int, optimizer: torch.optim.Optimizer, kind: str) -> None:
+    """From step ``AT`` every group's rate x30 (``"rate"``: a schedule's bug), or ``blocks.2``'s x1000 (``"layer"``)."""
+    if step == AT and kind == "rate":
+        for group in optimizer.param_groups:
+            group["lr"] *= 30
+    if step == AT and kind == "layer":
+        optimizer.param_groups[1]["lr"] *= 1000
+
+
+def loop(kind: str):
+    model = Mlp()
+    optimizer = optimizer_for(model)
+    batches = list(loader(batch_size=32))
+    with NetDiag(model, optimizer, every_n_steps=50) as diag:
+        for step in range(STEPS):
+            jump(step, optimizer, kind)
+            x, y = corrupt(step, *batches[step % len(batches)], kind)
+            loss = F.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            diag.loss(loss)
+            optimizer.step()
+    return diag.flight.record
+
+
+def spikes_said(flight) -> list:
+    return [v for v in report.summarize(flight=flight).verdicts if v.rule.startswith("flight.")]
+
+
+def test_a_healthy_run_has_no_event():
+    assert loop("healthy").events == []
+
+
+def test_a_corrupted_batch_is_named_as_the_batch_and_no_layer():
+    (v,) = spikes_said(loop("batch"))
+    assert (v.rule, v.check, v.step, v.hits, v.layer) == ("flight.batch", "loss spike", AT, 0, "")
+    assert f"the batch of step {AT} (loss " in v.cause and f"back in band at {AT + 1}" in v.cause
+    assert "4 of 4 weights' gradients" in v.cause and "look at the batch of that step" in v.advice
+
+
+def test_every_groups_rate_jumping_is_named_as_the_learning_rate():
+    (v,) = spikes_said(loop("rate"))
+    assert (v.rule, v.step, v.hits) == ("flight.learning_rate", AT, 0)
+    assert f"the learning rate went from 0.01 to 0.3 at step {AT} (every parameter group)" in v.cause
+
+
+def test_one_groups_rate_jumping_names_its_weight_and_its_rate():
+    (v, *_) = spikes_said(loop("layer"))
+    assert (v.rule, v.step, v.layer.split(",")[0]) == ("flight.weight", AT, "blocks.2.weight")
+    assert "the learning rate went from 0.01 to 10 at step 150 (1 of 2 groups)" in v.cause
+
+
+def test_under_lightning_a_corrupted_batch_is_the_batch():
+    model = Mlp()
+
+    class Module(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def training_step(self, batch, batch_idx):
+            x, y = corrupt(self.global_step, *batch, "batch")
+            return F.cross_entropy(self.model(x), y)
+
+        def configure_optimizers(self):
+            return optimizer_for(self.model)
+
+    flight = FlightRecorder()
+    trainer = L.Trainer(max_steps=STEPS, callbacks=[flight], logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)  # fmt: skip
+    trainer.fit(Module(), loader(batch_size=32))
+    (v,) = spikes_said(flight.record)
+    assert (v.rule, v.step) == ("flight.batch", AT)
+
+
+def event(**evidence) -> dict:
+    return {"step": 300, "cause": "loss spike", "loss": 4.8, "loss_median": 2.2, **evidence}
+
+
+BEGAN = [{"name": "h.0.attn.c_proj.weight", "series": "update norm", "step": 300, "score": 9.0}]
+#: cause id -> an event whose evidence is that cause's, and nothing before it in the order
+CAUSES = {
+    "learning_rate": event(rate={"from": 1e-3, "to": 3e-2, "groups": 2, "of": 2}, rose={"gradient": 1, "update": 9,
+                                                                                          "of": 9}),
+    "weight": event(began=BEGAN, lead=3, rose={"gradient": 9, "update": 9, "of": 9}, back=301),
+    "batch": event(began=BEGAN, lead=0, rose={"gradient": 9, "update": 9, "of": 9}, back=301),
+    "unclear": event(began=BEGAN, lead=0, rose={"gradient": 9, "update": 9, "of": 9}, back=None),
+}  # fmt: skip
+
+
+def test_every_spike_cause_by_construction():
+    assert {c.id for c in SPIKE_CAUSES} == set(CAUSES)
+    for want, e in CAUSES.items():
+        assert cause_of(e).id == want, (want, e)
+    assert "cause unclear" in cause_of(CAUSES["unclear"]).text(CAUSES["unclear"])
+    assert cause_of(event(began=BEGAN, lead=0, rose={"gradient": 1, "update": 1, "of": 9})).id == "weight"  # alone
+    assert cause_of(event()).id == "unclear"  # no evidence (a record of an older netdiag): no layer named
+
+
+@pytest.mark.parametrize("cause", sorted(CAUSES))
+def test_a_cause_that_names_no_layer_gives_a_verdict_without_one(cause):
+    from lightning_netdiag.record import FlightRecord
+
+    flight = FlightRecord()
+    flight.add(300, {("flight_grad_total", ""): 1.0}, {})
+    flight.events = [CAUSES[cause]]
+    (v,) = report.evaluate(flight=flight)
+    assert v.rule == f"flight.{cause}" and (v.hits > 0) == cause_of(CAUSES[cause]).names_weights
