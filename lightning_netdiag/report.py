@@ -24,6 +24,7 @@ from lightning_netdiag.record import (
 )
 from lightning_netdiag.render import COLUMNS, as_table, checks, format_markdown, format_table
 from lightning_netdiag.rules import PERSIST, Verdict, evaluate, event_verdicts, flight_notes
+from lightning_netdiag.rules.flight import after_instability
 from lightning_netdiag.rules.instability import logit_notes
 from lightning_netdiag.rules.learning_rate import learning_rate_note
 
@@ -87,14 +88,17 @@ def summarize(
     previous: int | None = None
     records: dict[str, Any] = {"saturation": saturation, "grad_data": grad_data, "update": update,
                                "logits": logits, "optimizer": optimizer}  # fmt: skip
+    held: dict[str, Verdict] = {}  # rule id -> its first verdict, since the first step it held
     for step, partial in replay(**records):  # the flight recorder's events are facts: they are not replayed
         for v in evaluate(**partial):
             first, last, _ = spans.get(v.rule, (step, None, v))
             spans[v.rule] = (first if last == previous else step, step, v)
+            held.setdefault(v.rule, replace(v, since=step))
         previous = step
     final = evaluate(**records)
     now = {v.rule for v in final}
-    verdicts = [*event_verdicts(flight), *(replace(v, since=spans.get(v.rule, (v.step,))[0]) for v in final)]
+    events = after_instability(event_verdicts(flight), held)  # an instability before a spike is its cause
+    verdicts = [*events, *(replace(v, since=spans.get(v.rule, (v.step,))[0]) for v in final)]
     verdicts.sort(key=lambda v: v.severity != "fatal")
     verdicts += [
         replace(v, step=last, since=first, cleared=True) for rule, (first, last, v) in spans.items() if rule not in now

@@ -138,3 +138,28 @@ def test_a_cause_that_names_no_layer_gives_a_verdict_without_one(cause):
     flight.events = [CAUSES[cause]]
     (v,) = report.evaluate(flight=flight)
     assert v.rule == f"flight.{cause}" and (v.hits > 0) == cause_of(CAUSES[cause]).names_weights
+
+
+def test_a_spike_after_an_instability_is_said_to_be_the_instabilitys():
+    from lightning_netdiag.record import FlightRecord, LogitRecord
+
+    logits = LogitRecord(every_n_steps=50)
+    for step in range(0, 350, 50):  # the largest attention logit past its line from step 100 on
+        logits.add(step, {("attn_logit_max", "h.0.attn"): 20.0 if step < 100 else 500.0}, {})
+    flight = FlightRecord()
+    flight.add(300, {("flight_grad_total", ""): 1.0}, {})
+    flight.events = [CAUSES["unclear"]]
+    (spike, growing) = report.summarize(logits=logits, flight=flight).verdicts
+    assert (spike.rule, spike.check, growing.rule) == (
+        "flight.instability",
+        "loss spike",
+        "instability.attention_logits",
+    )
+    # named from step 200: held at 3 logging steps (100, 150, 200)
+    assert "the run was unstable before it: attention logits growing since step 200" in spike.cause
+    assert spike.advice == growing.advice  # what to change is the instability's
+    quiet = LogitRecord(every_n_steps=50)
+    for step in range(0, 350, 50):
+        quiet.add(step, {("attn_logit_max", "h.0.attn"): 20.0}, {})
+    (alone,) = report.summarize(logits=quiet, flight=flight).verdicts
+    assert alone.rule == "flight.unclear"

@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from lightning_netdiag import spikes
 from lightning_netdiag.flight.events import AFTER, Event, event_text, named, stopped
 from lightning_netdiag.record import FlightRecord
 from lightning_netdiag.rules.base import WORST, Verdict
 
-__all__ = ["SPIKE_CAUSES", "TOGETHER", "Cause", "cause_of", "event_verdicts", "flight_notes"]
+__all__ = [
+    "INSTABILITY", "SPIKE_CAUSES", "TOGETHER", "Cause", "after_instability", "cause_of", "event_verdicts",
+    "flight_notes",
+]  # fmt: skip
 
 #: The share of the watched weights whose gradient norms must leave their band with a spike for the spike to be
 #: the batch's (the loss, not a layer, the outlier): where one weight goes first, the others follow later.
@@ -179,6 +182,28 @@ def event_verdicts(flight: FlightRecord | None) -> list[Verdict]:
             len(names), tuple((b["name"], float(b["score"])) for b in began[:WORST]), event["step"],
             rule=f"flight.{'stopped' if was_stopped else kind if cause_found is None else cause_found.id}",
         ))  # fmt: skip
+    return out
+
+
+#: The rules whose verdict, held before a spike or a death, makes it the instability's (attention logits growing,
+#: Adam's steps cancelling: the run had gone unstable before it blew up).
+INSTABILITY = ("instability.attention_logits", "instability.attention_entropy", "lr.adam_step", "lr.adam_shrink")
+
+
+def after_instability(verdicts: list[Verdict], held: dict[str, Verdict]) -> list[Verdict]:
+    """The flight recorder's spikes and deaths that came after an instability rule held (``held``: rule id -> its
+    first verdict, whose ``since`` is the first logged step it held at): said so, with that verdict's check and
+    advice, the cause the instability (``flight.instability``); where the event named a weight, it still names it."""
+    out = []
+    for v in verdicts:
+        step = v.step if v.rule.startswith("flight.") and v.rule != "flight.stopped" else None
+        before = [u for r, u in held.items() if r in INSTABILITY and step is not None and (u.since or 0) <= step]
+        if not before:
+            out.append(v)
+            continue
+        first = min(before, key=lambda u: u.since or 0)
+        cause = f"{v.cause}; the run was unstable before it: {first.check} since step {first.since} ({first.healthy})"
+        out.append(replace(v, cause=cause, advice=first.advice, rule="flight.instability"))
     return out
 
 
