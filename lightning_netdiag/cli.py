@@ -7,6 +7,7 @@ logs); a run is a directory holding event files or a ``metrics.csv``, and a dire
     netdiag report lightning_logs/version_0
     netdiag plots lightning_logs/version_0 --out plots/
     netdiag compare sweep/lr_*
+    netdiag batch lightning_logs/version_0 --step 300   # the batch kept at a flight recorder's event
 """
 
 from __future__ import annotations
@@ -19,11 +20,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lightning_netdiag import report
+from lightning_netdiag import report, tags
 from lightning_netdiag.logs import LogError, RunLogs, find_runs, load_run
 from lightning_netdiag.record import Record
 
-__all__ = ["compare", "draw", "health", "main"]
+__all__ = ["batches", "compare", "describe_batch", "draw", "health", "main"]
 
 
 def health(run: RunLogs) -> report.Report:
@@ -107,6 +108,52 @@ def draw(run: RunLogs, out: Path) -> list[Path]:
     return written
 
 
+def batches(run: Path) -> dict[int, Path]:
+    """step -> the file of the batch the flight recorder kept at an event of that step, in a run's directory."""
+    found = {tags.parse_batch_file(p.name): p for p in sorted(run.rglob(tags.BATCH_FILES))}
+    return {step: path for step, path in sorted(found.items()) if step is not None}
+
+
+def describe_batch(path: Path, rows: int = 4) -> str:
+    """A kept batch in words: each micro-batch's tensors by place, their shape and type; token ids (integers) as ids,
+    their first ``rows`` rows; other values by their statistics."""
+    import torch
+
+    saved = torch.load(path, weights_only=True)
+    lines = [f"batch of step {saved['step']} ({path.name})" + (": cut to fit keep_batch" if saved["cut"] else "")]
+    for i, ids in enumerate(saved["index"]):
+        lines.append(f"  micro-batch {i}: {ids}")
+
+    def walk(x: Any, where: str) -> None:
+        if isinstance(x, torch.Tensor):
+            head = f"  {where}: {tuple(x.shape)} {str(x.dtype).removeprefix('torch.')}"
+            if not x.is_floating_point() and x.numel():
+                shown = x.reshape(x.shape[0], -1)[:rows] if x.dim() else x.reshape(1, 1)
+                lines.append(head + "".join(f"\n    {row.tolist()}" for row in shown))
+            elif x.numel():
+                v = x.double()
+                finite = v[v.isfinite()]
+                stats = (
+                    f"mean {finite.mean():.4g}, std {finite.std():.4g}, min {finite.min():.4g}, max {finite.max():.4g}"
+                )
+                lines.append(
+                    f"{head}: {stats}"
+                    + (f", {int((~v.isfinite()).sum())} not finite" if len(finite) < v.numel() else "")
+                )
+            else:
+                lines.append(head)
+        elif isinstance(x, dict):
+            for k, v in x.items():
+                walk(v, f"{where}.{k}")
+        elif isinstance(x, (list, tuple)):
+            for k, v in enumerate(x):
+                walk(v, f"{where}[{k}]")
+
+    for i, inputs in enumerate(saved["micro_batches"]):
+        walk(inputs, f"micro-batch {i}")
+    return "\n".join(lines)
+
+
 # --- the command --------------------------------------------------------------------------------------------
 
 
@@ -120,7 +167,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", default="netdiag_plots", help="where the PNG files go (one folder per run)")
     p = sub.add_parser("compare", help="the runs side by side (an LR sweep): loss, diagnostics, verdicts")
     p.add_argument("runs", nargs="+")
+    p = sub.add_parser("batch", help="print the batch the flight recorder kept at an event")
+    p.add_argument("run", help="the run's directory")
+    p.add_argument("--step", type=int, default=None, help="the event's step (default: each batch kept)")
     args = parser.parse_args(argv)
+    if args.command == "batch":
+        kept = batches(Path(args.run))
+        chosen = kept if args.step is None else {s: p for s, p in kept.items() if s == args.step}
+        if not chosen:
+            steps = ", ".join(map(str, kept)) or "none"
+            print(f"netdiag: no batch kept at step {args.step} in {args.run} (kept: {steps})", file=sys.stderr)
+            return 2
+        print("\n".join(describe_batch(path) for path in chosen.values()))
+        return 0
     try:
         runs = [load_run(path) for path in find_runs(args.runs)]
         if args.command == "report":

@@ -101,6 +101,10 @@ class NetDiagCallback(TrainerCallback):  # type: ignore[misc]
         self.diag.attach()
         self._unregister = at_exit(self._process_ends)
 
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.diag is not None:  # kept with a batch the flight recorder saves
+            self.diag.batch_index(epoch=state.epoch, step=state.global_step)
+
     def _process_ends(self) -> None:
         """The process ends during training: the exception that ended it (where Python kept it) and the flight
         recorder's window go into the logs."""

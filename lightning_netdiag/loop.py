@@ -172,6 +172,7 @@ class NetDiag:
         self._stepped = False  # the optimizer's pre-step hook ran
         self._scaler_step: Any = None
         self._ended = False  # an exception ended the run: its window is written out
+        self._index: dict[str, Any] | None = None  # what identifies the batches now (batch_index)
 
     # --- lifetime -------------------------------------------------------------------------------------
 
@@ -193,7 +194,7 @@ class NetDiag:
             for meter in self._at["watch_backward_calls"]:
                 meter.watch_backward_calls(self._backward_called)
         # first of the pre-hooks: a manual update is measured (its step ends) before anything of the next step starts
-        self._handles.add(self.model.register_forward_pre_hook(self._forward_starts, prepend=True))
+        self._handles.add(self.model.register_forward_pre_hook(self._forward_starts, prepend=True, with_kwargs=True))
         self._handles.add(self.model.register_forward_hook(self._forward_ends))
         for opt in self.optimizers:
             self._handles.add(opt.register_step_pre_hook(self._before_step))
@@ -271,14 +272,18 @@ class NetDiag:
             meter.after_step(None, logging)
 
     @LIFELINE.held
-    def _forward_starts(self, module: nn.Module, inputs: object) -> None:
+    def _forward_starts(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if self._manual_pending:  # the manual update happened since step(): measure it
             self._manual_pending = False
             self._manual_update_done()
             self._step_starts()
+        training = module.training and torch.is_grad_enabled()
+        if training:
+            for meter in self._at["batch_seen"]:
+                meter.batch_seen((args, kwargs), self._index)
         if not self._forward:
             return
-        if not (module.training and torch.is_grad_enabled()):
+        if not training:
             for meter in self._at["pause"]:
                 meter.pause()  # validation: never recorded
             return
@@ -380,6 +385,11 @@ class NetDiag:
             meter.before_step(None)
         self.steps += 1
         self._manual_pending = True
+
+    def batch_index(self, **ids: Any) -> None:
+        """What identifies the batches from now on (``diag.batch_index(epoch=2, indices=idx)`` before the forward):
+        kept with a batch the flight recorder saves at an event, so that its source can be found."""
+        self._index = ids
 
     @LIFELINE.held
     def loss(self, loss: Tensor) -> None:

@@ -12,9 +12,9 @@ from __future__ import annotations
 import re
 
 __all__ = [
-    "FALLBACK_QUANTILES", "KIND_OF", "META_FILES", "METRICS", "RECORD_FILES", "TARGET", "is_quantile", "meta_file",
-    "meta_tag", "parse", "parse_meta", "parse_record_file", "quantile_name", "quantile_tag", "record_file", "split",
-    "tag",
+    "BATCH_FILES", "FALLBACK_QUANTILES", "KIND_OF", "META_FILES", "METRICS", "RECORD_FILES", "TARGET", "batch_file",
+    "is_quantile", "meta_file", "meta_tag", "parse", "parse_batch_file", "parse_meta", "parse_record_file",
+    "quantile_name", "quantile_tag", "record_file", "split", "tag",
 ]  # fmt: skip
 
 #: The metric names of each diagnostic, as the meters record them (``{prefix}/{metric}/{layer}`` in the logs).
@@ -33,7 +33,7 @@ METRICS = {
     "optimizer": ("adam_step_rms", "adam_eps_pct"),
     "flight": (
         "flight_loss", "flight_loss_nonfinite", "flight_grad_total", "flight_grad_norm", "flight_grad_nonfinite",
-        "flight_update_total", "flight_update_norm", "flight_weight_norm", "flight_skipped",
+        "flight_update_total", "flight_update_norm", "flight_weight_norm", "flight_skipped", "flight_batch",
     ),
 }  # fmt: skip
 
@@ -123,3 +123,19 @@ def parse_record_file(name: str) -> str | None:
 
 #: The glob that finds every :func:`record_file` in a run's directory.
 RECORD_FILES = "*_record_*.json"
+
+
+def batch_file(prefix: str, step: int) -> str:
+    """The name of the file beside a run's logs that holds the batch of a step the flight recorder had an event at
+    (``torch.save``). Inverse: :func:`parse_batch_file`."""
+    return f"{prefix.replace('/', '_')}_flight_batch_{step}.pt"
+
+
+def parse_batch_file(name: str) -> int | None:
+    """The step of a :func:`batch_file` name, or None for another file."""
+    found = re.match(r"^.+_flight_batch_(\d+)\.pt$", name)
+    return None if found is None else int(found[1])
+
+
+#: The glob that finds every :func:`batch_file` in a run's directory.
+BATCH_FILES = "*_flight_batch_*.pt"

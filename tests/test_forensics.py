@@ -39,12 +39,13 @@ def jump(step: int, optimizer: torch.optim.Optimizer, kind: str) -> None:
         optimizer.param_groups[1]["lr"] *= 1000
 
 
-def loop(kind: str):
+def loop(kind: str, writer=None):
     model = Mlp()
     optimizer = optimizer_for(model)
     batches = list(loader(batch_size=32))
-    with NetDiag(model, optimizer, every_n_steps=50) as diag:
+    with NetDiag(model, optimizer, writer, every_n_steps=50) as diag:
         for step in range(STEPS):
+            diag.batch_index(step=step)
             jump(step, optimizer, kind)
             x, y = corrupt(step, *batches[step % len(batches)], kind)
             loss = F.cross_entropy(model(x), y)
@@ -65,20 +66,20 @@ def test_a_healthy_run_has_no_event():
 
 def test_a_corrupted_batch_is_named_as_the_batch_and_no_layer():
     (v,) = spikes_said(loop("batch"))
-    assert (v.rule, v.check, v.step, v.hits, v.layer) == ("flight.batch", "loss spike", AT, 0, "")
+    assert (v.rule, v.why, v.check, v.step, v.hits, v.layer) == ("flight.spike", "batch", "loss spike", AT, 0, "")
     assert f"the batch of step {AT} (loss " in v.cause and f"back in band at {AT + 1}" in v.cause
     assert "4 of 4 weights' gradients" in v.cause and "look at the batch of that step" in v.advice
 
 
 def test_every_groups_rate_jumping_is_named_as_the_learning_rate():
     (v,) = spikes_said(loop("rate"))
-    assert (v.rule, v.step, v.hits) == ("flight.learning_rate", AT, 0)
+    assert (v.why, v.step, v.hits) == ("learning_rate", AT, 0)
     assert f"the learning rate went from 0.01 to 0.3 at step {AT} (every parameter group)" in v.cause
 
 
 def test_one_groups_rate_jumping_names_its_weight_and_its_rate():
     (v, *_) = spikes_said(loop("layer"))
-    assert (v.rule, v.step, v.layer.split(",")[0]) == ("flight.weight", AT, "blocks.2.weight")
+    assert (v.why, v.step, v.layer.split(",")[0]) == ("weight", AT, "blocks.2.weight")
     assert "the learning rate went from 0.01 to 10 at step 150 (1 of 2 groups)" in v.cause
 
 
@@ -102,7 +103,7 @@ def test_under_lightning_a_corrupted_batch_is_the_batch():
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)  # fmt: skip
     trainer.fit(Module(), loader(batch_size=32))
     (v,) = spikes_said(flight.record)
-    assert (v.rule, v.step) == ("flight.batch", AT)
+    assert (v.why, v.step) == ("batch", AT)
 
 
 def event(**evidence) -> dict:
@@ -137,7 +138,7 @@ def test_a_cause_that_names_no_layer_gives_a_verdict_without_one(cause):
     flight.add(300, {("flight_grad_total", ""): 1.0}, {})
     flight.events = [CAUSES[cause]]
     (v,) = report.evaluate(flight=flight)
-    assert v.rule == f"flight.{cause}" and (v.hits > 0) == cause_of(CAUSES[cause]).names_weights
+    assert (v.rule, v.why) == ("flight.spike", cause) and (v.hits > 0) == cause_of(CAUSES[cause]).names_weights
 
 
 def test_a_spike_after_an_instability_is_said_to_be_the_instabilitys():
@@ -150,11 +151,7 @@ def test_a_spike_after_an_instability_is_said_to_be_the_instabilitys():
     flight.add(300, {("flight_grad_total", ""): 1.0}, {})
     flight.events = [CAUSES["unclear"]]
     (spike, growing) = report.summarize(logits=logits, flight=flight).verdicts
-    assert (spike.rule, spike.check, growing.rule) == (
-        "flight.instability",
-        "loss spike",
-        "instability.attention_logits",
-    )
+    assert (spike.why, spike.check, growing.rule) == ("instability", "loss spike", "instability.attention_logits")
     # named from step 200: held at 3 logging steps (100, 150, 200)
     assert "the run was unstable before it: attention logits growing since step 200" in spike.cause
     assert spike.advice == growing.advice  # what to change is the instability's
@@ -162,4 +159,45 @@ def test_a_spike_after_an_instability_is_said_to_be_the_instabilitys():
     for step in range(0, 350, 50):
         quiet.add(step, {("attn_logit_max", "h.0.attn"): 20.0}, {})
     (alone,) = report.summarize(logits=quiet, flight=flight).verdicts
-    assert alone.rule == "flight.unclear"
+    assert alone.why == "unclear"
+
+
+def test_the_batch_of_a_spike_is_kept_beside_the_logs_and_netdiag_batch_prints_it(tmp_path, capsys):
+    from torch.utils.tensorboard import SummaryWriter
+
+    from lightning_netdiag import cli, tags
+
+    flight = loop("batch", SummaryWriter(tmp_path))
+    batches = list(loader(batch_size=32))
+    x = batches[AT % len(batches)][0] * 5  # what the model received at the event's step
+    (event,) = flight.events
+    name = tags.batch_file("netdiag", AT)
+    assert event["batch"]["file"] == name and event["batch"]["index"] == [{"step": AT}]
+    assert event["batch"]["bytes"] == x.numel() * 4 and event["batch"]["cut"] is False
+    saved = torch.load(tmp_path / name, weights_only=True)
+    (args, kwargs) = saved["micro_batches"][0]
+    assert torch.equal(args[0], x) and kwargs == {}
+    (v,) = spikes_said(flight)
+    assert f"the batch is kept beside the logs ({name}: netdiag batch RUN --step {AT})" in v.cause
+    assert cli.main(["batch", str(tmp_path), "--step", str(AT)]) == 0
+    printed = capsys.readouterr().out
+    assert f"batch of step {AT} ({name})" in printed and "micro-batch 0: {'step': 150}" in printed
+    assert f"micro-batch 0[0][0]: (32, 6) float32: mean {x.double().mean():.4g}" in printed
+    assert cli.main(["batch", str(tmp_path), "--step", "3"]) == 2  # none kept there: said, with those kept
+
+
+def test_each_steps_batch_fingerprint_equals_a_direct_computation():
+    flight = loop("healthy")
+    batches = list(loader(batch_size=32))
+    for step, value in flight.points("flight_batch"):
+        x = batches[step % len(batches)][0].double()
+        assert value == pytest.approx(float(x.sum() + 1e-3 * x.norm()), rel=1e-6)
+
+
+def test_a_batch_larger_than_keep_batch_is_cut_to_its_first_rows(tmp_path):
+    from lightning_netdiag.meters.flight import _to_host
+
+    kept, n, cut = _to_host(((torch.ones(10, 4), torch.arange(10)), {"mask": torch.ones(10, 2)}), cap=200)
+    (x, ids), extra = kept
+    # 160 bytes of x, the 5 ids that fit in the 40 left, no row of the mask
+    assert (x.shape, ids.shape, extra["mask"].shape, cut) == ((10, 4), (5,), (0, 2), True) and n == 200

@@ -413,9 +413,9 @@ def judge_flight(row: dict[str, Any]) -> None:
 
 
 def said_cause(row: dict[str, Any]) -> str | None:
-    """The cause the report gave the run's first spike (its verdict's rule: ``flight.<cause>``)."""
+    """The cause the report gave the run's first spike (its verdict's ``why``)."""
     first = next((v for v in row["final"] if v["check"] in FLIGHT_CHECKS[SPIKE]), None)
-    return None if first is None else first.get("rule", "").removeprefix("flight.") or None
+    return None if first is None else first.get("why") or None
 
 
 def flight_table(rows: list[dict[str, Any]], seeds: list[int]) -> str:

@@ -190,7 +190,7 @@ FLIGHT_CHECKS = {
     SPIKE: ("loss spike", "gradient spike", "weight spike"),
     NONFINITE: ("non-finite loss", "non-finite gradients"),
 }
-#: The cause the report must give a spike, by the fault injected (``rules.flight.SPIKE_CAUSES``' ids).
+#: The cause the report must give a spike (its verdict's ``why``), by the fault injected.
 FAULT_CAUSES = {"layer lr": "weight", "scale weight": "weight", "global lr": "learning_rate", "corrupt batch": "batch"}
 
 

@@ -87,9 +87,10 @@ class DiagnosticCallback(Callback):
     The meter measures; this class decides when (every ``every_n_steps``-th optimizer step, from
     ``trainer.log_every_n_steps`` when None), attaches the meter when fit starts and detaches it when fit ends or
     fails. Lightning's hooks, as the meter hears them: ``on_train_batch_start``: the step starts (at its first
-    micro-batch) and a forward starts; ``on_before_backward``/``on_after_backward``: its backward starts and ends;
-    ``on_before_optimizer_step``: before the step; ``on_train_batch_end``: the micro-batch's loss, after the step of
-    each optimizer that stepped, and nothing recorded until the next batch (validation).
+    micro-batch), a forward starts, the batch as ``training_step`` gets it (with its epoch and batch index);
+    ``on_before_backward``/``on_after_backward``: its backward starts and ends; ``on_before_optimizer_step``: before
+    the step; ``on_train_batch_end``: the micro-batch's loss, after the step of each optimizer that stepped, and
+    nothing recorded until the next batch (validation).
     """
 
     prefix: str
@@ -148,6 +149,8 @@ class DiagnosticCallback(Callback):
                 self.step_starts(trainer.global_step, measured)  # type: ignore[attr-defined]
         if "forward_starts" in self._moments:
             self.forward_starts(measured, pl_module.device)  # type: ignore[attr-defined]
+        if "batch_seen" in self._moments:
+            self.batch_seen(batch, {"epoch": trainer.current_epoch, "batch_idx": batch_idx})  # type: ignore[attr-defined]
 
     @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 from lightning_netdiag.callbacks._common import ParameterCallback
 from lightning_netdiag.meters import FlightMeter
+from lightning_netdiag.meters.flight import KEEP_BATCH
 from lightning_netdiag.select import WEIGHT_NDIMS
 
 __all__ = ["FlightRecorder"]
@@ -47,6 +48,11 @@ class FlightRecorder(FlightMeter, ParameterCallback):
             copy to the host anyway), so that a run killed without an exception (SIGKILL, the out-of-memory killer,
             an abort) leaves its steps up to the last save; each save is one copy from the device. 0: at every
             logging step; None: only at events and the end.
+        keep_batch: at an event, the bytes of the step's batch (its inputs as the model received them; under
+            Lightning the batch as ``training_step`` gets it) copied to the host and saved beside the logs
+            (``{prefix}_flight_batch_{step}.pt``; ``netdiag batch`` prints it), each tensor cut to its first rows
+            beyond it; 0 keeps none. Until a step's verdict is read (at once on a CPU, a step later on a GPU) its
+            inputs stay referenced: no copy is made, but their memory is freed a step later.
 
     Raises:
         ValueError: if an argument is out of range or a selection holds something other than module
@@ -66,7 +72,8 @@ class FlightRecorder(FlightMeter, ParameterCallback):
     - ``{prefix}/flight_grad_total``, ``{prefix}/flight_update_total``: the norms over every selected weight;
     - ``{prefix}/flight_grad_norm/{name}``, ``flight_update_norm/{name}``, ``flight_weight_norm/{name}``: each
       selected weight's; ``flight_grad_nonfinite/{name}``: 1 where its gradient norm was not finite;
-    - ``{prefix}/flight_skipped``: 1 for a step that changed no weight (a GradScaler skipped it).
+    - ``{prefix}/flight_skipped``: 1 for a step that changed no weight (a GradScaler skipped it);
+    - ``{prefix}/flight_batch``: a fingerprint of the step's batch (equal batches, equal numbers).
 
     At a logging step at least ``save_interval`` seconds after the last save, the record with the ring's steps so
     far also goes to its JSON file beside the logs (not to the loggers, which are flushed then).
@@ -83,8 +90,10 @@ class FlightRecorder(FlightMeter, ParameterCallback):
         prefix: str = "netdiag",
         history_size: int = 10_000,
         save_interval: float | None = 30.0,
+        keep_batch: int = KEEP_BATCH,
     ) -> None:
         FlightMeter.__init__(
-            self, window, params, exclude, ndims, update_norms, replay_nonfinite, prefix, history_size, save_interval
-        )
+            self, window, params, exclude, ndims, update_norms, replay_nonfinite, prefix, history_size, save_interval,
+            keep_batch,
+        )  # fmt: skip
         self._cadence(1)

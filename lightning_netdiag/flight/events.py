@@ -4,7 +4,7 @@ dict on disk, in the record and here."""
 
 from __future__ import annotations
 
-from typing import TypedDict
+from typing import Any, TypedDict
 
 from typing_extensions import NotRequired
 
@@ -12,8 +12,8 @@ from lightning_netdiag.origin import INPUTS, Made
 from lightning_netdiag.spikes import LOOKBACK
 
 __all__ = [
-    "AFTER", "CAUSES", "RATE_JUMP", "STOPS", "Began", "Event", "Rate", "Rose", "event_text", "named", "named_first",
-    "stopped",
+    "AFTER", "CAUSES", "RATE_JUMP", "STOPS", "Batch", "Began", "Event", "Rate", "Rose", "event_text", "named",
+    "named_first", "stopped",
 ]  # fmt: skip
 
 #: The causes of a step's event, in the order of the bits of its verdict; the first set names it (the others are
@@ -50,6 +50,18 @@ class Rose(TypedDict):
 Rate = TypedDict("Rate", {"from": float, "to": float, "groups": int, "of": int})
 
 
+class Batch(TypedDict, total=False):
+    """The batch of an event's step: its fingerprint (``flight_batch``), the bytes of its inputs kept on the host and
+    whether a tensor was cut to fit (``keep_batch``), what identified its micro-batches (``index``: Lightning's epoch
+    and batch index, the ids the user told), and the file beside the logs that holds it (``tags.batch_file``)."""
+
+    fingerprint: float
+    bytes: int
+    cut: bool
+    index: list[dict[str, Any]]
+    file: str
+
+
 class Event(TypedDict):
     """One event: its step and cause (:data:`CAUSES` or ``"exception"``); the other causes of the same step
     (``also``); what ended the run (``error``); where its non-finite values were made (``made``); the step's loss and
@@ -57,7 +69,7 @@ class Event(TypedDict):
     (``lead``); what the device raised when it could not be read after an error (``unread``). The evidence of why: the
     median loss of the steps before (``loss_median``), how many weights rose with it (``rose``), a rise of the learning
     rate at its step (``rate``), the first step after it whose loss was back under its spike line (``back``; None:
-    not within :data:`AFTER` steps)."""
+    not within :data:`AFTER` steps), its batch (``batch``)."""
 
     step: int
     cause: str
@@ -73,6 +85,7 @@ class Event(TypedDict):
     rose: NotRequired[Rose]
     rate: NotRequired[Rate]
     back: NotRequired[int | None]
+    batch: NotRequired[Batch]
 
 
 def named(event: Event) -> list[str]:

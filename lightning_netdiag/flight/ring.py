@@ -3,8 +3,9 @@ place (into views made once: on a CPU a call, not its work, is the cost); nothin
 event, a save or the end (:meth:`Ring.read`).
 
 A row: the step's loss, the total gradient norm, each watched weight's update, weight and gradient norms (in that
-order of series), the micro-batch losses seen (where ranks are summed). The scored columns (the loss, the total
-gradient norm, each weight's update and norm) are one slice, the norms another (summed across ranks as one).
+order of series), the fingerprint of the step's batch, the micro-batch losses seen (where ranks are summed). The
+scored columns (the loss, the total gradient norm, each weight's update and norm) are one slice, the norms another
+(summed across ranks as one).
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from torch import Tensor
 
 from lightning_netdiag import spikes
 
-__all__ = ["COUNT", "GRAD_TOTAL", "LOSS", "NORMS", "PRIORITY", "SERIES", "Ring", "Row"]
+__all__ = ["BATCH", "COUNT", "GRAD_TOTAL", "LOSS", "NORMS", "PRIORITY", "SERIES", "Ring", "Row"]
 
-LOSS, GRAD_TOTAL, NORMS, COUNT = 0, 1, 2, -1  # the columns of a row
+LOSS, GRAD_TOTAL, NORMS, BATCH, COUNT = 0, 1, 2, -2, -1  # the columns of a row
 SERIES = ("update norm", "weight norm", "gradient norm")  # each weight's, in the row's order
 PRIORITY = (1, 0, 2)  # at the same step, a weight's own change (its norm, its update) before the gradients it makes
 
@@ -29,6 +30,7 @@ class Row:
 
     def __init__(self, row: Tensor, w: int) -> None:
         self.all, self.loss, self.grad_total, self.count = row, row[LOSS], row[GRAD_TOTAL], row[COUNT]
+        self.batch = row[BATCH]
         self.judged, self.scored = row[:2], row[: 2 + 2 * w]  # the loss and total gradient; every scored column
         self.norms = row[NORMS : NORMS + 3 * w]
         self.changes, self.weights, self.grads = self.norms[: 2 * w], self.norms[w : 2 * w], self.norms[2 * w :]
@@ -41,7 +43,7 @@ class Ring:
     def __init__(self, window: int) -> None:
         self.window = window
         self.size = max(window, spikes.BAND + 1)
-        self.tensor: Tensor | None = None  # [size, 3 + 3 * weights], float32, on the device; NaN where unwritten
+        self.tensor: Tensor | None = None  # [size, 4 + 3 * weights], float32, on the device; NaN where unwritten
         self.slots: Sequence[Row] = ()
         self.steps: list[int | None] = [None] * self.size  # the step of each row
         self.seen = [False] * self.size  # whether a loss was seen at each row's step (on this rank)
@@ -51,7 +53,7 @@ class Ring:
 
     def allocate(self, device: torch.device, w: int) -> None:
         """The ring and its rows' views for ``w`` weights, on ``device``, once."""
-        self.tensor = torch.full((self.size, 3 + 3 * w), math.nan, dtype=torch.float32, device=device)
+        self.tensor = torch.full((self.size, 4 + 3 * w), math.nan, dtype=torch.float32, device=device)
         self.slots = [Row(row, w) for row in self.tensor.unbind(0)]
         self._back = torch.arange(-spikes.BAND, 0, device=device)
 

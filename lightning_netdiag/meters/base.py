@@ -78,6 +78,7 @@ class Meter:
     #   attach, meet                 before the first forward
     #   step_starts                  an optimizer step begins (before its first forward)
     #   forward_starts, pause        each training forward (a micro-batch); a forward not trained (validation)
+    #   batch_seen                   the micro-batch as the model receives it, and what identifies it
     #   backward_starts, backward_ends
     #   add_loss                     a micro-batch's loss, as the model computed it
     #   manual_step                  a manual update (no optimizer) is about to happen
@@ -126,6 +127,10 @@ class Meter:
 
     def forget_loss(self) -> None:
         """The losses told at the backward's start were not the step's (micro-batches scaled for accumulation)."""
+
+    def batch_seen(self, inputs: object, index: Mapping[str, Any] | None) -> None:
+        """A training micro-batch as the model receives it (``inputs``: its tensors, in any nesting), and what
+        identifies it where the front end knows (Lightning's epoch and batch index, the user's own ids)."""
 
     def add_loss(self, loss: Tensor) -> None:
         """A micro-batch's loss, as the model computed it (the step's is their mean)."""
@@ -243,8 +248,9 @@ def requested_by(meters: Iterable[object]) -> Container[int]:
 
 #: The moments of the lifecycle, as :class:`Meter`'s methods.
 MOMENTS = (
-    "meet", "step_starts", "forward_starts", "pause", "backward_starts", "backward_ends", "watch_backward_calls",
-    "forget_loss", "add_loss", "manual_step", "before_step", "after_step", "write_out", "crashed", "finish",
+    "meet", "step_starts", "forward_starts", "pause", "batch_seen", "backward_starts", "backward_ends",
+    "watch_backward_calls", "forget_loss", "add_loss", "manual_step", "before_step", "after_step", "write_out",
+    "crashed", "finish",
 )  # fmt: skip
 
 

@@ -16,7 +16,7 @@ import math
 import os
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -26,8 +26,8 @@ from lightning_netdiag import spikes, tags
 from lightning_netdiag.capture import compiled
 from lightning_netdiag.dist import is_sharded, local_shard, rank, rank_zero_warn
 from lightning_netdiag.flight import persist
-from lightning_netdiag.flight.events import AFTER, CAUSES, RATE_JUMP, Event, Rate, event_text
-from lightning_netdiag.flight.ring import GRAD_TOTAL, LOSS, NORMS, PRIORITY, SERIES, Ring, Row
+from lightning_netdiag.flight.events import AFTER, CAUSES, RATE_JUMP, Batch, Event, Rate, event_text
+from lightning_netdiag.flight.ring import BATCH, GRAD_TOTAL, LOSS, NORMS, PRIORITY, SERIES, Ring, Row
 from lightning_netdiag.history import finite_only
 from lightning_netdiag.meters.base import InRecord
 from lightning_netdiag.meters.parameters import ParameterMeter
@@ -36,10 +36,12 @@ from lightning_netdiag.record import FlightRecord, Key
 from lightning_netdiag.run import Run, check_positive_int
 from lightning_netdiag.select import WEIGHT_NDIMS
 
-__all__ = ["MAX_EVENTS", "FlightMeter"]
+__all__ = ["KEEP_BATCH", "MAX_EVENTS", "FlightMeter"]
 
 #: The events kept per run: a run that keeps blowing up says so, its first events say where it began.
 MAX_EVENTS = 32
+#: The bytes of an event's batch kept beside the logs by default (each tensor cut to its first rows beyond it).
+KEEP_BATCH = 16 * 2**20
 
 
 class FlightMeter(ParameterMeter):
@@ -68,8 +70,12 @@ class FlightMeter(ParameterMeter):
         prefix: str = "netdiag",
         history_size: int = 10_000,
         save_interval: float | None = 30.0,
+        keep_batch: int = KEEP_BATCH,
     ) -> None:
         super().__init__(params, exclude, ndims, prefix, history_size)
+        if isinstance(keep_batch, bool) or not isinstance(keep_batch, int) or keep_batch < 0:
+            raise ValueError(f"Expected `keep_batch` to be a number of bytes >= 0, got {keep_batch!r}")
+        self.keep_batch = keep_batch
         check_positive_int("window", window)
         if window <= spikes.MIN_BAND:
             raise ValueError(f"Expected `window` to be more than {spikes.MIN_BAND} steps, got {window}")
@@ -104,6 +110,9 @@ class FlightMeter(ParameterMeter):
         self._manual_rate: float | None = None  # a manual update's
         self._after: Event | None = None  # the spike whose aftermath is watched (its loss back under its line)
         self._loss: Tensor | None = None  # this step's summed micro-batch losses, on the device
+        self._batch: Tensor | None = None  # this step's batch fingerprint, on the device
+        # step -> its micro-batches (the inputs, as received) and their ids: held until the step's verdict is read
+        self._held: dict[int, list[tuple[object, Mapping[str, Any] | None]]] = {}
         self._losses = 0
         self._stepped = False  # the gradients' norms are in the step's row: the optimizer steps now
         self._scaled = False  # whether a loss scaler is on (it skips the steps whose gradients overflow)
@@ -150,6 +159,7 @@ class FlightMeter(ParameterMeter):
             self._calls = None
         self._params, self._snapshot, self._views = [], [], None
         self._pending.clear()
+        self._held = {}
 
     def _weights(self) -> list[Tensor]:
         """This rank's part of each selected weight, as it is now (a plain tensor's view is kept: no call a step)."""
@@ -160,8 +170,10 @@ class FlightMeter(ParameterMeter):
     def step_starts(self, step: int, measured: int | None) -> None:
         """A training step begins (every step is recorded: ``step`` is its number)."""
         self._step = step
-        self._loss, self._losses = None, 0
+        self._loss, self._losses, self._batch = None, 0, None
         self._rates = []
+        if self.keep_batch:  # the steps whose verdicts are still to be read (a step late on a GPU), and this one
+            self._held = {s: b for s, b in self._held.items() if s >= step - 1 - len(self._pending)}
 
     def manual_step(self, loss: Tensor | None, lr: float | None) -> None:
         self._manual_rate = lr
@@ -176,6 +188,25 @@ class FlightMeter(ParameterMeter):
         value = value.mean() if value.dim() else value  # a loss is a scalar: no kernel for it
         self._loss = value if self._loss is None else self._loss + value
         self._losses += 1
+
+    def batch_seen(self, inputs: object, index: Mapping[str, Any] | None) -> None:
+        """A micro-batch: its fingerprint added to the step's, on the device (a sum and a norm per tensor, nothing
+        read back); the inputs held until the step's verdict is read, so that an event's batch can be kept."""
+        if self._step is None or not self._params:
+            return
+        tensors = [t.detach() for t in _tensors(inputs)]
+        if not tensors:
+            return
+        with torch.no_grad():
+            parts = [
+                t.sum(dtype=torch.float64) + 1e-3 * torch.linalg.vector_norm(t if t.is_floating_point() else t.double(),
+                                                                               dtype=torch.float64)
+                for t in tensors
+            ]  # fmt: skip
+            value = parts[0] if len(parts) == 1 else torch.stack(parts).sum()
+        self._batch = value if self._batch is None else self._batch + value
+        if self.keep_batch:
+            self._held.setdefault(self._step, []).append((inputs, None if index is None else dict(index)))
 
     def before_step(self, optimizer: Any | None) -> None:
         """Just before the optimizer steps (None: a manual update): the gradients' norms, and the weights kept."""
@@ -234,10 +265,15 @@ class FlightMeter(ParameterMeter):
             row.loss.fill_(math.nan)
         else:
             row.loss.copy_(self._loss)
+        if self._batch is None:
+            row.batch.fill_(math.nan)
+        else:
+            row.batch.copy_(self._batch)
         if self._ranks > 1:  # one small collective: the same row, exactly, on every rank
             row.count.fill_(self._losses)
             row.norms.square_().div_(self._copies)  # type: ignore[arg-type]
             row.loss.nan_to_num_(0.0)
+            row.batch.nan_to_num_(0.0)
             row.all.copy_(self.run.reduce(row.all, "sum"))  # type: ignore[union-attr]
             row.norms.sqrt_()
             row.loss.div_(row.count)  # 0 / 0 (no loss seen): NaN
@@ -332,6 +368,7 @@ class FlightMeter(ParameterMeter):
             event["lead"] = step - steps[found[0][1]] if found else 0
             if cause in CAUSES:  # not an exception's end
                 self._evidence(event, slots, rows, at)
+                self._keep_batch(event, rows[at, BATCH])
         self.events.append(event)
         if cause in CAUSES[2:]:  # a spike: is its loss back under its line at the next steps?
             self._after = event
@@ -361,6 +398,28 @@ class FlightMeter(ParameterMeter):
             first, last = max(jumps, key=lambda j: j[1] / j[0])
             rate: Rate = {"from": first, "to": last, "groups": len(jumps), "of": len(now)}
             event["rate"] = rate
+
+    def _keep_batch(self, event: Event, fingerprint: Tensor) -> None:
+        """The event's batch: its fingerprint, and (``keep_batch``) its inputs as the model received them, on the host
+        and cut to ``keep_batch`` bytes, to a file beside the logs (this rank's micro-batches; rank 0's file)."""
+        batch: Batch = {}
+        if math.isfinite(fingerprint):
+            batch["fingerprint"] = float(fingerprint)
+        held = self._held.pop(event["step"], None)
+        if held and self.keep_batch:
+            inputs, kept, cut = _to_host([inputs for inputs, _ in held], self.keep_batch)
+            index = [dict(ids) for _, ids in held if ids is not None]
+            batch["bytes"], batch["cut"] = kept, cut
+            if index:
+                batch["index"] = index
+            if self.log_dir is not None and rank() == 0:
+                name = tags.batch_file(self.prefix, event["step"])
+                os.makedirs(self.log_dir, exist_ok=True)
+                saved = {"step": event["step"], "index": index, "micro_batches": inputs, "cut": cut}
+                torch.save(saved, os.path.join(self.log_dir, name))
+                batch["file"] = name
+        if batch:
+            event["batch"] = batch
 
     def _aftermath(self, step: int, back: bool) -> None:
         """A step after a spike: its loss back under the spike's line ends the watch (``back``: that step), as do
@@ -453,6 +512,8 @@ class FlightMeter(ParameterMeter):
                 scalars[("flight_loss", "")] = row[LOSS]  # dropped when not finite, as every value is:
                 if not math.isfinite(row[LOSS]):
                     scalars[("flight_loss_nonfinite", "")] = 1.0
+            if math.isfinite(row[BATCH]):
+                scalars[("flight_batch", "")] = row[BATCH]
             if self.update_norms and update_total == 0:  # no weight changed: the step was skipped
                 scalars[("flight_skipped", "")] = 1.0
             for k, name in enumerate(self._names):
@@ -488,6 +549,41 @@ class FlightMeter(ParameterMeter):
         if self.log_dir is None or rank() != 0:
             return None
         return os.path.join(self.log_dir, tags.record_file(self.prefix, self.kind))
+
+
+def _tensors(inputs: object) -> list[Tensor]:
+    """The tensors of a batch, in any nesting of tuples, lists and mappings (a model's args and kwargs)."""
+    if isinstance(inputs, Tensor):
+        return [inputs]
+    if isinstance(inputs, Mapping):
+        return [t for value in inputs.values() for t in _tensors(value)]
+    if isinstance(inputs, (tuple, list)):
+        return [t for value in inputs for t in _tensors(value)]
+    return []
+
+
+def _to_host(inputs: object, cap: int) -> tuple[object, int, bool]:
+    """``inputs`` with every tensor copied to the host, in the same nesting, each cut to its first rows where the
+    bytes so far would pass ``cap``; the bytes kept and whether any tensor was cut."""
+    kept, cut = 0, False
+
+    def copy(x: object) -> object:
+        nonlocal kept, cut
+        if isinstance(x, Tensor):
+            row = x.element_size() * (x[0].numel() if x.dim() else 1)
+            rows = x.shape[0] if x.dim() else 1
+            fit = rows if row == 0 else min(rows, max(cap - kept, 0) // row)
+            cut = cut or fit < rows
+            part = x[:fit] if x.dim() else x
+            kept += part.numel() * x.element_size()
+            return part.detach().cpu()
+        if isinstance(x, Mapping):
+            return {k: copy(v) for k, v in x.items()}
+        if isinstance(x, (tuple, list)):
+            return [copy(v) for v in x]
+        return x
+
+    return copy(inputs), kept, cut
 
 
 def _rate(lr: object) -> float:

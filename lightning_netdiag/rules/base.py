@@ -50,8 +50,9 @@ class Verdict:
     logging step it was judged at (0 for the rules about the network at initialisation). In a run's summary
     (:func:`lightning_netdiag.report.summarize`): ``since``, the first logging step of the run of steps at which
     it held up to ``step``; ``cleared``, whether it no longer held at the end (then ``step`` is the last step it
-    held). ``rule``: the id of the rule that made it (its identity), ``"flight.<cause>"`` for the flight
-    recorder's events.
+    held). ``rule``: the id of the rule that made it (its identity), ``"flight.<kind>"`` for the flight
+    recorder's events; ``why``: for a spike, the cause its evidence names (``rules.flight.SPIKE_CAUSES``' ids, or
+    ``"instability"``).
     """
 
     severity: str
@@ -67,6 +68,7 @@ class Verdict:
     since: int | None = None
     cleared: bool = False
     rule: str = ""
+    why: str = ""
 
     @property
     def steps(self) -> str:

@@ -75,19 +75,25 @@ def _weight_text(event: Event) -> str:
     return f"{event_text(event)}{rate}"
 
 
+def _kept(event: Event) -> str:
+    """Where the event's batch is kept, and how to print it."""
+    file = event.get("batch", {}).get("file")
+    return f"; the batch is kept beside the logs ({file}: netdiag batch RUN --step {event['step']})" if file else ""
+
+
 def _batch_text(event: Event) -> str:
     step = event["step"]
     loss = event.get("loss")
     said = f"loss {loss:.3g}" if isinstance(loss, float) else f"loss {loss}"
     return (
         f"{_causes(event)} at step {step}: the batch of step {step} ({said}{_times_median(event)}; {_back(event)}; "
-        f"{_rose(event)})"
+        f"{_rose(event)}){_kept(event)}"
     )
 
 
 def _unclear_text(event: Event) -> str:
     seen = "; ".join(x for x in (_rose(event), _back(event) if "back" in event else "") if x)
-    return f"{_causes(event)} at step {event['step']}: cause unclear" + (f" ({seen})" if seen else "")
+    return f"{_causes(event)} at step {event['step']}: cause unclear" + (f" ({seen})" if seen else "") + _kept(event)
 
 
 _LOSS_OR_GRADIENT = ("loss spike", "gradient spike")
@@ -180,7 +186,7 @@ def event_verdicts(flight: FlightRecord | None) -> list[Verdict]:
                 else "calm end" if kind == "exception" and not names else kind
             ],
             len(names), tuple((b["name"], float(b["score"])) for b in began[:WORST]), event["step"],
-            rule=f"flight.{'stopped' if was_stopped else kind if cause_found is None else cause_found.id}",
+            rule=f"flight.{'stopped' if was_stopped else kind}", why="" if cause_found is None else cause_found.id,
         ))  # fmt: skip
     return out
 
@@ -193,7 +199,7 @@ INSTABILITY = ("instability.attention_logits", "instability.attention_entropy", 
 def after_instability(verdicts: list[Verdict], held: dict[str, Verdict]) -> list[Verdict]:
     """The flight recorder's spikes and deaths that came after an instability rule held (``held``: rule id -> its
     first verdict, whose ``since`` is the first logged step it held at): said so, with that verdict's check and
-    advice, the cause the instability (``flight.instability``); where the event named a weight, it still names it."""
+    advice, its cause the instability (``why``); where the event named a weight, it still names it."""
     out = []
     for v in verdicts:
         step = v.step if v.rule.startswith("flight.") and v.rule != "flight.stopped" else None
@@ -203,7 +209,7 @@ def after_instability(verdicts: list[Verdict], held: dict[str, Verdict]) -> list
             continue
         first = min(before, key=lambda u: u.since or 0)
         cause = f"{v.cause}; the run was unstable before it: {first.check} since step {first.since} ({first.healthy})"
-        out.append(replace(v, cause=cause, advice=first.advice, rule="flight.instability"))
+        out.append(replace(v, cause=cause, advice=first.advice, why="instability"))
     return out
 
 
