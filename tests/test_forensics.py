@@ -128,6 +128,8 @@ def test_every_spike_cause_by_construction():
     assert "cause unclear" in cause_of(CAUSES["unclear"]).text(CAUSES["unclear"])
     assert cause_of(event(began=BEGAN, lead=0, rose={"gradient": 1, "update": 1, "of": 9})).id == "weight"  # alone
     assert cause_of(event()).id == "unclear"  # no evidence (a record of an older netdiag): no layer named
+    scaled = [{**BEGAN[0], "series": "weight norm"}]  # a weight that changed by itself: its norm left its band
+    assert cause_of(event(began=scaled, lead=0, rose={"gradient": 9, "update": 9, "of": 9}, back=None)).id == "weight"
 
 
 @pytest.mark.parametrize("cause", sorted(CAUSES))

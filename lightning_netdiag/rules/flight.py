@@ -59,6 +59,18 @@ def _together(event: Event) -> bool:
     return rose is not None and rose["of"] > 0 and rose["gradient"] >= TOGETHER * rose["of"]
 
 
+def _own_change(event: Event) -> bool:
+    """The first series out of its band is a weight's own change: its norm (a step's updates barely move a norm, a
+    batch's or a rate's no more than the rest: a norm that leaves its band changed by itself), or its update while
+    the updates did not all move together (as a rate's jump or a batch moves them)."""
+    began, rose = event.get("began") or [], event.get("rose")
+    if not began or rose is None:
+        return False
+    return began[0]["series"] == "weight norm" or (
+        began[0]["series"] == "update norm" and rose["update"] < TOGETHER * rose["of"]
+    )
+
+
 def _back(event: Event) -> str:
     back = event.get("back")
     return f"back in band at {back}" if back is not None else f"not back in band within {AFTER} steps"
@@ -113,6 +125,7 @@ SPIKE_CAUSES: tuple[Cause, ...] = (
     Cause(
         "weight", lambda e: bool(e.get("began")) and e.get("lead", 0) > 0, _weight_text, _WEIGHT_ADVICE, True,
     ),
+    Cause("weight", _own_change, _weight_text, _WEIGHT_ADVICE, True),
     Cause(
         "batch", lambda e: e["cause"] in _LOSS_OR_GRADIENT and _together(e) and e.get("back") is not None,
         _batch_text, "look at the batch of that step (its inputs and labels): corrupted, mislabelled or out of "
