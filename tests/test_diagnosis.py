@@ -19,6 +19,8 @@ sys.path.insert(0, str(SUITE))
 import score  # noqa: E402
 from suite import HEALTHY  # noqa: E402
 
+FLIGHT_RIGHT = "Flight runs right (step within one, layer first where injected, the cause said): 4 of 4."
+
 
 def run_quick(tmp_path_factory, front: str):
     out = tmp_path_factory.mktemp("suite") / "quick.json"
@@ -50,7 +52,7 @@ def test_quick_suite_healthy_runs_get_no_warning_and_each_fault_its_own_check(qu
     assert f"Faults named by their own check: {faulty} of {faulty}. Healthy runs with any warning: 0 of" in printed
     # the flight recorder: a layer's rate or weight jumping, garbage labels, a division by zero in one block (named
     # by the replay of its forward); each named at its step (and layer)
-    assert len(flights) == 4 and "Flight runs right (step within one, layer first where injected): 4 of 4" in printed
+    assert len(flights) == 4 and FLIGHT_RIGHT in printed
 
 
 @pytest.mark.slow
@@ -66,7 +68,7 @@ def test_quick_suite_through_the_plain_loop_gives_the_lightning_verdicts(quick, 
     rows, printed = run_quick(tmp_path_factory, "loop")
     faulty = sum(r["expect"] != HEALTHY and not r["fault"] for r in rows)
     assert f"Faults named by their own check: {faulty} of {faulty}. Healthy runs with any warning: 0 of" in printed
-    assert "Flight runs right (step within one, layer first where injected): 4 of 4" in printed
+    assert FLIGHT_RIGHT in printed
     lightning = {r["name"]: r for r in quick[0]}
     for row in rows:  # the same model, batches, optimizer and schedule: the same training and the same report
         other = lightning[row["name"]]
@@ -83,7 +85,7 @@ def test_quick_suite_through_the_hugging_face_trainer_gives_the_lightning_verdic
     assert "not run through the Hugging Face Trainer: relu-mlp fp16 scaled" in printed
     faulty = sum(r["expect"] != HEALTHY and not r["fault"] for r in rows)
     assert f"Faults named by their own check: {faulty} of {faulty}. Healthy runs with any warning: 0 of" in printed
-    assert "Flight runs right (step within one, layer first where injected): 4 of 4" in printed
+    assert FLIGHT_RIGHT in printed
     lightning = {r["name"]: r for r in quick[0]}
     for row in rows:  # the same model, batches, optimizer, schedule and random stream: the same report
         other = lightning[row["name"]]

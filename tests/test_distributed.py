@@ -82,7 +82,7 @@ def test_two_ranks_equal_one_process_on_the_global_batch(tmp_path, one_process, 
         "init_loss",  # each rank's loss on its half of the batch, averaged over the ranks
     ):
         assert f"netdiag/{metric}" in tags, metric
-    for tag in tags:
+    for tag in tags - {"netdiag/flight_batch"}:  # a fingerprint: not additive across ranks (a norm in it)
         at_init = tag.split("/")[1].startswith("init_")  # the output and loss at initialisation: step 0 only
         assert sorted(two[tag]) == sorted(reference[tag]) == ([0] if at_init else [0, 1, 2]), tag
         for step, value in reference[tag].items():
@@ -129,7 +129,7 @@ def test_the_plain_loop_on_two_ranks_equals_lightning_on_the_global_batch(tmp_pa
     tags = {t for t in reference if t.startswith("netdiag/")}
     assert set(loop) == tags
     assert {"netdiag/act_std/side", "netdiag/act_saturated_pct/sigmoid", "netdiag/init_loss"} <= tags
-    for tag in tags:
+    for tag in tags - {"netdiag/flight_batch"}:  # a fingerprint of what each front end sees (labels under Lightning)
         assert set(loop[tag]) == set(reference[tag]), tag
         for step, value in reference[tag].items():
             assert math.isclose(loop[tag][step], value, **tolerance(tag, step, reference, "32-true")), (tag, step)
