@@ -23,7 +23,8 @@ from typing_extensions import NotRequired
 from lightning_netdiag.capture import HookHandles, paused
 
 __all__ = [
-    "FORWARD", "INPUTS", "MAX_CALLS", "NOT_FORWARD", "ForwardCalls", "Made", "floating_tensors", "where_nonfinite",
+    "FORWARD", "INPUTS", "MAX_CALLS", "NOT_FORWARD", "SAME", "ForwardCalls", "Made", "Replayed", "floating_tensors",
+    "reproduces", "where_nonfinite",
 ]  # fmt: skip
 
 #: Where the replay found the first non-finite value: a module's forward, the data, or not in the forward at all.
@@ -32,6 +33,20 @@ FORWARD, INPUTS, NOT_FORWARD = "forward", "inputs", "backward"
 #: Where a step's non-finite values were made (:func:`where_nonfinite`): ``in`` the forward (``module``: the first
 #: module whose output was not finite), its inputs, or not the forward.
 Made = TypedDict("Made", {"in": str, "module": NotRequired[str]})
+
+
+class Replayed(TypedDict):
+    """Whether a step's forward, run again on the same inputs with the same weights and random state, gave the same
+    output (``same``), with the fingerprints of the output as it ran (``first``) and again (``again``)."""
+
+    same: bool
+    first: float
+    again: float
+
+
+#: The relative difference of two fingerprints of one output above which they differ: far above what the order of
+#: a reduction changes (1e-7 in float32), far below what a fault does
+SAME = 1e-4
 #: The calls kept per step, at most (accumulation over more micro-batches, or a loop whose steps are not seen: no
 #: replay, rather than inputs held without end).
 MAX_CALLS = 64
@@ -54,14 +69,18 @@ class ForwardCalls:
         self.device_type = self.device.type
         # each call with its autocast (a mixed-precision forward is replayed as it ran)
         self.calls: list[tuple[nn.Module, tuple, dict, torch.dtype | None]] = []
+        self.states: list[Tensor] = []  # the random generator's state as each call began (dropout replayed as it was)
+        self.outputs: list[Tensor] = []  # each call's output fingerprint, on its device (nothing read back)
         self._root = HookHandles()
         self._children = HookHandles()
         self._settled = False  # whether the first step showed which modules are called
         self._called = False  # whether the model itself is (its children's calls are then within its own)
         self.complete = True  # no call of the step was left out
         self._root.add(model.register_forward_pre_hook(self._keep, with_kwargs=True))
+        self._root.add(model.register_forward_hook(self._output))
         for child in model.children():
             self._children.add(child.register_forward_pre_hook(self._keep, with_kwargs=True))
+            self._children.add(child.register_forward_hook(self._output))
 
     def _keep(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if not (module.training and torch.is_grad_enabled()):  # an evaluation, not a training forward
@@ -75,6 +94,12 @@ class ForwardCalls:
             return
         cast = torch.get_autocast_dtype(self.device_type) if torch.is_autocast_enabled(self.device_type) else None
         self.calls.append((module, args, kwargs, cast))
+        self.states.append(_rng_state(self.device))
+
+    def _output(self, module: nn.Module, args: object, output: object) -> None:
+        """A kept call's output: its fingerprint (one reduction, on the device)."""
+        if len(self.outputs) < len(self.calls) and self.calls[len(self.outputs)][0] is module:
+            self.outputs.append(fingerprint(output))
 
     def step_done(self) -> None:
         """The step is over: its calls are let go. After the first, a model that is called itself holds all the
@@ -84,12 +109,14 @@ class ForwardCalls:
             if self._called:
                 self._children.remove()
         self.calls.clear()
+        self.states.clear()
+        self.outputs.clear()
         self.complete = True
 
     def remove(self) -> None:
         self._root.remove()
         self._children.remove()
-        self.calls.clear()
+        self.step_done()
 
 
 def floating_tensors(output: object) -> list[Tensor]:
@@ -98,6 +125,16 @@ def floating_tensors(output: object) -> list[Tensor]:
         return [output] if output.is_floating_point() else []
     values = output.values() if isinstance(output, Mapping) else output if isinstance(output, (tuple, list)) else ()
     return [t for v in values for t in floating_tensors(v)]
+
+
+def fingerprint(output: object) -> Tensor:
+    """The sum of an output's floating values, in float64 (NaN for an output without any)."""
+    parts = [t.detach().sum(dtype=torch.float64) for t in floating_tensors(output)]
+    return torch.stack(parts).sum() if parts else torch.tensor(float("nan"), dtype=torch.float64)
+
+
+def _rng_state(device: torch.device) -> Tensor:
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
 
 
 def _nonfinite(value: object) -> bool:
@@ -142,3 +179,36 @@ def where_nonfinite(calls: ForwardCalls) -> Made | None:
         with torch.no_grad():
             for b, saved in zip(buffers, kept, strict=True):
                 b.copy_(saved)
+
+
+def reproduces(calls: ForwardCalls) -> Replayed | None:
+    """The step's ``calls`` run again without gradients, each from the random state it began with: whether the
+    outputs are those the step made (their fingerprints within :data:`SAME`, relatively). A different output, from
+    the same inputs, weights and random state, is non-determinism or a fault of the hardware: the spike does not
+    reproduce. None where the step's calls were not all kept, or the replay failed. The buffers and the random
+    generators are restored afterwards."""
+    model = calls.model
+    if not calls.calls or not calls.complete or len(calls.outputs) != len(calls.calls):
+        return None
+    buffers = list(model.buffers())
+    kept = [b.clone() for b in buffers]
+    try:
+        gpus = [calls.device.index or 0] if calls.device_type == "cuda" else []
+        again = []
+        with torch.no_grad(), torch.random.fork_rng(devices=gpus), paused():
+            for (module, args, kwargs, cast), state in zip(calls.calls, calls.states, strict=True):
+                if calls.device_type == "cuda":
+                    torch.cuda.set_rng_state(state, calls.device)
+                else:
+                    torch.set_rng_state(state)
+                with torch.autocast(calls.device_type, dtype=cast, enabled=cast is not None):
+                    again.append(fingerprint(module(*args, **kwargs)))
+        first, second = float(torch.stack(calls.outputs).sum()), float(torch.stack(again).sum())
+    except Exception:  # noqa: BLE001 - a replay that fails says nothing of the run
+        return None
+    finally:
+        with torch.no_grad():
+            for b, saved in zip(buffers, kept, strict=True):
+                b.copy_(saved)
+    same = first == second or abs(first - second) <= SAME * max(abs(first), abs(second))
+    return {"same": same, "first": first, "again": second}

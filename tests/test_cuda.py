@@ -200,7 +200,7 @@ class OpenEnded(SyncGuard):
 
 
 def test_asked_to_the_recorder_replays_a_nan_made_on_the_gpu_and_names_its_module(tmp_path):
-    # replay_nonfinite=True: one synchronisation a step, and the step's forward replayed before the optimizer steps
+    # replay=True: one synchronisation a step, and the step's forward replayed before the optimizer steps
     from lightning_netdiag import FlightRecorder
 
     model, on = Quiet(), [False]
@@ -210,7 +210,7 @@ def test_asked_to_the_recorder_replays_a_nan_made_on_the_gpu_and_names_its_modul
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             on[0] = trainer.global_step >= 10
 
-    recorder = FlightRecorder(replay_nonfinite=True)
+    recorder = FlightRecorder(replay=True)
     cuda_trainer(tmp_path, [Switch(), recorder], logger=False, max_steps=12).fit(model, loader())
     first = recorder.events[0]
     assert first["step"] == 10 and first["made"] == {"in": "forward", "module": "net.3"}, first

@@ -29,6 +29,7 @@ from lightning_netdiag import (
 )
 from lightning_netdiag.flight.events import named_first
 from lightning_netdiag.flight.ring import Ring
+from lightning_netdiag.flight.sample import stride
 from lightning_netdiag.logs import load_run
 from lightning_netdiag.meters import FlightMeter
 
@@ -64,17 +65,19 @@ class LitMlp(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr)
 
 
-def direct(model: nn.Module, before: dict[str, torch.Tensor]) -> dict[str, tuple[float, float, float]]:
-    """name -> (gradient, update, weight) norms of every weight, by torch.linalg.vector_norm."""
-    return {
-        n: (
-            float(torch.linalg.vector_norm(p.grad)),
-            float(torch.linalg.vector_norm(p.detach() - before[n])),
-            float(torch.linalg.vector_norm(p.detach())),
-        )
-        for n, p in model.named_parameters()
-        if p.dim() >= 2
-    }
+def direct(
+    model: nn.Module, before: dict[str, torch.Tensor], mode: str = "sampled"
+) -> dict[str, tuple[float, float, float]]:
+    """name -> (gradient, update, weight) norms of every weight, by torch.linalg.vector_norm; the update's from every
+    ``stride``-th element of the flat change, scaled to the whole (``mode="exact"``: every element)."""
+    out = {}
+    for n, p in model.named_parameters():
+        if p.dim() >= 2:
+            change = (p.detach() - before[n]).flatten()
+            part = change[:: stride(p.numel(), mode)]
+            update = float(torch.linalg.vector_norm(part)) * math.sqrt(change.numel() / part.numel())
+            out[n] = (float(torch.linalg.vector_norm(p.grad)), update, float(torch.linalg.vector_norm(p.detach())))
+    return out
 
 
 def assert_row(
@@ -89,12 +92,13 @@ def assert_row(
     assert record.value("flight_loss", step) == pytest.approx(loss, rel=loss_rel)
 
 
-def test_every_step_equals_a_direct_computation_and_the_ring_keeps_its_last_steps():
+@pytest.mark.parametrize("mode", ["sampled", "exact"])
+def test_every_step_equals_a_direct_computation_and_the_ring_keeps_its_last_steps(mode):
     model = Mlp()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     batches = list(loader())
     expected = {}
-    with NetDiag(model, optimizer, every_n_steps=100, flight=FlightMeter(window=60)) as diag:
+    with NetDiag(model, optimizer, every_n_steps=100, flight=FlightMeter(window=60, update_norms=mode)) as diag:
         for step in range(90):
             x, y = batches[step % len(batches)]
             loss = F.cross_entropy(model(x), y)
@@ -103,7 +107,7 @@ def test_every_step_equals_a_direct_computation_and_the_ring_keeps_its_last_step
             diag.loss(loss)
             before = {n: p.detach().clone() for n, p in model.named_parameters()}
             optimizer.step()
-            expected[step] = (direct(model, before), float(loss))
+            expected[step] = (direct(model, before, mode), float(loss))
     record = diag.flight.record
     assert record.steps == list(range(30, 90))  # no event: the last 60 steps, written when the loop ended
     for step in record.steps:
@@ -268,7 +272,7 @@ def test_the_replay_is_not_measured_by_the_other_callbacks(tmp_path):
 
 
 def test_asked_not_to_replay_the_recorder_names_the_step_alone(tmp_path):
-    first = train_dividing(tmp_path, "loop", flight=FlightMeter(replay_nonfinite=False)).events[0]
+    first = train_dividing(tmp_path, "loop", flight=FlightMeter(replay=False)).events[0]
     assert first["step"] == 30 and "made" not in first
 
 
@@ -635,8 +639,8 @@ def test_bad_arguments_name_what_was_wrong():
         FlightRecorder(window=0)
     with pytest.raises(ValueError, match="Expected `window` to be more than 50 steps"):
         FlightRecorder(window=10)
-    with pytest.raises(ValueError, match="`replay_nonfinite` to be None, True or False"):
-        FlightRecorder(replay_nonfinite="yes")
+    with pytest.raises(ValueError, match="`replay` to be None, True or False"):
+        FlightRecorder(replay="yes")
     with pytest.raises(ValueError, match="Expected `flight` to be True, None or a FlightMeter"):
         NetDiag(Mlp(), flight="yes")
     for interval in (-1, "30", True, math.nan):

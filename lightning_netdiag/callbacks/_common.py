@@ -154,13 +154,14 @@ class DiagnosticCallback(Callback):
 
     @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
-        if "backward_starts" not in self._moments:
-            return
-        if not self.needs_loss:  # type: ignore[attr-defined]
-            self.backward_starts(None)  # type: ignore[attr-defined]
-            return
-        scale = loss_scale(trainer)  # the loss as the step computed it: unscaled, not divided for accumulation
-        self.backward_starts(loss * trainer.accumulate_grad_batches / (1.0 if scale is None else scale))  # type: ignore[attr-defined]
+        needs = "backward_starts" in self._moments and self.needs_loss  # type: ignore[attr-defined]
+        if needs or "add_loss" in self._moments:  # the loss as the step computed it: unscaled, not divided
+            scale = loss_scale(trainer)
+            loss = loss * trainer.accumulate_grad_batches / (1.0 if scale is None else scale)
+        if "add_loss" in self._moments:  # the micro-batch's loss, before the optimizer steps (the guard reads it)
+            self.add_loss(loss)  # type: ignore[attr-defined]
+        if "backward_starts" in self._moments:
+            self.backward_starts(loss if needs else None)  # type: ignore[attr-defined]
 
     @override
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -178,10 +179,6 @@ class DiagnosticCallback(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        if "add_loss" in self._moments and loss is not None and hasattr(loss, "detach"):
-            accumulate = trainer.accumulate_grad_batches  # the loss was divided by it for the backward
-            self.add_loss(loss * accumulate if accumulate > 1 else loss)  # type: ignore[attr-defined]
         stepped, self._stepping = self._stepping, []
         if "after_step" in self._moments:
             for optimizer in stepped:  # none where the optimizer did not step (accumulation)

@@ -8,11 +8,12 @@ from typing import Any, TypedDict
 
 from typing_extensions import NotRequired
 
-from lightning_netdiag.origin import INPUTS, Made
+from lightning_netdiag.origin import INPUTS, Made, Replayed
 from lightning_netdiag.spikes import LOOKBACK
 
 __all__ = [
-    "AFTER", "CAUSES", "RATE_JUMP", "STOPS", "Batch", "Began", "Event", "Rate", "Rose", "event_text", "named",
+    "AFTER", "CAUSES", "RATE_JUMP", "STOPS", "Batch", "Began", "Event", "Rate", "Rose", "event_text", "guarded_text",
+    "named",
     "named_first", "stopped",
 ]  # fmt: skip
 
@@ -69,7 +70,8 @@ class Event(TypedDict):
     (``lead``); what the device raised when it could not be read after an error (``unread``). The evidence of why: the
     median loss of the steps before (``loss_median``), how many weights rose with it (``rose``), a rise of the learning
     rate at its step (``rate``), the first step after it whose loss was back under its spike line (``back``; None:
-    not within :data:`AFTER` steps), its batch (``batch``)."""
+    not within :data:`AFTER` steps), its batch (``batch``), whether its forward, run again on the same batch, weights
+    and random state, gave the same output (``replayed``). Whether the guard skipped its step (``skipped``)."""
 
     step: int
     cause: str
@@ -86,6 +88,8 @@ class Event(TypedDict):
     rate: NotRequired[Rate]
     back: NotRequired[int | None]
     batch: NotRequired[Batch]
+    skipped: NotRequired[bool]
+    replayed: NotRequired[Replayed]
 
 
 def named(event: Event) -> list[str]:
@@ -103,6 +107,13 @@ def named_first(event: Event) -> str | None:
 def stopped(event: Event) -> bool:
     """Whether an event is the end of a run stopped from outside (:data:`STOPS`)."""
     return event["cause"] == "exception" and event.get("error", "").split(":")[0] in STOPS
+
+
+def guarded_text(event: Event) -> str:
+    """What the guard did at an event's step, to follow its text: nothing said where it did not skip it."""
+    if not event.get("skipped"):
+        return ""
+    return "; not applied: the guard skipped the step (the weights and the optimizer's state as before it)"
 
 
 def _made_text(made: Made) -> str:

@@ -33,7 +33,8 @@ class Row:
         self.batch = row[BATCH]
         self.judged, self.scored = row[:2], row[: 2 + 2 * w]  # the loss and total gradient; every scored column
         self.norms = row[NORMS : NORMS + 3 * w]
-        self.changes, self.weights, self.grads = self.norms[: 2 * w], self.norms[w : 2 * w], self.norms[2 * w :]
+        self.changes, self.updates = self.norms[: 2 * w], self.norms[:w]
+        self.weights, self.grads = self.norms[w : 2 * w], self.norms[2 * w :]
 
 
 class Ring:
@@ -48,6 +49,7 @@ class Ring:
         self.steps: list[int | None] = [None] * self.size  # the step of each row
         self.seen = [False] * self.size  # whether a loss was seen at each row's step (on this rank)
         self.rates: list[tuple[float, ...]] = [()] * self.size  # each parameter group's learning rate at it (host)
+        self.guarded = [False] * self.size  # whether the guard skipped its step
         self.rows = 0  # rows written so far
         self._back: Tensor | None = None  # -BAND, ..., -1: the rows of a band, from the step's, on the device
 
@@ -62,10 +64,11 @@ class Ring:
         """The row the step under way writes."""
         return self.slots[self.rows % self.size]
 
-    def written(self, step: int, seen: bool, rates: tuple[float, ...]) -> None:
-        """The step under way wrote its row; ``rates``: its parameter groups' learning rates."""
+    def written(self, step: int, seen: bool, rates: tuple[float, ...], guarded: bool = False) -> None:
+        """The step under way wrote its row; ``rates``: its parameter groups' learning rates; ``guarded``: the guard
+        skipped it."""
         i = self.rows % self.size
-        self.steps[i], self.seen[i], self.rates[i] = step, seen, rates
+        self.steps[i], self.seen[i], self.rates[i], self.guarded[i] = step, seen, rates, guarded
 
     def band(self, columns: int) -> Tensor:
         """The first ``columns`` of the :data:`spikes.BAND` rows before the step under way, found on the device (an

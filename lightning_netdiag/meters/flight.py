@@ -26,22 +26,27 @@ from lightning_netdiag import spikes, tags
 from lightning_netdiag.capture import compiled
 from lightning_netdiag.dist import is_sharded, local_shard, rank, rank_zero_warn
 from lightning_netdiag.flight import persist
-from lightning_netdiag.flight.events import AFTER, CAUSES, RATE_JUMP, Batch, Event, Rate, event_text
+from lightning_netdiag.flight.events import AFTER, CAUSES, RATE_JUMP, Batch, Event, Rate, event_text, guarded_text
 from lightning_netdiag.flight.ring import BATCH, GRAD_TOTAL, LOSS, NORMS, PRIORITY, SERIES, Ring, Row
+from lightning_netdiag.flight.sample import MODES, sampled, stride
 from lightning_netdiag.history import finite_only
 from lightning_netdiag.meters.base import InRecord
 from lightning_netdiag.meters.parameters import ParameterMeter
-from lightning_netdiag.origin import ForwardCalls, Made, where_nonfinite
+from lightning_netdiag.origin import ForwardCalls, Made, Replayed, reproduces, where_nonfinite
 from lightning_netdiag.record import FlightRecord, Key
 from lightning_netdiag.run import Run, check_positive_int
 from lightning_netdiag.select import WEIGHT_NDIMS
 
-__all__ = ["KEEP_BATCH", "MAX_EVENTS", "FlightMeter"]
+__all__ = ["KEEP_BATCH", "MAX_EVENTS", "FlightMeter", "GuardStopped"]
 
 #: The events kept per run: a run that keeps blowing up says so, its first events say where it began.
 MAX_EVENTS = 32
 #: The bytes of an event's batch kept beside the logs by default (each tensor cut to its first rows beyond it).
 KEEP_BATCH = 16 * 2**20
+
+
+class GuardStopped(RuntimeError):
+    """More steps in a row than the guard may skip were events: the run is stopped, not skipped forever."""
 
 
 class FlightMeter(ParameterMeter):
@@ -65,35 +70,45 @@ class FlightMeter(ParameterMeter):
         params: Sequence[type | str] | None = None,
         exclude: Sequence[type | str] = (),
         ndims: Sequence[int] | None = WEIGHT_NDIMS,
-        update_norms: bool = True,
-        replay_nonfinite: bool | None = None,
+        update_norms: str = "sampled",
+        replay: bool | None = None,
         prefix: str = "netdiag",
         history_size: int = 10_000,
         save_interval: float | None = 30.0,
         keep_batch: int = KEEP_BATCH,
+        guard: int = 0,
     ) -> None:
         super().__init__(params, exclude, ndims, prefix, history_size)
+        if isinstance(guard, bool) or not isinstance(guard, int) or guard < 0:
+            raise ValueError(f"Expected `guard` to be the most steps in a row to skip (an int >= 0), got {guard!r}")
+        self.guard = guard
         if isinstance(keep_batch, bool) or not isinstance(keep_batch, int) or keep_batch < 0:
             raise ValueError(f"Expected `keep_batch` to be a number of bytes >= 0, got {keep_batch!r}")
         self.keep_batch = keep_batch
         check_positive_int("window", window)
         if window <= spikes.MIN_BAND:
             raise ValueError(f"Expected `window` to be more than {spikes.MIN_BAND} steps, got {window}")
-        if replay_nonfinite not in (None, True, False):
-            raise ValueError(f"Expected `replay_nonfinite` to be None, True or False, got {replay_nonfinite!r}")
+        if replay not in (None, True, False):
+            raise ValueError(f"Expected `replay` to be None, True or False, got {replay!r}")
         if save_interval is not None and (
             isinstance(save_interval, bool) or not isinstance(save_interval, (int, float)) or not save_interval >= 0
         ):
             raise ValueError(f"Expected `save_interval` to be None or a number of seconds >= 0, got {save_interval!r}")
+        if update_norms not in MODES:
+            modes = ", ".join(map(repr, MODES))
+            raise ValueError(f"Expected `update_norms` to be one of {modes}, got {update_norms!r}")
         self.window = window
-        self.update_norms = bool(update_norms)
-        self.replay_nonfinite = replay_nonfinite
+        self.update_norms = update_norms
+        self.replay = replay
         self.save_interval = save_interval
         self.log_dir: str | None = None  # where the window's JSON file goes (the front end's logs)
         self.requested: set[int] = set()  # steps the front end should measure in full (the one after an event)
         self._names: list[str] = []
         self._params: list[tuple[str, nn.Parameter]] = []  # the selected weights, in depth order
         self._views: list[Tensor] | None = None  # their detached views, when none is sharded
+        self._strides: list[int] = []  # each weight's sample (flight.sample): every so many of its elements
+        self._samples: list[Tensor] | None = None  # the sampled views of ``_views``
+        self._scale: Tensor | None = None  # each sample's norm to the whole update's, sqrt(numel / sampled)
         self._copies: Tensor | None = None  # the ranks holding each part (their sum counts it once)
         self._empty: dict[tuple[torch.device, torch.dtype], Tensor] = {}  # a missing gradient's stand-in
         self._calls: ForwardCalls | None = None  # the step's forwards, where a non-finite one can be replayed
@@ -108,6 +123,8 @@ class FlightMeter(ParameterMeter):
         self._spiked: Tensor | None = None  # the others: each scored value over its threshold (a view)
         self._rates: list[float] = []  # this step's parameter groups' learning rates, as the optimizers step
         self._manual_rate: float | None = None  # a manual update's
+        self._decided: tuple[int, bool] | None = None  # the guard's decision on the step under way: (step, skip)
+        self._skips = 0  # the steps the guard skipped in a row
         self._after: Event | None = None  # the spike whose aftermath is watched (its loss back under its line)
         self._loss: Tensor | None = None  # this step's summed micro-batch losses, on the device
         self._batch: Tensor | None = None  # this step's batch fingerprint, on the device
@@ -121,6 +138,7 @@ class FlightMeter(ParameterMeter):
         self._pending: deque[tuple[int, Tensor, Any, bool, bool]] = deque()
         self._armed = True  # a step without a verdict has passed since the last event: a blow-up is one event
         self._made: dict[int, Made | None] = {}  # step -> its replay: where its non-finite values began
+        self._replayed: dict[int, Replayed | None] = {}  # step -> its replay: whether its spike reproduces
         self._out = 0  # rows already in the record and the logs (rows are written out in order)
         self._saved_at = time.monotonic()  # when the JSON file was last written
         self._unreadable = False  # an exception left the device unreadable: nothing more is read from it
@@ -142,13 +160,20 @@ class FlightMeter(ParameterMeter):
         device = parts[0][0].device if parts else None
         # each part's copies, for the three norms of the row: on the device once (not copied there each step)
         self._copies = torch.tensor([float(c) for _, c in parts] * 3, dtype=torch.float32, device=device)
-        if self.update_norms:
-            self._snapshot = [part.clone() for part, _ in parts]
+        if self.update_norms != "off":  # the sampled elements are kept across the step: 1 % of the bytes, "exact" all
+            self._strides = [stride(part.numel(), self.update_norms) for part, _ in parts]
+            samples = [sampled(part, s) for (part, _), s in zip(parts, self._strides, strict=True)]
+            views, strides = self._views, self._strides
+            self._samples = None if views is None else [sampled(v, s) for v, s in zip(views, strides, strict=True)]
+            self._snapshot = [x.clone() for x in samples]
+            scale = [math.sqrt(part.numel() / max(x.numel(), 1)) for (part, _), x in zip(parts, samples, strict=True)]
+            self._scale = None if all(c == 1 for c in scale) else torch.tensor(scale, device=device)
         # By default where the verdict is read at once (not on a GPU: there it comes a step late, after the optimizer
         # step; asked for, one synchronisation a step), a step whose gradients turn non-finite is replayed to find the
-        # module that made them; never when sharded (a replay is a forward every rank must run) nor compiled.
+        # module that made them, one whose loss or gradient norm spikes to tell whether it reproduces; never when
+        # sharded (a replay is a forward every rank must run) nor compiled.
         on_gpu = device is not None and device.type == "cuda"
-        replay = not on_gpu if self.replay_nonfinite is None else self.replay_nonfinite
+        replay = not on_gpu if self.replay is None else self.replay
         if device is not None and replay and self._views is not None and not compiled(model):
             self._calls = ForwardCalls(model, device)  # type: ignore[arg-type]
 
@@ -157,7 +182,7 @@ class FlightMeter(ParameterMeter):
         if self._calls is not None:
             self._calls.remove()
             self._calls = None
-        self._params, self._snapshot, self._views = [], [], None
+        self._params, self._snapshot, self._views, self._samples = [], [], None, None
         self._pending.clear()
         self._held = {}
 
@@ -166,6 +191,12 @@ class FlightMeter(ParameterMeter):
         if self._views is not None:
             return self._views
         return [self._shard(name, p)[0] for name, p in self._params]
+
+    def _sampled(self, weights: list[Tensor]) -> list[Tensor]:
+        """The sampled elements of each weight (:meth:`_weights`), as views."""
+        if self._samples is not None:
+            return self._samples
+        return [sampled(part, s) for part, s in zip(weights, self._strides, strict=True)]
 
     def step_starts(self, step: int, measured: int | None) -> None:
         """A training step begins (every step is recorded: ``step`` is its number)."""
@@ -231,14 +262,71 @@ class FlightMeter(ParameterMeter):
         if amp is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
             row.grads.div_(amp)  # a fused optimizer unscales inside its step
         torch.linalg.vector_norm(row.grads, out=row.grad_total)  # this rank's, for now
-        # not under a loss scaler: there an overflow is routine (the scaler skips the step)
-        # once a blow-up (a run that stays non-finite is replayed at its first step; on a GPU its second too, whose
-        # verdict is read a step late)
-        if self._calls is not None and self._armed and not self._scaled and not math.isfinite(row.grad_total):
-            self._made = {s: m for s, m in self._made.items() if s >= self._step - 2}  # those still to be read
-            self._made[self._step] = where_nonfinite(self._calls)
-        if self.update_norms:
-            torch._foreach_copy_(self._snapshot, weights)
+        if self.update_norms != "off":
+            torch._foreach_copy_(self._snapshot, self._sampled(weights))
+        if self.guard:
+            self._guard(optimizer, row)
+        if self._calls is not None and self._armed:  # once a blow-up
+            self._replay(row)
+
+    def _replay(self, row: Row) -> None:
+        """The step's forward run again, before the optimizer steps (the weights still those that ran it): where its
+        gradients are not finite, to find the module that made them (not under a loss scaler: there an overflow is
+        routine); where its loss or gradient norm spikes, to tell whether it reproduces. Kept for the step's event,
+        with those still to be read (on a GPU the verdict comes a step late)."""
+        step: int = self._step  # type: ignore[assignment]
+        if not self._scaled and not math.isfinite(row.grad_total):
+            self._made = {s: m for s, m in self._made.items() if s >= step - 2}
+            self._made[step] = where_nonfinite(self._calls)  # type: ignore[arg-type]
+            return
+        decided = self._decided[1] if self._decided is not None and self._decided[0] == step else None
+        if decided is None and (self._ranks == 1 or self.replay):  # several ranks decide together: a collective
+            decided = self._is_event(row)
+        if decided:
+            self._replayed = {s: r for s, r in self._replayed.items() if s >= step - 2}
+            self._replayed[step] = reproduces(self._calls)  # type: ignore[arg-type]
+
+    def _guard(self, optimizer: Any | None, row: Row) -> None:
+        """The guard: a step whose loss or total gradient norm is an event (over its spike line, or not finite) is
+        not applied. Every gradient of the optimizer is dropped (``grad = None``): torch's optimizers leave a
+        parameter without one as it was, and its state too (Adam's moments, its step count). Decided once a step,
+        at one host read; more than ``guard`` such steps in a row stop the run (:class:`GuardStopped`)."""
+        step = self._step
+        if self._decided is None or self._decided[0] != step:  # several optimizers step in one step: decided once
+            skip = self._is_event(row)
+            self._decided = (step, skip)  # type: ignore[assignment]
+            self._skips = self._skips + 1 if skip else 0
+            if self._skips > self.guard:
+                first = step - self._skips + 1  # type: ignore[operator]
+                raise GuardStopped(
+                    f"FlightRecorder: {self._skips} steps in a row ({first} to {step}) had a loss or gradient norm "
+                    f"out of its band or not finite: more than guard={self.guard} skips; the run is stopped"
+                )
+        if self._decided[1] and optimizer is not None:
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    p.grad = None
+
+    def _is_event(self, row: Row) -> bool:
+        """Whether the step's loss (the mean of its micro-batches') or total gradient norm, reduced across ranks,
+        is over its spike line or not finite (not a loss unseen; not gradients under a loss scaler, which skips
+        those itself): one read from the device."""
+        loss = self._loss if self._loss is not None else row.loss.new_tensor(math.nan)
+        seen: Tensor | None = None  # whether any rank saw a loss, where ranks are summed
+        if self._ranks > 1:  # each rank's loss and part of the gradients: the row's sums, early
+            w = len(self._names)
+            own = self._loss if self._loss is not None else row.loss.new_zeros(())  # a NaN loss stays NaN
+            parts = torch.stack([own, own.new_tensor(float(self._losses)),
+                                 (row.grads.square() / self._copies[2 * w :]).sum()])  # type: ignore[index]  # fmt: skip
+            parts = self.run.reduce(parts, "sum")  # type: ignore[union-attr]
+            values, seen = torch.stack([parts[0] / parts[1], parts[2].sqrt()]), parts[1:2] > 0
+        else:
+            values = torch.stack([loss / max(self._losses, 1), row.grad_total])
+        assert self._upper is not None
+        read = torch.cat([values > self._upper[:2], ~values.isfinite(), *([] if seen is None else [seen])]).tolist()
+        loss_over, grad_over, loss_bad, grad_bad = read[:4]
+        loss_bad = loss_bad and (read[4] if seen is not None else self._losses > 0)
+        return bool(loss_over or grad_over or loss_bad or (grad_bad and not self._scaled))
 
     def _missing(self, part: Tensor) -> Tensor:
         key = (part.device, part.dtype)
@@ -256,9 +344,11 @@ class FlightMeter(ParameterMeter):
             return
         self._stepped = False
         weights, row = self._weights(), self._ring.next
-        if self.update_norms:
-            torch._foreach_sub_(self._snapshot, weights)  # now the update (with its sign flipped)
+        if self.update_norms != "off":
+            torch._foreach_sub_(self._snapshot, self._sampled(weights))  # now the update (with its sign flipped)
             torch.stack(torch._foreach_norm([*self._snapshot, *weights], 2, dtype=torch.float32), out=row.changes)
+            if self._scale is not None:  # a sample's norm to the whole update's
+                row.updates.mul_(self._scale)
         else:  # the update columns stay NaN (the row is made so)
             torch.stack(torch._foreach_norm(weights, 2, dtype=torch.float32), out=row.weights)
         if self._loss is None:
@@ -280,7 +370,7 @@ class FlightMeter(ParameterMeter):
             torch.linalg.vector_norm(row.grads, out=row.grad_total)
         elif self._losses > 1:
             row.loss.div_(self._losses)
-        self._ring.written(step, self._losses > 0, tuple(self._rates))
+        self._ring.written(step, self._losses > 0, tuple(self._rates), self._decided == (step, True))
         self._judge(step, row)
         if self._calls is not None:
             self._calls.step_done()
@@ -352,9 +442,11 @@ class FlightMeter(ParameterMeter):
             event["also"] = list(also)
         if error is not None:
             event["error"] = error
-        made = self._made.pop(step, None)
+        made, replayed = self._made.pop(step, None), self._replayed.pop(step, None)
         if made is not None:
             event["made"] = made
+        if replayed is not None:
+            event["replayed"] = replayed
         if step in steps:
             at = steps.index(step)
             event["loss"] = _number(rows[at, LOSS])
@@ -367,6 +459,8 @@ class FlightMeter(ParameterMeter):
             ]
             event["lead"] = step - steps[found[0][1]] if found else 0
             if cause in CAUSES:  # not an exception's end
+                if self._ring.guarded[slots[at]]:
+                    event["skipped"] = True
                 self._evidence(event, slots, rows, at)
                 self._keep_batch(event, rows[at, BATCH])
         self.events.append(event)
@@ -377,7 +471,7 @@ class FlightMeter(ParameterMeter):
             self._save(running=True)
             return
         kept = f"the last {len(steps)} steps are written to the logs"
-        rank_zero_warn(f"FlightRecorder: {event_text(event)}; {kept}")
+        rank_zero_warn(f"FlightRecorder: {event_text(event)}{guarded_text(event)}; {kept}")
         self.write_out()
 
     def _evidence(self, event: Event, slots: list[int], rows: Tensor, at: int) -> None:
@@ -514,7 +608,9 @@ class FlightMeter(ParameterMeter):
                     scalars[("flight_loss_nonfinite", "")] = 1.0
             if math.isfinite(row[BATCH]):
                 scalars[("flight_batch", "")] = row[BATCH]
-            if self.update_norms and update_total == 0:  # no weight changed: the step was skipped
+            if self._ring.guarded[i]:
+                scalars[("flight_guarded", "")] = 1.0
+            if self.update_norms != "off" and update_total == 0:  # no weight changed: the step was skipped
                 scalars[("flight_skipped", "")] = 1.0
             for k, name in enumerate(self._names):
                 update, weight, grad = row[NORMS + k], row[NORMS + w + k], row[NORMS + 2 * w + k]

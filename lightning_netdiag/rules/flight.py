@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from lightning_netdiag import spikes
-from lightning_netdiag.flight.events import AFTER, Event, event_text, named, stopped
+from lightning_netdiag.flight.events import AFTER, Event, event_text, guarded_text, named, stopped
 from lightning_netdiag.record import FlightRecord
 from lightning_netdiag.rules.base import WORST, Verdict
 
@@ -114,8 +114,25 @@ _WEIGHT_ADVICE = (
     "rate overall, clip gradients; the full measurement of the next step is in the other checks"
 )
 
+
+def _not_reproduced_text(event: Event) -> str:
+    replayed = event["replayed"]
+    return (
+        f"{_causes(event)} at step {event['step']}: not reproducible: the step's forward, run again on its batch with "
+        f"the same weights and random state, gave a different output (its sum {replayed['first']:.7g}, then "
+        f"{replayed['again']:.7g}): non-determinism or a fault of the hardware, not the data nor the model"
+        f"{_kept(event)}"
+    )
+
+
 #: A spike's causes, in the order they are tried: the first that holds is said.
 SPIKE_CAUSES: tuple[Cause, ...] = (
+    Cause(
+        "not_reproducible", lambda e: "replayed" in e and not e["replayed"]["same"], _not_reproduced_text,
+        "a spike that does not come back from the same inputs: look at the device (nvidia-smi -q: ECC errors, "
+        "clocks, another GPU) and at non-deterministic kernels (torch.use_deterministic_algorithms(True) tells them "
+        "apart); skipping such a step (FlightRecorder(guard=...)) is safe", False,
+    ),
     Cause(
         "learning_rate", lambda e: "rate" in e and e["rate"]["groups"] == e["rate"]["of"],
         lambda e: f"{_causes(e)} at step {e['step']}: {_rate_text(e)}" + (f"; {_rose(e)}" if "rose" in e else ""),
@@ -193,7 +210,7 @@ def event_verdicts(flight: FlightRecord | None) -> list[Verdict]:
             "warning" if kind == "spike" or was_stopped else "fatal", check,
             ", ".join(names[:WORST]) + (f" and {len(names) - WORST} more" if len(names) > WORST else ""),
             float(value) if value is not None else math.nan, healthy,
-            event_text(event) if cause_found is None else cause_found.text(event),
+            (event_text(event) if cause_found is None else cause_found.text(event)) + guarded_text(event),
             cause_found.advice if cause_found is not None else _EVENT_ADVICE[
                 "unread" if event.get("unread") else "stopped" if was_stopped
                 else "calm end" if kind == "exception" and not names else kind
@@ -232,5 +249,15 @@ def flight_notes(flight: FlightRecord | None) -> list[str]:
         return []
     events = len(flight.events)
     stops = [event_text(e) for e in flight.events if stopped(e) and not named(e)]
+    guarded = [s for s in flight.steps if flight.value("flight_guarded", s) == 1]
+    skips = (
+        [
+            f"the guard skipped {len(guarded)} step{'s' if len(guarded) != 1 else ''} (not applied): "
+            + ", ".join(map(str, guarded[:10]))
+            + (" ..." if len(guarded) > 10 else "")
+        ]
+        if guarded
+        else []
+    )
     return [f"flight recorder: {len(flight.steps)} steps kept (every step, the last {flight.window} before each "
-            f"event and the end), {events} event{'s' if events != 1 else ''}", *stops]  # fmt: skip
+            f"event and the end), {events} event{'s' if events != 1 else ''}", *skips, *stops]  # fmt: skip
