@@ -82,7 +82,7 @@ def test_two_ranks_equal_one_process_on_the_global_batch(tmp_path, one_process, 
         "init_loss",  # each rank's loss on its half of the batch, averaged over the ranks
     ):
         assert f"netdiag/{metric}" in tags, metric
-    for tag in [t for t in tags if t != "netdiag/flight_batch"]:  # a fingerprint: not additive across ranks
+    for tag in tags:  # the batch's fingerprint too: additive, the two halves' add up to the global batch's
         at_init = tag.split("/")[1].startswith("init_")  # the output and loss at initialisation: step 0 only
         assert sorted(two[tag]) == sorted(reference[tag]) == ([0] if at_init else [0, 1, 2]), tag
         for step, value in reference[tag].items():

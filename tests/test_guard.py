@@ -177,3 +177,22 @@ def test_under_the_hf_trainer_the_guarded_step_changes_neither_weights_nor_optim
     record = callback.diag.flight.record
     assert [s for s in record.steps if record.value("flight_guarded", s) == 1] == [AT]
     assert any("the guard skipped the step" in v.cause for v in callback.verdicts)
+
+
+def test_a_healthy_run_resumed_from_a_checkpoint_has_no_event_and_no_skip(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from test_flight import LitMlp
+
+    def fit(steps: int, flight: FlightRecorder, ckpt_path=None) -> None:
+        saver = ModelCheckpoint(tmp_path / "ckpt", save_last=True, every_n_train_steps=steps)
+        trainer = L.Trainer(max_steps=steps, callbacks=[flight, saver], logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, limit_val_batches=0)  # fmt: skip
+        trainer.fit(LitMlp(), loader(batch_size=32), ckpt_path=ckpt_path)
+
+    first, resumed = FlightRecorder(guard=2), FlightRecorder(guard=2)
+    fit(120, first)
+    fit(STEPS, resumed, ckpt_path=tmp_path / "ckpt" / "last.ckpt")  # its bands begin again from its first step
+    assert resumed.record.steps[0] == 120 and resumed.record.steps[-1] == STEPS - 1
+    for flight in (first, resumed):
+        assert flight.record.events == []
+        assert all(flight.record.value("flight_guarded", s) is None for s in flight.record.steps)

@@ -46,6 +46,12 @@ class Fault:
     - ``"global lr"``: every parameter group's rate multiplied by ``factor`` from ``step`` on (a schedule's bug, a bad
       resume);
     - ``"corrupt batch"``: the labels of the batch of ``step`` drawn at random (garbage);
+    - ``"shuffle labels"``: the labels of the batch of ``step`` given to the wrong rows (a misaligned shard);
+    - ``"repeat token"``: every input and label of the batch of ``step`` one token (a shard of padding);
+    - ``"scale inputs"``: the inputs of the batch of ``step`` multiplied by ``factor`` (a unit's or a decoder's bug);
+    - ``"corrupt element"``: one element of the weight ``layer`` set to ``factor`` just before ``step`` (a bit flip);
+    - ``"flaky"``: the network's output at ``step`` multiplied by ``factor`` once, as it ran: the same forward run
+      again is right (a fault of the hardware that does not reproduce);
     - ``"divide by zero"``: the output of module ``layer`` divided by zero from ``step`` on (inf and NaN).
     """
 
@@ -63,13 +69,17 @@ class Classifier(L.LightningModule):
     def __init__(
         self, net: nn.Module, optimizer: str, lr: float, steps: int, weight_decay: float = 0.0,
         momentum: float = 0.9, param_groups: Any = None, augmented: bool = True, warmup: bool = True,
-        eps: float = 1e-8, fault: Fault | None = None,
+        eps: float = 1e-8, fault: Fault | None = None, schedule: str = "cosine", unfreeze: tuple[str, int] | None = None,
     ) -> None:  # fmt: skip
         super().__init__()
         self.net, self.optimizer_name, self.lr, self.steps = net, optimizer, lr, steps
         self.weight_decay, self.momentum, self.param_groups = weight_decay, momentum, param_groups
         self.augmented, self.warmup, self.eps = augmented, warmup, eps
         self.fault, self.calls = fault, 0  # training steps so far (no accumulation in the suite)
+        self.schedule, self.unfreeze = schedule, unfreeze
+        if unfreeze is not None:  # frozen until its step (a backbone trained later: healthy)
+            for name, p in net.named_parameters():
+                p.requires_grad_(not name.startswith(unfreeze[0]))
         self._schedule: Any = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -79,6 +89,9 @@ class Classifier(L.LightningModule):
         x, y = batch
         if self.fault is not None and self.calls == self.fault.step:
             x, y = self._inject(x, y)
+        if self.unfreeze is not None and self.calls == self.unfreeze[1]:
+            for name, p in self.net.named_parameters():
+                p.requires_grad_(True if name.startswith(self.unfreeze[0]) else p.requires_grad)
         self.calls += 1
         logits = self(augment(x) if self.augmented and x.dim() == 4 else x)
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=-100)
@@ -99,6 +112,22 @@ class Classifier(L.LightningModule):
         elif fault.kind == "corrupt batch":
             classes = self.net(x[:1] if not self.augmented or x.dim() != 4 else augment(x[:1])).shape[-1]
             y = torch.where(y != -100, torch.randint_like(y, 0, classes), y)
+        elif fault.kind == "shuffle labels":
+            y = y.roll(1, 0)
+        elif fault.kind == "repeat token":
+            token = int(x.flatten()[1])  # the first token after the row's start
+            x, y = torch.full_like(x, token), torch.full_like(y, token)
+        elif fault.kind == "scale inputs":
+            x = x * fault.factor
+        elif fault.kind == "corrupt element":
+            with torch.no_grad():
+                self.net.get_parameter(fault.layer).view(-1)[0] = fault.factor
+        elif fault.kind == "flaky":
+            def once(module: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
+                handle.remove()
+                return out * fault.factor
+
+            handle = self.net.register_forward_hook(once)
         elif fault.kind == "divide by zero":
             self.net.get_submodule(fault.layer).register_forward_hook(lambda m, i, out: out / torch.zeros_like(out))
         return x, y
@@ -119,7 +148,10 @@ class Classifier(L.LightningModule):
         def factor(step: int) -> float:
             if step < warmup:
                 return (step + 1) / warmup
-            return 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+            if self.schedule == "step":  # a tenth at half the steps, a hundredth at three quarters
+                return 0.1 ** ((step >= total // 2) + (step >= 3 * total // 4))
+            period = max(1, total - warmup) if self.schedule == "cosine" else max(1, (total - warmup) // 3)
+            return 0.1 + 0.45 * (1 + math.cos(math.pi * ((step - warmup) % period) / period))  # "restarts": 3 cycles
 
         schedule = self._schedule = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
@@ -239,6 +271,12 @@ class DigitsCNN(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
+def _course(options: dict[str, Any]) -> dict[str, Any]:
+    """A recipe's course, as :class:`Classifier` takes it: its fault, its schedule, a part unfrozen mid-run."""
+    return {"fault": options.get("fault"), "schedule": options.get("schedule", "cosine"),
+            "unfreeze": options.get("unfreeze")}  # fmt: skip
+
+
 def cnn(recipe: Recipe, seed: int) -> tuple[L.LightningModule, DataLoader]:
     """A small CNN on the digits: SGD with momentum 0.9 and weight decay 5e-4, warm-up and cosine."""
     torch.manual_seed(seed)
@@ -248,7 +286,7 @@ def cnn(recipe: Recipe, seed: int) -> tuple[L.LightningModule, DataLoader]:
         left_out = recipe.options["left_out"]
         groups = lambda net: [p for n, p in net.named_parameters() if not n.startswith(left_out)]  # noqa: E731
     module = Classifier(net, "sgd", recipe.lr, recipe.steps, weight_decay=5e-4, param_groups=groups,
-                        fault=recipe.options.get("fault"))  # fmt: skip
+                        **_course(recipe.options))  # fmt: skip
     return module, digits(seed, 64, recipe.steps)
 
 
@@ -347,7 +385,7 @@ def relu_mlp(recipe: Recipe, seed: int) -> tuple[L.LightningModule, DataLoader]:
     torch.manual_seed(seed)
     o = recipe.options
     net = ReluMLP(gain=o.get("gain", 1.0), dead_bias=o.get("dead_bias"))
-    module = Classifier(net, "sgd", recipe.lr, recipe.steps, augmented=o.get("augmented", True), fault=o.get("fault"))
+    module = Classifier(net, "sgd", recipe.lr, recipe.steps, augmented=o.get("augmented", True), **_course(o))
     return module, digits(seed, 64, recipe.steps)
 
 
@@ -407,7 +445,7 @@ def tiny_lm(recipe: Recipe, seed: int) -> tuple[L.LightningModule, DataLoader]:
     o = recipe.options
     net = TinyLM(gpt_names.PAD + 1, fused=o.get("fused", False), qk_norm=o.get("qk_norm", False))
     module = Classifier(net, "adamw", recipe.lr, recipe.steps, weight_decay=o.get("weight_decay", 0.1),
-                        warmup=o.get("warmup", True), eps=o.get("eps", 1e-8), fault=o.get("fault"))  # fmt: skip
+                        warmup=o.get("warmup", True), eps=o.get("eps", 1e-8), **_course(o))  # fmt: skip
     return module, names_sequences(recipe, seed, 16, 32)
 
 

@@ -191,7 +191,11 @@ FLIGHT_CHECKS = {
     NONFINITE: ("non-finite loss", "non-finite gradients"),
 }
 #: The cause the report must give a spike (its verdict's ``why``), by the fault injected.
-FAULT_CAUSES = {"layer lr": "weight", "scale weight": "weight", "global lr": "learning_rate", "corrupt batch": "batch"}
+FAULT_CAUSES = {
+    "layer lr": "weight", "scale weight": "weight", "corrupt element": "weight", "global lr": "learning_rate",
+    "corrupt batch": "batch", "shuffle labels": "batch", "repeat token": "batch", "scale inputs": "batch",
+    "flaky": "not_reproducible",
+}  # fmt: skip
 
 
 def _flight(name: str, recipe: Recipe, expect: str, fault: Fault, about: str, quick: bool = False) -> Run:
@@ -226,9 +230,44 @@ FLIGHT = [
             "block 4's output divided by zero from step 300 (inf, then NaN)", quick=True),
     _flight("relu-mlp fp16 unscaled lr x30", replace(_RELU, lr=0.9, precision="16-unscaled"), NONFINITE,
             Fault("none", 10**9), "fp16 autocast without a loss scaler at 30x the rate: the loss reaches inf"),
+    _flight("cnn shuffled labels at 300", _CNN, SPIKE, Fault("shuffle labels", 300),
+            "the labels of step 300 given to the wrong images (each its neighbour's)"),
+    _flight("tiny-lm shuffled labels at 400", _LM, SPIKE, Fault("shuffle labels", 400),
+            "the targets of step 400 given to the wrong rows (each its neighbour's)"),
+    _flight("tiny-lm repeated token at 400", _LM, SPIKE, Fault("repeat token", 400),
+            "every input and target of step 400 one token (a shard of one character)"),
+    _flight("relu-mlp inputs x10 at 300", _RELU, SPIKE, Fault("scale inputs", 300, factor=10.0),
+            "the inputs of step 300 multiplied by 10 (a decoder's or a unit's bug)"),
+    _flight("cnn inputs x10 at 300", _CNN, SPIKE, Fault("scale inputs", 300, factor=10.0),
+            "the images of step 300 multiplied by 10"),
+    _flight("relu-mlp blocks.4 element at 300", _RELU, SPIKE, Fault("corrupt element", 300, "blocks.4.weight", 100.0),
+            "one element of block 4's weight set to 100 just before step 300 (a bit flip)"),
+    _flight("tiny-lm blocks.1.fc element at 400", _LM, SPIKE,
+            Fault("corrupt element", 400, "blocks.1.fc.weight", 100.0),
+            "one element of an MLP layer's weight set to 100 just before step 400 (a bit flip)"),
+    _flight("relu-mlp flaky x30 at 300", _RELU, SPIKE, Fault("flaky", 300, factor=30.0),
+            "the network's output at step 300 30x as it ran, right when run again (a fault of the hardware)"),
+    _flight("tiny-lm flaky x30 at 400", _LM, SPIKE, Fault("flaky", 400, factor=30.0),
+            "the network's output at step 400 30x as it ran, right when run again"),
+]
+
+#: Healthy runs with the schedules users use (the flight recorder and every rule must stay silent).
+SCHEDULES = [
+    Run("relu-mlp warm restarts", replace(_RELU, options={"schedule": "restarts"}), HEALTHY,
+        "relu-mlp lr=0.03 with its cosine restarted twice (three cycles, each back to the full rate)"),
+    Run("tiny-lm warm restarts", replace(_LM, options={**_LM.options, "schedule": "restarts"}), HEALTHY,
+        "tiny-lm best with its cosine restarted twice"),
+    Run("relu-mlp step decay", replace(_RELU, options={"schedule": "step"}), HEALTHY,
+        "relu-mlp lr=0.03, its rate a tenth at half the steps, a hundredth at three quarters"),
+    Run("tiny-lm step decay", replace(_LM, options={**_LM.options, "schedule": "step"}), HEALTHY,
+        "tiny-lm best, its rate a tenth at half the steps, a hundredth at three quarters"),
+    Run("cnn convs unfrozen at 300", replace(_CNN, options={"unfreeze": ("conv", 300)}), HEALTHY,
+        "the CNN with its convolutions frozen until step 300 (the head trained first)"),
+    Run("tiny-lm blocks.0 unfrozen at 400", replace(_LM, options={**_LM.options, "unfreeze": ("blocks.0", 400)}),
+        HEALTHY, "tiny-lm best with its first block frozen until step 400"),
 ]
 # fmt: on
 
 
 def all_runs() -> list[Run]:
-    return sweep_runs() + RUNS + INSTABILITY + FLIGHT
+    return sweep_runs() + RUNS + INSTABILITY + FLIGHT + SCHEDULES

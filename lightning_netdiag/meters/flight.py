@@ -221,8 +221,9 @@ class FlightMeter(ParameterMeter):
         self._losses += 1
 
     def batch_seen(self, inputs: object, index: Mapping[str, Any] | None) -> None:
-        """A micro-batch: its fingerprint added to the step's, on the device (a sum and a norm per tensor, nothing
-        read back); the inputs held until the step's verdict is read, so that an event's batch can be kept."""
+        """A micro-batch: its fingerprint added to the step's, on the device (per tensor the sum of its values and
+        1e-3 times the sum of their squares: additive, so that micro-batches and ranks add up to the global batch's;
+        nothing read back); the inputs held until the step's verdict is read, so that an event's batch can be kept."""
         if self._step is None or not self._params:
             return
         tensors = [t.detach() for t in _tensors(inputs)]
@@ -231,7 +232,7 @@ class FlightMeter(ParameterMeter):
         with torch.no_grad():
             parts = [
                 t.sum(dtype=torch.float64) + 1e-3 * torch.linalg.vector_norm(t if t.is_floating_point() else t.double(),
-                                                                               dtype=torch.float64)
+                                                                               dtype=torch.float64).square()
                 for t in tensors
             ]  # fmt: skip
             value = parts[0] if len(parts) == 1 else torch.stack(parts).sum()
