@@ -69,7 +69,8 @@ class Classifier(L.LightningModule):
     def __init__(
         self, net: nn.Module, optimizer: str, lr: float, steps: int, weight_decay: float = 0.0,
         momentum: float = 0.9, param_groups: Any = None, augmented: bool = True, warmup: bool = True,
-        eps: float = 1e-8, fault: Fault | None = None, schedule: str = "cosine", unfreeze: tuple[str, int] | None = None,
+        eps: float = 1e-8, fault: Fault | None = None, schedule: str = "cosine",
+        unfreeze: tuple[str, int] | None = None,
     ) -> None:  # fmt: skip
         super().__init__()
         self.net, self.optimizer_name, self.lr, self.steps = net, optimizer, lr, steps
@@ -123,6 +124,7 @@ class Classifier(L.LightningModule):
             with torch.no_grad():
                 self.net.get_parameter(fault.layer).view(-1)[0] = fault.factor
         elif fault.kind == "flaky":
+
             def once(module: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
                 handle.remove()
                 return out * fault.factor
