@@ -64,7 +64,9 @@ class Fault:
 class Classifier(L.LightningModule):
     """A network, a cross-entropy loss, an optimizer with a linear warm-up over the first tenth of the steps
     (unless ``warmup`` is False) and a cosine decay to a tenth after it; images are augmented (:func:`augment`)
-    unless ``augmented`` is False; a :class:`Fault` injected mid-run where ``fault`` is given."""
+    unless ``augmented`` is False; a :class:`Fault` injected mid-run where ``fault`` is given. ``schedule``: after the
+    warm-up, ``"cosine"``, ``"restarts"`` (the cosine restarted twice: three cycles) or ``"step"`` (a tenth at half
+    the steps, a hundredth at three quarters); ``unfreeze=(prefix, step)``: those parameters frozen until ``step``."""
 
     def __init__(
         self, net: nn.Module, optimizer: str, lr: float, steps: int, weight_decay: float = 0.0,
