@@ -25,6 +25,9 @@ With ``--breakdown``, also: ``no-sink`` (ours, computing everything but writing 
 every 50 steps: in each run it is on for 10 steps and off for the next 10, and the run's ratio is that of the
 medians of its steps with and without it (not logging steps); the table gives the median ratio over the rounds.
 
+``--flight-variants`` times the recorder's variants (``FLIGHT_VARIANTS``: its core work as before issue 34, the
+default, the guard) in separate processes, interleaved: the time inside its hooks per step, and what it holds.
+
 ``--attention`` times, for GPT-2 6x384's shapes, one attention (``F.scaled_dot_product_attention``, causal,
 forward and backward) against what LogitMonitor adds to it on a measured step (its scores recomputed for the largest
 logit and the softmax's entropy, :func:`lightning_netdiag.attention.score_stats` over
@@ -376,7 +379,10 @@ def worker(workload: str, config: str, every: int, warmup: int, timed: int, out:
             fast_tensorboard_checksums()
     elif config in ours:
         callbacks = [ours[config]()]
-    elif config == "flight":  # on for BLOCK steps, off for the next BLOCK: both timed in this process
+    elif config.startswith("flight"):  # on for BLOCK steps, off for the next BLOCK: both timed in this process
+        from lightning_netdiag import origin
+
+        options, no_fingerprint = FLIGHT_VARIANTS[config.partition(":")[2] or "default"]
 
         class Alternating(FlightRecorder):
             def on_train_batch_start(self, trainer, *args) -> None:
@@ -387,11 +393,25 @@ def worker(workload: str, config: str, every: int, warmup: int, timed: int, out:
                 if recording(trainer.global_step):
                     super().on_before_optimizer_step(trainer, *args)
 
+            def on_before_backward(self, trainer, *args) -> None:
+                if recording(trainer.global_step):
+                    super().on_before_backward(trainer, *args)
+
             def on_train_batch_end(self, trainer, *args) -> None:
                 if recording(trainer.global_step - 1):  # the step has been counted by now
                     super().on_train_batch_end(trainer, *args)
+                    # what it holds for the update norms, and the weights it watches (before detach lets them go)
+                    self.held = [sum(t.numel() * t.element_size() for t in ts) for ts in
+                                 (self._snapshot, [p for _, p in self._params])]  # fmt: skip
 
-        callbacks = [Alternating()]
+        callbacks = [Alternating(**options)]
+        if no_fingerprint:
+            Alternating.batch_seen = lambda self, inputs, index: None
+        # its hooks and the forward's (the replay's calls and output sums), timed
+        for hook in [h for h in vars(L.Callback) if h.startswith("on_") and h in dir(Alternating)]:
+            setattr(callbacks[0], hook, clocked(getattr(callbacks[0], hook)))
+        origin.ForwardCalls._keep = clocked(origin.ForwardCalls._keep)
+        origin.ForwardCalls._output = clocked(origin.ForwardCalls._output)
     elif config == "no-op":
         callbacks = [L.Callback() for _ in ours]
     elif config == "lecture":
@@ -442,10 +462,14 @@ def worker(workload: str, config: str, every: int, warmup: int, timed: int, out:
         "peak_mb": peak_mb,
         "snapshot_mb": sum(p.numel() * p.element_size() for p in weights) / 2**20,  # UpdateRatio's copy
     }
-    if config == "flight":  # the steps that are not logging steps, with the recorder and without
+    if config.startswith("flight"):  # the steps that are not logging steps, with the recorder and without
         on = [1000 * steps[i] for i in window if not logging[i] and recording(i)]
         off = [1000 * steps[i] for i in window if not logging[i] and not recording(i)]
         result["on_ms"], result["off_ms"] = statistics.median(on), statistics.median(off)
+        result["inside_ms"] = statistics.median(
+            1000 * (spent[i] - spent[i - 1]) for i in window if not logging[i] and recording(i)
+        )
+        result["held_mb"], result["watched_mb"] = (b / 2**20 for b in callbacks[0].held)
     print(json.dumps(result))
     if config == "wandb":
         wandb.finish()
@@ -506,6 +530,9 @@ def main() -> None:
         "--attention", action="store_true", help="only time one attention against its scores recomputed"
     )
     parser.add_argument("--flight", action="store_true", help="only time the flight recorder against bare")
+    parser.add_argument(
+        "--flight-variants", action="store_true", help="the recorder's variants (core, default, guard) side by side"
+    )
     parser.add_argument("--records", action="store_true", help="only time one record per chunk size and counting")
     args = parser.parse_args()
     if args.records:
@@ -516,6 +543,9 @@ def main() -> None:
         return
     if args.flight:
         print(flight_cost(args.rounds, args.models or list(FLIGHT_TARGETS)))
+        return
+    if args.flight_variants:
+        print(flight_variants(args.rounds, args.models or list(FLIGHT_TARGETS)))
         return
     if args.from_json:
         print_saved(args.from_json)
@@ -667,6 +697,40 @@ def breakdown(workloads: list[Workload], results: dict) -> str:
 
 #: The most the flight recorder may cost every step, as a ratio to the same run's steps without it (issue 22).
 FLIGHT_TARGETS = {"gpt2": 1.03, "makemore-deep": 1.15}
+#: --flight-variants: the recorder's options, and whether the batch's fingerprint is left out. "core": the
+#: per-step work of the recorder before issue 34 (a full copy for the update norms, no fingerprint, no batch kept,
+#: no replay); "default": as shipped (a 1 % sample, the fingerprint, the replay's output sums and spike decision on
+#: the CPU); "guard": the default with guard=3 (its decision read every step).
+FLIGHT_VARIANTS = {
+    "core": ({"update_norms": "exact", "keep_batch": 0, "replay": False}, True),
+    "default": ({}, False),
+    "guard": ({"guard": 3}, False),
+}
+
+
+def flight_variants(rounds: int, models: list[str]) -> str:
+    """Each of :data:`FLIGHT_VARIANTS` in its own process, interleaved round by round, on and off as ``--flight``:
+    the time inside the recorder's hooks (and the forward hooks of its replay) per recorded step, the memory it
+    holds for the update norms, and the on/off ratio."""
+    lines = ["| model | variant | inside the recorder, ms per step (median of runs) | step ms without | ratio (median; "
+             "min-max) | held for the update norms |", "|---|---|---|---|---|---|"]  # fmt: skip
+    for name in models:
+        w = WORKLOADS[name]
+        runs: dict[str, list[dict]] = {v: [] for v in FLIGHT_VARIANTS}
+        for r in range(rounds):
+            for variant in FLIGHT_VARIANTS:
+                res = run_one(w, f"flight:{variant}", 50, w.timed[50])
+                runs[variant].append(res)
+                print(f"  {name:16s} round {r + 1}  {variant:8s} inside {res['inside_ms']:7.3f} ms  "
+                      f"{res['on_ms'] / res['off_ms']:.3f}x", flush=True)  # fmt: skip
+        for variant, done in runs.items():
+            ratios = [x["on_ms"] / x["off_ms"] for x in done]
+            lines.append(
+                f"| {name} | {variant} | {_median(done, 'inside_ms'):.3f} | {_median(done, 'off_ms'):.2f} | "
+                f"{statistics.median(ratios):.3f}x ({min(ratios):.3f}-{max(ratios):.3f}) | "
+                f"{done[0]['held_mb']:.2f} MB of {done[0]['watched_mb']:.1f} MB |"
+            )
+    return "\n".join(lines)
 
 
 def flight_cost(rounds: int, models: list[str]) -> str:

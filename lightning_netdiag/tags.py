@@ -34,7 +34,7 @@ METRICS = {
     "flight": (
         "flight_loss", "flight_loss_nonfinite", "flight_grad_total", "flight_grad_norm", "flight_grad_nonfinite",
         "flight_update_total", "flight_update_norm", "flight_weight_norm", "flight_skipped", "flight_batch",
-        "flight_guarded",
+        "flight_guarded", "flight_joined",
     ),
 }  # fmt: skip
 

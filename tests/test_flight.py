@@ -646,3 +646,35 @@ def test_bad_arguments_name_what_was_wrong():
     for interval in (-1, "30", True, math.nan):
         with pytest.raises(ValueError, match="Expected `save_interval` to be None or a number of seconds >= 0"):
             FlightMeter(save_interval=interval)
+
+
+def test_the_update_norms_sample_holds_1_percent_and_estimates_the_exact_norm():
+    """GPT-2 (transformers, random weights) under AdamW: the default keeps 1 % of the watched weights' bytes across
+    the step, and its update norms are those of a full copy within a few per cent (docs/flight-recorder.md)."""
+    transformers = pytest.importorskip("transformers")
+
+    def run(mode: str) -> tuple[dict, float]:
+        torch.manual_seed(0)
+        config = transformers.GPT2Config(n_embd=128, n_layer=2, n_head=4, vocab_size=512, n_positions=64)
+        model = transformers.GPT2LMHeadModel(config)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        flight = FlightMeter(window=60, update_norms=mode)
+        g = torch.Generator().manual_seed(1)
+        with NetDiag(model, optimizer, every_n_steps=100, flight=flight):
+            for _ in range(8):
+                x = torch.randint(0, 512, (4, 64), generator=g)
+                loss = model(x, labels=x).loss
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                held = sum(t.numel() * t.element_size() for t in flight._snapshot)
+                watched = sum(p.numel() * p.element_size() for _, p in flight._params)
+        record = flight.record
+        norms = {(s, n): record.value("flight_update_norm", s, n) for s in record.steps for n in flight._names}
+        return norms, held / watched
+
+    sampled, share = run("sampled")
+    exact, full = run("exact")
+    assert full == 1.0 and share <= 0.011, share  # 1 %, and at least 256 elements of the smallest weights
+    errors = sorted(abs(sampled[k] / exact[k] - 1) for k in exact)
+    assert errors[len(errors) // 2] < 0.02 and errors[-1] < 0.1, (errors[len(errors) // 2], errors[-1])

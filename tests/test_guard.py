@@ -196,3 +196,32 @@ def test_a_healthy_run_resumed_from_a_checkpoint_has_no_event_and_no_skip(tmp_pa
     for flight in (first, resumed):
         assert flight.record.events == []
         assert all(flight.record.value("flight_guarded", s) is None for s in flight.record.steps)
+
+
+def test_weights_unfrozen_mid_run_make_no_event_for_a_while_and_are_noted():
+    # blocks.0 frozen until step AT; a garbage batch 2 steps after (in the 16 that follow) is the change's, no
+    # event; the same batch 30 steps after is one
+    model = Mlp()
+    optimizer = optimizer_for(model)
+    batches = list(loader(batch_size=32))
+    for p in model.blocks[0].parameters():
+        p.requires_grad_(False)
+    with NetDiag(model, optimizer, every_n_steps=50, flight=FlightMeter(guard=3)) as diag:
+        for step in range(AT + 40):
+            if step == AT:
+                for p in model.blocks[0].parameters():
+                    p.requires_grad_(True)
+            x, y = batches[step % len(batches)]
+            if step in (AT + 2, AT + 30):
+                x, y = corrupt(AT, x, y, "batch")
+            loss = F.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            diag.loss(loss)
+            optimizer.step()
+    record = diag.flight.record
+    assert [e["step"] for e in record.events] == [AT + 30]
+    assert [s for s in record.steps if record.value("flight_guarded", s) == 1] == [AT + 30]
+    assert record.value("flight_joined", AT) == 2  # its weight and bias
+    notes = report.summarize(flight=record).notes
+    assert any(f"2 parameters began training at step {AT} (unfrozen)" in n for n in notes), notes

@@ -238,8 +238,7 @@ FLIGHT = [
             "every input and target of step 400 one token (a shard of one character)"),
     _flight("relu-mlp inputs x10 at 300", _RELU, SPIKE, Fault("scale inputs", 300, factor=10.0),
             "the inputs of step 300 multiplied by 10 (a decoder's or a unit's bug)"),
-    _flight("cnn inputs x10 at 300", _CNN, SPIKE, Fault("scale inputs", 300, factor=10.0),
-            "the images of step 300 multiplied by 10"),
+    # not the CNN: the BatchNorm after its first convolution divides a scale of its inputs out (no fault there)
     _flight("relu-mlp blocks.4 element at 300", _RELU, SPIKE, Fault("corrupt element", 300, "blocks.4.weight", 100.0),
             "one element of block 4's weight set to 100 just before step 300 (a bit flip)"),
     _flight("tiny-lm blocks.1.fc element at 400", _LM, SPIKE,

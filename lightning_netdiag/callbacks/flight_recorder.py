@@ -39,7 +39,7 @@ class FlightRecorder(FlightMeter, ParameterCallback):
         exclude: name globs and module types never selected.
         ndims: the numbers of dimensions selected (default: every weight of rank 2 to 5).
         update_norms: how each weight's update norm is measured: ``"sampled"`` from every 101st element (a prime
-            stride; a weight too small to give 64 elements so, more densely), its norm scaled by ``sqrt(numel /
+            stride; a weight too small to give 256 elements so, more densely), its norm scaled by ``sqrt(numel /
             sampled)``: 1 % of the weights' bytes kept across the step, the norm within a few per cent (measured in
             ``docs/flight-recorder.md``); ``"exact"`` from a copy of every element (100 % of their bytes);
             ``"off"``: not measured.

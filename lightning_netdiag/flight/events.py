@@ -12,9 +12,8 @@ from lightning_netdiag.origin import INPUTS, Made, Replayed
 from lightning_netdiag.spikes import LOOKBACK
 
 __all__ = [
-    "AFTER", "CAUSES", "RATE_JUMP", "STOPS", "Batch", "Began", "Event", "Rate", "Rose", "event_text", "guarded_text",
-    "named",
-    "named_first", "stopped",
+    "AFTER", "CAUSES", "JOINED", "RATE_JUMP", "STOPS", "Batch", "Began", "Event", "Rate", "Rose", "event_text",
+    "guarded_text", "named", "named_first", "stopped",
 ]  # fmt: skip
 
 #: The causes of a step's event, in the order of the bits of its verdict; the first set names it (the others are
@@ -24,6 +23,7 @@ CAUSES = ("non-finite loss", "non-finite gradients", "loss spike", "gradient spi
 # SIGTERMException): stopped, not broken.
 STOPS = ("KeyboardInterrupt", "SIGTERM", "SIGTERMException")
 AFTER = 4  # the steps after a spike watched for its loss to come back under its spike line
+JOINED = 16  # the steps after parameters begin training (unfrozen) in which a spike is no event
 RATE_JUMP = 1.5  # a parameter group's rate that rises by this factor from one step to the next has jumped
 
 

@@ -50,6 +50,7 @@ class Ring:
         self.seen = [False] * self.size  # whether a loss was seen at each row's step (on this rank)
         self.rates: list[tuple[float, ...]] = [()] * self.size  # each parameter group's learning rate at it (host)
         self.guarded = [False] * self.size  # whether the guard skipped its step
+        self.joined = [0] * self.size  # the parameters that began training at its step (unfrozen)
         self.rows = 0  # rows written so far
         self._back: Tensor | None = None  # -BAND, ..., -1: the rows of a band, from the step's, on the device
 
@@ -64,11 +65,12 @@ class Ring:
         """The row the step under way writes."""
         return self.slots[self.rows % self.size]
 
-    def written(self, step: int, seen: bool, rates: tuple[float, ...], guarded: bool = False) -> None:
+    def written(self, step: int, seen: bool, rates: tuple[float, ...], guarded: bool = False, joined: int = 0) -> None:
         """The step under way wrote its row; ``rates``: its parameter groups' learning rates; ``guarded``: the guard
-        skipped it."""
+        skipped it; ``joined``: the parameters that began training at it."""
         i = self.rows % self.size
-        self.steps[i], self.seen[i], self.rates[i], self.guarded[i] = step, seen, rates, guarded
+        self.steps[i], self.seen[i], self.rates[i] = step, seen, rates
+        self.guarded[i], self.joined[i] = guarded, joined
 
     def band(self, columns: int) -> Tensor:
         """The first ``columns`` of the :data:`spikes.BAND` rows before the step under way, found on the device (an

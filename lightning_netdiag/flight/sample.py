@@ -13,7 +13,7 @@ __all__ = ["LEAST", "MODES", "STRIDE", "sampled", "stride"]
 #: How the update norms are measured: from a sample of each weight's elements, from a full copy, or not at all.
 MODES = ("sampled", "exact", "off")
 STRIDE = 101  # every 101st element: 1 %; a prime, so that the sample does not fall on the same few columns
-LEAST = 64  # a weight too small to give this many elements at STRIDE is sampled more densely (its bytes are few)
+LEAST = 256  # a weight too small to give this many elements at STRIDE is sampled more densely (its bytes are few)
 _PRIMES = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47, 53, 59, 61, 67, 71, 73, 79, 83, 89, 97, STRIDE)
 
 

@@ -26,7 +26,17 @@ from lightning_netdiag import spikes, tags
 from lightning_netdiag.capture import compiled
 from lightning_netdiag.dist import is_sharded, local_shard, rank, rank_zero_warn
 from lightning_netdiag.flight import persist
-from lightning_netdiag.flight.events import AFTER, CAUSES, RATE_JUMP, Batch, Event, Rate, event_text, guarded_text
+from lightning_netdiag.flight.events import (
+    AFTER,
+    CAUSES,
+    JOINED,
+    RATE_JUMP,
+    Batch,
+    Event,
+    Rate,
+    event_text,
+    guarded_text,
+)
 from lightning_netdiag.flight.ring import BATCH, GRAD_TOTAL, LOSS, NORMS, PRIORITY, SERIES, Ring, Row
 from lightning_netdiag.flight.sample import MODES, sampled, stride
 from lightning_netdiag.history import finite_only
@@ -125,6 +135,8 @@ class FlightMeter(ParameterMeter):
         self._manual_rate: float | None = None  # a manual update's
         self._decided: tuple[int, bool] | None = None  # the guard's decision on the step under way: (step, skip)
         self._skips = 0  # the steps the guard skipped in a row
+        self._trained: dict[int, int] = {}  # optimizer -> the most of its parameters that had a gradient at a step
+        self._joined: tuple[int, int] = (-JOINED, 0)  # the last step parameters began training at, how many
         self._after: Event | None = None  # the spike whose aftermath is watched (its loss back under its line)
         self._loss: Tensor | None = None  # this step's summed micro-batch losses, on the device
         self._batch: Tensor | None = None  # this step's batch fingerprint, on the device
@@ -208,6 +220,8 @@ class FlightMeter(ParameterMeter):
 
     def manual_step(self, loss: Tensor | None, lr: float | None) -> None:
         self._manual_rate = lr
+        if self.guard and self._step == 0:
+            rank_zero_warn("FlightRecorder: the guard cannot skip a manual update (NetDiag.step): it is off")
 
     # --- every step: a few fused kernels, nothing read back -------------------------------------------
 
@@ -247,6 +261,12 @@ class FlightMeter(ParameterMeter):
         # each group's rate, as cheaply as the loss: host floats (a tensor rate would wait for the device: not read)
         groups = () if optimizer is None else optimizer.param_groups
         self._rates += [_rate(g["lr"]) for g in groups] if optimizer is not None else [_rate(self._manual_rate)]
+        if optimizer is not None:  # parameters that begin training (unfrozen): more with a gradient than ever before
+            trained = sum(p.grad is not None for g in groups for p in g["params"])
+            most = self._trained.get(id(optimizer))
+            if most is not None and trained > most:
+                self._joined = (self._step, trained - most)  # type: ignore[assignment]
+            self._trained[id(optimizer)] = max(trained, most or 0)
         weights = self._weights()
         plain = self._views is not None
         grads = [  # each .grad read once: a read is a call into C++
@@ -293,6 +313,8 @@ class FlightMeter(ParameterMeter):
         parameter without one as it was, and its state too (Adam's moments, its step count). Decided once a step,
         at one host read; more than ``guard`` such steps in a row stop the run (:class:`GuardStopped`)."""
         step = self._step
+        if optimizer is None:  # a manual update: the user's code applies it, nothing can keep it out
+            return
         if self._decided is None or self._decided[0] != step:  # several optimizers step in one step: decided once
             skip = self._is_event(row)
             self._decided = (step, skip)  # type: ignore[assignment]
@@ -303,10 +325,15 @@ class FlightMeter(ParameterMeter):
                     f"FlightRecorder: {self._skips} steps in a row ({first} to {step}) had a loss or gradient norm "
                     f"out of its band or not finite: more than guard={self.guard} skips; the run is stopped"
                 )
-        if self._decided[1] and optimizer is not None:
+        if self._decided[1]:
             for group in optimizer.param_groups:
                 for p in group["params"]:
                     p.grad = None
+
+    def _settling(self, step: int) -> bool:
+        """Whether ``step`` is within :data:`JOINED` steps of parameters that began training (unfrozen): the bands
+        describe the model before, whose loss and gradients move as the new parameters begin to learn."""
+        return 0 <= step - self._joined[0] < JOINED
 
     def _is_event(self, row: Row) -> bool:
         """Whether the step's loss (the mean of its micro-batches') or total gradient norm, reduced across ranks,
@@ -326,6 +353,7 @@ class FlightMeter(ParameterMeter):
         assert self._upper is not None
         read = torch.cat([values > self._upper[:2], ~values.isfinite(), *([] if seen is None else [seen])]).tolist()
         loss_over, grad_over, loss_bad, grad_bad = read[:4]
+        loss_over, grad_over = (loss_over, grad_over) if not self._settling(self._step) else (False, False)  # type: ignore[arg-type]
         loss_bad = loss_bad and (read[4] if seen is not None else self._losses > 0)
         return bool(loss_over or grad_over or loss_bad or (grad_bad and not self._scaled))
 
@@ -371,7 +399,8 @@ class FlightMeter(ParameterMeter):
             torch.linalg.vector_norm(row.grads, out=row.grad_total)
         elif self._losses > 1:
             row.loss.div_(self._losses)
-        self._ring.written(step, self._losses > 0, tuple(self._rates), self._decided == (step, True))
+        joined = self._joined[1] if self._joined[0] == step else 0
+        self._ring.written(step, self._losses > 0, tuple(self._rates), self._decided == (step, True), joined)
         self._judge(step, row)
         if self._calls is not None:
             self._calls.step_done()
@@ -423,6 +452,8 @@ class FlightMeter(ParameterMeter):
             # a non-finite loss or total gradient norm is over its band too: said once, as non-finite
             values[2] and not values[0], values[3] and not values[1], any(values[4:]),  # a weight's update or norm
         ]  # fmt: skip
+        if self._settling(step):  # the trained parameters changed: a spike is the change's, not an event
+            bits[2:] = [False] * 3
         if not any(bits):
             self._armed = True
             return
@@ -611,6 +642,8 @@ class FlightMeter(ParameterMeter):
                 scalars[("flight_batch", "")] = row[BATCH]
             if self._ring.guarded[i]:
                 scalars[("flight_guarded", "")] = 1.0
+            if self._ring.joined[i]:
+                scalars[("flight_joined", "")] = float(self._ring.joined[i])
             if self.update_norms != "off" and update_total == 0:  # no weight changed: the step was skipped
                 scalars[("flight_skipped", "")] = 1.0
             for k, name in enumerate(self._names):

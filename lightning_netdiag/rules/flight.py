@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from lightning_netdiag import spikes
-from lightning_netdiag.flight.events import AFTER, Event, event_text, guarded_text, named, stopped
+from lightning_netdiag.flight.events import AFTER, JOINED, Event, event_text, guarded_text, named, stopped
 from lightning_netdiag.record import FlightRecord
 from lightning_netdiag.rules.base import WORST, Verdict
 
@@ -59,16 +59,21 @@ def _together(event: Event) -> bool:
     return rose is not None and rose["of"] > 0 and rose["gradient"] >= TOGETHER * rose["of"]
 
 
-def _own_change(event: Event) -> bool:
-    """The first series out of its band is a weight's own change: its norm (a step's updates barely move a norm, a
-    batch's or a rate's no more than the rest: a norm that leaves its band changed by itself), or its update while
-    the updates did not all move together (as a rate's jump or a batch moves them)."""
+def _own_norm(event: Event) -> bool:
+    """The first series out of its band is a weight's own norm: a step's updates barely move a norm, a batch's or a
+    rate's no more than the rest: a norm that leaves its band changed by itself."""
+    began = event.get("began") or []
+    return bool(began) and began[0]["series"] == "weight norm"
+
+
+def _lone_update(event: Event) -> bool:
+    """The first series out of its band is a weight's update while the updates did not all move together (as a
+    rate's jump moves them; a batch moves the gradients together, the updates not under Adam, which divides each by
+    its own scale)."""
     began, rose = event.get("began") or [], event.get("rose")
     if not began or rose is None:
         return False
-    return began[0]["series"] == "weight norm" or (
-        began[0]["series"] == "update norm" and rose["update"] < TOGETHER * rose["of"]
-    )
+    return began[0]["series"] == "update norm" and rose["update"] < TOGETHER * rose["of"]
 
 
 def _back(event: Event) -> str:
@@ -142,12 +147,13 @@ SPIKE_CAUSES: tuple[Cause, ...] = (
     Cause(
         "weight", lambda e: bool(e.get("began")) and e.get("lead", 0) > 0, _weight_text, _WEIGHT_ADVICE, True,
     ),
-    Cause("weight", _own_change, _weight_text, _WEIGHT_ADVICE, True),
+    Cause("weight", _own_norm, _weight_text, _WEIGHT_ADVICE, True),
     Cause(
         "batch", lambda e: e["cause"] in _LOSS_OR_GRADIENT and _together(e) and e.get("back") is not None,
         _batch_text, "look at the batch of that step (its inputs and labels): corrupted, mislabelled or out of "
         "distribution; skip it, or clean the data it came from", False,
     ),
+    Cause("weight", _lone_update, _weight_text, _WEIGHT_ADVICE, True),
     Cause("weight", lambda e: bool(e.get("began")) and not _together(e), _weight_text, _WEIGHT_ADVICE, True),
     Cause(
         "unclear", lambda e: True, _unclear_text, "look at the steps around it (netdiag plots draws them) and at the "
@@ -249,6 +255,9 @@ def flight_notes(flight: FlightRecord | None) -> list[str]:
         return []
     events = len(flight.events)
     stops = [event_text(e) for e in flight.events if stopped(e) and not named(e)]
+    joined = [(s, int(n)) for s in flight.steps if (n := flight.value("flight_joined", s))]
+    began = [f"{n} parameter{'s' if n != 1 else ''} began training at step {s} (unfrozen): a spike in the {JOINED} "
+             "steps after it is the change's, no event" for s, n in joined]  # fmt: skip
     guarded = [s for s in flight.steps if flight.value("flight_guarded", s) == 1]
     skips = (
         [
@@ -260,4 +269,4 @@ def flight_notes(flight: FlightRecord | None) -> list[str]:
         else []
     )
     return [f"flight recorder: {len(flight.steps)} steps kept (every step, the last {flight.window} before each "
-            f"event and the end), {events} event{'s' if events != 1 else ''}", *skips, *stops]  # fmt: skip
+            f"event and the end), {events} event{'s' if events != 1 else ''}", *began, *skips, *stops]  # fmt: skip
