@@ -39,8 +39,8 @@ def jump(step: int, optimizer: torch.optim.Optimizer, kind: str) -> None:
         optimizer.param_groups[1]["lr"] *= 1000
 
 
-def loop(kind: str, writer=None):
-    model = Mlp()
+def loop(kind: str, writer=None, model: Mlp | None = None):
+    model = model if model is not None else Mlp()
     optimizer = optimizer_for(model)
     batches = list(loader(batch_size=32))
     with NetDiag(model, optimizer, writer, every_n_steps=50) as diag:
@@ -83,25 +83,31 @@ def test_one_groups_rate_jumping_names_its_weight_and_its_rate():
     assert "the learning rate went from 0.01 to 10 at step 150 (1 of 2 groups)" in v.cause
 
 
-def test_under_lightning_a_corrupted_batch_is_the_batch():
-    model = Mlp()
+class Corrupted(L.LightningModule):
+    """``model`` under Lightning, its batch of step AT garbage (:func:`corrupt`)."""
 
-    class Module(L.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = model
+    def __init__(self, model: Mlp) -> None:
+        super().__init__()
+        self.model = model
 
-        def training_step(self, batch, batch_idx):
-            x, y = corrupt(self.global_step, *batch, "batch")
-            return F.cross_entropy(self.model(x), y)
+    def training_step(self, batch, batch_idx):
+        x, y = corrupt(self.global_step, *batch, "batch")
+        return F.cross_entropy(self.model(x), y)
 
-        def configure_optimizers(self):
-            return optimizer_for(self.model)
+    def configure_optimizers(self):
+        return optimizer_for(self.model)
 
-    flight = FlightRecorder()
-    trainer = L.Trainer(max_steps=STEPS, callbacks=[flight], logger=False, enable_checkpointing=False,
+
+def lightning(*callbacks: L.Callback) -> None:
+    """:class:`Corrupted` trained for STEPS steps with ``callbacks``."""
+    trainer = L.Trainer(max_steps=STEPS, callbacks=list(callbacks), logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)  # fmt: skip
-    trainer.fit(Module(), loader(batch_size=32))
+    trainer.fit(Corrupted(Mlp()), loader(batch_size=32))
+
+
+def test_under_lightning_a_corrupted_batch_is_the_batch():
+    flight = FlightRecorder()
+    lightning(flight)
     (v,) = spikes_said(flight.record)
     assert (v.why, v.step) == ("batch", AT)
 
@@ -212,31 +218,22 @@ def test_a_spike_that_does_not_reproduce_is_said_so():
     # a fault of the hardware, once: the output of the step AT's forward wrong by 30x; the same forward run again
     # on the same batch, weights and random state gives the right one
     model = Mlp()
-    fired, forward = [], model.forward
+    calls, forward = [], model.forward
 
     def flaky(x):
         out = forward(x)
-        if len(fired) == 0 and model.step == AT:
-            fired.append(AT)
-            return out * 30
+        if torch.is_grad_enabled():  # training's forward (the replay runs without gradients)
+            calls.append(1)
+            if len(calls) == AT + 1:
+                return out * 30
         return out
 
     model.forward = flaky
-    optimizer = optimizer_for(model)
-    batches = list(loader(batch_size=32))
-    with NetDiag(model, optimizer, every_n_steps=50) as diag:
-        for step in range(STEPS):
-            model.step = step
-            x, y = batches[step % len(batches)]
-            loss = F.cross_entropy(model(x), y)
-            optimizer.zero_grad()
-            loss.backward()
-            diag.loss(loss)
-            optimizer.step()
-    event = diag.flight.record.events[0]  # its bad update shakes the next steps too: the guard would have kept it out
+    record = loop("healthy", model=model)
+    event = record.events[0]  # its bad update shakes the next steps too: the guard would have kept it out
     assert event["step"] == AT and event["replayed"]["same"] is False
     assert event["replayed"]["first"] == pytest.approx(30 * event["replayed"]["again"], rel=1e-5)
-    v = spikes_said(diag.flight.record)[0]
+    v = spikes_said(record)[0]
     assert (v.why, v.step, v.layer) == ("not_reproducible", AT, "")
     assert "not reproducible: the step's forward, run again on its batch" in v.cause and "nvidia-smi" in v.advice
 

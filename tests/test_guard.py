@@ -7,7 +7,7 @@ import pytest
 import torch
 from helpers import loader
 from test_flight import Mlp
-from test_forensics import AT, STEPS, corrupt, optimizer_for
+from test_forensics import AT, STEPS, corrupt, lightning, optimizer_for
 from torch.nn import functional as F
 
 from lightning_netdiag import FlightRecorder, NetDiag, report
@@ -99,34 +99,19 @@ def test_more_skips_in_a_row_than_the_guard_allows_stop_the_run_with_a_fatal_ver
 
 
 def test_under_lightning_the_guarded_step_changes_neither_weights_nor_optimizer_state():
-    model = Mlp()
     seen: dict[str, list[torch.Tensor]] = {}
-
-    class Module(L.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = model
-
-        def training_step(self, batch, batch_idx):
-            x, y = corrupt(self.global_step, *batch, "batch")
-            return F.cross_entropy(self.model(x), y)
-
-        def configure_optimizers(self):
-            return optimizer_for(self.model)
 
     class Watch(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if trainer.global_step in (AT, AT + 1):
-                seen[f"before {trainer.global_step}"] = state(model, trainer.optimizers[0])
+                seen[f"before {trainer.global_step}"] = state(pl_module, trainer.optimizers[0])
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             if trainer.global_step - 1 in (AT, AT + 1):
-                seen[f"after {trainer.global_step - 1}"] = state(model, trainer.optimizers[0])
+                seen[f"after {trainer.global_step - 1}"] = state(pl_module, trainer.optimizers[0])
 
     flight = FlightRecorder(guard=2)
-    trainer = L.Trainer(max_steps=STEPS, callbacks=[Watch(), flight], logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)  # fmt: skip
-    trainer.fit(Module(), loader(batch_size=32))
+    lightning(Watch(), flight)
     assert same(seen[f"before {AT}"], seen[f"after {AT}"])  # the bad batch's step: not applied
     assert not same(seen[f"before {AT + 1}"], seen[f"after {AT + 1}"])  # the next: applied
     record = flight.record

@@ -228,6 +228,8 @@ FLIGHT = [
             "the labels of step 400 drawn at random"),
     _flight("relu-mlp blocks.4 divides by 0 at 300", _RELU, NONFINITE, Fault("divide by zero", 300, "blocks.4"),
             "block 4's output divided by zero from step 300 (inf, then NaN)", quick=True),
+    _flight("tiny-lm blocks.2.fc divides by 0 at 400", _LM, NONFINITE, Fault("divide by zero", 400, "blocks.2.fc"),
+            "an MLP layer's output divided by zero from step 400 (inf, then NaN)"),
     _flight("relu-mlp fp16 unscaled lr x30", replace(_RELU, lr=0.9, precision="16-unscaled"), NONFINITE,
             Fault("none", 10**9), "fp16 autocast without a loss scaler at 30x the rate: the loss reaches inf"),
     _flight("cnn shuffled labels at 300", _CNN, SPIKE, Fault("shuffle labels", 300),

@@ -91,7 +91,9 @@ class FlightRecorder(FlightMeter, ParameterCallback):
       selected weight's; ``flight_grad_nonfinite/{name}``: 1 where its gradient norm was not finite;
     - ``{prefix}/flight_skipped``: 1 for a step that changed no weight (a GradScaler skipped it);
     - ``{prefix}/flight_batch``: a fingerprint of the step's batch (equal batches, equal numbers);
-    - ``{prefix}/flight_guarded``: 1 for a step the guard skipped.
+    - ``{prefix}/flight_guarded``: 1 for a step the guard skipped;
+    - ``{prefix}/flight_joined``: the parameters that began training at the step (unfrozen: more of the optimizer's
+      parameters with a gradient than ever before); a spike in the 16 steps after it is the change's, no event.
 
     At a logging step at least ``save_interval`` seconds after the last save, the record with the ring's steps so
     far also goes to its JSON file beside the logs (not to the loggers, which are flushed then).

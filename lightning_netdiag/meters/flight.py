@@ -128,6 +128,8 @@ class FlightMeter(ParameterMeter):
         self._ring = Ring(self.window)  # the last steps' rows, on the device
         self._levels: Tensor | None = None  # each scored column's spike level
         self._upper: Tensor | None = None  # the value above which each scores over its level, refreshed every REFRESH
+        self._refreshed = 0  # the ring's rows when it was last refreshed
+        self._lines: tuple[int, float, float] | None = None  # its loss and total gradient lines on the host, and when
         self._flags: Tensor | None = None  # the step's verdict: the loss and total gradient non-finite, then the spikes
         self._nonfinite: Tensor | None = None  # its first two bits (a view, written in place)
         self._spiked: Tensor | None = None  # the others: each scored value over its threshold (a view)
@@ -338,24 +340,24 @@ class FlightMeter(ParameterMeter):
     def _is_event(self, row: Row) -> bool:
         """Whether the step's loss (the mean of its micro-batches') or total gradient norm, reduced across ranks,
         is over its spike line or not finite (not a loss unseen; not gradients under a loss scaler, which skips
-        those itself): one read from the device."""
-        loss = self._loss if self._loss is not None else row.loss.new_tensor(math.nan)
-        seen: Tensor | None = None  # whether any rank saw a loss, where ranks are summed
+        those itself): one read from the device, compared on the host (the lines read once each refresh)."""
         if self._ranks > 1:  # each rank's loss and part of the gradients: the row's sums, early
             w = len(self._names)
             own = self._loss if self._loss is not None else row.loss.new_zeros(())  # a NaN loss stays NaN
             parts = torch.stack([own, own.new_tensor(float(self._losses)),
                                  (row.grads.square() / self._copies[2 * w :]).sum()])  # type: ignore[index]  # fmt: skip
-            parts = self.run.reduce(parts, "sum")  # type: ignore[union-attr]
-            values, seen = torch.stack([parts[0] / parts[1], parts[2].sqrt()]), parts[1:2] > 0
+            total, count, squares = self.run.reduce(parts, "sum").tolist()  # type: ignore[union-attr]
+            loss, grad = total / count if count else math.nan, math.sqrt(squares)
+        elif self._loss is None:
+            loss, grad, count = math.nan, float(row.grad_total), 0
         else:
-            values = torch.stack([loss / max(self._losses, 1), row.grad_total])
-        assert self._upper is not None
-        read = torch.cat([values > self._upper[:2], ~values.isfinite(), *([] if seen is None else [seen])]).tolist()
-        loss_over, grad_over, loss_bad, grad_bad = read[:4]
-        loss_over, grad_over = (loss_over, grad_over) if not self._settling(self._step) else (False, False)  # type: ignore[arg-type]
-        loss_bad = loss_bad and (read[4] if seen is not None else self._losses > 0)
-        return bool(loss_over or grad_over or loss_bad or (grad_bad and not self._scaled))
+            loss, grad = torch.stack([self._loss / self._losses, row.grad_total]).tolist()
+            count = self._losses
+        if self._lines is None or self._lines[0] != self._refreshed:
+            self._lines = (self._refreshed, *self._upper[:2].tolist())  # type: ignore[index]
+        _, loss_line, grad_line = self._lines
+        over = not self._settling(self._step) and (loss > loss_line or grad > grad_line)  # type: ignore[arg-type]
+        return over or (count > 0 and not math.isfinite(loss)) or (not self._scaled and not math.isfinite(grad))
 
     def _missing(self, part: Tensor) -> Tensor:
         key = (part.device, part.dtype)
@@ -414,6 +416,7 @@ class FlightMeter(ParameterMeter):
         assert flags is not None
         if rows % spikes.REFRESH == 0 and rows >= spikes.MIN_BAND:  # before: no band is long enough
             self._upper = spikes.over(self._ring.band(row.scored.numel()), self._levels)  # type: ignore[arg-type]
+            self._refreshed = rows
         self._ring.advance()
         # x - x is 0 for a finite x, NaN for NaN and inf: one kernel fewer than isfinite
         torch.ne(row.judged - row.judged, 0, out=self._nonfinite)
