@@ -2,6 +2,8 @@
 the weights and the optimizer's state exactly as before it, in every front end; the steps it skipped are logged and
 said; more than N in a row stop the run with a fatal verdict; a healthy run is left exactly as without it."""
 
+import contextlib
+
 import lightning as L
 import pytest
 import torch
@@ -25,17 +27,16 @@ def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
     return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
-def loop(kind: str, guard: int = 0, diag: bool = True, left_out: int | None = None, steps: int = STEPS):
+def loop(kind: str, guard: int = 0, diag: bool = True, left_out: int | None = None, writer=None):
     """The forensics loop (the fault ``kind`` at step AT); ``diag=False``: a plain loop without netdiag that
     leaves the update of step ``left_out`` out (what the guard should do)."""
     model = Mlp()
     optimizer = optimizer_for(model)
     batches = list(loader(batch_size=32))
-    with NetDiag(model, optimizer, every_n_steps=50, flight=FlightMeter(guard=guard)) if diag else _nothing() as d:
-        for step in range(steps):
+    watched = NetDiag(model, optimizer, writer, every_n_steps=50, flight=FlightMeter(guard=guard))
+    with watched if diag else contextlib.nullcontext() as d:
+        for step in range(STEPS):
             x, y = corrupt(step, *batches[step % len(batches)], kind)
-            if kind == "nan" and step >= AT:  # from step AT on, every batch poisoned: the guard cannot help
-                x = x * torch.nan
             loss = F.cross_entropy(model(x), y)
             optimizer.zero_grad()
             loss.backward()
@@ -44,14 +45,6 @@ def loop(kind: str, guard: int = 0, diag: bool = True, left_out: int | None = No
             if step != left_out:
                 optimizer.step()
     return model, optimizer, d
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def test_a_guarded_bad_batch_is_not_applied_weights_and_optimizer_state_exactly():
@@ -65,6 +58,22 @@ def test_a_guarded_bad_batch_is_not_applied_weights_and_optimizer_state_exactly(
     (v,) = [v for v in report.summarize(flight=record).verdicts if v.rule.startswith("flight.")]
     assert (v.why, v.step) == ("batch", AT) and "not applied: the guard skipped the step" in v.cause
     assert any(f"the guard skipped 1 step (not applied): {AT}" in n for n in report.summarize(flight=record).notes)
+
+
+def test_netdiag_report_reads_the_skipped_step_back_from_the_logs(tmp_path, capsys):
+    from torch.utils.tensorboard import SummaryWriter
+
+    from lightning_netdiag import cli
+
+    writer = SummaryWriter(str(tmp_path))
+    loop("batch", guard=3, writer=writer)
+    writer.close()
+    capsys.readouterr()
+    cli.main(["report", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert f"spike at step {AT}: the batch of step {AT}" in printed
+    assert "not applied: the guard skipped the step" in printed
+    assert f"the guard skipped 1 step (not applied): {AT}" in printed
 
 
 def test_a_healthy_run_is_the_same_with_the_guard_as_without():
