@@ -89,6 +89,11 @@ class Classifier(L.LightningModule):
         return self.net(x)
 
     def training_step(self, batch, batch_idx):
+        return self.loss_of(*self.prepare(batch))
+
+    def prepare(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's batch with its fault, once per step: what changes the run's state (the step count, a fault,
+        a part unfrozen) happens here, outside the forward that a replay runs again."""
         x, y = batch
         if self.fault is not None and self.calls == self.fault.step:
             x, y = self._inject(x, y)
@@ -96,6 +101,10 @@ class Classifier(L.LightningModule):
             for name, p in self.net.named_parameters():
                 p.requires_grad_(True if name.startswith(self.unfreeze[0]) else p.requires_grad)
         self.calls += 1
+        return x, y
+
+    def loss_of(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The loss of a prepared batch: augmented (images), through the network, cross-entropy."""
         logits = self(augment(x) if self.augmented and x.dim() == 4 else x)
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=-100)
 

@@ -192,23 +192,29 @@ def train_hf(run: Run, seed: int) -> dict[str, Any]:
     schedule = schedule or torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     losses: list[float] = []
 
+    # the suite's Classifier prepares a step's batch apart from its loss; the other models are their training step
+    prepare = getattr(model, "prepare", lambda batch: (batch,))
+    loss_of = getattr(model, "loss_of", lambda batch: model.training_step(batch, 0))
+
     class Steps(torch.nn.Module):
-        """The LightningModule's training step as a model that returns its loss, as Hugging Face models do."""
+        """The LightningModule's loss as a model that returns it, as Hugging Face models do; its batch prepared
+        (the fault injected, the step counted) before the forward, as a collator would, so that the flight
+        recorder's replay of a forward changes nothing of the run."""
 
         def __init__(self) -> None:
             super().__init__()
             self.module = model
 
-        def forward(self, batch: Any) -> dict[str, Any]:
+        def forward(self, *prepared: Any) -> dict[str, Any]:
             with torch.autocast("cpu", dtype=torch.float16, enabled=run.recipe.precision == "16-unscaled"):
-                return {"loss": self.module.training_step(batch, 0)}
+                return {"loss": loss_of(*prepared)}
 
     class OnTheSuitesBatches(transformers.Trainer):
         def get_train_dataloader(self) -> Any:
             return loader
 
-        def compute_loss(self, model: Any, inputs: Any, return_outputs: bool = False, **kwargs: Any) -> Any:
-            loss = model(inputs)["loss"]
+        def compute_loss(self, steps: Any, inputs: Any, return_outputs: bool = False, **kwargs: Any) -> Any:
+            loss = steps(*prepare(inputs))["loss"]
             losses.append(float(loss))
             return loss
 

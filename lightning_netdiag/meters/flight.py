@@ -327,7 +327,7 @@ class FlightMeter(ParameterMeter):
                     f"FlightRecorder: {self._skips} steps in a row ({first} to {step}) had a loss or gradient norm "
                     f"out of its band or not finite: more than guard={self.guard} skips; the run is stopped"
                 )
-        if self._decided[1]:
+        if self._decided is not None and self._decided[1]:
             for group in optimizer.param_groups:
                 for p in group["params"]:
                     p.grad = None
