@@ -13,7 +13,8 @@ No Lightning here: the flight recorder decides when, and on which device (where 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
 from typing import TypedDict
 
 import torch
@@ -141,6 +142,33 @@ def _nonfinite(value: object) -> bool:
     return any(not bool(torch.isfinite(t).all()) for t in floating_tensors(value))
 
 
+@contextlib.contextmanager
+def _replaying(calls: ForwardCalls) -> Iterator[Callable[[int], object]]:
+    """The step's ``calls`` ready to run again (``run(i)``: call ``i``'s output), without gradients, each from the
+    random state it began with and under its autocast, the other diagnostics' captures looking away; the model's
+    buffers (batch norm's running statistics) and the random generators as they were afterwards."""
+    buffers = list(calls.model.buffers())
+    kept = [b.clone() for b in buffers]
+    gpus = [calls.device.index or 0] if calls.device_type == "cuda" else []
+
+    def run(i: int) -> object:
+        module, args, kwargs, cast = calls.calls[i]
+        if calls.device_type == "cuda":
+            torch.cuda.set_rng_state(calls.states[i], calls.device)
+        else:
+            torch.set_rng_state(calls.states[i])
+        with torch.autocast(calls.device_type, dtype=cast, enabled=cast is not None):
+            return module(*args, **kwargs)
+
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=gpus), paused():
+            yield run
+    finally:
+        with torch.no_grad():
+            for b, saved in zip(buffers, kept, strict=True):
+                b.copy_(saved)
+
+
 def where_nonfinite(calls: ForwardCalls) -> Made | None:
     """The replay of the step's ``calls`` (see the module's docstring): ``{"in": FORWARD, "module": name}`` for the
     first module of the model to finish with a non-finite output, ``{"in": INPUTS}`` where a call's inputs were not
@@ -159,16 +187,12 @@ def where_nonfinite(calls: ForwardCalls) -> Made | None:
     handles = HookHandles()
     for module in model.modules():  # after the model's own hooks: what they do to an output is the module's
         handles.add(module.register_forward_hook(hook))
-    buffers = list(model.buffers())
-    kept = [b.clone() for b in buffers]
     try:
-        gpus = [calls.device.index or 0] if calls.device_type == "cuda" else []
-        with torch.no_grad(), torch.random.fork_rng(devices=gpus), paused():
-            for module, args, kwargs, cast in calls.calls:
+        with _replaying(calls) as run:
+            for i, (_, args, kwargs, _) in enumerate(calls.calls):
                 if _nonfinite(args) or _nonfinite(kwargs):
                     return {"in": INPUTS}
-                with torch.autocast(calls.device_type, dtype=cast, enabled=cast is not None):
-                    module(*args, **kwargs)
+                run(i)
                 if found:
                     return {"in": FORWARD, "module": found[0]}
         return {"in": NOT_FORWARD}
@@ -176,39 +200,20 @@ def where_nonfinite(calls: ForwardCalls) -> Made | None:
         return None
     finally:
         handles.remove()
-        with torch.no_grad():
-            for b, saved in zip(buffers, kept, strict=True):
-                b.copy_(saved)
 
 
 def reproduces(calls: ForwardCalls) -> Replayed | None:
-    """The step's ``calls`` run again without gradients, each from the random state it began with: whether the
-    outputs are those the step made (their fingerprints within :data:`SAME`, relatively). A different output, from
-    the same inputs, weights and random state, is non-determinism or a fault of the hardware: the spike does not
-    reproduce. None where the step's calls were not all kept, or the replay failed. The buffers and the random
-    generators are restored afterwards."""
-    model = calls.model
+    """The step's ``calls`` run again (:func:`_replaying`): whether the outputs are those the step made (their
+    fingerprints within :data:`SAME`, relatively). A different output, from the same inputs, weights and random
+    state, is non-determinism or a fault of the hardware: the spike does not reproduce. None where the step's calls
+    were not all kept, or the replay failed."""
     if not calls.calls or not calls.complete or len(calls.outputs) != len(calls.calls):
         return None
-    buffers = list(model.buffers())
-    kept = [b.clone() for b in buffers]
     try:
-        gpus = [calls.device.index or 0] if calls.device_type == "cuda" else []
-        again = []
-        with torch.no_grad(), torch.random.fork_rng(devices=gpus), paused():
-            for (module, args, kwargs, cast), state in zip(calls.calls, calls.states, strict=True):
-                if calls.device_type == "cuda":
-                    torch.cuda.set_rng_state(state, calls.device)
-                else:
-                    torch.set_rng_state(state)
-                with torch.autocast(calls.device_type, dtype=cast, enabled=cast is not None):
-                    again.append(fingerprint(module(*args, **kwargs)))
+        with _replaying(calls) as run:
+            again = [fingerprint(run(i)) for i in range(len(calls.calls))]
         first, second = float(torch.stack(calls.outputs).sum()), float(torch.stack(again).sum())
     except Exception:  # noqa: BLE001 - a replay that fails says nothing of the run
         return None
-    finally:
-        with torch.no_grad():
-            for b, saved in zip(buffers, kept, strict=True):
-                b.copy_(saved)
     same = first == second or abs(first - second) <= SAME * max(abs(first), abs(second))
     return {"same": same, "first": first, "again": second}

@@ -129,6 +129,7 @@ class FlightMeter(ParameterMeter):
         self._levels: Tensor | None = None  # each scored column's spike level
         self._upper: Tensor | None = None  # the value above which each scores over its level, refreshed every REFRESH
         self._refreshed = 0  # the ring's rows when it was last refreshed
+        self._quiet_until = 0  # the ring's rows from which the bands are refreshed again (after parameters joined)
         self._lines: tuple[int, float, float] | None = None  # its loss and total gradient lines on the host, and when
         self._flags: Tensor | None = None  # the step's verdict: the loss and total gradient non-finite, then the spikes
         self._nonfinite: Tensor | None = None  # its first two bits (a view, written in place)
@@ -268,6 +269,7 @@ class FlightMeter(ParameterMeter):
             most = self._trained.get(id(optimizer))
             if most is not None and trained > most:
                 self._joined = (self._step, trained - most)  # type: ignore[assignment]
+                self._forget_bands()
             self._trained[id(optimizer)] = max(trained, most or 0)
         weights = self._weights()
         plain = self._views is not None
@@ -332,10 +334,13 @@ class FlightMeter(ParameterMeter):
                 for p in group["params"]:
                     p.grad = None
 
-    def _settling(self, step: int) -> bool:
-        """Whether ``step`` is within :data:`JOINED` steps of parameters that began training (unfrozen): the bands
-        describe the model before, whose loss and gradients move as the new parameters begin to learn."""
-        return 0 <= step - self._joined[0] < JOINED
+    def _forget_bands(self) -> None:
+        """Parameters began training (unfrozen): the bands describe the model before, whose loss and gradients move
+        as the new parameters begin to learn. For :data:`JOINED` steps nothing scores, as before the first band."""
+        if self._upper is not None:
+            self._upper = torch.full_like(self._upper, math.nan)
+            self._refreshed = -1  # the host's lines are read again (NaN: nothing is over them)
+        self._quiet_until = self._ring.rows + JOINED
 
     def _is_event(self, row: Row) -> bool:
         """Whether the step's loss (the mean of its micro-batches') or total gradient norm, reduced across ranks,
@@ -356,7 +361,7 @@ class FlightMeter(ParameterMeter):
         if self._lines is None or self._lines[0] != self._refreshed:
             self._lines = (self._refreshed, *self._upper[:2].tolist())  # type: ignore[index]
         _, loss_line, grad_line = self._lines
-        over = not self._settling(self._step) and (loss > loss_line or grad > grad_line)  # type: ignore[arg-type]
+        over = loss > loss_line or grad > grad_line  # a NaN line (no band yet): never
         return over or (count > 0 and not math.isfinite(loss)) or (not self._scaled and not math.isfinite(grad))
 
     def _missing(self, part: Tensor) -> Tensor:
@@ -414,7 +419,9 @@ class FlightMeter(ParameterMeter):
         value over its level (against the bands of the steps before, refreshed every few steps)."""
         flags, scaled, rows = self._flags, self._scaled, self._ring.rows
         assert flags is not None
-        if rows % spikes.REFRESH == 0 and rows >= spikes.MIN_BAND:  # before: no band is long enough
+        # before MIN_BAND no band is long enough; for JOINED rows after parameters began training none describes them
+        due = rows % spikes.REFRESH == 0 or rows == self._quiet_until
+        if due and rows >= max(spikes.MIN_BAND, self._quiet_until):
             self._upper = spikes.over(self._ring.band(row.scored.numel()), self._levels)  # type: ignore[arg-type]
             self._refreshed = rows
         self._ring.advance()
@@ -455,8 +462,6 @@ class FlightMeter(ParameterMeter):
             # a non-finite loss or total gradient norm is over its band too: said once, as non-finite
             values[2] and not values[0], values[3] and not values[1], any(values[4:]),  # a weight's update or norm
         ]  # fmt: skip
-        if self._settling(step):  # the trained parameters changed: a spike is the change's, not an event
-            bits[2:] = [False] * 3
         if not any(bits):
             self._armed = True
             return

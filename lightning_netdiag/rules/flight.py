@@ -259,14 +259,9 @@ def flight_notes(flight: FlightRecord | None) -> list[str]:
     began = [f"{n} parameter{'s' if n != 1 else ''} began training at step {s} (unfrozen): a spike in the {JOINED} "
              "steps after it is the change's, no event" for s, n in joined]  # fmt: skip
     guarded = [s for s in flight.steps if flight.value("flight_guarded", s) == 1]
-    skips = (
-        [
-            f"the guard skipped {len(guarded)} step{'s' if len(guarded) != 1 else ''} (not applied): "
-            + ", ".join(map(str, guarded[:10]))
-            + (" ..." if len(guarded) > 10 else "")
-        ]
-        if guarded
-        else []
-    )
+    skips = []
+    if guarded:
+        listed = ", ".join(map(str, guarded[:10])) + (" ..." if len(guarded) > 10 else "")
+        skips = [f"the guard skipped {len(guarded)} step{'s' if len(guarded) != 1 else ''} (not applied): {listed}"]
     return [f"flight recorder: {len(flight.steps)} steps kept (every step, the last {flight.window} before each "
             f"event and the end), {events} event{'s' if events != 1 else ''}", *began, *skips, *stops]  # fmt: skip
