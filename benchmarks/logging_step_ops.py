@@ -9,8 +9,13 @@ Each model trains 4 steps with AdamW (GPT-2: transformers' default config, 2 x 6
 2 images of 224 px), bare and then with ``NetDiag(model, optimizer, writer, every_n_steps=2)`` writing TensorBoard
 events to a temporary directory; step 2 is a logging step (not the first: step 0 also measures the network at
 initialisation), step 3 a step between. The ops are counted by a ``TorchDispatchMode`` (every ATen op, the model's
-and the optimizer's too: the table gives what netdiag adds), the host reads by a ``TorchFunctionMode`` (``item``,
-``tolist``, ``__bool__``, ``__float__``, ``__int__``, ``cpu``, ``numpy``, ``to`` the host).
+and the optimizer's too: the table gives what netdiag adds), the host reads by wrapping the tensor methods that read
+values (``item``, ``tolist``, ``__bool__``, ``__float__``, ``__int__``, ``cpu``, ``numpy``, ``to`` the host): a
+function mode would not see netdiag's own work, which runs past the function modes.
+
+On the CPU a record reads the host where that is free (stats.host_reads_free): one read checks that a tensor's values
+are finite and its float32 sums accurate. ``--as-gpu`` counts what a GPU launches and reads instead: it runs the
+same steps on the CPU with netdiag taking its GPU paths (no host read in a record, a GPU's chunk and block sizes).
 """
 
 from __future__ import annotations
@@ -23,7 +28,6 @@ from collections.abc import Callable
 
 import torch
 from torch.nn import functional as F
-from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 READS = {"item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy"}
@@ -35,25 +39,61 @@ class Count(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.ops: collections.Counter[str] = collections.Counter()
+        self.views = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops[str(func.overloadpacket)] += 1
+        if _is_view(func):
+            self.views += 1
         return func(*args, **(kwargs or {}))
 
 
-class Reads(TorchFunctionMode):
-    """Every read of a tensor's value by the host while it is on."""
+def _is_view(func) -> bool:
+    """An op that returns a view of its input (detach, view, select, ...): it changes metadata on the host and
+    launches no kernel. The table gives every op and, in brackets, those that launch one."""
+    returns = func._schema.returns
+    return bool(returns) and all(r.alias_info is not None and not r.alias_info.is_write for r in returns)
+
+
+class Reads:
+    """Every read of a tensor's value by the host while it is entered (by wrapping the tensor methods that read)."""
 
     def __init__(self) -> None:
-        super().__init__()
         self.reads = 0
+        self._saved: dict[str, Callable] = {}
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        name = getattr(func, "__name__", "")
-        to_host = name == "to" and any(str(a) == "cpu" for a in [*args[1:], *(kwargs or {}).values()])
-        if name in READS or to_host:
-            self.reads += 1
-        return func(*args, **(kwargs or {}))
+    def __enter__(self) -> Reads:
+        for name in (*READS, "to"):
+            real = self._saved[name] = getattr(torch.Tensor, name)
+            setattr(torch.Tensor, name, self._counted(name, real))
+        return self
+
+    def _counted(self, name: str, real: Callable) -> Callable:
+        def read(t, *args, **kwargs):
+            to_host = name == "to" and any(str(a) == "cpu" for a in [*args, *kwargs.values()])
+            if name in READS or to_host:
+                self.reads += 1
+            return real(t, *args, **kwargs)
+
+        return read
+
+    def __exit__(self, *exc: object) -> None:
+        for name, real in self._saved.items():
+            setattr(torch.Tensor, name, real)
+
+
+@contextlib.contextmanager
+def as_gpu():
+    """netdiag's GPU paths, taken on the CPU: no host read inside a record, a GPU's chunks and attention blocks."""
+    from lightning_netdiag import attention, stats
+
+    saved = stats.host_reads_free, stats.launch_bound, attention.launch_bound
+    stats.host_reads_free = lambda x: False
+    stats.launch_bound = attention.launch_bound = lambda device: True
+    try:
+        yield
+    finally:
+        stats.host_reads_free, stats.launch_bound, attention.launch_bound = saved
 
 
 def build(name: str) -> tuple[torch.nn.Module, Callable[[torch.nn.Module], torch.Tensor]]:
@@ -72,8 +112,8 @@ def build(name: str) -> tuple[torch.nn.Module, Callable[[torch.nn.Module], torch
     return model, lambda m: F.cross_entropy(m(x), y)
 
 
-def count(name: str, with_netdiag: bool) -> list[tuple[int, int]]:
-    """(ops, host reads) of each of 4 steps."""
+def count(name: str, with_netdiag: bool, gpu: bool = False) -> list[tuple[int, int, int]]:
+    """(ops, ops that launch a kernel, host reads) of each of 4 steps."""
     from torch.utils.tensorboard import SummaryWriter
 
     from lightning_netdiag import NetDiag
@@ -83,6 +123,8 @@ def count(name: str, with_netdiag: bool) -> list[tuple[int, int]]:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     steps = []
     with tempfile.TemporaryDirectory() as logs, contextlib.ExitStack() as stack:
+        if gpu:
+            stack.enter_context(as_gpu())
         if with_netdiag:
             writer = SummaryWriter(logs)
             stack.callback(writer.close)
@@ -93,22 +135,24 @@ def count(name: str, with_netdiag: bool) -> list[tuple[int, int]]:
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
-            steps.append((sum(ops.ops.values()), reads.reads))
+            total = sum(ops.ops.values())
+            steps.append((total, total - ops.views, reads.reads))
     return steps
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["gpt2-124m", "resnet50"], choices=["gpt2-124m", "resnet50"])
+    parser.add_argument("--as-gpu", action="store_true", help="count netdiag's GPU paths (see above)")
     args = parser.parse_args()
-    lines = ["| model | bare step: ops, host reads | logging step: ops added, host reads added | step between: ops "
-             "added, host reads added |", "|---|---|---|---|"]  # fmt: skip
+    lines = ["| model | bare step: ops (kernels), host reads | logging step: ops added (kernels), host reads added | "
+             "step between: ops added (kernels), host reads added |", "|---|---|---|---|"]  # fmt: skip
     for name in args.models:
-        bare, ours = count(name, False), count(name, True)
-        (ops, reads), logging, between = bare[2], ours[2], ours[3]
+        bare, ours = count(name, False), count(name, True, args.as_gpu)
+        added = [[a - b for a, b in zip(ours[i], bare[i], strict=True)] for i in (2, 3)]
+        cells = [bare[2], *added]
         lines.append(
-            f"| {name} | {ops:,}, {reads} | {logging[0] - ops:,}, {logging[1] - reads} | "
-            f"{between[0] - bare[3][0]:,}, {between[1] - bare[3][1]} |"
+            f"| {name} | " + " | ".join(f"{ops:,} ({kernels:,}), {reads}" for ops, kernels, reads in cells) + " |"
         )
         print(lines[-1], flush=True)
     print("\n".join(lines))

@@ -32,10 +32,10 @@ default, the guard) in separate processes, interleaved: the time inside its hook
 forward and backward) against what LogitMonitor adds to it on a measured step (its scores recomputed for the largest
 logit and the softmax's entropy, :func:`lightning_netdiag.attention.score_stats` over
 :func:`~lightning_netdiag.attention.sdpa_scores`), interleaved, medians.
-``--records`` times one record (:func:`lightning_netdiag.stats.tensor_record`, log2 bins) of a GELU output of GPT-2
-124M (8 x 1024 x 3072, bf16) and of its token embedding's gradient (50257 x 768, float32), on CUDA when there is
-one, per chunk size and per way of counting the histogram (``histc``, ``index_add_``), with the peak of the
-memory it takes beside its input (CUDA only); median of five after one warm-up.
+``--records`` times records (:func:`lightning_netdiag.stats.tensor_records`, log2 bins, and without a histogram)
+against one read of the same tensors (``x.sum()``), interleaved, medians (issue 35: at most 3 reads): a 4096 x 4096
+float32 and bf16 tensor and 200 tensors of 4,096 values, on the CPU with one thread; on CUDA when there is one, also
+a GELU output of GPT-2 124M (8 x 1024 x 3072, bf16) and its token embedding's gradient (50257 x 768, float32).
 
 For ``ours``, the time spent inside our hooks (callback hooks and module forward hooks) on the steps that
 are not logging steps is also measured within the run, as a share of bare's step: a ratio of two runs
@@ -533,7 +533,7 @@ def main() -> None:
     parser.add_argument(
         "--flight-variants", action="store_true", help="the recorder's variants (core, default, guard) side by side"
     )
-    parser.add_argument("--records", action="store_true", help="only time one record per chunk size and counting")
+    parser.add_argument("--records", action="store_true", help="only time records against x.sum() of the same tensors")
     args = parser.parse_args()
     if args.records:
         print(records_cost())
@@ -761,7 +761,7 @@ def flight_cost(rounds: int, models: list[str]) -> str:
     return "\n".join(lines)
 
 
-def records_cost() -> str:
+def records_cost(rounds: int = 15) -> str:
     """See the module's docstring (``--records``)."""
     import torch
 
@@ -769,39 +769,54 @@ def records_cost() -> str:
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
+    if not cuda:
+        torch.set_num_threads(1)  # issue 35's measurements: one thread
     g = torch.Generator().manual_seed(0)
-    tensors = {
-        "GELU output, 8 x 1024 x 3072 bf16": torch.randn(8, 1024, 3072, generator=g).bfloat16().to(device),
-        "wte gradient, 50257 x 768 fp32": (torch.randn(50257, 768, generator=g) * 1e-3).to(device),
+    big = torch.randn(4096, 4096, generator=g)
+    small = [torch.randn(4096, generator=g) for _ in range(200)]
+    cases = {
+        "4096 x 4096 float32": [big],
+        "4096 x 4096 bf16": [big.bfloat16()],
+        "200 tensors of 4,096 float32 (together)": small,
     }
+    if cuda:
+        cases["GELU output, 8 x 1024 x 3072 bf16"] = [torch.randn(8, 1024, 3072, generator=g).bfloat16()]
+        cases["wte gradient, 50257 x 768 fp32"] = [torch.randn(50257, 768, generator=g) * 1e-3]
     bins = stats.log2_bins().to(device)
-    lines = [f"one record on {torch.cuda.get_device_name() if cuda else 'the CPU'}", "",
-             "| tensor | counted by | chunk | ms | memory beside the input |", "|---|---|---|---|---|"]  # fmt: skip
-    chunks, count = ("_GPU_CHUNK", (18, 20, 22, 24)) if cuda else ("_CHUNK", (18, 20))
-    saved = stats._count, getattr(stats, chunks)
-    try:
-        for name, x in tensors.items():
-            for counter in ("_histc_count", "_index_add_count"):
-                stats._count = getattr(stats, counter)
-                for exp in count:
-                    setattr(stats, chunks, 1 << exp)
-                    times, peak = [], 0
-                    for _ in range(6):
-                        if cuda:
-                            torch.cuda.synchronize()
-                            base = torch.cuda.memory_allocated()
-                            torch.cuda.reset_peak_memory_stats()
-                        start = time.perf_counter()
-                        stats.tensor_record(x, bins)
-                        if cuda:
-                            torch.cuda.synchronize()
-                            peak = torch.cuda.max_memory_allocated() - base
-                        times.append(1000 * (time.perf_counter() - start))
-                    memory = f"{peak / 2**20:.0f} MB ({peak / x.numel():.1f} B a value)" if cuda else ""
-                    lines.append(f"| {name} | {counter} | 2^{exp} | {statistics.median(times[1:]):.2f} | {memory} |")
-    finally:
-        stats._count = saved[0]
-        setattr(stats, chunks, saved[1])
+
+    def clocked(fn) -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+        return 1000 * (time.perf_counter() - start)
+
+    lines = [
+        f"one record against one read of the same tensors (`x.sum()`), "
+        f"{'on ' + torch.cuda.get_device_name() if cuda else 'on the CPU, one thread'}; "
+        f"medians of {rounds} interleaved rounds",
+        "",
+        "| tensors | x.sum() ms | record ms | reads | without histogram: reads |",
+        "|---|---|---|---|---|",
+    ]
+    for name, xs in cases.items():
+        xs = [x.to(device) for x in xs]
+        ways = {
+            "sum": lambda xs=xs: [x.sum() for x in xs],
+            "record": lambda xs=xs: stats.tensor_records(xs, bins),
+            "moments": lambda xs=xs: stats.tensor_records(xs, None),
+        }
+        times: dict[str, list[float]] = {way: [] for way in ways}
+        for _ in range(rounds + 1):
+            for way, fn in ways.items():
+                times[way].append(clocked(fn))
+        med = {way: statistics.median(t[1:]) for way, t in times.items()}
+        lines.append(
+            f"| {name} | {med['sum']:.2f} | {med['record']:.2f} | {med['record'] / med['sum']:.1f} | "
+            f"{med['moments'] / med['sum']:.1f} |"
+        )
     return "\n".join(lines)
 
 

@@ -30,7 +30,7 @@ def rank_zero_warn(message: str) -> None:
 
 def host(parts: list[Tensor]) -> list[float]:
     """All of a step's records in one device-to-host transfer."""
-    return torch.cat([p.reshape(-1) for p in parts]).tolist() if parts else []
+    return torch.cat([p if p.dim() == 1 else p.reshape(-1) for p in parts]).tolist() if parts else []
 
 
 def split(values: list[float], sizes: list[int]) -> list[list[float]]:

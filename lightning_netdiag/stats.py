@@ -5,14 +5,16 @@ micro-batches, ranks and shards and divided once, at the end. Its layout is
 
     [count of finite values, sum, sum of squares, count of non-finite values, <extra counts>, *histogram]
 
-where the histogram counts the values over fixed edges (:class:`Bins`), with one open bin below the first
-edge and one above the last; non-finite values are counted as 0 there and taken out when the record is
-read, so that only finite values are ever shown.
+where the histogram counts the finite values over fixed edges (:class:`Bins`), with one open bin below the
+first edge and one above the last. The histogram of a tensor of more than :data:`HIST_SAMPLE` values counts a
+fixed sample of about that many of them, scaled to the tensor's size (:func:`sample_stride`); the moments and
+every count before the histogram are always of every value.
 """
 
 from __future__ import annotations
 
 import bisect
+import functools
 import itertools
 import math
 from collections.abc import Sequence
@@ -22,9 +24,10 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "DEFAULT_THRESHOLD", "HALF_EXTRA", "MOMENTS", "SMALL", "Bins", "Histogram", "Moments", "finite_mask",
-    "half_counts", "host_reads_free", "launch_bound", "linear_bins", "log2_bins", "ratio_log10", "record_size",
-    "recorded", "saturation_extra", "tensor_record", "tensor_records", "with_extra", "zero_bin",
+    "DEFAULT_THRESHOLD", "HALF_EXTRA", "HIST_SAMPLE", "MOMENTS", "SAMPLE_BLOCK", "SMALL", "Bins", "Histogram",
+    "Moments", "finite_mask", "half_counts", "host_reads_free", "launch_bound", "linear_bins", "log2_bins",
+    "ratio_log10", "record_size", "recorded", "sample_stride", "saturation_extra", "sum_of_squares", "tensor_record",
+    "tensor_records", "with_extra", "zero_bin",
 ]  # fmt: skip
 
 #: Slots every record starts with: finite count, sum, sum of squares, non-finite count.
@@ -39,9 +42,10 @@ DEFAULT_THRESHOLD = 0.97
 #: (4 MB). Measured on a 2-core VM (interleaved medians): a 1024 x 1024 gradient's record 3.8 -> 2.5 ms against
 #: chunks of 1M values, a 512 x 1024 activation's 1.2 -> 1.65 ms.
 _CHUNK = 1 << 18
-#: The same on a GPU, where each of a chunk's ~20 kernels costs its launch on the host whatever its size: with
+#: The same on a GPU, where each of a chunk's ~10 kernels costs its launch on the host whatever its size: with
 #: 2**18, GPT-2 124M's logging step (bf16, batch 8 x 1024, an H200) reduced ~3,800 chunks in 1.6 s, 26 steps' time.
-_GPU_CHUNK = 1 << 22
+#: A chunk's temporaries there are its values in float32 with the non-finite ones zeroed, and a mask: 80 MB.
+_GPU_CHUNK = 1 << 24
 #: The integer type of a float's bits, and the bits of its mantissa: shifted away, sign and exponent remain.
 _FLOAT_BITS = {torch.float32: (torch.int32, 23), torch.float64: (torch.int64, 52)}
 
@@ -64,12 +68,13 @@ class Bins:
         self.device = torch.device("cpu") if device is None else torch.device(device)
         if kind == "linear":
             self.edges = tuple(math.ldexp(k, exp) for k in range(lo, hi + 1))
-            self._fold: dict[torch.dtype, Tensor] = {}
         else:
             magnitudes = [math.ldexp(1.0, k) for k in range(lo, hi + 1)]
             self.edges = (*(-m for m in reversed(magnitudes)), *magnitudes)
-            self._fold = {dtype: self._fold_map(dtype, self.device) for dtype in (torch.float32, torch.float64)}
         self.size = len(self.edges) + 1
+        self._fold: dict[torch.dtype, Tensor] = {}
+        if kind == "log2":
+            self._fold = {dtype: self._fold_map(dtype, self.device) for dtype in (torch.float32, torch.float64)}
 
     def to(self, device: torch.device) -> Bins:
         """These bins with their lookup tensors on ``device`` (``self`` if they are there already)."""
@@ -85,10 +90,12 @@ class Bins:
         n_pos = self.hi - self.lo + 1
         key = torch.arange(2 * n_exp, device=device)  # the shifted bits + n_exp: negative values first
         c = (key % n_exp - bias - self.lo + 1).clamp(0, n_pos)  # 0: below 2**lo; n_pos: at or above 2**hi
-        return torch.where(key < n_exp, n_pos - c, n_pos + c)
+        bins = torch.where(key < n_exp, n_pos - c, n_pos + c)
+        return bins.masked_fill_(key % n_exp == n_exp - 1, self.size)  # inf and NaN: to a bin that is dropped
 
-    def counts(self, x: Tensor, segments: Tensor | None = None, n: int = 1) -> Tensor:
-        """Float64 counts of the finite float32 or float64 values ``x``, on ``x``'s device.
+    def counts(self, x: Tensor, segments: Tensor | None = None, n: int = 1, finite: bool = False) -> Tensor:
+        """Float64 counts of the finite values of the float32 or float64 ``x`` (``finite``: all are), on ``x``'s
+        device; values that are not finite are counted in no bin.
 
         With ``segments`` (for each value, which of ``n`` segments it belongs to), one row of counts per
         segment, ``(n, size)``, from one count over keys offset by segment.
@@ -96,7 +103,9 @@ class Bins:
         x = x.reshape(-1)
         if self.kind == "linear":
             index = (x * math.ldexp(1.0, -self.exp)).floor_().clamp_(self.lo - 1, self.hi).sub_(self.lo - 1)
-            index, space = index.to(torch.int32), self.size  # bincount takes int32 too: half the bytes
+            if not finite:  # x - x is 0 exactly where x is finite; the others go to a key that is dropped
+                index = torch.where((x - x).eq(0), index, self.size)
+            index, space = index.to(torch.int32), self.size + 1  # bincount takes int32 too: half the bytes
         else:
             bits, mantissa = _FLOAT_BITS[x.dtype]
             fold = self._fold[x.dtype]
@@ -106,7 +115,8 @@ class Bins:
             index = index + segments * space
         counted = _count(index, n * space).view(n, space)
         if self.kind == "log2":
-            counted = torch.zeros(n, self.size, dtype=torch.float64, device=x.device).index_add_(1, fold, counted)
+            counted = torch.zeros(n, self.size + 1, dtype=torch.float64, device=x.device).index_add_(1, fold, counted)
+        counted = counted[:, : self.size]
         return counted if segments is not None else counted[0]
 
 
@@ -198,21 +208,161 @@ def tensor_record(x: Tensor, bins: Bins | None, divisor: Tensor | float | None =
     """The additive record of ``x`` (divided by ``divisor``): moments of its finite values, histogram
     counts (insert counts of your own with :func:`with_extra`).
 
-    Runs on ``x``'s device, never synchronises with a GPU, and leaves ``x`` untouched; half and bf16 values are
-    summed in float32, and they and the division are taken chunk by chunk, so no full-size temporary is made.
+    Runs on ``x``'s device, never synchronises with a GPU, and leaves ``x`` untouched. On the host (a CPU
+    tensor outside a compiled graph) a tensor of more than :data:`SMALL` values costs about two reads of it
+    (:func:`_fast_moments`) and its histogram a sample; elsewhere its moments are taken in float64 chunk by chunk
+    (no host read), so that no full-size temporary is made. Half and bf16 values are summed in float32 or more.
     """
-    flat = x.detach().reshape(-1)
-    size = _GPU_CHUNK if launch_bound(flat.device) else _CHUNK
-    chunks = flat.split(size) if flat.numel() > size else (flat,)
+    x = x.detach() if x.requires_grad else x
+    flat = x.reshape(-1)
     host = host_reads_free(flat)
-    body = [_chunk_record(_summable(c, divisor), bins, host) for c in chunks]
-    return body[0] if len(body) == 1 else torch.stack(body).sum(0)
+    head = _fast_moments(flat) if host and flat.numel() > SMALL else None
+    finite = head is not None  # known on the host: every value is
+    if head is None:
+        size = _GPU_CHUNK if launch_bound(flat.device) else _CHUNK
+        chunks = flat.split(size) if flat.numel() > size else (flat,)
+        heads = [_chunk_moments(_summable(c), host) for c in chunks]
+        finite = all(known for _, known in heads)
+        head = heads[0][0] if len(heads) == 1 else torch.stack([h for h, _ in heads]).sum(0)
+    if divisor is not None:
+        head = head * _moment_scale(divisor, head)
+    if bins is None:
+        return head
+    return torch.cat([head, _sampled_counts(x, flat, bins, divisor, finite)])
 
 
-def _summable(x: Tensor, divisor: Tensor | float | None) -> Tensor:
-    """``x`` in float32 or float64 (half and bf16 are summed in float32), divided by ``divisor``."""
-    x = x if x.dtype in (torch.float32, torch.float64) else x.float()
-    return x if divisor is None else x / divisor
+def _summable(x: Tensor) -> Tensor:
+    """``x`` in float32 or float64: half and bf16 are summed in float32."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def _moment_scale(divisor: Tensor | float, head: Tensor) -> Tensor:
+    """What divides the moments by ``divisor``: ``1, 1/d, 1/d**2, 1`` (without a host read of a tensor ``d``)."""
+    if not isinstance(divisor, Tensor):
+        return _float_scale(float(divisor), head.device)
+    inverse = torch.as_tensor(divisor, dtype=torch.float64, device=head.device).reciprocal()
+    one = torch.ones((), dtype=torch.float64, device=head.device)
+    return torch.stack([one, inverse, inverse * inverse, one])
+
+
+@functools.lru_cache(maxsize=16)
+def _float_scale(divisor: float, device: torch.device) -> Tensor:
+    return torch.tensor([1.0, 1 / divisor, 1 / divisor**2, 1.0], dtype=torch.float64, device=device)
+
+
+#: Values of half or bf16 copied to float32 at a time by :func:`_fast_moments` (4 MB).
+_FAST_CHUNK = 1 << 20
+#: The row length over which :func:`_sums` takes norms: a whole tensor's float32 norm adds each square to one running
+#: sum (16M values of a weight: 1.5e-3 off), rows of 4,096 keep it to 1e-8 at the cost of one read.
+_ROW = 1 << 12
+#: Below this, float32 squares would lose values to underflow (2**-126 and less): the sum is taken exactly.
+_TINY_SQUARES = 2.0**-80
+
+
+def _fast_moments(flat: Tensor) -> Tensor | None:
+    """The moments of a CPU tensor with one host read, from float32 sums (about two reads of a float32 tensor: no
+    float64 copy), or None where they would not be accurate to float32's precision and the caller takes them in
+    float64: a value that is not finite, squares that overflow or underflow float32 (values beyond 2**63 or all
+    below 2**-40), or a mean so large beside the spread that the variance would lose digits to
+    ``sum(x**2) - sum(x)**2 / n`` (the spread under half the root mean square).
+
+    Half and bf16 values are copied to float32 a chunk at a time (a CPU sum of bf16 into float32 copies the whole
+    tensor first); float64 tensors are summed in float64.
+    """
+    n = flat.numel()
+    if flat.dtype in (torch.float32, torch.float64):
+        s, ss = torch.stack(_sums(flat)).tolist()
+    else:
+        buffer = torch.empty(min(n, _FAST_CHUNK), dtype=torch.float32)
+        parts = [torch.stack(_sums(buffer[: p.numel()].copy_(p))) for p in flat.split(_FAST_CHUNK)]
+        s, ss = torch.stack(parts).sum(0).tolist()
+    if not (math.isfinite(s) and math.isfinite(ss)) or ss < _TINY_SQUARES or s * s > 0.75 * n * ss:
+        return None
+    return torch.tensor([n, s, ss, 0.0], dtype=torch.float64)
+
+
+def _sums(v: Tensor) -> tuple[Tensor, Tensor]:
+    """Sum and sum of squares of ``v`` (float32 or float64, one dimension) in float64, reading it twice: ``sum``
+    adds pairwise; the squares as :func:`sum_of_squares`."""
+    return v.sum().double(), sum_of_squares(v)
+
+
+def sum_of_squares(v: Tensor) -> Tensor:
+    """The sum of the squares of the float32 or float64 values ``v`` in float64, in one read: the norms of rows
+    of at most :data:`_ROW` values, squared and added."""
+    v = v.reshape(-1)
+    n = v.numel()
+    row = math.gcd(n, _ROW)  # a power of two: rows that tile v whole, where they are long enough to be read fast
+    if row >= 256:
+        norms = torch.linalg.vector_norm(v.view(-1, row), dim=1)
+    else:
+        body = n - n % _ROW
+        norms = torch.cat(
+            [torch.linalg.vector_norm(v[:body].view(-1, _ROW), dim=1), torch.linalg.vector_norm(v[body:])[None]]
+        )
+    norms = norms.double()
+    return torch.dot(norms, norms)
+
+
+def _chunk_moments(x: Tensor, host: bool) -> tuple[Tensor, bool]:
+    """The float64 moments of a float32 or float64 chunk, and whether every value is known to be finite: in float64
+    with one host read where it is free, else with none (:func:`_device_moments`)."""
+    if not host:
+        return _device_moments(x), False
+    record = _finite_records(x, (x.numel(),), None)
+    return (_clean_records(x, (x.numel(),), None)[0], False) if record is None else (record[0], True)
+
+
+def _device_moments(x: Tensor) -> Tensor:
+    """The float64 moments of a float32 or float64 chunk with no host read and no float64 copy: the float32 sums
+    (:func:`_sums`) of its finite values, the others counted. Accurate to float32's precision relative to the
+    root mean square (the std of a tensor whose mean is 100 times its spread: to about 1e-4 of itself)."""
+    xz = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+    bad = xz.ne(x).count_nonzero().double()  # NaN differs from everything, an infinity from 0
+    return torch.stack([x.numel() - bad, *_sums(xz), bad])
+
+
+def _sampled_counts(x: Tensor, flat: Tensor, bins: Bins, divisor: Tensor | float | None, finite: bool) -> Tensor:
+    """The histogram of the finite values of ``x`` (divided by ``divisor``; ``finite``: all are): of all of them up
+    to :data:`HIST_SAMPLE`, else of the :func:`sample_stride` sample, scaled to the tensor's size (where values are
+    not finite, its total then estimates the count of those that are)."""
+    stride = sample_stride(tuple(x.shape))
+    if stride == 1:
+        sample = flat
+    else:
+        blocks = (flat.numel() - SAMPLE_BLOCK) // stride + 1
+        sample = flat.as_strided((blocks, SAMPLE_BLOCK), (stride, 1)).reshape(-1)  # a copy of about HIST_SAMPLE
+    sample = _summable(sample)
+    if divisor is not None:
+        sample = sample / divisor
+    counts = bins.counts(sample, finite=finite)
+    return counts if stride == 1 else counts * (flat.numel() / sample.numel())
+
+
+#: The values a record's histogram counts at most, about: above, a fixed sample of about this many
+#: (:func:`sample_stride`). Plots and quantiles need two or three digits of a bin's share, not every value; counting
+#: all of a large tensor cost more than its moments (issue 35's measurements: docs/cost.md).
+HIST_SAMPLE = 1 << 16
+#: A sample is taken in runs of this many consecutive values (64 bytes of float32: one cache line, one coalesced
+#: read on a GPU): single values 257 apart cost a 4096 x 4096 record 0.5 reads of the tensor in cache misses, runs
+#: of 16 a tenth of that.
+SAMPLE_BLOCK = 16
+
+
+@functools.lru_cache(maxsize=1024)
+def sample_stride(shape: tuple[int, ...]) -> int:
+    """Where the histogram of a tensor of ``shape`` samples its values: 1 (all of them) up to :data:`HIST_SAMPLE`
+    values; above, runs of :data:`SAMPLE_BLOCK` values starting every ``p`` values (of the flattened tensor), ``p``
+    the smallest prime that leaves at most about HIST_SAMPLE values and divides no dimension, so that every column,
+    channel and position is sampled alike (a stride that divided a row's length would see the same few columns of
+    every row)."""
+    n = math.prod(shape)
+    if n <= HIST_SAMPLE:
+        return 1
+    p = -(-n * SAMPLE_BLOCK // HIST_SAMPLE)
+    while any(p % k == 0 for k in range(2, math.isqrt(p) + 1)) or any(d % p == 0 for d in shape):
+        p += 1
+    return p
 
 
 def with_extra(record: Tensor, extra: Sequence[Tensor]) -> Tensor:
@@ -261,7 +411,7 @@ def tensor_records(xs: Sequence[Tensor], bins: Bins | None, divisor: Tensor | fl
         dtype = torch.float64 if any(f.dtype == torch.float64 for f in flat) else torch.float32
         x = torch.cat([f.to(dtype) for f in flat])  # half and bf16 are summed in float32 or more
         if divisor is not None:
-            x = x / divisor
+            x = x / divisor  # a few values: divided one by one, as the histogram needs them
         sizes = tuple(f.numel() for f in flat)
         rows = _finite_records(x, sizes, bins) if host_reads_free(x) else None
         if rows is None:
@@ -269,11 +419,6 @@ def tensor_records(xs: Sequence[Tensor], bins: Bins | None, divisor: Tensor | fl
         for i, row in zip(members, rows, strict=True):
             out[i] = row
     return out  # type: ignore[return-value]
-
-
-def _chunk_record(x: Tensor, bins: Bins | None, host: bool) -> Tensor:
-    record = _finite_records(x, (x.numel(),), bins) if host else None
-    return (_clean_records(x, (x.numel(),), bins) if record is None else record)[0]
 
 
 def _finite_records(x: Tensor, sizes: tuple[int, ...], bins: Bins | None) -> Tensor | None:
@@ -284,18 +429,17 @@ def _finite_records(x: Tensor, sizes: tuple[int, ...], bins: Bins | None) -> Ten
     if not all(math.isfinite(squares) for _, squares in sums):  # a NaN or an Inf makes it non-finite
         return None
     head = torch.tensor([[n, s, ss, 0.0] for n, (s, ss) in zip(sizes, sums, strict=True)], dtype=torch.float64)
-    return head if bins is None else torch.cat([head, _histograms(x, sizes, bins)], dim=1)
+    return head if bins is None else torch.cat([head, _histograms(x, sizes, bins, finite=True)], dim=1)
 
 
 def _clean_records(x: Tensor, sizes: tuple[int, ...], bins: Bins | None) -> Tensor:
     """The records of the segments of ``sizes`` of ``x``, with no host read. Non-finite values become 0
-    and are counted; they are left out of every other statistic, and the histogram's zero bin gives them
-    back when it is read (Histogram.of)."""
+    and are counted; they are left out of every other statistic, the histogram's zero bin too."""
     xz = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
     bad = (x * 0).ne(0).to(torch.float64)  # x * 0 is NaN exactly where x is not finite
     xd = xz.to(torch.float64)
     head = _segment_sums([1.0 - bad, xd, xd * xd, bad], sizes)
-    return head if bins is None else torch.cat([head, _histograms(xz, sizes, bins)], dim=1)
+    return head if bins is None else torch.cat([head, _histograms(x, sizes, bins, finite=False)], dim=1)
 
 
 def _segment_sums(columns: Sequence[Tensor], sizes: tuple[int, ...]) -> Tensor:
@@ -309,10 +453,10 @@ def _segment_sums(columns: Sequence[Tensor], sizes: tuple[int, ...]) -> Tensor:
     return torch.stack([part.sum(1) for part in torch.stack(list(columns)).split(sizes, dim=1)])
 
 
-def _histograms(x: Tensor, sizes: tuple[int, ...], bins: Bins) -> Tensor:
+def _histograms(x: Tensor, sizes: tuple[int, ...], bins: Bins, finite: bool) -> Tensor:
     if len(sizes) == 1:
-        return bins.counts(x).unsqueeze(0)
-    return bins.counts(x, _segments(sizes, x.device), len(sizes))
+        return bins.counts(x, finite=finite).unsqueeze(0)
+    return bins.counts(x, _segments(sizes, x.device), len(sizes), finite=finite)
 
 
 _SEGMENTS: dict[tuple[tuple[int, ...], torch.device], Tensor] = {}
@@ -368,9 +512,7 @@ class Histogram:
     def of(cls, record: Sequence[float], edges: Sequence[float], extra: int = 0) -> Histogram:
         """The histogram stored at the end of a record with ``extra`` counts after the moments."""
         start = MOMENTS + extra
-        counts = list(record[start : start + len(edges) + 1])
-        counts[zero_bin(edges)] -= record[NONFINITE]  # the non-finite values, counted there as 0
-        return cls(tuple(edges), tuple(counts))
+        return cls(tuple(edges), tuple(record[start : start + len(edges) + 1]))
 
     @property
     def bounds(self) -> list[float]:
@@ -417,9 +559,15 @@ def saturation_extra(mask: Tensor, finite: Tensor | None, unit_dim: int) -> tupl
     A unit (a feature along ``unit_dim``) whose count stays 0 over the whole logging step is dead: saturated
     for every example, a white column of the lecture's ``imshow(h.abs() > 0.99)``.
     """
+    if mask.dim() == 0:
+        mask, finite, unit_dim = mask.reshape(1), None if finite is None else finite.reshape(1), 0
     saturated = mask if finite is None else mask & finite
-    alive = ~saturated if finite is None else ~saturated & finite
-    alive = alive.movedim(unit_dim, -1) if mask.dim() > 0 else alive.reshape(1)
-    # count_nonzero: summing booleans into float64 converts value by value, about 5x slower.
-    per_unit = torch.count_nonzero(alive.reshape(-1, alive.shape[-1]), dim=0).to(torch.float64)
-    return torch.count_nonzero(saturated).to(torch.float64), per_unit
+    others = tuple(d for d in range(mask.dim()) if d != unit_dim % mask.dim())
+
+    # one count per unit, over the other dimensions in place (no copy to put the units last); the rest follows
+    def count(m: Tensor) -> Tensor:
+        return torch.count_nonzero(m, dim=others) if others else m.long()
+
+    per_unit = count(saturated)
+    examples = mask.numel() // per_unit.numel() if finite is None else count(finite)
+    return per_unit.sum().double(), (examples - per_unit).double()

@@ -162,11 +162,71 @@ def test_host_branch_and_sync_free_paths_give_equal_records(bins, nonfinite, cou
     if count != "bincount":
         monkeypatch.setattr(stats, "_count", getattr(stats, count))
     sync_free = [stats.tensor_record(x, bins) for x in xs] + stats.tensor_records(xs, bins)
-    for a, b in zip(host_path, sync_free, strict=True):
+    for i, (x, a, b) in enumerate(zip(xs + xs, host_path, sync_free, strict=True)):
         assert torch.equal(a[stats.NONFINITE :], b[stats.NONFINITE :])  # counts are exact
-        assert torch.allclose(a, b, rtol=1e-12, atol=0)
+        # one tensor's moments come from float32 sums without a host read (stats._device_moments), or on the host
+        # for a large finite one (stats._fast_moments); many small ones together are summed in float64 either way
+        if i >= len(xs) and x.numel() <= stats.SMALL:
+            assert torch.allclose(a, b, rtol=1e-12, atol=0)
+        else:  # float32's precision, relative to the spread
+            ma, mb = stats.Moments.of(a.tolist()), stats.Moments.of(b.tolist())
+            assert ma.mean == pytest.approx(mb.mean, abs=1e-6 * mb.std) and ma.std == pytest.approx(mb.std, rel=1e-6)
     for x, record in zip(xs + xs, host_path, strict=True):
         finite = x[torch.isfinite(x)].double()
         m = stats.Moments.of(record.tolist())
         assert (m.count, m.nonfinite) == (finite.numel(), x.numel() - finite.numel())
         assert m.mean == pytest.approx(finite.mean().item()) and m.std == pytest.approx(finite.std().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize(
+    "case", ["normal", "large mean", "huge", "tiny", "zeros", "nonfinite"]
+)  # the last five: taken in float64 instead
+def test_large_tensor_moments_match_float64(dtype, case):
+    """A record of a large CPU tensor comes from float32 sums and norms (stats._fast_moments); where those would not
+    be accurate (a mean far above the spread, squares beyond float32's range, non-finite values) it is taken in
+    float64 as before. Either way it matches a direct float64 computation."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(300, 200, generator=g) * 0.02
+    x = {"normal": x, "large mean": x + 1.0, "huge": x * 1e22, "tiny": x * 1e-25, "zeros": x * 0}.get(case, x)
+    if case == "nonfinite":
+        x[5, 7], x[9, 9] = math.nan, math.inf
+    x = x.to(dtype)
+    if dtype == torch.bfloat16 and case in ("huge", "tiny"):
+        x = x.float()  # bf16 holds them, but this is about the float32 path
+    expected = x[torch.isfinite(x)].double()
+    m = stats.Moments.of(stats.tensor_record(x, stats.log2_bins(), divisor=4.0).tolist())
+    rel = 1e-6 if case == "normal" else 1e-12
+    assert m.count == expected.numel() and m.nonfinite == x.numel() - expected.numel()
+    assert m.mean == pytest.approx(expected.mean().item() / 4, rel=rel, abs=1e-7 * m.std)
+    assert m.std == pytest.approx(expected.std().item() / 4, rel=rel, abs=1e-300)
+
+
+def test_sample_stride_divides_no_dimension():
+    assert stats.sample_stride((256, 256)) == 1  # up to HIST_SAMPLE values: all counted
+    for shape in [(50257, 768), (8, 1024, 3072), (64, 256, 3, 3), (3 * 1031, 1031)]:
+        p = stats.sample_stride(shape)
+        assert all(p % k for k in range(2, p)) and all(d % p for d in shape), (shape, p)
+        assert math.prod(shape) * stats.SAMPLE_BLOCK / p <= stats.HIST_SAMPLE
+
+
+@pytest.mark.parametrize("host", [True, False], ids=["host", "sync-free"])
+def test_histogram_of_a_large_tensor_is_a_scaled_sample(host, monkeypatch):
+    """Above HIST_SAMPLE values the histogram counts runs of SAMPLE_BLOCK values every sample_stride, scaled to the
+    tensor's size; each bin's share stays within a few standard errors of the exact one, the moments stay exact."""
+    if not host:
+        monkeypatch.setattr(stats, "host_reads_free", lambda x: False)
+    g = torch.Generator().manual_seed(4)
+    # columns of very different scales: a stride that divided the row's length would see one of them only
+    x = torch.randn(1000, 768, generator=g) * torch.logspace(-4, 1, 768)
+    x[0, :50] = math.nan  # in the sample of the sync-free path too
+    bins = stats.log2_bins()
+    record = stats.tensor_record(x, bins, divisor=2.0)
+    hist = stats.Histogram.of(record.tolist(), bins.edges)
+    finite = x[torch.isfinite(x)] / 2.0
+    exact = bins.counts(finite)
+    assert hist.total == pytest.approx(finite.numel(), rel=1e-3)  # the sample scaled by its stride
+    share, expected = torch.tensor(hist.counts) / hist.total, exact / exact.sum()
+    m = x.numel() * stats.SAMPLE_BLOCK / stats.sample_stride(tuple(x.shape))
+    assert torch.all((share - expected).abs() <= 5 * (expected * (1 - expected) / m).sqrt() + 1e-9)
+    assert stats.Moments.of(record.tolist()).std == pytest.approx(finite.double().std().item(), rel=1e-6)

@@ -19,23 +19,42 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_netdiag import stats
 from lightning_netdiag.capture import own_work
 from lightning_netdiag.meters.base import InRecord
 from lightning_netdiag.meters.parameters import ParameterMeter, optimizer_family
 from lightning_netdiag.record import Key, OptimizerRecord
 from lightning_netdiag.select import WEIGHT_NDIMS
 
-__all__ = ["OptimizerMeter", "adam_state"]
+__all__ = ["OptimizerMeter", "adam_record"]
 
 
-def adam_state(
-    exp_avg: Tensor, exp_avg_sq: Tensor, step: float, betas: tuple[float, float], eps: float
-) -> tuple[Tensor, Tensor]:
-    """The normalised step ``m_hat / (sqrt(v_hat) + eps)`` and the mask of ``sqrt(v_hat) < eps``, in float32."""
+def adam_record(
+    exp_avg: Tensor, exp_avg_sq: Tensor, step: Tensor | float, betas: tuple[float, float], eps: float
+) -> Tensor:
+    """Of Adam's normalised step ``u = m_hat / (sqrt(v_hat) + eps)``: the count, the sum of squares, and the count
+    where ``sqrt(v_hat) < eps`` (eps sets the step there), float64 on the moments' device.
+
+    With the bias corrections ``c1 = 1 - beta1**t`` and ``c2 = 1 - beta2**t``,
+    ``u = sqrt(c2) / c1 * m / (sqrt(v) + eps * sqrt(c2))``: one temporary (``sqrt(v)``, then ``u`` in its place)
+    and a read of each moment. ``step`` may be the optimizer's own step tensor: read on the host where that is
+    free (on the CPU), kept on the device otherwise (a capturable or fused optimizer's, on the GPU).
+    """
     beta1, beta2 = betas
-    m_hat = exp_avg.float() / (1 - beta1**step)
-    root = (exp_avg_sq.float() / (1 - beta2**step)).sqrt()
-    return m_hat / (root + eps), root < eps
+    if isinstance(step, Tensor) and step.device.type == "cpu":
+        step = step.item()
+    c1: Tensor | float
+    root_c2: Tensor | float
+    if isinstance(step, Tensor):
+        c1, root_c2 = 1 - beta1 ** step.double(), (1 - beta2 ** step.double()).sqrt()
+    else:
+        c1, root_c2 = 1 - beta1**step, math.sqrt(1 - beta2**step)
+    floor = eps * root_c2
+    u = exp_avg_sq.float().sqrt()
+    below = torch.count_nonzero(u < floor)
+    u = torch.div(exp_avg, u.add_(floor), out=u)
+    squares = stats.sum_of_squares(u) * (root_c2 / c1) ** 2
+    return torch.stack([squares.new_full((), float(u.numel())), squares, below.double()])
 
 
 class OptimizerMeter(ParameterMeter):
@@ -81,11 +100,7 @@ class OptimizerMeter(ParameterMeter):
                 self.eps = float(group["eps"])
                 (m, copies), (v, _) = self._shard(name, state["exp_avg"]), self._shard(name, second)
                 with torch.no_grad():
-                    u, below = adam_state(m, v, float(state["step"]), group["betas"], group["eps"])
-                    # the count filled on the device: a host value copied there would wait for the GPU
-                    record = torch.stack(
-                        [u.new_full((), float(u.numel())), u.pow(2).sum(), below.sum().float()]
-                    ).double()
+                    record = adam_record(m, v, state["step"], group["betas"], group["eps"])
                 parts.append((record / copies, copies))
                 names.append(name)
             if not parts:
