@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 from lightning_netdiag import tags
 from lightning_netdiag.flight.events import Event
 from lightning_netdiag.history import History
-from lightning_netdiag.stats import DEFAULT_THRESHOLD, Histogram
+from lightning_netdiag.stats import DEFAULT_THRESHOLD, HIST_SAMPLE, Histogram
 
 __all__ = [
     "DEFAULT_TARGET", "KINDS", "RECORD_VERSION", "ActivationRecord", "FlightRecord", "GradDataRecord", "Key",
@@ -199,6 +199,8 @@ class Record:
                 f"a {self.kind} record of version {version}, written by a newer lightning-netdiag; this one reads "
                 f"up to version {RECORD_VERSION}: upgrade lightning-netdiag (pip install -U lightning-netdiag)"
             )
+        if "histogram_sample" in self._described:
+            meta = {"histogram_sample": None, **meta}  # absent: written before histograms were sampled (all counted)
         for name in self._described:
             if name in meta:
                 current = getattr(self, name)
@@ -267,10 +269,11 @@ class ActivationRecord(Record):
     layer_families: dict[str, str | None] = field(default_factory=dict)  # its family, for the report's rules
     layer_regions: dict[str, str] = field(default_factory=dict)  # where it is flat, in words ("" if unknown)
     layers_in_loop: set[str] = field(default_factory=set)  # made in a module run several times per forward
+    histogram_sample: int | None = HIST_SAMPLE  # see GradDataRecord
 
     kind: ClassVar[str] = "saturation"
     _described = (*Record._described, "threshold", "layer_types", "layer_kinds", "layer_families", "layer_regions",
-                  "layers_in_loop")  # fmt: skip
+                  "layers_in_loop", "histogram_sample")  # fmt: skip
 
     def family(self, name: str) -> str | None:
         """A layer's activation family (``activations.FAMILIES``), None where unknown."""
@@ -295,7 +298,12 @@ class ParameterRecord(Record):
 class GradDataRecord(ParameterRecord):
     """D3: per watched weight, its gradient's statistics and grad:data."""
 
+    #: a histogram counts every value of a tensor of up to this many, and a fixed sample of about this many of a
+    #: larger one (``stats.sample_stride``); None: every value (logs written before histograms were sampled)
+    histogram_sample: int | None = HIST_SAMPLE
+
     kind: ClassVar[str] = "grad_data"
+    _described = (*ParameterRecord._described, "histogram_sample")
 
     def init_std(self) -> dict[str, float]:
         """name -> the weight's std at step 0 (its init scale): its gradient's std over grad:data."""

@@ -93,31 +93,32 @@ class Bins:
         bins = torch.where(key < n_exp, n_pos - c, n_pos + c)
         return bins.masked_fill_(key % n_exp == n_exp - 1, self.size)  # inf and NaN: to a bin that is dropped
 
-    def counts(self, x: Tensor, segments: Tensor | None = None, n: int = 1, finite: bool = False) -> Tensor:
+    def counts(self, x: Tensor, sizes: tuple[int, ...] | None = None, finite: bool = False) -> Tensor:
         """Float64 counts of the finite values of the float32 or float64 ``x`` (``finite``: all are), on ``x``'s
         device; values that are not finite are counted in no bin.
 
-        With ``segments`` (for each value, which of ``n`` segments it belongs to), one row of counts per
-        segment, ``(n, size)``, from one count over keys offset by segment.
+        With ``sizes`` (``x`` is the concatenation of tensors of these sizes), one row of counts per tensor,
+        ``(len(sizes), size)``, from one count over keys offset by tensor.
         """
         x = x.reshape(-1)
         if self.kind == "linear":
-            index = (x * math.ldexp(1.0, -self.exp)).floor_().clamp_(self.lo - 1, self.hi).sub_(self.lo - 1)
+            index = (x * math.ldexp(1.0, -self.exp)).floor_().clamp_(self.lo - 1, self.hi)
             if not finite:  # x - x is 0 exactly where x is finite; the others go to a key that is dropped
-                index = torch.where((x - x).eq(0), index, self.size)
-            index, space = index.to(torch.int32), self.size + 1  # bincount takes int32 too: half the bytes
+                index = torch.where((x - x).eq(0), index, self.hi + 1)
+            index, space, base = index.to(torch.int32), self.size + 1, 1 - self.lo  # int32: half the bytes
         else:
             bits, mantissa = _FLOAT_BITS[x.dtype]
             fold = self._fold[x.dtype]
             space = fold.numel()
-            index = (x.view(bits) >> mantissa) + space // 2  # sign and exponent, shifted to 0 .. 2 * n_exp
-        if segments is not None:
-            index = index + segments * space
+            index, base = x.view(bits) >> mantissa, space // 2  # sign and exponent, shifted by base to 0 .. space
+        n = 1 if sizes is None else len(sizes)
+        # in place: no full-size temporary; with sizes, each tensor's keys offset by its index times space
+        index = index.add_(base if sizes is None else _offsets(sizes, space, base, index.dtype, x.device))
         counted = _count(index, n * space).view(n, space)
         if self.kind == "log2":
             counted = torch.zeros(n, self.size + 1, dtype=torch.float64, device=x.device).index_add_(1, fold, counted)
         counted = counted[:, : self.size]
-        return counted if segments is not None else counted[0]
+        return counted if sizes is not None else counted[0]
 
 
 #: The most keys :func:`_count` counts with ``histc``: its float32 keys stay exact, and so does its bin.
@@ -309,8 +310,8 @@ def _chunk_moments(x: Tensor, host: bool) -> tuple[Tensor, bool]:
     with one host read where it is free, else with none (:func:`_device_moments`)."""
     if not host:
         return _device_moments(x), False
-    record = _finite_records(x, (x.numel(),), None)
-    return (_clean_records(x, (x.numel(),), None)[0], False) if record is None else (record[0], True)
+    head = _finite_heads([x])
+    return (_clean_records(x, (x.numel(),), None)[0], False) if head is None else (head[0], True)
 
 
 def _device_moments(x: Tensor) -> Tensor:
@@ -397,39 +398,57 @@ SMALL = 1 << 14
 
 def tensor_records(xs: Sequence[Tensor], bins: Bins | None, divisor: Tensor | float | None = None) -> list[Tensor]:
     """The record of each tensor (divided by ``divisor``), as :func:`tensor_record` gives it; the small
-    ones of each device in one pass. Sums are added in another order than one tensor's (float64 either
-    way); counts are equal."""
+    ones of each device together: on the host each one's sums and one call for all their norms, then one host read
+    (:func:`_finite_heads`), and one count of all their histograms; with no host read, one pass over their
+    concatenation. Sums are added in another order than one tensor's (float64 either way); counts are equal."""
     out: list[Tensor | None] = [None] * len(xs)
     small: dict[torch.device, list[int]] = {}
-    for i, x in enumerate(xs):
-        if x.numel() <= SMALL:
-            small.setdefault(x.device, []).append(i)
+    for i, t in enumerate(xs):
+        if t.numel() <= SMALL:
+            small.setdefault(t.device, []).append(i)
         else:
-            out[i] = tensor_record(x, bins, divisor=divisor)
+            out[i] = tensor_record(t, bins, divisor=divisor)
     for members in small.values():
         flat = [xs[i].detach().reshape(-1) for i in members]
-        dtype = torch.float64 if any(f.dtype == torch.float64 for f in flat) else torch.float32
-        x = torch.cat([f.to(dtype) for f in flat])  # half and bf16 are summed in float32 or more
-        if divisor is not None:
-            x = x / divisor  # a few values: divided one by one, as the histogram needs them
         sizes = tuple(f.numel() for f in flat)
-        rows = _finite_records(x, sizes, bins) if host_reads_free(x) else None
-        if rows is None:
-            rows = _clean_records(x, sizes, bins)
-        for i, row in zip(members, rows, strict=True):
+        heads = _finite_heads(flat) if host_reads_free(flat[0]) else None
+        if heads is not None and divisor is not None:
+            heads = heads * _moment_scale(divisor, heads)
+        if heads is None or bins is not None:  # the values themselves, together: a few of them
+            dtype = torch.float64 if any(f.dtype == torch.float64 for f in flat) else torch.float32
+            x = torch.cat([f.to(dtype) for f in flat])  # half and bf16 are counted in float32 or more
+            x = x if divisor is None else x / divisor
+            if heads is None:
+                heads = _clean_records(x, sizes, bins)
+            else:
+                heads = torch.cat([heads, _histograms(x, sizes, bins, finite=True)], dim=1)  # type: ignore[arg-type]
+        for i, row in zip(members, heads, strict=True):
             out[i] = row
     return out  # type: ignore[return-value]
 
 
-def _finite_records(x: Tensor, sizes: tuple[int, ...], bins: Bins | None) -> Tensor | None:
-    """The records of the segments of ``sizes`` of ``x``, if every value is finite (checked on the host,
-    once); None otherwise. Squares of float32 values are exact in float64."""
-    xd = x.to(torch.float64)
-    sums = _segment_sums([xd, xd * xd], sizes).tolist()
-    if not all(math.isfinite(squares) for _, squares in sums):  # a NaN or an Inf makes it non-finite
+def _finite_heads(parts: Sequence[Tensor]) -> Tensor | None:
+    """The float64 moments ``(n, sum, sum of squares, 0)`` of each of ``parts`` (flat tensors of at most a chunk)
+    if every value is finite, checked on the host in one read; None otherwise. Each part's sum and norm are taken
+    in float64 (one call for all the norms: ``_foreach_norm``), with no concatenation; a norm adds its squares one
+    after another, so where the mean dwarfs the spread (a norm layer's gain near 1) the squares are summed again
+    pairwise, which keeps the variance's digits."""
+    sums = [p.sum(dtype=torch.float64) for p in parts]
+    if len(parts) == 1:
+        norms = [torch.linalg.vector_norm(parts[0], dtype=torch.float64)]
+    else:
+        norms = list(torch._foreach_norm(list(parts), 2, dtype=torch.float64))
+    values = torch.stack([*sums, *norms]).tolist()
+    k = len(parts)
+    if not all(math.isfinite(q) for q in values[k:]):  # a NaN or an Inf makes the norm non-finite
         return None
-    head = torch.tensor([[n, s, ss, 0.0] for n, (s, ss) in zip(sizes, sums, strict=True)], dtype=torch.float64)
-    return head if bins is None else torch.cat([head, _histograms(x, sizes, bins, finite=True)], dim=1)
+    rows = [[p.numel(), s, q * q, 0.0] for p, s, q in zip(parts, values[:k], values[k:], strict=True)]
+    heads = torch.tensor(rows, dtype=torch.float64)
+    for i, (n, s, ss, _) in enumerate(rows):
+        if s * s > 0.75 * n * ss:
+            xd = parts[i].double()
+            heads[i, SUMSQ] = (xd * xd).sum()
+    return heads
 
 
 def _clean_records(x: Tensor, sizes: tuple[int, ...], bins: Bins | None) -> Tensor:
@@ -456,22 +475,16 @@ def _segment_sums(columns: Sequence[Tensor], sizes: tuple[int, ...]) -> Tensor:
 def _histograms(x: Tensor, sizes: tuple[int, ...], bins: Bins, finite: bool) -> Tensor:
     if len(sizes) == 1:
         return bins.counts(x, finite=finite).unsqueeze(0)
-    return bins.counts(x, _segments(sizes, x.device), len(sizes), finite=finite)
+    return bins.counts(x, sizes, finite=finite)
 
 
-_SEGMENTS: dict[tuple[tuple[int, ...], torch.device], Tensor] = {}
-
-
-def _segments(sizes: tuple[int, ...], device: torch.device) -> Tensor:
-    """For each value of a concatenation of tensors of ``sizes``, the index of its tensor. Built once per
-    layout (the parameters' sizes do not change), so that no step copies sizes to the device."""
-    key = (sizes, device)
-    if key not in _SEGMENTS:
-        if len(_SEGMENTS) > 64:
-            _SEGMENTS.clear()
-        counts = torch.tensor(sizes, dtype=torch.int64)
-        _SEGMENTS[key] = torch.repeat_interleave(torch.arange(len(sizes)), counts).to(device)
-    return _SEGMENTS[key]
+@functools.lru_cache(maxsize=64)
+def _offsets(sizes: tuple[int, ...], space: int, base: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """For each value of a concatenation of tensors of ``sizes``, ``base`` plus its tensor's index times ``space``:
+    made once per layout (the parameters' sizes do not change), so that no step copies sizes to the device."""
+    counts = torch.tensor(sizes, dtype=torch.int64)
+    offsets = torch.repeat_interleave(torch.arange(len(sizes)), counts) * space + base
+    return offsets.to(device=device, dtype=dtype)
 
 
 def zero_bin(edges: Sequence[float]) -> int:

@@ -230,3 +230,43 @@ def test_histogram_of_a_large_tensor_is_a_scaled_sample(host, monkeypatch):
     m = x.numel() * stats.SAMPLE_BLOCK / stats.sample_stride(tuple(x.shape))
     assert torch.all((share - expected).abs() <= 5 * (expected * (1 - expected) / m).sqrt() + 1e-9)
     assert stats.Moments.of(record.tolist()).std == pytest.approx(finite.double().std().item(), rel=1e-6)
+
+
+def test_description_says_how_histograms_are_sampled():
+    """Logged beside the numbers: a finished run's logs say which histograms are samples; older logs, none."""
+    from lightning_netdiag.record import ActivationRecord, GradDataRecord
+
+    for record_type in (ActivationRecord, GradDataRecord):
+        assert record_type().describe()["histogram_sample"] == stats.HIST_SAMPLE
+        old = record_type()
+        old.load_description({k: v for k, v in record_type().describe().items() if k != "histogram_sample"})
+        assert old.histogram_sample is None
+
+
+def test_the_gpu_path_never_reads_the_host(monkeypatch):
+    """Where a host read would wait for a GPU (stats.host_reads_free false), no record reads a value, whatever
+    its size, dtype, divisor (a tensor: a loss scale) or non-finite values: checked on the CPU by making every
+    read fail, with a GPU's chunk size."""
+    monkeypatch.setattr(stats, "host_reads_free", lambda x: False)
+    monkeypatch.setattr(stats, "launch_bound", lambda device: True)
+    monkeypatch.setattr(stats, "_GPU_CHUNK", 1 << 17)
+    g = torch.Generator().manual_seed(5)
+    xs = [
+        torch.randn(700, 400, generator=g),
+        torch.randn(300, 200, generator=g).bfloat16(),
+        torch.randn(50, generator=g),
+    ]
+    xs[0][3, 3] = math.nan
+    bins = stats.log2_bins()
+    finite = [x[torch.isfinite(x)].double() for x in xs]
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, lambda *a, name=name: pytest.fail(f"a host read: {name}"))
+    records = [stats.tensor_record(x, bins, divisor=torch.tensor(2.0)) for x in xs]
+    records += stats.tensor_records(xs, stats.linear_bins(-1, 1), divisor=4.0)
+    monkeypatch.undo()
+    for x, record, direct in zip(xs + xs, records, finite + finite, strict=True):
+        got = stats.Moments.of(record.tolist())
+        assert got.count == direct.numel() and got.nonfinite == x.numel() - direct.numel()
+        scale = 2.0 if len(record) == stats.record_size(bins) else 4.0
+        assert got.std == pytest.approx(direct.std().item() / scale, rel=1e-6), tuple(x.shape)
+        assert got.mean == pytest.approx(direct.mean().item() / scale, abs=1e-6 * got.std)

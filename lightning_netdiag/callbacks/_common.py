@@ -108,11 +108,13 @@ class DiagnosticCallback(Callback):
         self._moments = frozenset(m for m in MOMENTS if listening([self], m))  # type: ignore[list-item]
         self.record.every_n_steps = every_n_steps
         self._sink = LoggerSink(type(self).__name__, self.prefix)
+        # Lightning asks it at every hook call (for its profiler's label): made once
+        self._state_key = self._generate_state_key(prefix=self.record.prefix)
 
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(prefix=self.record.prefix)  # every hook asks: no descriptor call
+        return self._state_key
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
