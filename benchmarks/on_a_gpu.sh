@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU check of benchmarks/README.md in one command, sized for a 15-minute lease of one GPU (about 8 minutes
-# on an H200): the CUDA tests, one record timed per way of counting, the flight recorder's cost, the every-50 totals.
+# on an H200): the CUDA tests, records against x.sum() of the same tensors, the flight recorder's cost, the every-50 totals.
 # Each step has its own time limit, so that a slow one leaves the others their time; the logs go to $1 (default
 # gpu-logs/) and the end of each is printed.
 set -uo pipefail

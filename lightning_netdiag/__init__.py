@@ -28,6 +28,7 @@ _HOMES = {
     "DiagnosticPlots": "lightning_netdiag.callbacks",
     "FlightRecorder": "lightning_netdiag.callbacks",
     "GradDataRatio": "lightning_netdiag.callbacks",
+    "GuardStopped": "lightning_netdiag.meters.flight",
     "HealthReport": "lightning_netdiag.callbacks",
     "LogitMonitor": "lightning_netdiag.callbacks",
     "OptimizerState": "lightning_netdiag.callbacks",

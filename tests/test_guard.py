@@ -12,9 +12,8 @@ from test_flight import Mlp
 from test_forensics import AT, STEPS, corrupt, lightning, optimizer_for
 from torch.nn import functional as F
 
-from lightning_netdiag import FlightRecorder, NetDiag, report
+from lightning_netdiag import FlightRecorder, GuardStopped, NetDiag, report
 from lightning_netdiag.meters import FlightMeter
-from lightning_netdiag.meters.flight import GuardStopped
 
 
 def state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
