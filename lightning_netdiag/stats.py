@@ -216,7 +216,7 @@ def tensor_record(x: Tensor, bins: Bins | None, divisor: Tensor | float | None =
     (no host read), so that no full-size temporary is made. Half and bf16 values are summed in float32 or more.
     """
     x = x.detach() if x.requires_grad else x
-    flat = x.reshape(-1)
+    flat = x.reshape(-1).contiguous()  # a strided 1-D view stays strided through reshape; rows and samples need one
     host = host_reads_free(flat)
     head = _fast_moments(flat) if host and flat.numel() > SMALL else None
     finite = head is not None  # known on the host: every value is

@@ -270,3 +270,13 @@ def test_the_gpu_path_never_reads_the_host(monkeypatch):
         scale = 2.0 if len(record) == stats.record_size(bins) else 4.0
         assert got.std == pytest.approx(direct.std().item() / scale, rel=1e-6), tuple(x.shape)
         assert got.mean == pytest.approx(direct.mean().item() / scale, abs=1e-6 * got.std)
+
+
+def test_a_strided_view_is_recorded_as_its_values():
+    """A 1-D view with a stride (reshape keeps it strided) is read as its own values: rows and samples need them
+    contiguous."""
+    x = torch.randn(400_000, generator=torch.Generator().manual_seed(6))[::2]
+    record = stats.tensor_record(x, stats.log2_bins())
+    m = stats.Moments.of(record.tolist())
+    assert m.count == x.numel() and m.std == pytest.approx(x.double().std().item(), rel=1e-6)
+    assert stats.Histogram.of(record.tolist(), stats.log2_bins().edges).total == pytest.approx(x.numel())
