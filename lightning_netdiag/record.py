@@ -60,6 +60,8 @@ class Record:
     kind: ClassVar[str] = ""
     #: the description's fields, JSON-able (sets as sorted lists, tuples as lists), besides kind and version
     _described: ClassVar[tuple[str, ...]] = ("prefix", "every_n_steps")
+    #: what a field described later than the first logs means where a description lacks it
+    _absent: ClassVar[dict[str, Any]] = {}
 
     def __post_init__(self) -> None:
         self.series: History[Key] = History(self.history_size)
@@ -199,8 +201,7 @@ class Record:
                 f"a {self.kind} record of version {version}, written by a newer lightning-netdiag; this one reads "
                 f"up to version {RECORD_VERSION}: upgrade lightning-netdiag (pip install -U lightning-netdiag)"
             )
-        if "histogram_sample" in self._described:
-            meta = {"histogram_sample": None, **meta}  # absent: written before histograms were sampled (all counted)
+        meta = {**self._absent, **meta}
         for name in self._described:
             if name in meta:
                 current = getattr(self, name)
@@ -274,6 +275,7 @@ class ActivationRecord(Record):
     kind: ClassVar[str] = "saturation"
     _described = (*Record._described, "threshold", "layer_types", "layer_kinds", "layer_families", "layer_regions",
                   "layers_in_loop", "histogram_sample")  # fmt: skip
+    _absent = {"histogram_sample": None}  # written before histograms were sampled: every value counted
 
     def family(self, name: str) -> str | None:
         """A layer's activation family (``activations.FAMILIES``), None where unknown."""
@@ -304,6 +306,7 @@ class GradDataRecord(ParameterRecord):
 
     kind: ClassVar[str] = "grad_data"
     _described = (*ParameterRecord._described, "histogram_sample")
+    _absent = {"histogram_sample": None}  # written before histograms were sampled: every value counted
 
     def init_std(self) -> dict[str, float]:
         """name -> the weight's std at step 0 (its init scale): its gradient's std over grad:data."""

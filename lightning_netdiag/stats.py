@@ -13,7 +13,6 @@ every count before the histogram are always of every value.
 
 from __future__ import annotations
 
-import bisect
 import functools
 import itertools
 import math
@@ -27,7 +26,7 @@ __all__ = [
     "DEFAULT_THRESHOLD", "HALF_EXTRA", "HIST_SAMPLE", "MOMENTS", "SAMPLE_BLOCK", "SMALL", "Bins", "Histogram",
     "Moments", "finite_mask", "half_counts", "host_reads_free", "launch_bound", "linear_bins", "log2_bins",
     "ratio_log10", "record_size", "recorded", "sample_stride", "saturation_extra", "sum_of_squares", "tensor_record",
-    "tensor_records", "with_extra", "zero_bin",
+    "tensor_records", "with_extra",
 ]  # fmt: skip
 
 #: Slots every record starts with: finite count, sum, sum of squares, non-finite count.
@@ -262,25 +261,48 @@ _TINY_SQUARES = 2.0**-80
 
 
 def _fast_moments(flat: Tensor) -> Tensor | None:
-    """The moments of a CPU tensor with one host read, from float32 sums (about two reads of a float32 tensor: no
-    float64 copy), or None where they would not be accurate to float32's precision and the caller takes them in
-    float64: a value that is not finite, squares that overflow or underflow float32 (values beyond 2**63 or all
-    below 2**-40), or a mean so large beside the spread that the variance would lose digits to
-    ``sum(x**2) - sum(x)**2 / n`` (the spread under half the root mean square).
+    """The moments of a CPU tensor from float32 sums (about two reads of a float32 tensor: no float64 copy), checked on
+    the host in one read; or None where they would not be accurate to float32's precision and the caller takes them
+    in float64: a value that is not finite, squares that overflow or underflow float32 (values beyond 2**63 or all
+    below 2**-40).
 
-    Half and bf16 values are copied to float32 a chunk at a time (a CPU sum of bf16 into float32 copies the whole
-    tensor first); float64 tensors are summed in float64.
+    Where the mean dwarfs the spread (:func:`_cancels`: a sigmoid's output, a saturated tanh, a norm layer's gain) the
+    sums are taken again about the mean, a chunk at a time in a float32 buffer (about two reads more), and turned back
+    into sums of the values in float64. Half and bf16 values go through that buffer too (a CPU sum of bf16 into
+    float32 copies the whole tensor first); float64 tensors are summed in float64 and left to the float64 path there.
     """
     n = flat.numel()
     if flat.dtype in (torch.float32, torch.float64):
         s, ss = torch.stack(_sums(flat)).tolist()
     else:
-        buffer = torch.empty(min(n, _FAST_CHUNK), dtype=torch.float32)
-        parts = [torch.stack(_sums(buffer[: p.numel()].copy_(p))) for p in flat.split(_FAST_CHUNK)]
-        s, ss = torch.stack(parts).sum(0).tolist()
-    if not (math.isfinite(s) and math.isfinite(ss)) or ss < _TINY_SQUARES or s * s > 0.75 * n * ss:
+        s, ss = _buffered_sums(flat, 0.0)
+    if not (math.isfinite(s) and math.isfinite(ss)) or ss < _TINY_SQUARES:
         return None
+    if _cancels(n, s, ss):
+        if flat.dtype == torch.float64:
+            return None
+        shift = torch.tensor(s / n, dtype=torch.float32).item()  # the value a float32 subtraction takes away
+        ds, dss = _buffered_sums(flat, shift)
+        if not (math.isfinite(ds) and math.isfinite(dss)):
+            return None
+        s, ss = ds + n * shift, dss + shift * (2 * ds + n * shift)
     return torch.tensor([n, s, ss, 0.0], dtype=torch.float64)
+
+
+def _cancels(n: float, s: float, ss: float) -> bool:
+    """Whether ``sum(x**2) - sum(x)**2 / n`` would lose the variance's digits: the mean above 1.7 spreads (the
+    spread under half the root mean square)."""
+    return s * s > 0.75 * n * ss
+
+
+def _buffered_sums(flat: Tensor, shift: float) -> list[float]:
+    """Sum and sum of squares of ``flat - shift``, its values copied to float32 a chunk at a time into one buffer."""
+    buffer = torch.empty(min(flat.numel(), _FAST_CHUNK), dtype=torch.float32)
+    parts = []
+    for part in flat.split(_FAST_CHUNK):
+        chunk = buffer[: part.numel()].copy_(part)
+        parts.append(torch.stack(_sums(chunk.sub_(shift) if shift else chunk)))
+    return torch.stack(parts).sum(0).tolist()
 
 
 def _sums(v: Tensor) -> tuple[Tensor, Tensor]:
@@ -446,7 +468,7 @@ def _finite_heads(parts: Sequence[Tensor]) -> Tensor | None:
     rows = [[p.numel(), s, q * q, 0.0] for p, s, q in zip(parts, values[:k], values[k:], strict=True)]
     heads = torch.tensor(rows, dtype=torch.float64)
     for i, (n, s, ss, _) in enumerate(rows):
-        if s * s > 0.75 * n * ss:
+        if _cancels(n, s, ss):
             xd = parts[i].double()
             heads[i, SUMSQ] = (xd * xd).sum()
     return heads
@@ -486,11 +508,6 @@ def _offsets(sizes: tuple[int, ...], space: int, base: int, dtype: torch.dtype, 
     counts = torch.tensor(sizes, dtype=torch.int64)
     offsets = torch.repeat_interleave(torch.arange(len(sizes)), counts) * space + base
     return offsets.to(device=device, dtype=dtype)
-
-
-def zero_bin(edges: Sequence[float]) -> int:
-    """The bin that holds 0 (bin ``i`` holds ``edges[i-1] <= x < edges[i]``)."""
-    return bisect.bisect_right(edges, 0.0)  # also for log2 bins, whose middle bin holds |x| < 2**lo
 
 
 def recorded(record: Sequence[float]) -> bool:
