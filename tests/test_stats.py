@@ -132,7 +132,9 @@ def test_many_small_tensors_in_one_pass_equal_one_record_each(bins, divisor):
         expected = stats.tensor_record(x, bins, divisor=divisor)
         assert got.shape == expected.shape
         assert torch.equal(got[stats.NONFINITE :], expected[stats.NONFINITE :])  # counts are exact
-        assert torch.allclose(got, expected, rtol=1e-12, atol=0), x.dtype  # sums in another order
+        if x.numel():  # sums in another order, and in float64 where one of the batch is float64
+            a, b = stats.Moments.of(got.tolist()), stats.Moments.of(expected.tolist())
+            assert a.mean == pytest.approx(b.mean, abs=1e-6 * b.std) and a.std == pytest.approx(b.std, rel=1e-6)
     direct = xs[0][torch.isfinite(xs[0])].double()
     m = stats.Moments.of(batched[0].tolist())
     scale = 1.0 if divisor is None else 1024.0
@@ -162,15 +164,13 @@ def test_host_branch_and_sync_free_paths_give_equal_records(bins, nonfinite, cou
     if count != "bincount":
         monkeypatch.setattr(stats, "_count", getattr(stats, count))
     sync_free = [stats.tensor_record(x, bins) for x in xs] + stats.tensor_records(xs, bins)
-    for i, (x, a, b) in enumerate(zip(xs + xs, host_path, sync_free, strict=True)):
+    for a, b in zip(host_path, sync_free, strict=True):
         assert torch.equal(a[stats.NONFINITE :], b[stats.NONFINITE :])  # counts are exact
-        # one tensor's moments come from float32 sums without a host read (stats._device_moments), or on the host
-        # for a large finite one (stats._fast_moments); many small ones together are summed in float64 either way
-        if i >= len(xs) and x.numel() <= stats.SMALL:
-            assert torch.allclose(a, b, rtol=1e-12, atol=0)
-        else:  # float32's precision, relative to the spread
-            ma, mb = stats.Moments.of(a.tolist()), stats.Moments.of(b.tolist())
-            assert ma.mean == pytest.approx(mb.mean, abs=1e-6 * mb.std) and ma.std == pytest.approx(mb.std, rel=1e-6)
+        # float32 sums on the host (stats._host_heads, stats._fast_moments) and without a host read
+        # (stats._device_moments), float64 where values are not finite (stats._clean_records): float32's precision,
+        # relative to the spread
+        ma, mb = stats.Moments.of(a.tolist()), stats.Moments.of(b.tolist())
+        assert ma.mean == pytest.approx(mb.mean, abs=1e-6 * mb.std) and ma.std == pytest.approx(mb.std, rel=1e-6)
     for x, record in zip(xs + xs, host_path, strict=True):
         finite = x[torch.isfinite(x)].double()
         m = stats.Moments.of(record.tolist())
