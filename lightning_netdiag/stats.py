@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch._utils import _flatten_dense_tensors
 
 __all__ = [
     "DEFAULT_THRESHOLD", "HALF_EXTRA", "HIST_SAMPLE", "MOMENTS", "SAMPLE_BLOCK", "SMALL", "Bins", "Histogram",
@@ -437,17 +438,18 @@ def tensor_records(xs: Sequence[Tensor], bins: Bins | None, divisor: Tensor | fl
     one count of all their histograms; with no host read, per-tensor sums of the concatenation. Counts are
     equal to one tensor's; sums are added in another order."""
     out: list[Tensor | None] = [None] * len(xs)
+    numels = [t.numel() for t in xs]
     small: dict[torch.device, list[int]] = {}
     for i, t in enumerate(xs):
-        if t.numel() <= SMALL:
+        if numels[i] <= SMALL:
             small.setdefault(t.device, []).append(i)
         else:
             out[i] = tensor_record(t, bins, divisor=divisor)
     for members in small.values():
-        members.sort(key=lambda i: xs[i].numel())  # each size's tensors side by side: the rows of one matrix
-        sizes = tuple(xs[i].numel() for i in members)
-        with torch.no_grad():  # cat promotes mixed types
-            x = _summable(torch.cat([xs[i].reshape(-1) for i in members]))
+        members.sort(key=numels.__getitem__)  # each size's tensors side by side: the rows of one matrix
+        sizes = tuple(numels[i] for i in members)
+        with torch.no_grad():  # one call that flattens and concatenates (half the time of cat's), promoting types
+            x = _summable(_flatten_dense_tensors([xs[i] for i in members]))
         heads = _host_heads(x, sizes) if host_reads_free(x) else None
         if heads is not None and divisor is not None:
             heads = heads * _moment_scale(divisor, heads)
@@ -481,7 +483,7 @@ def _host_heads(x: Tensor, sizes: tuple[int, ...]) -> Tensor | None:
     s_all = torch.cat([rows.sum(1) for rows, _ in runs]).double()
     ss_all = torch.cat([_row_squares(rows) for rows, _ in runs])
     s_host, ss_host = torch.stack([s_all, ss_all]).tolist()
-    if not all(math.isfinite(v) for v in ss_host):  # a NaN or an Inf makes the sum of squares non-finite
+    if not math.isfinite(sum(ss_host)):  # a NaN or an Inf makes a (non-negative) sum of squares non-finite
         return None
     heads = torch.stack([torch.tensor(sizes, dtype=torch.float64), s_all, ss_all, torch.zeros_like(s_all)], 1)
     for rows, first in runs:
