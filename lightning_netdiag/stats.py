@@ -450,15 +450,18 @@ def tensor_records(xs: Sequence[Tensor], bins: Bins | None, divisor: Tensor | fl
         sizes = tuple(numels[i] for i in members)
         with torch.no_grad():  # one call that flattens and concatenates (half the time of cat's), promoting types
             x = _summable(_flatten_dense_tensors([xs[i] for i in members]))
+        # one tensor is flattened as a view of itself: then the histogram's keys may not overwrite it
+        ours = x.untyped_storage().data_ptr() != xs[members[0]].untyped_storage().data_ptr()
         heads = _host_heads(x, sizes) if host_reads_free(x) else None
         if heads is not None and divisor is not None:
             heads = heads * _moment_scale(divisor, heads)
         if heads is None or bins is not None:
-            x = x if divisor is None else x / divisor
+            if divisor is not None:
+                x, ours = x / divisor, True
             if heads is None:
-                heads = _clean_records(x, sizes, bins)
+                heads = _clean_records(x, sizes, bins, scratch=ours)
             else:
-                heads = torch.cat([heads, _histograms(x, sizes, bins, finite=True)], dim=1)  # type: ignore[arg-type]
+                heads = torch.cat([heads, bins.counts(x, sizes, finite=True, scratch=ours)], dim=1)  # type: ignore[union-attr]
         for i, row in zip(members, heads, strict=True):
             out[i] = row
     return out  # type: ignore[return-value]
@@ -512,14 +515,15 @@ def _row_squares(rows: Tensor) -> Tensor:
     return norms.square_().view(k, -1).sum(1)
 
 
-def _clean_records(x: Tensor, sizes: tuple[int, ...], bins: Bins | None) -> Tensor:
+def _clean_records(x: Tensor, sizes: tuple[int, ...], bins: Bins | None, scratch: bool = False) -> Tensor:
     """The records of the segments of ``sizes`` of ``x``, with no host read. Non-finite values become 0
-    and are counted; they are left out of every other statistic, the histogram's zero bin too."""
+    and are counted; they are left out of every other statistic, the histogram's zero bin too. ``scratch``: ``x``
+    is a temporary of ours, which the histogram may overwrite (:meth:`Bins.counts`)."""
     xz = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
     bad = (x * 0).ne(0).to(torch.float64)  # x * 0 is NaN exactly where x is not finite
     xd = xz.to(torch.float64)
     head = _segment_sums([1.0 - bad, xd, xd * xd, bad], sizes)
-    return head if bins is None else torch.cat([head, _histograms(x, sizes, bins, finite=False)], dim=1)
+    return head if bins is None else torch.cat([head, bins.counts(x, sizes, finite=False, scratch=scratch)], dim=1)
 
 
 def _segment_sums(columns: Sequence[Tensor], sizes: tuple[int, ...]) -> Tensor:
@@ -529,11 +533,6 @@ def _segment_sums(columns: Sequence[Tensor], sizes: tuple[int, ...]) -> Tensor:
     stacked = torch.stack(list(columns))
     parts = [stacked[:, start : start + k * n].view(len(columns), k, n).sum(2) for start, k, n, _ in _runs(sizes)]
     return torch.cat(parts, dim=1).T
-
-
-def _histograms(x: Tensor, sizes: tuple[int, ...], bins: Bins, finite: bool) -> Tensor:
-    """The histograms of the segments of ``sizes`` of ``x``, a concatenation of ours that they overwrite."""
-    return bins.counts(x, sizes, finite=finite, scratch=True)
 
 
 def _runs(sizes: tuple[int, ...]) -> list[tuple[int, int, int, int]]:

@@ -157,7 +157,7 @@ def test_host_branch_and_sync_free_paths_give_equal_records(bins, nonfinite, cou
     monkeypatch.setattr(stats, "_CHUNK", 1000)  # the large tensor in several chunks
     cleanups = []
     real_clean = stats._clean_records
-    monkeypatch.setattr(stats, "_clean_records", lambda *a: cleanups.append(1) or real_clean(*a))
+    monkeypatch.setattr(stats, "_clean_records", lambda *a, **k: cleanups.append(1) or real_clean(*a, **k))
     host_path = [stats.tensor_record(x, bins) for x in xs] + stats.tensor_records(xs, bins)
     assert bool(cleanups) == nonfinite  # finite values never reach the clean-up on CPU
     monkeypatch.setattr(stats, "host_reads_free", lambda x: False)
@@ -282,3 +282,23 @@ def test_a_strided_view_is_recorded_as_its_values():
     m = stats.Moments.of(record.tolist())
     assert m.count == x.numel() and m.std == pytest.approx(x.double().std().item(), rel=1e-6)
     assert stats.Histogram.of(record.tolist(), stats.log2_bins().edges).total == pytest.approx(x.numel())
+
+
+@pytest.mark.parametrize("host", [True, False])
+@pytest.mark.parametrize("divisor", [None, 4.0])
+@pytest.mark.parametrize("count", [1, 3])
+def test_records_leave_their_tensors_untouched(monkeypatch, host, divisor, count):
+    """A record may overwrite a temporary of its own with the histogram's keys, never the tensors it reads (one
+    small tensor is flattened as a view of itself)."""
+    if not host:
+        monkeypatch.setattr(stats, "host_reads_free", lambda x: False)
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(32, 100, generator=g) for _ in range(count)] + [torch.randn(stats.SMALL + 1, generator=g)]
+    xs[0][0, 0] = math.nan
+    before = [x.clone() for x in xs]
+    stats.tensor_records(xs, stats.log2_bins(), divisor)
+    stats.tensor_records(xs[:1], stats.log2_bins(), divisor)
+    for x in xs:
+        stats.tensor_record(x, stats.log2_bins(), divisor)
+    for x, b in zip(xs, before, strict=True):
+        assert torch.equal(x.nan_to_num(7.0), b.nan_to_num(7.0))
