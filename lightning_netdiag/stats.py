@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -424,11 +424,14 @@ def half_counts(x: Tensor) -> list[Tensor]:
     return [x.new_full((), float(x.numel()), dtype=torch.float64), tiny.sum().to(torch.float64)]
 
 
-#: Tensors of at most this many values are reduced together, in one pass over their concatenation: a
-#: record costs about fifteen small kernels, whose launches, not their work, dominate for small tensors
-#: (on a 2-core CPU, seven tensors of 4,096 values: 0.43 ms together, 0.93 one at a time; of 16,384 values
-#: 0.89 and 1.13 ms; of 32,768, 5.4 and 1.4 ms).
-SMALL = 1 << 14
+#: Tensors of at most this many values are reduced together, in one pass over their concatenation: a record is
+#: about twenty kernels, whose launches, not their work, cost most below this size (on a 2-core CPU, seven tensors
+#: of 4,096 values: 0.32 ms together, 1.5 one at a time; of 32,768: 0.59 and 1.7 ms; of 65,536: 0.91 and 2.0 ms).
+#: As :data:`HIST_SAMPLE`: a tensor's histogram counts every value where, and only where, it is reduced together.
+SMALL = 1 << 16
+#: Small tensors are reduced together in groups of at most about this many values: what bounds the temporaries
+#: (on a GPU, without a host read, about 60 bytes a value: 60 MB).
+_GROUP = 1 << 20
 
 
 def tensor_records(xs: Sequence[Tensor], bins: Bins | None, divisor: Tensor | float | None = None) -> list[Tensor]:
@@ -445,8 +448,7 @@ def tensor_records(xs: Sequence[Tensor], bins: Bins | None, divisor: Tensor | fl
             small.setdefault(t.device, []).append(i)
         else:
             out[i] = tensor_record(t, bins, divisor=divisor)
-    for members in small.values():
-        members.sort(key=numels.__getitem__)  # each size's tensors side by side: the rows of one matrix
+    for members in _groups(small.values(), numels):
         sizes = tuple(numels[i] for i in members)
         with torch.no_grad():  # one call that flattens and concatenates (half the time of cat's), promoting types
             x = _summable(_flatten_dense_tensors([xs[i] for i in members]))
@@ -465,6 +467,23 @@ def tensor_records(xs: Sequence[Tensor], bins: Bins | None, divisor: Tensor | fl
         for i, row in zip(members, heads, strict=True):
             out[i] = row
     return out  # type: ignore[return-value]
+
+
+def _groups(on_devices: Iterable[list[int]], numels: list[int]) -> list[list[int]]:
+    """The indices of the tensors of each device split into groups of at most :data:`_GROUP` values (a tensor
+    alone where it is larger), ordered by size: each size's tensors side by side, the rows of one matrix."""
+    out = []
+    for members in on_devices:
+        group: list[int] = []
+        total = 0
+        for i in sorted(members, key=numels.__getitem__):
+            if group and total + numels[i] > _GROUP:
+                out.append(group)
+                group, total = [], 0
+            group.append(i)
+            total += numels[i]
+        out.append(group)
+    return out
 
 
 #: The row length, at most, of the norms :func:`_host_heads` takes: a float32 norm of 16,384 values is 7e-7 off its
