@@ -104,7 +104,7 @@ class Bins:
         With ``sizes`` (``x`` is the concatenation of tensors of these sizes), one row of counts per tensor,
         ``(len(sizes), size)``, from one count over keys offset by tensor.
         """
-        x = x.reshape(-1)
+        x = x if x.dim() == 1 else x.reshape(-1)
         if self.kind == "linear":
             index = (x * math.ldexp(1.0, -self.exp)).floor_().clamp_(self.lo - 1, self.hi)
             if not finite:  # x - x is 0 exactly where x is finite; the others go to a key that is dropped
@@ -116,19 +116,19 @@ class Bins:
             space = fold.numel()
             keys = x.view(bits)  # sign and exponent, shifted by base to 0 .. space
             index, base = keys.bitwise_right_shift_(mantissa) if scratch else keys >> mantissa, space // 2
-        n = 1 if sizes is None else len(sizes)
         # in place: no full-size temporary; with sizes, each tensor's keys offset by its index times space
         if sizes is None:
-            index.add_(base)
+            counted = _count(index.add_(base), space)
+            shape: tuple[int, ...] = (self.size + 1,)
         else:
+            n = len(sizes)
             offsets = torch.arange(base, base + n * space, space, dtype=index.dtype, device=index.device)[:, None]
             for start, k, length, first in _runs(sizes):  # a run of tensors of one size: a (k, length) matrix
                 index[start : start + k * length].view(k, length).add_(offsets[first : first + k])
-        counted = _count(index, n * space).view(n, space)
+            counted, shape = _count(index, n * space).view(n, space), (n, self.size + 1)
         if self.kind == "log2":  # folded before the counts become float64: 84 bins of each tensor, not 512 keys
-            counted = counted.new_zeros(n, self.size + 1).index_add_(1, fold, counted)
-        counted = counted[:, : self.size].to(torch.float64)
-        return counted if sizes is not None else counted[0]
+            counted = counted.new_zeros(shape).index_add_(-1, fold, counted)
+        return counted[..., : self.size].to(torch.float64)
 
 
 #: The most keys :func:`_count` counts with ``histc``: its float32 keys stay exact, and so does its bin.
@@ -370,7 +370,8 @@ def _sampled_counts(x: Tensor, flat: Tensor, bins: Bins, divisor: Tensor | float
     sample = _summable(sample)
     if divisor is not None:
         sample = sample / divisor
-    scratch = sample.untyped_storage().data_ptr() != flat.untyped_storage().data_ptr()  # a copy of ours
+    # a copy of ours (a strided sample is gathered): not a storage check, which torch.compile cannot trace
+    scratch = stride != 1 or sample.dtype != flat.dtype or divisor is not None
     counts = bins.counts(sample, finite=finite, scratch=scratch)
     return counts if stride == 1 else counts * (flat.numel() / sample.numel())
 
@@ -452,8 +453,8 @@ def tensor_records(xs: Sequence[Tensor], bins: Bins | None, divisor: Tensor | fl
         sizes = tuple(numels[i] for i in members)
         with torch.no_grad():  # one call that flattens and concatenates (half the time of cat's), promoting types
             x = _summable(_flatten_dense_tensors([xs[i] for i in members]))
-        # one tensor is flattened as a view of itself: then the histogram's keys may not overwrite it
-        ours = x.untyped_storage().data_ptr() != xs[members[0]].untyped_storage().data_ptr()
+        # one tensor of float32 or float64 is flattened as a view of itself: the histogram's keys may not overwrite it
+        ours = len(members) > 1 or x.dtype != xs[members[0]].dtype
         heads = _host_heads(x, sizes) if host_reads_free(x) else None
         if heads is not None and divisor is not None:
             heads = heads * _moment_scale(divisor, heads)
@@ -499,23 +500,23 @@ def _host_heads(x: Tensor, sizes: tuple[int, ...]) -> Tensor | None:
     tensor (200 tensors of 4,096 values: 0.2 ms, against 2.4 for a float64 sum and norm of each). The sums are
     ``x``'s precision, as a large tensor's (:func:`_fast_moments`); a segment whose squares underflow float32 (all
     its values below about 2**-40, or zeros) or whose mean dwarfs its spread (:func:`_cancels`: a norm layer's
-    gain) is summed again in float64, so that its variance keeps its digits, with no more host reads.
+    gain) is summed again in float64, so that its variance keeps its digits (one host read more, only then). The
+    moments are made from the values read: about a dozen ops for one small tensor.
     """
     runs = [(x[start : start + k * n].view(k, n), first) for start, k, n, first in _runs(sizes)]
-    s_all = torch.cat([rows.sum(1) for rows, _ in runs]).double()
-    ss_all = torch.cat([_row_squares(rows) for rows, _ in runs])
-    s_host, ss_host = torch.stack([s_all, ss_all]).tolist()
+    # the sums and the float64 sums of squares of every row, to the host at once (cat promotes the sums)
+    host = torch.cat([rows.sum(1) for rows, _ in runs] + [_row_squares(rows) for rows, _ in runs]).tolist()
+    s_host, ss_host = host[: len(sizes)], host[len(sizes) :]
     if not math.isfinite(sum(ss_host)):  # a NaN or an Inf makes a (non-negative) sum of squares non-finite
         return None
-    heads = torch.stack([torch.tensor(sizes, dtype=torch.float64), s_all, ss_all, torch.zeros_like(s_all)], 1)
     for rows, first in runs:
         k, n = rows.shape
         redo = [j for j in range(k) if n and _inexact(n, s_host[first + j], ss_host[first + j])]
         if redo:
             exact = rows[redo].double()
-            at = [first + j for j in redo]
-            heads[at, SUM], heads[at, SUMSQ] = exact.sum(1), exact.square().sum(1)
-    return heads
+            for j, s, ss in zip(redo, *torch.stack([exact.sum(1), exact.square().sum(1)]).tolist(), strict=True):
+                s_host[first + j], ss_host[first + j] = s, ss
+    return torch.tensor([[n, s, ss, 0.0] for n, s, ss in zip(sizes, s_host, ss_host, strict=True)], dtype=torch.float64)
 
 
 def _inexact(n: int, s: float, ss: float) -> bool:
