@@ -264,9 +264,11 @@ def _float_scale(divisor: float, device: torch.device) -> Tensor:
 
 #: Values of half or bf16 copied to float32 at a time by :func:`_fast_moments` (4 MB).
 _FAST_CHUNK = 1 << 20
-#: The row length over which :func:`_sums` takes norms: a whole tensor's float32 norm adds each square to one running
-#: sum (16M values of a weight: 1.5e-3 off), rows of 4,096 keep it to 1e-8 at the cost of one read.
-_ROW = 1 << 12
+#: The most values :func:`_row_squares` takes one norm of: a float32 norm adds each square to one running sum (16M
+#: values of a weight: 1.5e-3 off). Measured on values of mean 1 and std 1: a 4096 x 4096 tensor's sum 1e-10 off in
+#: pieces of 1,024 (3e-9 in pieces of 4,096, 3e-10 in pieces of 256 at 15 % more time), rows of 4,096 values 2e-7
+#: (4e-7, 6e-8).
+_ROW = 1 << 10
 #: Below this, float32 squares would lose values to underflow (2**-126 and less): the sum is taken exactly.
 _TINY_SQUARES = 2.0**-80
 
@@ -323,20 +325,23 @@ def _sums(v: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def sum_of_squares(v: Tensor) -> Tensor:
-    """The sum of the squares of the float32 or float64 values ``v`` in float64, in one read: the norms of rows
-    of at most :data:`_ROW` values, squared and added."""
-    v = v.reshape(-1)
-    n = v.numel()
-    row = math.gcd(n, _ROW)  # a power of two: rows that tile v whole, where they are long enough to be read fast
-    if row >= 256:
-        norms = torch.linalg.vector_norm(v.view(-1, row), dim=1)
-    else:
-        body = n - n % _ROW
-        norms = torch.cat(
-            [torch.linalg.vector_norm(v[:body].view(-1, _ROW), dim=1), torch.linalg.vector_norm(v[body:])[None]]
-        )
-    norms = norms.double()
-    return torch.dot(norms, norms)
+    """The sum of the squares of the float32 or float64 values ``v`` in float64, in one read (:func:`_row_squares`)."""
+    return _row_squares(v.reshape(1, -1))[0]
+
+
+def _row_squares(rows: Tensor) -> Tensor:
+    """The float64 sum of the squares of each row of the float32 or float64 ``rows`` ``(k, n)``: the norms of pieces
+    of at most :data:`_ROW` values, squared and added (a float32 norm adds each square to one running sum)."""
+    k, n = rows.shape
+    if n <= _ROW:  # a row is one piece
+        piece, body = max(n, 1), n
+    else:  # a power of two that tiles a row, where long enough to be read fast; else pieces of _ROW, then the rest
+        piece = math.gcd(n, _ROW)
+        piece, body = (piece, n) if piece >= 256 else (_ROW, n - n % _ROW)
+    squares = torch.linalg.vector_norm(rows[:, :body].unflatten(1, (-1, piece)), dim=2).double().square_().sum(1)
+    if body < n:
+        squares += torch.linalg.vector_norm(rows[:, body:], dim=1).double().square_()
+    return squares
 
 
 def _chunk_moments(x: Tensor, host: bool) -> tuple[Tensor, bool]:
@@ -370,9 +375,7 @@ def _sampled_counts(x: Tensor, flat: Tensor, bins: Bins, divisor: Tensor | float
     sample = _summable(sample)
     if divisor is not None:
         sample = sample / divisor
-    # a copy of ours (a strided sample is gathered): not a storage check, which torch.compile cannot trace
-    scratch = stride != 1 or sample.dtype != flat.dtype or divisor is not None
-    counts = bins.counts(sample, finite=finite, scratch=scratch)
+    counts = bins.counts(sample, finite=finite)  # at most HIST_SAMPLE keys: a new tensor of them costs nothing
     return counts if stride == 1 else counts * (flat.numel() / sample.numel())
 
 
@@ -426,12 +429,13 @@ def half_counts(x: Tensor) -> list[Tensor]:
 
 
 #: Tensors of at most this many values are reduced together, in one pass over their concatenation: a record is
-#: about twenty kernels, whose launches, not their work, cost most below this size (on a 2-core CPU, seven tensors
+#: about twenty ops, whose launches, not their work, cost most below this size (on a 2-core CPU, seven tensors
 #: of 4,096 values: 0.32 ms together, 1.5 one at a time; of 32,768: 0.59 and 1.7 ms; of 65,536: 0.91 and 2.0 ms).
-#: As :data:`HIST_SAMPLE`: a tensor's histogram counts every value where, and only where, it is reduced together.
+#: Equal to :data:`HIST_SAMPLE`, so that whether a histogram is sampled depends on the tensor's size alone: every
+#: tensor reduced together is counted whole, as it would be alone.
 SMALL = 1 << 16
 #: Small tensors are reduced together in groups of at most about this many values: what bounds the temporaries
-#: (on a GPU, without a host read, about 60 bytes a value: 60 MB).
+#: (without a host read, :func:`_clean_records`: about 70 bytes a value, counted from them, 70 MB).
 _GROUP = 1 << 20
 
 
@@ -487,11 +491,6 @@ def _groups(on_devices: Iterable[list[int]], numels: list[int]) -> list[list[int
     return out
 
 
-#: The row length, at most, of the norms :func:`_host_heads` takes: a float32 norm of 16,384 values is 7e-7 off its
-#: square's sum, of rows of 256 3e-8.
-_NORM_ROW = 256
-
-
 def _host_heads(x: Tensor, sizes: tuple[int, ...]) -> Tensor | None:
     """The float64 moments ``(n, sum, sum of squares, 0)`` of each segment of ``sizes`` of the float32 or float64
     ``x`` if every value is finite, checked on the host in one read; None otherwise.
@@ -523,16 +522,6 @@ def _inexact(n: int, s: float, ss: float) -> bool:
     """Whether float32 sums ``s``, ``ss`` of ``n`` values may have lost the moments' digits: squares under
     :data:`_TINY_SQUARES`, or a mean that dwarfs the spread (:func:`_cancels`)."""
     return ss < _TINY_SQUARES or _cancels(n, s, ss)
-
-
-def _row_squares(rows: Tensor) -> Tensor:
-    """The float64 sum of the squares of each row of ``rows``, from norms of at most :data:`_NORM_ROW` values."""
-    k, n = rows.shape
-    part = math.gcd(n, _NORM_ROW)
-    if part < 32 or part == n:
-        return torch.linalg.vector_norm(rows, dim=1).double().square()
-    norms = torch.linalg.vector_norm(rows.reshape(-1, part), dim=1).double()
-    return norms.square_().view(k, -1).sum(1)
 
 
 def _clean_records(x: Tensor, sizes: tuple[int, ...], bins: Bins | None, scratch: bool = False) -> Tensor:

@@ -306,3 +306,13 @@ def test_records_leave_their_tensors_untouched(monkeypatch, host, divisor, count
         stats.tensor_record(x, stats.log2_bins(), divisor)
     for x, b in zip(xs, before, strict=True):
         assert torch.equal(x.nan_to_num(7.0), b.nan_to_num(7.0))
+
+
+@pytest.mark.parametrize("n", [0, 7, 300, 1024, 5000, 65521, 3 * 4096 + 256])
+def test_row_squares_of_any_length_match_float64(n):
+    """Pieces that tile a row, else whole pieces of _ROW and the rest: never one float32 running sum of a long row."""
+    g = torch.Generator().manual_seed(n)
+    rows = torch.randn(3, n, generator=g) + 1.0
+    expected = rows.double().square().sum(1)
+    assert torch.allclose(stats._row_squares(rows), expected, rtol=1e-6, atol=0)  # float32 norms of <= 1,024 values
+    assert stats.sum_of_squares(rows[1]).item() == pytest.approx(expected[1].item(), rel=1e-6)
