@@ -309,10 +309,13 @@ def test_records_leave_their_tensors_untouched(monkeypatch, host, divisor, count
 
 
 @pytest.mark.parametrize("n", [0, 7, 300, 1024, 5000, 65521, 3 * 4096 + 256])
-def test_row_squares_of_any_length_match_float64(n):
+def test_row_squares_of_any_length_match_float64(monkeypatch, n):
     """Pieces that tile a row, else whole pieces of _ROW and the rest: never one float32 running sum of a long row."""
     g = torch.Generator().manual_seed(n)
     rows = torch.randn(3, n, generator=g) + 1.0
     expected = rows.double().square().sum(1)
+    lengths, norm = [], torch.linalg.vector_norm
+    monkeypatch.setattr(torch.linalg, "vector_norm", lambda v, dim: lengths.append(v.shape[dim]) or norm(v, dim=dim))
     assert torch.allclose(stats._row_squares(rows), expected, rtol=1e-6, atol=0)  # float32 norms of <= 1,024 values
+    assert max(lengths) <= stats._ROW
     assert stats.sum_of_squares(rows[1]).item() == pytest.approx(expected[1].item(), rel=1e-6)
