@@ -19,21 +19,25 @@ from typing import TypedDict
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_map
 from typing_extensions import NotRequired
 
 from lightning_netdiag.capture import HookHandles, paused
 
 __all__ = [
-    "FORWARD", "INPUTS", "MAX_CALLS", "NOT_FORWARD", "SAME", "ForwardCalls", "Made", "Replayed", "floating_tensors",
-    "reproduces", "where_nonfinite",
+    "FLOAT16_MAX", "FORWARD", "INPUTS", "MAX_CALLS", "NOT_FORWARD", "SAME", "ForwardCalls", "Made", "Replayed",
+    "floating_tensors", "reproduces", "where_nonfinite",
 ]  # fmt: skip
 
 #: Where the replay found the first non-finite value: a module's forward, the data, or not in the forward at all.
 FORWARD, INPUTS, NOT_FORWARD = "forward", "inputs", "backward"
 
 #: Where a step's non-finite values were made (:func:`where_nonfinite`): ``in`` the forward (``module``: the first
-#: module whose output was not finite), its inputs, or not the forward.
-Made = TypedDict("Made", {"in": str, "module": NotRequired[str]})
+#: module whose output was not finite; ``overflow``: its float16 output, run again in float32 from the same inputs,
+#: is finite, with this largest magnitude: float16's range overflowed), its inputs, or not the forward.
+Made = TypedDict("Made", {"in": str, "module": NotRequired[str], "overflow": NotRequired[float]})
+#: The largest finite float16 value: a value past it overflows to inf.
+FLOAT16_MAX = float(torch.finfo(torch.float16).max)
 
 
 class Replayed(TypedDict):
@@ -173,20 +177,29 @@ def where_nonfinite(calls: ForwardCalls) -> Made | None:
     """The replay of the step's ``calls`` (see the module's docstring): ``{"in": FORWARD, "module": name}`` for the
     first module of the model to finish with a non-finite output, ``{"in": INPUTS}`` where a call's inputs were not
     finite, ``{"in": NOT_FORWARD}`` where the forward stayed finite; None without calls, with more than
-    :data:`MAX_CALLS`, or where the replay failed (it raised: the error is not the run's)."""
+    :data:`MAX_CALLS`, or where the replay failed (it raised: the error is not the run's). Where that first output is
+    float16 (autocast) from finite inputs, the module is run once more in float32: finite there, it is float16's range
+    that overflowed (``overflow``: the largest magnitude), not a division by zero nor a log of 0."""
     model = calls.model
     if not calls.calls or not calls.complete:
         return None
     names = {module: name or type(model).__name__ for name, module in model.named_modules()}
-    found: list[str] = []
+    found: list[Made] = []
 
-    def hook(module: nn.Module, args: object, output: object) -> None:
-        if not found and _nonfinite(output):
-            found.append(names.get(module, type(module).__name__))
+    def hook(module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
+        if found or not _nonfinite(output):
+            return
+        made: Made = {"in": FORWARD, "module": names.get(module, type(module).__name__)}
+        found.append(made)  # first: the module runs again below, and this hook with it
+        half = any(t.dtype == torch.float16 for t in floating_tensors(output))
+        if half and not _nonfinite((args, kwargs)):
+            largest = _largest_in_float32(module, args, kwargs, calls.device_type)
+            if largest is not None:
+                made["overflow"] = largest
 
     handles = HookHandles()
     for module in model.modules():  # after the model's own hooks: what they do to an output is the module's
-        handles.add(module.register_forward_hook(hook))
+        handles.add(module.register_forward_hook(hook, with_kwargs=True))
     try:
         with _replaying(calls) as run:
             for i, (_, args, kwargs, _) in enumerate(calls.calls):
@@ -194,12 +207,30 @@ def where_nonfinite(calls: ForwardCalls) -> Made | None:
                     return {"in": INPUTS}
                 run(i)
                 if found:
-                    return {"in": FORWARD, "module": found[0]}
+                    return found[0]
         return {"in": NOT_FORWARD}
     except Exception:  # noqa: BLE001 - a replay that fails says nothing of the run
         return None
     finally:
         handles.remove()
+
+
+def _largest_in_float32(module: nn.Module, args: tuple, kwargs: dict, device_type: str) -> float | None:
+    """The largest magnitude of ``module``'s output run in float32 (autocast off, its float16 inputs cast up); None
+    where it is not finite there either, or cannot run so (its weights are float16: a model cast to half)."""
+
+    def up(x: object) -> object:
+        return x.float() if isinstance(x, Tensor) and x.dtype == torch.float16 else x
+
+    try:
+        with torch.autocast(device_type, enabled=False):
+            output = module(*tree_map(up, args), **tree_map(up, kwargs))
+    except Exception:  # noqa: BLE001 - it cannot run in float32: nothing said
+        return None
+    tensors = [t for t in floating_tensors(output) if t.numel()]
+    if not tensors or _nonfinite(output):
+        return None
+    return max(float(t.abs().max()) for t in tensors)
 
 
 def reproduces(calls: ForwardCalls) -> Replayed | None:

@@ -45,17 +45,18 @@ WEIGHT_NDIMS = (2, 3, 4, 5)
 def select_parameters(
     model: nn.Module, include: Selection | None, exclude: Selection = (), ndims: Sequence[int] | None = WEIGHT_NDIMS
 ) -> list[tuple[str, nn.Parameter, nn.Module]]:
-    """Trainable parameters whose name glob or owning module type is in ``include`` (None: all), none of
-    ``exclude``, and whose number of dimensions is in ``ndims`` (None: any); with the module owning each.
+    """Parameters whose name glob or owning module type is in ``include`` (None: all), none of ``exclude``, and
+    whose number of dimensions is in ``ndims`` (None: any); with the module owning each.
 
-    A parameter shared by several modules (an LM head tied to the embedding) is selected once, under its
-    first name.
+    Frozen parameters are selected too: a backbone frozen when training begins and unfrozen later is watched from
+    the step it trains (the meters skip a parameter without a gradient). A parameter shared by several modules (an
+    LM head tied to the embedding) is selected once, under its first name.
     """
     chosen, seen = [], set()
     for module_name, module in model.named_modules():
         for pname, p in module.named_parameters(recurse=False):
             name = f"{module_name}.{pname}" if module_name else pname
-            if id(p) in seen or not p.requires_grad or (ndims is not None and p.dim() not in ndims):
+            if id(p) in seen or (ndims is not None and p.dim() not in ndims):
                 continue
             seen.add(id(p))
             if (include is None or matches(name, module, include)) and not matches(name, module, exclude):

@@ -21,6 +21,7 @@ from lightning_netdiag import (
     GradDataRatio,
     NetDiag,
     SaturationMonitor,
+    UpdateRatio,
     origin,
     plots,
     report,
@@ -72,7 +73,7 @@ def direct(
     ``stride``-th element of the flat change, scaled to the whole (``mode="exact"``: every element)."""
     out = {}
     for n, p in model.named_parameters():
-        if p.dim() >= 2:
+        if p.dim() >= 2 and p.grad is not None:  # not a frozen one
             change = (p.detach() - before[n]).flatten()
             part = change[:: stride(p.numel(), mode)]
             update = float(torch.linalg.vector_norm(part)) * math.sqrt(change.numel() / part.numel())
@@ -113,6 +114,83 @@ def test_every_step_equals_a_direct_computation_and_the_ring_keeps_its_last_step
     for step in record.steps:
         assert_row(record, step, *expected[step])
     assert record.events == [] and record.every_n_steps == 1
+
+
+def test_a_weight_frozen_when_training_begins_is_watched_from_the_step_it_trains():
+    # blocks.0 frozen at attach, unfrozen at step U: from U its rows, D3 and D4 equal a direct computation; the
+    # rows before keep the other weights' values (the ring is widened, not begun again)
+    U = 60
+    model = Mlp()
+    for p in model.blocks[0].parameters():
+        p.requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    batches = list(loader())
+    expected, ratios = {}, {}
+    with NetDiag(model, optimizer, every_n_steps=10, flight=FlightMeter(window=100)) as diag:
+        for step in range(80):
+            if step == U:
+                for p in model.blocks[0].parameters():
+                    p.requires_grad_(True)
+            x, y = batches[step % len(batches)]
+            loss = F.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            diag.loss(loss)
+            before = {n: p.detach().clone() for n, p in model.named_parameters()}
+            w = model.blocks[0].weight
+            grad_data = None if w.grad is None else float(w.grad.std() / w.detach().std())
+            optimizer.step()
+            expected[step] = (direct(model, before), float(loss))
+            if grad_data is not None:
+                change = w.detach() - before["blocks.0.weight"]
+                ratios[step] = (grad_data, math.log10(change.std() / before["blocks.0.weight"].std()))
+    record = diag.flight.record
+    assert record.steps == list(range(80)) and record.events == []
+    for step in record.steps:
+        assert_row(record, step, *expected[step])
+    assert record.value("flight_grad_norm", U - 1, "blocks.0.weight") is None
+    assert record.value("flight_grad_norm", U, "blocks.0.weight") > 0
+    assert record.value("flight_joined", U) == 2  # its weight and bias
+    grad_data, update = diag.grad_data.record, diag.update.record
+    assert grad_data.value("grad_data_ratio", 50, "blocks.0.weight") is None
+    assert update.value("update_data_log10", 50, "blocks.0.weight") is None
+    for step in (60, 70):
+        assert grad_data.value("grad_data_ratio", step, "blocks.0.weight") == pytest.approx(ratios[step][0], rel=1e-5)
+        assert update.value("update_data_log10", step, "blocks.0.weight") == pytest.approx(ratios[step][1], abs=1e-5)
+
+
+class Finetuned(L.LightningModule):
+    """A backbone and a head, the optimizer over the trainable parameters, as Lightning's BackboneFinetuning wants."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.backbone = nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU())
+        self.head = nn.Linear(32, 4)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self.head(self.backbone(x)), y)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam([p for p in self.parameters() if p.requires_grad], lr=1e-3)
+
+
+def test_under_lightning_a_backbone_unfrozen_by_backbone_finetuning_is_watched_from_then(tmp_path):
+    # Lightning's BackboneFinetuning freezes the backbone before training and adds it to the optimizer at epoch 1
+    # (step 16: 16 batches an epoch)
+    from lightning.pytorch.callbacks import BackboneFinetuning
+
+    gd, ud, flight = GradDataRatio(every_n_steps=1), UpdateRatio(every_n_steps=1), FlightRecorder()
+    finetuning = BackboneFinetuning(unfreeze_backbone_at_epoch=1)
+    trainer(tmp_path, [finetuning, gd, ud, flight], max_steps=32, logger=False).fit(Finetuned(), loader())
+    for metric, record in (("grad_data_ratio", gd.record), ("update_data_log10", ud.record),
+                           ("flight_grad_norm", flight.record), ("flight_update_norm", flight.record)):  # fmt: skip
+        steps = [s for s, _ in record.points(metric, "backbone.0.weight")]
+        assert steps == list(range(16, 32)), metric
+        assert [s for s, _ in record.points(metric, "head.weight")] == list(range(32)), metric
+    assert flight.record.value("flight_joined", 16) == 4  # the backbone's two weights and two biases
+    assert flight.record.events == []
 
 
 def test_accumulation_and_a_grad_scaler_unscaled_with_the_skipped_step_recorded():
@@ -260,6 +338,45 @@ def test_a_module_that_makes_a_nan_in_the_forward_is_named_by_replaying_the_step
     verdict = report.summarize(flight=record).verdicts[0]
     assert verdict.severity == "fatal" and verdict.layer.startswith(layer)
     assert f"made in the forward of {layer} " in verdict.cause
+
+
+@pytest.mark.parametrize("fault", ["scale", "divide"])
+def test_a_float16_overflow_in_the_forward_is_told_from_a_division_by_zero(fault):
+    # fp16 autocast, no loss scaler. "scale": at step 30 blocks.1's weight x1e6, its output past float16's range, finite
+    # in float32; "divide": its output divided by zero, not finite in float32 either
+    model = Mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    on = [False]
+    if fault == "divide":
+        model.blocks[1].register_forward_hook(lambda m, i, out: out / torch.zeros_like(out) if on[0] else None)
+    batches = list(loader())
+    with NetDiag(model, optimizer, every_n_steps=100) as diag:
+        for step in range(40):
+            if step == 30:
+                on[0] = True
+                if fault == "scale":
+                    with torch.no_grad():
+                        model.blocks[1].weight.mul_(1e6)
+            x, y = batches[step % len(batches)]
+            if step == 30:  # the largest output of blocks.1 in float32, directly
+                with torch.no_grad():
+                    largest = float(model.blocks[1](F.relu(model.blocks[0](x))).abs().max())
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = F.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            diag.loss(loss)
+            optimizer.step()
+    first = diag.flight.record.events[0]
+    assert first["step"] == 30 and first["made"]["module"] == "blocks.1", first
+    (verdict,) = [v for v in report.summarize(flight=diag.flight.record).verdicts if v.rule == "flight.non-finite"]
+    if fault == "scale":
+        assert origin.FLOAT16_MAX < first["made"]["overflow"] == pytest.approx(largest, rel=1e-3)
+        assert verdict.why == "overflow" and "float16 output overflowed" in verdict.cause
+        assert "bfloat16" in verdict.advice
+    else:
+        assert "overflow" not in first["made"] and verdict.why == ""
+        assert "(the first module whose output was not finite)" in verdict.cause
 
 
 def test_the_replay_is_not_measured_by_the_other_callbacks(tmp_path):

@@ -218,3 +218,51 @@ def test_weights_unfrozen_mid_run_make_no_event_for_a_while_and_are_noted():
     assert record.value("flight_joined", AT) == 2  # its weight and bias
     notes = report.summarize(flight=record).notes
     assert any(f"2 parameters began training at step {AT} (unfrozen)" in n for n in notes), notes
+
+
+@pytest.mark.parametrize("guard", [0, 3])
+def test_the_guard_and_the_replay_decide_a_step_at_one_host_read(monkeypatch, guard):
+    # on a CPU the replay is on by default: its non-finite check and its spike decision, and the guard's, share one
+    # read of the step's loss and gradient norm; the verdict after the step is the other read; the spike lines are
+    # read again at each refresh of the bands
+    import collections
+    import inspect
+    import os
+
+    import lightning_netdiag
+    from lightning_netdiag import spikes
+
+    package, on = os.path.dirname(lightning_netdiag.__file__), [False]
+    reads: collections.Counter = collections.Counter()
+
+    def spy(method):
+        original = getattr(torch.Tensor, method)
+
+        def wrapper(self, *a, **k):
+            caller = inspect.currentframe().f_back.f_code
+            if on[0] and caller.co_filename.startswith(package):
+                reads[caller.co_name] += 1
+            return original(self, *a, **k)
+
+        return wrapper
+
+    for method in ("tolist", "item", "cpu", "numpy", "__bool__", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, method, spy(method))
+    model = Mlp()
+    optimizer = optimizer_for(model)
+    batches = list(loader(batch_size=32))
+    meters = dict(saturation=None, grad_data=None, update=None, logits=None, optimizer_state=None)
+    steps = 8 * spikes.REFRESH
+    with NetDiag(model, optimizer, every_n_steps=1000, flight=FlightMeter(guard=guard), **meters) as diag:
+        assert diag.flight._calls is not None  # the replay is on
+        for step in range(60 + steps):
+            on[0] = step >= 60  # the bands are there
+            x, y = batches[step % len(batches)]
+            loss = F.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            diag.loss(loss)
+            optimizer.step()
+        on[0] = False
+    assert diag.flight.record.events == []
+    assert reads == {"_read": steps, "_resolve": steps, "_is_event": steps // spikes.REFRESH}, reads

@@ -34,8 +34,8 @@ class FlightRecorder(FlightMeter, ParameterCallback):
 
     Args:
         window: the steps kept (more than 50).
-        params: parameter name globs and module types owning the parameter; None selects every trainable
-            parameter (filtered by ``ndims``).
+        params: parameter name globs and module types owning the parameter; None selects every
+            parameter (filtered by ``ndims``); a frozen one is watched once it trains.
         exclude: name globs and module types never selected.
         ndims: the numbers of dimensions selected (default: every weight of rank 2 to 5).
         update_norms: how each weight's update norm is measured: ``"sampled"`` from every 101st element (a prime

@@ -21,8 +21,8 @@ class OptimizerState(OptimizerMeter, ParameterCallback):
     a slowed SGD: Wortsman et al. 2023). Other optimizers are not read.
 
     Args:
-        params: parameter name globs and module types owning the parameter; None selects every trainable
-            parameter (filtered by ``ndims``).
+        params: parameter name globs and module types owning the parameter; None selects every
+            parameter (filtered by ``ndims``); a frozen one is watched once it trains.
         exclude: name globs and module types never selected.
         ndims: the numbers of dimensions selected (default: every weight of rank 2 to 5).
         every_n_steps: measure every n-th optimizer step; None takes ``trainer.log_every_n_steps``.

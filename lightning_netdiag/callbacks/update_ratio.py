@@ -26,7 +26,7 @@ class UpdateRatio(UpdateMeter, ParameterCallback):
 
     Args:
         params: parameter name globs (``"layers.*.weight"``) and module types owning the parameter;
-            None selects every trainable parameter (filtered by ``ndims``).
+            None selects every parameter (filtered by ``ndims``); a frozen one is watched once it trains.
         exclude: name globs and module types never selected.
         ndims: the numbers of dimensions selected (default: every weight of rank 2 to 5: matrices,
             embeddings, conv kernels; not biases nor norm scales, as in the lecture); None selects any.

@@ -4,16 +4,17 @@ dict on disk, in the record and here."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, TypedDict
 
 from typing_extensions import NotRequired
 
-from lightning_netdiag.origin import INPUTS, Made, Replayed
+from lightning_netdiag.origin import FLOAT16_MAX, INPUTS, Made, Replayed
 from lightning_netdiag.spikes import LOOKBACK
 
 __all__ = [
     "AFTER", "CAUSES", "JOINED", "RATE_JUMP", "STOPS", "Batch", "Began", "Event", "Rate", "Rose", "event_text",
-    "guarded_text", "named", "named_first", "stopped",
+    "guarded_text", "named", "named_first", "step_causes", "stopped",
 ]  # fmt: skip
 
 #: The causes of a step's event, in the order of the bits of its verdict; the first set names it (the others are
@@ -25,6 +26,24 @@ STOPS = ("KeyboardInterrupt", "SIGTERM", "SIGTERMException")
 AFTER = 4  # the steps after a spike watched for its loss to come back under its spike line
 JOINED = 16  # the steps after parameters begin training (unfrozen) in which a spike is no event
 RATE_JUMP = 1.5  # a parameter group's rate that rises by this factor from one step to the next has jumped
+
+
+def step_causes(
+    nonfinite: Sequence[bool], over: Sequence[bool], seen: bool, scaled: bool, weights: bool = False
+) -> list[str]:
+    """The causes of a step's event, in :data:`CAUSES`' order (none: no event), from its verdict: ``nonfinite``, the
+    loss and the total gradient norm not finite; ``over``, each over its spike line; ``seen``, a loss was seen (none:
+    its loss is not judged); ``scaled``, a loss scaler is on (it skips the steps whose gradients overflow: no event);
+    ``weights``, a weight's update or norm over its line. The one test of an event: on the device's verdict after the
+    step and on the host's values before it (the guard, the replay), which do not know the update yet."""
+    bits = (
+        nonfinite[0] and seen,
+        nonfinite[1] and not scaled,
+        over[0] and not nonfinite[0],  # a non-finite value is over its line too: said once, as non-finite
+        over[1] and not nonfinite[1],
+        weights,
+    )
+    return [cause for cause, bit in zip(CAUSES, bits, strict=True) if bit]
 
 
 class Began(TypedDict):
@@ -117,6 +136,11 @@ def guarded_text(event: Event) -> str:
 
 
 def _made_text(made: Made) -> str:
+    if made.get("module") and "overflow" in made:
+        return (
+            f"made in the forward of {made['module']}: its float16 output overflowed (run again in float32 from "
+            f"the same inputs it is finite, up to {made['overflow']:.3g}; float16 holds {FLOAT16_MAX:,.0f})"
+        )
     if made.get("module"):
         return f"made in the forward of {made['module']} (the first module whose output was not finite)"
     if made.get("in") == INPUTS:

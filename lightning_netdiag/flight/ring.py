@@ -54,9 +54,20 @@ class Ring:
         self.rows = 0  # rows written so far
         self._back: Tensor | None = None  # -BAND, ..., -1: the rows of a band, from the step's, on the device
 
-    def allocate(self, device: torch.device, w: int) -> None:
-        """The ring and its rows' views for ``w`` weights, on ``device``, once."""
+    def allocate(self, device: torch.device, w: int, kept: Sequence[int | None] = ()) -> None:
+        """The ring and its rows' views for ``w`` weights, on ``device``. Where a ring is already allocated (weights
+        joined, unfrozen), its rows are kept: ``kept[j]`` is the new weight ``j``'s place in the old rows (None: a
+        weight new to the ring, NaN before)."""
+        old, old_w = self.tensor, (0 if self.tensor is None else (self.tensor.shape[1] - 4) // 3)
         self.tensor = torch.full((self.size, 4 + 3 * w), math.nan, dtype=torch.float32, device=device)
+        if old is not None:
+            pairs = [(j, i) for j, i in enumerate(kept) if i is not None]
+            new_cols = [LOSS, GRAD_TOTAL, 4 + 3 * w + BATCH, 4 + 3 * w + COUNT]
+            old_cols = [LOSS, GRAD_TOTAL, 4 + 3 * old_w + BATCH, 4 + 3 * old_w + COUNT]
+            for k in range(len(SERIES)):
+                new_cols += [NORMS + k * w + j for j, _ in pairs]
+                old_cols += [NORMS + k * old_w + i for _, i in pairs]
+            self.tensor[:, new_cols] = old[:, old_cols].to(device)
         self.slots = [Row(row, w) for row in self.tensor.unbind(0)]
         self._back = torch.arange(-spikes.BAND, 0, device=device)
 

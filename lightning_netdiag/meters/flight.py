@@ -36,6 +36,7 @@ from lightning_netdiag.flight.events import (
     Rate,
     event_text,
     guarded_text,
+    step_causes,
 )
 from lightning_netdiag.flight.ring import BATCH, GRAD_TOTAL, LOSS, NORMS, PRIORITY, SERIES, Ring, Row
 from lightning_netdiag.flight.sample import MODES, sampled, stride
@@ -137,6 +138,7 @@ class FlightMeter(ParameterMeter):
         self._rates: list[float] = []  # this step's parameter groups' learning rates, as the optimizers step
         self._manual_rate: float | None = None  # a manual update's
         self._decided: tuple[int, bool] | None = None  # the guard's decision on the step under way: (step, skip)
+        self._host: tuple[int | None, float, float] | None = None  # (step, its loss, its gradient norm), read
         self._skips = 0  # the steps the guard skipped in a row
         self._trained: dict[int, int] = {}  # optimizer -> the most of its parameters that had a gradient at a step
         self._joined: tuple[int, int] = (-JOINED, 0)  # the last step parameters began training at, how many
@@ -166,12 +168,28 @@ class FlightMeter(ParameterMeter):
         self._reset()
         self.events = []
         self.requested.clear()  # the same set: the other callbacks hold it
-        self._names = [name for name, _ in self._selected.values()]
-        self._params = list(self._selected.values())
-        self._views = None if any(is_sharded(p) for _, p in self._params) else [p.detach() for _, p in self._params]
-        # every rank's row is summed (one collective): a replicated weight is held by every rank
-        self._ranks = self._world()
-        parts = [local_shard(name, p.detach(), self._ranks) for name, p in self._params]
+        self._ranks = self._world()  # every rank's row is summed (one collective)
+        # a weight frozen now is watched from the step it trains (unfrozen): until then none of its bytes is read
+        self._watch([(name, p) for name, p in self._selected.values() if p.requires_grad])
+        device = self._copies.device if self._params else None  # type: ignore[union-attr]
+        # By default where the verdict is read at once (not on a GPU: there it comes a step late, after the optimizer
+        # step; asked for, one synchronisation a step), a step whose gradients turn non-finite is replayed to find the
+        # module that made them, one whose loss or gradient norm spikes to tell whether it reproduces; never when
+        # sharded (a replay is a forward every rank must run) nor compiled.
+        on_gpu = device is not None and device.type == "cuda"
+        replay = not on_gpu if self.replay is None else self.replay
+        if device is not None and replay and self._views is not None and not compiled(model):
+            self._calls = ForwardCalls(model, device)  # type: ignore[arg-type]
+
+    def _watch(self, params: list[tuple[str, nn.Parameter]]) -> None:
+        """Watch ``params`` (names and parameters, in depth order): their views, their samples for the update norms,
+        and (once allocated) the ring widened to them, its rows kept for the weights watched before."""
+        before = {name: i for i, name in enumerate(self._names)}
+        self._names = [name for name, _ in params]
+        self._params = params
+        self._views = None if any(is_sharded(p) for _, p in params) else [p.detach() for _, p in params]
+        # a replicated weight is held by every rank
+        parts = [local_shard(name, p.detach(), self._ranks) for name, p in params]
         device = parts[0][0].device if parts else None
         # each part's copies, for the three norms of the row: on the device once (not copied there each step)
         self._copies = torch.tensor([float(c) for _, c in parts] * 3, dtype=torch.float32, device=device)
@@ -183,14 +201,16 @@ class FlightMeter(ParameterMeter):
             self._snapshot = [x.clone() for x in samples]
             scale = [math.sqrt(part.numel() / max(x.numel(), 1)) for (part, _), x in zip(parts, samples, strict=True)]
             self._scale = None if all(c == 1 for c in scale) else torch.tensor(scale, device=device)
-        # By default where the verdict is read at once (not on a GPU: there it comes a step late, after the optimizer
-        # step; asked for, one synchronisation a step), a step whose gradients turn non-finite is replayed to find the
-        # module that made them, one whose loss or gradient norm spikes to tell whether it reproduces; never when
-        # sharded (a replay is a forward every rank must run) nor compiled.
-        on_gpu = device is not None and device.type == "cuda"
-        replay = not on_gpu if self.replay is None else self.replay
-        if device is not None and replay and self._views is not None and not compiled(model):
-            self._calls = ForwardCalls(model, device)  # type: ignore[arg-type]
+        if self._ring.tensor is not None and device is not None:
+            self._allocate(device, len(params), [before.get(name) for name in self._names])
+
+    def _watch_trained(self) -> None:
+        """The selected weights that train now (unfrozen) and were not watched, watched from this step (none is ever
+        left: its columns keep the window's rows)."""
+        watched = {name for name, _ in self._params}
+        params = [(name, p) for name, p in self._selected.values() if name in watched or p.requires_grad]
+        if len(params) > len(self._params):
+            self._watch(params)
 
     def detach(self) -> None:
         super().detach()
@@ -259,7 +279,7 @@ class FlightMeter(ParameterMeter):
 
     def before_step(self, optimizer: Any | None) -> None:
         """Just before the optimizer steps (None: a manual update): the gradients' norms, and the weights kept."""
-        if self._step is None or not self._params:
+        if self._step is None:
             return
         # each group's rate, as cheaply as the loss: host floats (a tensor rate would wait for the device: not read)
         groups = () if optimizer is None else optimizer.param_groups
@@ -267,10 +287,14 @@ class FlightMeter(ParameterMeter):
         if optimizer is not None:  # parameters that begin training (unfrozen): more with a gradient than ever before
             trained = sum(p.grad is not None for g in groups for p in g["params"])
             most = self._trained.get(id(optimizer))
+            if most is None or trained > most:
+                self._watch_trained()
             if most is not None and trained > most:
                 self._joined = (self._step, trained - most)  # type: ignore[assignment]
                 self._forget_bands()
             self._trained[id(optimizer)] = max(trained, most or 0)
+        if not self._params:
+            return
         weights = self._weights()
         plain = self._views is not None
         grads = [  # each .grad read once: a read is a call into C++
@@ -300,7 +324,7 @@ class FlightMeter(ParameterMeter):
         routine); where its loss or gradient norm spikes, to tell whether it reproduces. Kept for the step's event,
         with those still to be read (on a GPU the verdict comes a step late)."""
         step: int = self._step  # type: ignore[assignment]
-        if not self._scaled and not math.isfinite(row.grad_total):
+        if not self._scaled and not math.isfinite(self._read(row)[1]):
             self._made = {s: m for s, m in self._made.items() if s >= step - 2}
             self._made[step] = where_nonfinite(self._calls)  # type: ignore[arg-type]
             return
@@ -353,16 +377,23 @@ class FlightMeter(ParameterMeter):
                                  (row.grads.square() / self._copies[2 * w :]).sum()])  # type: ignore[index]  # fmt: skip
             total, count, squares = self.run.reduce(parts, "sum").tolist()  # type: ignore[union-attr]
             loss, grad = total / count if count else math.nan, math.sqrt(squares)
-        elif self._loss is None:
-            loss, grad, count = math.nan, float(row.grad_total), 0
         else:
-            loss, grad = torch.stack([self._loss / self._losses, row.grad_total]).tolist()
-            count = self._losses
+            (loss, grad), count = self._read(row), self._losses
         if self._lines is None or self._lines[0] != self._refreshed:
             self._lines = (self._refreshed, *self._upper[:2].tolist())  # type: ignore[index]
         _, loss_line, grad_line = self._lines
-        over = loss > loss_line or grad > grad_line  # a NaN line (no band yet): never
-        return over or (count > 0 and not math.isfinite(loss)) or (not self._scaled and not math.isfinite(grad))
+        nonfinite = (not math.isfinite(loss), not math.isfinite(grad))
+        # a NaN line (no band yet): never over
+        return bool(step_causes(nonfinite, (loss > loss_line, grad > grad_line), count > 0, self._scaled))
+
+    def _read(self, row: Row) -> tuple[float, float]:
+        """This rank's loss of the step (the mean of its micro-batches'; NaN: none seen) and total gradient norm, on
+        the host: one read a step, shared by the guard and the replay."""
+        if self._host is None or self._host[0] != self._step:
+            pair = [math.nan, float(row.grad_total)] if self._loss is None else torch.stack(
+                [self._loss / self._losses, row.grad_total]).tolist()  # fmt: skip
+            self._host = (self._step, pair[0], pair[1])
+        return self._host[1], self._host[2]
 
     def _missing(self, part: Tensor) -> Tensor:
         key = (part.device, part.dtype)
@@ -440,9 +471,10 @@ class FlightMeter(ParameterMeter):
         else:
             self._resolve(step, flags, None, seen, scaled)
 
-    def _allocate(self, device: torch.device, w: int) -> None:
-        """The ring, the levels and the verdict, on the device, once."""
-        self._ring.allocate(device, w)
+    def _allocate(self, device: torch.device, w: int, kept: Sequence[int | None] = ()) -> None:
+        """The ring, the levels and the verdict, on the device: once, and again where weights join (``kept``: see
+        :meth:`Ring.allocate`)."""
+        self._ring.allocate(device, w, kept)
         # not each weight's gradient: far too noisy a series to judge alone
         levels = [spikes.SPIKE] * 2 + [spikes.WEIGHT_SPIKE] * (2 * w)
         self._levels = torch.tensor(levels, dtype=torch.float32, device=device)
@@ -456,17 +488,11 @@ class FlightMeter(ParameterMeter):
         values = flags.tolist()  # the loss and the total gradient not finite, then the scores above their levels
         if self._after is not None and step > self._after["step"]:
             self._aftermath(step, back=seen and not values[0] and not values[2])
-        bits = [
-            values[0] and seen,  # no loss seen: nothing to judge
-            values[1] and not scaled,  # a loss scaler skips the steps whose gradients overflow: no event
-            # a non-finite loss or total gradient norm is over its band too: said once, as non-finite
-            values[2] and not values[0], values[3] and not values[1], any(values[4:]),  # a weight's update or norm
-        ]  # fmt: skip
-        if not any(bits):
+        causes = step_causes(values[:2], values[2:4], seen, scaled, weights=any(values[4:]))
+        if not causes:
             self._armed = True
             return
         if self._armed and len(self.events) < MAX_EVENTS:
-            causes = [c for c, bit in zip(CAUSES, bits, strict=True) if bit]
             self._event(step, causes[0], also=causes[1:])
         self._armed = False
 

@@ -41,7 +41,7 @@ class ParameterMeter(Meter):
 
     Args:
         params: parameter name globs (``"layers.*.weight"``) and module types owning the parameter;
-            None selects every trainable parameter.
+            None selects every parameter. A frozen one is watched from the step it has a gradient (unfrozen).
         exclude: name globs and module types never selected.
         ndims: the numbers of dimensions selected; None selects any. The default (2, 3, 4, 5) takes every
             weight: matrices, embeddings, conv kernels, position embeddings; not biases nor norm scales
@@ -87,9 +87,7 @@ class ParameterMeter(Meter):
         self.param_shapes = {name: tuple(p.shape) for name, p, _ in chosen}
         self.param_classes = {name: weight_class(p, owner) for name, p, owner in chosen}
         if not chosen:
-            self._warn_nothing_selected(
-                model, f"trainable parameters (looked for: params={self.params}, ndims={self.ndims})"
-            )
+            self._warn_nothing_selected(model, f"parameters (looked for: params={self.params}, ndims={self.ndims})")
 
     def detach(self) -> None:
         self._selected = {}
@@ -101,7 +99,7 @@ class ParameterMeter(Meter):
 
     def _stepped_by(self, optimizer: Any | None) -> list[tuple[str, torch.nn.Parameter]]:
         """The selected parameters that ``optimizer`` updates (None: a manual update of them all) and that
-        have a gradient (all of them when sharded: every rank must send records of the same layout)."""
+        have a gradient (when sharded, all that train: every rank must send records of the same layout)."""
         params = (
             [p for _, p in self._selected.values()]
             if optimizer is None
@@ -110,7 +108,7 @@ class ParameterMeter(Meter):
         out = []
         for p in params:
             chosen = self._selected.get(id(p))
-            if chosen is not None and (p.grad is not None or self._shards > 1):
+            if chosen is not None and (p.grad is not None or (self._shards > 1 and p.requires_grad)):
                 out.append(chosen)
         return out
 
@@ -237,7 +235,7 @@ class UpdateMeter(ParameterMeter):
         # the parameter's version counter when copied)
         self._before: dict[str, tuple[nn.Parameter, Tensor | None, Tensor, int]] = {}
         self._indices: dict[str, Tensor] = {}  # the fixed sample of each parameter, drawn once
-        self._orphans: list[tuple[str, nn.Parameter]] = []  # selected, trainable, in no optimizer
+        self._orphans: list[tuple[str, nn.Parameter]] = []  # selected, in no optimizer when attached
         self._main: tuple[Any, int] | None = None  # the optimizer and group holding most selected weights
         self._lr: float | None = None
         self.grad_data: GradDataMeter | None = None  # whose weight records are shared, when one is attached
@@ -279,8 +277,10 @@ class UpdateMeter(ParameterMeter):
         with own_work():
             chosen = self._stepped_by(optimizer)
             if self._main is not None and optimizer is self._main[0]:
-                # A weight left out of every optimizer is compared across the main one's step: it must not move.
-                chosen += [(name, p) for name, p in self._orphans if p.grad is not None]
+                # A weight with a gradient left out of every optimizer is compared across the main one's step: it must
+                # not move (one added to an optimizer since, as a backbone unfrozen, is among those it steps).
+                stepped = {name for name, _ in chosen}
+                chosen += [(name, p) for name, p in self._orphans if p.grad is not None and name not in stepped]
                 self._lr = float(optimizer.param_groups[self._main[1]]["lr"])  # a tensor rate: read once a step
             for name, p in chosen:
                 part = self._shard(name, p)[0]

@@ -52,7 +52,7 @@ class Verdict:
     it held up to ``step``; ``cleared``, whether it no longer held at the end (then ``step`` is the last step it
     held). ``rule``: the id of the rule that made it (its identity), ``"flight.<kind>"`` for the flight
     recorder's events; ``why``: for a spike, the cause its evidence names (``rules.flight.SPIKE_CAUSES``' ids, or
-    ``"instability"``).
+    ``"instability"``); for non-finite values, ``"overflow"`` where the replay found float16's range overflowed.
     """
 
     severity: str

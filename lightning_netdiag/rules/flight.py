@@ -170,6 +170,9 @@ def cause_of(event: Event) -> Cause:
 _EVENT_ADVICE = {
     "non-finite": "the module or weights named first went first: look for a log(0), a division by zero or an "
                   "overflow there (fp16 without a loss scaler); lower the learning rate, clip gradients",
+    "overflow": "train in bfloat16 (float32's range) or keep the module named in float32 (autocast off there); a "
+                "loss scaler does not help a forward's overflow; if its values grew with training, lower the learning "
+                "rate or add a normalisation before it",
     "exception": "the last steps before the end are in the logs (netdiag plots draws them); the weights named were "
                  "out of their band when it ended",
     "calm end": "the last steps before the end are in the logs; no watched series was out of its band when it "
@@ -198,6 +201,8 @@ def event_verdicts(flight: FlightRecord | None) -> list[Verdict]:
         names = named(event)
         was_stopped = stopped(event)
         cause_found = cause_of(event) if kind == "spike" else None
+        # non-finite values that the replay found float16's range could not hold: an overflow, not a fault of the math
+        overflow = kind == "non-finite" and "overflow" in event.get("made", {})
         if cause_found is not None and not cause_found.names_weights:
             names, began = [], []
         if was_stopped and not names:
@@ -219,10 +224,11 @@ def event_verdicts(flight: FlightRecord | None) -> list[Verdict]:
             (event_text(event) if cause_found is None else cause_found.text(event)) + guarded_text(event),
             cause_found.advice if cause_found is not None else _EVENT_ADVICE[
                 "unread" if event.get("unread") else "stopped" if was_stopped
-                else "calm end" if kind == "exception" and not names else kind
+                else "calm end" if kind == "exception" and not names else "overflow" if overflow else kind
             ],
             len(names), tuple((b["name"], float(b["score"])) for b in began[:WORST]), event["step"],
-            rule=f"flight.{'stopped' if was_stopped else kind}", why="" if cause_found is None else cause_found.id,
+            rule=f"flight.{'stopped' if was_stopped else kind}",
+            why=cause_found.id if cause_found is not None else "overflow" if overflow else "",
         ))  # fmt: skip
     return out
 
