@@ -81,6 +81,15 @@ def direct(
     return out
 
 
+def backward(model: nn.Module, diag: NetDiag, x: torch.Tensor, y: torch.Tensor, optimizer) -> torch.Tensor:
+    """A plain loop's step up to the optimizer's: the forward, the gradients, the loss told to ``diag``."""
+    loss = F.cross_entropy(model(x), y)
+    optimizer.zero_grad()
+    loss.backward()
+    diag.loss(loss)
+    return loss
+
+
 def assert_row(
     record, step: int, expected: dict[str, tuple[float, float, float]], loss: float, loss_rel: float = 1e-6
 ) -> None:
@@ -131,11 +140,7 @@ def test_a_weight_frozen_when_training_begins_is_watched_from_the_step_it_trains
             if step == U:
                 for p in model.blocks[0].parameters():
                     p.requires_grad_(True)
-            x, y = batches[step % len(batches)]
-            loss = F.cross_entropy(model(x), y)
-            optimizer.zero_grad()
-            loss.backward()
-            diag.loss(loss)
+            loss = backward(model, diag, *batches[step % len(batches)], optimizer)
             before = {n: p.detach().clone() for n, p in model.named_parameters()}
             w = model.blocks[0].weight
             grad_data = None if w.grad is None else float(w.grad.std() / w.detach().std())

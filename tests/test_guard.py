@@ -8,7 +8,7 @@ import lightning as L
 import pytest
 import torch
 from helpers import loader
-from test_flight import Mlp
+from test_flight import Mlp, backward
 from test_forensics import AT, STEPS, corrupt, lightning, optimizer_for
 from torch.nn import functional as F
 
@@ -257,11 +257,7 @@ def test_the_guard_and_the_replay_decide_a_step_at_one_host_read(monkeypatch, gu
         assert diag.flight._calls is not None  # the replay is on
         for step in range(60 + steps):
             on[0] = step >= 60  # the bands are there
-            x, y = batches[step % len(batches)]
-            loss = F.cross_entropy(model(x), y)
-            optimizer.zero_grad()
-            loss.backward()
-            diag.loss(loss)
+            backward(model, diag, *batches[step % len(batches)], optimizer)
             optimizer.step()
         on[0] = False
     assert diag.flight.record.events == []

@@ -52,7 +52,9 @@ class Fault:
     - ``"corrupt element"``: one element of the weight ``layer`` set to ``factor`` just before ``step`` (a bit flip);
     - ``"flaky"``: the network's output at ``step`` multiplied by ``factor`` once, as it ran: the same forward run
       again is right (a fault of the hardware that does not reproduce);
-    - ``"divide by zero"``: the output of module ``layer`` divided by zero from ``step`` on (inf and NaN).
+    - ``"divide by zero"``: the output of module ``layer`` divided by zero from ``step`` on (inf and NaN);
+    - ``"fp16 overflow"``: nothing injected (``step`` never comes): the run's own course, in float16 without a loss
+      scaler, overflows float16's range.
     """
 
     kind: str
@@ -268,13 +270,15 @@ def gpt(recipe: Recipe, seed: int) -> tuple[L.LightningModule, DataLoader]:
 
 
 class DigitsCNN(nn.Module):
-    """Conv -> BatchNorm -> F.relu, three times (a max-pool after the second), global average pool, Linear."""
+    """Conv -> BatchNorm -> F.relu, three times (a max-pool after the second), global average pool, Linear;
+    ``batchnorm=False``: no normalisation (nothing holds the activations' scale)."""
 
-    def __init__(self, width: int = 32) -> None:
+    def __init__(self, width: int = 32, batchnorm: bool = True) -> None:
         super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(1, width, 3, padding=1, bias=False), nn.BatchNorm2d(width)
-        self.conv2, self.bn2 = nn.Conv2d(width, 2 * width, 3, padding=1, bias=False), nn.BatchNorm2d(2 * width)
-        self.conv3, self.bn3 = nn.Conv2d(2 * width, 2 * width, 3, padding=1, bias=False), nn.BatchNorm2d(2 * width)
+        norm = nn.BatchNorm2d if batchnorm else lambda n: nn.Identity()
+        self.conv1, self.bn1 = nn.Conv2d(1, width, 3, padding=1, bias=False), norm(width)
+        self.conv2, self.bn2 = nn.Conv2d(width, 2 * width, 3, padding=1, bias=False), norm(2 * width)
+        self.conv3, self.bn3 = nn.Conv2d(2 * width, 2 * width, 3, padding=1, bias=False), norm(2 * width)
         self.fc = nn.Linear(2 * width, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -293,7 +297,7 @@ def _course(options: dict[str, Any]) -> dict[str, Any]:
 def cnn(recipe: Recipe, seed: int) -> tuple[L.LightningModule, DataLoader]:
     """A small CNN on the digits: SGD with momentum 0.9 and weight decay 5e-4, warm-up and cosine."""
     torch.manual_seed(seed)
-    net = DigitsCNN()
+    net = DigitsCNN(batchnorm=recipe.options.get("batchnorm", True))
     groups = None
     if recipe.options.get("left_out") is not None:  # the optimizer built from a list that misses one layer
         left_out = recipe.options["left_out"]

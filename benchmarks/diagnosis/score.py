@@ -56,6 +56,7 @@ from suite import (  # noqa: E402
     FLIGHT_CHECKS,
     HEALTHY,
     NONFINITE,
+    NOT_INJECTED,
     SPIKE,
     TOO_HIGH,
     TOO_LOW,
@@ -391,7 +392,7 @@ def flight_named(row: dict[str, Any]) -> tuple[int | None, int | None, str | Non
     fault = row["fault"]
     at = (
         fault["step"]
-        if fault["kind"] != "none"
+        if fault["kind"] not in NOT_INJECTED
         else next((i for i, x in enumerate(row["losses"]) if not math.isfinite(x)), None)
     )
     events = row["records"].get("flight", {}).get("events", [])
@@ -419,8 +420,10 @@ def judge_flight(row: dict[str, Any]) -> None:
 
 
 def said_cause(row: dict[str, Any]) -> str | None:
-    """The cause the report gave the run's first spike (its verdict's ``why``)."""
-    first = next((v for v in row["final"] if v["check"] in FLIGHT_CHECKS[SPIKE]), None)
+    """The cause the report gave the run's first spike, or for a run expected to die its first death (its verdict's
+    ``why``)."""
+    checks = FLIGHT_CHECKS[NONFINITE if row["expect"] == NONFINITE else SPIKE]
+    first = next((v for v in row["final"] if v["check"] in checks), None)
     return None if first is None else first.get("why") or None
 
 
