@@ -16,10 +16,13 @@ AT, STEPS = 150, 200  # the fault's step; the band needs 50 steps before it
 
 
 def corrupt(step: int, x: torch.Tensor, y: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The batch of step ``AT`` garbage (random labels, inputs scaled up) for ``kind == "batch"``."""
+    """The batch of step ``AT`` garbage (random labels, inputs scaled up) for ``kind == "batch"``; its labels given to
+    the wrong rows (each its neighbour's) for ``"shuffled"``."""
     if kind == "batch" and step == AT:
         g = torch.Generator().manual_seed(1)
         return x * 5, torch.randint(0, 4, y.shape, generator=g)
+    if kind == "shuffled" and step == AT:
+        return x, y.roll(1)
     return x, y
 
 
@@ -69,6 +72,13 @@ def test_a_corrupted_batch_is_named_as_the_batch_and_no_layer():
     assert (v.rule, v.why, v.check, v.step, v.hits, v.layer) == ("flight.spike", "batch", "loss spike", AT, 0, "")
     assert f"the batch of step {AT} (loss " in v.cause and f"back in band at {AT + 1}" in v.cause
     assert "4 of 4 weights' gradients" in v.cause and "look at the batch of that step" in v.advice
+
+
+def test_a_batch_that_moves_the_loss_alone_is_the_batch():
+    # shuffled labels: the loss 5x its median for one step, no weight's gradient nor update out of its band
+    (v,) = spikes_said(loop("shuffled"))
+    assert (v.why, v.step, v.check, v.hits) == ("batch", AT, "loss spike", 0)
+    assert "0 of 4 weights' gradients and 0 of their updates rose with it" in v.cause
 
 
 def test_every_groups_rate_jumping_is_named_as_the_learning_rate():
@@ -136,6 +146,10 @@ def test_every_spike_cause_by_construction():
         assert cause_of(e).id == want, (want, e)
     assert "cause unclear" in cause_of(CAUSES["unclear"]).text(CAUSES["unclear"])
     assert cause_of(event(began=BEGAN, lead=0, rose={"gradient": 1, "update": 1, "of": 9})).id == "weight"  # alone
+    # only a few gradients rose with it, no weight's own change: still the batch's, where the loss came back
+    grads = [{**BEGAN[0], "series": "gradient norm"}]
+    assert cause_of(event(began=grads, lead=0, rose={"gradient": 2, "update": 0, "of": 9}, back=301)).id == "batch"
+    assert cause_of(event(began=grads, lead=0, rose={"gradient": 2, "update": 0, "of": 9}, back=None)).id == "weight"
     assert cause_of(event()).id == "unclear"  # no evidence (a record of an older netdiag): no layer named
     scaled = [{**BEGAN[0], "series": "weight norm"}]  # a weight that changed by itself: its norm left its band
     assert cause_of(event(began=scaled, lead=0, rose={"gradient": 9, "update": 9, "of": 9}, back=None)).id == "weight"
@@ -166,6 +180,9 @@ def test_a_spike_after_an_instability_is_said_to_be_the_instabilitys():
     # named from step 200: held at 3 logging steps (100, 150, 200)
     assert "the run was unstable before it: attention logits growing since step 200" in spike.cause
     assert spike.advice == growing.advice  # what to change is the instability's
+    flight.events = [{**CAUSES["unclear"], "step": 200}]  # at the step it was first named at: its effect, not its cause
+    (same_step, _) = report.summarize(logits=logits, flight=flight).verdicts
+    assert same_step.why == "unclear"
     quiet = LogitRecord(every_n_steps=50)
     for step in range(0, 350, 50):
         quiet.add(step, {("attn_logit_max", "h.0.attn"): 20.0}, {})

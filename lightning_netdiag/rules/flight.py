@@ -20,7 +20,8 @@ __all__ = [
 ]  # fmt: skip
 
 #: The share of the watched weights whose gradient norms must leave their band with a spike for the spike to be
-#: the batch's (the loss, not a layer, the outlier): where one weight goes first, the others follow later.
+#: the batch's (the loss, not a layer, the outlier), unless no weight's own change left its band at all: where one
+#: weight goes first, the others follow later.
 TOGETHER = 2 / 3
 
 
@@ -57,6 +58,12 @@ def _rose(event: Event) -> str:
 def _together(event: Event) -> bool:
     rose = event.get("rose")
     return rose is not None and rose["of"] > 0 and rose["gradient"] >= TOGETHER * rose["of"]
+
+
+def _gradients_only(event: Event) -> bool:
+    """No weight's own change (its update, its norm) is among the series out of their band: at most gradients rose,
+    as a batch moves them (a rate or a weight moves its updates or its norm)."""
+    return all(b["series"] == "gradient norm" for b in event.get("began") or [])
 
 
 def _own_norm(event: Event) -> bool:
@@ -149,7 +156,8 @@ SPIKE_CAUSES: tuple[Cause, ...] = (
     ),
     Cause("weight", _own_norm, _weight_text, _WEIGHT_ADVICE, True),
     Cause(
-        "batch", lambda e: e["cause"] in _LOSS_OR_GRADIENT and _together(e) and e.get("back") is not None,
+        "batch", lambda e: e["cause"] in _LOSS_OR_GRADIENT and (_together(e) or _gradients_only(e))
+        and e.get("back") is not None,
         _batch_text, "look at the batch of that step (its inputs and labels): corrupted, mislabelled or out of "
         "distribution; skip it, or clean the data it came from", False,
     ),
@@ -241,11 +249,13 @@ INSTABILITY = ("instability.attention_logits", "instability.attention_entropy", 
 def after_instability(verdicts: list[Verdict], held: dict[str, Verdict]) -> list[Verdict]:
     """The flight recorder's spikes and deaths that came after an instability rule held (``held``: rule id -> its
     first verdict, whose ``since`` is the first logged step it held at): said so, with that verdict's check and
-    advice, its cause the instability (``why``); where the event named a weight, it still names it."""
+    advice, its cause the instability (``why``); where the event named a weight, it still names it. Held at a step
+    before the event's, not at its own: a blow-up moves those signals itself (a NaN made in an MLP layer at step 400
+    sends the attention logits measured at 400 past their line)."""
     out = []
     for v in verdicts:
         step = v.step if v.rule.startswith("flight.") and v.rule != "flight.stopped" else None
-        before = [u for r, u in held.items() if r in INSTABILITY and step is not None and (u.since or 0) <= step]
+        before = [u for r, u in held.items() if r in INSTABILITY and step is not None and (u.since or 0) < step]
         if not before:
             out.append(v)
             continue
