@@ -153,6 +153,9 @@ def test_a_weight_frozen_when_training_begins_is_watched_from_the_step_it_trains
     assert record.steps == list(range(80)) and record.events == []
     for step in record.steps:
         assert_row(record, step, *expected[step])
+    for step in (U - 1, U):  # the batch's fingerprint kept across the widening too: its sum + 1e-3 its squares
+        x = batches[step % len(batches)][0].double()
+        assert record.value("flight_batch", step) == pytest.approx(float(x.sum() + 1e-3 * x.square().sum()), rel=1e-6)
     assert record.value("flight_grad_norm", U - 1, "blocks.0.weight") is None
     assert record.value("flight_grad_norm", U, "blocks.0.weight") > 0
     assert record.value("flight_joined", U) == 2  # its weight and bias

@@ -62,12 +62,11 @@ class Ring:
         self.tensor = torch.full((self.size, 4 + 3 * w), math.nan, dtype=torch.float32, device=device)
         if old is not None:
             pairs = [(j, i) for j, i in enumerate(kept) if i is not None]
-            new_cols = [LOSS, GRAD_TOTAL, 4 + 3 * w + BATCH, 4 + 3 * w + COUNT]
-            old_cols = [LOSS, GRAD_TOTAL, 4 + 3 * old_w + BATCH, 4 + 3 * old_w + COUNT]
+            new_cols, old_cols = [LOSS, GRAD_TOTAL, BATCH, COUNT], [LOSS, GRAD_TOTAL, BATCH, COUNT]
             for k in range(len(SERIES)):
                 new_cols += [NORMS + k * w + j for j, _ in pairs]
                 old_cols += [NORMS + k * old_w + i for _, i in pairs]
-            self.tensor[:, new_cols] = old[:, old_cols].to(device)
+            self.tensor[:, new_cols] = old[:, old_cols]
         self.slots = [Row(row, w) for row in self.tensor.unbind(0)]
         self._back = torch.arange(-spikes.BAND, 0, device=device)
 

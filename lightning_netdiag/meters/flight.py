@@ -171,7 +171,7 @@ class FlightMeter(ParameterMeter):
         self._ranks = self._world()  # every rank's row is summed (one collective)
         # a weight frozen now is watched from the step it trains (unfrozen): until then none of its bytes is read
         self._watch([(name, p) for name, p in self._selected.values() if p.requires_grad])
-        device = self._copies.device if self._params else None  # type: ignore[union-attr]
+        device = self._params[0][1].device if self._params else None
         # By default where the verdict is read at once (not on a GPU: there it comes a step late, after the optimizer
         # step; asked for, one synchronisation a step), a step whose gradients turn non-finite is replayed to find the
         # module that made them, one whose loss or gradient norm spikes to tell whether it reproduces; never when

@@ -235,7 +235,7 @@ class UpdateMeter(ParameterMeter):
         # the parameter's version counter when copied)
         self._before: dict[str, tuple[nn.Parameter, Tensor | None, Tensor, int]] = {}
         self._indices: dict[str, Tensor] = {}  # the fixed sample of each parameter, drawn once
-        self._orphans: list[tuple[str, nn.Parameter]] = []  # selected, in no optimizer when attached
+        self._optimizers: list[Any] = []  # a selected weight in none of them is compared across the main one's step
         self._main: tuple[Any, int] | None = None  # the optimizer and group holding most selected weights
         self._lr: float | None = None
         self.grad_data: GradDataMeter | None = None  # whose weight records are shared, when one is attached
@@ -250,15 +250,13 @@ class UpdateMeter(ParameterMeter):
             i, j = max(held, key=held.__getitem__)
             self._main = (optimizers[i], j)
             self.optimizer_family = optimizer_family(optimizers[i])
-        if optimizers:
-            stepped = {id(p) for opt in optimizers for group in opt.param_groups for p in group["params"]}
-            self._orphans = [(name, p) for key, (name, p) in self._selected.items() if key not in stepped]
+        self._optimizers = list(optimizers)
 
     def detach(self) -> None:
         super().detach()
         self._before = {}
         self._indices = {}
-        self._orphans = []
+        self._optimizers = []
         self._main = None
 
     def meet(self, meters: Sequence[Meter]) -> None:
@@ -277,10 +275,10 @@ class UpdateMeter(ParameterMeter):
         with own_work():
             chosen = self._stepped_by(optimizer)
             if self._main is not None and optimizer is self._main[0]:
-                # A weight with a gradient left out of every optimizer is compared across the main one's step: it must
-                # not move (one added to an optimizer since, as a backbone unfrozen, is among those it steps).
-                stepped = {name for name, _ in chosen}
-                chosen += [(name, p) for name, p in self._orphans if p.grad is not None and name not in stepped]
+                # A weight with a gradient left out of every optimizer (as they hold their groups now: a backbone
+                # unfrozen is added to one) is compared across the main one's step: it must not move.
+                held = {id(p) for opt in self._optimizers for group in opt.param_groups for p in group["params"]}
+                chosen += [(n, p) for key, (n, p) in self._selected.items() if key not in held and p.grad is not None]
                 self._lr = float(optimizer.param_groups[self._main[1]]["lr"])  # a tensor rate: read once a step
             for name, p in chosen:
                 part = self._shard(name, p)[0]
