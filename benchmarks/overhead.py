@@ -16,9 +16,12 @@ Configurations, each run in a process of its own, interleaved (bare, ours, lectu
 - ``wandb``: ``wandb.watch(model, log="all")`` in offline mode (parameters and gradients, no activations);
   left out with a note when wandb is not installed.
 
+Every configuration with our callbacks runs as a plain install does, without google-crc32c: TensorBoard's records are
+checksummed a block at a time (:mod:`lightning_netdiag.checksum`), as netdiag sets up at its first write.
 With ``--breakdown``, also: ``no-sink`` (ours, computing everything but writing nothing: the difference to
-``ours`` is the TensorBoard write, its writer thread included), ``fast-crc`` (ours after
-``lightning_netdiag.fast_tensorboard_checksums()``), each callback alone (``sat``, ``d3``, ``d4``, ``logits``,
+``ours`` is the TensorBoard write, its writer thread included), ``fast-crc`` (ours with google-crc32c's C checksums,
+the ``fast`` extra), ``tb-crc`` (ours with TensorBoard's own pure-Python checksums, as before netdiag replaced them:
+``fast_tensorboard_checksums(False)``), each callback alone (``sat``, ``d3``, ``d4``, ``logits``,
 ``adam``), and ``no-op`` (five callbacks that override nothing: what Lightning's hook calls cost any five).
 
 ``--flight`` times the flight recorder (``FlightRecorder``, every step) on makemore-deep and GPT-2 6x384, logging
@@ -65,7 +68,7 @@ from pathlib import Path
 
 CONFIGS = ("bare", "ours", "lecture", "wandb")
 BLOCK = 10  # --flight: the recorder on for this many steps, then off for as many
-BREAKDOWN = ("no-sink", "fast-crc", "sat", "d3", "d4", "logits", "adam", "no-op")
+BREAKDOWN = ("no-sink", "fast-crc", "tb-crc", "sat", "d3", "d4", "logits", "adam", "no-op")
 
 
 def recording(step: int) -> bool:
@@ -365,7 +368,9 @@ def worker(workload: str, config: str, every: int, warmup: int, timed: int, out:
         "adam": OptimizerState,
     }
     callbacks: list[L.Callback] = []
-    if config in ("ours", "no-sink", "fast-crc"):
+    if config != "fast-crc":  # as a plain install: the block checksums (netdiag's) or, with tb-crc, TensorBoard's
+        sys.modules["google_crc32c"] = None  # type: ignore[assignment]
+    if config in ("ours", "no-sink", "fast-crc", "tb-crc"):
         callbacks = [cls() for cls in ours.values()]
         if config == "ours":  # the hooks Lightning calls, and the module hooks, timed
             for cb in callbacks:
@@ -375,8 +380,8 @@ def worker(workload: str, config: str, every: int, warmup: int, timed: int, out:
             ActivationHooks._pre_hook = clocked(ActivationHooks._pre_hook)
         if config == "no-sink":
             LoggerSink.emit = lambda *args, **kwargs: None  # everything computed, nothing written
-        if config == "fast-crc":
-            fast_tensorboard_checksums()
+        if config == "tb-crc":
+            fast_tensorboard_checksums(False)
     elif config in ours:
         callbacks = [ours[config]()]
     elif config.startswith("flight"):  # on for BLOCK steps, off for the next BLOCK: both timed in this process
@@ -678,9 +683,10 @@ def breakdown(workloads: list[Workload], results: dict) -> str:
     """Where a logging step's added time goes: per callback alone, and computing versus writing."""
     lines = [
         "| model | logging | added per logging step: ours | computing (no-sink) | TensorBoard write "
-        "(ours - no-sink) | ours with fast checksums | SaturationMonitor alone | GradDataRatio alone "
-        "| UpdateRatio alone | LogitMonitor alone | OptimizerState alone |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "(ours - no-sink) | ours with C checksums (fast-crc) | ours with TensorBoard's checksums (tb-crc) "
+        "| SaturationMonitor alone | GradDataRatio alone | UpdateRatio alone | LogitMonitor alone "
+        "| OptimizerState alone |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for w in workloads:
         for every in w.timed:
@@ -689,7 +695,7 @@ def breakdown(workloads: list[Workload], results: dict) -> str:
             lines.append(
                 f"| {w.name} | every {'step' if every == 1 else f'{every} steps'} | {add['ours']:.2f} ms | "
                 f"{add['no-sink']:.2f} ms | {add['ours'] - add['no-sink']:.2f} ms | {add['fast-crc']:.2f} ms | "
-                f"{add['sat']:.2f} ms | "
+                f"{add['tb-crc']:.2f} ms | {add['sat']:.2f} ms | "
                 f"{add['d3']:.2f} ms | {add['d4']:.2f} ms | {add['logits']:.2f} ms | {add['adam']:.2f} ms |"
             )
     return "\n".join(lines)

@@ -276,6 +276,7 @@ class AttentionHooks:
         self._device: torch.device | None = None
         self._mode = _AttentionCapture(self)
         self._capture = HookHandles()
+        self._looked = False  # an armed forward ran: its calls were looked for
 
     # --- when: the meter drives these -----------------------------------------------------------------
 
@@ -289,13 +290,18 @@ class AttentionHooks:
     def start(self) -> None:
         """An armed forward begins."""
         self.phase, self._calls, self._products = FORWARD, {}, {}
-        if not len(self._capture):
+        self.output.start(self._root)
+        if not len(self._capture) and self._looks_for_calls():
             self._stack.clear()
             self._capture.add(register_module_forward_pre_hook(self._enter))
             self._capture.add(register_module_forward_hook(self._leave, always_call=True))
-            self.output.start(self._root)
             self._mode.__enter__()
             self._capture.add(ModeExit(self._mode))
+
+    def _looks_for_calls(self) -> bool:
+        """Whether an armed forward passes through the function mode: the first does; after it, only a model with
+        attention modules or calls seen (an MLP's forward then pays for no Python handler on each torch call)."""
+        return not self._looked or bool(self._attention) or bool(self.layers)
 
     def backward(self) -> None:
         if self.phase == FORWARD:
@@ -307,6 +313,7 @@ class AttentionHooks:
             self.phase, self._calls = FORWARD, {}
 
     def stop(self) -> None:
+        self._looked = self._looked or self.phase != IDLE
         self.phase = IDLE
         self._capture.remove()
         self.output.stop()

@@ -145,18 +145,14 @@ class Layer:
         self.grad = torch.zeros(size, dtype=torch.float64, device=device) if track_grad else None
         self.alive = None
 
-    def reset(self) -> None:
-        for record in (self.act, self.grad, self.alive):
-            if record is not None:
-                record.zero_()
-
 
 class ActivationHooks:
     """Hooks on the watched activation modules and, on armed steps, on every functional activation call.
 
     Module hooks stay registered for the whole fit and return at once unless a step is armed. Functional
     calls are seen through a ``TorchFunctionMode`` and the owning module through global module hooks,
-    both entered only for an armed step (:meth:`start`) and left after its backward (:meth:`stop`).
+    both entered only for an armed step (:meth:`start`) and left after its backward (:meth:`stop`); after the
+    first armed step, only where it watched a functional call (:meth:`_looks_for_calls`).
 
     Phases: ``FORWARD`` records each call's output and hooks its gradient; ``BACKWARD`` (activation
     checkpointing recomputes the forward inside the backward) records nothing again and only hooks the
@@ -219,6 +215,7 @@ class ActivationHooks:
         self._made_in: dict[int, set[Layer]] = {}  # module -> the layers made in its forward
         self._mode = _CallCapture(self) if watch_call is not None else None  # only then are calls handed to us
         self._capture = HookHandles()  # the global module hooks, while a step is armed
+        self._looked = False  # an armed forward ran: its functional calls were looked for
         self.handles = HookHandles()
         for name, module, kind in modules:
             self._layer(("m", id(module), 1), name or "model", kind, type(module).__name__)
@@ -232,21 +229,26 @@ class ActivationHooks:
         """Zeroed records on ``device``, before the first armed forward of a step; allocated only once."""
         self._device = device
         for layer in self.layers:
-            if layer.act is not None and layer.act.device == device:
-                layer.reset()
-            else:
+            if layer.act is None or layer.act.device != device:
                 layer.allocate(device, self.histograms, self.track_grad)
+        self.reset()
 
     def start(self) -> None:
         """An armed forward begins: record every call from here on."""
         self.phase, self._calls, self._entered = FORWARD, {}, {}
         self._pending.clear()
-        if self._mode is not None and not len(self._capture):
+        if self._mode is not None and not len(self._capture) and self._looks_for_calls():
             self._stack.clear()
             self._capture.add(register_module_forward_pre_hook(self._enter))
             self._capture.add(register_module_forward_hook(self._leave, always_call=True))
             self._mode.__enter__()
             self._capture.add(ModeExit(self._mode))
+
+    def _looks_for_calls(self) -> bool:
+        """Whether an armed forward passes through the function mode: the first does; after it, only where a
+        functional call was watched, or where the loss is read from ``loss.backward()`` (:attr:`on_backward`). A model
+        whose activations are modules then pays for no Python handler on each torch call of its forward."""
+        return not self._looked or self.on_backward is not None or any(key[0] == "f" for key in self._by_key)
 
     def backward(self) -> None:
         """The backward of an armed forward begins: a recomputed forward only hooks gradients."""
@@ -260,13 +262,16 @@ class ActivationHooks:
             self.phase, self._calls, self._entered = FORWARD, {}, {}
 
     def stop(self) -> None:
+        self._looked = self._looked or self.phase != IDLE
         self.phase = IDLE
         self._capture.remove()
         self._pending.clear()
 
     def reset(self) -> None:
-        for layer in self.layers:
-            layer.reset()
+        """Every record zeroed, in one call (one launch on a GPU for them all, not one per record)."""
+        records = [r for layer in self.layers for r in (layer.act, layer.grad, layer.alive) if r is not None]
+        if records:
+            torch._foreach_zero_(records)
 
     def remove(self) -> None:
         self.stop()
@@ -348,16 +353,17 @@ class ActivationHooks:
         if layer.order is None:
             layer.order, self._seen = self._seen, self._seen + 1
         record = stats.tensor_record(t, layer.act_bins if self.histograms else None)
+        extra: list[Tensor] = []  # the saturated count
         if layer.rule is not None:
             mask = input_mask if layer.rule.on_input else layer.rule.mask(t)
             finite = stats.finite_mask(t, record)
             saturated, alive = stats.saturation_extra(mask, finite, unit_dim_of(t, self.unit_dim))  # type: ignore[arg-type]
-            record = stats.with_extra(record, [saturated])
+            extra.append(saturated)
             if layer.alive is None:
                 layer.alive = alive
             else:
                 layer.alive.add_(alive)
-        layer.act.add_(record)  # type: ignore[union-attr]
+        stats.add_record(layer.act, record, extra)  # type: ignore[arg-type]
 
     def _enter(self, module: nn.Module, inputs: object) -> None:
         if id(module) not in self._names or _PAUSED[0]:
@@ -437,11 +443,11 @@ class OutputProbe:
             self.handles.add(register_module_forward_hook(self._hook))
 
     def _hook(self, module: nn.Module, inputs: object, output: object) -> None:
-        if _PAUSED[0]:
+        if _PAUSED[0] or not isinstance(output, Tensor) or next(module.parameters(recurse=False), None) is None:
             return
-        owns = next(module.parameters(recurse=False), None) is not None
-        if owns and isinstance(output, Tensor) and output.is_floating_point() and output.dim() >= 2:
-            self._last = (self._names.get(id(module), type(module).__name__), output)
+        with own_work():  # a user's function mode sees only the model's calls, not these checks
+            if output.is_floating_point() and output.dim() >= 2:
+                self._last = (self._names.get(id(module), type(module).__name__), output)
 
     def backward(self, loss: Tensor | None) -> None:
         """A forward ended and its backward starts from ``loss`` (unscaled; None if unknown): add their record."""
@@ -531,6 +537,6 @@ def _grad_hook(total: Tensor, bins: stats.Bins | None, divisor: Tensor | float |
     def hook(grad: Tensor) -> None:
         with torch.no_grad(), own_work():
             record = stats.tensor_record(grad.detach(), bins, divisor=divisor)  # in float32, chunk by chunk
-            total.add_(stats.with_extra(record, stats.half_counts(grad.detach())))
+            stats.add_record(total, record, stats.half_counts(grad.detach()))
 
     return hook

@@ -25,9 +25,9 @@ from torch._utils import _flatten_dense_tensors
 
 __all__ = [
     "DEFAULT_THRESHOLD", "HALF_EXTRA", "HIST_SAMPLE", "MOMENTS", "SAMPLE_BLOCK", "SMALL", "Bins", "Histogram",
-    "Moments", "finite_mask", "half_counts", "host_reads_free", "launch_bound", "linear_bins", "log2_bins",
-    "ratio_log10", "record_size", "recorded", "sample_stride", "saturation_extra", "sum_of_squares", "tensor_record",
-    "tensor_records", "with_extra",
+    "Moments", "add_record", "finite_mask", "half_counts", "host_reads_free", "launch_bound", "linear_bins",
+    "log2_bins", "ratio_log10", "record_size", "recorded", "sample_stride", "saturation_extra", "sum_of_squares",
+    "tensor_record", "tensor_records",
 ]  # fmt: skip
 
 #: Slots every record starts with: finite count, sum, sum of squares, non-finite count.
@@ -218,7 +218,7 @@ def finite_mask(x: Tensor, record: Tensor) -> Tensor | None:
 
 def tensor_record(x: Tensor, bins: Bins | None, divisor: Tensor | float | None = None) -> Tensor:
     """The additive record of ``x`` (divided by ``divisor``): moments of its finite values, histogram
-    counts (insert counts of your own with :func:`with_extra`).
+    counts (add it to a record with counts of your own with :func:`add_record`).
 
     Runs on ``x``'s device, never synchronises with a GPU, and leaves ``x`` untouched. On the host (a CPU
     tensor outside a compiled graph) a tensor of more than :data:`SMALL` values costs about two reads of it
@@ -366,12 +366,13 @@ def _chunk_moments(x: Tensor, host: bool) -> tuple[Tensor, bool]:
 
 
 def _device_moments(x: Tensor) -> Tensor:
-    """The float64 moments of a float32 or float64 chunk with no host read and no float64 copy: the float32 sums
-    (:func:`_sums`) of its finite values, the others counted. Accurate to float32's precision relative to the
-    root mean square (the std of a tensor whose mean is 100 times its spread: to about 1e-4 of itself)."""
+    """The float64 moments of a float32 or float64 chunk with no host read and no float64 copy: the sums of its
+    finite values (added in float64 as they are read; the squares as :func:`sum_of_squares`), the others counted.
+    Accurate to float32's precision relative to the root mean square (the std of a tensor whose mean is 100 times
+    its spread: to about 1e-4 of itself). Nine kernels: each launch counts on a GPU."""
     xz = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
-    bad = xz.ne(x).count_nonzero().double()  # NaN differs from everything, an infinity from 0
-    return torch.stack([x.numel() - bad, *_sums(xz), bad])
+    finite = torch.isfinite(x).sum(dtype=torch.float64)
+    return torch.stack([finite, xz.sum(dtype=torch.float64), sum_of_squares(xz), x.numel() - finite])
 
 
 def _sampled_counts(x: Tensor, flat: Tensor, bins: Bins, divisor: Tensor | float | None, finite: bool) -> Tensor:
@@ -417,12 +418,15 @@ def sample_stride(shape: tuple[int, ...]) -> int:
     return p
 
 
-def with_extra(record: Tensor, extra: Sequence[Tensor]) -> Tensor:
-    """``record`` with the ``extra`` counts inserted after its moments."""
-    if not extra:
-        return record
-    extra_counts = torch.stack([e.to(torch.float64) for e in extra])
-    return torch.cat([record[:MOMENTS], extra_counts, record[MOMENTS:]])
+def add_record(total: Tensor, record: Tensor, extra: Sequence[Tensor] = ()) -> None:
+    """Add ``record`` to ``total``, a record with extra counts after its moments (``len(total) - len(record)`` of
+    them), and the float64 counts ``extra`` to those (none: they are left as they are). In place, a slice at a
+    time: the record is never copied with its extra counts inserted (on a GPU, two or three launches)."""
+    n_extra = total.numel() - record.numel()
+    total[:MOMENTS].add_(record[:MOMENTS])
+    total[MOMENTS + n_extra :].add_(record[MOMENTS:])
+    if extra:
+        total[MOMENTS : MOMENTS + n_extra].add_(torch.stack(list(extra)))
 
 
 #: fp16's smallest normal value: below it, a value keeps fewer significant bits, and below 2**-24 it is 0.
@@ -433,9 +437,10 @@ HALF_EXTRA = 2
 
 
 def half_counts(x: Tensor) -> list[Tensor]:
-    """``x``'s two :data:`HALF_EXTRA` counts: zeros unless ``x`` is fp16 (bf16 has float32's range)."""
+    """``x``'s two :data:`HALF_EXTRA` counts where ``x`` is fp16; none otherwise, where both are zero (bf16 has
+    float32's range)."""
     if x.dtype != torch.float16:
-        return [x.new_zeros((), dtype=torch.float64)] * HALF_EXTRA
+        return []
     tiny = (x != 0) & (x.abs() < FP16_TINY)
     return [x.new_full((), float(x.numel()), dtype=torch.float64), tiny.sum().to(torch.float64)]
 

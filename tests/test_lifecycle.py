@@ -178,6 +178,50 @@ def test_a_crash_mid_forward_leaves_no_function_mode_and_no_global_hook(tmp_path
     torch.relu(torch.ones(2))  # and torch works as before
 
 
+class ReluAttentionNet(L.LightningModule):
+    """A functional activation and an attention module: something for both function modes to see at every step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.out = nn.Linear(6, 8), nn.Linear(8, 4)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        h = torch.relu(self.lin(x))[:, None]
+        return nn.functional.cross_entropy(self.out(self.attn(h, h, h)[0][:, 0]), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize("model, later", [(TinyNet, []), (ReluAttentionNet, ["_AttentionCapture", "_CallCapture"])])
+def test_function_modes_stay_on_after_the_first_measured_step_only_where_they_found_calls(tmp_path, model, later):
+    """The captures pass each torch call of a measured forward through a Python handler: at the first measured step
+    always; later only where that step found a call to watch (a functional activation, an attention). A model of
+    activation modules and no attention (TinyNet: its numbers at every step are checked in test_both_packages) runs
+    its later measured forwards with no function mode on."""
+    from torch.overrides import _get_current_function_mode_stack
+
+    from lightning_netdiag import LogitMonitor
+
+    modes: dict[int, list[str]] = {}
+
+    class Modes(L.Callback):
+        def on_fit_start(self, trainer, pl_module):
+            def seen(*args) -> None:
+                names = sorted(type(m).__name__ for m in _get_current_function_mode_stack())
+                modes.setdefault(trainer.global_step, names)
+
+            next(m for m in pl_module.modules() if isinstance(m, nn.Linear)).register_forward_hook(seen)
+
+    cbs = [SaturationMonitor(every_n_steps=2), LogitMonitor(every_n_steps=2), Modes()]
+    trainer(tmp_path, cbs, max_steps=5, limit_val_batches=0, logger=False).fit(model(), loader())
+    assert modes == {0: ["_AttentionCapture", "_CallCapture"], 1: [], 2: later, 3: [], 4: later}
+    if later:
+        assert "netdiag/act_std/relu" in cbs[0].history and len(cbs[0].history["netdiag/act_std/relu"]) == 3
+
+
 def test_idle_steps_run_only_flag_checks(tmp_path):
     """What runs of ours on a step that is not measured: counted, function by function, and no torch call."""
     import collections

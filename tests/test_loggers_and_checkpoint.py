@@ -2,6 +2,7 @@
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from tensorboard.plugins.custom_scalar import layout_pb2
 
-from lightning_netdiag import GradDataRatio, fast_tensorboard_checksums
+from lightning_netdiag import GradDataRatio, checksum, fast_tensorboard_checksums, sinks
 from lightning_netdiag.sinks import CHARTS
 from lightning_netdiag.tags import KIND_OF
 
@@ -152,22 +153,54 @@ def test_a_tensorboard_logger_with_a_key_prefix_keeps_its_own_per_value_calls(tm
     assert "netdiag/grad/net.3.weight" in hists
 
 
-def test_fast_checksums_are_tensorboards_own_and_are_only_used_when_asked_for(tmp_path):
+@pytest.fixture
+def tensorboards_checksum():
+    """TensorBoard's own masked CRC32C; what netdiag chose and installed is put back after the test."""
     from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
     from tensorboard.summary.writer import record_writer
 
-    assert record_writer.masked_crc32c is masked_crc32c  # nothing is replaced on import
+    saved = record_writer.masked_crc32c, sinks._CHECKSUMS_CHOSEN[0]
+    record_writer.masked_crc32c, sinks._CHECKSUMS_CHOSEN[0] = masked_crc32c, None
+    yield masked_crc32c
+    record_writer.masked_crc32c, sinks._CHECKSUMS_CHOSEN[0] = saved
+
+
+def test_block_checksums_are_tensorboards_own(tensorboards_checksum):
+    google_crc32c = pytest.importorskip("google_crc32c")
+    g = torch.Generator().manual_seed(0)
+    lengths = [*range(300), 511, 512, 513, 4096, 17_626, 65_537]
+    for n in lengths:
+        data = torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g).numpy().tobytes()
+        assert checksum.crc32c(data) == google_crc32c.value(data), n
+    for n in (0, 8, 63, 64, 256, 1000):  # the masked form, against TensorBoard's pure-Python code itself
+        data = torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g).numpy().tobytes()
+        assert checksum.masked_crc32c(data) == tensorboards_checksum(data), n
+
+
+@pytest.mark.parametrize("google", [True, False])
+def test_fast_checksums_are_installed_at_the_first_write_and_tensorboard_reads_them(
+    tmp_path, monkeypatch, tensorboards_checksum, google
+):
+    from tensorboard.summary.writer import record_writer
+
+    if not google:  # as where google-crc32c is not installed: the block checksums
+        monkeypatch.setitem(sys.modules, "google_crc32c", None)
+    assert record_writer.masked_crc32c is tensorboards_checksum  # nothing is replaced on import
     data = [b"", b"a", bytes(range(256)) * 9, torch.randint(0, 256, (5000,), dtype=torch.uint8).numpy().tobytes()]
-    fast_tensorboard_checksums()
-    try:
-        assert record_writer.masked_crc32c is not masked_crc32c
-        assert [record_writer.masked_crc32c(d) for d in data] == [masked_crc32c(d) for d in data]
-        cbs = all_callbacks(2)
-        t = trainer(tmp_path, cbs, max_steps=3, limit_val_batches=0)
-        t.fit(TinyNet(), loader())
-    finally:
-        fast_tensorboard_checksums(False)
-    assert record_writer.masked_crc32c is masked_crc32c
-    # TensorBoard's reader checks every record's checksum (with its own code, now restored)
+    t = trainer(tmp_path, all_callbacks(2), max_steps=3, limit_val_batches=0)
+    t.fit(TinyNet(), loader())
+    installed = record_writer.masked_crc32c
+    assert installed is not tensorboards_checksum
+    assert (installed is checksum.masked_crc32c) is not google
+    assert [installed(d) for d in data] == [tensorboards_checksum(d) for d in data]
+    # TensorBoard's reader checks every record's checksum with its own code
     ours = [e for e in events(t.logger.log_dir) if any(v.tag.startswith("netdiag/") for v in e.summary.value)]
     assert [e.step for e in ours] == [0] * 6 + [2, 2, 2]  # with each meter's description at step 0
+
+
+def test_tensorboards_own_checksums_stay_where_the_user_chose_them(tmp_path, tensorboards_checksum):
+    from tensorboard.summary.writer import record_writer
+
+    fast_tensorboard_checksums(False)
+    trainer(tmp_path, all_callbacks(2), max_steps=3, limit_val_batches=0).fit(TinyNet(), loader())
+    assert record_writer.masked_crc32c is tensorboards_checksum

@@ -174,7 +174,7 @@ def test_the_layers_hold_core_imports_no_front_end_and_views_no_meter():
         "stats", "spikes", "activations", "select", "capture", "attention", "origin", "dist", "tags", "history",
         "record", "run", "meters", "flight",
     }  # fmt: skip
-    views = {"sinks", "logs", "plots", "report", "render", "rules"}
+    views = {"sinks", "checksum", "logs", "plots", "report", "render", "rules"}
 
     def imported(path: Path) -> set[str]:
         """Our modules that ``path`` imports, and ``"<name>"`` for each other package."""

@@ -12,7 +12,7 @@ from lightning_netdiag.meters.activation import ActivationMeter
 from lightning_netdiag.meters.base import InRecord, Meter, records_by_kind
 from lightning_netdiag.meters.flight import FlightMeter
 from lightning_netdiag.meters.logits import LogitMeter
-from lightning_netdiag.meters.optimizer import OptimizerMeter, adam_record
+from lightning_netdiag.meters.optimizer import OptimizerMeter, adam_records
 from lightning_netdiag.meters.parameters import (
     DEFAULT_TARGET,
     GradDataMeter,
@@ -23,5 +23,5 @@ from lightning_netdiag.meters.parameters import (
 
 __all__ = [
     "DEFAULT_TARGET", "ActivationMeter", "FlightMeter", "GradDataMeter", "InRecord", "LogitMeter", "Meter",
-    "OptimizerMeter", "ParameterMeter", "UpdateMeter", "adam_record", "optimizer_family", "records_by_kind",
+    "OptimizerMeter", "ParameterMeter", "UpdateMeter", "adam_records", "optimizer_family", "records_by_kind",
 ]  # fmt: skip
