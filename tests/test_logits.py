@@ -409,8 +409,10 @@ def test_output_logits_over_micro_batches():
 # --- Adam's state ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("amsgrad", [False, True])
-def test_adam_state(amsgrad):
+@pytest.mark.parametrize("amsgrad, group", [(False, None), (True, None), (False, 100)])
+def test_adam_state(amsgrad, group, monkeypatch):
+    if group is not None:  # each weight's moments in a foreach call of their own (192 and 96 values)
+        monkeypatch.setattr("lightning_netdiag.meters.optimizer._GROUP", group)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 32), nn.Tanh(), nn.Linear(32, 3))
     eps = 1e-5

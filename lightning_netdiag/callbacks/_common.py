@@ -23,17 +23,17 @@ __all__ = [
 ]  # fmt: skip
 
 
-def logging_step(trainer: pl.Trainer, every_n_steps: int, requested: Container[int] = ()) -> int | None:
-    """The optimizer step that the current training batch leads to, if that step is measured.
+def logging_step(step: int, every_n_steps: int, requested: Container[int] = ()) -> int | None:
+    """``step``, the optimizer step that the current training batch leads to (``trainer.global_step``), if it is
+    measured.
 
     One logging step is one optimizer step: ``trainer.global_step`` counts them, so every micro-batch of
     an accumulation window shares its step. Steps 0, n, 2n, ... are measured: step 0 shows the network
     at initialisation, as the lecture does; so are the steps ``requested`` (a flight recorder's: the one after an
-    event, so that the state after a spike is on record). Sanity checking, validation, test and predict never count.
+    event, so that the state after a spike is on record). It is asked at ``on_train_batch_start`` only, which
+    Lightning calls for training batches only: sanity checking, validation, test and predict never count (and
+    asking the Trainer so at every step cost each callback 4 µs, a fifth of its hooks' time on a 2 ms step).
     """
-    if trainer.sanity_checking or not trainer.training:
-        return None
-    step = trainer.global_step
     return step if step % every_n_steps == 0 or step in requested else None
 
 
@@ -142,13 +142,14 @@ class DiagnosticCallback(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        measured = logging_step(trainer, self._every, self._requested)
-        if trainer.global_step != self._began:  # the first micro-batch of a step
-            self._began = trainer.global_step
+        step = trainer.global_step
+        measured = logging_step(step, self._every, self._requested)
+        if step != self._began:  # the first micro-batch of a step
+            self._began = step
             if self.every_step:  # type: ignore[attr-defined]  # it saves its window at the run's logging steps
-                self._logging = self._log_every > 0 and logging_step(trainer, self._log_every) is not None
+                self._logging = self._log_every > 0 and logging_step(step, self._log_every) is not None
             if "step_starts" in self._moments:
-                self.step_starts(trainer.global_step, measured)  # type: ignore[attr-defined]
+                self.step_starts(step, measured)  # type: ignore[attr-defined]
         if "forward_starts" in self._moments:
             self.forward_starts(measured, pl_module.device)  # type: ignore[attr-defined]
         if "batch_seen" in self._moments:
