@@ -14,6 +14,8 @@ The initial ``0xFFFFFFFF`` is the first four bytes inverted with a zero register
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 __all__ = ["BLOCK", "crc32c", "mask", "masked_crc32c"]
@@ -43,14 +45,17 @@ def _advance(values: np.ndarray, zeros: int) -> np.ndarray:
     return values
 
 
-# _IN_BLOCK[k, b]: the term of byte b at position k of a block, as it stands at the block's end
-_IN_BLOCK = np.empty((BLOCK, 256), dtype=np.uint32)
-_IN_BLOCK[BLOCK - 1] = _T
-for _k in range(BLOCK - 2, -1, -1):
-    _IN_BLOCK[_k] = _advance(_IN_BLOCK[_k + 1], 1)
-_POSITIONS = np.arange(BLOCK)
-# the shift over a block of zero bytes, as four tables: one per byte of the register
-_SHIFT = [[int(v) for v in _advance(np.arange(256, dtype=np.uint32) << (8 * j), BLOCK)] for j in range(4)]
+@functools.cache
+def _block_tables() -> tuple[np.ndarray, list[list[int]]]:
+    """``in_block[k, b]``: the term of byte ``b`` at place ``k`` of a block, as it stands at the block's end; and the
+    shift over a block of zero bytes as four tables, one per byte of the register. Made at the first long message
+    (a few ms), not when a module that may checksum is imported."""
+    in_block = np.empty((BLOCK, 256), dtype=np.uint32)
+    in_block[BLOCK - 1] = _T
+    for k in range(BLOCK - 2, -1, -1):
+        in_block[k] = _advance(in_block[k + 1], 1)
+    shift = [[int(v) for v in _advance(np.arange(256, dtype=np.uint32) << (8 * j), BLOCK)] for j in range(4)]
+    return in_block, shift
 
 
 def crc32c(data: bytes) -> int:
@@ -65,8 +70,8 @@ def crc32c(data: bytes) -> int:
     padded = np.zeros(n + (-n) % BLOCK, dtype=np.uint8)
     padded[-n:] = np.frombuffer(data, dtype=np.uint8)
     padded[-n : -n + 4] ^= 0xFF  # the initial register, as the first four bytes inverted
-    blocks = np.bitwise_xor.reduce(_IN_BLOCK[_POSITIONS, padded.reshape(-1, BLOCK)], axis=1)
-    s0, s1, s2, s3 = _SHIFT
+    in_block, (s0, s1, s2, s3) = _block_tables()
+    blocks = np.bitwise_xor.reduce(in_block[np.arange(BLOCK), padded.reshape(-1, BLOCK)], axis=1)
     crc = 0
     for term in blocks.tolist():
         crc = s0[crc & 0xFF] ^ s1[(crc >> 8) & 0xFF] ^ s2[(crc >> 16) & 0xFF] ^ s3[crc >> 24] ^ term

@@ -26,8 +26,8 @@ from torch._utils import _flatten_dense_tensors
 __all__ = [
     "DEFAULT_THRESHOLD", "HALF_EXTRA", "HIST_SAMPLE", "MOMENTS", "SAMPLE_BLOCK", "SMALL", "Bins", "Histogram",
     "Moments", "add_record", "finite_mask", "half_counts", "host_reads_free", "launch_bound", "linear_bins",
-    "log2_bins", "ratio_log10", "record_size", "recorded", "sample_stride", "saturation_extra", "sum_of_squares",
-    "tensor_record", "tensor_records",
+    "log2_bins", "ratio_log10", "record_size", "recorded", "sample_stride", "saturation_extra", "size_groups",
+    "sum_of_squares", "tensor_record", "tensor_records",
 ]  # fmt: skip
 
 #: Slots every record starts with: finite count, sum, sum of squares, non-finite count.
@@ -470,7 +470,7 @@ def tensor_records(xs: Sequence[Tensor], bins: Bins | None, divisor: Tensor | fl
             small.setdefault(t.device, []).append(i)
         else:
             out[i] = tensor_record(t, bins, divisor=divisor)
-    for members in _groups(small.values(), numels):
+    for members in size_groups(small.values(), numels):
         sizes = tuple(numels[i] for i in members)
         with torch.no_grad():  # one call that flattens and concatenates (half the time of cat's), promoting types
             x = _summable(_flatten_dense_tensors([xs[i] for i in members]))
@@ -491,15 +491,15 @@ def tensor_records(xs: Sequence[Tensor], bins: Bins | None, divisor: Tensor | fl
     return out  # type: ignore[return-value]
 
 
-def _groups(on_devices: Iterable[list[int]], numels: list[int]) -> list[list[int]]:
-    """The indices of the tensors of each device split into groups of at most :data:`_GROUP` values (a tensor
-    alone where it is larger), ordered by size: each size's tensors side by side, the rows of one matrix."""
+def size_groups(on_devices: Iterable[list[int]], numels: Sequence[int], limit: int = _GROUP) -> list[list[int]]:
+    """The indices of the tensors of each device (one list per device) split into groups of at most ``limit`` values
+    (a tensor alone where it is larger), ordered by size: each size's tensors side by side, the rows of one matrix."""
     out = []
     for members in on_devices:
         group: list[int] = []
         total = 0
         for i in sorted(members, key=numels.__getitem__):
-            if group and total + numels[i] > _GROUP:
+            if group and total + numels[i] > limit:
                 out.append(group)
                 group, total = [], 0
             group.append(i)

@@ -62,7 +62,8 @@ class Ring:
         self.tensor = torch.full((self.size, 4 + 3 * w), math.nan, dtype=torch.float32, device=device)
         if old is not None:
             pairs = [(j, i) for j, i in enumerate(kept) if i is not None]
-            new_cols, old_cols = [LOSS, GRAD_TOTAL, BATCH, COUNT], [LOSS, GRAD_TOTAL, BATCH, COUNT]
+            new_cols = [LOSS, GRAD_TOTAL, BATCH, COUNT]  # the step's own columns: at the same (negative) places
+            old_cols = list(new_cols)
             for k in range(len(SERIES)):
                 new_cols += [NORMS + k * w + j for j, _ in pairs]
                 old_cols += [NORMS + k * old_w + i for _, i in pairs]

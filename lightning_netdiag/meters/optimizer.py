@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_netdiag import stats
 from lightning_netdiag.capture import own_work
 from lightning_netdiag.meters.base import InRecord
 from lightning_netdiag.meters.parameters import ParameterMeter, optimizer_family
@@ -40,53 +41,43 @@ def adam_records(moments: Sequence[tuple[Tensor, Tensor, Tensor | float, tuple[f
     (eps sets the step there), float64 on the moments' device.
 
     With the bias corrections ``c1 = 1 - beta1**t`` and ``c2 = 1 - beta2**t``,
-    ``u = sqrt(c2) / c1 * m / (sqrt(v) + eps * sqrt(c2))``: one temporary per moment (``sqrt(v)``, then ``u`` in its
-    place) and a read of each moment, the moments of up to :data:`_GROUP` values at a time in one call of each
-    elementwise op. ``step`` may be the optimizer's own step tensor: read on the host where that is free (on the
-    CPU: torch keeps a non-fused, non-capturable Adam's there), kept on the device otherwise (a capturable or fused
-    optimizer's, on the GPU; its elementwise ops then take a tensor per moment).
+    ``u = m / ((sqrt(v) + eps * sqrt(c2)) * c1 / sqrt(c2))``: one temporary per moment (``sqrt(v)``, then ``u`` in its
+    place) and a read of each moment, the moments of each device in groups of up to :data:`_GROUP` values
+    (:func:`~lightning_netdiag.stats.size_groups`), one call of each elementwise op per group. ``step`` may be the
+    optimizer's own step tensor: read on the host where that is free (on the CPU: torch keeps a non-fused,
+    non-capturable Adam's there), kept on the device otherwise (a capturable or fused optimizer's, on the GPU; the
+    elementwise ops then take a 0-dim tensor per moment instead of a number).
     """
-    out: list[Tensor] = []
-    for group in _groups([m.numel() for m, _, _, _, _ in moments]):
-        ms, vs = [moments[i][0] for i in group], [moments[i][1] for i in group]
-        floors: list[Tensor | float] = []
-        scales: list[Tensor | float] = []
-        for i in group:
-            _, _, step, (beta1, beta2), eps = moments[i]
-            if isinstance(step, Tensor) and step.device.type == "cpu":
-                step = step.item()
-            c1: Tensor | float
-            root_c2: Tensor | float
-            if isinstance(step, Tensor):
-                c1, root_c2 = 1 - beta1 ** step.double(), (1 - beta2 ** step.double()).sqrt()
-            else:
-                c1, root_c2 = 1 - beta1**step, math.sqrt(1 - beta2**step)
-            floors.append(eps * root_c2)
-            scales.append((root_c2 / c1) ** 2)
-        us = torch._foreach_sqrt([v.float() for v in vs])
-        below = [torch.count_nonzero(u < floor) for u, floor in zip(us, floors, strict=True)]
-        torch._foreach_add_(us, floors)  # type: ignore[arg-type]  # floats, or 0-dim tensors (a step on the device)
+    floors: list[Tensor | float] = []  # eps * sqrt(c2)
+    scales: list[Tensor | float] = []  # c1 / sqrt(c2)
+    for _, _, step, (beta1, beta2), eps in moments:
+        if isinstance(step, Tensor) and step.device.type == "cpu":
+            step = step.item()
+        c1: Tensor | float
+        root_c2: Tensor | float
+        if isinstance(step, Tensor):
+            c1, root_c2 = 1 - beta1 ** step.double(), (1 - beta2 ** step.double()).sqrt()
+        else:
+            c1, root_c2 = 1 - beta1**step, math.sqrt(1 - beta2**step)
+        floors.append(eps * root_c2)
+        scales.append(c1 / root_c2)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, (m, _, _, _, _) in enumerate(moments):
+        by_device.setdefault(m.device, []).append(i)
+    out: list[Tensor | None] = [None] * len(moments)
+    for group in stats.size_groups(by_device.values(), [m.numel() for m, _, _, _, _ in moments], _GROUP):
+        us = torch._foreach_sqrt([moments[i][1].float() for i in group])
+        below = [torch.count_nonzero(u < floors[i]) for u, i in zip(us, group, strict=True)]
+        torch._foreach_add_(us, [floors[i] for i in group])  # type: ignore[misc]  # numbers, or 0-dim tensors
+        torch._foreach_mul_(us, [scales[i] for i in group])  # type: ignore[misc]
         torch._foreach_reciprocal_(us)
-        torch._foreach_mul_(us, ms)  # now u / (sqrt(c2) / c1)
+        torch._foreach_mul_(us, [moments[i][0] for i in group])  # now u
         squares = torch.stack(torch._foreach_norm(us, 2, dtype=torch.float64)).square_()
-        device = squares.device
-        scale = torch.stack([torch.as_tensor(c, dtype=torch.float64, device=device) for c in scales])
-        counts = torch.tensor([float(u.numel()) for u in us], dtype=torch.float64, device=device)
-        out += torch.stack([counts, squares * scale, torch.stack(below).double()], dim=1).unbind()
-    return out
-
-
-def _groups(sizes: Sequence[int]) -> list[list[int]]:
-    """Consecutive indices of ``sizes`` in groups of at most :data:`_GROUP` values (one larger alone)."""
-    groups: list[list[int]] = []
-    total = 0
-    for i, n in enumerate(sizes):
-        if not groups or total + n > _GROUP:
-            groups.append([])
-            total = 0
-        groups[-1].append(i)
-        total += n
-    return groups
+        counts = torch.tensor([float(u.numel()) for u in us], dtype=torch.float64, device=squares.device)
+        rows = torch.stack([counts, squares, torch.stack(below).double()], dim=1).unbind()
+        for i, row in zip(group, rows, strict=True):
+            out[i] = row
+    return out  # type: ignore[return-value]
 
 
 class OptimizerMeter(ParameterMeter):
