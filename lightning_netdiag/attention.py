@@ -313,8 +313,9 @@ class AttentionHooks:
             self.phase, self._calls = FORWARD, {}
 
     def stop(self) -> None:
-        self._looked = self._looked or self.phase != IDLE
-        self.phase = IDLE
+        if self.phase == IDLE:  # nothing armed since the last stop (each step between logging steps)
+            return
+        self._looked, self.phase = True, IDLE
         self._capture.remove()
         self.output.stop()
         self._products = {}

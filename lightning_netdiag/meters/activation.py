@@ -114,6 +114,7 @@ class ActivationMeter(Meter):
             grad_divisor=self._grad_divisor,
             max_calls=self.max_calls,
             activation_modules=known,
+            persistent=is_compiled,
         )
         self._describe_layers(self._hooks.layers)
 
