@@ -409,14 +409,22 @@ def test_output_logits_over_micro_batches():
 # --- Adam's state ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("amsgrad, group", [(False, None), (True, None), (False, 100)])
-def test_adam_state(amsgrad, group, monkeypatch):
+@pytest.mark.parametrize(
+    "amsgrad, group, on_device",
+    [(False, None, False), (True, None, False), (False, 100, False), (False, None, True), (True, 100, True)],
+)
+def test_adam_state(amsgrad, group, on_device, monkeypatch):
     if group is not None:  # each weight's moments in a foreach call of their own (192 and 96 values)
         monkeypatch.setattr("lightning_netdiag.meters.optimizer._GROUP", group)
+    if on_device:  # a fused AdamW's step count as a GPU's is: a tensor the host does not read (bias corrections
+        # as 0-dim tensors in the foreach calls), the path of a fused or capturable Adam on a GPU, run on the CPU
+        monkeypatch.setattr("lightning_netdiag.meters.optimizer._on_host", lambda step: False)
+    reads = []
+    monkeypatch.setattr(torch.Tensor, "item", lambda t: reads.append(t) or t.tolist())
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 32), nn.Tanh(), nn.Linear(32, 3))
     eps = 1e-5
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, eps=eps, amsgrad=amsgrad)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, eps=eps, amsgrad=amsgrad, fused=on_device)
     x, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
     x[:, :2] = 0  # the first layer's weights on these inputs get no gradient: there eps sets the step
     diag = NetDiag(model, optimizer, every_n_steps=3, saturation=False, grad_data=False, update=False, logits=False)
@@ -427,6 +435,9 @@ def test_adam_state(amsgrad, group, monkeypatch):
             optimizer.step()
             if diag.steps == 4:  # step 3 was measured just now: read the state as the meter did
                 state = {n: optimizer.state[p] for n, p in model.named_parameters()}
+    steps = {id(s["step"]) for s in state.values()}
+    assert any(id(t) in steps for t in reads) is not on_device  # the step counts read on the host, or not at all
+    monkeypatch.undo()
     record = diag.optimizer_state.record
     assert record.steps == [0, 3] and record.optimizer_family == "adam" and record.eps == eps
     assert record.names("adam_step_rms") == ["0.weight", "2.weight"]

@@ -35,6 +35,12 @@ __all__ = ["OptimizerMeter", "adam_records"]
 _GROUP = 1 << 24
 
 
+def _on_host(step: Tensor) -> bool:
+    """Whether an Adam step count is read on the host for nothing: a CPU tensor (torch keeps a non-fused,
+    non-capturable Adam's there, on a GPU run too)."""
+    return step.device.type == "cpu"
+
+
 def adam_records(moments: Sequence[tuple[Tensor, Tensor, Tensor | float, tuple[float, float], float]]) -> list[Tensor]:
     """Per ``(exp_avg, exp_avg_sq, step, betas, eps)`` of Adam's state, of its normalised step
     ``u = m_hat / (sqrt(v_hat) + eps)``: the count, the sum of squares, and the count where ``sqrt(v_hat) < eps``
@@ -44,14 +50,14 @@ def adam_records(moments: Sequence[tuple[Tensor, Tensor, Tensor | float, tuple[f
     ``u = m / ((sqrt(v) + eps * sqrt(c2)) * c1 / sqrt(c2))``: one temporary per moment (``sqrt(v)``, then ``u`` in its
     place) and a read of each moment, the moments of each device in groups of up to :data:`_GROUP` values
     (:func:`~lightning_netdiag.stats.size_groups`), one call of each elementwise op per group. ``step`` may be the
-    optimizer's own step tensor: read on the host where that is free (on the CPU: torch keeps a non-fused,
-    non-capturable Adam's there), kept on the device otherwise (a capturable or fused optimizer's, on the GPU; the
-    elementwise ops then take a 0-dim tensor per moment instead of a number).
+    optimizer's own step tensor: read on the host where it is kept there (:func:`_on_host`), kept on the device
+    otherwise (a capturable or fused optimizer's, on the GPU; the elementwise ops then take a 0-dim tensor per moment
+    instead of a number).
     """
     floors: list[Tensor | float] = []  # eps * sqrt(c2)
     scales: list[Tensor | float] = []  # c1 / sqrt(c2)
     for _, _, step, (beta1, beta2), eps in moments:
-        if isinstance(step, Tensor) and step.device.type == "cpu":
+        if isinstance(step, Tensor) and _on_host(step):
             step = step.item()
         c1: Tensor | float
         root_c2: Tensor | float
