@@ -372,14 +372,30 @@ def _chunk_moments(x: Tensor, host: bool) -> tuple[Tensor, bool]:
 
 
 def _device_moments(x: Tensor) -> Tensor:
-    """The float64 moments of a float32 or float64 chunk with no host read and no float64 copy: the sums of its
-    finite values (added in float64 as they are read; the squares as :func:`sum_of_squares`), the others counted.
-    Accurate to float32's precision relative to the root mean square (the std of a tensor whose mean is 100 times
-    its spread: to about 1e-4 of itself). Nine kernels (each launch counts on a GPU): the finite values counted where
-    ``nan_to_num`` left them as they were, one kernel where ``torch.isfinite`` is four."""
+    """The float64 moments of a float32 or float64 chunk with no host read and no full-size float64 or int64
+    temporary: its finite values counted and summed, and their squares, a piece of at most :data:`_ROW` values at a
+    time (:func:`_pieces`) in ``x``'s precision, the pieces added in float64; the others counted. Accurate to
+    float32's precision relative to the root mean square, as the host's sums are (:func:`_host_heads`).
+
+    Not ``x.sum(dtype=torch.float64)``, nor a sum or ``count_nonzero`` of a bool mask on CUDA: torch converts a
+    reduction's whole input to its result's dtype first (but for half and bf16 into float32 on CUDA), a float64 or
+    int64 copy of the chunk, 8 bytes a value written and read again (12 kernels' worth of traffic in 9 launches,
+    the copies unseen by a count of the ops dispatched). The finite values are those ``nan_to_num`` left as they were
+    (one comparison, written as float32 ones and zeros: ``torch.isfinite`` is four kernels)."""
     xz = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
-    finite = x.eq(xz).sum(dtype=torch.float64)  # nan_to_num leaves the finite values as they are; NaN, inf != 0
-    return torch.stack([finite, xz.sum(dtype=torch.float64), sum_of_squares(xz), x.numel() - finite])
+    ok = torch.eq(x, xz, out=torch.empty_like(x))  # NaN and inf != 0
+    n = x.numel()
+    piece, body = _pieces(n)
+    rows, ones = (xz, ok) if body == n else (xz[:body], ok[:body])
+    rows, ones = rows.view(-1, piece), ones.view(-1, piece)
+    parts = torch.stack([ones.sum(1), rows.sum(1), torch.linalg.vector_norm(rows, dim=1)])
+    if body < n:
+        tail = torch.stack([ok[body:].sum(), xz[body:].sum(), torch.linalg.vector_norm(xz[body:])])
+        parts = torch.cat([parts, tail[:, None]], dim=1)
+    parts = parts.double()
+    parts[2].square_()
+    head = parts.sum(1)  # the finite values' count, sum and sum of squares
+    return torch.cat([head, n - head[:1]])
 
 
 def _sampled_counts(x: Tensor, flat: Tensor, bins: Bins, divisor: Tensor | float | None, finite: bool) -> Tensor:
@@ -664,9 +680,10 @@ def saturation_extra(mask: Tensor, finite: Tensor | None, unit_dim: int) -> tupl
     saturated = mask if finite is None else mask & finite
     others = tuple(d for d in range(mask.dim()) if d != unit_dim % mask.dim())
 
-    # one count per unit, over the other dimensions in place (no copy to put the units last); the rest follows
+    # one count per unit, over the other dimensions in place (no copy to put the units last); the rest follows. In
+    # int32: torch reduces a bool mask by first copying it whole to the result's dtype (count_nonzero too, to int64)
     def count(m: Tensor) -> Tensor:
-        return torch.count_nonzero(m, dim=others) if others else m.long()
+        return m.sum(dim=others, dtype=torch.int32) if others else m.int()
 
     per_unit = count(saturated)
     examples = mask.numel() // per_unit.numel() if finite is None else count(finite)
