@@ -27,7 +27,7 @@ __all__ = [
     "DEFAULT_THRESHOLD", "HALF_EXTRA", "HIST_SAMPLE", "MOMENTS", "SAMPLE_BLOCK", "SMALL", "Bins", "Histogram",
     "Moments", "add_record", "finite_mask", "half_counts", "host_reads_free", "launch_bound", "linear_bins",
     "log2_bins", "ratio_log10", "record_size", "recorded", "sample_stride", "saturation_extra", "size_groups",
-    "sum_of_squares", "tensor_record", "tensor_records",
+    "sum_and_squares", "tensor_record", "tensor_records",
 ]  # fmt: skip
 
 #: Slots every record starts with: finite count, sum, sum of squares, non-finite count.
@@ -292,7 +292,7 @@ def _fast_moments(flat: Tensor) -> Tensor | None:
     """
     n = flat.numel()
     if flat.dtype in (torch.float32, torch.float64):
-        s, ss = torch.stack(_sums(flat)).tolist()
+        s, ss = sum_and_squares(flat).tolist()
     else:
         s, ss = _buffered_sums(flat, 0.0)
     if not (math.isfinite(s) and math.isfinite(ss)) or ss < _TINY_SQUARES:
@@ -320,30 +320,29 @@ def _buffered_sums(flat: Tensor, shift: float) -> list[float]:
     parts = []
     for part in flat.split(_FAST_CHUNK):
         chunk = buffer[: part.numel()].copy_(part)
-        parts.append(torch.stack(_sums(chunk.sub_(shift) if shift else chunk)))
+        parts.append(sum_and_squares(chunk.sub_(shift) if shift else chunk))
     return torch.stack(parts).sum(0).tolist()
 
 
-def _sums(v: Tensor) -> tuple[Tensor, Tensor]:
-    """Sum and sum of squares of ``v`` (float32 or float64, one dimension) in float64, reading it twice: ``sum``
-    adds pairwise; the squares as :func:`sum_of_squares`."""
-    return v.sum().double(), sum_of_squares(v)
-
-
-def sum_of_squares(v: Tensor) -> Tensor:
-    """The sum of the squares of the float32 or float64 values ``v`` in float64, in one read: the norms of its
-    :func:`_pieces`, squared and added."""
+def sum_and_squares(v: Tensor) -> Tensor:
+    """``[sum, sum of squares]`` of the float32 or float64 values ``v``, in float64, reading ``v`` twice with no
+    full-size temporary: the sums and norms of its :func:`_pieces` in ``v``'s precision (a float32 norm adds each
+    square to one running sum), the pieces added in float64. Not ``v.sum(dtype=torch.float64)``: torch converts a
+    reduction's whole input to its result's dtype first, a float64 copy written and read again."""
     v = v.reshape(-1)
-    piece, body = _pieces(v.numel())
-    norms = torch.linalg.vector_norm(v.view(-1, piece) if body == v.numel() else v[:body].view(-1, piece), dim=1)
-    if body < v.numel():
-        norms = torch.cat([norms, torch.linalg.vector_norm(v[body:])[None]])
-    norms = norms.double()
-    return torch.dot(norms, norms)
+    n = v.numel()
+    piece, body = _pieces(n)
+    rows = (v if body == n else v[:body]).view(-1, piece)
+    parts = torch.stack([rows.sum(1), torch.linalg.vector_norm(rows, dim=1)])
+    if body < n:
+        parts = torch.cat([parts, torch.stack([v[body:].sum(), torch.linalg.vector_norm(v[body:])])[:, None]], dim=1)
+    parts = parts.double()
+    parts[1].square_()
+    return parts.sum(1)
 
 
 def _row_squares(rows: Tensor) -> Tensor:
-    """:func:`sum_of_squares` of each row of ``rows`` ``(k, n)``."""
+    """The sum of the squares of each row of ``rows`` ``(k, n)`` in float64, as :func:`sum_and_squares` takes it."""
     k, n = rows.shape
     piece, body = _pieces(n)
     squares = torch.linalg.vector_norm(rows[:, :body].unflatten(1, (-1, piece)), dim=2).double().square_().sum(1)
@@ -375,27 +374,28 @@ def _device_moments(x: Tensor) -> Tensor:
     """The float64 moments of a float32 or float64 chunk with no host read and no full-size float64 or int64
     temporary: its finite values counted and summed, and their squares, a piece of at most :data:`_ROW` values at a
     time (:func:`_pieces`) in ``x``'s precision, the pieces added in float64; the others counted. Accurate to
-    float32's precision relative to the root mean square, as the host's sums are (:func:`_host_heads`).
+    float32's precision relative to the root mean square, as the host's sums are. Nine kernels.
 
-    Not ``x.sum(dtype=torch.float64)``, nor a sum or ``count_nonzero`` of a bool mask on CUDA: torch converts a
-    reduction's whole input to its result's dtype first (but for half and bf16 into float32 on CUDA), a float64 or
-    int64 copy of the chunk, 8 bytes a value written and read again (12 kernels' worth of traffic in 9 launches,
-    the copies unseen by a count of the ops dispatched). The finite values are those ``nan_to_num`` left as they were
-    (one comparison, written as float32 ones and zeros: ``torch.isfinite`` is four kernels)."""
-    xz = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
-    ok = torch.eq(x, xz, out=torch.empty_like(x))  # NaN and inf != 0
+    Not ``x.sum(dtype=torch.float64)``, nor a sum or ``count_nonzero`` of a bool mask: torch converts a reduction's
+    whole input to its result's dtype first (but half and bf16 into float32 on CUDA), a float64 or int64 copy of the
+    chunk, 8 bytes a value written and read again (inside the kernel: a count of the ops dispatched does not see it).
+    The finite values are those ``nan_to_num`` left as they were (one comparison, written as float32 ones and zeros
+    beside its output, so that one reduction sums both; ``torch.isfinite`` is four kernels)."""
     n = x.numel()
     piece, body = _pieces(n)
-    rows, ones = (xz, ok) if body == n else (xz[:body], ok[:body])
-    rows, ones = rows.view(-1, piece), ones.view(-1, piece)
-    parts = torch.stack([ones.sum(1), rows.sum(1), torch.linalg.vector_norm(rows, dim=1)])
+    both = x.new_empty(2, n)
+    xz = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0, out=both[0])
+    torch.eq(x, xz, out=both[1])  # NaN and inf != 0
+    sums = (both if body == n else both[:, :body]).unflatten(1, (-1, piece)).sum(2)
+    norms = torch.linalg.vector_norm(xz[:body].view(-1, piece), dim=1)
+    parts = torch.stack([sums[1], sums[0], norms, piece - sums[1]])  # as a record: count, sum, squares, others
     if body < n:
-        tail = torch.stack([ok[body:].sum(), xz[body:].sum(), torch.linalg.vector_norm(xz[body:])])
+        tail = both[:, body:].sum(1)
+        tail = torch.stack([tail[1], tail[0], torch.linalg.vector_norm(xz[body:]), (n - body) - tail[1]])
         parts = torch.cat([parts, tail[:, None]], dim=1)
     parts = parts.double()
     parts[2].square_()
-    head = parts.sum(1)  # the finite values' count, sum and sum of squares
-    return torch.cat([head, n - head[:1]])
+    return parts.sum(1)
 
 
 def _sampled_counts(x: Tensor, flat: Tensor, bins: Bins, divisor: Tensor | float | None, finite: bool) -> Tensor:

@@ -322,5 +322,23 @@ def test_row_squares_of_any_length_match_float64(monkeypatch, n):
 
     monkeypatch.setattr(torch.linalg, "vector_norm", counted)
     assert torch.allclose(stats._row_squares(rows), expected, rtol=1e-6, atol=0)  # float32 norms of <= 1,024 values
-    assert stats.sum_of_squares(rows[1]).item() == pytest.approx(expected[1].item(), rel=1e-6)
+    total, squares = stats.sum_and_squares(rows[1]).tolist()
+    assert squares == pytest.approx(expected[1].item(), rel=1e-6)
+    assert total == pytest.approx(rows[1].double().sum().item(), rel=1e-6)
     assert max(lengths) <= stats._ROW
+
+
+@pytest.mark.parametrize("n", [1, 7, 1024, 5000, 65521, 3 * 4096 + 256])
+def test_device_moments_of_any_length_match_float64(n):
+    """Without a host read (a GPU's path): the finite values counted, summed and squared a piece at a time, the
+    others counted, against a direct float64 computation; with no full-size float64 copy."""
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, generator=g) + 1.0
+    x[:: max(n // 5, 1)] = math.nan
+    x[n // 2] = -math.inf
+    ok = torch.isfinite(x)
+    finite = x[ok].double()
+    count, total, squares, others = stats._device_moments(x).tolist()
+    assert (count, others) == (finite.numel(), n - finite.numel())
+    assert total == pytest.approx(finite.sum().item(), rel=1e-6, abs=1e-6)
+    assert squares == pytest.approx(finite.square().sum().item(), rel=1e-6, abs=1e-6)

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_netdiag import spikes, tags
+from lightning_netdiag import spikes, stats, tags
 from lightning_netdiag.capture import compiled
 from lightning_netdiag.dist import is_sharded, local_shard, rank, rank_zero_warn
 from lightning_netdiag.flight import persist
@@ -267,11 +267,10 @@ class FlightMeter(ParameterMeter):
         if not tensors:
             return
         with torch.no_grad():
-            parts = [
-                t.sum(dtype=torch.float64) + 1e-3 * torch.linalg.vector_norm(t if t.is_floating_point() else t.double(),
-                                                                               dtype=torch.float64).square()
-                for t in tensors
-            ]  # fmt: skip
+            # a piece at a time, added in float64: no float64 copy of a batch of images (ids and halves copied)
+            wide = (torch.float32, torch.float64)
+            sums = [stats.sum_and_squares(t if t.dtype in wide else t.double()) for t in tensors]
+            parts = [torch.add(s[0], s[1], alpha=1e-3) for s in sums]
             value = parts[0] if len(parts) == 1 else torch.stack(parts).sum()
         self._batch = value if self._batch is None else self._batch + value
         if self.keep_batch:
