@@ -329,16 +329,16 @@ def sum_and_squares(v: Tensor) -> Tensor:
     full-size temporary: the sums and norms of its :func:`_pieces` in ``v``'s precision (a float32 norm adds each
     square to one running sum), the pieces added in float64. Not ``v.sum(dtype=torch.float64)``: torch converts a
     reduction's whole input to its result's dtype first, a float64 copy written and read again."""
-    v = v.reshape(-1)
     n = v.numel()
     piece, body = _pieces(n)
-    rows = (v if body == n else v[:body]).view(-1, piece)
-    parts = torch.stack([rows.sum(1), torch.linalg.vector_norm(rows, dim=1)])
+    v = v.reshape(-1, piece) if body == n else v.reshape(-1)
+    rows = v if body == n else v[:body].view(-1, piece)
+    # a piece's sum of squares as its float32 norm squared (float32's rounding of it); the pieces' sums in float64
+    parts = torch.stack([rows.sum(1), torch.linalg.vector_norm(rows, dim=1).square_()])
     if body < n:
-        parts = torch.cat([parts, torch.stack([v[body:].sum(), torch.linalg.vector_norm(v[body:])])[:, None]], dim=1)
-    parts = parts.double()
-    parts[1].square_()
-    return parts.sum(1)
+        tail = torch.stack([v[body:].sum(), torch.linalg.vector_norm(v[body:]).square()])
+        parts = torch.cat([parts, tail[:, None]], dim=1)
+    return parts.double().sum(1)
 
 
 def _row_squares(rows: Tensor) -> Tensor:
@@ -384,18 +384,17 @@ def _device_moments(x: Tensor) -> Tensor:
     n = x.numel()
     piece, body = _pieces(n)
     both = x.new_empty(2, n)
-    xz = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0, out=both[0])
-    torch.eq(x, xz, out=both[1])  # NaN and inf != 0
-    sums = (both if body == n else both[:, :body]).unflatten(1, (-1, piece)).sum(2)
-    norms = torch.linalg.vector_norm(xz[:body].view(-1, piece), dim=1)
-    parts = torch.stack([sums[1], sums[0], norms, piece - sums[1]])  # as a record: count, sum, squares, others
+    ok, xz = both.unbind()
+    torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0, out=xz)
+    torch.eq(x, xz, out=ok)  # NaN and inf != 0
+    count, total = (both if body == n else both[:, :body]).unflatten(1, (-1, piece)).sum(2).unbind()
+    squares = torch.linalg.vector_norm((xz if body == n else xz[:body]).view(-1, piece), dim=1).square_()
+    parts = torch.stack([count, total, squares, piece - count])  # as a record: count, sum, squares, the others
     if body < n:
-        tail = both[:, body:].sum(1)
-        tail = torch.stack([tail[1], tail[0], torch.linalg.vector_norm(xz[body:]), (n - body) - tail[1]])
+        count, total = both[:, body:].sum(1).unbind()
+        tail = torch.stack([count, total, torch.linalg.vector_norm(xz[body:]).square(), (n - body) - count])
         parts = torch.cat([parts, tail[:, None]], dim=1)
-    parts = parts.double()
-    parts[2].square_()
-    return parts.sum(1)
+    return parts.double().sum(1)
 
 
 def _sampled_counts(x: Tensor, flat: Tensor, bins: Bins, divisor: Tensor | float | None, finite: bool) -> Tensor:
