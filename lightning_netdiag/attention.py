@@ -87,12 +87,12 @@ def score_stats(blocks: Iterable[Tensor], softmaxes: Iterable[Tensor] | None = N
             p = None if given is None else next(given).detach().float()
             if not s.numel():
                 continue
-            keep = s > MASKED
-            keys = keep.sum(-1)
+            # the keys not masked in each row, summed as float32 ones (a bool mask's sum copies it whole to int64)
+            keys = torch.gt(s, MASKED, out=torch.empty_like(s)).sum(-1)
             if p is None:
                 p = torch.softmax(s, dim=-1)  # a masked key's weight: below e^-5000 next to its row's largest, 0
             counted = keys > 1
-            h = torch.special.entr(p).sum(-1) / keys.clamp_min(2).float().log()
+            h = torch.special.entr(p).sum(-1) / keys.clamp_min(2).log()
             entropy = torch.where(counted, h, 0.0).sum(dtype=torch.float64)
             parts.append(torch.stack([s.amax().double(), entropy, counted.sum(dtype=torch.float64)]))
         if not parts:
