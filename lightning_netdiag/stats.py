@@ -464,7 +464,8 @@ def half_counts(x: Tensor) -> list[Tensor]:
     if x.dtype != torch.float16:
         return []
     tiny = (x != 0) & (x.abs() < FP16_TINY)
-    return [x.new_full((), float(x.numel()), dtype=torch.float64), tiny.sum().to(torch.float64)]
+    # in int32: a bool mask's sum copies it whole to its result's dtype first (int64 by default)
+    return [x.new_full((), float(x.numel()), dtype=torch.float64), tiny.sum(dtype=torch.int32).to(torch.float64)]
 
 
 #: Tensors of at most this many values are reduced together, in one pass over their concatenation: a record is
