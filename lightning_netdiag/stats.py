@@ -25,9 +25,9 @@ from torch._utils import _flatten_dense_tensors
 
 __all__ = [
     "DEFAULT_THRESHOLD", "HALF_EXTRA", "HIST_SAMPLE", "MOMENTS", "SAMPLE_BLOCK", "SMALL", "Bins", "Histogram",
-    "Moments", "add_record", "finite_mask", "half_counts", "host_reads_free", "launch_bound", "linear_bins",
-    "log2_bins", "ratio_log10", "record_size", "recorded", "sample_stride", "saturation_extra", "size_groups",
-    "sum_and_squares", "tensor_record", "tensor_records",
+    "Moments", "add_record", "count_true", "finite_mask", "half_counts", "host_reads_free", "launch_bound",
+    "linear_bins", "log2_bins", "ratio_log10", "record_size", "recorded", "sample_stride", "saturation_extra",
+    "size_groups", "sum_and_squares", "tensor_record", "tensor_records", "where_finite",
 ]  # fmt: skip
 
 #: Slots every record starts with: finite count, sum, sum of squares, non-finite count.
@@ -220,6 +220,13 @@ def where_finite(x: Tensor) -> Tensor:
     """Where ``x`` is finite, in two kernels: ``x - x`` is 0 there and NaN elsewhere (``torch.isfinite`` launches
     four, each a pass over ``x``: ``x == x``, ``x.abs()``, ``!= inf`` and their product)."""
     return (x - x).eq(0)
+
+
+def count_true(mask: Tensor) -> Tensor:
+    """How many of the bool ``mask`` are true, as a 0-dim tensor on its device: ``count_nonzero`` on a CPU (a kernel
+    of its own), an int32 sum elsewhere, where ``count_nonzero`` is a sum, and torch copies a bool mask whole to a
+    sum's dtype before reducing it (int64 by default: 8 bytes a value)."""
+    return torch.count_nonzero(mask) if mask.device.type == "cpu" else mask.sum(dtype=torch.int32)
 
 
 def tensor_record(x: Tensor, bins: Bins | None, divisor: Tensor | float | None = None) -> Tensor:
@@ -464,8 +471,7 @@ def half_counts(x: Tensor) -> list[Tensor]:
     if x.dtype != torch.float16:
         return []
     tiny = (x != 0) & (x.abs() < FP16_TINY)
-    # in int32: a bool mask's sum copies it whole to its result's dtype first (int64 by default)
-    return [x.new_full((), float(x.numel()), dtype=torch.float64), tiny.sum(dtype=torch.int32).to(torch.float64)]
+    return [x.new_full((), float(x.numel()), dtype=torch.float64), count_true(tiny).to(torch.float64)]
 
 
 #: Tensors of at most this many values are reduced together, in one pass over their concatenation: a record is

@@ -73,7 +73,7 @@ def adam_records(moments: Sequence[tuple[Tensor, Tensor, Tensor | float, tuple[f
     out: list[Tensor | None] = [None] * len(moments)
     for group in stats.size_groups(by_device.values(), [m.numel() for m, _, _, _, _ in moments], _GROUP):
         us = torch._foreach_sqrt([moments[i][1].float() for i in group])
-        below = [torch.count_nonzero(u < floors[i]) for u, i in zip(us, group, strict=True)]
+        below = [stats.count_true(u < floors[i]) for u, i in zip(us, group, strict=True)]
         torch._foreach_add_(us, [floors[i] for i in group])  # type: ignore[misc]  # numbers, or 0-dim tensors
         torch._foreach_mul_(us, [scales[i] for i in group])  # type: ignore[misc]
         torch._foreach_reciprocal_(us)
