@@ -133,8 +133,11 @@ def floating_tensors(output: object) -> list[Tensor]:
 
 
 def fingerprint(output: object) -> Tensor:
-    """The sum of an output's floating values, in float64 (NaN for an output without any)."""
-    parts = [t.detach().sum(dtype=torch.float64) for t in floating_tensors(output)]
+    """The sum of an output's floating values (float32 sums, float64 for float64 values), as float64 (NaN for an
+    output without any). Not summed into float64: torch would first copy the whole output to float64 (a language
+    model's logits at every step: 166 ms against 16 for 8 x 128 tokens of a 50,257-token vocabulary on a CPU)."""
+    parts = [t.detach().sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32).double()
+             for t in floating_tensors(output)]  # fmt: skip
     return torch.stack(parts).sum() if parts else torch.tensor(float("nan"), dtype=torch.float64)
 
 
