@@ -26,8 +26,8 @@ from torch._utils import _flatten_dense_tensors
 __all__ = [
     "DEFAULT_THRESHOLD", "HALF_EXTRA", "HIST_SAMPLE", "MOMENTS", "SAMPLE_BLOCK", "SMALL", "Bins", "Histogram",
     "Moments", "add_record", "count_true", "finite_mask", "half_counts", "host_reads_free", "launch_bound",
-    "linear_bins", "log2_bins", "ratio_log10", "record_size", "recorded", "sample_stride", "saturation_extra",
-    "size_groups", "sum_and_squares", "tensor_record", "tensor_records", "where_finite",
+    "linear_bins", "log2_bins", "ratio_log10", "record_size", "recorded", "row_squares", "sample_stride",
+    "saturation_extra", "size_groups", "sum_and_squares", "tensor_record", "tensor_records", "where_finite",
 ]  # fmt: skip
 
 #: Slots every record starts with: finite count, sum, sum of squares, non-finite count.
@@ -348,7 +348,7 @@ def sum_and_squares(v: Tensor) -> Tensor:
     return parts.double().sum(1)
 
 
-def _row_squares(rows: Tensor) -> Tensor:
+def row_squares(rows: Tensor) -> Tensor:
     """The sum of the squares of each row of ``rows`` ``(k, n)`` in float64, as :func:`sum_and_squares` takes it."""
     k, n = rows.shape
     piece, body = _pieces(n)
@@ -550,7 +550,7 @@ def _host_heads(x: Tensor, sizes: tuple[int, ...]) -> Tensor | None:
     """
     runs = [(x[start : start + k * n].view(k, n), first) for start, k, n, first in _runs(sizes)]
     # the sums and the float64 sums of squares of every row, to the host at once (cat promotes the sums)
-    host = torch.cat([rows.sum(1) for rows, _ in runs] + [_row_squares(rows) for rows, _ in runs]).tolist()
+    host = torch.cat([rows.sum(1) for rows, _ in runs] + [row_squares(rows) for rows, _ in runs]).tolist()
     s_host, ss_host = host[: len(sizes)], host[len(sizes) :]
     if not math.isfinite(sum(ss_host)):  # a NaN or an Inf makes a (non-negative) sum of squares non-finite
         return None

@@ -321,7 +321,7 @@ def test_row_squares_of_any_length_match_float64(monkeypatch, n):
         return norm(v, dim=dim)
 
     monkeypatch.setattr(torch.linalg, "vector_norm", counted)
-    assert torch.allclose(stats._row_squares(rows), expected, rtol=1e-6, atol=0)  # float32 norms of <= 1,024 values
+    assert torch.allclose(stats.row_squares(rows), expected, rtol=1e-6, atol=0)  # float32 norms of <= 1,024 values
     total, squares = stats.sum_and_squares(rows[1]).tolist()
     assert squares == pytest.approx(expected[1].item(), rel=1e-6)
     assert total == pytest.approx(rows[1].double().sum().item(), rel=1e-6)

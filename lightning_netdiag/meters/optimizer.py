@@ -78,7 +78,10 @@ def adam_records(moments: Sequence[tuple[Tensor, Tensor, Tensor | float, tuple[f
         torch._foreach_mul_(us, [scales[i] for i in group])  # type: ignore[misc]
         torch._foreach_reciprocal_(us)
         torch._foreach_mul_(us, [moments[i][0] for i in group])  # now u
-        squares = torch.stack(torch._foreach_norm(us, 2, dtype=torch.float64)).square_()
+        if stats.launch_bound(us[0].device):  # one launch, its float64 sums taken as it reads (CUDA's foreach norm)
+            squares = torch.stack(torch._foreach_norm(us, 2, dtype=torch.float64)).square_()
+        else:  # a CPU's norm into float64 copies each u to float64 first: by pieces
+            squares = torch.cat([stats.row_squares(u.view(1, -1)) for u in us])
         counts = torch.tensor([float(u.numel()) for u in us], dtype=torch.float64, device=squares.device)
         rows = torch.stack([counts, squares, torch.stack(below).double()], dim=1).unbind()
         for i, row in zip(group, rows, strict=True):
