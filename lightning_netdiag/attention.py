@@ -30,10 +30,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.overrides import TorchFunctionMode
 
-from lightning_netdiag.capture import BACKWARD, FORWARD, IDLE, HookHandles, ModeExit, OutputProbe, own_work, watching
+from lightning_netdiag.capture import BACKWARD, FORWARD, IDLE, HookHandles, OutputProbe, own_work, watching
 from lightning_netdiag.stats import launch_bound
 
 __all__ = [
@@ -293,10 +292,7 @@ class AttentionHooks:
         self.output.start(self._root)
         if not len(self._capture) and self._looks_for_calls():
             self._stack.clear()
-            self._capture.add(register_module_forward_pre_hook(self._enter))
-            self._capture.add(register_module_forward_hook(self._leave, always_call=True))
-            self._mode.__enter__()
-            self._capture.add(ModeExit(self._mode))
+            self._capture.watch_calls(self._mode, self._enter, self._leave)
 
     def _looks_for_calls(self) -> bool:
         """Whether an armed forward passes through the function mode: the first does; after it, only a model with

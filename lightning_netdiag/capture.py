@@ -66,6 +66,14 @@ class HookHandles:
     def __len__(self) -> int:
         return len(self._handles)
 
+    def watch_calls(self, mode: TorchFunctionMode, enter: Callable, leave: Callable) -> None:
+        """Every torch call through ``mode``, and global module hooks that see each module's forward begin
+        (``enter``) and end (``leave``, also when it raises), until :meth:`remove`: an armed step's captures."""
+        self.add(register_module_forward_pre_hook(enter))
+        self.add(register_module_forward_hook(leave, always_call=True))
+        mode.__enter__()
+        self.add(ModeExit(mode))
+
     def __enter__(self) -> HookHandles:
         return self
 
@@ -253,10 +261,7 @@ class ActivationHooks:
             self._hook_modules()
         if self._mode is not None and not len(self._capture) and self._looks_for_calls():
             self._stack.clear()
-            self._capture.add(register_module_forward_pre_hook(self._enter))
-            self._capture.add(register_module_forward_hook(self._leave, always_call=True))
-            self._mode.__enter__()
-            self._capture.add(ModeExit(self._mode))
+            self._capture.watch_calls(self._mode, self._enter, self._leave)
 
     def _looks_for_calls(self) -> bool:
         """Whether an armed forward passes through the function mode: the first does; after it, only where a

@@ -289,7 +289,7 @@ class NetDiag:
             return
         backward_ended, self._backward_seen = self._backward_seen, False
         measured = self._measured()
-        device = _device(self.model) if measured is not None else torch.device("cpu")  # not measured: a flag only
+        device = _device(self.model) if measured is not None else None
         if backward_ended:
             for meter in self._at["backward_ends"]:
                 meter.backward_ends()

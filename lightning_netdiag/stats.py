@@ -224,9 +224,9 @@ def where_finite(x: Tensor) -> Tensor:
 
 def count_true(mask: Tensor) -> Tensor:
     """How many of the bool ``mask`` are true, as a 0-dim tensor on its device: ``count_nonzero`` on a CPU (a kernel
-    of its own), an int32 sum elsewhere, where ``count_nonzero`` is a sum, and torch copies a bool mask whole to a
-    sum's dtype before reducing it (int64 by default: 8 bytes a value)."""
-    return torch.count_nonzero(mask) if mask.device.type == "cpu" else mask.sum(dtype=torch.int32)
+    of its own), an int32 sum on an accelerator (:func:`launch_bound`), where ``count_nonzero`` is a sum and torch
+    copies a bool mask whole to a sum's dtype before reducing it (int64 by default: 8 bytes a value)."""
+    return mask.sum(dtype=torch.int32) if launch_bound(mask.device) else torch.count_nonzero(mask)
 
 
 def tensor_record(x: Tensor, bins: Bins | None, divisor: Tensor | float | None = None) -> Tensor:
@@ -277,7 +277,7 @@ def _float_scale(divisor: float, device: torch.device) -> Tensor:
 
 #: Values of half or bf16 copied to float32 at a time by :func:`_fast_moments` (4 MB).
 _FAST_CHUNK = 1 << 20
-#: The most values :func:`_pieces` takes one norm of: a float32 norm adds each square to one running sum (16M
+#: The most values :func:`_by_pieces` takes one norm of: a float32 norm adds each square to one running sum (16M
 #: values of a weight: 1.5e-3 off). Measured on values of mean 1 and std 1: a 4096 x 4096 tensor's sum 1e-10 off in
 #: pieces of 1,024 (3e-9 in pieces of 4,096, 3e-10 in pieces of 256 at 15 % more time), rows of 4,096 values 2e-7
 #: (4e-7, 6e-8).
@@ -332,40 +332,39 @@ def _buffered_sums(flat: Tensor, shift: float) -> list[float]:
 
 
 def sum_and_squares(v: Tensor) -> Tensor:
-    """``[sum, sum of squares]`` of the float32 or float64 values ``v``, in float64, reading ``v`` twice with no
-    full-size temporary: the sums and norms of its :func:`_pieces` in ``v``'s precision (a float32 norm adds each
-    square to one running sum), the pieces added in float64. Not ``v.sum(dtype=torch.float64)``: torch converts a
-    reduction's whole input to its result's dtype first, a float64 copy written and read again."""
-    n = v.numel()
-    piece, body = _pieces(n)
-    v = v.reshape(-1, piece) if body == n else v.reshape(-1)
-    rows = v if body == n else v[:body].view(-1, piece)
-    # a piece's sum of squares as its float32 norm squared (float32's rounding of it); the pieces' sums in float64
-    parts = torch.stack([rows.sum(1), torch.linalg.vector_norm(rows, dim=1).square_()])
-    if body < n:
-        tail = torch.stack([v[body:].sum(), torch.linalg.vector_norm(v[body:]).square()])
-        parts = torch.cat([parts, tail[:, None]], dim=1)
+    """``[sum, sum of squares]`` of the values ``v``, in float64, reading ``v`` twice with no full-size temporary where
+    it is float32 or float64 (others, half precision or integers, are copied to float64 first): the sums and squared
+    norms of its pieces (:func:`_by_pieces`) in ``v``'s precision, the pieces added in float64. Not
+    ``v.sum(dtype=torch.float64)``: torch converts a reduction's whole input to its result's dtype first, a float64
+    copy written and read again."""
+    v = v.reshape(-1) if v.dtype in (torch.float32, torch.float64) else v.reshape(-1).double()
+    body, rest = _by_pieces(v)
+    parts = torch.stack([body.sum(-1), torch.linalg.vector_norm(body, dim=-1).square_()])
+    if rest is not None:
+        parts = torch.cat([parts, torch.stack([rest.sum(), torch.linalg.vector_norm(rest).square()])[:, None]], dim=1)
     return parts.double().sum(1)
 
 
 def row_squares(rows: Tensor) -> Tensor:
     """The sum of the squares of each row of ``rows`` ``(k, n)`` in float64, as :func:`sum_and_squares` takes it."""
-    k, n = rows.shape
-    piece, body = _pieces(n)
-    squares = torch.linalg.vector_norm(rows[:, :body].unflatten(1, (-1, piece)), dim=2).double().square_().sum(1)
-    if body < n:
-        squares += torch.linalg.vector_norm(rows[:, body:], dim=1).double().square_()
+    body, rest = _by_pieces(rows)
+    squares = torch.linalg.vector_norm(body, dim=-1).square_().double().sum(-1)
+    if rest is not None:
+        squares += torch.linalg.vector_norm(rest, dim=-1).square_().double()
     return squares
 
 
-def _pieces(n: int) -> tuple[int, int]:
-    """How a row of ``n`` values is cut for its norms (a float32 norm adds each square to one running sum):
-    ``(piece, body)``, norms of ``piece`` values over the first ``body`` values, of the rest one more. A piece of at
-    most :data:`_ROW` values, a power of two that tiles the row where it is long enough to be read fast."""
-    if n <= _ROW:
-        return max(n, 1), n
-    piece = math.gcd(n, _ROW)
-    return (piece, n) if piece >= 256 else (_ROW, n - n % _ROW)
+def _by_pieces(x: Tensor) -> tuple[Tensor, Tensor | None]:
+    """``x`` ``(..., n)`` cut along its last dimension for float32 sums and norms, which add each value to one
+    running sum: views of its pieces ``(..., pieces, piece)`` and of the rest ``(..., n - pieces * piece)``, None
+    where the pieces tile it. A piece holds at most :data:`_ROW` values, a power of two where the row is long
+    enough to be read fast. The squares of a piece are taken as its float32 norm squared, then added in float64."""
+    n = x.shape[-1]
+    piece = max(n, 1) if n <= _ROW else math.gcd(n, _ROW)
+    if piece >= 256 or n <= _ROW:
+        return x.unflatten(-1, (-1, piece)), None
+    body = n - n % _ROW
+    return x[..., :body].unflatten(-1, (-1, _ROW)), x[..., body:]
 
 
 def _chunk_moments(x: Tensor, host: bool) -> tuple[Tensor, bool]:
@@ -380,7 +379,7 @@ def _chunk_moments(x: Tensor, host: bool) -> tuple[Tensor, bool]:
 def _device_moments(x: Tensor) -> Tensor:
     """The float64 moments of a float32 or float64 chunk with no host read and no full-size float64 or int64
     temporary: its finite values counted and summed, and their squares, a piece of at most :data:`_ROW` values at a
-    time (:func:`_pieces`) in ``x``'s precision, the pieces added in float64; the others counted. Accurate to
+    time (:func:`_by_pieces`) in ``x``'s precision, the pieces added in float64; the others counted. Accurate to
     float32's precision relative to the root mean square, as the host's sums are. Nine kernels.
 
     Not ``x.sum(dtype=torch.float64)``, nor a sum or ``count_nonzero`` of a bool mask: torch converts a reduction's
@@ -389,17 +388,17 @@ def _device_moments(x: Tensor) -> Tensor:
     The finite values are those ``nan_to_num`` left as they were (one comparison, written as float32 ones and zeros
     beside its output, so that one reduction sums both; ``torch.isfinite`` is four kernels)."""
     n = x.numel()
-    piece, body = _pieces(n)
     both = x.new_empty(2, n)
     ok, xz = both.unbind()
     torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0, out=xz)
     torch.eq(x, xz, out=ok)  # NaN and inf != 0
-    count, total = (both if body == n else both[:, :body]).unflatten(1, (-1, piece)).sum(2).unbind()
-    squares = torch.linalg.vector_norm((xz if body == n else xz[:body]).view(-1, piece), dim=1).square_()
-    parts = torch.stack([count, total, squares, piece - count])  # as a record: count, sum, squares, the others
-    if body < n:
-        count, total = both[:, body:].sum(1).unbind()
-        tail = torch.stack([count, total, torch.linalg.vector_norm(xz[body:]).square(), (n - body) - count])
+    body, rest = _by_pieces(both)
+    count, total = body.sum(-1).unbind()
+    squares = torch.linalg.vector_norm(body[1], dim=-1).square_()
+    parts = torch.stack([count, total, squares, body.shape[-1] - count])  # as a record: count, sum, squares, the rest
+    if rest is not None:
+        count, total = rest.sum(-1).unbind()
+        tail = torch.stack([count, total, torch.linalg.vector_norm(rest[1]).square(), rest.shape[-1] - count])
         parts = torch.cat([parts, tail[:, None]], dim=1)
     return parts.double().sum(1)
 

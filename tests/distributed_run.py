@@ -1,13 +1,14 @@
 """Trains a BatchNorm-free net on 2 CPU ranks (or one process on the global batch) and writes metrics.csv.
 
-    python tests/distributed_run.py OUT_DIR STRATEGY DEVICES [PRECISION] [FAULT]
+    python tests/distributed_run.py OUT_DIR STRATEGY DEVICES [PRECISION] [FAULT] [OPTIMIZER]
 
 STRATEGY: ddp, ddp_spawn, fsdp2 (ModelParallelStrategy with `fully_shard` on every Linear: DTensor
 parameters sharded over the ranks), fsdp2_ac (the same with activation checkpointing on each Tanh: its
 forward is recomputed in the backward), hsdp (the same over a 2 x 1 mesh: replicated over the ranks) or
 auto (one process). PRECISION: 32-true (default), 16-mixed (with a
 GradScaler) or bf16-mixed. FAULT, on rank 1 at step 1: raise (an exception in training_step) or nan (an
-infinite loss; HealthReport stops every rank). Each rank writes its last global step to OUT_DIR/rank{r}.txt.
+infinite loss; HealthReport stops every rank). OPTIMIZER: sgd (default) or adamw (with OptimizerState: Adam's
+moments sharded like the weights). Each rank writes its last global step to OUT_DIR/rank{r}.txt.
 
 A Tanh branch ("side") and a functional sigmoid run on the first PER_RANK examples only: on rank 0 and
 never on rank 1, so the ranks' records must line up although one rank never ran (or found) that layer.
@@ -33,6 +34,7 @@ from lightning_netdiag import (
     GradDataRatio,
     HealthReport,
     LogitMonitor,
+    OptimizerState,
     SaturationMonitor,
     UpdateRatio,
 )
@@ -58,7 +60,7 @@ class Halves(Dataset):
 
 
 class Net(L.LightningModule):
-    def __init__(self, shard: str | None = None, fault: str = "none") -> None:
+    def __init__(self, shard: str | None = None, fault: str = "none", optimizer: str = "sgd") -> None:
         super().__init__()
         torch.manual_seed(0)
         # 5 output rows: shards of unequal size (3 and 2 rows) on 2 ranks
@@ -66,7 +68,7 @@ class Net(L.LightningModule):
         self.side = nn.Tanh()
         with torch.no_grad():
             self.net[0].weight.mul_(3)
-        self.shard, self.fault = shard, fault
+        self.shard, self.fault, self.optimizer = shard, fault, optimizer
 
     def configure_model(self) -> None:
         if self.shard:
@@ -105,6 +107,8 @@ class Net(L.LightningModule):
         Path(self.trainer.default_root_dir, f"rank{self.global_rank}.txt").write_text(str(self.global_step))
 
     def configure_optimizers(self):
+        if self.optimizer == "adamw":
+            return torch.optim.AdamW(self.parameters(), lr=1e-2)
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
     def train_dataloader(self):
@@ -116,6 +120,7 @@ def main() -> None:
     out, strategy, devices = sys.argv[1], sys.argv[2], int(sys.argv[3])
     precision = sys.argv[4] if len(sys.argv) > 4 else "32-true"
     fault = sys.argv[5] if len(sys.argv) > 5 else "none"
+    optimizer = sys.argv[6] if len(sys.argv) > 6 else "sgd"
     plugins = []
     if precision == "16-mixed":
         plugins = [MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu", init_scale=1024.0))]
@@ -131,6 +136,8 @@ def main() -> None:
         FlightRecorder(),  # every step: the loss averaged over the ranks, the norms of the reduced gradients
         HealthReport(stop_on_fatal=True, print_table=False),
     ]
+    if optimizer == "adamw":
+        cbs.append(OptimizerState(every_n_steps=1))
     trainer = L.Trainer(
         max_steps=STEPS,
         accelerator="cpu",
@@ -146,7 +153,7 @@ def main() -> None:
         enable_model_summary=False,
         default_root_dir=out,
     )
-    trainer.fit(Net(shard, fault))
+    trainer.fit(Net(shard, fault, optimizer))
     # gloo's worker threads must end before the interpreter does: a rank that exits with its process group alive
     # can abort at exit ("terminate called without an active exception", SIGABRT; pytorch/pytorch#190489).
     if torch.distributed.is_initialized():

@@ -22,13 +22,15 @@ SCRIPT = Path(__file__).with_name("distributed_run.py")
 PRECISIONS = ["32-true", "16-mixed", "bf16-mixed"]
 
 
-def launch(out: Path, strategy: str, devices: int, precision: str = "32-true", fault: str = "none"):
-    args = [sys.executable, str(SCRIPT), str(out), strategy, str(devices), precision, fault]
+def launch(
+    out: Path, strategy: str, devices: int, precision: str = "32-true", fault: str = "none", optimizer: str = "sgd"
+):
+    args = [sys.executable, str(SCRIPT), str(out), strategy, str(devices), precision, fault, optimizer]
     return subprocess.run(args, capture_output=True, text=True, timeout=300)
 
 
-def run(out: Path, strategy: str, devices: int, precision: str) -> dict[str, dict[int, float]]:
-    done = launch(out, strategy, devices, precision)
+def run(out: Path, strategy: str, devices: int, precision: str, optimizer: str = "sgd") -> dict[str, dict[int, float]]:
+    done = launch(out, strategy, devices, precision, optimizer=optimizer)
     assert done.returncode == 0, done.stderr[-3000:]
     return read_csv(out / "csv" / "version_0" / "metrics.csv")
 
@@ -93,6 +95,22 @@ def test_two_ranks_equal_one_process_on_the_global_batch(tmp_path, one_process, 
                 two[tag][step],
                 value,
             )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["fsdp2", "hsdp"])
+def test_adams_state_over_two_ranks_equals_one_process(tmp_path, strategy):
+    """Adam's moments sharded like the weights (FSDP2: shards of 3 and 2 rows; HSDP: a full copy on each rank): the
+    ranks' sums of squares and eps counts add up to the whole weight's, and the count of its values is the whole
+    weight's (known on the host, not summed from the ranks)."""
+    reference = run(tmp_path / "one", "auto", 1, "32-true", optimizer="adamw")
+    two = run(tmp_path / "two", strategy, 2, "32-true", optimizer="adamw")
+    tags = [t for t in reference if t.startswith("netdiag/adam_")]
+    assert "netdiag/adam_step_rms/net.2.weight" in tags and "netdiag/adam_eps_pct/net.4.weight" in tags
+    for tag in tags:
+        assert sorted(two[tag]) == sorted(reference[tag]) == [0, 1, 2], tag
+        for step, value in reference[tag].items():
+            assert math.isclose(two[tag][step], value, rel_tol=1e-4, abs_tol=1e-9), (tag, step, two[tag][step], value)
 
 
 @pytest.mark.slow

@@ -330,8 +330,8 @@ def test_row_squares_of_any_length_match_float64(monkeypatch, n):
 
 @pytest.mark.parametrize("n", [1, 7, 1024, 5000, 65521, 3 * 4096 + 256])
 def test_device_moments_of_any_length_match_float64(n):
-    """Without a host read (a GPU's path): the finite values counted, summed and squared a piece at a time, the
-    others counted, against a direct float64 computation; with no full-size float64 copy."""
+    """Without a host read (a GPU's path): the finite values counted, summed and squared a piece at a time (with and
+    without a rest that the pieces do not tile), the others counted, against a direct float64 computation."""
     g = torch.Generator().manual_seed(n)
     x = torch.randn(n, generator=g) + 1.0
     x[:: max(n // 5, 1)] = math.nan

@@ -151,7 +151,7 @@ class DiagnosticCallback(Callback):
             if "step_starts" in self._moments:
                 self.step_starts(step, measured)  # type: ignore[attr-defined]
         if "forward_starts" in self._moments:
-            self.forward_starts(measured, pl_module.device)  # type: ignore[attr-defined]
+            self.forward_starts(measured, None if measured is None else pl_module.device)  # type: ignore[attr-defined]
         if "batch_seen" in self._moments:
             self.batch_seen(batch, {"epoch": trainer.current_epoch, "batch_idx": batch_idx})  # type: ignore[attr-defined]
 

@@ -143,7 +143,7 @@ class ActivationMeter(Meter):
         self._records_step = self._units = None
         self._pending = False
 
-    def forward_starts(self, measured: int | None, device: torch.device) -> None:
+    def forward_starts(self, measured: int | None, device: torch.device | None) -> None:
         """A forward of a training step begins: ``measured`` is the step's number if it is measured, else None.
 
         Every forward of a measured step adds to its records (accumulation); they are zeroed at the first
@@ -153,7 +153,7 @@ class ActivationMeter(Meter):
             return
         if measured != self._records_step:
             self._records_step = measured
-            if measured is not None:
+            if device is not None:  # given where the step is measured
                 self._hooks.prepare(device)
             if self._probe is not None:
                 self._probe.reset()

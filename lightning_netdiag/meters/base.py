@@ -104,8 +104,9 @@ class Meter:
     def step_starts(self, step: int, measured: int | None) -> None:
         """Optimizer step ``step`` begins; ``measured``: its number where the meters measure it, else None."""
 
-    def forward_starts(self, measured: int | None, device: torch.device) -> None:
-        """A training forward of the step begins (one per micro-batch)."""
+    def forward_starts(self, measured: int | None, device: torch.device | None) -> None:
+        """A training forward of the step begins (one per micro-batch); ``device``: the model's where the step is
+        measured, None where it is not (the front end does not look it up on a step between)."""
 
     def pause(self) -> None:
         """Until the next :meth:`forward_starts`, nothing is recorded (validation, the batch's end)."""

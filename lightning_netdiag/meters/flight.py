@@ -267,11 +267,9 @@ class FlightMeter(ParameterMeter):
         if not tensors:
             return
         with torch.no_grad():
-            # a piece at a time, added in float64: no float64 copy of a batch of images (ids and halves copied)
-            wide = (torch.float32, torch.float64)
-            sums = [stats.sum_and_squares(t if t.dtype in wide else t.double()) for t in tensors]
-            parts = [torch.add(s[0], s[1], alpha=1e-3) for s in sums]
-            value = parts[0] if len(parts) == 1 else torch.stack(parts).sum()
+            sums = [stats.sum_and_squares(t) for t in tensors]  # no float64 copy of a batch of images
+            both = sums[0] if len(sums) == 1 else torch.stack(sums).sum(0)
+            value = torch.add(both[0], both[1], alpha=1e-3)
         self._batch = value if self._batch is None else self._batch + value
         if self.keep_batch:
             self._held.setdefault(self._step, []).append((inputs, None if index is None else dict(index)))

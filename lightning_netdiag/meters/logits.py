@@ -67,14 +67,14 @@ class LogitMeter(Meter):
             self._hooks.remove()
         self._hooks, self._step, self._pending = None, None, False
 
-    def forward_starts(self, measured: int | None, device: torch.device) -> None:
+    def forward_starts(self, measured: int | None, device: torch.device | None) -> None:
         """A forward of a training step begins: ``measured`` is its number if it is measured, else None."""
         hooks = self._hooks
         if hooks is None:
             return
         if measured != self._step:
             self._step = measured
-            if measured is not None:
+            if device is not None:  # given where the step is measured
                 hooks.prepare(device)
         self._pending = measured is not None
         if self._pending:

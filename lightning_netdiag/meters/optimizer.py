@@ -43,8 +43,8 @@ def _on_host(step: Tensor) -> bool:
 
 def adam_records(moments: Sequence[tuple[Tensor, Tensor, Tensor | float, tuple[float, float], float]]) -> list[Tensor]:
     """Per ``(exp_avg, exp_avg_sq, step, betas, eps)`` of Adam's state, of its normalised step
-    ``u = m_hat / (sqrt(v_hat) + eps)``: the count, the sum of squares, and the count where ``sqrt(v_hat) < eps``
-    (eps sets the step there), float64 on the moments' device.
+    ``u = m_hat / (sqrt(v_hat) + eps)``: the sum of squares and the count where ``sqrt(v_hat) < eps`` (eps sets the
+    step there), float64 on the moments' device (how many values there are the caller knows on the host).
 
     With the bias corrections ``c1 = 1 - beta1**t`` and ``c2 = 1 - beta2**t``,
     ``u = m / ((sqrt(v) + eps * sqrt(c2)) * c1 / sqrt(c2))``: one temporary per moment (``sqrt(v)``, then ``u`` in its
@@ -82,8 +82,7 @@ def adam_records(moments: Sequence[tuple[Tensor, Tensor, Tensor | float, tuple[f
             squares = torch.stack(torch._foreach_norm(us, 2, dtype=torch.float64)).square_()
         else:  # a CPU's norm into float64 copies each u to float64 first: by pieces
             squares = torch.cat([stats.row_squares(u.view(1, -1)) for u in us])
-        counts = torch.tensor([float(u.numel()) for u in us], dtype=torch.float64, device=squares.device)
-        rows = torch.stack([counts, squares, torch.stack(below).double()], dim=1).unbind()
+        rows = torch.stack([squares, torch.stack(below).double()], dim=1).unbind()
         for i, row in zip(group, rows, strict=True):
             out[i] = row
     return out  # type: ignore[return-value]
@@ -125,6 +124,7 @@ class OptimizerMeter(ParameterMeter):
             moments: list[tuple[Tensor, Tensor, Tensor | float, tuple[float, float], float]] = []
             held_by: list[int] = []
             names: list[str] = []
+            counts: list[int] = []  # the whole weight's (a DTensor's numel is): what the ranks' sums are over
             for name, p in self._stepped_by(optimizer):
                 state, group = optimizer.state.get(p, {}), group_of[id(p)]
                 second = state.get("max_exp_avg_sq") if group.get("amsgrad") else state.get("exp_avg_sq")
@@ -135,13 +135,14 @@ class OptimizerMeter(ParameterMeter):
                 moments.append((m, v, state["step"], group["betas"], group["eps"]))
                 held_by.append(copies)
                 names.append(name)
+                counts.append(p.numel())
             if not moments:
                 return
             with torch.no_grad():
                 records = adam_records(moments)
-            values = self._values([r if n == 1 else r / n for r, n in zip(records, held_by, strict=True)])
+            values = self._values(self._weighted(records, held_by))
             scalars: dict[Key, float] = {}
-            for name, (count, sumsq, eps_bound) in zip(names, values, strict=True):
+            for name, count, (sumsq, eps_bound) in zip(names, counts, values, strict=True):
                 if count > 0:
                     scalars[("adam_step_rms", name)] = math.sqrt(sumsq / count)
                     scalars[("adam_eps_pct", name)] = 100 * eps_bound / count

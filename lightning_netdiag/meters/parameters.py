@@ -123,7 +123,12 @@ class ParameterMeter(Meter):
         """The record of each part (held by ``copies`` ranks), weighted so that the sum over the ranks
         counts every element once; the small parts are reduced together."""
         records = stats.tensor_records([part for part, _ in parts], bins, divisor)
-        return [r if copies == 1 else r / copies for r, (_, copies) in zip(records, parts, strict=True)]
+        return ParameterMeter._weighted(records, [copies for _, copies in parts])
+
+    @staticmethod
+    def _weighted(records: list[Tensor], copies: list[int]) -> list[Tensor]:
+        """Each record divided by the number of summed ranks that hold its part: the sum counts it once."""
+        return [r if n == 1 else r / n for r, n in zip(records, copies, strict=True)]
 
     def _values(self, parts: list[Tensor], same: Sequence[Tensor] = ()) -> list[list[float]]:
         """The records summed over the ranks that hold shards, and the values ``same`` on every rank (not
