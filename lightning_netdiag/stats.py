@@ -95,15 +95,22 @@ class Bins:
         return bins.masked_fill_(key % n_exp == n_exp - 1, self.size)  # inf and NaN: to a bin that is dropped
 
     def counts(
-        self, x: Tensor, sizes: tuple[int, ...] | None = None, finite: bool = False, scratch: bool = False
+        self,
+        x: Tensor,
+        sizes: tuple[int, ...] | None = None,
+        finite: bool = False,
+        scratch: bool = False,
+        owners: tuple[Tensor, int] | None = None,
     ) -> Tensor:
         """Float64 counts of the finite values of the float32 or float64 ``x`` (``finite``: all are), on ``x``'s
         device; values that are not finite are counted in no bin. ``scratch``: ``x`` is a temporary of the
         caller's that log2 bins may overwrite with its keys (no full-size allocation).
 
-        With ``sizes`` (``x`` is the concatenation of tensors of these sizes), one row of counts per tensor,
-        ``(len(sizes), size)``, from one count over keys offset by tensor.
+        With ``sizes`` (``x`` is the concatenation of tensors of these sizes), or ``owners`` (``x`` is ``(k, m)``,
+        its row ``j`` of tensor ``index[j]`` of ``n``: ``owners = (index, n)``, ``index`` int32), one row of counts
+        per tensor, ``(tensors, size)``, from one count over keys offset by tensor.
         """
+        rows = x.shape[0] if owners is not None else 0
         x = x if x.dim() == 1 else x.reshape(-1)
         if self.kind == "linear":
             index = (x * math.ldexp(1.0, -self.exp)).floor_().clamp_(self.lo - 1, self.hi)
@@ -117,9 +124,13 @@ class Bins:
             keys = x.view(bits)  # sign and exponent, shifted by base to 0 .. space
             index, base = keys.bitwise_right_shift_(mantissa) if scratch else keys >> mantissa, space // 2
         # in place: no full-size temporary; with sizes, each tensor's keys offset by its index times space
-        if sizes is None:
+        shape: tuple[int, ...] = (self.size + 1,)
+        if owners is not None:
+            tensor, n = owners
+            index.view(rows, -1).add_((tensor * space + base).to(index.dtype)[:, None])
+            counted, shape = _count(index, n * space).view(n, space), (n, self.size + 1)
+        elif sizes is None:
             counted = _count(index.add_(base), space)
-            shape: tuple[int, ...] = (self.size + 1,)
         else:
             n = len(sizes)
             offsets = torch.arange(base, base + n * space, space, dtype=index.dtype, device=index.device)[:, None]
@@ -368,12 +379,13 @@ def _by_pieces(x: Tensor) -> tuple[Tensor, Tensor | None]:
 
 
 def _chunk_moments(x: Tensor, host: bool) -> tuple[Tensor, bool]:
-    """The float64 moments of a float32 or float64 chunk, and whether every value is known to be finite: in float64
-    with one host read where it is free, else with none (:func:`_device_moments`)."""
-    if not host:
-        return _device_moments(x), False
-    head = _host_heads(x, (x.numel(),))
-    return (_clean_records(x, (x.numel(),), None)[0], False) if head is None else (head[0], True)
+    """The float64 moments of a float32 or float64 chunk, and whether every value is known to be finite: with one
+    host read where it is free (:func:`_host_heads`), else, or where a value is not finite, with none
+    (:func:`_device_moments`)."""
+    head = _host_heads(x, (x.numel(),)) if host else None
+    if head is not None:
+        return head[0], True
+    return _device_moments(x.double() if host else x), False  # a host's chunk in float64, as a finite one's digits
 
 
 def _device_moments(x: Tensor) -> Tensor:
@@ -477,46 +489,161 @@ def half_counts(x: Tensor) -> list[Tensor]:
 #: about twenty ops, whose launches, not their work, cost most below this size (on a 2-core CPU, seven tensors
 #: of 4,096 values: 0.32 ms together, 1.5 one at a time; of 32,768: 0.59 and 1.7 ms; of 65,536: 0.91 and 2.0 ms).
 #: Equal to :data:`HIST_SAMPLE`, so that whether a histogram is sampled depends on the tensor's size alone: every
-#: tensor reduced together is counted whole, as it would be alone.
+#: tensor reduced together is counted whole, as it would be alone. Where a record reads no host value (a GPU),
+#: larger ones are too (:data:`_TOGETHER`).
 SMALL = 1 << 16
-#: Small tensors are reduced together in groups of at most about this many values: what bounds the temporaries
-#: (without a host read, :func:`_clean_records`: about 70 bytes a value, counted from them, 70 MB).
+#: Small tensors are reduced together on the host in groups of at most about this many values.
 _GROUP = 1 << 20
+#: Where a record reads no host value (a GPU), tensors of up to this many values are reduced together
+#: (:func:`_grouped_records`). Alone, a record is about 20 launches (5 to 10 us each on the host) and reads and writes
+#: about 36 bytes a value; together, about 70 (float64), and the launches are shared: at 3 TB/s the launches saved
+#: outweigh the bytes added up to about 12M values (estimated, not measured on a GPU).
+_TOGETHER = 1 << 22
+#: ... in groups of at most about this many values: their temporaries 128 MB, a GPU chunk's (:data:`_GPU_CHUNK`).
+_GROUP_VALUES = 1 << 23
 
 
 def tensor_records(xs: Sequence[Tensor], bins: Bins | None, divisor: Tensor | float | None = None) -> list[Tensor]:
-    """The record of each tensor (divided by ``divisor``), as :func:`tensor_record` gives it; the small
-    ones of each device together, in one pass over their concatenation, ordered by size: on the host the
-    moments of each size's tensors as the rows of one matrix, then one host read (:func:`_host_heads`), and
-    one count of all their histograms; with no host read, per-tensor sums of the concatenation. Counts are
-    equal to one tensor's; sums are added in another order."""
+    """The record of each tensor (divided by ``divisor``), as :func:`tensor_record` gives it, the tensors of a device
+    reduced together where that saves launches, ordered by size: on the host (:func:`host_reads_free`) those of up to
+    :data:`SMALL` values, the moments of each size's tensors as the rows of one matrix, then one host read
+    (:func:`_host_heads`), and one count of all their histograms; on a GPU those of up to :data:`_TOGETHER`
+    values, a group's records in about 25 launches whatever the number of its tensors
+    (:func:`_grouped_records`, also the host's where a value is not finite). Counts are equal to one tensor's; sums
+    are added in another order."""
     out: list[Tensor | None] = [None] * len(xs)
     numels = [t.numel() for t in xs]
-    small: dict[torch.device, list[int]] = {}
+    together: dict[tuple[torch.device, torch.dtype], list[int]] = {}  # a multi-tensor copy's sources: one dtype
     for i, t in enumerate(xs):
-        if numels[i] <= SMALL:
-            small.setdefault(t.device, []).append(i)
+        host = host_reads_free(t)
+        if numels[i] <= (SMALL if host else _TOGETHER):
+            together.setdefault((t.device, t.dtype), []).append(i)
         else:
             out[i] = tensor_record(t, bins, divisor=divisor)
-    for members in size_groups(small.values(), numels):
-        sizes = tuple(numels[i] for i in members)
-        with torch.no_grad():  # one call that flattens and concatenates (half the time of cat's), promoting types
-            x = _summable(_flatten_dense_tensors([xs[i] for i in members]))
-        # one tensor of float32 or float64 is flattened as a view of itself: the histogram's keys may not overwrite it
-        ours = len(members) > 1 or x.dtype != xs[members[0]].dtype
-        heads = _host_heads(x, sizes) if host_reads_free(x) else None
-        if heads is not None and divisor is not None:
-            heads = heads * _moment_scale(divisor, heads)
-        if heads is None or bins is not None:
-            if divisor is not None:
-                x, ours = x / divisor, True
-            if heads is None:
-                heads = _clean_records(x, sizes, bins, scratch=ours)
-            else:
-                heads = torch.cat([heads, bins.counts(x, sizes, finite=True, scratch=ours)], dim=1)  # type: ignore[union-attr]
-        for i, row in zip(members, heads, strict=True):
-            out[i] = row
+    for members in together.values():
+        host = host_reads_free(xs[members[0]])
+        for group in size_groups([members], numels, _GROUP if host else _GROUP_VALUES):
+            rows = _host_records([xs[i] for i in group], bins, divisor) if host else None
+            if rows is None:
+                rows = _grouped_records([xs[i] for i in group], bins, divisor)
+            for i, row in zip(group, rows, strict=True):
+                out[i] = row
     return out  # type: ignore[return-value]
+
+
+def _host_records(xs: Sequence[Tensor], bins: Bins | None, divisor: Tensor | float | None) -> Tensor | None:
+    """The records of the small tensors ``xs`` from their concatenation with one host read (:func:`_host_heads`), or
+    None where a value is not finite."""
+    sizes = tuple(t.numel() for t in xs)
+    with torch.no_grad():  # one call that flattens and concatenates (half the time of cat's), promoting types
+        x = _summable(_flatten_dense_tensors(list(xs)))
+    heads = _host_heads(x, sizes)
+    if heads is None:
+        return None
+    if divisor is not None:
+        heads = heads * _moment_scale(divisor, heads)
+    if bins is None:
+        return heads
+    # one tensor of float32 or float64 is flattened as a view of itself: the histogram's keys may not overwrite it
+    ours = len(xs) > 1 or x.dtype != xs[0].dtype
+    if divisor is not None:
+        x, ours = x / divisor, True
+    return torch.cat([heads, bins.counts(x, sizes, finite=True, scratch=ours)], dim=1)
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where :func:`_grouped_records` puts tensors of given shapes: each at ``starts[i]`` of a buffer of ``length``
+    values, in whole pieces of :data:`_ROW`; on the device, the rest of each last piece (``pads``), the tensor of each
+    piece (``owner``), each tensor's number of values (``numel``, float64), where its histogram's sample blocks of
+    :data:`SAMPLE_BLOCK` start (``blocks``: every value up to :data:`HIST_SAMPLE`, else the :func:`sample_stride`
+    sample; the pad after it is not counted) and whose they are (``block_owner``), and what scales its counts to its
+    size (``scale``, ``(tensors, 1)``)."""
+
+    starts: tuple[int, ...]
+    length: int
+    pads: Tensor
+    owner: Tensor
+    numel: Tensor
+    blocks: Tensor
+    block_owner: Tensor
+    scale: Tensor
+
+
+@functools.lru_cache(maxsize=64)
+def _layout(shapes: tuple[tuple[int, ...], ...], device: torch.device) -> _Layout:
+    """See :class:`_Layout` (the tensors of a meter have the same shapes at every logging step: made once)."""
+    starts: list[int] = []
+    pads: list[int] = []
+    owner: list[int] = []
+    blocks: list[int] = []
+    block_owner: list[int] = []
+    scale: list[float] = []
+    start = 0
+    for i, shape in enumerate(shapes):
+        n = math.prod(shape)
+        pieces = max(1, -(-n // _ROW))
+        stride = sample_stride(shape)
+        count = -(-n // SAMPLE_BLOCK) if stride == 1 else (n - SAMPLE_BLOCK) // stride + 1
+        step = SAMPLE_BLOCK if stride == 1 else stride
+        starts.append(start)
+        pads += range(start + n, start + pieces * _ROW)
+        owner += [i] * pieces
+        blocks += range(start, start + count * step, step)
+        block_owner += [i] * count
+        scale.append(1.0 if stride == 1 else n / (count * SAMPLE_BLOCK))
+        start += pieces * _ROW
+
+    def on(values: list, dtype: torch.dtype) -> Tensor:
+        return torch.tensor(values, dtype=dtype, device=device)
+
+    return _Layout(
+        tuple(starts), start, on(pads, torch.int64), on(owner, torch.int64),
+        on([math.prod(s) for s in shapes], torch.float64), on(blocks, torch.int64), on(block_owner, torch.int32),
+        on(scale, torch.float64)[:, None],
+    )  # fmt: skip
+
+
+def _grouped_records(xs: Sequence[Tensor], bins: Bins | None, divisor: Tensor | float | None = None) -> Tensor:
+    """The records of ``xs`` (one device and dtype), ``(len(xs), size)``, with no host read and in about 25 launches
+    whatever their number: all copied into one float64 buffer in whole pieces of :data:`_ROW` values
+    (:func:`_layout`; one multi-tensor copy, NaN in the rest of a last piece), each record's histogram sample taken
+    from it (as :func:`tensor_record` samples), then the buffer's pieces summed as :func:`_device_moments` sums a
+    chunk's, the values in float64, and added into their tensors' sums. Float64, so that the moments of many small
+    tensors keep the digits of a variance that their mean dwarfs (a norm layer's gain), as a large tensor's on the
+    host do.
+
+    Its temporaries: 12 bytes a value (up to :data:`_GROUP_VALUES` values), their sample, and per piece a few floats;
+    about 70 bytes a value read and written.
+    """
+    with torch.no_grad():
+        layout = _layout(tuple(tuple(t.shape) for t in xs), xs[0].device)
+        values = torch.empty(layout.length, dtype=torch.float64, device=xs[0].device)
+        values.index_fill_(0, layout.pads, math.nan)
+        # one multi-tensor kernel (a few on a GPU for many values): reshape(-1) is a view of a contiguous tensor
+        torch._foreach_copy_(
+            [values[s : s + t.numel()] for s, t in zip(layout.starts, xs, strict=True)], [t.reshape(-1) for t in xs]
+        )
+        sample = None
+        if bins is not None:  # as tensor_record takes it: in float32 unless the tensors are float64
+            sample = values.unfold(0, SAMPLE_BLOCK, 1).index_select(0, layout.blocks)
+            sample = sample if xs[0].dtype == torch.float64 else sample.float()
+        ok = torch.mul(values, 0, out=values.new_empty(values.shape, dtype=torch.float32))  # NaN: not finite, or a pad
+        ok.eq_(0)  # float32 ones where a value is finite: a piece's sum of them is exact
+        pieces = values.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0).view(-1, _ROW)
+        sums = [ok.view(-1, _ROW).sum(-1), pieces.sum(-1), torch.linalg.vector_norm(pieces, dim=-1).square_()]
+        n, s, ss = torch.zeros(3, len(xs), dtype=torch.float64, device=values.device).index_add_(
+            1, layout.owner, torch.stack(sums)
+        )
+        head = torch.stack([n, s, ss, layout.numel - n], dim=1)
+        if divisor is not None:
+            head = head * _moment_scale(divisor, head)
+        if sample is None:
+            return head
+        if divisor is not None:
+            sample = sample / divisor
+        counts = bins.counts(sample, owners=(layout.block_owner, len(xs)), scratch=True)  # type: ignore[union-attr]
+        return torch.cat([head, counts * layout.scale], dim=1)
 
 
 def size_groups(on_devices: Iterable[list[int]], numels: Sequence[int], limit: int = _GROUP) -> list[list[int]]:
@@ -567,26 +694,6 @@ def _inexact(n: int, s: float, ss: float) -> bool:
     """Whether float32 sums ``s``, ``ss`` of ``n`` values may have lost the moments' digits: squares under
     :data:`_TINY_SQUARES`, or a mean that dwarfs the spread (:func:`_cancels`)."""
     return ss < _TINY_SQUARES or _cancels(n, s, ss)
-
-
-def _clean_records(x: Tensor, sizes: tuple[int, ...], bins: Bins | None, scratch: bool = False) -> Tensor:
-    """The records of the segments of ``sizes`` of ``x``, with no host read. Non-finite values become 0
-    and are counted; they are left out of every other statistic, the histogram's zero bin too. ``scratch``: ``x``
-    is a temporary of ours, which the histogram may overwrite (:meth:`Bins.counts`)."""
-    xz = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
-    bad = (x * 0).ne(0).to(torch.float64)  # x * 0 is NaN exactly where x is not finite
-    xd = xz.to(torch.float64)
-    head = _segment_sums([1.0 - bad, xd, xd * xd, bad], sizes)
-    return head if bins is None else torch.cat([head, bins.counts(x, sizes, finite=False, scratch=scratch)], dim=1)
-
-
-def _segment_sums(columns: Sequence[Tensor], sizes: tuple[int, ...]) -> Tensor:
-    """Per segment of ``sizes`` of the values, the sum of each of ``columns``: ``(segments, columns)``, one pairwise
-    sum per run of equal sizes (:func:`_runs`); not ``dot`` (BLAS accumulates in one running sum: the variance of a
-    weight near 1 lost five digits to it) nor ``index_add_`` (one value at a time, ~25x slower)."""
-    stacked = torch.stack(list(columns))
-    parts = [stacked[:, start : start + k * n].view(len(columns), k, n).sum(2) for start, k, n, _ in _runs(sizes)]
-    return torch.cat(parts, dim=1).T
 
 
 def _runs(sizes: tuple[int, ...]) -> list[tuple[int, int, int, int]]:

@@ -159,8 +159,9 @@ def test_host_branch_and_sync_free_paths_give_equal_records(bins, nonfinite, cou
         xs[0][3], xs[1][10], xs[2][0] = math.nan, math.inf, -math.inf
     monkeypatch.setattr(stats, "_CHUNK", 1000)  # the large tensor in several chunks
     cleanups = []
-    real_clean = stats._clean_records
-    monkeypatch.setattr(stats, "_clean_records", lambda *a, **k: cleanups.append(1) or real_clean(*a, **k))
+    for name in ("_device_moments", "_grouped_records"):  # the paths without a host read
+        real = getattr(stats, name)
+        monkeypatch.setattr(stats, name, lambda *a, real=real, **k: cleanups.append(1) or real(*a, **k))
     host_path = [stats.tensor_record(x, bins) for x in xs] + stats.tensor_records(xs, bins)
     assert bool(cleanups) == nonfinite  # finite values never reach the clean-up on CPU
     monkeypatch.setattr(stats, "host_reads_free", lambda x: False)
@@ -170,8 +171,8 @@ def test_host_branch_and_sync_free_paths_give_equal_records(bins, nonfinite, cou
     for a, b in zip(host_path, sync_free, strict=True):
         assert torch.equal(a[stats.NONFINITE :], b[stats.NONFINITE :])  # counts are exact
         # float32 sums on the host (stats._host_heads, stats._fast_moments) and without a host read
-        # (stats._device_moments), float64 where values are not finite (stats._clean_records): float32's precision,
-        # relative to the spread
+        # (stats._device_moments), float64 where values are not finite or many are reduced together
+        # (stats._grouped_records): float32's precision, relative to the spread
         ma, mb = stats.Moments.of(a.tolist()), stats.Moments.of(b.tolist())
         assert ma.mean == pytest.approx(mb.mean, abs=1e-6 * mb.std) and ma.std == pytest.approx(mb.std, rel=1e-6)
     for x, record in zip(xs + xs, host_path, strict=True):
@@ -342,3 +343,59 @@ def test_device_moments_of_any_length_match_float64(n):
     assert (count, others) == (finite.numel(), n - finite.numel())
     assert total == pytest.approx(finite.sum().item(), rel=1e-6, abs=1e-6)
     assert squares == pytest.approx(finite.square().sum().item(), rel=1e-6, abs=1e-6)
+
+
+@pytest.mark.parametrize("divisor", [None, 3.0])
+def test_many_tensors_together_without_a_host_read_equal_each_alone(monkeypatch, divisor):
+    """On a GPU's path (no host read) tensors of up to stats._TOGETHER values are reduced together: every count
+    equals the tensor's own record (its histogram the same sample, scaled alike), the moments a direct float64
+    computation's, for every size (empty, a few values, sampled ones, one piece exactly), dtype and non-finite value,
+    in groups split by the limit."""
+    monkeypatch.setattr(stats, "host_reads_free", lambda x: False)
+    monkeypatch.setattr(stats, "_TOGETHER", 300_000)  # one tensor alone
+    monkeypatch.setattr(stats, "_GROUP_VALUES", 300_000)  # and two groups
+    g = torch.Generator().manual_seed(8)
+    shapes = [(0,), (), (7,), (1024,), (300, 301), (64, 3, 7, 7), (5000,), (2, 70_001), (400_000,), (1, 1)]
+    xs = [torch.randn(s, generator=g) * (k + 1) + k for k, s in enumerate(shapes)]
+    xs[2] = xs[2].bfloat16()
+    xs[6] = xs[6].double()
+    xs[4][0, 0], xs[5][1, 2, 3, 4], xs[7][1, 9] = math.nan, math.inf, -math.inf
+    for bins in (stats.log2_bins(), stats.linear_bins(-2.0, 2.0)):
+        together = stats.tensor_records(xs, bins, divisor)
+        for x, got in zip(xs, together, strict=True):
+            alone = stats.tensor_record(x, bins, divisor=divisor)
+            assert torch.equal(got[stats.NONFINITE :], alone[stats.NONFINITE :])
+            finite = x[torch.isfinite(x)].double() / (divisor or 1.0)
+            count, total, squares = got[: stats.NONFINITE].tolist()
+            rel = 1e-9 if x.numel() <= stats._TOGETHER else 1e-6  # float64 together; float32 pieces alone
+            assert count == finite.numel()
+            assert total == pytest.approx(finite.sum().item(), rel=rel, abs=1e-9)
+            assert squares == pytest.approx(finite.square().sum().item(), rel=rel, abs=1e-9)
+
+
+def test_many_tensors_together_launch_as_few_kernels_as_one():
+    """The point of reducing tensors together on a GPU: the ops a group dispatches (each a launch there) do not grow
+    with the number of its tensors."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            returns = func._schema.returns  # views launch nothing
+            if not (returns and all(r.alias_info is not None and not r.alias_info.is_write for r in returns)):
+                self.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    g = torch.Generator().manual_seed(9)
+    bins = stats.log2_bins()
+    launches = []
+    for k in (2, 40):
+        xs = [torch.randn(100 + 37 * i, 90, generator=g) for i in range(k)]
+        stats._grouped_records(xs, bins)  # the layout, made once for these shapes
+        with Count() as counted:
+            stats._grouped_records(xs, bins)
+        launches.append(counted.ops)
+    assert launches[0] == launches[1] < 30

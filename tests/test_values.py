@@ -20,7 +20,7 @@ from helpers import (
 )
 from lightning.pytorch.loggers import CSVLogger
 
-from lightning_netdiag import GradDataRatio, UpdateRatio
+from lightning_netdiag import GradDataRatio, UpdateRatio, stats
 
 #: Logged at step 0 only: the output at initialisation.
 INIT_TAGS = {"netdiag/init_output_ce/net.5", "netdiag/init_output_classes/net.5", "netdiag/init_loss"}
@@ -47,7 +47,17 @@ def expected_tags(model: TinyNet) -> set[str]:
     return tags
 
 
-def test_tensorboard_scalars_equal_plain_pytorch(tmp_path):
+@pytest.fixture(params=["host", "gpu-path"])
+def path(request, monkeypatch):
+    """The CPU's records, and (``gpu-path``) those a GPU takes, on the CPU: no host read inside a record, its chunks,
+    tensors reduced together (stats._grouped_records)."""
+    if request.param == "gpu-path":
+        monkeypatch.setattr(stats, "host_reads_free", lambda x: False)
+        monkeypatch.setattr(stats, "launch_bound", lambda device: True)
+    return request.param
+
+
+def test_tensorboard_scalars_equal_plain_pytorch(tmp_path, path):
     model = TinyNet()
     t = trainer(tmp_path, all_callbacks(2), max_steps=7)
     t.fit(model, loader(), loader())
@@ -64,7 +74,7 @@ def test_tensorboard_scalars_equal_plain_pytorch(tmp_path):
     assert 1 < logged["netdiag/act_saturated_pct/net.2"][0] < 99
 
 
-def test_histograms_equal_direct_bin_counts(tmp_path):
+def test_histograms_equal_direct_bin_counts(tmp_path, path):
     model = TinyNet()
     t = trainer(tmp_path, all_callbacks(3), max_steps=4)
     t.fit(model, loader())

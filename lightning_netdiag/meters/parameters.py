@@ -285,11 +285,17 @@ class UpdateMeter(ParameterMeter):
                 held = {id(p) for opt in self._optimizers for group in opt.param_groups for p in group["params"]}
                 chosen += [(n, p) for key, (n, p) in self._selected.items() if key not in held and p.grad is not None]
                 self._lr = float(optimizer.param_groups[self._main[1]]["lr"])  # a tensor rate: read once a step
+            whole: tuple[list[Tensor], list[Tensor]] = ([], [])  # copies to fill, their parts: one multi-tensor copy
             for name, p in chosen:
                 part = self._shard(name, p)[0]
                 index = self._sample_of(name, part)
-                copy = part.clone() if index is None else torch.take(part, index)
+                copy = torch.empty_like(part) if index is None else torch.take(part, index)
+                if index is None:
+                    whole[0].append(copy)
+                    whole[1].append(part)
                 self._before[name] = (p, index, copy, p._version)
+            if whole[0]:
+                torch._foreach_copy_(*whole)
 
     def _sample_of(self, name: str, part: Tensor) -> Tensor | None:
         """The fixed elements of ``part`` kept with ``sample``: the same every step (so the update is
@@ -327,9 +333,18 @@ class UpdateMeter(ParameterMeter):
             shards = [self._shard(name, p) for name, (p, _, _, _) in before.items()]
             copies = [(copy, n) for (_, _, copy, _), (_, n) in zip(before.values(), shards, strict=True)]
             old_records = self._old_records(before, copies)
+            # each copy becomes its update (no second full-size tensor): the whole ones by multi-tensor ops,
+            # -(copy - now), exactly now - copy
+            whole: tuple[list[Tensor], list[Tensor]] = ([], [])
             for (_, index, copy, _), (now, _) in zip(before.values(), shards, strict=True):
-                # the copy becomes the update: no second full-size tensor
-                torch.sub(now if index is None else torch.take(now, index), copy, out=copy)
+                if index is None:
+                    whole[0].append(copy)
+                    whole[1].append(now)
+                else:
+                    torch.sub(torch.take(now, index), copy, out=copy)
+            if whole[0]:
+                torch._foreach_sub_(*whole)
+                torch._foreach_neg_(whole[0])
             update_records = self._records(copies)
             values = self._values([r for pair in zip(update_records, old_records, strict=True) for r in pair])
             scalars: dict[Key, float] = {}
