@@ -21,7 +21,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch._utils import _flatten_dense_tensors
 
 __all__ = [
     "DEFAULT_THRESHOLD", "HALF_EXTRA", "HIST_SAMPLE", "MOMENTS", "SAMPLE_BLOCK", "SMALL", "Bins", "Histogram",
@@ -95,20 +94,14 @@ class Bins:
         return bins.masked_fill_(key % n_exp == n_exp - 1, self.size)  # inf and NaN: to a bin that is dropped
 
     def counts(
-        self,
-        x: Tensor,
-        sizes: tuple[int, ...] | None = None,
-        finite: bool = False,
-        scratch: bool = False,
-        owners: tuple[Tensor, int] | None = None,
+        self, x: Tensor, finite: bool = False, scratch: bool = False, owners: tuple[Tensor, int] | None = None
     ) -> Tensor:
         """Float64 counts of the finite values of the float32 or float64 ``x`` (``finite``: all are), on ``x``'s
         device; values that are not finite are counted in no bin. ``scratch``: ``x`` is a temporary of the
         caller's that log2 bins may overwrite with its keys (no full-size allocation).
 
-        With ``sizes`` (``x`` is the concatenation of tensors of these sizes), or ``owners`` (``x`` is ``(k, m)``,
-        its row ``j`` of tensor ``index[j]`` of ``n``: ``owners = (index, n)``, ``index`` int32), one row of counts
-        per tensor, ``(tensors, size)``, from one count over keys offset by tensor.
+        With ``owners = (index, n)`` (``x`` is ``(k, m)``, its row ``j`` of tensor ``index[j]`` of ``n``, ``index``
+        int32), one row of counts per tensor, ``(n, size)``, from one count over keys offset by tensor.
         """
         rows = x.shape[0] if owners is not None else 0
         x = x if x.dim() == 1 else x.reshape(-1)
@@ -123,23 +116,21 @@ class Bins:
             space = fold.numel()
             keys = x.view(bits)  # sign and exponent, shifted by base to 0 .. space
             index, base = keys.bitwise_right_shift_(mantissa) if scratch else keys >> mantissa, space // 2
-        # in place: no full-size temporary; with sizes, each tensor's keys offset by its index times space
         shape: tuple[int, ...] = (self.size + 1,)
-        if owners is not None:
+        if owners is None:
+            counted = _count(index.add_(base), space)
+        else:  # in place: each row's keys offset by its tensor's index times space
             tensor, n = owners
             index.view(rows, -1).add_((tensor * space + base).to(index.dtype)[:, None])
-            counted, shape = _count(index, n * space).view(n, space), (n, self.size + 1)
-        elif sizes is None:
-            counted = _count(index.add_(base), space)
-        else:
-            n = len(sizes)
-            offsets = torch.arange(base, base + n * space, space, dtype=index.dtype, device=index.device)[:, None]
-            for start, k, length, first in _runs(sizes):  # a run of tensors of one size: a (k, length) matrix
-                index[start : start + k * length].view(k, length).add_(offsets[first : first + k])
             counted, shape = _count(index, n * space).view(n, space), (n, self.size + 1)
         if self.kind == "log2":  # folded before the counts become float64: 84 bins of each tensor, not 512 keys
             counted = counted.new_zeros(shape).index_add_(-1, fold, counted)
         return counted[..., : self.size].to(torch.float64)
+
+    @functools.cached_property
+    def zero_bin(self) -> int:
+        """The bin of 0.0."""
+        return int(Bins(self.kind, self.lo, self.hi, self.exp).counts(torch.zeros(1)).argmax())
 
 
 #: The most keys :func:`_count` counts with ``histc``: its float32 keys stay exact, and so does its bin.
@@ -382,9 +373,9 @@ def _chunk_moments(x: Tensor, host: bool) -> tuple[Tensor, bool]:
     """The float64 moments of a float32 or float64 chunk, and whether every value is known to be finite: with one
     host read where it is free (:func:`_host_heads`), else, or where a value is not finite, with none
     (:func:`_device_moments`)."""
-    head = _host_heads(x, (x.numel(),)) if host else None
+    head = _host_heads(x) if host else None
     if head is not None:
-        return head[0], True
+        return head, True
     return _device_moments(x.double() if host else x), False  # a host's chunk in float64, as a finite one's digits
 
 
@@ -505,64 +496,40 @@ _GROUP_VALUES = 1 << 23
 
 def tensor_records(xs: Sequence[Tensor], bins: Bins | None, divisor: Tensor | float | None = None) -> list[Tensor]:
     """The record of each tensor (divided by ``divisor``), as :func:`tensor_record` gives it, the tensors of a device
-    reduced together where that saves launches, ordered by size: on the host (:func:`host_reads_free`) those of up to
-    :data:`SMALL` values, the moments of each size's tensors as the rows of one matrix, then one host read
-    (:func:`_host_heads`), and one count of all their histograms; on a GPU those of up to :data:`_TOGETHER`
-    values, a group's records in about 25 launches whatever the number of its tensors
-    (:func:`_grouped_records`, also the host's where a value is not finite). Counts are equal to one tensor's; sums
-    are added in another order."""
+    and dtype reduced together where that saves launches (:func:`_grouped_records`, a fixed number of ops a group
+    whatever the number of its tensors): on the host (:func:`host_reads_free`) those of up to :data:`SMALL` values,
+    on a GPU those of up to :data:`_TOGETHER`. Counts are equal to one tensor's; sums are added in another order."""
     out: list[Tensor | None] = [None] * len(xs)
     numels = [t.numel() for t in xs]
     together: dict[tuple[torch.device, torch.dtype], list[int]] = {}  # a multi-tensor copy's sources: one dtype
     for i, t in enumerate(xs):
-        host = host_reads_free(t)
-        if numels[i] <= (SMALL if host else _TOGETHER):
+        if numels[i] <= (SMALL if host_reads_free(t) else _TOGETHER):
             together.setdefault((t.device, t.dtype), []).append(i)
         else:
             out[i] = tensor_record(t, bins, divisor=divisor)
     for members in together.values():
-        host = host_reads_free(xs[members[0]])
-        for group in size_groups([members], numels, _GROUP if host else _GROUP_VALUES):
-            rows = _host_records([xs[i] for i in group], bins, divisor) if host else None
-            if rows is None:
-                rows = _grouped_records([xs[i] for i in group], bins, divisor)
-            for i, row in zip(group, rows, strict=True):
+        limit = _GROUP if host_reads_free(xs[members[0]]) else _GROUP_VALUES
+        for group in size_groups([members], numels, limit):
+            for i, row in zip(group, _grouped_records([xs[i] for i in group], bins, divisor), strict=True):
                 out[i] = row
     return out  # type: ignore[return-value]
 
 
-def _host_records(xs: Sequence[Tensor], bins: Bins | None, divisor: Tensor | float | None) -> Tensor | None:
-    """The records of the small tensors ``xs`` from their concatenation with one host read (:func:`_host_heads`), or
-    None where a value is not finite."""
-    sizes = tuple(t.numel() for t in xs)
-    with torch.no_grad():  # one call that flattens and concatenates (half the time of cat's), promoting types
-        x = _summable(_flatten_dense_tensors(list(xs)))
-    heads = _host_heads(x, sizes)
-    if heads is None:
-        return None
-    if divisor is not None:
-        heads = heads * _moment_scale(divisor, heads)
-    if bins is None:
-        return heads
-    # one tensor of float32 or float64 is flattened as a view of itself: the histogram's keys may not overwrite it
-    ours = len(xs) > 1 or x.dtype != xs[0].dtype
-    if divisor is not None:
-        x, ours = x / divisor, True
-    return torch.cat([heads, bins.counts(x, sizes, finite=True, scratch=ours)], dim=1)
-
-
 @dataclass(frozen=True)
 class _Layout:
-    """Where :func:`_grouped_records` puts tensors of given shapes: each at ``starts[i]`` of a buffer of ``length``
-    values, in whole pieces of :data:`_ROW`; on the device, the rest of each last piece (``pads``), the tensor of each
-    piece (``owner``), each tensor's number of values (``numel``, float64), where its histogram's sample blocks of
+    """Where :func:`_grouped_records` puts tensors of given shapes: one after another in a buffer of ``length``
+    values, each in whole pieces of :data:`_ROW` (``splits``: the length of each tensor, then of the rest of its last
+    piece, and so on); on the device, the rest of each last piece (``pads``) and its length
+    (``pad_counts``, float64), the tensor of each piece (``owner``, int32), each tensor's number of values (``numel``,
+    float64), where its histogram's sample blocks of
     :data:`SAMPLE_BLOCK` start (``blocks``: every value up to :data:`HIST_SAMPLE`, else the :func:`sample_stride`
     sample; the pad after it is not counted) and whose they are (``block_owner``), and what scales its counts to its
     size (``scale``, ``(tensors, 1)``)."""
 
-    starts: tuple[int, ...]
+    splits: tuple[int, ...]
     length: int
     pads: Tensor
+    pad_counts: Tensor
     owner: Tensor
     numel: Tensor
     blocks: Tensor
@@ -573,9 +540,11 @@ class _Layout:
 @functools.lru_cache(maxsize=64)
 def _layout(shapes: tuple[tuple[int, ...], ...], device: torch.device) -> _Layout:
     """See :class:`_Layout` (the tensors of a meter have the same shapes at every logging step: made once)."""
-    starts: list[int] = []
+    splits: list[int] = []
     pads: list[int] = []
+    pad_counts: list[int] = []
     owner: list[int] = []
+    numels: list[int] = []
     blocks: list[int] = []
     block_owner: list[int] = []
     scale: list[float] = []
@@ -586,9 +555,11 @@ def _layout(shapes: tuple[tuple[int, ...], ...], device: torch.device) -> _Layou
         stride = sample_stride(shape)
         count = -(-n // SAMPLE_BLOCK) if stride == 1 else (n - SAMPLE_BLOCK) // stride + 1
         step = SAMPLE_BLOCK if stride == 1 else stride
-        starts.append(start)
+        splits += [n, pieces * _ROW - n]
         pads += range(start + n, start + pieces * _ROW)
+        pad_counts.append(pieces * _ROW - n)
         owner += [i] * pieces
+        numels.append(n)
         blocks += range(start, start + count * step, step)
         block_owner += [i] * count
         scale.append(1.0 if stride == 1 else n / (count * SAMPLE_BLOCK))
@@ -598,52 +569,102 @@ def _layout(shapes: tuple[tuple[int, ...], ...], device: torch.device) -> _Layou
         return torch.tensor(values, dtype=dtype, device=device)
 
     return _Layout(
-        tuple(starts), start, on(pads, torch.int64), on(owner, torch.int64),
-        on([math.prod(s) for s in shapes], torch.float64), on(blocks, torch.int64), on(block_owner, torch.int32),
+        tuple(splits), start, on(pads, torch.int64), on(pad_counts, torch.float64), on(owner, torch.int32),
+        on(numels, torch.float64), on(blocks, torch.int64), on(block_owner, torch.int32),
         on(scale, torch.float64)[:, None],
     )  # fmt: skip
 
 
 def _grouped_records(xs: Sequence[Tensor], bins: Bins | None, divisor: Tensor | float | None = None) -> Tensor:
-    """The records of ``xs`` (one device and dtype), ``(len(xs), size)``, with no host read and in about 25 launches
-    whatever their number: all copied into one float64 buffer in whole pieces of :data:`_ROW` values
-    (:func:`_layout`; one multi-tensor copy, NaN in the rest of a last piece), each record's histogram sample taken
-    from it (as :func:`tensor_record` samples), then the buffer's pieces summed as :func:`_device_moments` sums a
-    chunk's, the values in float64, and added into their tensors' sums. Float64, so that the moments of many small
-    tensors keep the digits of a variance that their mean dwarfs (a norm layer's gain), as a large tensor's on the
-    host do.
+    """The records of ``xs`` (one device and dtype), ``(len(xs), size)``, in a fixed number of ops whatever their
+    number: all copied into one buffer in whole pieces of :data:`_ROW` values (:func:`_layout`; one multi-tensor copy),
+    the pieces summed and added into their tensors' sums. On the host (:func:`_host_group`) in their precision and
+    checked in one read; where a value is not finite, or where reading costs a wait (a GPU), in float64 with none
+    (:func:`_clean_group`)."""
+    with torch.no_grad():
+        layout = _layout(tuple(tuple(t.shape) for t in xs), xs[0].device)
+        rows = _host_group(xs, layout, bins, divisor) if host_reads_free(xs[0]) else None
+        return _clean_group(xs, layout, bins, divisor) if rows is None else rows
+
+
+def _filled(xs: Sequence[Tensor], layout: _Layout, dtype: torch.dtype, pad: float) -> Tensor:
+    """A buffer of ``layout`` holding ``xs`` in ``dtype`` and ``pad`` in the rest of each last piece."""
+    values = torch.empty(layout.length, dtype=dtype, device=xs[0].device)
+    values.index_fill_(0, layout.pads, pad)
+    # one multi-tensor kernel (a few on a GPU for many values): reshape(-1) is a view of a contiguous tensor
+    torch._foreach_copy_(values.split(layout.splits)[::2], [t.reshape(-1) for t in xs])
+    return values
+
+
+def _by_tensor(layout: _Layout, parts: Sequence[Tensor]) -> Tensor:
+    """Per-piece sums ``parts`` added into their tensors', in float64: ``(len(parts), tensors)``."""
+    stacked = torch.stack(list(parts)).double()
+    out = torch.zeros(len(parts), layout.numel.numel(), dtype=torch.float64, device=stacked.device)
+    return out.index_add_(1, layout.owner, stacked)
+
+
+def _host_group(
+    xs: Sequence[Tensor], layout: _Layout, bins: Bins | None, divisor: Tensor | float | None
+) -> Tensor | None:
+    """:func:`_grouped_records` on the host, or None where a value is not finite: the buffer in the tensors' precision
+    (float32 but for float64) with zeros after each tensor; the sums of its pieces read once (a NaN or an Inf makes a
+    sum of squares non-finite). As a large tensor's (:func:`_fast_moments`), a tensor whose squares underflow float32
+    (its values all below about 2**-40, or zeros) or whose mean dwarfs its spread (:func:`_cancels`: a norm layer's
+    gain) is summed again in float64, so that its variance keeps its digits (one host read more, only then). The
+    histogram counts every value of the buffer, and takes the zeros after each tensor out of the bin of zero."""
+    values = _filled(xs, layout, torch.float64 if xs[0].dtype == torch.float64 else torch.float32, 0.0)
+    pieces = values.view(-1, _ROW)
+    s_host, ss_host = _by_tensor(layout, [pieces.sum(-1), torch.linalg.vector_norm(pieces, dim=-1).square_()]).tolist()
+    if not math.isfinite(sum(ss_host)):
+        return None
+    sizes = [t.numel() for t in xs]
+    redo = [i for i, n in enumerate(sizes) if n and _inexact(n, s_host[i], ss_host[i])]
+    if redo:
+        exact = [xs[i].detach().double() for i in redo]
+        again = torch.stack([torch.stack([v.sum(), v.square().sum()]) for v in exact]).tolist()
+        for i, (s, ss) in zip(redo, again, strict=True):
+            s_host[i], ss_host[i] = s, ss
+    head = torch.tensor([[n, s, ss, 0.0] for n, s, ss in zip(sizes, s_host, ss_host, strict=True)], dtype=torch.float64)
+    if divisor is not None:
+        head = head * _moment_scale(divisor, head)
+    if bins is None:
+        return head
+    if divisor is not None:
+        values.div_(divisor)
+    counts = bins.counts(pieces, owners=(layout.owner, len(xs)), finite=True, scratch=True)
+    counts[:, bins.zero_bin] -= layout.pad_counts
+    return torch.cat([head, counts], dim=1)
+
+
+def _clean_group(xs: Sequence[Tensor], layout: _Layout, bins: Bins | None, divisor: Tensor | float | None) -> Tensor:
+    """:func:`_grouped_records` with no host read, in about 25 launches: the buffer in float64 with NaN after each
+    tensor, each record's histogram sample taken from it (as :func:`tensor_record` samples), then its finite values
+    counted, summed and squared by pieces, as :func:`_device_moments` does a chunk's. Float64, so that the moments of
+    many small tensors keep the digits of a variance that their mean dwarfs (a norm layer's gain), as the host's do.
 
     Its temporaries: 12 bytes a value (up to :data:`_GROUP_VALUES` values), their sample, and per piece a few floats;
     about 70 bytes a value read and written.
     """
-    with torch.no_grad():
-        layout = _layout(tuple(tuple(t.shape) for t in xs), xs[0].device)
-        values = torch.empty(layout.length, dtype=torch.float64, device=xs[0].device)
-        values.index_fill_(0, layout.pads, math.nan)
-        # one multi-tensor kernel (a few on a GPU for many values): reshape(-1) is a view of a contiguous tensor
-        torch._foreach_copy_(
-            [values[s : s + t.numel()] for s, t in zip(layout.starts, xs, strict=True)], [t.reshape(-1) for t in xs]
-        )
-        sample = None
-        if bins is not None:  # as tensor_record takes it: in float32 unless the tensors are float64
-            sample = values.unfold(0, SAMPLE_BLOCK, 1).index_select(0, layout.blocks)
-            sample = sample if xs[0].dtype == torch.float64 else sample.float()
-        ok = torch.mul(values, 0, out=values.new_empty(values.shape, dtype=torch.float32))  # NaN: not finite, or a pad
-        ok.eq_(0)  # float32 ones where a value is finite: a piece's sum of them is exact
-        pieces = values.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0).view(-1, _ROW)
-        sums = [ok.view(-1, _ROW).sum(-1), pieces.sum(-1), torch.linalg.vector_norm(pieces, dim=-1).square_()]
-        n, s, ss = torch.zeros(3, len(xs), dtype=torch.float64, device=values.device).index_add_(
-            1, layout.owner, torch.stack(sums)
-        )
-        head = torch.stack([n, s, ss, layout.numel - n], dim=1)
-        if divisor is not None:
-            head = head * _moment_scale(divisor, head)
-        if sample is None:
-            return head
-        if divisor is not None:
-            sample = sample / divisor
-        counts = bins.counts(sample, owners=(layout.block_owner, len(xs)), scratch=True)  # type: ignore[union-attr]
-        return torch.cat([head, counts * layout.scale], dim=1)
+    values = _filled(xs, layout, torch.float64, math.nan)
+    sample = None
+    if bins is not None:  # as tensor_record takes it: in float32 unless the tensors are float64
+        sample = values.unfold(0, SAMPLE_BLOCK, 1).index_select(0, layout.blocks)
+        sample = sample if xs[0].dtype == torch.float64 else sample.float()
+    ok = torch.mul(values, 0, out=values.new_empty(values.shape, dtype=torch.float32))  # NaN: not finite, or a pad
+    ok.eq_(0)  # float32 ones where a value is finite: a piece's sum of them is exact
+    pieces = values.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0).view(-1, _ROW)
+    n, s, ss = _by_tensor(
+        layout, [ok.view(-1, _ROW).sum(-1), pieces.sum(-1), torch.linalg.vector_norm(pieces, dim=-1).square_()]
+    )
+    head = torch.stack([n, s, ss, layout.numel - n], dim=1)
+    if divisor is not None:
+        head = head * _moment_scale(divisor, head)
+    if sample is None:
+        return head
+    if divisor is not None:
+        sample = sample / divisor
+    counts = bins.counts(sample, owners=(layout.block_owner, len(xs)), scratch=True)  # type: ignore[union-attr]
+    return torch.cat([head, counts * layout.scale], dim=1)
 
 
 def size_groups(on_devices: Iterable[list[int]], numels: Sequence[int], limit: int = _GROUP) -> list[list[int]]:
@@ -663,48 +684,26 @@ def size_groups(on_devices: Iterable[list[int]], numels: Sequence[int], limit: i
     return out
 
 
-def _host_heads(x: Tensor, sizes: tuple[int, ...]) -> Tensor | None:
-    """The float64 moments ``(n, sum, sum of squares, 0)`` of each segment of ``sizes`` of the float32 or float64
-    ``x`` if every value is finite, checked on the host in one read; None otherwise.
-
-    The consecutive segments of one size are read as the rows of one matrix: a sum and a norm per size, not per
-    tensor (200 tensors of 4,096 values: 0.2 ms, against 2.4 for a float64 sum and norm of each). The sums are
-    ``x``'s precision, as a large tensor's (:func:`_fast_moments`); a segment whose squares underflow float32 (all
-    its values below about 2**-40, or zeros) or whose mean dwarfs its spread (:func:`_cancels`: a norm layer's
-    gain) is summed again in float64, so that its variance keeps its digits (one host read more, only then). The
-    moments are made from the values read: about a dozen ops for one small tensor.
-    """
-    runs = [(x[start : start + k * n].view(k, n), first) for start, k, n, first in _runs(sizes)]
-    # the sums and the float64 sums of squares of every row, to the host at once (cat promotes the sums)
-    host = torch.cat([rows.sum(1) for rows, _ in runs] + [row_squares(rows) for rows, _ in runs]).tolist()
-    s_host, ss_host = host[: len(sizes)], host[len(sizes) :]
-    if not math.isfinite(sum(ss_host)):  # a NaN or an Inf makes a (non-negative) sum of squares non-finite
+def _host_heads(x: Tensor) -> Tensor | None:
+    """The float64 moments ``(n, sum, sum of squares, 0)`` of the float32 or float64 ``x`` if every value is finite,
+    checked on the host in one read; None otherwise. The sums are ``x``'s precision, as a large tensor's
+    (:func:`_fast_moments`); where the squares underflow float32 or the mean dwarfs the spread (:func:`_inexact`) they
+    are taken again in float64 (one host read more, only then)."""
+    rows = x.view(1, -1)
+    s, ss = torch.cat([rows.sum(1), row_squares(rows)]).tolist()
+    if not math.isfinite(ss):  # a NaN or an Inf makes a (non-negative) sum of squares non-finite
         return None
-    for rows, first in runs:
-        k, n = rows.shape
-        redo = [j for j in range(k) if n and _inexact(n, s_host[first + j], ss_host[first + j])]
-        if redo:
-            exact = rows[redo].double()
-            for j, s, ss in zip(redo, *torch.stack([exact.sum(1), exact.square().sum(1)]).tolist(), strict=True):
-                s_host[first + j], ss_host[first + j] = s, ss
-    return torch.tensor([[n, s, ss, 0.0] for n, s, ss in zip(sizes, s_host, ss_host, strict=True)], dtype=torch.float64)
+    n = x.numel()
+    if n and _inexact(n, s, ss):
+        exact = x.double()
+        s, ss = torch.stack([exact.sum(), exact.square().sum()]).tolist()
+    return torch.tensor([n, s, ss, 0.0], dtype=torch.float64)
 
 
 def _inexact(n: int, s: float, ss: float) -> bool:
     """Whether float32 sums ``s``, ``ss`` of ``n`` values may have lost the moments' digits: squares under
     :data:`_TINY_SQUARES`, or a mean that dwarfs the spread (:func:`_cancels`)."""
     return ss < _TINY_SQUARES or _cancels(n, s, ss)
-
-
-def _runs(sizes: tuple[int, ...]) -> list[tuple[int, int, int, int]]:
-    """The runs of equal sizes of a concatenation of tensors of ``sizes``: ``(start, count, size, first)``, where
-    the run's values start and the index of its first tensor; each run is read as one ``(count, size)`` matrix."""
-    out, start, first = [], 0, 0
-    for size, run in itertools.groupby(sizes):
-        k = len(list(run))
-        out.append((start, k, size, first))
-        start, first = start + k * size, first + k
-    return out
 
 
 def recorded(record: Sequence[float]) -> bool:

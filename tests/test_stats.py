@@ -159,7 +159,7 @@ def test_host_branch_and_sync_free_paths_give_equal_records(bins, nonfinite, cou
         xs[0][3], xs[1][10], xs[2][0] = math.nan, math.inf, -math.inf
     monkeypatch.setattr(stats, "_CHUNK", 1000)  # the large tensor in several chunks
     cleanups = []
-    for name in ("_device_moments", "_grouped_records"):  # the paths without a host read
+    for name in ("_device_moments", "_clean_group"):  # the paths without a host read
         real = getattr(stats, name)
         monkeypatch.setattr(stats, name, lambda *a, real=real, **k: cleanups.append(1) or real(*a, **k))
     host_path = [stats.tensor_record(x, bins) for x in xs] + stats.tensor_records(xs, bins)
@@ -172,7 +172,7 @@ def test_host_branch_and_sync_free_paths_give_equal_records(bins, nonfinite, cou
         assert torch.equal(a[stats.NONFINITE :], b[stats.NONFINITE :])  # counts are exact
         # float32 sums on the host (stats._host_heads, stats._fast_moments) and without a host read
         # (stats._device_moments), float64 where values are not finite or many are reduced together
-        # (stats._grouped_records): float32's precision, relative to the spread
+        # (stats._clean_group): float32's precision, relative to the spread
         ma, mb = stats.Moments.of(a.tolist()), stats.Moments.of(b.tolist())
         assert ma.mean == pytest.approx(mb.mean, abs=1e-6 * mb.std) and ma.std == pytest.approx(mb.std, rel=1e-6)
     for x, record in zip(xs + xs, host_path, strict=True):
