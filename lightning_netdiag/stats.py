@@ -704,17 +704,27 @@ def size_groups(on_devices: Iterable[list[int]], numels: Sequence[int], limit: i
     return out
 
 
+#: Up to this many values a tensor's moments on the host are summed in float64 at once: its float64 copy (at most
+#: 128 kB) costs less than the dozen ops of its pieces' float32 sums (3,200 values: 11 against 33 µs; 16,384: 16
+#: against 24; 65,536: 37 against 32, on this 2-core CPU).
+_EXACT_SMALL = 1 << 14
+
+
 def _host_heads(x: Tensor) -> Tensor | None:
-    """The float64 moments ``(n, sum, sum of squares, 0)`` of the float32 or float64 ``x`` if every value is finite,
-    checked on the host in one read; None otherwise. The sums are ``x``'s precision, as a large tensor's
-    (:func:`_fast_moments`); where the squares underflow float32 or the mean dwarfs the spread (:func:`_inexact`) they
-    are taken again in float64 (one host read more, only then)."""
+    """The float64 moments ``(n, sum, sum of squares, 0)`` of the 1-D float32 or float64 ``x`` if every value is
+    finite, checked on the host in one read; None otherwise. Up to :data:`_EXACT_SMALL` values in float64; above, in
+    ``x``'s precision, as a large tensor's (:func:`_fast_moments`), and where the squares underflow float32 or the mean
+    dwarfs the spread (:func:`_inexact`) in float64 again (one host read more, only then)."""
+    n = x.numel()
+    if n <= _EXACT_SMALL:  # in float64 at once: fewer ops than the pieces', no second read
+        d = x.double()
+        s, ss = torch.stack([d.sum(), torch.dot(d, d)]).tolist()
+        return torch.tensor([n, s, ss, 0.0], dtype=torch.float64) if math.isfinite(ss) else None
     rows = x.view(1, -1)
     s, ss = torch.cat([rows.sum(1), row_squares(rows)]).tolist()
     if not math.isfinite(ss):  # a NaN or an Inf makes a (non-negative) sum of squares non-finite
         return None
-    n = x.numel()
-    if n and _inexact(n, s, ss):
+    if _inexact(n, s, ss):
         exact = x.double()
         s, ss = torch.stack([exact.sum(), exact.square().sum()]).tolist()
     return torch.tensor([n, s, ss, 0.0], dtype=torch.float64)
