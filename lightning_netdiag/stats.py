@@ -18,6 +18,7 @@ import itertools
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -318,7 +319,7 @@ def _fast_moments(flat: Tensor) -> Tensor | None:
     return torch.tensor([n, s, ss, 0.0], dtype=torch.float64)
 
 
-def _cancels(n: float, s: float, ss: float) -> bool:
+def _cancels(n: Any, s: Any, ss: Any) -> Any:
     """Whether ``sum(x**2) - sum(x)**2 / n`` would lose the variance's digits: the mean above 1.7 spreads (the
     spread under half the root mean square)."""
     return s * s > 0.75 * n * ss
@@ -630,21 +631,22 @@ def _host_group(
     (float32 but for float64) with zeros after each tensor; the sums of its pieces read once (a NaN or an Inf makes a
     sum of squares non-finite). As a large tensor's (:func:`_fast_moments`), a tensor whose squares underflow float32
     (its values all below about 2**-40, or zeros) or whose mean dwarfs its spread (:func:`_cancels`: a norm layer's
-    gain) is summed again in float64, so that its variance keeps its digits (one host read more, only then). The
-    histogram counts every value of the buffer, and takes the zeros after each tensor out of the bin of zero."""
+    gain) is summed again in float64, so that its variance keeps its digits. The histogram counts every value of the
+    buffer (the tensors of a group on the host have at most :data:`SMALL` values: their histograms are not sampled),
+    and takes the zeros after each tensor out of the bin of zero."""
     values = _filled(xs, layout, torch.float64 if xs[0].dtype == torch.float64 else torch.float32, nan=False)
     pieces = values.view(-1, _ROW)
-    s_host, ss_host = _by_tensor(layout, [pieces.sum(-1), torch.linalg.vector_norm(pieces, dim=-1).square_()]).tolist()
-    if not math.isfinite(sum(ss_host)):
+    n = layout.numel
+    s, ss = _by_tensor(layout, [pieces.sum(-1), torch.linalg.vector_norm(pieces, dim=-1).square_()])
+    # one read: whether every value is finite, and which tensors to sum again
+    total, *again = torch.cat([ss.sum().view(1), (_inexact(n, s, ss) & (n > 0)).double()]).tolist()
+    if not math.isfinite(total):
         return None
-    sizes = [t.numel() for t in xs]
-    redo = [i for i, n in enumerate(sizes) if n and _inexact(n, s_host[i], ss_host[i])]
+    head = torch.stack([n, s, ss, torch.zeros_like(n)], dim=1)
+    redo = [i for i, flag in enumerate(again) if flag]
     if redo:
         exact = [xs[i].detach().double() for i in redo]
-        again = torch.stack([torch.stack([v.sum(), v.square().sum()]) for v in exact]).tolist()
-        for i, (s, ss) in zip(redo, again, strict=True):
-            s_host[i], ss_host[i] = s, ss
-    head = torch.tensor([[n, s, ss, 0.0] for n, s, ss in zip(sizes, s_host, ss_host, strict=True)], dtype=torch.float64)
+        head[redo, 1:3] = torch.stack([torch.stack([v.sum(), v.square().sum()]) for v in exact])
     if divisor is not None:
         head = head * _moment_scale(divisor, head)
     if bins is None:
@@ -730,10 +732,10 @@ def _host_heads(x: Tensor) -> Tensor | None:
     return torch.tensor([n, s, ss, 0.0], dtype=torch.float64)
 
 
-def _inexact(n: int, s: float, ss: float) -> bool:
+def _inexact(n: Any, s: Any, ss: Any) -> Any:
     """Whether float32 sums ``s``, ``ss`` of ``n`` values may have lost the moments' digits: squares under
-    :data:`_TINY_SQUARES`, or a mean that dwarfs the spread (:func:`_cancels`)."""
-    return ss < _TINY_SQUARES or _cancels(n, s, ss)
+    :data:`_TINY_SQUARES`, or a mean that dwarfs the spread (:func:`_cancels`). Of numbers, or of tensors of them."""
+    return (ss < _TINY_SQUARES) | _cancels(n, s, ss)
 
 
 def recorded(record: Sequence[float]) -> bool:
