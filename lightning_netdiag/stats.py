@@ -276,7 +276,16 @@ def _moment_scale(divisor: Tensor | float, head: Tensor) -> Tensor:
 
 @functools.lru_cache(maxsize=16)
 def _float_scale(divisor: float, device: torch.device) -> Tensor:
-    return torch.tensor([1.0, 1 / divisor, 1 / divisor**2, 1.0], dtype=torch.float64, device=device)
+    return _on_device([1.0, 1 / divisor, 1 / divisor**2, 1.0], torch.float64, device)
+
+
+def _on_device(values: list, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``values`` as a tensor on ``device`` without waiting for it: on CUDA through pinned memory (a copy from the
+    host's pageable memory waits for the stream: a synchronisation at the logging step that first makes it)."""
+    t = torch.tensor(values, dtype=dtype)
+    if device.type == "cpu":
+        return t
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
 
 
 #: Values of half or bf16 copied to float32 at a time by :func:`_fast_moments` (4 MB).
@@ -539,7 +548,7 @@ class _Layout:
     scale: Tensor
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=256)
 def _layout(shapes: tuple[tuple[int, ...], ...], device: torch.device) -> _Layout:
     """See :class:`_Layout` (the tensors of a meter have the same shapes at every logging step: made once)."""
     splits: list[int] = []
@@ -568,7 +577,7 @@ def _layout(shapes: tuple[tuple[int, ...], ...], device: torch.device) -> _Layou
         start += pieces * _ROW
 
     def on(values: list, dtype: torch.dtype) -> Tensor:
-        return torch.tensor(values, dtype=dtype, device=device)
+        return _on_device(values, dtype, device)
 
     return _Layout(
         tuple(splits), start, on(pads, torch.int64), on(pad_counts, torch.float64), on(owner, torch.int32),
