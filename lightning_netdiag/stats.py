@@ -387,7 +387,7 @@ def _chunk_moments(x: Tensor, host: bool) -> tuple[Tensor, bool]:
     head = _host_heads(x) if host else None
     if head is not None:
         return head, True
-    return _device_moments(x.double() if host else x), False  # a host's chunk in float64, as a finite one's digits
+    return _device_moments(x.double() if host else x), False  # on the host, where a value is not finite: in float64
 
 
 def _device_moments(x: Tensor) -> Tensor:
@@ -501,7 +501,8 @@ _GROUP = 1 << 20
 #: about 36 bytes a value; together, about 70 (float64), and the launches are shared: at 3 TB/s the launches saved
 #: outweigh the bytes added up to about 12M values (estimated, not measured on a GPU).
 _TOGETHER = 1 << 22
-#: ... in groups of at most about this many values: their temporaries 128 MB, a GPU chunk's (:data:`_GPU_CHUNK`).
+#: ... in groups of at most about this many values: their temporaries 12 bytes a value, 96 MB, under the 128 MB of a
+#: GPU chunk's (:data:`_GPU_CHUNK`).
 _GROUP_VALUES = 1 << 23
 
 
@@ -530,12 +531,11 @@ def tensor_records(xs: Sequence[Tensor], bins: Bins | None, divisor: Tensor | fl
 class _Layout:
     """Where :func:`_grouped_records` puts tensors of given shapes: one after another in a buffer of ``length``
     values, each in whole pieces of :data:`_ROW` (``splits``: the length of each tensor, then of the rest of its last
-    piece, and so on); on the device, the rest of each last piece (``pads``) and its length
-    (``pad_counts``, float64), the tensor of each piece (``owner``, int32), each tensor's number of values (``numel``,
-    float64), where its histogram's sample blocks of
-    :data:`SAMPLE_BLOCK` start (``blocks``: every value up to :data:`HIST_SAMPLE`, else the :func:`sample_stride`
-    sample; the pad after it is not counted) and whose they are (``block_owner``), and what scales its counts to its
-    size (``scale``, ``(tensors, 1)``)."""
+    piece, and so on). On the device: where those rests lie (``pads``) and their lengths (``pad_counts``, float64); the
+    tensor of each piece (``owner``, int32); each tensor's number of values (``numel``, float64); where its
+    histogram's sample blocks of :data:`SAMPLE_BLOCK` start (``blocks``: every value up to :data:`HIST_SAMPLE`, else
+    the :func:`sample_stride` sample; a rest that a last block reads is not counted) and whose they are
+    (``block_owner``); and what scales its counts to its size (``scale``, ``(tensors, 1)``)."""
 
     splits: tuple[int, ...]
     length: int
