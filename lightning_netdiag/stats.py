@@ -220,10 +220,13 @@ def finite_mask(x: Tensor, record: Tensor) -> Tensor | None:
     return where_finite(x)
 
 
-def where_finite(x: Tensor) -> Tensor:
+def where_finite(x: Tensor, out: Tensor | None = None) -> Tensor:
     """Where ``x`` is finite, in two kernels: ``x - x`` is 0 there and NaN elsewhere (``torch.isfinite`` launches
-    four, each a pass over ``x``: ``x == x``, ``x.abs()``, ``!= inf`` and their product)."""
-    return (x - x).eq(0)
+    four, each a pass over ``x``: ``x == x``, ``x.abs()``, ``!= inf`` and their product). With ``out`` (a float
+    tensor of ``x``'s shape), as ones and zeros written into it, with no other temporary."""
+    if out is None:
+        return (x - x).eq(0)
+    return torch.sub(x, x, out=out).eq_(0)
 
 
 def count_true(mask: Tensor) -> Tensor:
@@ -245,12 +248,12 @@ def tensor_record(x: Tensor, bins: Bins | None, divisor: Tensor | float | None =
     x = x.detach() if x.requires_grad else x
     flat = x.reshape(-1).contiguous()  # a strided 1-D view stays strided through reshape; rows and samples need one
     host = host_reads_free(flat)
-    head = _fast_moments(flat) if host and flat.numel() > SMALL else None
+    head, wide = _fast_moments(flat) if host and flat.numel() > SMALL else (None, host)
     finite = head is not None  # known on the host: every value is
     if head is None:
         size = _GPU_CHUNK if launch_bound(flat.device) else _CHUNK
         chunks = flat.split(size) if flat.numel() > size else (flat,)
-        heads = [_chunk_moments(_summable(c), host) for c in chunks]
+        heads = [_chunk_moments(_summable(c), host, wide) for c in chunks]
         finite = all(known for _, known in heads)
         head = heads[0][0] if len(heads) == 1 else torch.stack([h for h, _ in heads]).sum(0)
     if divisor is not None:
@@ -299,11 +302,11 @@ _ROW = 1 << 10
 _TINY_SQUARES = 2.0**-80
 
 
-def _fast_moments(flat: Tensor) -> Tensor | None:
+def _fast_moments(flat: Tensor) -> tuple[Tensor | None, bool]:
     """The moments of a CPU tensor from float32 sums (about two reads of a float32 tensor: no float64 copy), checked on
-    the host in one read; or None where they would not be accurate to float32's precision and the caller takes them
-    in float64: a value that is not finite, squares that overflow or underflow float32 (values beyond 2**63 or all
-    below 2**-40).
+    the host in one read; or None where they would not do, and whether the caller must take them in float64: not
+    where a value is not finite (then they are taken without a host read, as a GPU's are), but where squares overflow
+    or underflow float32 (values beyond 2**63 or all below 2**-40) or a float64 tensor's mean dwarfs its spread.
 
     Where the mean dwarfs the spread (:func:`_cancels`: a sigmoid's output, a saturated tanh, a norm layer's gain) the
     sums are taken again about the mean, a chunk at a time in a float32 buffer (about two reads more), and turned back
@@ -315,17 +318,19 @@ def _fast_moments(flat: Tensor) -> Tensor | None:
         s, ss = sum_and_squares(flat).tolist()
     else:
         s, ss = _buffered_sums(flat, 0.0)
-    if not (math.isfinite(s) and math.isfinite(ss)) or ss < _TINY_SQUARES:
-        return None
+    if not math.isfinite(s) or math.isnan(ss):  # a value that is not finite
+        return None, False
+    if math.isinf(ss) or ss < _TINY_SQUARES:  # finite values whose float32 squares overflow or underflow
+        return None, True
     if _cancels(n, s, ss):
         if flat.dtype == torch.float64:
-            return None
+            return None, True
         shift = torch.tensor(s / n, dtype=torch.float32).item()  # the value a float32 subtraction takes away
         ds, dss = _buffered_sums(flat, shift)
         if not (math.isfinite(ds) and math.isfinite(dss)):
-            return None
+            return None, True
         s, ss = ds + n * shift, dss + shift * (2 * ds + n * shift)
-    return torch.tensor([n, s, ss, 0.0], dtype=torch.float64)
+    return torch.tensor([n, s, ss, 0.0], dtype=torch.float64), False
 
 
 def _cancels(n: Any, s: Any, ss: Any) -> Any:
@@ -380,14 +385,15 @@ def _by_pieces(x: Tensor) -> tuple[Tensor, Tensor | None]:
     return x[..., :body].unflatten(-1, (-1, _ROW)), x[..., body:]
 
 
-def _chunk_moments(x: Tensor, host: bool) -> tuple[Tensor, bool]:
-    """The float64 moments of a float32 or float64 chunk, and whether every value is known to be finite: with one
-    host read where it is free (:func:`_host_heads`), else, or where a value is not finite, with none
-    (:func:`_device_moments`)."""
-    head = _host_heads(x) if host else None
+def _chunk_moments(x: Tensor, host: bool, wide: bool) -> tuple[Tensor, bool]:
+    """The float64 moments of a float32 or float64 chunk, and whether every value is known to be finite: a tensor of
+    up to :data:`SMALL` values on the host with one host read (:func:`_host_heads`); else, or where a value is not
+    finite, with none (:func:`_device_moments`), from a float64 copy where ``wide`` (a small tensor's, a large one's
+    whose float32 sums would lose digits)."""
+    head = _host_heads(x) if host and x.numel() <= SMALL else None
     if head is not None:
         return head, True
-    return _device_moments(x.double() if host else x), False  # on the host, where a value is not finite: in float64
+    return _device_moments(x.double() if wide else x), False
 
 
 def _device_moments(x: Tensor) -> Tensor:
@@ -681,8 +687,8 @@ def _clean_group(xs: Sequence[Tensor], layout: _Layout, bins: Bins | None, divis
     if bins is not None:  # as tensor_record takes it: in float32 unless the tensors are float64
         sample = values.unfold(0, SAMPLE_BLOCK, 1).index_select(0, layout.blocks)
         sample = sample if xs[0].dtype == torch.float64 else sample.float()
-    ok = torch.mul(values, 0, out=values.new_empty(values.shape, dtype=torch.float32))  # NaN: not finite, or a pad
-    ok.eq_(0)  # float32 ones where a value is finite: a piece's sum of them is exact
+    # float32 ones where a value is finite (not a rest): a piece's sum of them is exact
+    ok = where_finite(values, out=values.new_empty(values.shape, dtype=torch.float32))
     pieces = values.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0).view(-1, _ROW)
     n, s, ss = _by_tensor(
         layout, [ok.view(-1, _ROW).sum(-1), pieces.sum(-1), torch.linalg.vector_norm(pieces, dim=-1).square_()]
@@ -715,30 +721,15 @@ def size_groups(on_devices: Iterable[list[int]], numels: Sequence[int], limit: i
     return out
 
 
-#: Up to this many values a tensor's moments on the host are summed in float64 at once: its float64 copy (at most
-#: 128 kB) costs less than the dozen ops of its pieces' float32 sums (3,200 values: 11 against 33 µs; 16,384: 16
-#: against 24; 65,536: 37 against 32, on this 2-core CPU).
-_EXACT_SMALL = 1 << 14
-
-
 def _host_heads(x: Tensor) -> Tensor | None:
-    """The float64 moments ``(n, sum, sum of squares, 0)`` of the 1-D float32 or float64 ``x`` if every value is
-    finite, checked on the host in one read; None otherwise. Up to :data:`_EXACT_SMALL` values in float64; above, in
-    ``x``'s precision, as a large tensor's (:func:`_fast_moments`), and where the squares underflow float32 or the mean
-    dwarfs the spread (:func:`_inexact`) in float64 again (one host read more, only then)."""
-    n = x.numel()
-    if n <= _EXACT_SMALL:  # in float64 at once: fewer ops than the pieces', no second read
-        d = x.double()
-        s, ss = torch.stack([d.sum(), torch.dot(d, d)]).tolist()
-        return torch.tensor([n, s, ss, 0.0], dtype=torch.float64) if math.isfinite(ss) else None
-    rows = x.view(1, -1)
-    s, ss = torch.cat([rows.sum(1), row_squares(rows)]).tolist()
-    if not math.isfinite(ss):  # a NaN or an Inf makes a (non-negative) sum of squares non-finite
-        return None
-    if _inexact(n, s, ss):
-        exact = x.double()
-        s, ss = torch.stack([exact.sum(), exact.square().sum()]).tolist()
-    return torch.tensor([n, s, ss, 0.0], dtype=torch.float64)
+    """The float64 moments ``(n, sum, sum of squares, 0)`` of the 1-D ``x`` of up to :data:`SMALL` values if every
+    value is finite, checked on the host in one read; None otherwise. Summed in float64 at once: the copy (at most
+    512 kB) costs about what the dozen ops of float32 pieces did (3,200 values: 13 against 43 µs; 65,536: 49 against
+    42, on this 2-core CPU), and the sums need no second look where the mean dwarfs the spread."""
+    d = x.double()
+    s, ss = torch.stack([d.sum(), d.square().sum()]).tolist()  # pairwise sums (dot: one running sum, 1e-11 off)
+    # (not in place: a float64 x is its own .double())
+    return torch.tensor([x.numel(), s, ss, 0.0], dtype=torch.float64) if math.isfinite(ss) else None
 
 
 def _inexact(n: Any, s: Any, ss: Any) -> Any:

@@ -333,18 +333,17 @@ class UpdateMeter(ParameterMeter):
             shards = [self._shard(name, p) for name, (p, _, _, _) in before.items()]
             copies = [(copy, n) for (_, _, copy, _), (_, n) in zip(before.values(), shards, strict=True)]
             old_records = self._old_records(before, copies)
-            # each copy becomes its update (no second full-size tensor): the whole ones by multi-tensor ops,
-            # -(copy - now), exactly now - copy
+            # each copy becomes copy - now, the update negated (no second full-size tensor; its std and squares are
+            # the update's, all that is read of it): the whole ones by one multi-tensor op
             whole: tuple[list[Tensor], list[Tensor]] = ([], [])
             for (_, index, copy, _), (now, _) in zip(before.values(), shards, strict=True):
                 if index is None:
                     whole[0].append(copy)
                     whole[1].append(now)
                 else:
-                    torch.sub(torch.take(now, index), copy, out=copy)
+                    copy.sub_(torch.take(now, index))
             if whole[0]:
                 torch._foreach_sub_(*whole)
-                torch._foreach_neg_(whole[0])
             update_records = self._records(copies)
             values = self._values([r for pair in zip(update_records, old_records, strict=True) for r in pair])
             scalars: dict[Key, float] = {}
