@@ -45,9 +45,9 @@ DEFAULT_THRESHOLD = 0.97
 _CHUNK = 1 << 18
 #: The same on a GPU, where each of a chunk's ~10 kernels costs its launch on the host whatever its size: with
 #: 2**18, GPT-2 124M's logging step (bf16, batch 8 x 1024, an H200) reduced ~3,800 chunks in 1.6 s, 26 steps' time.
-#: A chunk's temporaries there are its values in float32 with the non-finite ones zeroed, and a mask: 80 MB (144 MB
-#: for bf16 or fp16, first copied to float32), as at 2**22 before issue 35 (about 36 bytes a value then).
-_GPU_CHUNK = 1 << 24
+#: A chunk's temporaries there are its values in float64 with the non-finite ones zeroed, and float64 ones where they
+#: are finite (:func:`_device_moments`): 128 MB.
+_GPU_CHUNK = 1 << 23
 #: The integer type of a float's bits, and the bits of its mantissa: shifted away, sign and exponent remain.
 _FLOAT_BITS = {torch.float32: (torch.int32, 23), torch.float64: (torch.int64, 52)}
 
@@ -243,17 +243,18 @@ def tensor_record(x: Tensor, bins: Bins | None, divisor: Tensor | float | None =
     Runs on ``x``'s device, never synchronises with a GPU, and leaves ``x`` untouched. On the host (a CPU
     tensor outside a compiled graph) a tensor of more than :data:`SMALL` values costs about two reads of it
     (:func:`_fast_moments`) and its histogram a sample; elsewhere its moments are taken in float64 chunk by chunk
-    (no host read), so that no full-size temporary is made. Half and bf16 values are summed in float32 or more.
+    (no host read, :func:`_device_moments`), so that no full-size temporary is made. Half and bf16 values are summed
+    in float32 or more.
     """
     x = x.detach() if x.requires_grad else x
     flat = x.reshape(-1).contiguous()  # a strided 1-D view stays strided through reshape; rows and samples need one
     host = host_reads_free(flat)
-    head, wide = _fast_moments(flat) if host and flat.numel() > SMALL else (None, host)
+    head = _fast_moments(flat) if host and flat.numel() > SMALL else None
     finite = head is not None  # known on the host: every value is
     if head is None:
         size = _GPU_CHUNK if launch_bound(flat.device) else _CHUNK
         chunks = flat.split(size) if flat.numel() > size else (flat,)
-        heads = [_chunk_moments(_summable(c), host, wide) for c in chunks]
+        heads = [_chunk_moments(c, host) for c in chunks]
         finite = all(known for _, known in heads)
         head = heads[0][0] if len(heads) == 1 else torch.stack([h for h, _ in heads]).sum(0)
     if divisor is not None:
@@ -302,11 +303,11 @@ _ROW = 1 << 10
 _TINY_SQUARES = 2.0**-80
 
 
-def _fast_moments(flat: Tensor) -> tuple[Tensor | None, bool]:
+def _fast_moments(flat: Tensor) -> Tensor | None:
     """The moments of a CPU tensor from float32 sums (about two reads of a float32 tensor: no float64 copy), checked on
-    the host in one read; or None where they would not do, and whether the caller must take them in float64: not
-    where a value is not finite (then they are taken without a host read, as a GPU's are), but where squares overflow
-    or underflow float32 (values beyond 2**63 or all below 2**-40) or a float64 tensor's mean dwarfs its spread.
+    the host in one read; or None where they would not do (then they are taken in float64 without a host read, as a
+    GPU's are: :func:`_device_moments`): where a value is not finite, where squares overflow or underflow float32
+    (values beyond 2**63 or all below 2**-40), or where a float64 tensor's mean dwarfs its spread.
 
     Where the mean dwarfs the spread (:func:`_cancels`: a sigmoid's output, a saturated tanh, a norm layer's gain) the
     sums are taken again about the mean, a chunk at a time in a float32 buffer (about two reads more), and turned back
@@ -318,19 +319,18 @@ def _fast_moments(flat: Tensor) -> tuple[Tensor | None, bool]:
         s, ss = sum_and_squares(flat).tolist()
     else:
         s, ss = _buffered_sums(flat, 0.0)
-    if not math.isfinite(s) or math.isnan(ss):  # a value that is not finite
-        return None, False
-    if math.isinf(ss) or ss < _TINY_SQUARES:  # finite values whose float32 squares overflow or underflow
-        return None, True
+    # a value that is not finite, or finite values whose float32 squares overflow or underflow
+    if not math.isfinite(s) or not math.isfinite(ss) or ss < _TINY_SQUARES:
+        return None
     if _cancels(n, s, ss):
         if flat.dtype == torch.float64:
-            return None, True
+            return None
         shift = torch.tensor(s / n, dtype=torch.float32).item()  # the value a float32 subtraction takes away
         ds, dss = _buffered_sums(flat, shift)
         if not (math.isfinite(ds) and math.isfinite(dss)):
-            return None, True
+            return None
         s, ss = ds + n * shift, dss + shift * (2 * ds + n * shift)
-    return torch.tensor([n, s, ss, 0.0], dtype=torch.float64), False
+    return torch.tensor([n, s, ss, 0.0], dtype=torch.float64)
 
 
 def _cancels(n: Any, s: Any, ss: Any) -> Any:
@@ -385,42 +385,38 @@ def _by_pieces(x: Tensor) -> tuple[Tensor, Tensor | None]:
     return x[..., :body].unflatten(-1, (-1, _ROW)), x[..., body:]
 
 
-def _chunk_moments(x: Tensor, host: bool, wide: bool) -> tuple[Tensor, bool]:
-    """The float64 moments of a float32 or float64 chunk, and whether every value is known to be finite: a tensor of
-    up to :data:`SMALL` values on the host with one host read (:func:`_host_heads`); else, or where a value is not
-    finite, with none (:func:`_device_moments`), from a float64 copy where ``wide`` (a small tensor's, a large one's
-    whose float32 sums would lose digits)."""
+def _chunk_moments(x: Tensor, host: bool) -> tuple[Tensor, bool]:
+    """The float64 moments of a chunk, and whether every value is known to be finite: a tensor of up to :data:`SMALL`
+    values on the host with one host read (:func:`_host_heads`); else, or where a value is not finite, with none
+    (:func:`_device_moments`)."""
     head = _host_heads(x) if host and x.numel() <= SMALL else None
     if head is not None:
         return head, True
-    return _device_moments(x.double() if wide else x), False
+    return _device_moments(x), False
 
 
 def _device_moments(x: Tensor) -> Tensor:
-    """The float64 moments of a float32 or float64 chunk with no host read and no full-size float64 or int64
-    temporary: its finite values counted and summed, and their squares, a piece of at most :data:`_ROW` values at a
-    time (:func:`_by_pieces`) in ``x``'s precision, the pieces added in float64; the others counted. Accurate to
-    float32's precision relative to the root mean square, as the host's sums are. Nine kernels.
+    """The float64 moments of a chunk with no host read and no host-side decision: its values copied into a float64
+    buffer, the non-finite ones zeroed there, beside float64 ones where a value is finite (those ``nan_to_num`` left as
+    they were); one reduction sums both rows, the squares are norms of pieces (:func:`row_squares`: a CPU's norm adds
+    each square to one running sum, 7e-14 off for 300,000 values near 1, which a variance 1e-8 of the mean square
+    turns into 3e-6 of the std). About ten kernels, 76 bytes a value read and written, temporaries of 16 bytes a
+    value.
 
-    Not ``x.sum(dtype=torch.float64)``, nor a sum or ``count_nonzero`` of a bool mask: torch converts a reduction's
-    whole input to its result's dtype first (but half and bf16 into float32 on CUDA), a float64 or int64 copy of the
-    chunk, 8 bytes a value written and read again (inside the kernel: a count of the ops dispatched does not see it).
-    The finite values are those ``nan_to_num`` left as they were (one comparison, written as float32 ones and zeros
-    beside its output, so that one reduction sums both; ``torch.isfinite`` is four kernels)."""
+    In float64, unlike the host's float32 sums, because nothing here can look at the values first to see that float32
+    would do: float32 squares overflow beyond about 2**63 and underflow below 2**-63 (an exploding activation's std
+    was inf, a vanishing gradient's 0), and float32 sums lose a variance that the mean dwarfs (a sigmoid's output near
+    1 with a spread of 3e-4: its std 17 % off; a norm layer's gain of spread 1e-4: 0). A float32 value's square is
+    exact in float64. (``x.sum(dtype=torch.float64)`` would make the same copy, hidden: torch converts a reduction's
+    whole input to its result's dtype first.)"""
     n = x.numel()
-    both = x.new_empty(2, n)
-    ok, xz = both.unbind()
-    torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0, out=xz)
-    torch.eq(x, xz, out=ok)  # NaN and inf != 0
-    body, rest = _by_pieces(both)
-    count, total = body.sum(-1).unbind()
-    squares = torch.linalg.vector_norm(body[1], dim=-1).square_()
-    parts = torch.stack([count, total, squares, body.shape[-1] - count])  # as a record: count, sum, squares, the rest
-    if rest is not None:
-        count, total = rest.sum(-1).unbind()
-        tail = torch.stack([count, total, torch.linalg.vector_norm(rest[1]).square(), rest.shape[-1] - count])
-        parts = torch.cat([parts, tail[:, None]], dim=1)
-    return parts.double().sum(1)
+    both = torch.empty(2, n, dtype=torch.float64, device=x.device)
+    ok, values = both.unbind()
+    values.copy_(x).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+    torch.eq(x, values, out=ok)  # NaN and inf != 0
+    count, total = both.sum(-1).unbind()
+    squares = row_squares(values[None])[0]
+    return torch.stack([count, total, squares, n - count])  # as a record: count, sum, squares, the rest
 
 
 def _sampled_counts(x: Tensor, flat: Tensor, bins: Bins, divisor: Tensor | float | None, finite: bool) -> Tensor:
@@ -498,17 +494,14 @@ def half_counts(x: Tensor) -> list[Tensor]:
 #: of 4,096 values: 0.32 ms together, 1.5 one at a time; of 32,768: 0.59 and 1.7 ms; of 65,536: 0.91 and 2.0 ms).
 #: Equal to :data:`HIST_SAMPLE`, so that whether a histogram is sampled depends on the tensor's size alone: every
 #: tensor reduced together is counted whole, as it would be alone. Where a record reads no host value (a GPU),
-#: larger ones are too (:data:`_TOGETHER`).
+#: larger ones are too (:data:`_GROUP_VALUES`).
 SMALL = 1 << 16
 #: Small tensors are reduced together on the host in groups of at most about this many values.
 _GROUP = 1 << 20
-#: Where a record reads no host value (a GPU), tensors of up to this many values are reduced together
-#: (:func:`_grouped_records`). Alone, a record is about 20 launches (5 to 10 us each on the host) and reads and writes
-#: about 36 bytes a value; together, about 70 (float64), and the launches are shared: at 3 TB/s the launches saved
-#: outweigh the bytes added up to about 12M values (estimated, not measured on a GPU).
-_TOGETHER = 1 << 22
-#: ... in groups of at most about this many values: their temporaries 12 bytes a value, 96 MB, under the 128 MB of a
-#: GPU chunk's (:data:`_GPU_CHUNK`).
+#: Where a record reads no host value (a GPU), every tensor that fits in a group of at most this many values is reduced
+#: with others (:func:`_grouped_records`): alone, a record is about 20 launches (5 to 10 us each on the host) and reads
+#: and writes about 80 bytes a value (:func:`_device_moments`, float64 too); together, about 70, and the launches are
+#: shared. The group's temporaries: 12 bytes a value, 96 MB, under the 128 MB of a GPU chunk's (:data:`_GPU_CHUNK`).
 _GROUP_VALUES = 1 << 23
 
 
@@ -516,12 +509,12 @@ def tensor_records(xs: Sequence[Tensor], bins: Bins | None, divisor: Tensor | fl
     """The record of each tensor (divided by ``divisor``), as :func:`tensor_record` gives it, the tensors of a device
     and dtype reduced together where that saves launches (:func:`_grouped_records`, a fixed number of ops a group
     whatever the number of its tensors): on the host (:func:`host_reads_free`) those of up to :data:`SMALL` values,
-    on a GPU those of up to :data:`_TOGETHER`. Counts are equal to one tensor's; sums are added in another order."""
+    on a GPU those of up to :data:`_GROUP_VALUES`. Counts are equal to one tensor's; sums are added in another order."""
     out: list[Tensor | None] = [None] * len(xs)
     numels = [t.numel() for t in xs]
     together: dict[tuple[torch.device, torch.dtype], list[int]] = {}  # a multi-tensor copy's sources: one dtype
     for i, t in enumerate(xs):
-        if numels[i] <= (SMALL if host_reads_free(t) else _TOGETHER):
+        if numels[i] <= (SMALL if host_reads_free(t) else _GROUP_VALUES):
             together.setdefault((t.device, t.dtype), []).append(i)
         else:
             out[i] = tensor_record(t, bins, divisor=divisor)
@@ -676,8 +669,8 @@ def _host_group(
 def _clean_group(xs: Sequence[Tensor], layout: _Layout, bins: Bins | None, divisor: Tensor | float | None) -> Tensor:
     """:func:`_grouped_records` with no host read, in about 25 launches: the buffer in float64 with NaN after each
     tensor, each record's histogram sample taken from it (as :func:`tensor_record` samples), then its finite values
-    counted, summed and squared by pieces, as :func:`_device_moments` does a chunk's. Float64, so that the moments of
-    many small tensors keep the digits of a variance that their mean dwarfs (a norm layer's gain), as the host's do.
+    counted, summed and squared by pieces. Float64, as :func:`_device_moments` takes a chunk's, so that the moments
+    keep the digits of a variance that the mean dwarfs (a norm layer's gain) and squares never over- or underflow.
 
     Its temporaries: 12 bytes a value (up to :data:`_GROUP_VALUES` values), their sample, and per piece a few floats;
     about 70 bytes a value read and written.

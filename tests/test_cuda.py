@@ -41,8 +41,8 @@ def test_cuda_16_mixed_gradients_are_unscaled(tmp_path):
 def test_records_on_the_gpu_equal_the_cpu_records(deterministic, monkeypatch):
     """The sync-free records (histc's counts; index_add_'s where deterministic algorithms are asked for) of a
     chunked tensor, a plain one and many small ones, with non-finite values, equal the CPU's exactly in counts (the
-    large one's histogram: the same sample, scaled alike), and in moments to float32's precision (one tensor's are
-    float32 sums on a GPU) or float64's (many small ones together)."""
+    large one's histogram: the same sample, scaled alike), and in moments at least to float32's precision (float64
+    sums on both, added in another order)."""
     from lightning_netdiag import stats
 
     monkeypatch.setattr(stats, "_GPU_CHUNK", 1 << 16)
@@ -67,6 +67,28 @@ def test_records_on_the_gpu_equal_the_cpu_records(deterministic, monkeypatch):
                     assert ma.std == pytest.approx(mb.std, rel=1e-6)
     finally:
         torch.use_deterministic_algorithms(False)
+
+
+@pytest.mark.parametrize("case", ["huge", "tiny", "mean 1e4 spreads", "bf16 mean 1e2 spreads"])
+def test_gpu_records_of_huge_tiny_and_mean_dominated_values_match_float64(case):
+    """A tensor recorded alone on a GPU (an activation, its gradient) is summed in float64 (stats._device_moments):
+    float32 sums gave an inf std for values near 1e20, 0 for values near 1e-25, and lost a spread that the mean
+    dwarfs (a sigmoid's output near 1: 17 % off)."""
+    from lightning_netdiag import stats
+
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(300_000, generator=g)
+    x = {
+        "huge": base * 1e20,
+        "tiny": base * 1e-25,
+        "mean 1e4 spreads": 1 + 1e-4 * base,
+        "bf16 mean 1e2 spreads": (1 + 1e-2 * base).bfloat16(),
+    }[case]
+    m = stats.Moments.of(stats.tensor_record(x.cuda(), stats.log2_bins().to(torch.device("cuda"))).tolist())
+    expected = x.double()
+    assert m.count == x.numel() and m.nonfinite == 0
+    assert m.mean == pytest.approx(expected.mean().item(), rel=1e-9)
+    assert m.std == pytest.approx(expected.std().item(), rel=1e-6)
 
 
 class Quiet(TinyNet):

@@ -20,7 +20,7 @@ from helpers import (
 )
 from lightning.pytorch.loggers import CSVLogger
 
-from lightning_netdiag import GradDataRatio, UpdateRatio, stats
+from lightning_netdiag import GradDataRatio, UpdateRatio
 
 #: Logged at step 0 only: the output at initialisation.
 INIT_TAGS = {"netdiag/init_output_ce/net.5", "netdiag/init_output_classes/net.5", "netdiag/init_loss"}
@@ -45,16 +45,6 @@ def expected_tags(model: TinyNet) -> set[str]:
             for metric in ("grad_mean", "grad_std", "grad_data_ratio", "grad_nonfinite", "update_data_log10"):
                 tags.add(f"netdiag/{metric}/{name}")
     return tags
-
-
-@pytest.fixture(params=["host", "gpu-path"])
-def path(request, monkeypatch):
-    """The CPU's records, and (``gpu-path``) those a GPU takes, on the CPU: no host read inside a record, its chunks,
-    tensors reduced together (stats._grouped_records)."""
-    if request.param == "gpu-path":
-        monkeypatch.setattr(stats, "host_reads_free", lambda x: False)
-        monkeypatch.setattr(stats, "launch_bound", lambda device: True)
-    return request.param
 
 
 def test_tensorboard_scalars_equal_plain_pytorch(tmp_path, path):
