@@ -4,6 +4,7 @@ GPT-2 124M's and ResNet-50's shapes, counted on the CPU (issue 35).
 
     python benchmarks/logging_step_ops.py                  # both models
     python benchmarks/logging_step_ops.py --models gpt2-124m
+    python benchmarks/logging_step_ops.py --profile        # on a GPU: where a logging step's time goes
 
 Each model trains 4 steps with AdamW (GPT-2: transformers' default config, 2 x 64 tokens; ResNet-50: torchvision's,
 2 images of 224 px), bare and then with ``NetDiag(model, optimizer, writer, every_n_steps=2)`` writing TensorBoard
@@ -104,19 +105,19 @@ def as_gpu():
         stats.host_reads_free, stats.launch_bound, attention.launch_bound = saved
 
 
-def build(name: str) -> tuple[torch.nn.Module, Callable[[torch.nn.Module], torch.Tensor]]:
-    """The model and a function of it that computes one step's loss on a fixed batch."""
+def build(name: str, device: str = "cpu") -> tuple[torch.nn.Module, Callable[[torch.nn.Module], torch.Tensor]]:
+    """The model on ``device`` and a function of it that computes one step's loss on a fixed batch."""
     g = torch.Generator().manual_seed(0)
     if name == "gpt2-124m":
         from transformers import GPT2Config, GPT2LMHeadModel
 
-        model = GPT2LMHeadModel(GPT2Config(bos_token_id=0, eos_token_id=0))
-        tokens = torch.randint(0, 50257, (2, 64), generator=g)
+        model = GPT2LMHeadModel(GPT2Config(bos_token_id=0, eos_token_id=0)).to(device)
+        tokens = torch.randint(0, 50257, (2, 64), generator=g).to(device)
         return model, lambda m: m(tokens, labels=tokens).loss
     import torchvision
 
-    model = torchvision.models.resnet50()
-    x, y = torch.randn(2, 3, 224, 224, generator=g), torch.randint(0, 1000, (2,), generator=g)
+    model = torchvision.models.resnet50().to(device)
+    x, y = torch.randn(2, 3, 224, 224, generator=g).to(device), torch.randint(0, 1000, (2,), generator=g).to(device)
     return model, lambda m: F.cross_entropy(m(x), y)
 
 
@@ -150,11 +151,71 @@ def count(name: str, with_netdiag: bool, gpu: bool = False) -> list[tuple[int, i
     return steps
 
 
+def profile(name: str, device: torch.device, timed: int = 6) -> str:
+    """Where a logging step's time goes on ``device`` (with ``--profile``): the same model, batch and ``NetDiag`` as the
+    count, 4 steps of warm-up, the median wall time of the timed logging steps and steps between (the device
+    synchronised after each), then one logging step under torch.profiler: its ops with the most time of their own on
+    the device (on a CPU, on the host), and the totals."""
+    import statistics
+    import time
+
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as profiled
+    from torch.utils.tensorboard import SummaryWriter
+
+    from lightning_netdiag import NetDiag
+
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    torch.manual_seed(0)
+    model, loss_of = build(name, str(device))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step() -> None:
+        loss = loss_of(model)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        sync()
+
+    times: dict[bool, list[float]] = {True: [], False: []}
+    with (
+        tempfile.TemporaryDirectory() as logs,
+        SummaryWriter(logs) as writer,
+        NetDiag(model, optimizer, writer, every_n_steps=2),
+    ):
+        for i in range(4 + timed):  # steps 0, 2, ... are logging steps
+            start = time.perf_counter()
+            step()
+            if i >= 4:
+                times[i % 2 == 0].append(time.perf_counter() - start)
+        activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+        with profiled(activities=activities) as prof:
+            step()  # a logging step
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = prof.key_averages()
+    on_device = sum(e.self_device_time_total for e in events) / 1e3
+    on_host = sum(e.self_cpu_time_total for e in events) / 1e3
+    head = (
+        f"## {name} on {torch.cuda.get_device_name() if cuda else 'the CPU'}: logging step "
+        f"{statistics.median(times[True]) * 1e3:.1f} ms, step between {statistics.median(times[False]) * 1e3:.1f} ms "
+        f"(medians of {timed // 2}); profiled logging step: {on_host:.1f} ms of ops on the host"
+        + (f", {on_device:.1f} ms of kernels on the device" if cuda else "")
+    )
+    return head + "\n" + events.table(sort_by=key, row_limit=12, max_name_column_width=40)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["gpt2-124m", "resnet50"], choices=["gpt2-124m", "resnet50"])
     parser.add_argument("--as-gpu", action="store_true", help="count netdiag's GPU paths (see above)")
+    parser.add_argument("--profile", action="store_true", help="time and profile a logging step instead (on CUDA)")
     args = parser.parse_args()
+    if args.profile:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        for name in args.models:
+            print(profile(name, device), flush=True)
+        return
     lines = ["| model | bare step: ops (kernels), host reads | logging step: ops added (kernels), host reads added | "
              "step between: ops added (kernels), host reads added |", "|---|---|---|---|"]  # fmt: skip
     for name in args.models:
