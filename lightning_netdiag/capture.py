@@ -379,7 +379,8 @@ class ActivationHooks:
         if layer.rule is not None:
             mask = input_mask if layer.rule.on_input else layer.rule.mask(t)
             finite = stats.finite_mask(t, record)
-            saturated, alive = stats.saturation_extra(mask, finite, unit_dim_of(t, self.unit_dim))  # type: ignore[arg-type]
+            units = unit_dim_of(t, self.unit_dim)
+            saturated, alive = stats.saturation_extra(mask, finite, units, record[stats.COUNT])  # type: ignore[arg-type]
             extra.append(saturated)
             if layer.alive is None:
                 layer.alive = alive

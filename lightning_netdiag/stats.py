@@ -98,15 +98,14 @@ class Bins:
     def counts(
         self, x: Tensor, finite: bool = False, scratch: bool = False, owners: tuple[Tensor, int] | None = None
     ) -> Tensor:
-        """Float64 counts of the finite values of the float32 or float64 ``x`` (``finite``: all are), on ``x``'s
-        device; values that are not finite are counted in no bin. ``scratch``: ``x`` is a temporary of the
+        """Float64 counts of the finite values of the float32 or float64 ``x``, of any shape or strides (``finite``:
+        all are), on ``x``'s device; values that are not finite are counted in no bin. ``scratch``: ``x`` is a temporary of the
         caller's that log2 bins may overwrite with its keys (no full-size allocation).
 
         With ``owners = (index, n)`` (``x`` is ``(k, m)``, its row ``j`` of tensor ``index[j]`` of ``n``, ``index``
         int32), one row of counts per tensor, ``(n, size)``, from one count over keys offset by tensor.
         """
         rows = x.shape[0] if owners is not None else 0
-        x = x if x.dim() == 1 else x.reshape(-1)
         if self.kind == "linear":
             index = (x * math.ldexp(1.0, -self.exp)).floor_().clamp_(self.lo - 1, self.hi)
             if not finite:  # the values that are not finite go to a key that is dropped
@@ -118,6 +117,7 @@ class Bins:
             space = fold.numel()
             keys = x.view(bits)  # sign and exponent, shifted by base to 0 .. space
             index, base = keys.bitwise_right_shift_(mantissa) if scratch else keys >> mantissa, space // 2
+        index = index.reshape(-1)  # keys made from a strided x (a sample's blocks) are new: a view, no copy of x
         shape: tuple[int, ...] = (self.size + 1,)
         if owners is None:
             counted = _count(index.add_(base), space)
@@ -428,7 +428,7 @@ def _sampled_counts(x: Tensor, flat: Tensor, bins: Bins, divisor: Tensor | float
         sample = flat
     else:
         blocks = (flat.numel() - SAMPLE_BLOCK) // stride + 1
-        sample = flat.as_strided((blocks, SAMPLE_BLOCK), (stride, 1)).reshape(-1)  # a copy of about HIST_SAMPLE
+        sample = flat.as_strided((blocks, SAMPLE_BLOCK), (stride, 1))  # read where its keys are made: no copy
     sample = _summable(sample)
     if divisor is not None:
         sample = sample / divisor
@@ -804,23 +804,19 @@ def ratio_log10(numerator: float, denominator: float) -> float:
     return math.log10(numerator / denominator)
 
 
-def saturation_extra(mask: Tensor, finite: Tensor | None, unit_dim: int) -> tuple[Tensor, Tensor]:
-    """Saturated count, and per unit the number of examples in which it is *not* saturated; ``finite``
-    masks the values counted (None: all are).
+def saturation_extra(mask: Tensor, finite: Tensor | None, unit_dim: int, count: Tensor) -> tuple[Tensor, Tensor]:
+    """Saturated count, and per unit the number of examples in which it is *not* saturated; ``finite`` masks the
+    values counted (None: all are), ``count`` is how many they are (the record's finite count).
 
     A unit (a feature along ``unit_dim``) whose count stays 0 over the whole logging step is dead: saturated
-    for every example, a white column of the lecture's ``imshow(h.abs() > 0.99)``.
+    for every example, a white column of the lecture's ``imshow(h.abs() > 0.99)``. One count per unit, of the values
+    finite and not saturated; the saturated ones are the rest of ``count`` (one reduction over the values, not two).
     """
     if mask.dim() == 0:
         mask, finite, unit_dim = mask.reshape(1), None if finite is None else finite.reshape(1), 0
-    saturated = mask if finite is None else mask & finite
+    kept = torch.logical_not(mask) if finite is None else torch.gt(finite, mask)  # finite and not saturated
     others = tuple(d for d in range(mask.dim()) if d != unit_dim % mask.dim())
-
-    # one count per unit, over the other dimensions in place (no copy to put the units last); the rest follows. In
-    # int32: torch reduces a bool mask by first copying it whole to the result's dtype (count_nonzero too, to int64)
-    def count(m: Tensor) -> Tensor:
-        return m.sum(dim=others, dtype=torch.int32) if others else m.int()
-
-    per_unit = count(saturated)
-    examples = mask.numel() // per_unit.numel() if finite is None else count(finite)
-    return per_unit.sum().double(), (examples - per_unit).double()
+    # over the other dimensions in place (no copy to put the units last), in int32: torch reduces a bool mask by
+    # first copying it whole to the result's dtype (count_nonzero too, to int64)
+    alive = (kept.sum(dim=others, dtype=torch.int32) if others else kept.int()).double()
+    return count - alive.sum(), alive

@@ -108,9 +108,16 @@ def test_ratio_log10_never_infinite(num, den, expected):
 def test_dead_units_and_saturated_count():
     t = torch.tensor([[1.0, 0.1, -1.0], [1.0, 0.2, 0.5], [1.0, -1.0, 1.0]])
     mask = t.abs() > 0.97
-    saturated, alive = stats.saturation_extra(mask, torch.isfinite(t), unit_dim=-1)
-    assert saturated.item() == 6
-    assert alive.tolist() == [0.0, 2.0, 1.0]  # unit 0 is saturated for every example: dead
+    count = torch.tensor(9.0, dtype=torch.float64)
+    for finite in (None, torch.isfinite(t)):
+        saturated, alive = stats.saturation_extra(mask, finite, unit_dim=-1, count=count)
+        assert saturated.item() == 6
+        assert alive.tolist() == [0.0, 2.0, 1.0]  # unit 0 is saturated for every example: dead
+    t[0, 2], t[1, 0], t[2, 1] = -math.inf, math.nan, 0.5  # not finite: neither saturated nor alive
+    finite = torch.isfinite(t)
+    saturated, alive = stats.saturation_extra(t.abs() > 0.97, finite, unit_dim=-1, count=finite.sum().double())
+    assert saturated.item() == 3
+    assert alive.tolist() == [0.0, 3.0, 1.0]
 
 
 @pytest.mark.parametrize(
