@@ -500,7 +500,7 @@ SMALL = 1 << 16
 _GROUP = 1 << 20
 #: Where a record reads no host value (a GPU), every tensor that fits in a group of at most this many values is reduced
 #: with others (:func:`_grouped_records`): alone, a record is about 20 launches (5 to 10 us each on the host) and reads
-#: and writes about 80 bytes a value (:func:`_device_moments`, float64 too); together, about 70, and the launches are
+#: and writes about 76 bytes a value (:func:`_device_moments`, float64 too); together, about 70, and the launches are
 #: shared. The group's temporaries: 12 bytes a value, 96 MB, under the 128 MB of a GPU chunk's (:data:`_GPU_CHUNK`).
 _GROUP_VALUES = 1 << 23
 
