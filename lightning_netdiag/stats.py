@@ -99,8 +99,8 @@ class Bins:
         self, x: Tensor, finite: bool = False, scratch: bool = False, owners: tuple[Tensor, int] | None = None
     ) -> Tensor:
         """Float64 counts of the finite values of the float32 or float64 ``x``, of any shape or strides (``finite``:
-        all are), on ``x``'s device; values that are not finite are counted in no bin. ``scratch``: ``x`` is a temporary of the
-        caller's that log2 bins may overwrite with its keys (no full-size allocation).
+        all are), on ``x``'s device; values that are not finite are counted in no bin. ``scratch``: ``x`` is a
+        temporary of the caller's that log2 bins may overwrite with its keys (no full-size allocation).
 
         With ``owners = (index, n)`` (``x`` is ``(k, m)``, its row ``j`` of tensor ``index[j]`` of ``n``, ``index``
         int32), one row of counts per tensor, ``(n, size)``, from one count over keys offset by tensor.
