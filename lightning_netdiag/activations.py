@@ -14,6 +14,7 @@ Three ways in, one table of kinds:
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Callable, Mapping
@@ -44,6 +45,21 @@ class SaturationRule:
     mask: Callable[[Tensor], Tensor]
     bins: Bins
     on_input: bool = False
+
+    def of(self, t: Tensor) -> Tensor:
+        """The mask of ``t`` as in float32 or wider: in fp16/bf16, ``t > 0.97`` would compare against 0.97 rounded to
+        half precision, so ``t`` is compared as a float32 copy, unless the rule's mask of every value of its dtype is
+        the same without (its limits are representable: ReLU's 0, GELU's -3), which saves the copy."""
+        half = t.dtype in (torch.float16, torch.bfloat16)
+        return self.mask(t.float() if half and not _same_in_half(self, t.dtype) else t)
+
+
+@functools.lru_cache(maxsize=1024)
+def _same_in_half(rule: SaturationRule, dtype: torch.dtype) -> bool:
+    """Whether ``rule``'s mask of each of the 65,536 values of the 16-bit ``dtype`` is the same computed in it as in
+    float32."""
+    every = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+    return torch.equal(rule.mask(every), rule.mask(every.float()))
 
 
 @dataclass(frozen=True)

@@ -364,8 +364,7 @@ class ActivationHooks:
                     other.in_loop = True
         if self.phase == FORWARD and layer.act is not None:
             with torch.no_grad():
-                # In fp16/bf16, `t > 0.97` would compare against 0.97 rounded to half precision.
-                self._record_activation(layer, output.detach().float(), input_mask)
+                self._record_activation(layer, output.detach(), input_mask)
         if layer.grad is not None and output.requires_grad:
             output.register_hook(
                 _grad_hook(layer.grad, layer.grad_bins if self.histograms else None, self.grad_divisor())
@@ -377,7 +376,7 @@ class ActivationHooks:
         record = stats.tensor_record(t, layer.act_bins if self.histograms else None)
         extra: list[Tensor] = []  # the saturated count
         if layer.rule is not None:
-            mask = input_mask if layer.rule.on_input else layer.rule.mask(t)
+            mask = input_mask if layer.rule.on_input else layer.rule.of(t)
             finite = stats.finite_mask(t, record)
             units = unit_dim_of(t, self.unit_dim)
             saturated, alive = stats.saturation_extra(mask, finite, units, record[stats.COUNT])  # type: ignore[arg-type]
@@ -511,10 +510,9 @@ class OutputProbe:
 
 
 def _input_mask(layer: Layer, x: Tensor) -> Tensor:
-    """An input-side rule's saturation mask, taken before an in-place activation overwrites its input;
-    in float32, as the output-side rules compare."""
+    """An input-side rule's saturation mask, taken before an in-place activation overwrites its input."""
     with torch.no_grad():
-        return layer.rule.mask(x.detach().float())  # type: ignore[union-attr]
+        return layer.rule.of(x.detach())  # type: ignore[union-attr]
 
 
 class _CallCapture(TorchFunctionMode):

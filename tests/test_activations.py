@@ -99,6 +99,18 @@ def test_tanh_rule_is_the_lectures():
     assert KINDS["tanh"].rule().region == "|t| > 0.97"
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", [n for n, k in KINDS.items() if k.rule() is not None])
+def test_half_precision_masks_compare_as_in_float32(name, dtype):
+    """A half-precision activation is masked as its float32 copy would be, on every value of its dtype, and without
+    the copy where the rule's limits are representable (ReLU's 0, GELU's -3: the common case on a GPU in bf16)."""
+    rule = KINDS[name].rule()
+    every = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+    assert torch.equal(rule.of(every), rule.mask(every.float()))
+    rounded = ("tanh", "softsign", "sigmoid", "elu", "softplus", "logsigmoid")  # fp16 rounds their limits the wrong way
+    assert (not activations._same_in_half(rule, dtype)) == (dtype == torch.float16 and name in rounded)
+
+
 def test_leaky_variants_use_the_low_slope_side():
     for m in (nn.PReLU(), nn.RReLU(), Leaky()):
         assert module_kind(m).rule().mask(torch.tensor([-1.0, 0.0, 1.0])).tolist() == [True, True, False]
