@@ -364,7 +364,7 @@ class ActivationHooks:
                     other.in_loop = True
         if self.phase == FORWARD and layer.act is not None:
             with torch.no_grad():
-                self._record_activation(layer, output.detach(), input_mask)
+                self._record_activation(layer, _as_recorded(output), input_mask)
         if layer.grad is not None and output.requires_grad:
             output.register_hook(
                 _grad_hook(layer.grad, layer.grad_bins if self.histograms else None, self.grad_divisor())
@@ -512,7 +512,16 @@ class OutputProbe:
 def _input_mask(layer: Layer, x: Tensor) -> Tensor:
     """An input-side rule's saturation mask, taken before an in-place activation overwrites its input."""
     with torch.no_grad():
-        return layer.rule.of(x.detach())  # type: ignore[union-attr]
+        return layer.rule.of(_as_recorded(x))  # type: ignore[union-attr]
+
+
+def _as_recorded(t: Tensor) -> Tensor:
+    """An activation as its record reads it: as it is on a GPU, where half precision is half the bytes to read (its
+    saturation mask compared as in float32 all the same: :meth:`~lightning_netdiag.activations.SaturationRule.of`); in
+    float32 on a CPU, where a bf16 compare or sum takes about twice a float32 one and the copy much less (a bf16 ReLU
+    output of 3.1M values: its mask 2.7 against 1.4 ms, its record 1.2 against 0.7, the copy 0.4)."""
+    t = t.detach()
+    return t if stats.launch_bound(t.device) else t.float()
 
 
 class _CallCapture(TorchFunctionMode):
