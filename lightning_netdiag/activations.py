@@ -45,21 +45,36 @@ class SaturationRule:
     mask: Callable[[Tensor], Tensor]
     bins: Bins
     on_input: bool = False
+    #: The half-precision dtypes in which ``mask`` gives what it gives a float32 copy (its limits representable there:
+    #: ReLU's 0, GELU's -3; not tanh's 0.97 in fp16), found by :meth:`Kind.rule`.
+    exact_in: frozenset[torch.dtype] = frozenset()
 
     def of(self, t: Tensor) -> Tensor:
         """The mask of ``t`` as in float32 or wider: in fp16/bf16, ``t > 0.97`` would compare against 0.97 rounded to
-        half precision, so ``t`` is compared as a float32 copy, unless the rule's mask of every value of its dtype is
-        the same without (its limits are representable: ReLU's 0, GELU's -3), which saves the copy."""
-        half = t.dtype in (torch.float16, torch.bfloat16)
-        return self.mask(t.float() if half and not _same_in_half(self, t.dtype) else t)
+        half precision, so ``t`` is compared as a float32 copy, unless its dtype is one the mask is exact in."""
+        copy = t.dtype in _HALF and t.dtype not in self.exact_in
+        return self.mask(t.float() if copy else t)
 
 
-@functools.lru_cache(maxsize=1024)
-def _same_in_half(rule: SaturationRule, dtype: torch.dtype) -> bool:
-    """Whether ``rule``'s mask of each of the 65,536 values of the 16-bit ``dtype`` is the same computed in it as in
-    float32."""
-    every = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
-    return torch.equal(rule.mask(every), rule.mask(every.float()))
+_HALF = (torch.float16, torch.bfloat16)
+
+
+@functools.lru_cache(maxsize=256)
+def _exact_in(kind: Kind, threshold: float) -> frozenset[torch.dtype]:
+    """The half-precision dtypes on each of whose 65,536 values ``kind``'s saturation test at ``threshold`` is the same
+    computed in the dtype as in float32: once per kind and threshold, however many layers share them."""
+    test = kind.saturated
+    assert test is not None
+    exact = []
+    for dtype in _HALF:
+        every = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+        try:
+            same = torch.equal(test(every, threshold), test(every.float(), threshold))
+        except (RuntimeError, TypeError):  # a registered kind's test that a half tensor on the CPU cannot run
+            same = False
+        if same:
+            exact.append(dtype)
+    return frozenset(exact)
 
 
 @dataclass(frozen=True)
@@ -101,6 +116,7 @@ class Kind:
             lambda t: test(t, threshold),
             self.bins(),
             self.on_input,
+            _exact_in(self, threshold),
         )
 
 

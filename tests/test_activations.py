@@ -108,7 +108,18 @@ def test_half_precision_masks_compare_as_in_float32(name, dtype):
     every = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
     assert torch.equal(rule.of(every), rule.mask(every.float()))
     rounded = ("tanh", "softsign", "sigmoid", "elu", "softplus", "logsigmoid")  # fp16 rounds their limits the wrong way
-    assert (not activations._same_in_half(rule, dtype)) == (dtype == torch.float16 and name in rounded)
+    assert (dtype not in rule.exact_in) == (dtype == torch.float16 and name in rounded)
+
+
+def test_a_test_that_cannot_run_in_half_precision_is_run_on_a_float32_copy():
+    def only_float32(t, thr):
+        if t.dtype != torch.float32:
+            raise RuntimeError(f"not implemented for {t.dtype}")
+        return t > thr
+
+    rule = Kind("only_float32", "relu", "t > {thr}", only_float32).rule(0.5)
+    assert rule.exact_in == frozenset()
+    assert rule.of(torch.tensor([0.25, 0.75], dtype=torch.bfloat16)).tolist() == [False, True]
 
 
 def test_leaky_variants_use_the_low_slope_side():
