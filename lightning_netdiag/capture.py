@@ -6,6 +6,7 @@ No Lightning here either: the front ends decide *when* (through the meters), thi
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
@@ -218,6 +219,8 @@ class ActivationHooks:
         self._skipped: set[tuple] = set()
         self._calls: dict[tuple, int] = {}
         self._pending: dict[int, Tensor] = {}  # input-side saturation masks, from the pre-hook to the hook
+        self._later = _Later()  # small records of this pass, taken together at its end
+        self._divisor: Tensor | float | None = None  # grad_divisor() in this armed forward
         self._device: torch.device | None = None
         self._seen = 0
         self._root = model
@@ -257,6 +260,7 @@ class ActivationHooks:
         """An armed forward begins: record every call from here on."""
         self.phase, self._calls, self._entered = FORWARD, {}, {}
         self._pending.clear()
+        self._divisor = self.grad_divisor()  # the loss scale changes at an optimizer step only: one object a pass
         if not len(self.handles):
             self._hook_modules()
         if self._mode is not None and not len(self._capture) and self._looks_for_calls():
@@ -273,24 +277,32 @@ class ActivationHooks:
         """The backward of an armed forward begins: a recomputed forward only hooks gradients."""
         if self.phase == FORWARD:
             self.phase, self._calls, self._entered = BACKWARD, {}, {}
+            self._take_later()
 
     def backward_done(self) -> None:
         """A backward ended: another forward of the same step (manual accumulation) is a new pass, whose
         calls count from one again."""
         if self.phase == BACKWARD:
             self.phase, self._calls, self._entered = FORWARD, {}, {}
+            self._take_later()
 
     def stop(self) -> None:
         if self.phase == IDLE:
             return
+        self._take_later()
         self._looked, self.phase = True, IDLE
         self._capture.remove()
         if not self._persistent:
             self.handles.remove()
         self._pending.clear()
 
+    def _take_later(self) -> None:
+        with torch.no_grad(), own_work():
+            self._later.take()
+
     def reset(self) -> None:
         """Every record zeroed, in one call (one launch on a GPU for them all, not one per record)."""
+        self._later.drop()
         records = [r for layer in self.layers for r in (layer.act, layer.grad, layer.alive) if r is not None]
         if records:
             torch._foreach_zero_(records)
@@ -366,14 +378,21 @@ class ActivationHooks:
             with torch.no_grad():
                 self._record_activation(layer, _as_recorded(output), input_mask)
         if layer.grad is not None and output.requires_grad:
+            later = None if self._persistent else self._later  # a compiled graph's hooks hold nothing
             output.register_hook(
-                _grad_hook(layer.grad, layer.grad_bins if self.histograms else None, self.grad_divisor())
+                _grad_hook(layer.grad, layer.grad_bins if self.histograms else None, self._divisor, later)
             )
 
     def _record_activation(self, layer: Layer, t: Tensor, input_mask: Tensor | None) -> None:
         if layer.order is None:
             layer.order, self._seen = self._seen, self._seen + 1
-        record = stats.tensor_record(t, layer.act_bins if self.histograms else None)
+        bins = layer.act_bins if self.histograms else None
+        add = functools.partial(self._add_activation, layer, input_mask)
+        if self._persistent or not self._later.hold(t, bins, None, add):
+            add(t, stats.tensor_record(t, bins))
+
+    def _add_activation(self, layer: Layer, input_mask: Tensor | None, t: Tensor, record: Tensor) -> None:
+        """Add the ``record`` of the activation ``t`` to its layer's, with the saturation counts."""
         extra: list[Tensor] = []  # the saturated count
         if layer.rule is not None:
             mask = input_mask if layer.rule.on_input else layer.rule.of(t)
@@ -556,17 +575,72 @@ class ModeExit:
             mode.__exit__(None, None, None)
 
 
-def _grad_hook(total: Tensor, bins: stats.Bins | None, divisor: Tensor | float | None) -> Callable[[Tensor], None]:
+def _grad_hook(
+    total: Tensor, bins: stats.Bins | None, divisor: Tensor | float | None, later: _Later | None
+) -> Callable[[Tensor], None]:
     """A hook adding the record of an output's gradient to ``total``, with its fp16 counts (as computed: a
-    loss-scaled gradient is scaled here).
+    loss-scaled gradient is scaled here); a small one's put off to be taken with others (``later``).
 
-    It captures tensors and mutates only ``total``, in place: dynamo traces such a hook into the compiled
-    graph, where one that assigned to an object's attribute would break the graph.
+    Without ``later`` it captures tensors and mutates only ``total``, in place: dynamo traces such a hook into the
+    compiled graph, where one that assigned to an object's attribute would break the graph.
     """
+
+    def add(grad: Tensor, record: Tensor) -> None:
+        stats.add_record(total, record, stats.half_counts(grad))
 
     def hook(grad: Tensor) -> None:
         with torch.no_grad(), own_work():
-            record = stats.tensor_record(grad.detach(), bins, divisor=divisor)  # in float32, chunk by chunk
-            stats.add_record(total, record, stats.half_counts(grad.detach()))
+            grad = grad.detach()
+            if later is None or not later.hold(grad, bins, divisor, add):
+                add(grad, stats.tensor_record(grad, bins, divisor=divisor))  # in float32, chunk by chunk
 
     return hook
+
+
+class _Later:
+    """The small records of a pass, put off to be taken together at its end (:func:`stats.tensor_records`): alone, a
+    record is about 20 launches on a GPU (31 with an activation's saturation counts) and a dozen ops of Python on a CPU;
+    a group of any number of them, about 25. Each holds a copy of its tensor made at once (an in-place op after it
+    does not reach the record), up to a group's worth of values (:func:`stats.group_limits`: 1M values on a CPU, 8M on
+    a GPU, 32 MB in float32), then they are taken at once."""
+
+    def __init__(self) -> None:
+        self._held: list[tuple[Tensor, stats.Bins | None, Tensor | float | None, Callable[[Tensor, Tensor], None]]] = []
+        self._values = 0
+
+    def hold(
+        self,
+        t: Tensor,
+        bins: stats.Bins | None,
+        divisor: Tensor | float | None,
+        done: Callable[[Tensor, Tensor], None],
+    ) -> bool:
+        """Hold a copy of ``t`` whose record (over ``bins``, divided by ``divisor``) is handed to ``done(copy,
+        record)`` at :meth:`take`; False where it is not held (too large to be taken with others, or in a compiled
+        graph): the caller takes it now."""
+        if torch.compiler.is_compiling():
+            return False
+        alone, group = stats.group_limits(t)
+        if t.numel() > alone:
+            return False
+        if self._values + t.numel() > group:
+            self.take()
+        self._held.append((t.clone(), bins, divisor, done))
+        self._values += t.numel()
+        return True
+
+    def take(self) -> None:
+        """Take the held records, those over the same bins and divisor together, and hand each to its ``done``."""
+        held, self._held, self._values = self._held, [], 0
+        together: dict[tuple, list[int]] = {}
+        for i, (_, bins, divisor, _) in enumerate(held):
+            together.setdefault((bins, id(divisor) if isinstance(divisor, Tensor) else divisor), []).append(i)
+        for members in together.values():
+            _, bins, divisor, _ = held[members[0]]
+            records = stats.tensor_records([held[i][0] for i in members], bins, divisor)
+            for i, record in zip(members, records, strict=True):
+                held[i][3](held[i][0], record)
+
+    def drop(self) -> None:
+        """Forget the held records (a new step's records start from zero)."""
+        self._held, self._values = [], 0

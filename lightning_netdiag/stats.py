@@ -26,9 +26,10 @@ from torch._utils import _flatten_dense_tensors
 
 __all__ = [
     "DEFAULT_THRESHOLD", "HALF_EXTRA", "HIST_SAMPLE", "MOMENTS", "SAMPLE_BLOCK", "SMALL", "Bins", "Histogram",
-    "Moments", "add_record", "count_true", "finite_mask", "half_counts", "host_reads_free", "launch_bound",
-    "linear_bins", "log2_bins", "ratio_log10", "record_size", "recorded", "row_squares", "sample_stride",
-    "saturation_extra", "size_groups", "sum_and_squares", "tensor_record", "tensor_records", "where_finite",
+    "Moments", "add_record", "count_true", "finite_mask", "group_limits", "half_counts", "host_reads_free",
+    "launch_bound", "linear_bins", "log2_bins", "ratio_log10", "record_size", "recorded", "row_squares",
+    "sample_stride", "saturation_extra", "size_groups", "sum_and_squares", "tensor_record", "tensor_records",
+    "where_finite",
 ]  # fmt: skip
 
 #: Slots every record starts with: finite count, sum, sum of squares, non-finite count.
@@ -77,6 +78,17 @@ class Bins:
         self._fold: dict[torch.dtype, Tensor] = {}
         if kind == "log2":
             self._fold = {dtype: self._fold_map(dtype, self.device) for dtype in (torch.float32, torch.float64)}
+
+    def __eq__(self, other: object) -> bool:
+        """The same edges on the same device: records over them can be taken together."""
+        return isinstance(other, Bins) and self._key == other._key
+
+    def __hash__(self) -> int:
+        return hash(self._key)
+
+    @property
+    def _key(self) -> tuple:
+        return (self.kind, self.lo, self.hi, self.exp, self.device)
 
     def to(self, device: torch.device) -> Bins:
         """These bins with their lookup tensors on ``device`` (``self`` if they are there already)."""
@@ -514,16 +526,21 @@ def tensor_records(xs: Sequence[Tensor], bins: Bins | None, divisor: Tensor | fl
     numels = [t.numel() for t in xs]
     together: dict[tuple[torch.device, torch.dtype], list[int]] = {}  # a multi-tensor copy's sources: one dtype
     for i, t in enumerate(xs):
-        if numels[i] <= (SMALL if host_reads_free(t) else _GROUP_VALUES):
+        if numels[i] <= group_limits(t)[0]:
             together.setdefault((t.device, t.dtype), []).append(i)
         else:
             out[i] = tensor_record(t, bins, divisor=divisor)
     for members in together.values():
-        limit = _GROUP if host_reads_free(xs[members[0]]) else _GROUP_VALUES
-        for group in size_groups([members], numels, limit):
+        for group in size_groups([members], numels, group_limits(xs[members[0]])[1]):
             for i, row in zip(group, _grouped_records([xs[i] for i in group], bins, divisor), strict=True):
                 out[i] = row
     return out  # type: ignore[return-value]
+
+
+def group_limits(x: Tensor) -> tuple[int, int]:
+    """Where :func:`tensor_records` takes a record of a tensor like ``x`` with others: the most values such a tensor
+    has, and the most a group holds (:data:`SMALL` and :data:`_GROUP` on the host, :data:`_GROUP_VALUES` on a GPU)."""
+    return (SMALL, _GROUP) if host_reads_free(x) else (_GROUP_VALUES, _GROUP_VALUES)
 
 
 @dataclass(frozen=True)

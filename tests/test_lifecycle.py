@@ -128,13 +128,15 @@ def test_one_host_transfer_per_callback_per_logging_step_and_no_work_otherwise(t
 
     for method in ("tolist", "item", "cpu", "numpy", "__bool__", "__float__", "__int__"):
         monkeypatch.setattr(torch.Tensor, method, spy(method))
-    real_record = stats.tensor_record
+    def counting(real):
+        def record(*a, **k):
+            records.append(state["step"])
+            return real(*a, **k)
 
-    def counting_record(*a, **k):
-        records.append(state["step"])
-        return real_record(*a, **k)
+        return record
 
-    monkeypatch.setattr(stats, "tensor_record", counting_record)
+    for name in ("tensor_record", "tensor_records"):  # a record alone, and records taken together
+        monkeypatch.setattr(stats, name, counting(getattr(stats, name)))
 
     class Step(L.Callback):
         def on_train_batch_start(self, trainer, *args):

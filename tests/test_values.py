@@ -1,5 +1,6 @@
 """Every logged number equals the lecture's formula computed in plain PyTorch on the same tensors."""
 
+import inspect
 import math
 
 import lightning as L
@@ -19,8 +20,9 @@ from helpers import (
     trainer,
 )
 from lightning.pytorch.loggers import CSVLogger
+from torch import nn
 
-from lightning_netdiag import GradDataRatio, UpdateRatio
+from lightning_netdiag import GradDataRatio, SaturationMonitor, UpdateRatio, capture, stats
 
 #: Logged at step 0 only: the output at initialisation.
 INIT_TAGS = {"netdiag/init_output_ce/net.5", "netdiag/init_output_classes/net.5", "netdiag/init_loss"}
@@ -204,3 +206,63 @@ def test_update_ratio_reads_each_weight_once_with_grad_data_ratio(tmp_path, monk
     doubled = str(tuple(model.net[3].weight.shape))
     # per step: the three updates, and a "before" record only for the weight changed after GradDataRatio read it
     assert sorted(recomputed) == sorted((updates + ([doubled] if doubler else [])) * 3)
+
+
+class InPlaceAfterGELU(L.LightningModule):
+    """A GELU whose output is multiplied in place after its hook ran (GELU's backward reads its input, so autograd
+    allows it): the record is of the output as the GELU made it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(6, 16), nn.GELU(), nn.Linear(16, 4)
+        self.made: dict[int, torch.Tensor] = {}
+
+    def forward(self, x):
+        h = self.act(self.fc1(x))
+        self.made[self.global_step] = h.detach().clone()
+        return self.fc2(h.mul_(1000))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=1e-4)
+
+
+def test_an_activation_changed_in_place_after_its_hook_is_recorded_as_it_was_made(tmp_path, path):
+    model = InPlaceAfterGELU()
+    t = trainer(tmp_path, [SaturationMonitor(every_n_steps=2)], max_steps=5, limit_val_batches=0)
+    t.fit(model, loader())
+    scalars, _, _ = read_tensorboard(t.logger.log_dir)
+    for step in (0, 2, 4):
+        made = model.made[step]
+        assert math.isclose(scalars["netdiag/act_mean/act"][step], made.mean().item(), rel_tol=1e-5)
+        assert math.isclose(scalars["netdiag/act_std/act"][step], made.std().item(), rel_tol=1e-5)
+
+
+def test_small_records_of_a_pass_are_taken_together_and_equal_plain_pytorch(tmp_path, monkeypatch):
+    calls: list[tuple[str, int]] = []
+    for name in ("tensor_record", "tensor_records"):
+
+        def spy(*a, _real=getattr(stats, name), _name=name, **k):
+            if inspect.currentframe().f_back.f_code.co_filename == capture.__file__:
+                calls.append((_name, len(a[0]) if _name == "tensor_records" else 1))
+            return _real(*a, **k)
+
+        monkeypatch.setattr(stats, name, spy)
+    model = TinyNet()
+    t = trainer(tmp_path, all_callbacks(2), max_steps=5)
+    t.fit(model, loader(), loader())
+    # each logging step: the two Tanh outputs together at the end of the forward, their gradients at the end of the
+    # backward; none alone
+    assert calls == [("tensor_records", 2)] * 6
+    assert_matches_reference(netdiag_only(read_tensorboard(t.logger.log_dir)[0]), model.ref)
+
+
+def test_records_taken_before_the_end_of_a_pass_where_a_group_is_full_equal_plain_pytorch(tmp_path, monkeypatch):
+    monkeypatch.setattr(stats, "group_limits", lambda x: (stats.SMALL, 1))  # each taken when the next one comes
+    model = TinyNet()
+    t = trainer(tmp_path, all_callbacks(2), max_steps=5)
+    t.fit(model, loader(), loader())
+    assert assert_matches_reference(netdiag_only(read_tensorboard(t.logger.log_dir)[0]), model.ref) == 3 * 25 + 3
