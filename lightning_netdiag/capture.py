@@ -625,7 +625,7 @@ class _Later:
             return False
         if self._values + t.numel() > group:
             self.take()
-        self._held.append((t.clone(), bins, divisor, done))
+        self._held.append((t.clone(memory_format=torch.contiguous_format), bins, divisor, done))  # as it is read
         self._values += t.numel()
         return True
 

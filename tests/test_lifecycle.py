@@ -128,6 +128,7 @@ def test_one_host_transfer_per_callback_per_logging_step_and_no_work_otherwise(t
 
     for method in ("tolist", "item", "cpu", "numpy", "__bool__", "__float__", "__int__"):
         monkeypatch.setattr(torch.Tensor, method, spy(method))
+
     def counting(real):
         def record(*a, **k):
             records.append(state["step"])

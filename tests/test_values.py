@@ -243,14 +243,17 @@ def test_an_activation_changed_in_place_after_its_hook_is_recorded_as_it_was_mad
 
 def test_small_records_of_a_pass_are_taken_together_and_equal_plain_pytorch(tmp_path, monkeypatch):
     calls: list[tuple[str, int]] = []
-    for name in ("tensor_record", "tensor_records"):
 
-        def spy(*a, _real=getattr(stats, name), _name=name, **k):
+    def spying(name, real):
+        def spy(*a, **k):
             if inspect.currentframe().f_back.f_code.co_filename == capture.__file__:
-                calls.append((_name, len(a[0]) if _name == "tensor_records" else 1))
-            return _real(*a, **k)
+                calls.append((name, len(a[0]) if name == "tensor_records" else 1))
+            return real(*a, **k)
 
-        monkeypatch.setattr(stats, name, spy)
+        return spy
+
+    for name in ("tensor_record", "tensor_records"):
+        monkeypatch.setattr(stats, name, spying(name, getattr(stats, name)))
     model = TinyNet()
     t = trainer(tmp_path, all_callbacks(2), max_steps=5)
     t.fit(model, loader(), loader())
@@ -266,3 +269,44 @@ def test_records_taken_before_the_end_of_a_pass_where_a_group_is_full_equal_plai
     t = trainer(tmp_path, all_callbacks(2), max_steps=5)
     t.fit(model, loader(), loader())
     assert assert_matches_reference(netdiag_only(read_tensorboard(t.logger.log_dir)[0]), model.ref) == 3 * 25 + 3
+
+
+class ChannelsLast(L.LightningModule):
+    """A convolution's ReLU output in channels-last memory (a GPU's fast layout for CNNs): strided, not contiguous."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.act, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Linear(8, 4)
+        with torch.no_grad():
+            self.conv.bias[:2] = -10.0  # two channels dead
+        self.made: dict[int, torch.Tensor] = {}
+        self.to(memory_format=torch.channels_last)
+
+    def forward(self, x):
+        h = self.act(self.conv(x.to(memory_format=torch.channels_last)))
+        assert not h.is_contiguous()
+        self.made[self.global_step] = h.detach().clone()
+        return self.head(h.mean((2, 3)))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=1e-3)
+
+
+def test_a_channels_last_activation_is_recorded_as_plain_pytorch_reads_it(tmp_path, path):
+    images = torch.utils.data.TensorDataset(torch.randn(64, 3, 10, 10), torch.randint(0, 4, (64,)))
+    model = ChannelsLast()
+    t = trainer(tmp_path, [SaturationMonitor(every_n_steps=2)], max_steps=3, limit_val_batches=0)
+    t.fit(model, torch.utils.data.DataLoader(images, batch_size=16))
+    scalars, histograms, _ = read_tensorboard(t.logger.log_dir)
+    for step in (0, 2):
+        made = model.made[step]
+        assert math.isclose(scalars["netdiag/act_mean/act"][step], made.mean().item(), rel_tol=1e-5)
+        assert math.isclose(scalars["netdiag/act_std/act"][step], made.std().item(), rel_tol=1e-5)
+        dead = 100 * (made <= 0).all(dim=0).all(dim=-1).all(dim=-1).float().mean().item()
+        assert scalars["netdiag/act_dead_pct/act"][step] == pytest.approx(dead) == 25.0
+        saturated = 100 * (made <= 0).float().mean().item()
+        assert scalars["netdiag/act_saturated_pct/act"][step] == pytest.approx(saturated, rel=1e-6)
