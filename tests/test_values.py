@@ -208,19 +208,16 @@ def test_update_ratio_reads_each_weight_once_with_grad_data_ratio(tmp_path, monk
     assert sorted(recomputed) == sorted((updates + ([doubled] if doubler else [])) * 3)
 
 
-class InPlaceAfterGELU(L.LightningModule):
-    """A GELU whose output is multiplied in place after its hook ran (GELU's backward reads its input, so autograd
-    allows it): the record is of the output as the GELU made it."""
+class OneActivation(L.LightningModule):
+    """A classifier with one watched activation, ``act``; ``made[step]``: its output at that step, as it made it."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.fc1, self.act, self.fc2 = nn.Linear(6, 16), nn.GELU(), nn.Linear(16, 4)
         self.made: dict[int, torch.Tensor] = {}
 
-    def forward(self, x):
-        h = self.act(self.fc1(x))
+    def keep(self, h: torch.Tensor) -> torch.Tensor:
         self.made[self.global_step] = h.detach().clone()
-        return self.fc2(h.mul_(1000))
+        return h
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -228,6 +225,18 @@ class InPlaceAfterGELU(L.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=1e-4)
+
+
+class InPlaceAfterGELU(OneActivation):
+    """A GELU whose output is multiplied in place after its hook ran (GELU's backward reads its input, so autograd
+    allows it): the record is of the output as the GELU made it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(6, 16), nn.GELU(), nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.fc2(self.keep(self.act(self.fc1(x))).mul_(1000))
 
 
 def test_an_activation_changed_in_place_after_its_hook_is_recorded_as_it_was_made(tmp_path, path):
@@ -271,7 +280,7 @@ def test_records_taken_before_the_end_of_a_pass_where_a_group_is_full_equal_plai
     assert assert_matches_reference(netdiag_only(read_tensorboard(t.logger.log_dir)[0]), model.ref) == 3 * 25 + 3
 
 
-class ChannelsLast(L.LightningModule):
+class ChannelsLast(OneActivation):
     """A convolution's ReLU output in channels-last memory (a GPU's fast layout for CNNs): strided, not contiguous."""
 
     def __init__(self) -> None:
@@ -279,21 +288,12 @@ class ChannelsLast(L.LightningModule):
         self.conv, self.act, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Linear(8, 4)
         with torch.no_grad():
             self.conv.bias[:2] = -10.0  # two channels dead
-        self.made: dict[int, torch.Tensor] = {}
         self.to(memory_format=torch.channels_last)
 
     def forward(self, x):
-        h = self.act(self.conv(x.to(memory_format=torch.channels_last)))
+        h = self.keep(self.act(self.conv(x.to(memory_format=torch.channels_last))))
         assert not h.is_contiguous()
-        self.made[self.global_step] = h.detach().clone()
         return self.head(h.mean((2, 3)))
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return nn.functional.cross_entropy(self(x), y)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=1e-3)
 
 
 def test_a_channels_last_activation_is_recorded_as_plain_pytorch_reads_it(tmp_path, path):
