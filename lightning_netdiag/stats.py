@@ -564,42 +564,43 @@ class _Layout:
     scale: Tensor
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=64)
 def _layout(shapes: tuple[tuple[int, ...], ...], device: torch.device) -> _Layout:
-    """See :class:`_Layout` (the tensors of a meter have the same shapes at every logging step: made once)."""
-    splits: list[int] = []
-    pads: list[int] = []
-    pad_counts: list[int] = []
-    owner: list[int] = []
-    numels: list[int] = []
-    blocks: list[int] = []
-    block_owner: list[int] = []
-    scale: list[float] = []
-    start = 0
-    for i, shape in enumerate(shapes):
-        n = math.prod(shape)
-        pieces = max(1, -(-n // _ROW))
-        stride = sample_stride(shape)
-        count = -(-n // SAMPLE_BLOCK) if stride == 1 else (n - SAMPLE_BLOCK) // stride + 1
-        step = SAMPLE_BLOCK if stride == 1 else stride
-        splits += [n, pieces * _ROW - n]
-        pads += range(start + n, start + pieces * _ROW)
-        pad_counts.append(pieces * _ROW - n)
-        owner += [i] * pieces
-        numels.append(n)
-        blocks += range(start, start + count * step, step)
-        block_owner += [i] * count
-        scale.append(1.0 if stride == 1 else n / (count * SAMPLE_BLOCK))
-        start += pieces * _ROW
+    """See :class:`_Layout`. Made once for the tensors of a meter, whose shapes are the same at every logging step; for
+    activations whose shapes change with the batch, at each logging step: its indices are made by torch ops on the
+    host, not from Python lists (16 tensors of 65,536 values: 1.2 against 6.8 ms), and the cache keeps 64 (a layout
+    of 2^23 values holds up to 4 MB of indices on the device: a sample block's start for every 16 values)."""
+    numels = [math.prod(shape) for shape in shapes]
+    rests = [max(1, -(-k // _ROW)) * _ROW - k for k in numels]  # after each tensor, to the end of its last piece
+    n, rest = torch.tensor(numels), torch.tensor(rests)
+    pieces = (n + rest) // _ROW
+    start = pieces.cumsum(0) * _ROW - pieces * _ROW
+    stride = torch.tensor([sample_stride(shape) for shape in shapes])
+    whole = stride == 1  # every value sampled, in blocks one after another
+    count = torch.where(whole, (n + SAMPLE_BLOCK - 1) // SAMPLE_BLOCK, (n - SAMPLE_BLOCK) // stride + 1)
+    tensor = torch.arange(len(shapes), dtype=torch.int32)
 
-    def on(values: list, dtype: torch.dtype) -> Tensor:
-        return _on_device(values, dtype, device)
+    def on(t: Tensor) -> Tensor:
+        return t if device.type == "cpu" else t.pin_memory().to(device, non_blocking=device.type == "cuda")
 
     return _Layout(
-        tuple(splits), start, on(pads, torch.int64), on(pad_counts, torch.float64), on(owner, torch.int32),
-        on(numels, torch.float64), on(blocks, torch.int64), on(block_owner, torch.int32),
-        on(scale, torch.float64)[:, None],
-    )  # fmt: skip
+        splits=tuple(v for pair in zip(numels, rests, strict=True) for v in pair),
+        length=sum(numels) + sum(rests),
+        pads=on(_ranges(start + n, rest, torch.ones_like(n))),
+        pad_counts=on(rest.double()),
+        owner=on(tensor.repeat_interleave(pieces)),
+        numel=on(n.double()),
+        blocks=on(_ranges(start, count, torch.where(whole, SAMPLE_BLOCK, stride))),
+        block_owner=on(tensor.repeat_interleave(count)),
+        scale=on(torch.where(whole, 1.0, n.double() / (count * SAMPLE_BLOCK))[:, None]),
+    )
+
+
+def _ranges(first: Tensor, length: Tensor, step: Tensor) -> Tensor:
+    """``first[i] + step[i] * k`` for ``k < length[i]``, for each ``i`` in turn (int64, on the host)."""
+    at = torch.arange(len(first)).repeat_interleave(length)  # whose each one is
+    k = torch.arange(at.numel()) - (length.cumsum(0) - length)[at]
+    return first[at] + k * step[at]
 
 
 def _grouped_records(xs: Sequence[Tensor], bins: Bins | None, divisor: Tensor | float | None = None) -> Tensor:

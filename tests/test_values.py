@@ -13,6 +13,7 @@ from helpers import (
     all_callbacks,
     assert_matches_reference,
     bin_counts,
+    dataset,
     loader,
     netdiag_only,
     read_csv,
@@ -310,3 +311,14 @@ def test_a_channels_last_activation_is_recorded_as_plain_pytorch_reads_it(tmp_pa
         assert scalars["netdiag/act_dead_pct/act"][step] == pytest.approx(dead) == 25.0
         saturated = 100 * (made <= 0).float().mean().item()
         assert scalars["netdiag/act_saturated_pct/act"][step] == pytest.approx(saturated, rel=1e-6)
+
+
+def test_records_of_batches_of_changing_shapes_equal_plain_pytorch(tmp_path, path):
+    # each logging step's activations have other shapes: their records taken together in a layout of their own
+    sizes = [16, 9, 16, 5, 12, 7, 16, 3]
+    batches = torch.utils.data.DataLoader(dataset(), batch_sampler=[list(range(k)) for k in sizes])
+    model = TinyNet()
+    t = trainer(tmp_path, all_callbacks(1), max_steps=len(sizes), limit_val_batches=0)
+    t.fit(model, batches)
+    compared = assert_matches_reference(netdiag_only(read_tensorboard(t.logger.log_dir)[0]), model.ref)
+    assert compared == len(sizes) * 25 + 3
