@@ -292,13 +292,12 @@ def _moment_scale(divisor: Tensor | float, head: Tensor) -> Tensor:
 
 @functools.lru_cache(maxsize=16)
 def _float_scale(divisor: float, device: torch.device) -> Tensor:
-    return _on_device([1.0, 1 / divisor, 1 / divisor**2, 1.0], torch.float64, device)
+    return _on_device(torch.tensor([1.0, 1 / divisor, 1 / divisor**2, 1.0], dtype=torch.float64), device)
 
 
-def _on_device(values: list, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """``values`` as a tensor on ``device`` without waiting for it: on CUDA through pinned memory (a copy from the
-    host's pageable memory waits for the stream: a synchronisation at the logging step that first makes it)."""
-    t = torch.tensor(values, dtype=dtype)
+def _on_device(t: Tensor, device: torch.device) -> Tensor:
+    """The host's ``t`` on ``device`` without waiting for it: on CUDA through pinned memory (a copy from the host's
+    pageable memory waits for the stream: a synchronisation at the logging step that first makes it)."""
     if device.type == "cpu":
         return t
     return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
@@ -579,10 +578,7 @@ def _layout(shapes: tuple[tuple[int, ...], ...], device: torch.device) -> _Layou
     whole = stride == 1  # every value sampled, in blocks one after another
     count = torch.where(whole, (n + SAMPLE_BLOCK - 1) // SAMPLE_BLOCK, (n - SAMPLE_BLOCK) // stride + 1)
     tensor = torch.arange(len(shapes), dtype=torch.int32)
-
-    def on(t: Tensor) -> Tensor:
-        return t if device.type == "cpu" else t.pin_memory().to(device, non_blocking=device.type == "cuda")
-
+    on = functools.partial(_on_device, device=device)
     return _Layout(
         splits=tuple(v for pair in zip(numels, rests, strict=True) for v in pair),
         length=sum(numels) + sum(rests),
