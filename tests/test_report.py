@@ -5,10 +5,19 @@ import math
 import re
 
 import pytest
+import torch
 from helpers import TinyNet, loader, read_tensorboard, trainer
 from torch import nn
 
-from lightning_netdiag import DiagnosticPlots, GradDataRatio, HealthReport, SaturationMonitor, UpdateRatio, report
+from lightning_netdiag import (
+    DiagnosticPlots,
+    GradDataRatio,
+    HealthReport,
+    NetDiag,
+    SaturationMonitor,
+    UpdateRatio,
+    report,
+)
 
 
 def recorded(cls, scalars: dict[str, float], steps=(0,), **kw):
@@ -257,3 +266,33 @@ def test_sgd_learning_rate_too_high_when_the_network_dies():
     sat.history.add(250, {"netdiag/act_saturated_pct/a": 60.0}, {})  # a fit so good that gradients vanish: alive
     upd.history.add(250, {"netdiag/update_data_log10/w": -4.5, "netdiag/lr": 3.0}, {})
     assert evaluate(sat, None, upd) == []
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear layer with LoRA's pair beside it (as peft makes it): ``A`` random, ``B`` zero at init."""
+
+    def __init__(self, n: int, rank: int = 2) -> None:
+        super().__init__()
+        self.base = nn.Linear(n, n).requires_grad_(False)
+        self.lora_A = nn.Parameter(torch.randn(n, rank) / n**0.5)
+        self.lora_B = nn.Parameter(torch.zeros(rank, n))
+
+    def forward(self, x):
+        return self.base(x) + x @ self.lora_A @ self.lora_B
+
+
+@pytest.mark.parametrize("grad_data", [True, None])
+def test_the_adam_update_shrink_says_why_it_is_unread(grad_data):
+    """LoRA's pairs have no std at step 0 to read (``B`` is 0 there, and ``A`` has no gradient while ``B`` is 0):
+    the learning-rate line says so, not that GradDataRatio is missing when it is there."""
+    torch.manual_seed(0)
+    model = nn.Sequential(LoRALinear(8), nn.Tanh(), LoRALinear(8))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    with NetDiag(model, optimizer, every_n_steps=1, grad_data=grad_data) as diag:
+        for _ in range(3):
+            optimizer.zero_grad()
+            model(torch.randn(16, 8)).square().mean().backward()
+            optimizer.step()
+    note = report.summarize(**diag.records()).table()
+    want = "no weight's std at step 0" if grad_data else "needs GradDataRatio"
+    assert f"learning rate (Adam): update shrink unread ({want}" in note

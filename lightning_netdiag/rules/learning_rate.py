@@ -63,6 +63,18 @@ def adam_shrink_at(records: Records, step: int) -> float | None:
     return _median_over_weights(records, step, lambda n, ud: math.log10(lr / std0[n]) - ud if n in std0 else math.nan)
 
 
+def _shrink_unread(records: Records, step: int) -> str:
+    """Why :func:`adam_shrink_at` read nothing at ``step``."""
+    grad_data = records.get("grad_data")
+    if grad_data is None:
+        return "needs GradDataRatio"
+    if not grad_data.at_init("grad_std"):
+        return "GradDataRatio did not measure step 0"
+    if not grad_data.init_std():  # a weight's std is its gradient's over grad:data: neither may be 0 at step 0
+        return "no weight's std at step 0: each was 0 there or had no gradient, as LoRA's zero-initialised pairs"
+    return f"no learning rate at step {step}"
+
+
 def adam_step_at(records: Records, step: int) -> float | None:
     """The median over the weights of the RMS of Adam's normalised step at ``step`` (after step 0, whose step is
     1 for every element), see :data:`ADAM_STEP_LOW`; None where it was not read."""
@@ -210,7 +222,7 @@ def learning_rate_note(records: Records) -> str | None:
     step, family = steps[-1], update.optimizer_family
     if family == "adam":
         shrink = adam_shrink_at(records, step)
-        read = "unread (needs GradDataRatio)" if shrink is None else f"{shrink:.2f} at step {step}"
+        read = f"unread ({_shrink_unread(records, step)})" if shrink is None else f"{shrink:.2f} at step {step}"
         rms = adam_step_at(records, nearest_step(records.get("optimizer"), step))
         noise = "" if rms is None else f"; normalised step RMS {rms:.2g}, too high below {ADAM_STEP_LOW:g}"
         return (f"learning rate (Adam): update shrink {read}, too high above {ADAM_SHRINK_HIGH:g}{noise}; "
