@@ -28,8 +28,8 @@ __all__ = [
     "DEFAULT_THRESHOLD", "HALF_EXTRA", "HIST_SAMPLE", "MOMENTS", "SAMPLE_BLOCK", "SMALL", "Bins", "Histogram",
     "Moments", "add_record", "count_true", "finite_mask", "group_limits", "half_counts", "host_reads_free",
     "launch_bound", "linear_bins", "log2_bins", "ratio_log10", "record_size", "recorded", "row_squares",
-    "sample_stride", "saturation_extra", "size_groups", "sum_and_squares", "tensor_record", "tensor_records",
-    "where_finite",
+    "sample_stride", "saturation_extra", "size_groups", "sparse_values", "sum_and_squares", "tensor_record",
+    "tensor_records", "where_finite",
 ]  # fmt: skip
 
 #: Slots every record starts with: finite count, sum, sum of squares, non-finite count.
@@ -520,7 +520,29 @@ def tensor_records(xs: Sequence[Tensor], bins: Bins | None, divisor: Tensor | fl
     """The record of each tensor (divided by ``divisor``), as :func:`tensor_record` gives it, the tensors of a device
     and dtype reduced together where that saves launches (:func:`_grouped_records`, a fixed number of ops a group
     whatever the number of its tensors): on the host (:func:`host_reads_free`) those of up to :data:`SMALL` values,
-    on a GPU those of up to :data:`_GROUP_VALUES`. Counts are equal to one tensor's; sums are added in another order."""
+    on a GPU those of up to :data:`_GROUP_VALUES`. Counts are equal to one tensor's; sums are added in another order.
+    A sparse tensor's record is its dense form's (:func:`sparse_values`)."""
+    values = {i: sparse_values(x) for i, x in enumerate(xs) if x.layout != torch.strided}
+    out = _records_of_dense([values.get(i, x) for i, x in enumerate(xs)] if values else xs, bins, divisor)
+    for i, v in values.items():  # the dense form's other values, zeros: counted, in the bin of 0, adding to no sum
+        zeros = torch.zeros_like(out[i])
+        zeros[COUNT] = xs[i].numel() - v.numel()
+        if bins is not None:
+            zeros[MOMENTS + bins.zero_bin] = zeros[COUNT]
+        out[i] = out[i] + zeros
+    return out
+
+
+def sparse_values(t: Tensor) -> Tensor:
+    """The values of a sparse tensor (a sparse gradient: ``nn.Embedding(sparse=True)``) that are not zeros of its dense
+    form: those of its coalesced COO form, where repeated indices are summed (its norm is the dense form's). Coalescing
+    waits for a GPU (the number of values depends on the indices)."""
+    coo = t if t.layout == torch.sparse_coo else t.to_sparse(layout=torch.sparse_coo)
+    return coo.detach().coalesce().values()
+
+
+def _records_of_dense(xs: Sequence[Tensor], bins: Bins | None, divisor: Tensor | float | None) -> list[Tensor]:
+    """:func:`tensor_records` of strided tensors."""
     out: list[Tensor | None] = [None] * len(xs)
     numels = [t.numel() for t in xs]
     together: dict[tuple[torch.device, torch.dtype], list[int]] = {}  # a multi-tensor copy's sources: one dtype

@@ -322,3 +322,54 @@ def test_records_of_batches_of_changing_shapes_equal_plain_pytorch(tmp_path, pat
     t.fit(model, batches)
     compared = assert_matches_reference(netdiag_only(read_tensorboard(t.logger.log_dir)[0]), model.ref)
     assert compared == len(sizes) * 25 + 3
+
+
+class SparseEmbedding(L.LightningModule):
+    """A sparse embedding (``nn.Embedding(sparse=True)``: its gradient a sparse tensor, its rows of repeated tokens
+    summed) under SGD, which takes sparse gradients; each step's gradient in dense form, for the reference."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.head = nn.Embedding(200, 8, sparse=True), nn.Linear(8, 3)
+        self.dense: dict[int, torch.Tensor] = {}
+        self.weight: dict[int, torch.Tensor] = {}
+        self.tokens = torch.randint(0, 200, (64, 5))  # repeated tokens: the sparse gradient is not coalesced
+        self.labels = torch.randint(0, 3, (64,))
+
+    def training_step(self, batch, batch_idx):
+        i = torch.arange(16) + 16 * (batch_idx % 4)
+        return nn.functional.cross_entropy(self.head(torch.tanh(self.emb(self.tokens[i])).mean(1)), self.labels[i])
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        assert self.emb.weight.grad.is_sparse
+        self.dense[self.trainer.global_step] = self.emb.weight.grad.to_dense()
+        self.weight[self.trainer.global_step] = self.emb.weight.detach().clone()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.5)
+
+
+def test_a_sparse_gradient_is_recorded_as_its_dense_form(tmp_path, path):
+    from lightning_netdiag import FlightRecorder
+
+    model = SparseEmbedding()
+    flight = FlightRecorder()
+    t = trainer(tmp_path, [GradDataRatio(every_n_steps=2), UpdateRatio(every_n_steps=2), flight], max_steps=5)
+    t.fit(model, loader(), loader())
+    scalars, hists, _ = read_tensorboard(t.logger.log_dir)
+    for step in (0, 2, 4):
+        g = model.dense[step]
+        tag = "netdiag/{}/emb.weight"
+        assert scalars[tag.format("grad_mean")][step] == pytest.approx(g.mean().item(), rel=1e-5, abs=1e-9)
+        assert scalars[tag.format("grad_std")][step] == pytest.approx(g.std().item(), rel=1e-5)
+        ratio = (g.std() / model.weight[step].std()).item()
+        assert scalars[tag.format("grad_data_ratio")][step] == pytest.approx(ratio, rel=1e-5)
+        h = hists[tag.format("grad")][step]
+        full = bin_counts(g, GRAD_EDGES, by_magnitude=True)
+        used = [i for i, c in enumerate(full) if c > 0]
+        assert list(h.bucket) == full[used[0] : used[-1] + 1]
+        assert h.num == g.numel() == 1600
+        assert (g == 0).sum() > 800  # most rows have no gradient: their zeros are counted, not left out
+    for step, g in model.dense.items():  # every step: the flight recorder's norm of it
+        assert flight.record.value("flight_grad_norm", step, "emb.weight") == pytest.approx(g.norm().item(), rel=1e-5)

@@ -294,8 +294,9 @@ class FlightMeter(ParameterMeter):
             return
         weights = self._weights()
         plain = self._views is not None
+        dense = torch.strided
         grads = [  # each .grad read once: a read is a call into C++
-            self._missing(part) if (g := p.grad) is None else g if plain else self._shard(name, g)[0]
+            self._missing(part) if (g := p.grad) is None else g if plain and g.layout == dense else self._part(name, g)
             for (name, p), part in zip(self._params, weights, strict=True)
         ]
         if self._ring.tensor is None:
@@ -314,6 +315,12 @@ class FlightMeter(ParameterMeter):
             self._guard(optimizer, row)
         if self._calls is not None and self._armed:  # once a blow-up
             self._replay(row)
+
+    def _part(self, name: str, grad: Tensor) -> Tensor:
+        """What the norm of a gradient that is not a whole strided tensor is taken of: this rank's shard; the values
+        of a sparse one (``nn.Embedding(sparse=True)``: its dense form's norm)."""
+        part = grad if self._views is not None else self._shard(name, grad)[0]
+        return part if part.layout == torch.strided else stats.sparse_values(part)
 
     def _replay(self, row: Row) -> None:
         """The step's forward run again, before the optimizer steps (the weights still those that ran it): where its
