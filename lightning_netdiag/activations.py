@@ -27,8 +27,9 @@ from torch import Tensor, nn
 from lightning_netdiag.stats import DEFAULT_THRESHOLD, Bins, linear_bins, log2_bins
 
 __all__ = [
-    "FAMILIES", "FUNCTIONS", "KINDS", "TORCH_ACTIVATION_TYPES", "UNKNOWN", "Kind", "SaturationRule", "call_input",
-    "clamp", "elu", "in_place", "module_kind", "one_sided", "probe", "register_activation", "softplus",
+    "FAMILIES", "FLAT_SLOPE", "FUNCTIONS", "KINDS", "TORCH_ACTIVATION_TYPES", "UNKNOWN", "Kind", "SaturationRule",
+    "call_input", "clamp", "elu", "in_place", "leaky", "module_kind", "one_sided", "probe", "register_activation",
+    "softplus",
 ]  # fmt: skip
 
 #: Families, each judged by its own health rules (``report``): zero-centred bounded (``tanh``), gates in
@@ -134,8 +135,21 @@ def clamp(low: float, high: float) -> Kind:
 
 
 def one_sided(name: str) -> Kind:
-    """ReLU and its leaky variants: flat (or on the low-slope side) where t <= 0."""
+    """ReLU and its variants whose negative side is nearly flat: flat (or on the low-slope side) where t <= 0."""
     return Kind(name, "relu", "t <= 0", lambda t, thr: t <= 0)
+
+
+#: The largest slope of a leaky ReLU's negative side that counts as flat: the derivative below which GELU's,
+#: QuickGELU's, SiLU's and Mish's tails count as flat. Above it a unit on that side passes a good share of its gradient
+#: (GANs' LeakyReLU(0.2): a fifth; PReLU's 0.25 at init; RReLU's 1/8 to 1/3): no flat region, no dead units.
+FLAT_SLOPE = 0.03
+
+
+def leaky(slope: float) -> Kind:
+    """A leaky ReLU of ``slope``: its negative side as ReLU's flat one (:func:`one_sided`) up to :data:`FLAT_SLOPE`,
+    else no flat region (mean, std and histograms, no saturation)."""
+    name = f"leaky_relu({slope:.3g})"
+    return one_sided(name) if slope <= FLAT_SLOPE else Kind(name, "relu")
 
 
 _SELU_LIMIT = 1.0507009873554805 * 1.6732632423543772  # SELU's negative asymptote, scale * alpha
@@ -198,6 +212,10 @@ def _torch_kind(module: nn.Module) -> Kind | None:
         return softplus(float(module.beta))
     if isinstance(module, nn.GELU):
         return KINDS["gelu_tanh" if module.approximate == "tanh" else "gelu"]
+    if isinstance(module, (nn.LeakyReLU, nn.RReLU)):  # RReLU: its smallest slope in training
+        return leaky(float(module.negative_slope if isinstance(module, nn.LeakyReLU) else module.lower))
+    if isinstance(module, nn.PReLU):  # its slopes are learned, from 0.25: no flat region
+        return Kind("prelu", "relu")
     for types, name in _TORCH_TYPES:
         if isinstance(module, types):
             return KINDS[name]
@@ -206,14 +224,15 @@ def _torch_kind(module: nn.Module) -> Kind | None:
 
 _TORCH_TYPES: tuple[tuple[tuple[type[nn.Module], ...], str], ...] = (
     ((nn.Tanh,), "tanh"), ((nn.Softsign,), "softsign"), ((nn.Sigmoid,), "sigmoid"),
-    ((nn.Hardsigmoid,), "hardsigmoid"), ((nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.RReLU), "relu"),
+    ((nn.Hardsigmoid,), "hardsigmoid"), ((nn.ReLU,), "relu"),
     ((nn.SELU,), "selu"), ((nn.LogSigmoid,), "logsigmoid"), ((nn.Hardshrink, nn.Softshrink), "shrink"),
     ((nn.Hardswish,), "hardswish"), ((nn.SiLU,), "silu"), ((nn.Mish,), "mish"),
 )  # fmt: skip
 
 #: The ``torch.nn`` activation types recognised by type (every other module is probed).
 TORCH_ACTIVATION_TYPES: tuple[type[nn.Module], ...] = (
-    nn.Hardtanh, nn.ELU, nn.CELU, nn.Softplus, nn.GELU, *(t for types, _ in _TORCH_TYPES for t in types),
+    nn.Hardtanh, nn.ELU, nn.CELU, nn.Softplus, nn.GELU, nn.LeakyReLU, nn.RReLU, nn.PReLU,
+    *(t for types, _ in _TORCH_TYPES for t in types),
 )  # fmt: skip
 
 _REGISTERED: dict[type, Kind] = {}
@@ -338,7 +357,7 @@ def _match(x: Tensor, y: Tensor) -> Kind:
         return clamp(low, high)
     slope = float(y[0] / x[0])  # the value at -8 over -8
     if 0 < slope < 1 and _close(y, torch.where(x > 0, x, slope * x)):
-        return one_sided(f"leaky_relu({slope:.3g})")
+        return leaky(slope)
     return UNKNOWN
 
 
@@ -362,7 +381,7 @@ def _hardtanh(args: tuple, kwargs: Mapping) -> Kind:
 
 
 def _leaky(args: tuple, kwargs: Mapping) -> Kind:
-    return one_sided(f"leaky_relu({_arg(args, kwargs, 1, 'negative_slope', 0.01):g})")
+    return leaky(float(_arg(args, kwargs, 1, "negative_slope", 0.01)))  # type: ignore[arg-type]
 
 
 def _elu(name: str) -> Callable[[tuple, Mapping], Kind]:

@@ -122,9 +122,19 @@ def test_a_test_that_cannot_run_in_half_precision_is_run_on_a_float32_copy():
     assert rule.of(torch.tensor([0.25, 0.75], dtype=torch.bfloat16)).tolist() == [False, True]
 
 
-def test_leaky_variants_use_the_low_slope_side():
-    for m in (nn.PReLU(), nn.RReLU(), Leaky()):
-        assert module_kind(m).rule().mask(torch.tensor([-1.0, 0.0, 1.0])).tolist() == [True, True, False]
+def test_a_leaky_variant_has_a_flat_side_only_where_its_slope_is_nearly_flat():
+    """LeakyReLU's default slope, 0.01, is as flat as GELU's tail: its negative side counts as flat. GANs'
+    LeakyReLU(0.2), PReLU (slopes learned from 0.25) and RReLU (1/8 to 1/3) pass a good share of the gradient there:
+    no flat region, so no saturation and no dead units are said of them."""
+    x = torch.tensor([-1.0, 0.0, 1.0])
+    leaky_relu = FUNCTIONS[F.leaky_relu][1]
+    for kind in (module_kind(nn.LeakyReLU()), module_kind(nn.LeakyReLU(0.03)), leaky_relu((x,), {})):
+        assert kind.rule().mask(x).tolist() == [True, True, False], kind.name
+    for kind in (
+        *(module_kind(m) for m in (nn.LeakyReLU(0.2), nn.PReLU(), nn.RReLU(), Leaky())),
+        leaky_relu((x, 0.2), {}),
+    ):
+        assert kind.rule() is None and kind.family == "relu", kind.name
 
 
 @pytest.mark.parametrize(
@@ -164,7 +174,8 @@ def test_transformers_activation_classes_are_recognised():
     expected = {
         "gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
         "quick_gelu": "quick_gelu", "silu": "silu", "swish": "silu", "relu": "relu", "relu2": "relu2",
-        "mish": "mish", "tanh": "tanh", "sigmoid": "sigmoid", "relu6": "clamp(0, 6)", "leaky_relu": "relu",
+        "mish": "mish", "tanh": "tanh", "sigmoid": "sigmoid", "relu6": "clamp(0, 6)",
+        "leaky_relu": "leaky_relu(0.01)",
     }  # fmt: skip
     for name, kind in expected.items():
         module = act.ACT2FN[name]

@@ -31,7 +31,8 @@ class SaturationMonitor(ActivationMeter, DiagnosticCallback):
 
     - Tanh, Softsign: ``|t| > threshold`` (the lecture's 0.97); Sigmoid: ``t < 1 - threshold or t > threshold``;
     - Hardtanh, ReLU6, Hardsigmoid: at or beyond their clamp bounds; Hardshrink, Softshrink: ``t == 0``;
-    - ReLU, ReLU², LeakyReLU, PReLU, RReLU: ``t <= 0``;
+    - ReLU, ReLU², a LeakyReLU of slope up to 0.03 (its default 0.01): ``t <= 0``; a steeper leaky side (GANs'
+      LeakyReLU(0.2), PReLU, RReLU) is no flat region: no saturation, no dead units;
     - ELU, CELU: ``t < -threshold * alpha``; SELU: ``t < -threshold * scale * alpha`` (near the asymptote);
     - Softplus: ``t < -ln(threshold) / beta``; LogSigmoid: ``t > ln(threshold)`` (derivative below 1 - threshold);
     - GELU (exact and tanh), QuickGELU, Hardswish: input ``x < -3``; SiLU, Mish: input ``x < -5``
