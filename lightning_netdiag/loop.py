@@ -43,7 +43,7 @@ from lightning_netdiag.meters import (
 )
 from lightning_netdiag.meters.base import MOMENTS, listening, requested_by
 from lightning_netdiag.origin import floating_tensors
-from lightning_netdiag.run import TorchRun, check_positive_int, scaler_scale
+from lightning_netdiag.run import TorchRun, check_positive_int, chosen_part, scaler_scale
 from lightning_netdiag.sinks import LoggerSink
 
 __all__ = ["METERS", "NetDiag", "WriterLogger", "meter_option"]
@@ -140,9 +140,11 @@ class NetDiag:
         if not isinstance(model, nn.Module):
             raise ValueError(f"Expected `model` to be a torch.nn.Module, got {type(model).__name__}")
         optimizers = [] if optimizer is None else [optimizer] if hasattr(optimizer, "param_groups") else optimizer
-        if not all(hasattr(o, "param_groups") for o in optimizers):  # type: ignore[union-attr]
+        if not isinstance(optimizers, (list, tuple)) or not all(hasattr(o, "param_groups") for o in optimizers):
+            hint = " (a learning-rate scheduler: pass its optimizer)" if hasattr(optimizer, "get_last_lr") else ""
             raise ValueError(
                 f"Expected `optimizer` to be a torch.optim.Optimizer, a sequence of them or None, got {optimizer!r}"
+                + hint
             )
         check_positive_int("every_n_steps", every_n_steps)
         if writer is not None and not callable(getattr(writer, "add_histogram_raw", None)):
@@ -427,14 +429,7 @@ class NetDiag:
 def meter_option(name: str, value: object) -> Any:
     """The meter that NetDiag's argument ``name`` (one of :data:`METERS`) asks for: a new one for True, the one
     given, or None (None, False: left out)."""
-    kind: Any = METERS[name]
-    if value is None or value is False:
-        return None
-    if value is True:
-        return kind()
-    if isinstance(value, kind):
-        return value
-    raise ValueError(f"Expected `{name}` to be True, None or a {kind.__name__}, got {value!r}")
+    return chosen_part(name, value, METERS[name], METERS[name])
 
 
 def _emitter(sink: LoggerSink, loggers: list[Any]) -> Any:

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from lightning_netdiag import stats
 
-__all__ = ["Run", "TorchRun", "check_positive_int", "scaler_scale"]
+__all__ = ["Run", "TorchRun", "check_positive_int", "chosen_part", "scaler_scale"]
 
 
 class Run(Protocol):
@@ -124,3 +124,16 @@ def check_positive_int(name: str, value: object, allow_none: bool = False) -> No
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"Expected `{name}` to be a positive integer, got {value!r}")
+
+
+def chosen_part(name: str, value: object, kind: type, make: Callable[[], Any]) -> Any:
+    """What an argument that turns a part on or off (a meter, a callback) asks for: None (None, False: left out), a new
+    one (True: ``make()``), or the ``kind`` it is."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return make()
+    if isinstance(value, kind):
+        return value
+    article = "an" if kind.__name__[0] in "AEIOU" else "a"
+    raise ValueError(f"Expected `{name}` to be True, None or {article} {kind.__name__}, got {value!r}")

@@ -120,7 +120,7 @@ def test_bad_arguments_name_what_was_wrong():
         NetDiagCallback(every_n_steps=0)
     with pytest.raises(ValueError, match="among"):  # NetDiag's meters, passed on by name
         NetDiagCallback(fligth=None)
-    with pytest.raises(ValueError, match="Expected `saturation` to be True, None or a ActivationMeter"):
+    with pytest.raises(ValueError, match="Expected `saturation` to be True, None or an ActivationMeter"):
         NetDiagCallback(saturation="yes")
 
 

@@ -199,6 +199,9 @@ def test_bad_arguments_name_what_was_wrong():
         NetDiag("model")
     with pytest.raises(ValueError, match="Expected `optimizer`"):
         NetDiag(model, optimizer="adam")
+    schedule = torch.optim.lr_scheduler.StepLR(make_optimizer(model, "sgd", 0.1), 10)
+    with pytest.raises(ValueError, match="Expected `optimizer`.*a learning-rate scheduler: pass its optimizer"):
+        NetDiag(model, schedule)
     with pytest.raises(ValueError, match="Expected `every_n_steps`"):
         NetDiag(model, every_n_steps=0)
     with pytest.raises(ValueError, match="Expected `writer`"):

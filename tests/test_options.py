@@ -99,7 +99,7 @@ def test_netdiag_callbacks_gives_every_callback_with_shared_options_and_the_thre
     assert left_out[-1].warn is False  # the one given
     with pytest.raises(ValueError, match="among"):
         netdiag_callbacks(saturations=True)
-    with pytest.raises(ValueError, match="Expected `update` to be True, None or a UpdateRatio"):
+    with pytest.raises(ValueError, match="Expected `update` to be True, None or an UpdateRatio"):
         netdiag_callbacks(update=GradDataRatio())
     with pytest.raises(ValueError, match="`every_n_steps`"):
         netdiag_callbacks(every_n_steps=0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from lightning.pytorch.callbacks import Callback
@@ -14,7 +15,7 @@ from lightning_netdiag.callbacks.logit_monitor import LogitMonitor
 from lightning_netdiag.callbacks.optimizer_state import OptimizerState
 from lightning_netdiag.callbacks.saturation import SaturationMonitor
 from lightning_netdiag.callbacks.update_ratio import UpdateRatio
-from lightning_netdiag.run import check_positive_int
+from lightning_netdiag.run import check_positive_int, chosen_part
 
 __all__ = ["CALLBACKS", "netdiag_callbacks"]
 
@@ -59,14 +60,9 @@ def netdiag_callbacks(every_n_steps: int | None = None, prefix: str = "netdiag",
     shared = {"every_n_steps": every_n_steps, "prefix": prefix}
     out: list[Callback] = []
     for name, cls in CALLBACKS.items():
-        value = chosen.get(name, True)
-        if value is None or value is False:
-            continue
-        if value is True:
-            kind: Any = cls
-            out.append(kind(**{option: shared[option] for option in _OPTIONS.get(name, ())}))
-        elif isinstance(value, cls):
-            out.append(value)
-        else:
-            raise ValueError(f"Expected `{name}` to be True, None or a {cls.__name__}, got {value!r}")
+        kind: Any = cls
+        made = functools.partial(kind, **{option: shared[option] for option in _OPTIONS.get(name, ())})
+        callback = chosen_part(name, chosen.get(name, True), cls, made)
+        if callback is not None:
+            out.append(callback)
     return out
