@@ -82,9 +82,14 @@ def test_a_batch_that_moves_the_loss_alone_is_the_batch():
 
 
 def test_every_groups_rate_jumping_is_named_as_the_learning_rate():
-    (v,) = spikes_said(loop("rate"))
+    with pytest.warns(UserWarning, match=r"FlightRecorder: .* at step 150: .*") as warned:
+        (v,) = spikes_said(loop("rate"))
     assert (v.why, v.step, v.hits) == ("learning_rate", AT, 0)
-    assert f"the learning rate went from 0.01 to 0.3 at step {AT} (every parameter group)" in v.cause
+    jumped = f"the learning rate went from 0.01 to 0.3 at step {AT} (every parameter group)"
+    assert jumped in v.cause
+    # said when it happens too: the rate's rise is known at its step
+    (live,) = [str(w.message) for w in warned if str(w.message).startswith("FlightRecorder:")]
+    assert f"; {jumped}; " in live and "of their updates rose with it" in live
 
 
 def test_one_groups_rate_jumping_names_its_weight_and_its_rate():

@@ -14,7 +14,7 @@ from lightning_netdiag.spikes import LOOKBACK
 
 __all__ = [
     "AFTER", "CAUSES", "JOINED", "RATE_JUMP", "STOPS", "Batch", "Began", "Event", "Rate", "Rose", "event_text",
-    "guarded_text", "named", "named_first", "step_causes", "stopped",
+    "guarded_text", "live_text", "named", "named_first", "rate_text", "rose_text", "step_causes", "stopped",
 ]  # fmt: skip
 
 #: The causes of a step's event, in the order of the bits of its verdict; the first set names it (the others are
@@ -174,3 +174,25 @@ def event_text(event: Event) -> str:
     elif ended and "began" in event:  # the window was searched and nothing had left its band
         text += ": every watched series was within its band"
     return text
+
+
+def rose_text(event: Event) -> str:
+    """How many weights' gradients and updates left their band with the event ("" where not known)."""
+    rose = event.get("rose")
+    if rose is None:
+        return ""
+    return f"{rose['gradient']} of {rose['of']} weights' gradients and {rose['update']} of their updates rose with it"
+
+
+def rate_text(event: Event) -> str:
+    """The rise of the learning rate at the event's step (it must have one: ``"rate"``)."""
+    rate = event["rate"]
+    groups = "every parameter group" if rate["groups"] == rate["of"] else f"{rate['groups']} of {rate['of']} groups"
+    return f"the learning rate went from {rate['from']:.3g} to {rate['to']:.3g} at step {event['step']} ({groups})"
+
+
+def live_text(event: Event) -> str:
+    """An event as the recorder says it when it happens: :func:`event_text`, then the evidence of its cause known at
+    that step (a rise of the learning rate, how many weights rose with it). Whether its loss comes back, and so the
+    cause the report gives it, is known only at the next steps."""
+    return "; ".join(x for x in (event_text(event), rate_text(event) if "rate" in event else "", rose_text(event)) if x)

@@ -36,6 +36,7 @@ from lightning_netdiag.flight.events import (
     Rate,
     event_text,
     guarded_text,
+    live_text,
     step_causes,
 )
 from lightning_netdiag.flight.ring import BATCH, GRAD_TOTAL, LOSS, NORMS, PRIORITY, SERIES, Ring, Row
@@ -541,7 +542,7 @@ class FlightMeter(ParameterMeter):
             self._save(running=True)
             return
         kept = f"the last {len(steps)} steps are written to the logs"
-        rank_zero_warn(f"FlightRecorder: {event_text(event)}{guarded_text(event)}; {kept}")
+        rank_zero_warn(f"FlightRecorder: {live_text(event)}{guarded_text(event)}; {kept}")
         self.write_out()
 
     def _evidence(self, event: Event, slots: list[int], rows: Tensor, at: int) -> None:

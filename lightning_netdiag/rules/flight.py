@@ -10,7 +10,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from lightning_netdiag import spikes
-from lightning_netdiag.flight.events import AFTER, JOINED, Event, event_text, guarded_text, named, stopped
+from lightning_netdiag.flight.events import (
+    AFTER,
+    JOINED,
+    Event,
+    event_text,
+    guarded_text,
+    named,
+    rate_text,
+    rose_text,
+    stopped,
+)
 from lightning_netdiag.record import FlightRecord
 from lightning_netdiag.rules.base import WORST, Verdict
 
@@ -48,13 +58,6 @@ def _times_median(event: Event) -> str:
     return f", {loss / median:.2g}x its median"
 
 
-def _rose(event: Event) -> str:
-    rose = event.get("rose")
-    if rose is None:
-        return ""
-    return f"{rose['gradient']} of {rose['of']} weights' gradients and {rose['update']} of their updates rose with it"
-
-
 def _together(event: Event) -> bool:
     rose = event.get("rose")
     return rose is not None and rose["of"] > 0 and rose["gradient"] >= TOGETHER * rose["of"]
@@ -88,14 +91,8 @@ def _back(event: Event) -> str:
     return f"back in band at {back}" if back is not None else f"not back in band within {AFTER} steps"
 
 
-def _rate_text(event: Event) -> str:
-    rate = event["rate"]
-    groups = "every parameter group" if rate["groups"] == rate["of"] else f"{rate['groups']} of {rate['of']} groups"
-    return f"the learning rate went from {rate['from']:.3g} to {rate['to']:.3g} at step {event['step']} ({groups})"
-
-
 def _weight_text(event: Event) -> str:
-    rate = f"; {_rate_text(event)}" if "rate" in event else ""
+    rate = f"; {rate_text(event)}" if "rate" in event else ""
     return f"{event_text(event)}{rate}"
 
 
@@ -111,12 +108,12 @@ def _batch_text(event: Event) -> str:
     said = f"loss {loss:.3g}" if isinstance(loss, float) else f"loss {loss}"
     return (
         f"{_causes(event)} at step {step}: the batch of step {step} ({said}{_times_median(event)}; {_back(event)}; "
-        f"{_rose(event)}){_kept(event)}"
+        f"{rose_text(event)}){_kept(event)}"
     )
 
 
 def _unclear_text(event: Event) -> str:
-    seen = "; ".join(x for x in (_rose(event), _back(event) if "back" in event else "") if x)
+    seen = "; ".join(x for x in (rose_text(event), _back(event) if "back" in event else "") if x)
     return f"{_causes(event)} at step {event['step']}: cause unclear" + (f" ({seen})" if seen else "") + _kept(event)
 
 
@@ -147,7 +144,7 @@ SPIKE_CAUSES: tuple[Cause, ...] = (
     ),
     Cause(
         "learning_rate", lambda e: "rate" in e and e["rate"]["groups"] == e["rate"]["of"],
-        lambda e: f"{_causes(e)} at step {e['step']}: {_rate_text(e)}" + (f"; {_rose(e)}" if "rose" in e else ""),
+        lambda e: f"{_causes(e)} at step {e['step']}: {rate_text(e)}" + (f"; {rose_text(e)}" if "rose" in e else ""),
         "check the schedule (or a resumed optimizer's state): the rate jumped at that step; bring it back, or warm up "
         "to it", False,
     ),
