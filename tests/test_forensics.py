@@ -9,7 +9,7 @@ from helpers import loader
 from test_flight import Mlp
 from torch.nn import functional as F
 
-from lightning_netdiag import FlightRecorder, NetDiag, report
+from lightning_netdiag import FlightRecorder, NetDiag, report, spikes
 from lightning_netdiag.rules.flight import SPIKE_CAUSES, cause_of
 
 AT, STEPS = 150, 200  # the fault's step; the band needs 50 steps before it
@@ -85,6 +85,7 @@ def test_every_groups_rate_jumping_is_named_as_the_learning_rate():
     with pytest.warns(UserWarning, match=r"FlightRecorder: .* at step 150: .*") as warned:
         (v,) = spikes_said(loop("rate"))
     assert (v.why, v.step, v.hits) == ("learning_rate", AT, 0)
+    assert v.check == "weight spike" and v.value > spikes.WEIGHT_SPIKE  # the score past its line, no weight named
     jumped = f"the learning rate went from 0.01 to 0.3 at step {AT} (every parameter group)"
     assert jumped in v.cause
     # said when it happens too: the rate's rise is known at its step

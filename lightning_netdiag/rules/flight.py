@@ -208,14 +208,14 @@ def event_verdicts(flight: FlightRecord | None) -> list[Verdict]:
         cause_found = cause_of(event) if kind == "spike" else None
         # non-finite values that the replay found float16's range could not hold: an overflow, not a fault of the math
         overflow = kind == "non-finite" and "overflow" in event.get("made", {})
+        # the value that broke the band: the total gradient norm, the first weight's score, else the loss
+        value = {"gradient spike": event.get("grad_total"), "weight spike": began[0]["score"] if began else None}.get(
+            cause, event.get("loss")
+        )
         if cause_found is not None and not cause_found.names_weights:
             names, began = [], []
         if was_stopped and not names:
             continue  # said in the notes
-        # the value that broke the band: the total gradient norm, a weight's score, else the loss
-        value = {"gradient spike": event.get("grad_total"), "weight spike": began[0]["score"] if began else None}.get(
-            cause, event.get("loss")
-        )
         healthy = (
             "training runs to its end" if kind == "exception" else f"loss and total gradient norm within "
             f"{spikes.SPIKE:g} spreads of their median over the last {spikes.BAND} steps, each weight's update "
