@@ -57,12 +57,15 @@ class RunLogs:
         return {kind: self.records.get(kind) for kind in KINDS}
 
     def final_loss(self) -> tuple[str, float] | None:
-        """The training loss's tag and the mean of its last 5 logged values, if a loss was logged."""
+        """The training loss's tag and the mean of its last 5 logged values, if a loss was logged; else the flight
+        recorder's loss of the last 5 steps it kept (``flight_loss``: a plain loop's logs hold no loss of their own)."""
         found = sorted(t for t in self.others if LOSS.search(t) and not re.search(r"val|eval|test", t))
-        if not found:
-            return None
-        points = sorted(self.others[found[0]].items())
-        return found[0], statistics.fmean(v for _, v in points[-5:])
+        if found:
+            points = sorted(self.others[found[0]].items())
+            return found[0], statistics.fmean(v for _, v in points[-5:])
+        flight = self.records.get("flight")
+        losses = [v for _, v in flight.points("flight_loss")[-5:] if math.isfinite(v)] if flight is not None else []
+        return ("flight_loss", statistics.fmean(losses)) if losses else None
 
     def layers(self) -> set[str]:
         """Every watched layer and weight, by name."""

@@ -113,6 +113,33 @@ def test_logs_it_cannot_read_get_a_clear_error(two_runs, tmp_path):
     done = netdiag("compare", str(two_runs[0][2] / "tb"), str(other / "tb"))
     assert done.returncode == 2 and "watched different layers" in done.stderr
 
+    (tmp_path / "a file").write_text("")
+    done = netdiag("plots", str(two_runs[0][2] / "tb"), "--out", str(tmp_path / "a file" / "png"))
+    assert done.returncode == 2 and "a file" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_plain_loops_final_loss_is_the_flight_recorders(tmp_path):
+    """A plain loop logs no loss of its own: ``compare`` reads the flight recorder's (the mean of its last 5 steps)."""
+    from torch.nn import functional as F
+    from torch.utils.tensorboard import SummaryWriter
+
+    from lightning_netdiag import NetDiag
+
+    model = TinyNet()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    losses = []
+    with NetDiag(model, optimizer, SummaryWriter(tmp_path / "loop"), every_n_steps=4) as diag:
+        for x, y in loader():
+            loss = F.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            diag.loss(loss)
+            optimizer.step()
+            losses.append(loss.item())
+    tag, value = load_run(tmp_path / "loop").final_loss()
+    assert tag == "flight_loss" and value == pytest.approx(sum(losses[-5:]) / 5, rel=1e-6)
+    assert f"| {value:.4f} |" in compare([load_run(tmp_path / "loop")])
+
 
 def test_every_metric_the_meters_log_is_named_once_in_tags():
     import re
