@@ -23,9 +23,9 @@ from lightning_netdiag.record import (
 from lightning_netdiag.stats import Histogram
 
 __all__ = [
-    "MANY_LAYERS", "activation_distribution", "activation_gradient_distribution", "attention_entropy_over_time",
-    "attention_logits_over_time", "depth_profile", "distribution_over_time", "draw_all", "flight_window",
-    "layers_by_bins", "layers_by_steps", "output_logits_over_time", "update_ratio_over_time",
+    "FLIGHT_WINDOWS", "MANY_LAYERS", "activation_distribution", "activation_gradient_distribution",
+    "attention_entropy_over_time", "attention_logits_over_time", "depth_profile", "distribution_over_time", "draw_all",
+    "flight_window", "layers_by_bins", "layers_by_steps", "output_logits_over_time", "update_ratio_over_time",
     "weight_gradient_distribution",
 ]  # fmt: skip
 
@@ -380,6 +380,11 @@ def flight_window(flight: FlightRecord, event: Event | None = None, ax: Axes | N
         )  # fmt: skip
         title += f"; {when} step {event['step']}"
     ax.set_title(title)
+    # the other events in this window, lighter
+    others = [e["step"] for e in flight.events if e is not event and steps and steps[0] <= e["step"] <= steps[-1]]
+    for axes in (ax, top) if top is not None else (ax,):
+        for step in others:
+            axes.axvline(step, color="gray", linestyle=":", linewidth=1)
     if top is not None:
         loss = [(s, v) for s, v in flight.points("flight_loss") if s in set(steps)]
         if loss:
@@ -388,6 +393,20 @@ def flight_window(flight: FlightRecord, event: Event | None = None, ax: Axes | N
         if event is not None:
             top.axvline(event["step"], color="black", linestyle="--", linewidth=1)
     return fig
+
+
+#: The most windows of the flight recorder drawn: its first event's, and later events' beyond the windows before.
+FLIGHT_WINDOWS = 4
+
+
+def _later_windows(flight: FlightRecord) -> list[Event]:
+    """The events after the first whose step lies beyond the window drawn for the one before (up to
+    :data:`FLIGHT_WINDOWS` windows in all): each is drawn in a window of its own."""
+    drawn = flight.events[:1]
+    for event in flight.events[1:]:
+        if len(drawn) < FLIGHT_WINDOWS and event["step"] > drawn[-1]["step"] + flight.window // 4:
+            drawn.append(event)
+    return drawn[1:]
 
 
 def depth_profile(
@@ -438,7 +457,7 @@ def draw_all(
 ) -> dict[str, Figure]:
     """Every plot the given records have data for, by name: the lecture's plots up to ``MANY_LAYERS``
     layers; above, heatmaps (layers in depth order) and the depth profile; the flight recorder's window around
-    its first event (or its latest steps)."""
+    its first event (or its latest steps), and ``flight_{step}`` around a later event beyond it."""
     layers = saturation.histogram_names("act") if saturation is not None else []
     weights = grad_data.histogram_names("grad") if grad_data is not None else []
     many = max(len(layers), len(weights)) > MANY_LAYERS
@@ -484,4 +503,6 @@ def draw_all(
         figures["adam_step"] = layers_by_steps(optimizer, "adam_step_rms", "Adam: normalised step RMS", log=True)
     if flight is not None and flight.names("flight_grad_norm"):
         figures["flight"] = flight_window(flight)
+        for event in _later_windows(flight):
+            figures[f"flight_{event['step']}"] = flight_window(flight, event)
     return figures

@@ -264,3 +264,28 @@ def test_a_spike_that_does_not_reproduce_is_said_so():
 def test_a_corrupted_batchs_spike_reproduces():
     (event,) = loop("batch").events
     assert event["replayed"]["same"] is True
+
+
+def test_a_later_event_beyond_the_first_window_is_drawn_in_a_window_of_its_own():
+    from lightning_netdiag import plots
+
+    model = Mlp()
+    optimizer = optimizer_for(model)
+    batches = list(loader(batch_size=32))
+    with NetDiag(model, optimizer, every_n_steps=50) as diag:
+        for step in range(280):  # a corrupted batch at AT, every group's rate x30 at 250
+            jump(step - 100, optimizer, "rate")
+            x, y = corrupt(step, *batches[step % len(batches)], "batch")
+            loss = F.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            diag.loss(loss)
+            optimizer.step()
+    flight = diag.flight.record
+    assert [e["step"] for e in flight.events] == [AT, AT + 100]
+    figures = plots.draw_all(flight=flight)
+    assert {n for n in figures if n.startswith("flight")} == {"flight", f"flight_{AT + 100}"}
+    later = figures[f"flight_{AT + 100}"].axes[1]
+    assert f"step {AT + 100}" in later.get_title()
+    marked = {(line.get_xdata()[0], line.get_linestyle()) for line in later.lines}
+    assert marked == {(AT + 100, "--"), (AT, ":")}  # its own event, and the one before in its window, lighter
