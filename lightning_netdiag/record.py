@@ -270,11 +270,13 @@ class ActivationRecord(Record):
     layer_families: dict[str, str | None] = field(default_factory=dict)  # its family, for the report's rules
     layer_regions: dict[str, str] = field(default_factory=dict)  # where it is flat, in words ("" if unknown)
     layers_in_loop: set[str] = field(default_factory=set)  # made in a module run several times per forward
+    # the values it made at the first step measured (every layer saw the same batches): its size, for comparisons
+    layer_sizes: dict[str, float] = field(default_factory=dict)
     histogram_sample: int | None = HIST_SAMPLE  # see GradDataRecord
 
     kind: ClassVar[str] = "saturation"
     _described = (*Record._described, "threshold", "layer_types", "layer_kinds", "layer_families", "layer_regions",
-                  "layers_in_loop", "histogram_sample")  # fmt: skip
+                  "layers_in_loop", "layer_sizes", "histogram_sample")  # fmt: skip
     _absent = {"histogram_sample": None}  # written before histograms were sampled: every value counted
 
     def family(self, name: str) -> str | None:

@@ -201,6 +201,38 @@ def test_resnet18_reused_relu_gives_one_layer_per_call_with_the_lectures_numbers
         assert value(sat, "act_std", "model.layer1.0.relu", step) != value(
             sat, "act_std", "model.layer1.0.relu-2", step
         )
+    # each layer's size, the values it made at the first step
+    assert sat.layer_sizes["model.layer1.0.relu"] == outputs[0][0][1].numel()
+
+
+@pytest.mark.parametrize(
+    ("library", "name", "pixels"),
+    [("torchvision", "resnet18", 32), ("torchvision", "mobilenet_v3_small", 64), ("timm", "convnext_atto", 32)],
+)
+def test_a_cnns_gradient_at_init_is_not_compared_across_its_stages(library, name, pixels):
+    """A value's gradient in a 16 x 16 map and in a pooled vector are not comparable: at their default inits these
+    healthy networks' first and last layers differ by 1,925x (ResNet-18 at 32 px), 0.077x and 0.068x, which the
+    gradient-flow rules once called exploding and vanishing."""
+    from lightning_netdiag import NetDiag
+    from lightning_netdiag.rules.init import gradient_ratio_at_init
+
+    lib = pytest.importorskip(library)
+    torch.manual_seed(0)
+    model = (
+        lib.models.__dict__[name](num_classes=10)
+        if library == "torchvision"
+        else lib.create_model(name, num_classes=10)
+    )
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    with NetDiag(model, optimizer, every_n_steps=1) as diag:
+        loss = F.cross_entropy(model(torch.randn(2, 3, pixels, pixels)), torch.tensor([1, 2]))
+        loss.backward()
+        optimizer.step()
+    records = diag.records()
+    sizes = records["saturation"].layer_sizes
+    assert len(set(sizes.values())) > 1
+    assert gradient_ratio_at_init(records) is None
+    assert not [v for v in report.summarize(**records).verdicts if "gradient" in v.check]
 
 
 # --- timm ----------------------------------------------------------------------------------------------

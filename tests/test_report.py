@@ -88,6 +88,11 @@ def test_gradient_flow_at_init_leaves_out_loop_layers_and_layers_without_gradien
     assert (v.check, v.layer, v.step) == ("vanishing gradient", "a / b", 0) and v.value == pytest.approx(0.01)
     sat.layers_in_loop = {"a"}  # a cell's calls over time steps: not depth
     assert evaluate(sat) == []
+    sat.layers_in_loop = set()
+    sat.layer_sizes = {"a": 4096.0, "b": 512.0}  # a CNN's stages: a value's gradient is not comparable
+    assert evaluate(sat) == []
+    sat.layer_sizes = {"a": 512.0, "b": 512.0}
+    assert [v.check for v in evaluate(sat)] == ["vanishing gradient"]
     exploding = recorded(SaturationMonitor, {"netdiag/act_grad_std/a": 1.0, "netdiag/act_grad_std/b": 0.01})
     assert checks(evaluate(exploding)) == {("exploding gradient", "a / b")}
 

@@ -41,6 +41,7 @@ class ActivationMeter(Meter):
     layer_families = InRecord()
     layer_regions = InRecord()
     layers_in_loop = InRecord()
+    layer_sizes = InRecord()
 
     def __init__(
         self,
@@ -241,6 +242,8 @@ class ActivationMeter(Meter):
             for i in sorted(range(len(layers)), key=lambda i: layers[i].depth):
                 act_record, alive_counts, grad_record = values[3 * i : 3 * i + 3]
                 if stats.recorded(act_record):
+                    size = act_record[stats.COUNT] + act_record[stats.NONFINITE]
+                    self.layer_sizes.setdefault(layers[i].name, size)
                     self._describe(layers[i], act_record, alive_counts, grad_record, scalars, histograms)
             if output is not None and probe is not None and probe.name is not None:
                 rows, excess, cells, losses, loss = values[-1][:5]
