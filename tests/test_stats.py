@@ -304,14 +304,18 @@ def test_a_strided_view_is_recorded_as_its_values():
 @pytest.mark.parametrize("host", [True, False])
 @pytest.mark.parametrize("divisor", [None, 4.0])
 @pytest.mark.parametrize("count", [1, 3])
-def test_records_leave_their_tensors_untouched(monkeypatch, host, divisor, count):
-    """A record may overwrite a temporary of its own with the histogram's keys, never the tensors it reads (one
-    small tensor is flattened as a view of itself)."""
+@pytest.mark.parametrize("shape", [(32, 100), (32, 64)])
+@pytest.mark.parametrize("nan", [True, False])
+def test_records_leave_their_tensors_untouched(monkeypatch, host, divisor, count, shape, nan):
+    """A record may overwrite a temporary of its own with the histogram's keys, never the tensors it reads: one small
+    tensor whose values fill whole pieces (32 x 64: two of 1,024) is flattened as a view of itself, and a weight's
+    gradient so overwritten was what the optimizer then stepped with."""
     if not host:
         monkeypatch.setattr(stats, "host_reads_free", lambda x: False)
     g = torch.Generator().manual_seed(3)
-    xs = [torch.randn(32, 100, generator=g) for _ in range(count)] + [torch.randn(stats.SMALL + 1, generator=g)]
-    xs[0][0, 0] = math.nan
+    xs = [torch.randn(*shape, generator=g) for _ in range(count)] + [torch.randn(stats.SMALL + 1, generator=g)]
+    if nan:
+        xs[0][0, 0] = math.nan
     before = [x.clone() for x in xs]
     stats.tensor_records(xs, stats.log2_bins(), divisor)
     stats.tensor_records(xs[:1], stats.log2_bins(), divisor)
