@@ -301,3 +301,22 @@ def test_the_adam_update_shrink_says_why_it_is_unread(grad_data):
     note = report.summarize(**diag.records()).table()
     want = "no weight's std at step 0" if grad_data else "needs GradDataRatio"
     assert f"learning rate (Adam): update shrink unread ({want}" in note
+
+
+@pytest.mark.parametrize(("gain", "bias", "said"), [(0.0, 0.0, False), (1.0, -3.0, True)])
+def test_a_relu_layer_all_zero_at_init_is_not_said_saturated_one_mostly_below_zero_is(gain, bias, said):
+    """A norm's gain initialised to 0 before the ReLU (a residual branch's last norm, as timm's CSP networks make
+    it: every output 0, by design) says nothing at init; a bias of -3 after a norm leaves 99.9 % of the outputs 0."""
+    torch.manual_seed(0)
+    norm = nn.BatchNorm1d(32)
+    model = nn.Sequential(nn.Linear(8, 32), norm, nn.ReLU(), nn.Linear(32, 4))
+    with torch.no_grad():
+        norm.weight.fill_(gain)
+        norm.bias.fill_(bias)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    with NetDiag(model, optimizer, every_n_steps=1) as diag:
+        model(torch.randn(64, 8)).square().mean().backward()
+        optimizer.step()
+    records = diag.records()
+    assert records["saturation"].value("act_saturated_pct", 0, "2") > 99
+    assert ("saturation" in [v.check for v in report.summarize(**records).verdicts]) == said

@@ -61,7 +61,13 @@ def by_family(records: Records, values: Mapping[str, float]) -> dict[str | None,
 
 def _saturated(family: str) -> Rule:
     def at_zero(records: Records) -> dict[str, float]:
-        return by_family(records, at_init(records.get("saturation"), "act_saturated_pct")).get(family, {})
+        """The family's saturated % at init, but of a layer whose every value is the same: all 0 after a gain
+        initialised to 0 before it (a residual branch's last norm, as timm's CSP networks make it) or after inputs
+        all below 0, which a constant cannot tell apart (a layer that stays dead is named during training)."""
+        saturation = records.get("saturation")
+        constant = {n for n, v in at_init(saturation, "act_std").items() if v == 0}
+        pct = at_init(saturation, "act_saturated_pct")
+        return by_family(records, {n: v for n, v in pct.items() if n not in constant}).get(family, {})
 
     def flag(records: Records, step: int, line: float) -> dict[str, float]:
         return {n: v for n, v in at_zero(records).items() if v > line}
