@@ -33,23 +33,26 @@ def optimizer_for(model: Mlp) -> torch.optim.Optimizer:
     return torch.optim.AdamW([{"params": rest}, {"params": layer}], lr=1e-2)
 
 
-def jump(step: int, optimizer: torch.optim.Optimizer, kind: str) -> None:
-    """From step ``AT`` every group's rate x30 (``"rate"``: a schedule's bug), or ``blocks.2``'s x1000 (``"layer"``)."""
-    if step == AT and kind == "rate":
+def jump(step: int, optimizer: torch.optim.Optimizer, kind: str, at: int = AT) -> None:
+    """From step ``at`` every group's rate x30 (``"rate"``: a schedule's bug), or ``blocks.2``'s x1000 (``"layer"``)."""
+    if step == at and kind == "rate":
         for group in optimizer.param_groups:
             group["lr"] *= 30
-    if step == AT and kind == "layer":
+    if step == at and kind == "layer":
         optimizer.param_groups[1]["lr"] *= 1000
 
 
-def loop(kind: str, writer=None, model: Mlp | None = None):
+def loop(kind: str, writer=None, model: Mlp | None = None, steps: int = STEPS, rate_at: int | None = None):
+    """``kind``'s fault at step ``AT``; every group's rate x30 at ``rate_at`` too, where given."""
     model = model if model is not None else Mlp()
     optimizer = optimizer_for(model)
     batches = list(loader(batch_size=32))
     with NetDiag(model, optimizer, writer, every_n_steps=50) as diag:
-        for step in range(STEPS):
+        for step in range(steps):
             diag.batch_index(step=step)
             jump(step, optimizer, kind)
+            if rate_at is not None:
+                jump(step, optimizer, "rate", at=rate_at)
             x, y = corrupt(step, *batches[step % len(batches)], kind)
             loss = F.cross_entropy(model(x), y)
             optimizer.zero_grad()
@@ -269,19 +272,7 @@ def test_a_corrupted_batchs_spike_reproduces():
 def test_a_later_event_beyond_the_first_window_is_drawn_in_a_window_of_its_own():
     from lightning_netdiag import plots
 
-    model = Mlp()
-    optimizer = optimizer_for(model)
-    batches = list(loader(batch_size=32))
-    with NetDiag(model, optimizer, every_n_steps=50) as diag:
-        for step in range(280):  # a corrupted batch at AT, every group's rate x30 at 250
-            jump(step - 100, optimizer, "rate")
-            x, y = corrupt(step, *batches[step % len(batches)], "batch")
-            loss = F.cross_entropy(model(x), y)
-            optimizer.zero_grad()
-            loss.backward()
-            diag.loss(loss)
-            optimizer.step()
-    flight = diag.flight.record
+    flight = loop("batch", steps=AT + 130, rate_at=AT + 100)
     assert [e["step"] for e in flight.events] == [AT, AT + 100]
     figures = plots.draw_all(flight=flight)
     assert {n for n in figures if n.startswith("flight")} == {"flight", f"flight_{AT + 100}"}
