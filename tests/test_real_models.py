@@ -207,12 +207,18 @@ def test_resnet18_reused_relu_gives_one_layer_per_call_with_the_lectures_numbers
 
 @pytest.mark.parametrize(
     ("library", "name", "pixels"),
-    [("torchvision", "resnet18", 32), ("torchvision", "mobilenet_v3_small", 64), ("timm", "convnext_atto", 32)],
+    [
+        ("torchvision", "resnet18", 32),
+        ("torchvision", "mobilenet_v3_small", 64),
+        ("timm", "convnext_atto", 32),
+        ("timm", "cspdarknet53", 64),
+    ],
 )
-def test_a_cnns_gradient_at_init_is_not_compared_across_its_stages(library, name, pixels):
+def test_standard_cnns_at_their_default_init_get_no_verdict(library, name, pixels):
     """A value's gradient in a 16 x 16 map and in a pooled vector are not comparable: at their default inits these
     healthy networks' first and last layers differ by 1,925x (ResNet-18 at 32 px), 0.077x and 0.068x, which the
-    gradient-flow rules once called exploding and vanishing."""
+    gradient-flow rules once called exploding and vanishing; CSPDarknet-53's residual branches end in a norm whose
+    gain starts at 0, all its activation's values 0 (once said saturated)."""
     from lightning_netdiag import NetDiag
     from lightning_netdiag.rules.init import gradient_ratio_at_init
 
@@ -232,7 +238,7 @@ def test_a_cnns_gradient_at_init_is_not_compared_across_its_stages(library, name
     sizes = records["saturation"].layer_sizes
     assert len(set(sizes.values())) > 1
     assert gradient_ratio_at_init(records) is None
-    assert not [v for v in report.summarize(**records).verdicts if "gradient" in v.check]
+    assert report.summarize(**records).verdicts == []
 
 
 # --- timm ----------------------------------------------------------------------------------------------
