@@ -205,7 +205,10 @@ RULES: tuple[Rule, ...] = (
         constant="SGD_LOW",
         healthy=f"SGD: update:data > {SGD_LOW:g}",
         cause="the updates are tiny next to the weights: the network barely learns",
-        advice=lambda f: f"multiply the learning rate by about {10 ** (SGD_OK - f.hits['median of the weights']):.2g}",
+        advice=lambda f: (
+            f"multiply the learning rate by about {10 ** (SGD_OK - f.hits['median of the weights']):.2g}"
+            " (calibrated on training from scratch: a fine-tune of pretrained weights may run lower on purpose)"
+        ),
         yields_to=(AT_INIT, "lr.adam_shrink", "lr.adam_step", "lr.sgd_died"),
         section="the-learning-rate",
     ),
