@@ -212,8 +212,10 @@ def _torch_kind(module: nn.Module) -> Kind | None:
         return softplus(float(module.beta))
     if isinstance(module, nn.GELU):
         return KINDS["gelu_tanh" if module.approximate == "tanh" else "gelu"]
-    if isinstance(module, (nn.LeakyReLU, nn.RReLU)):  # RReLU: its smallest slope in training
-        return leaky(float(module.negative_slope if isinstance(module, nn.LeakyReLU) else module.lower))
+    if isinstance(module, nn.LeakyReLU):
+        return leaky(float(module.negative_slope))
+    if isinstance(module, nn.RReLU):  # its smallest slope in training
+        return leaky(float(module.lower))
     if isinstance(module, nn.PReLU):  # its slopes are learned, from 0.25: no flat region
         return Kind("prelu", "relu")
     for types, name in _TORCH_TYPES:

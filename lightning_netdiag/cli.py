@@ -201,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"netdiag: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a folder for the plots that cannot be made, logs that cannot be read
-        print(f"netdiag: {e.filename}: {e.strerror}", file=sys.stderr)
+        print(f"netdiag: {e}", file=sys.stderr)
         return 2
     return 0
 

@@ -224,11 +224,8 @@ def test_standard_cnns_at_their_default_init_get_no_verdict(library, name, pixel
 
     lib = pytest.importorskip(library)
     torch.manual_seed(0)
-    model = (
-        lib.models.__dict__[name](num_classes=10)
-        if library == "torchvision"
-        else lib.create_model(name, num_classes=10)
-    )
+    make = lib.models.get_model if library == "torchvision" else lib.create_model
+    model = make(name, num_classes=10)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
     with NetDiag(model, optimizer, every_n_steps=1) as diag:
         loss = F.cross_entropy(model(torch.randn(2, 3, pixels, pixels)), torch.tensor([1, 2]))

@@ -242,8 +242,8 @@ class ActivationMeter(Meter):
             for i in sorted(range(len(layers)), key=lambda i: layers[i].depth):
                 act_record, alive_counts, grad_record = values[3 * i : 3 * i + 3]
                 if stats.recorded(act_record):
-                    size = act_record[stats.COUNT] + act_record[stats.NONFINITE]
-                    self.layer_sizes.setdefault(layers[i].name, size)
+                    if layers[i].name not in self.layer_sizes:  # its first measured step's, kept
+                        self.layer_sizes[layers[i].name] = act_record[stats.COUNT] + act_record[stats.NONFINITE]
                     self._describe(layers[i], act_record, alive_counts, grad_record, scalars, histograms)
             if output is not None and probe is not None and probe.name is not None:
                 rows, excess, cells, losses, loss = values[-1][:5]

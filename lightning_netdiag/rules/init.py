@@ -108,7 +108,7 @@ def gradient_ratio_at_init(records: Records) -> tuple[str, float] | None:
         return None
     names = list(layers)  # depth order: the order the layers were first logged in
     first, last = names[0], names[-1]
-    sizes = saturation.layer_sizes  # type: ignore[union-attr]  # a family is known only from a record
+    sizes = {} if saturation is None else saturation.layer_sizes
     if first in sizes and last in sizes and sizes[first] != sizes[last]:
         return None
     return f"{first} / {last}", layers[first] / layers[last]
