@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning_netdiag import report, tags
-from lightning_netdiag.logs import LogError, RunLogs, find_runs, load_run
+from lightning_netdiag.logs import LogError, RunLogs, load_runs
 from lightning_netdiag.record import Record
 
 __all__ = ["batches", "compare", "describe_batch", "draw", "health", "main"]
@@ -181,7 +181,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\n".join(describe_batch(path) for path in chosen.values()))
         return 0
     try:
-        runs = [load_run(path) for path in find_runs(args.runs)]
+        runs, skipped = load_runs(args.runs)
+        for path in skipped:
+            print(f"netdiag: skipped {path}: it holds no netdiag tags (another tool's logs)", file=sys.stderr)
         if args.command == "report":
             for run in runs:
                 print(f"== {run.name}")

@@ -26,13 +26,21 @@ from lightning_netdiag import tags
 from lightning_netdiag.record import KINDS, Key, Record, RecordVersionError
 from lightning_netdiag.stats import Histogram
 
-__all__ = ["LogError", "RunLogs", "find_runs", "load_run", "read_csv_log", "read_records", "read_tensorboard"]
+__all__ = [
+    "LogError", "NoNetdiagTags", "RunLogs", "find_runs", "load_run", "load_runs", "read_csv_log", "read_records",
+    "read_tensorboard",
+]  # fmt: skip
 
 LOSS = re.compile(r"(^|[/_])(train[/_])?loss($|_step$)")
 
 
 class LogError(ValueError):
     """A log that cannot be read as a netdiag run; the message says which file and why."""
+
+
+class NoNetdiagTags(LogError):
+    """Logs that hold nothing netdiag wrote (another tool's run beside a netdiag one: the Hugging Face Trainer's
+    own TensorBoard run)."""
 
 
 @dataclass
@@ -91,6 +99,29 @@ def find_runs(paths: Iterable[str | Path]) -> list[Path]:
             raise LogError(f"{p}: no TensorBoard event file, metrics.csv or netdiag record under it: not a run's logs")
         runs += [r for r in found if r not in runs]
     return runs
+
+
+def load_runs(paths: Iterable[str | Path]) -> tuple[list[RunLogs], list[Path]]:
+    """The netdiag runs at or under ``paths`` (see :func:`find_runs`), and the runs found under a path that hold
+    no netdiag tags, skipped (the Hugging Face Trainer writes its own run beside netdiag's). A path that is itself
+    a run is read whole or fails; a LogError for a path with no netdiag run under it."""
+    runs: list[RunLogs] = []
+    skipped: list[Path] = []
+    for p in map(Path, paths):
+        found = find_runs([p])
+        mine: list[RunLogs] = []
+        for run in found:
+            try:
+                mine.append(load_run(run))
+            except NoNetdiagTags:
+                if run == p or len(found) == 1:
+                    raise
+                skipped.append(run)
+        if not mine:
+            raise NoNetdiagTags(f"{p}: none of the {len(found)} runs under it holds netdiag tags")
+        seen = {r.path for r in runs}
+        runs += [r for r in mine if r.path not in seen]
+    return runs, skipped
 
 
 def _tfrecords(path: Path) -> Iterable[bytes]:
@@ -196,7 +227,9 @@ def load_run(run: str | os.PathLike[str]) -> RunLogs:
     whole = read_records(run)
     if not records and not whole:
         where = "event files" if has_events else "metrics.csv"
-        raise LogError(f"{run}: its {where} hold no netdiag tags (no SaturationMonitor, GradDataRatio or UpdateRatio?)")
+        raise NoNetdiagTags(
+            f"{run}: its {where} hold no netdiag tags (no SaturationMonitor, GradDataRatio or UpdateRatio?)"
+        )
     _describe(records, meta, run)
     for record, key, step, hist in _regridded(hists, record_of):
         points[record.kind].setdefault(step, ({}, {}))[1][key] = hist

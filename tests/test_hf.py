@@ -12,8 +12,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, SequentialSampler
 
-from lightning_netdiag import NetDiag
-from lightning_netdiag.logs import load_run
+from lightning_netdiag import NetDiag, cli
+from lightning_netdiag.logs import load_run, load_runs
 
 transformers = pytest.importorskip("transformers")
 from lightning_netdiag.hf import NetDiagCallback  # noqa: E402
@@ -108,6 +108,11 @@ def test_trainings_that_reuse_an_output_dir_keep_their_logs_apart(tmp_path):
     for callback in (first, second):
         assert len(list(Path(callback.run_dir).glob("events.out.tfevents.*"))) == 1
         assert load_run(callback.run_dir).record("flight").steps == list(range(STEPS))
+    # `netdiag report <output_dir>` reads both, and skips the Trainer's own TensorBoard runs beside them
+    runs, skipped = load_runs([tmp_path])
+    assert sorted(r.path for r in runs) == sorted(Path(c.run_dir) for c in (first, second))  # type: ignore[arg-type]
+    assert skipped and set(skipped) == {d for d in (tmp_path / "runs").iterdir() if d.name != "netdiag"}
+    assert cli.main(["report", str(tmp_path)]) == 0
 
 
 def test_without_tensorboard_in_report_to_nothing_is_written(tmp_path):
