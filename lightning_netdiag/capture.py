@@ -210,8 +210,6 @@ class ActivationHooks:
         self.threshold, self.histograms, self.track_grad, self.unit_dim = threshold, histograms, track_grad, unit_dim
         self.grad_divisor, self.watch_call, self.max_calls = grad_divisor, watch_call, max_calls
         self.phase = IDLE
-        # told of each `loss.backward()` made while a step is armed (the plain loop reads the loss from it)
-        self.on_backward: Callable[[Tensor], None] | None = None
         self.layers: list[Layer] = []
         self._grad_bins = stats.log2_bins()
         self._by_key: dict[tuple, Layer] = {}
@@ -269,9 +267,9 @@ class ActivationHooks:
 
     def _looks_for_calls(self) -> bool:
         """Whether an armed forward passes through the function mode: the first does; after it, only where a
-        functional call was watched, or where the loss is read from ``loss.backward()`` (:attr:`on_backward`). A model
-        whose activations are modules then pays for no Python handler on each torch call of its forward."""
-        return not self._looked or self.on_backward is not None or any(key[0] == "f" for key in self._by_key)
+        functional call was watched. A model whose activations are modules then pays for no Python handler on each
+        torch call of its forward."""
+        return not self._looked or any(key[0] == "f" for key in self._by_key)
 
     def backward(self) -> None:
         """The backward of an armed forward begins: a recomputed forward only hooks gradients."""
@@ -558,8 +556,6 @@ class _CallCapture(TorchFunctionMode):
         except TypeError:  # an unhashable callable is no activation of ours
             found = None
         if found is None or _PAUSED[0] or torch.compiler.is_compiling():
-            if func is Tensor.backward and self.hooks.on_backward is not None and args:
-                self.hooks.on_backward(args[0])  # the loss, before its backward runs
             return func(*args, **kwargs)
         return self.hooks._function_call(func, found[0], found[1], args, kwargs)
 

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.amp.grad_scaler import OptState
 
-from lightning_netdiag import plots, report, stats
+from lightning_netdiag import backward, plots, report, stats
 from lightning_netdiag.capture import HookHandles
 from lightning_netdiag.dist import rank
 from lightning_netdiag.flight.lifeline import LIFELINE
@@ -95,14 +95,15 @@ class NetDiag:
             :class:`~lightning_netdiag.OptimizerState`).
         flight: the flight recorder (:class:`~lightning_netdiag.meters.FlightMeter`, see
             :class:`~lightning_netdiag.FlightRecorder`): every step's loss and norms in a ring, an event when they
-            spike. It sees the loss where the model returns one (``output.loss``), in :meth:`step`, or where
-            :meth:`loss` is called; used as a context manager (``with NetDiag(...)``), an exception that ends the
+            spike. Its loss is the one told (:meth:`loss`, :meth:`step`, or the model's own ``output.loss``), else the
+            sum of those backpropagated in the step (``loss.backward()``: the loss whose gradient the optimizer
+            applies; under a GradScaler, unscaled; in a loop that backpropagates several models' losses, a GAN's,
+            tell it with :meth:`loss`). Used as a context manager (``with NetDiag(...)``), an exception that ends the
             loop writes its window out before it propagates. While attached, SIGTERM writes it out too before the
             signal ends the process (where the process had no handler of its own for it).
         loss_from_output: read a model's own ``loss`` output (Hugging Face models given labels) as the loss
-            at init. Otherwise the loss is read where ``loss.backward()`` is called (seen through the function
-            mode that watches functional activations: not with ``functional=False`` nor under torch.compile),
-            and only without accumulation; where it is not seen, the over-confident output rule stays silent.
+            at init. Otherwise the loss is read where ``loss.backward()`` is called, and only without
+            accumulation; where it is not seen, the over-confident output rule stays silent.
 
     Raises:
         ValueError: if an argument is out of range or of the wrong type.
@@ -169,6 +170,8 @@ class NetDiag:
         self._handles = HookHandles()
         self._backward_seen = False  # a backward began since the current forward started
         self._backwards = 0  # `loss.backward()` calls seen in this step
+        self._backpropagated: list[Tensor] = []  # their losses, as backpropagated (loss-scaled under a GradScaler)
+        self._told = False  # the step's loss was told (loss(), step(loss), the model's own): it wins over those
         self._manual_pending = False  # a manual step's copies wait for the update to happen
         self._in_scaler_step = False  # inside the GradScaler's step: it ends the step, not the optimizer's hook
         self._stepped = False  # the optimizer's pre-step hook ran
@@ -192,9 +195,8 @@ class NetDiag:
             meter.meet(self.meters)
         if any(m.lifeline for m in self.meters):
             LIFELINE.watch(self)
-        if self.optimizers:  # a manual step is told the loss by step()
-            for meter in self._at["watch_backward_calls"]:
-                meter.watch_backward_calls(self._backward_called)
+        if self._at["add_loss"] or any(m.needs_loss for m in self.meters):
+            backward.listen(self._backward_called)
         # first of the pre-hooks: a manual update is measured (its step ends) before anything of the next step starts
         self._handles.add(self.model.register_forward_pre_hook(self._forward_starts, prepend=True, with_kwargs=True))
         self._handles.add(self.model.register_forward_hook(self._forward_ends))
@@ -219,6 +221,7 @@ class NetDiag:
                 meter.finish()
         self._flush()
         self._handles.remove()
+        backward.unlisten(self._backward_called)
         if self._scaler_step is not None:
             del self.scaler.step
             self._scaler_step = None
@@ -306,6 +309,7 @@ class NetDiag:
         # divided by the window's token count is off by a constant factor, which its scores do not see).
         own = _loss_of(output)
         if own is not None:
+            self._told = True
             for meter in self._at["add_loss"]:
                 meter.add_loss(own)
         loss = own if self.loss_from_output else None
@@ -319,11 +323,30 @@ class NetDiag:
             first.register_hook(lambda grad: self._backward_starts(loss))
 
     def _backward_called(self, loss: Tensor) -> None:
-        """``loss.backward()`` in an armed step: the loss as backpropagated (loss-scaled under a GradScaler)."""
+        """``loss.backward()`` (any tensor's, while attached): the loss as backpropagated (loss-scaled under a
+        GradScaler), for the flight recorder (:meth:`_tell_backpropagated`) and, on a measured step, the output's
+        record at init."""
+        if loss.numel() != 1 or not loss.is_floating_point():
+            return  # `out.backward(gradient)` of a tensor that is no loss
         self._backwards += 1
-        if self._backwards == 1 and any(m.needs_loss for m in self.meters):
+        self._backpropagated.append(loss.detach().reshape(()))
+        measured = self.optimizers and self._measured() is not None  # a manual step is told the loss by step()
+        if self._backwards == 1 and measured and any(m.needs_loss for m in self.meters):
             scale = scaler_scale(self.scaler)
             self._backward_starts(loss.detach() if scale is None else loss.detach() / scale)
+
+    def _tell_backpropagated(self) -> None:
+        """Where the step's loss was not told: the sum of the losses backpropagated since the last step (the loss
+        whose gradient the optimizer applies: under accumulation, each micro-batch's divided by their number), to
+        the flight recorder, unscaled. Nothing is read from the device."""
+        losses, self._backpropagated = self._backpropagated, []
+        told, self._told = self._told, False
+        if told or not losses or not self._at["add_loss"]:
+            return
+        total = losses[0] if len(losses) == 1 else torch.stack([t.float() for t in losses]).sum()
+        scale = scaler_scale(self.scaler)
+        for meter in self._at["add_loss"]:
+            meter.add_loss(total if scale is None else total / scale)
 
     def _backward_starts(self, loss: Tensor | None) -> None:
         if not self._backward_seen:
@@ -334,6 +357,7 @@ class NetDiag:
     @LIFELINE.held
     def _before_step(self, optimizer: Any, args: object = None, kwargs: object = None) -> None:
         self._stepped = True
+        self._tell_backpropagated()
         if self._backwards > 1:  # accumulation: each micro-batch's loss may be divided by their number
             for meter in self._at["forget_loss"]:
                 meter.forget_loss()
@@ -379,8 +403,11 @@ class NetDiag:
         if self.optimizers:
             raise RuntimeError("NetDiag.step() is for a manual update; with an optimizer, its step is seen by itself")
         if loss is not None:
+            self._told = True
             for meter in self._at["add_loss"]:
                 meter.add_loss(loss)
+        self._tell_backpropagated()
+        self._backwards = 0
         for meter in self._at["manual_step"]:
             meter.manual_step(loss, lr)
         for meter in self._at["before_step"]:
@@ -396,9 +423,10 @@ class NetDiag:
     @LIFELINE.held
     def loss(self, loss: Tensor) -> None:
         """The loss of a micro-batch, for the flight recorder: call it once per micro-batch, before the optimizer
-        steps (after ``loss.backward()`` is a good place); the step's loss is their mean. Not needed where the model
-        returns its own ``loss`` (Hugging Face models given labels) nor with :meth:`step`; without it the recorder
-        watches the gradients only."""
+        steps (after ``loss.backward()`` is a good place); the step's loss is their mean. Not needed where the loss
+        backpropagated is the step's (the recorder reads it from ``loss.backward()``), where the model returns its
+        own ``loss`` (Hugging Face models given labels) nor with :meth:`step`; a loss told wins over those."""
+        self._told = True
         for meter in self._at["add_loss"]:
             meter.add_loss(loss)
 

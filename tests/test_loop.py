@@ -15,6 +15,7 @@ from lightning_netdiag import FlightRecorder, GradDataRatio, LogitMonitor, NetDi
 from lightning_netdiag.meters import ActivationMeter
 
 STEPS, EVERY = 6, 2
+BACKWARD = torch.Tensor.backward  # as torch defines it: NetDiag wraps it while attached
 
 
 class Net(L.LightningModule):
@@ -83,7 +84,8 @@ def assert_same(loop_meters, lightning_meters, rel=1e-6, loss_seen=True):
     assert hist_counts(loop_meters) == hist_counts(lightning_meters)
 
 
-def test_an_optimizer_loop_gives_the_lightning_numbers_and_writes_them_to_tensorboard(tmp_path):
+@pytest.mark.parametrize("tell_loss", [True, False])
+def test_an_optimizer_loop_gives_the_lightning_numbers_and_writes_them_to_tensorboard(tmp_path, tell_loss):
     from torch.utils.tensorboard import SummaryWriter
 
     expected = with_lightning(tmp_path / "pl")
@@ -96,8 +98,9 @@ def test_an_optimizer_loop_gives_the_lightning_numbers_and_writes_them_to_tensor
                 break
             loss = F.cross_entropy(model(x), y)
             optimizer.zero_grad()
-            loss.backward()
-            diag.loss(loss)  # for the flight recorder's loss series
+            loss.backward()  # the flight recorder's loss, read here where it is not told
+            if tell_loss:
+                diag.loss(loss)
             optimizer.step()
             with torch.no_grad():
                 model.eval()
@@ -136,7 +139,8 @@ def test_the_lectures_manual_update_needs_one_call_and_gives_the_sgd_numbers(tmp
     assert "netdiag health report" in capsys.readouterr().out
 
 
-def test_accumulation_and_a_grad_scaler_as_under_lightning(tmp_path):
+@pytest.mark.parametrize("tell_loss", [True, False])
+def test_accumulation_and_a_grad_scaler_as_under_lightning(tmp_path, tell_loss):
     from lightning.pytorch.plugins import MixedPrecision
 
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
@@ -151,12 +155,13 @@ def test_accumulation_and_a_grad_scaler_as_under_lightning(tmp_path):
             for x, y in batches[2 * i : 2 * i + 2]:
                 with torch.autocast("cpu", dtype=torch.float16):
                     loss = F.cross_entropy(model(x), y) / 2
-                scaler.scale(loss).backward()
-                diag.loss(loss * 2)  # the micro-batch's own loss: the step's is their mean
+                scaler.scale(loss).backward()  # not told: the sum of the two, unscaled, is the step's loss
+                if tell_loss:
+                    diag.loss(loss * 2)  # the micro-batch's own loss: the step's is their mean
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad()
-    assert "step" not in vars(scaler)  # the wrapper is gone
+    assert "step" not in vars(scaler) and torch.Tensor.backward is BACKWARD  # the wrappers are gone
     assert_same(diag.meters, expected, rel=1e-5, loss_seen=False)
     assert histories(diag.meters)["netdiag/loss_scale"] == {0: 1024.0, 2: 1024.0, 4: 1024.0}
 
@@ -254,3 +259,27 @@ def test_a_step_that_is_not_measured_gets_no_gradient_hook():
             optimizer.step()
             optimizer.zero_grad()
     assert hooked == [True, False]
+
+
+def test_a_loss_told_wins_over_the_one_backpropagated_and_backward_is_put_back_after_an_error():
+    model = Net()
+    optimizer = make_optimizer(model, "sgd", 0.1)
+    batches = list(loader())[:4]
+    told, backpropagated = {}, {}
+    with pytest.raises(RuntimeError, match="the loop died"), NetDiag(model, optimizer, every_n_steps=100) as diag:
+        assert torch.Tensor.backward is not BACKWARD
+        for step, (x, y) in enumerate(batches):
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            backpropagated[step] = loss.item()
+            if step % 2:  # told on odd steps only: a different value, which the recorder must take
+                diag.loss(loss * 10)
+                told[step] = 10 * loss.item()
+            optimizer.step()
+            optimizer.zero_grad()
+        raise RuntimeError("the loop died")
+    assert torch.Tensor.backward is BACKWARD
+    record = diag.flight.record
+    for step in record.steps:
+        expected = told.get(step, backpropagated[step])
+        assert record.value("flight_loss", step) == pytest.approx(expected, rel=1e-6), step

@@ -8,7 +8,7 @@ its backward, :meth:`~ActivationMeter.before_step` before the optimizer step.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -176,12 +176,6 @@ class ActivationMeter(Meter):
             self._hooks.backward()
         if self._probe is not None:
             self._probe.backward(loss)
-
-    def watch_backward_calls(self, callback: Callable[[Tensor], None] | None) -> None:
-        """Have ``callback(loss)`` called at each ``loss.backward()`` made while a step is armed (functional
-        capture only: it is seen through the same function mode)."""
-        if self._hooks is not None:
-            self._hooks.on_backward = callback
 
     def forget_loss(self) -> None:
         """Drop the losses recorded for the output at init (they were not the step's whole loss)."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable, Container, Iterable, Mapping, Sequence
+from collections.abc import Container, Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -121,10 +121,6 @@ class Meter:
 
     def backward_ends(self) -> None:
         """That backward ended."""
-
-    def watch_backward_calls(self, callback: Callable[[Tensor], None] | None) -> None:
-        """Have ``callback(loss)`` called at each ``loss.backward()`` where the meter can see it (a front end with
-        no hook of its own at the backward's start)."""
 
     def forget_loss(self) -> None:
         """The losses told at the backward's start were not the step's (micro-batches scaled for accumulation)."""
@@ -250,7 +246,7 @@ def requested_by(meters: Iterable[object]) -> Container[int]:
 #: The moments of the lifecycle, as :class:`Meter`'s methods.
 MOMENTS = (
     "meet", "step_starts", "forward_starts", "pause", "batch_seen", "backward_starts", "backward_ends",
-    "watch_backward_calls", "forget_loss", "add_loss", "manual_step", "before_step", "after_step", "write_out",
+    "forget_loss", "add_loss", "manual_step", "before_step", "after_step", "write_out",
     "crashed", "finish",
 )  # fmt: skip
 
