@@ -329,7 +329,7 @@ class NetDiag:
         if loss.numel() != 1 or not loss.is_floating_point():
             return  # `out.backward(gradient)` of a tensor that is no loss
         self._backwards += 1
-        self._backpropagated.append(loss.detach().reshape(()))
+        self._backpropagated.append(loss.detach())
         measured = self.optimizers and self._measured() is not None  # a manual step is told the loss by step()
         if self._backwards == 1 and measured and any(m.needs_loss for m in self.meters):
             scale = scaler_scale(self.scaler)
@@ -343,7 +343,7 @@ class NetDiag:
         told, self._told = self._told, False
         if told or not losses or not self._at["add_loss"]:
             return
-        total = losses[0] if len(losses) == 1 else torch.stack([t.float() for t in losses]).sum()
+        total = losses[0] if len(losses) == 1 else torch.stack([t.reshape(()).float() for t in losses]).sum()
         scale = scaler_scale(self.scaler)
         for meter in self._at["add_loss"]:
             meter.add_loss(total if scale is None else total / scale)
