@@ -106,7 +106,8 @@ class NetDiag:
             accumulation; where it is not seen, the over-confident output rule stays silent.
 
     Raises:
-        ValueError: if an argument is out of range or of the wrong type.
+        ValueError: if an argument is out of range or of the wrong type, or the optimizer steps none of the model's
+            parameters.
 
     Attributes:
         saturation, grad_data, update, logits, optimizer_state, flight: the meters (None where left out); their
@@ -146,6 +147,12 @@ class NetDiag:
             raise ValueError(
                 f"Expected `optimizer` to be a torch.optim.Optimizer, a sequence of them or None, got {optimizer!r}"
                 + hint
+            )
+        mine = {id(p) for p in model.parameters()}
+        if optimizers and not any(id(p) in mine for o in optimizers for g in o.param_groups for p in g["params"]):
+            raise ValueError(
+                "Expected `optimizer` to step parameters of `model`, got one that steps none of them (another "
+                "model's optimizer, or one made before the model's parameters were replaced?)"
             )
         check_positive_int("every_n_steps", every_n_steps)
         if writer is not None and not callable(getattr(writer, "add_histogram_raw", None)):

@@ -207,6 +207,8 @@ def test_bad_arguments_name_what_was_wrong():
     schedule = torch.optim.lr_scheduler.StepLR(make_optimizer(model, "sgd", 0.1), 10)
     with pytest.raises(ValueError, match="Expected `optimizer`.*a learning-rate scheduler: pass its optimizer"):
         NetDiag(model, schedule)
+    with pytest.raises(ValueError, match="Expected `optimizer` to step parameters of `model`, got one that steps none"):
+        NetDiag(model, make_optimizer(Net(), "sgd", 0.1))  # another model's: nothing would be measured
     with pytest.raises(ValueError, match="Expected `every_n_steps`"):
         NetDiag(model, every_n_steps=0)
     with pytest.raises(ValueError, match="Expected `writer`"):
