@@ -22,9 +22,10 @@ _ORIGINAL: list[Callable[..., Any]] = []  # Tensor.backward as it was before the
 _INSIDE = [False]  # a listener's own code, or the call a function mode hands back, is not seen twice
 
 
+@torch.compiler.disable  # a compiled training step breaks its graph at the backward anyway: run eagerly there
 def _backward(self: Tensor, *args: Any, **kwargs: Any) -> Any:
     original = _ORIGINAL[0]
-    if _INSIDE[0] or torch.compiler.is_compiling():
+    if _INSIDE[0]:
         return original(self, *args, **kwargs)
     _INSIDE[0] = True
     try:

@@ -85,3 +85,29 @@ def test_compiled_model_gives_eager_numbers_without_breaks_or_recompiles(tmp_pat
         assert sorted(compiled[tag]) == sorted(points) == [0, 2, 4, 6, 8, 10], tag
         for step, value in points.items():
             assert math.isclose(compiled[tag][step], value, rel_tol=1e-4, abs_tol=1e-7), (tag, step)
+
+
+@pytest.mark.slow
+def test_a_compiled_training_step_still_tells_the_plain_loop_its_loss():
+    from lightning_netdiag import NetDiag
+
+    torch._dynamo.reset()
+    model = Plain().net
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    @torch.compile
+    def train_step(x, y):  # the backward inside: dynamo breaks its graph there, and NetDiag's wrapper runs eagerly
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss.detach()
+
+    losses = []
+    with warnings.catch_warnings(), NetDiag(model, optimizer, every_n_steps=4) as diag:
+        warnings.simplefilter("ignore")
+        for x, y in list(loader())[:6]:
+            losses.append(train_step(x, y).item())
+            optimizer.step()
+            optimizer.zero_grad()
+    record = diag.flight.record
+    assert record.steps == list(range(6))
+    assert [record.value("flight_loss", s) for s in record.steps] == pytest.approx(losses, rel=1e-6)
