@@ -91,20 +91,6 @@ class Reads:
             setattr(torch.Tensor, name, real)
 
 
-@contextlib.contextmanager
-def as_gpu():
-    """netdiag's GPU paths, taken on the CPU: no host read inside a record, a GPU's chunks and attention blocks."""
-    from lightning_netdiag import attention, stats
-
-    saved = stats.host_reads_free, stats.launch_bound, attention.launch_bound
-    stats.host_reads_free = lambda x: False
-    stats.launch_bound = attention.launch_bound = lambda device: True
-    try:
-        yield
-    finally:
-        stats.host_reads_free, stats.launch_bound, attention.launch_bound = saved
-
-
 def build(name: str, device: str = "cpu") -> tuple[torch.nn.Module, Callable[[torch.nn.Module], torch.Tensor]]:
     """The model on ``device`` and a function of it that computes one step's loss on a fixed batch."""
     g = torch.Generator().manual_seed(0)
@@ -125,7 +111,7 @@ def count(name: str, with_netdiag: bool, gpu: bool = False) -> list[tuple[int, i
     """(ops, ops that launch a kernel, host reads) of each of 4 steps."""
     from torch.utils.tensorboard import SummaryWriter
 
-    from lightning_netdiag import NetDiag
+    from lightning_netdiag import NetDiag, stats
 
     torch.manual_seed(0)
     model, loss_of = build(name)
@@ -133,7 +119,7 @@ def count(name: str, with_netdiag: bool, gpu: bool = False) -> list[tuple[int, i
     steps = []
     with tempfile.TemporaryDirectory() as logs, contextlib.ExitStack() as stack:
         if gpu:
-            stack.enter_context(as_gpu())
+            stack.enter_context(stats.as_gpu())
         if with_netdiag:
             writer = SummaryWriter(logs)
             stack.callback(writer.close)

@@ -13,10 +13,11 @@ every count before the histogram are always of every value.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +27,7 @@ from torch._utils import _flatten_dense_tensors
 
 __all__ = [
     "DEFAULT_THRESHOLD", "HALF_EXTRA", "HIST_SAMPLE", "MOMENTS", "SAMPLE_BLOCK", "SMALL", "Bins", "Histogram",
-    "Moments", "add_record", "count_true", "finite_mask", "group_limits", "half_counts", "host_reads_free",
+    "Moments", "add_record", "as_gpu", "count_true", "finite_mask", "group_limits", "half_counts", "host_reads_free",
     "launch_bound", "linear_bins", "log2_bins", "ratio_log10", "record_size", "recorded", "row_squares",
     "sample_stride", "saturation_extra", "size_groups", "sparse_values", "sum_and_squares", "tensor_record",
     "tensor_records", "where_finite",
@@ -207,12 +208,27 @@ def record_size(bins: Bins | None, extra: int = 0) -> int:
     return MOMENTS + extra + (0 if bins is None else bins.size)
 
 
+_AS_GPU = [False]  # see as_gpu()
+
+
+@contextlib.contextmanager
+def as_gpu() -> Iterator[None]:
+    """Within it, CPU tensors take a GPU's paths (:func:`launch_bound`, :func:`host_reads_free`): no host read inside
+    a record, a GPU's chunks and attention blocks, tensors reduced together. For the tests (``--gpu-path``) and the
+    benchmarks (``--as-gpu``): a GPU's code run and checked where there is none."""
+    before, _AS_GPU[0] = _AS_GPU[0], True
+    try:
+        yield
+    finally:
+        _AS_GPU[0] = before
+
+
 def launch_bound(device: torch.device) -> bool:
     """Whether a pass over a chunk of values costs its kernels' launches more than their work on ``device``: on
     an accelerator (each launch costs the host the same whatever the size), not on a CPU (where a call is its
     work). It sets the chunks' size: :data:`_CHUNK` or :data:`_GPU_CHUNK` here, the attention's blocks of scores
     (:func:`lightning_netdiag.attention.block_size`)."""
-    return device.type != "cpu"
+    return device.type != "cpu" or _AS_GPU[0]
 
 
 def host_reads_free(x: Tensor) -> bool:
@@ -222,7 +238,7 @@ def host_reads_free(x: Tensor) -> bool:
     Inf makes the sum of squares non-finite), skipping the clean-up passes; on CUDA, where a read waits
     for the device, and in a graph, which a read would break, the clean-up always runs (no host read).
     """
-    return x.device.type == "cpu" and not torch.compiler.is_compiling()
+    return x.device.type == "cpu" and not _AS_GPU[0] and not torch.compiler.is_compiling()
 
 
 def finite_mask(x: Tensor, record: Tensor) -> Tensor | None:

@@ -9,36 +9,33 @@ values cleaned up on the device instead), a GPU's chunks and attention blocks, t
 skip.
 """
 
+import contextlib
+
 import pytest
 
-from lightning_netdiag import attention, stats
+from lightning_netdiag import stats
 
 
 def pytest_addoption(parser):
     parser.addoption("--gpu-path", action="store_true", help="take a GPU's record paths on the CPU in every test")
 
 
-def take_gpu_path(monkeypatch) -> None:
-    """netdiag's GPU paths on the CPU (as ``benchmarks/logging_step_ops.py --as-gpu`` counts them)."""
-    monkeypatch.setattr(stats, "host_reads_free", lambda x: False)
-    monkeypatch.setattr(stats, "launch_bound", lambda device: True)
-    monkeypatch.setattr(attention, "launch_bound", lambda device: True)
-
-
 @pytest.fixture(autouse=True)
-def _gpu_path_everywhere(request, monkeypatch):
+def _gpu_path_everywhere(request):
     if request.config.getoption("--gpu-path"):
         if request.node.get_closest_marker("host_path"):
             pytest.skip("about the host's path")
-        take_gpu_path(monkeypatch)
+        with stats.as_gpu():
+            yield
+    else:
+        yield
 
 
 @pytest.fixture(params=["host", "gpu-path"])
-def path(request, monkeypatch):
+def path(request):
     """The CPU's records, and (``gpu-path``) those a GPU takes, on the CPU: no host read inside a record, its chunks,
     tensors reduced together (stats._grouped_records)."""
-    if request.param == "gpu-path":
-        take_gpu_path(monkeypatch)
-    elif request.config.getoption("--gpu-path"):
+    if request.param == "host" and request.config.getoption("--gpu-path"):
         pytest.skip("about the host's path")
-    return request.param
+    with stats.as_gpu() if request.param == "gpu-path" else contextlib.nullcontext():
+        yield request.param
