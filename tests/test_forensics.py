@@ -159,9 +159,19 @@ def test_every_spike_cause_by_construction():
         assert cause_of(e).id == want, (want, e)
     assert "cause unclear" in cause_of(CAUSES["unclear"]).text(CAUSES["unclear"])
     assert cause_of(event(began=BEGAN, lead=0, rose={"gradient": 1, "update": 1, "of": 9})).id == "weight"  # alone
-    # only a few gradients rose with it, no weight's own change: still the batch's, where the loss came back
+    # only a few gradients rose with it, no weight's own change: still the batch's, where the loss left its band
+    # (alone or with the gradients) and came back
     grads = [{**BEGAN[0], "series": "gradient norm"}]
     assert cause_of(event(began=grads, lead=0, rose={"gradient": 2, "update": 0, "of": 9}, back=301)).id == "batch"
+    with_loss = event(
+        cause="gradient spike", also=["loss spike"], began=grads, rose={"gradient": 2, "update": 0, "of": 9}
+    )
+    assert cause_of({**with_loss, "back": 301}).id == "batch"
+    # ... but not a gradient spike whose loss stayed in band: one weight's gradient (a healthy MoE's router at batch
+    # 16 did this), or none (a spike of the total alone) is no batch shown
+    gradient = event(cause="gradient spike", loss=0.6, loss_median=0.96, back=76)
+    assert cause_of({**gradient, "began": grads, "rose": {"gradient": 1, "update": 0, "of": 19}}).id == "weight"
+    assert cause_of({**gradient, "began": [], "rose": {"gradient": 0, "update": 0, "of": 19}}).id == "unclear"
     assert cause_of(event(began=grads, lead=0, rose={"gradient": 2, "update": 0, "of": 9}, back=None)).id == "weight"
     assert cause_of(event()).id == "unclear"  # no evidence (a record of an older netdiag): no layer named
     scaled = [{**BEGAN[0], "series": "weight norm"}]  # a weight that changed by itself: its norm left its band

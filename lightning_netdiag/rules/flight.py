@@ -30,8 +30,8 @@ __all__ = [
 ]  # fmt: skip
 
 #: The share of the watched weights whose gradient norms must leave their band with a spike for the spike to be
-#: the batch's (the loss, not a layer, the outlier), unless no weight's own change left its band at all: where one
-#: weight goes first, the others follow later.
+#: the batch's (the loss, not a layer, the outlier), unless the loss left its band and no weight's own change did:
+#: where one weight goes first, the others follow later.
 TOGETHER = 2 / 3
 
 
@@ -67,6 +67,12 @@ def _gradients_only(event: Event) -> bool:
     """No weight's own change (its update, its norm) is among the series out of their band: at most gradients rose,
     as a batch moves them (a rate or a weight moves its updates or its norm)."""
     return all(b["series"] == "gradient norm" for b in event.get("began") or [])
+
+
+def _loss_out(event: Event) -> bool:
+    """The step's loss itself left its band (a loss spike, alone or with the gradients): the batch made an outlier of
+    it. A gradient spike whose loss stayed in band, with no weight's gradients rising together, is no batch's shown."""
+    return "loss spike" in (event["cause"], *event.get("also", []))
 
 
 def _own_norm(event: Event) -> bool:
@@ -153,7 +159,7 @@ SPIKE_CAUSES: tuple[Cause, ...] = (
     ),
     Cause("weight", _own_norm, _weight_text, _WEIGHT_ADVICE, True),
     Cause(
-        "batch", lambda e: e["cause"] in _LOSS_OR_GRADIENT and (_together(e) or _gradients_only(e))
+        "batch", lambda e: e["cause"] in _LOSS_OR_GRADIENT and (_together(e) or _gradients_only(e) and _loss_out(e))
         and e.get("back") is not None,
         _batch_text, "look at the batch of that step (its inputs and labels): corrupted, mislabelled or out of "
         "distribution; skip it, or clean the data it came from", False,
