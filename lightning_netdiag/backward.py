@@ -7,6 +7,7 @@ the step through Python: the plain loop's flight recorder needs the loss at ever
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -19,21 +20,21 @@ Listener = Callable[[Tensor], None]
 
 _LISTENERS: list[Listener] = []
 _ORIGINAL: list[Callable[..., Any]] = []  # Tensor.backward as it was before the first listener came
-_INSIDE = [False]  # a listener's own code, or the call a function mode hands back, is not seen twice
+_INSIDE = threading.local()  # in this thread: a listener's own code, or the call a function mode hands back, seen once
 
 
 @torch.compiler.disable  # a compiled training step breaks its graph at the backward anyway: run eagerly there
 def _backward(self: Tensor, *args: Any, **kwargs: Any) -> Any:
     original = _ORIGINAL[0]
-    if _INSIDE[0]:
+    if getattr(_INSIDE, "now", False):
         return original(self, *args, **kwargs)
-    _INSIDE[0] = True
+    _INSIDE.now = True
     try:
         for listener in tuple(_LISTENERS):
             listener(self)
         return original(self, *args, **kwargs)
     finally:
-        _INSIDE[0] = False
+        _INSIDE.now = False
 
 
 def listen(listener: Listener) -> None:
