@@ -84,8 +84,7 @@ class NetDiagCallback(TrainerCallback):  # type: ignore[misc]
         self._unregister: Any = None  # the exit hook's, while training runs
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
-        optimizer = kwargs.get("optimizer")
-        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
+        optimizer = kwargs.get("optimizer")  # accelerate's wrapper: NetDiag takes the torch optimizer and its scaler
         report_to = [args.report_to] if isinstance(args.report_to, str) else list(args.report_to or [])
         if ("tensorboard" in report_to or "all" in report_to) and state.is_world_process_zero:
             from torch.utils.tensorboard import SummaryWriter
@@ -94,7 +93,7 @@ class NetDiagCallback(TrainerCallback):  # type: ignore[misc]
             self._writer = SummaryWriter(log_dir=self.run_dir)
         every = self.every_n_steps or int(args.logging_steps)
         self.diag = NetDiag(
-            model, inner, writer=self._writer, every_n_steps=every, scaler=getattr(optimizer, "scaler", None),
+            model, optimizer, writer=self._writer, every_n_steps=every,
             loss_from_output=args.gradient_accumulation_steps == 1, **self.meters,
         )  # fmt: skip
         self.diag.steps = state.global_step  # resumed runs go on counting

@@ -81,8 +81,9 @@ class NetDiag:
     backward and the update.
 
     Args:
-        model: the model (or its DDP wrapper).
-        optimizer: the optimizer that steps it, a sequence of them, or None for a manual update.
+        model: the model (or its DDP wrapper, or Lightning Fabric's).
+        optimizer: the optimizer that steps it, a sequence of them, or None for a manual update (a wrapper,
+            Lightning Fabric's or accelerate's, alike: its loss scaler is then found where ``scaler`` is None).
         writer: a ``torch.utils.tensorboard.SummaryWriter`` to log to; None keeps the history in memory only.
         every_n_steps: measure every n-th optimizer step.
         scaler: the AMP ``GradScaler`` that scales the loss, if any. Its ``step`` is wrapped while attached,
@@ -141,7 +142,7 @@ class NetDiag:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"Expected `model` to be a torch.nn.Module, got {type(model).__name__}")
-        optimizers = [] if optimizer is None else [optimizer] if hasattr(optimizer, "param_groups") else optimizer
+        optimizers: Any = [] if optimizer is None else [optimizer] if hasattr(optimizer, "param_groups") else optimizer
         if not isinstance(optimizers, (list, tuple)) or not all(hasattr(o, "param_groups") for o in optimizers):
             hint = " (a learning-rate scheduler: pass its optimizer)" if hasattr(optimizer, "get_last_lr") else ""
             raise ValueError(
@@ -159,8 +160,13 @@ class NetDiag:
             raise ValueError(f"Expected `writer` to be a torch.utils.tensorboard.SummaryWriter or None, got {writer!r}")
         if scaler is not None and not callable(getattr(scaler, "unscale_", None)):
             raise ValueError(f"Expected `scaler` to be a torch.amp.GradScaler or None, got {scaler!r}")
-        self.model = getattr(model, "module", model) if type(model).__name__ == "DistributedDataParallel" else model
-        self.optimizers: list[torch.optim.Optimizer] = list(optimizers)  # type: ignore[arg-type]
+        self.model = getattr(model, "module", model) if type(model).__name__ in _MODEL_WRAPPERS else model
+        scaler = scaler if scaler is not None else next(filter(None, map(_wrappers_scaler, optimizers)), None)
+        # the torch optimizer a wrapper steps: its step hooks see that one
+        self.optimizers: list[torch.optim.Optimizer] = [
+            inner if isinstance(inner := getattr(o, "optimizer", None), torch.optim.Optimizer) else o
+            for o in optimizers
+        ]
         self.writer, self.every_n_steps, self.scaler = writer, every_n_steps, scaler
         self.loss_from_output = bool(loss_from_output)
         chosen = {"saturation": saturation, "grad_data": grad_data, "update": update, "logits": logits,
@@ -482,6 +488,18 @@ def _emitter(sink: LoggerSink, loggers: list[Any]) -> Any:
 def _device(model: nn.Module) -> torch.device:
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
+
+
+#: Wrappers of a model whose ``module`` is the model itself: DDP's, Lightning Fabric's.
+_MODEL_WRAPPERS = ("DistributedDataParallel", "_FabricModule")
+
+
+def _wrappers_scaler(optimizer: object) -> Any:
+    """The GradScaler an optimizer wrapper steps through, if any: accelerate's ``scaler``, Lightning Fabric's
+    precision plugin's (the loss it backpropagates is scaled by it)."""
+    precision = getattr(getattr(optimizer, "_strategy", None), "precision", None)
+    found = getattr(optimizer, "scaler", None) or getattr(precision, "scaler", None)
+    return found if callable(getattr(found, "unscale_", None)) else None
 
 
 def _loss_of(output: object) -> Tensor | None:

@@ -285,3 +285,33 @@ def test_a_loss_told_wins_over_the_one_backpropagated_and_backward_is_put_back_a
     for step in record.steps:
         expected = told.get(step, backpropagated[step])
         assert record.value("flight_loss", step) == pytest.approx(expected, rel=1e-6), step
+
+
+@pytest.mark.parametrize("mixed", [False, True])
+def test_lightning_fabrics_wrappers_give_the_lightning_numbers(tmp_path, mixed):
+    # Fabric wraps the model and the optimizer (and, in fp16, scales the loss in `fabric.backward`): NetDiag takes
+    # what they wrap, and the scaler from the optimizer's wrapper
+    from lightning.fabric import Fabric
+    from lightning.fabric.plugins.precision import MixedPrecision as FabricPrecision
+    from lightning.pytorch.plugins import MixedPrecision
+
+    def scaler():
+        return torch.amp.GradScaler("cpu", init_scale=1024.0)
+
+    expected = with_lightning(tmp_path, **({"plugins": [MixedPrecision("16-mixed", "cpu", scaler())]} if mixed else {}))
+    fabric = Fabric(
+        accelerator="cpu", devices=1, plugins=[FabricPrecision("16-mixed", "cpu", scaler())] if mixed else None
+    )
+    net = Net()
+    model, optimizer = fabric.setup(net, make_optimizer(net, "adam", 0.01))
+    with NetDiag(model, optimizer, every_n_steps=EVERY) as diag:
+        assert diag.model is net and diag.optimizers == [optimizer.optimizer]
+        assert (diag.scaler is not None) == mixed
+        for i, (x, y) in enumerate(loader()):
+            if i == STEPS:
+                break
+            loss = F.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            fabric.backward(loss)  # the loss seen here, unscaled
+            optimizer.step()
+    assert_same(diag.meters, expected, rel=1e-5 if mixed else 1e-6)
