@@ -89,14 +89,13 @@ def summarize(
     records: dict[str, Any] = {"saturation": saturation, "grad_data": grad_data, "update": update,
                                "logits": logits, "optimizer": optimizer}  # fmt: skip
     held: dict[str, Verdict] = {}  # rule id -> its first verdict, since the first step it held
-    # the flight recorder's events are facts: they are not replayed; its losses up to each step are read as they were
-    for step, partial in replay(**records):
-        for v in evaluate(**partial, flight=flight, events=False):
+    for step, partial in replay(**records):  # the flight recorder's events are facts: they are not replayed
+        for v in evaluate(**partial):
             first, last, _ = spans.get(v.rule, (step, None, v))
             spans[v.rule] = (first if last == previous else step, step, v)
             held.setdefault(v.rule, replace(v, since=step))
         previous = step
-    final = evaluate(**records, flight=flight, events=False)
+    final = evaluate(**records)
     now = {v.rule for v in final}
     events = after_instability(event_verdicts(flight), held)  # an instability before a spike is its cause
     verdicts = [*events, *(replace(v, since=spans.get(v.rule, (v.step,))[0]) for v in final)]

@@ -1,8 +1,8 @@
 """The health report's rules, declared (:class:`~lightning_netdiag.rules.base.Rule`), one module per family:
 ``init`` (the network at step 0), ``training`` (non-finite values, dead units, a weight not learning, fp16
-underflow, a diverged loss), ``learning_rate``, ``instability`` (attention logits and entropy, Adam's eps) and
-``flight`` (the flight recorder's events, said as they were). :data:`RULES` is the one registry: :func:`evaluate`
-walks it, the report's summary replays it, the diagnosis suite's scorer reads each rule's signal and line from it.
+underflow), ``learning_rate``, ``instability`` (attention logits and entropy, Adam's eps) and ``flight`` (the flight
+recorder's events, said as they were). :data:`RULES` is the one registry: :func:`evaluate` walks it, the report's
+summary replays it, the diagnosis suite's scorer reads each rule's signal and line from it.
 
 Each rule was calibrated on runs with a known outcome (``benchmarks/diagnosis``): precision first, a rule speaks
 only where the suite shows that its signal separates healthy runs from faulty ones; each rule's ``section`` points
@@ -49,14 +49,12 @@ def evaluate(
     optimizer: OptimizerRecord | None = None,
     flight: FlightRecord | None = None,
     rules: tuple[Rule, ...] = RULES,
-    events: bool = True,
 ) -> list[Verdict]:
     """Every broken rule at the latest step recorded, fatal ones first (None for a record not made); the flight
-    recorder's events so far, unless not ``events`` (the report says them once, as they were). ``rules``: the registry
-    walked (a test may pass another)."""
+    recorder's events so far. ``rules``: the registry walked (a test may pass another)."""
     records: Records = {"saturation": saturation, "grad_data": grad_data, "update": update, "logits": logits,
-                        "optimizer": optimizer, "flight": flight}  # fmt: skip
-    verdicts = event_verdicts(flight) if events else []
+                        "optimizer": optimizer}  # fmt: skip
+    verdicts = event_verdicts(flight)
     spoke: set[str] = set()
     for rule in rules:
         if AT_INIT in rule.yields_to and any(v.step == 0 for v in verdicts) or spoke & set(rule.yields_to):
