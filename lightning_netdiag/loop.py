@@ -345,8 +345,12 @@ class NetDiag:
         self._backpropagated.append(loss.detach())
         measured = self.optimizers and self._measured() is not None  # a manual step is told the loss by step()
         if self._backwards == 1 and measured and any(m.needs_loss for m in self.meters):
-            scale = scaler_scale(self.scaler)
-            self._backward_starts(loss.detach() if scale is None else loss.detach() / scale)
+            self._backward_starts(self._unscaled(loss.detach()))
+
+    def _unscaled(self, loss: Tensor) -> Tensor:
+        """A loss as backpropagated, divided by the GradScaler's scale where one scales it (on the device)."""
+        scale = scaler_scale(self.scaler)
+        return loss if scale is None else loss / scale
 
     def _tell_backpropagated(self) -> None:
         """Where the step's loss was not told: the sum of the losses backpropagated since the last step (the loss
@@ -356,10 +360,11 @@ class NetDiag:
         told, self._told = self._told, False
         if told or not losses or not self._at["add_loss"]:
             return
-        total = losses[0] if len(losses) == 1 else torch.stack([t.reshape(()).float() for t in losses]).sum()
-        scale = scaler_scale(self.scaler)
+        total = self._unscaled(
+            losses[0] if len(losses) == 1 else torch.stack([t.reshape(()).float() for t in losses]).sum()
+        )
         for meter in self._at["add_loss"]:
-            meter.add_loss(total if scale is None else total / scale)
+            meter.add_loss(total)
 
     def _backward_starts(self, loss: Tensor | None) -> None:
         if not self._backward_seen:

@@ -669,9 +669,10 @@ def _filled(xs: Sequence[Tensor], layout: _Layout, dtype: torch.dtype, nan: bool
     values = _flatten_dense_tensors(parts)  # promoted to the rests' dtype where there are rests
     if values.dtype != dtype:
         return values.to(dtype)
-    # of one tensor that fills its pieces, a view of it: the buffer is the caller's to write into (its keys, a
-    # divisor), never the tensor's (a weight's gradient before the optimizer's step, a held activation)
-    return values.clone() if len(parts) == 1 else values
+    # of one contiguous tensor that fills its pieces, a view of it (of a strided one, already a copy): the buffer is
+    # the caller's to write into (its keys, a divisor), never the tensor's (a weight's gradient before the optimizer's
+    # step, a held activation)
+    return values.clone() if values.data_ptr() == parts[0].data_ptr() else values
 
 
 @functools.lru_cache(maxsize=64)
