@@ -22,7 +22,7 @@ METRICS = {
     "saturation": (
         "act_mean", "act_std", "act_saturated_pct", "act_dead_pct", "act_nonfinite", "act", "act_grad_mean",
         "act_grad_std", "act_grad_nonfinite", "act_grad", "act_grad_fp16_tiny_pct", "init_output_ce",
-        "init_output_classes", "init_loss",
+        "init_output_classes", "init_loss", "loss_median",
     ),
     "grad_data": ("grad_mean", "grad_std", "grad_data_ratio", "grad_nonfinite", "grad", "loss_scale"),
     "update": ("update_data_log10", "update_skipped", "update_zero", "lr"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import itertools
 import math
+import statistics
 from collections import defaultdict
 from pathlib import Path
 
@@ -59,6 +60,8 @@ class TinyNetBody:
         self._acts: dict[str, list[torch.Tensor]] = defaultdict(list)
         self._outputs: list[torch.Tensor] = []  # the logits and the losses of the step's forwards
         self._losses: list[torch.Tensor] = []
+        self.step_losses: list[float] = []  # each step's loss, the mean of its micro-batches'
+        self.loss_window: int | None = None  # the steps whose median loss a logging step reads (every_n_steps)
         self._before: dict[str, torch.Tensor] = {}
         self._step = 0
 
@@ -110,6 +113,10 @@ class TinyNetBody:
                 ref[f"netdiag/init_output_classes/{last}"] = logits.shape[-1]
                 if self._losses:  # subclasses with a training_step of their own compute no loss here
                     ref["netdiag/init_loss"] = torch.stack(self._losses).mean().item()
+            if self._losses:
+                self.step_losses.append(torch.stack(self._losses).mean().item())
+                if self.loss_window is not None:
+                    ref["netdiag/loss_median"] = statistics.median(self.step_losses[-self.loss_window :])
             self._outputs.clear()
             self._losses.clear()
             for name, hs in self._acts.items():

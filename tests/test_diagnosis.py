@@ -47,7 +47,7 @@ def test_quick_suite_healthy_runs_get_no_warning_and_each_fault_its_own_check(qu
     assert len(healthy) >= 4 and all(not r["warned"] and not r["final"] for r in healthy)
     assert faults >= {"over-confident output", "saturation", "vanishing gradient", "exploding gradient", "dead units",
                       "not learning", "gradient underflow", "non-finite", "learning rate too high",
-                      "learning rate too low", "attention logits growing"}  # fmt: skip
+                      "learning rate too low", "attention logits growing", "loss diverged"}  # fmt: skip
     faulty = len(rows) - len(healthy) - len(flights := [r for r in rows if r["fault"]])
     assert f"Faults named by their own check: {faulty} of {faulty}. Healthy runs with any warning: 0 of" in printed
     # the flight recorder: a layer's rate or weight jumping, garbage labels, a division by zero in one block (named

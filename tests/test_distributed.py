@@ -82,6 +82,7 @@ def test_two_ranks_equal_one_process_on_the_global_batch(tmp_path, one_process, 
         "grad/net.2.weight/q50",
         "update_data_log10/net.4.bias",
         "init_loss",  # each rank's loss on its half of the batch, averaged over the ranks
+        "loss_median",  # so are each step's, before their median
     ):
         assert f"netdiag/{metric}" in tags, metric
     for tag in tags:  # the batch's fingerprint too: additive, the two halves' add up to the global batch's

@@ -3,6 +3,8 @@
 import logging
 import math
 import re
+import statistics
+import warnings
 
 import pytest
 import torch
@@ -321,3 +323,39 @@ def test_a_relu_layer_all_zero_at_init_is_not_said_saturated_one_mostly_below_ze
     records = diag.records()
     assert records["saturation"].value("act_saturated_pct", 0, "2") > 99
     assert ("saturation" in [v.check for v in report.summarize(**records).verdicts]) == said
+
+
+def _sgd_mlp_run(lr: float, steps: int = 120):
+    """A BatchNorm ReLU MLP under SGD with momentum at ``lr``, in a plain loop (the loss read from its backward)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(6, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 64), nn.BatchNorm1d(64), nn.ReLU(),
+        nn.Linear(64, 4),
+    )  # fmt: skip
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    batches = list(loader(batch_size=32))
+    losses = []
+    with warnings.catch_warnings(), NetDiag(model, optimizer, every_n_steps=10) as diag:
+        warnings.simplefilter("ignore")  # the flight recorder's live warnings
+        for step in range(steps):
+            x, y = batches[step % len(batches)]
+            loss = nn.functional.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+    return diag, losses
+
+
+def test_a_loss_that_diverged_is_named_early_from_the_median_of_the_steps_between_and_a_healthy_run_is_not():
+    diag, losses = _sgd_mlp_run(10.0)  # its loss 159 at step 20 (1.3 at step 0); finite, its BatchNorms hold it
+    medians = dict(diag.saturation.history["netdiag/loss_median"])
+    assert medians[0] == pytest.approx(losses[0], rel=1e-6)
+    for step in range(10, 120, 10):  # the last every_n_steps steps, this one's included
+        assert medians[step] == pytest.approx(statistics.median(losses[step - 9 : step + 1]), rel=1e-6), step
+    (v,) = [v for v in diag.report(print_table=False) if v.rule == "training.loss_diverged"]
+    assert v.since == 30 and v.value > 10  # the spikes' events come at step 101
+    assert v.value == pytest.approx(medians[v.step] / losses[0], rel=1e-6)
+    assert f"from {losses[0]:.3g} at step 0" in v.cause and "lower the learning rate" in v.advice
+    healthy, _ = _sgd_mlp_run(0.1)
+    assert healthy.report(print_table=False) == []

@@ -64,6 +64,12 @@ def saturated(family: str, pct: float) -> Records:
     return activations({("act_saturated_pct", "a"): pct}, family, steps=(0,))
 
 
+def losses(rise: float, steps=STEPS) -> Records:
+    """SaturationMonitor's median loss of each logging step's window: 2.3 at step 0, ``2.3 * rise`` after it."""
+    key = ("loss_median", "")
+    return {"saturation": record("saturation", steady({key: 2.3 * rise}, steps=steps, first={key: 2.3}))}
+
+
 def entropy(now: float) -> Records:
     points = steady({("attn_entropy", "h.0.attn"): now}, first={("attn_entropy", "h.0.attn"): 0.9})
     return {"logits": record("logits", points)}
@@ -107,6 +113,7 @@ CASES: dict[str, tuple[Records, Records]] = {
         one_metric("update", "update_data_log10", -3.0),
         {"update": record("update", steady({("update_zero", "head"): 1.0, ("update_data_log10", "w"): -3.0}))},
     ),
+    "training.loss_diverged": (losses(0.6), losses(30.0)),
     "training.underflow": (
         activations({("act_grad_fp16_tiny_pct", "a"): 1.0}),
         activations({("act_grad_fp16_tiny_pct", "a"): 30.0}),
@@ -137,6 +144,7 @@ CASES: dict[str, tuple[Records, Records]] = {
 
 #: rule id -> records where its signal is past its ``at_once`` line at the second logging step (step 50) only
 AT_ONCE: dict[str, Records] = {
+    "training.loss_diverged": losses(500.0, steps=(0, 50)),
     "instability.attention_logits": {"logits": record("logits", {s: {("attn_logit_max", "w"): 3e3} for s in (0, 50)})},
     "lr.adam_step": {
         "optimizer": record("optimizer", {0: {("adam_step_rms", "w"): 1.0}, 50: {("adam_step_rms", "w"): 0.01}})

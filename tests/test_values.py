@@ -30,7 +30,13 @@ INIT_TAGS = {"netdiag/init_output_ce/net.5", "netdiag/init_output_classes/net.5"
 
 
 def expected_tags(model: TinyNet) -> set[str]:
-    tags = {"netdiag/update_skipped", "netdiag/update_data_log10/_target", "netdiag/lr", *INIT_TAGS}
+    tags = {
+        "netdiag/update_skipped",
+        "netdiag/update_data_log10/_target",
+        "netdiag/lr",
+        "netdiag/loss_median",
+        *INIT_TAGS,
+    }
     for layer in ("net.2", "net.4"):
         for metric in (
             "act_mean",
@@ -52,6 +58,7 @@ def expected_tags(model: TinyNet) -> set[str]:
 
 def test_tensorboard_scalars_equal_plain_pytorch(tmp_path, path):
     model = TinyNet()
+    model.loss_window = 2  # the median loss of the last every_n_steps steps
     t = trainer(tmp_path, all_callbacks(2), max_steps=7)
     t.fit(model, loader(), loader())
     scalars, _, _ = read_tensorboard(t.logger.log_dir)
@@ -61,7 +68,7 @@ def test_tensorboard_scalars_equal_plain_pytorch(tmp_path, path):
         assert sorted(points) == ([0] if tag in INIT_TAGS else [0, 2, 4, 6]), tag
     compared = assert_matches_reference(logged, model.ref)
     # every tag but the 7 non-finite counts and the 2 D4 bookkeeping tags, and the 3 of the output at init
-    assert compared == 4 * 25 + 3
+    assert compared == 4 * 26 + 3
     assert logged["netdiag/init_output_classes/net.5"][0] == 4
     # The first Tanh is partly saturated by the init gain; the value is non-trivial.
     assert 1 < logged["netdiag/act_saturated_pct/net.2"][0] < 99
@@ -97,6 +104,7 @@ def test_histograms_equal_direct_bin_counts(tmp_path, path):
 
 def test_csv_logger_gets_the_same_numbers_and_quantiles(tmp_path):
     model = TinyNet()
+    model.loss_window = 2
     logger = CSVLogger(tmp_path, name="csv")
     t = trainer(tmp_path, all_callbacks(2), logger=logger, max_steps=5)
     with pytest.warns(UserWarning, match="CSVLogger cannot hold histograms") as record:

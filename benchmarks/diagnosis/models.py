@@ -289,9 +289,10 @@ class DigitsCNN(nn.Module):
 
 
 def _course(options: dict[str, Any]) -> dict[str, Any]:
-    """A recipe's course, as :class:`Classifier` takes it: its fault, its schedule, a part unfrozen mid-run."""
+    """A recipe's course, as :class:`Classifier` takes it: its fault, its schedule (with or without its warm-up), a
+    part unfrozen mid-run."""
     return {"fault": options.get("fault"), "schedule": options.get("schedule", "cosine"),
-            "unfreeze": options.get("unfreeze")}  # fmt: skip
+            "unfreeze": options.get("unfreeze"), "warmup": options.get("warmup", True)}  # fmt: skip
 
 
 def cnn(recipe: Recipe, seed: int) -> tuple[L.LightningModule, DataLoader]:
@@ -462,7 +463,7 @@ def tiny_lm(recipe: Recipe, seed: int) -> tuple[L.LightningModule, DataLoader]:
     o = recipe.options
     net = TinyLM(gpt_names.PAD + 1, fused=o.get("fused", False), qk_norm=o.get("qk_norm", False))
     module = Classifier(net, "adamw", recipe.lr, recipe.steps, weight_decay=o.get("weight_decay", 0.1),
-                        warmup=o.get("warmup", True), eps=o.get("eps", 1e-8), **_course(o))  # fmt: skip
+                        eps=o.get("eps", 1e-8), **_course(o))  # fmt: skip
     return module, names_sequences(recipe, seed, 16, 32)
 
 

@@ -118,6 +118,8 @@ RUNS = [
         "fp16 autocast with the loss scaler turned off", quick=True),
     Run("relu-mlp lr 3", Recipe("relu-mlp", 600, 3.0), "non-finite",
         "SGD at 100x the recipe's rate: the weights overflow", quick=True),
+    Run("cnn lr 30 no warm-up", Recipe("cnn", 600, 30.0, {"warmup": False}), "loss diverged",
+        "SGD at 300x the recipe's rate from step 0: the loss rises to 1e14, finite (BatchNorm)", quick=True),
 ]
 # fmt: on
 

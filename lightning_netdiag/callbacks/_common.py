@@ -159,8 +159,9 @@ class DiagnosticCallback(Callback):
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
         needs = "backward_starts" in self._moments and self.needs_loss  # type: ignore[attr-defined]
         if needs or "add_loss" in self._moments:  # the loss as the step computed it: unscaled, not divided
-            scale = loss_scale(trainer)
-            loss = loss * trainer.accumulate_grad_batches / (1.0 if scale is None else scale)
+            scale, accumulate = loss_scale(trainer), trainer.accumulate_grad_batches
+            if scale is not None or accumulate != 1:  # no kernel where nothing changes it
+                loss = loss * accumulate / (1.0 if scale is None else scale)
         if "add_loss" in self._moments:  # the micro-batch's loss, before the optimizer steps (the guard reads it)
             self.add_loss(loss)  # type: ignore[attr-defined]
         if "backward_starts" in self._moments:

@@ -25,7 +25,8 @@ class HealthReport(Callback):
     tanh-like layers, activation gradients vanishing or exploding from the last layer to the first, and an
     over-confident output (the loss at init far above ln(classes)). During training, each holding at three
     logging steps in a row: dead ReLU/GELU units, a weight that does not move while the others do (left out of
-    the optimizer, or a rate of 0), fp16 gradients below fp16's range, and the learning rate (too high under
+    the optimizer, or a rate of 0), fp16 gradients below fp16's range, a loss that diverged (the median of the last
+    ``every_n_steps`` steps' losses 10x its value at step 0; 100x: at once), and the learning rate (too high under
     Adam, too low under SGD, or a network killed by too large SGD steps), attention logits growing and Adam's
     epsilon dominating; an attention logit or Adam's normalised step far past its line counts at once. Non-finite
     values are fatal. Each rule gives one verdict: how many layers break it and the worst few.

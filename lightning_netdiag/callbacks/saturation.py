@@ -93,6 +93,10 @@ class SaturationMonitor(ActivationMeter, DiagnosticCallback):
     last dimension (dim 1 of a 4-D output); ``{prefix}/init_loss``, the loss that the step's backward started
     from (unscaled, not divided for accumulation).
 
+    At each logging step: ``{prefix}/loss_median``, the median of the training losses of the last
+    ``every_n_steps`` steps, this one's included (each step's the mean of its micro-batches', unscaled; over the
+    ranks, their mean): the report's diverged loss. Between logging steps each loss is held, not read (no kernel).
+
     Loggers without histograms get ``.../q05``, ``.../q50``, ``.../q95`` of each histogram instead.
     """
 

@@ -8,6 +8,9 @@ its backward, :meth:`~ActivationMeter.before_step` before the optimizer step.
 
 from __future__ import annotations
 
+import math
+import statistics
+from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,7 +25,11 @@ from lightning_netdiag.record import ActivationRecord, Key
 from lightning_netdiag.run import Run, check_positive_int
 from lightning_netdiag.select import check_selection, matches
 
-__all__ = ["ActivationMeter"]
+__all__ = ["LOSS_WINDOW", "ActivationMeter"]
+
+#: The most steps whose losses are held (one scalar tensor each, on the device): the median logged at a measured step
+#: is over its last ``every_n_steps`` steps, at most ``LOSS_WINDOW``.
+LOSS_WINDOW = 1_000
 
 
 class ActivationMeter(Meter):
@@ -77,6 +84,10 @@ class ActivationMeter(Meter):
         self._pending = False
         self._units: tuple[tuple[str, ...], list[int]] | None = None  # the layers they were agreed for
         self._warned_empty = False
+        # The losses of the last steps (a tuple of its micro-batches' per step), and those of the step running: the
+        # median of the last every_n_steps is logged at a measured step (the report's diverged loss).
+        self._window: deque[tuple[Tensor, ...]] = deque(maxlen=LOSS_WINDOW)
+        self._micro: list[Tensor] = []
 
     def attach(self, model: nn.Module, run: Run, optimizers: Sequence[Any] = ()) -> None:
         """Select the layers of ``model`` to watch and register the hooks, before its first forward."""
@@ -143,6 +154,25 @@ class ActivationMeter(Meter):
         self._hooks = self._probe = None
         self._records_step = self._units = None
         self._pending = False
+        self._window.clear()
+        self._micro = []
+
+    def step_starts(self, step: int, measured: int | None) -> None:
+        """A step begins: the losses of the step before it join the window."""
+        self._close_step()
+
+    def _close_step(self) -> None:
+        """The losses of the step under way join the window, which holds the last ``every_n_steps`` steps only."""
+        if self._micro:
+            self._window.append(tuple(self._micro))
+            self._micro = []
+            if len(self._window) > (self.record.every_n_steps or LOSS_WINDOW):
+                self._window.popleft()
+
+    def add_loss(self, loss: Tensor) -> None:
+        """A micro-batch's loss, held (a step between reads nothing: no kernel) until the next measured step."""
+        if self._hooks is not None:
+            self._micro.append(loss.detach())
 
     def forward_starts(self, measured: int | None, device: torch.device | None) -> None:
         """A forward of a training step begins: ``measured`` is the step's number if it is measured, else None.
@@ -224,6 +254,7 @@ class ActivationMeter(Meter):
                 act: Tensor = layer.act  # type: ignore[assignment]
                 alive = act.new_zeros(n) if layer.alive is None else layer.alive
                 parts += [act, alive, act.new_zeros(0) if layer.grad is None else layer.grad]
+            parts.append(self._take_losses(layers[0].act))  # type: ignore[arg-type]
             probe = self._probe
             output = probe.record if probe is not None and probe.name is not None and step == 0 else None
             if output is not None:
@@ -239,6 +270,9 @@ class ActivationMeter(Meter):
                     if layers[i].name not in self.layer_sizes:  # its first measured step's, kept
                         self.layer_sizes[layers[i].name] = act_record[stats.COUNT] + act_record[stats.NONFINITE]
                     self._describe(layers[i], act_record, alive_counts, grad_record, scalars, histograms)
+            finite = [x / self._world() for x in values[3 * len(layers)] if math.isfinite(x)]
+            if finite:
+                scalars[("loss_median", "")] = statistics.median(finite)
             if output is not None and probe is not None and probe.name is not None:
                 rows, excess, cells, losses, loss = values[-1][:5]
                 scalars[("init_output_ce", probe.name)] = excess / rows
@@ -249,6 +283,20 @@ class ActivationMeter(Meter):
                 probe.stop()
                 self._probe = None
             self._emit(step, scalars, histograms)
+
+    def _take_losses(self, like: Tensor) -> Tensor:
+        """The losses of the last ``every_n_steps`` steps (this one's included), one a step (the mean of its
+        micro-batches'), in float64 (empty: none seen). A rolling window, not the steps since the last measured step:
+        a step measured on request (after an event) reads as many steps as the others. Every rank holds as many
+        steps: their sums line up."""
+        self._close_step()
+        steps = list(self._window)
+        if not steps:
+            return like.new_zeros(0, dtype=torch.float64)
+        with torch.no_grad():
+            if all(len(s) == 1 for s in steps):  # no accumulation: one stack
+                return torch.stack([s[0].reshape(()) if s[0].numel() == 1 else s[0].mean() for s in steps]).double()
+            return torch.stack([torch.stack([x.double().mean() for x in s]).mean() for s in steps])
 
     def _layout(self, hooks: ActivationHooks) -> list[Layer]:
         """The layers in an order every rank shares. Layers are found as they run, and a rank may run a call

@@ -1,8 +1,8 @@
 """The health report's rules, declared (:class:`~lightning_netdiag.rules.base.Rule`), one module per family:
 ``init`` (the network at step 0), ``training`` (non-finite values, dead units, a weight not learning, fp16
-underflow), ``learning_rate``, ``instability`` (attention logits and entropy, Adam's eps) and ``flight`` (the flight
-recorder's events, said as they were). :data:`RULES` is the one registry: :func:`evaluate` walks it, the report's
-summary replays it, the diagnosis suite's scorer reads each rule's signal and line from it.
+underflow, a diverged loss), ``learning_rate``, ``instability`` (attention logits and entropy, Adam's eps) and
+``flight`` (the flight recorder's events, said as they were). :data:`RULES` is the one registry: :func:`evaluate`
+walks it, the report's summary replays it, the diagnosis suite's scorer reads each rule's signal and line from it.
 
 Each rule was calibrated on runs with a known outcome (``benchmarks/diagnosis``): precision first, a rule speaks
 only where the suite shows that its signal separates healthy runs from faulty ones; each rule's ``section`` points

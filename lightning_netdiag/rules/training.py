@@ -1,5 +1,6 @@
 """The rules during training: non-finite values (fatal, at once), dead units, a weight that is not learning, fp16
-gradients underflowing. Calibration: ``docs/diagnosis.md#the-rules-at-init-and-during-training``."""
+gradients underflowing, a loss that diverged. Calibration:
+``docs/diagnosis.md#the-rules-at-init-and-during-training``."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ import statistics
 
 from lightning_netdiag.rules.base import Found, Records, Rule, at, median, positive
 
-__all__ = ["DEAD_UNITS_PCT", "NONFINITE", "RULES", "UNDERFLOW_PCT", "dead_units_at", "fp16_tiny_at"]
+__all__ = [
+    "DEAD_UNITS_PCT", "DIVERGED", "DIVERGED_AT_ONCE", "NONFINITE", "RULES", "UNDERFLOW_PCT", "dead_units_at",
+    "fp16_tiny_at", "loss_rise_at",
+]  # fmt: skip
 
 #: % of units saturated for every example of a step, in a row, above which a layer has dead units: ReLU
 #: and GELU layers only (healthy recurrent and gated layers keep many units saturated by design).
@@ -15,6 +19,11 @@ DEAD_UNITS_PCT = {"relu": 25.0, "gelu": 25.0}
 #: Median % of the layers' fp16 activation-gradient values below fp16's normal range above which the
 #: gradients underflow (no loss scaling).
 UNDERFLOW_PCT = 5.0
+#: The median of the training losses since the last logging step over the loss at step 0 above which the training
+#: diverged; past :data:`DIVERGED_AT_ONCE`, one logging step is enough (a median over the steps between: no single
+#: batch moves it). A training that learns stays below 1 after its first steps, however noisy its batches.
+DIVERGED = 10.0
+DIVERGED_AT_ONCE = 100.0
 
 _FAMILY_NAMES = {"relu": "ReLU-like", "gelu": "GELU-like"}
 
@@ -53,6 +62,26 @@ def dead_units_at(records: Records, step: int) -> dict[str, tuple[str, float]]:
 def fp16_tiny_at(records: Records, step: int) -> dict[str, float]:
     """name -> % of its fp16 gradient values below fp16's normal range, at ``step``."""
     return at(records.get("saturation"), "act_grad_fp16_tiny_pct", step)
+
+
+def loss_rise_at(records: Records, step: int) -> float | None:
+    """The median of the training losses of the steps since the logging step before ``step`` (SaturationMonitor's
+    ``loss_median``) over the loss at step 0; None where either is unknown or the loss at step 0 is not positive (a
+    loss that can be negative: no ratio)."""
+    saturation = records.get("saturation")
+    if saturation is None:
+        return None
+    first, now = saturation.init_value("loss_median"), saturation.at("loss_median", step).get("")
+    return None if first is None or now is None or not first > 0 else now / first
+
+
+def _diverged_text(found: Found) -> str:
+    first = found.records["saturation"].init_value("loss_median")
+    rise = max(found.hits.values())
+    return (
+        f"the training diverged: its loss rose from {first:.3g} at step 0 to {first * rise:.3g} (the median of the "
+        f"steps up to step {found.step}), {rise:.3g}x"
+    )
 
 
 def _underflow(records: Records, step: int, line: float) -> dict[str, float]:
@@ -120,6 +149,25 @@ RULES: tuple[Rule, ...] = (
         healthy=f"fp16 gradients: median < {UNDERFLOW_PCT:g} % below fp16's normal range (6.1e-05)",
         cause="fp16 gradients are too small for fp16: they lose precision or flush to 0 (no loss scaling)",
         advice="use a GradScaler (Lightning's precision='16-mixed' has one), or bf16",
+        section="the-rules-at-init-and-during-training",
+    ),
+    Rule(
+        id="training.loss_diverged",
+        check="loss diverged",
+        reads=("saturation",),
+        when="training",
+        line=DIVERGED,
+        above=True,
+        at_once=DIVERGED_AT_ONCE,
+        signal=loss_rise_at,
+        signal_name="loss over its value at step 0",
+        over="loss",
+        constant="DIVERGED",
+        at_once_constant="DIVERGED_AT_ONCE",
+        healthy=f"the loss below {DIVERGED:g}x its value at step 0",
+        cause=_diverged_text,
+        advice="lower the learning rate (by 10 or more: a diverged run does not tell by how much), warm it up, or "
+        "clip gradients; if the loss is a sum (over tokens, pixels), make it a mean",
         section="the-rules-at-init-and-during-training",
     ),
 )
