@@ -50,7 +50,9 @@ def test_selection_by_type_and_glob_with_excludes(tmp_path):
     sat = SaturationMonitor(modules=["net.*"], exclude=[nn.Linear, nn.BatchNorm1d, "net.4"], every_n_steps=1)
     gd = GradDataRatio(params=[nn.Linear], exclude=["net.5.*"], ndims=None, every_n_steps=1)
     trainer(tmp_path, [sat, gd], max_steps=1, logger=False).fit(model, loader())
-    assert {t.split("/")[-1] for t in sat.history} == {"net.2"}
+    # the layers its tags name (its step-level tag, the median loss, names none)
+    assert {t.split("/")[-1] for t in sat.history if t.count("/") == 2} == {"net.2"}
+    assert "netdiag/loss_median" in sat.history
     assert {t.split("/")[-1] for t in gd.history} == {"net.0.weight", "net.3.weight", "net.3.bias"}
 
 

@@ -267,15 +267,17 @@ def test_idle_steps_run_only_flag_checks(tmp_path):
     per_step = {name: n / idle_steps for name, n in functions.items()}
     # Each callback's hooks (the one adapter's: Lightning calls every callback's, ours or its own no-op), each
     # passing on only the moments its meter acts at; no module hook (registered on measured steps only).
-    assert per_step == {
-        "on_train_batch_start": 3, "logging_step": 3, "step_starts": 2, "forward_starts": 1,
+    assert per_step == (EXPECTED := {
+        "on_train_batch_start": 3, "logging_step": 3, "step_starts": 3, "forward_starts": 1,
+        # SaturationMonitor holds the step's loss (detached, past the function modes; no kernel) for its median
+        "loss_scale": 1, "scaler_scale": 1, "add_loss": 1, "own_work": 1, "_close_step": 1,
         # the meter's backward_starts, backward_ends and pause each pass the phase on to its hooks'
         "on_before_backward": 3, "needs_loss": 1, "backward_starts": 1, "backward": 1,
         "on_after_backward": 3, "backward_ends": 1, "backward_done": 1,
         "on_before_optimizer_step": 3, "before_step": 3,  # D1-D2's flush, D3's measure, D4's copy
         "on_train_batch_end": 3, "after_step": 1, "pause": 1, "stop": 1,
         "state_key": 18,  # Lightning reads it to name each callback hook it calls: 6 hooks x 3 callbacks
-    }, sorted(per_step.items())  # fmt: skip
+    }), sorted(set(per_step.items()) ^ set(EXPECTED.items()))  # fmt: skip
 
 
 def test_our_statistics_run_past_the_function_modes(tmp_path):

@@ -172,7 +172,8 @@ class ActivationMeter(Meter):
     def add_loss(self, loss: Tensor) -> None:
         """A micro-batch's loss, held (a step between reads nothing: no kernel) until the next measured step."""
         if self._hooks is not None:
-            self._micro.append(loss.detach())
+            with own_work():  # a user's function mode sees only the model's calls
+                self._micro.append(loss.detach())
 
     def forward_starts(self, measured: int | None, device: torch.device | None) -> None:
         """A forward of a training step begins: ``measured`` is the step's number if it is measured, else None.
