@@ -255,6 +255,7 @@ class ActivationMeter(Meter):
                 act: Tensor = layer.act  # type: ignore[assignment]
                 alive = act.new_zeros(n) if layer.alive is None else layer.alive
                 parts += [act, alive, act.new_zeros(0) if layer.grad is None else layer.grad]
+            window_at = len(parts)  # the window's losses, after the layers' records
             parts.append(self._take_losses(layers[0].act))  # type: ignore[arg-type]
             probe = self._probe
             output = probe.record if probe is not None and probe.name is not None and step == 0 else None
@@ -271,7 +272,7 @@ class ActivationMeter(Meter):
                     if layers[i].name not in self.layer_sizes:  # its first measured step's, kept
                         self.layer_sizes[layers[i].name] = act_record[stats.COUNT] + act_record[stats.NONFINITE]
                     self._describe(layers[i], act_record, alive_counts, grad_record, scalars, histograms)
-            finite = [x / self._world() for x in values[3 * len(layers)] if math.isfinite(x)]
+            finite = [x / self._world() for x in values[window_at] if math.isfinite(x)]  # each step's mean over ranks
             if finite:
                 scalars[("loss_median", "")] = statistics.median(finite)
             if output is not None and probe is not None and probe.name is not None:

@@ -19,9 +19,9 @@ DEAD_UNITS_PCT = {"relu": 25.0, "gelu": 25.0}
 #: Median % of the layers' fp16 activation-gradient values below fp16's normal range above which the
 #: gradients underflow (no loss scaling).
 UNDERFLOW_PCT = 5.0
-#: The median of the training losses since the last logging step over the loss at step 0 above which the training
-#: diverged; past :data:`DIVERGED_AT_ONCE`, one logging step is enough (a median over the steps between: no single
-#: batch moves it). A training that learns stays below 1 after its first steps, however noisy its batches.
+#: The median of the training losses of the last ``every_n_steps`` steps over the loss at step 0 above which the
+#: training diverged; past :data:`DIVERGED_AT_ONCE`, one logging step is enough (a median over that many steps: no
+#: single batch moves it). A training that learns stays below 1 after its first steps, however noisy its batches.
 DIVERGED = 10.0
 DIVERGED_AT_ONCE = 100.0
 
@@ -65,7 +65,7 @@ def fp16_tiny_at(records: Records, step: int) -> dict[str, float]:
 
 
 def loss_rise_at(records: Records, step: int) -> float | None:
-    """The median of the training losses of the steps since the logging step before ``step`` (SaturationMonitor's
+    """The median of the training losses of the last ``every_n_steps`` steps up to ``step`` (SaturationMonitor's
     ``loss_median``) over the loss at step 0; None where either is unknown or the loss at step 0 is not positive (a
     loss that can be negative: no ratio)."""
     saturation = records.get("saturation")
