@@ -373,8 +373,8 @@ def worker(workload: str, config: str, every: int, warmup: int, timed: int, out:
     if config in ("ours", "no-sink", "fast-crc", "tb-crc"):
         callbacks = [cls() for cls in ours.values()]
         if config == "ours":  # the hooks Lightning calls, and the module hooks, timed
-            for cb in callbacks:
-                for hook in [h for h in vars(L.Callback) if h.startswith("on_") and h in dir(type(cb))]:
+            for cb in callbacks:  # (a hook set to None is not called; the first callback calls the others' step hooks)
+                for hook in [h for h in vars(L.Callback) if h.startswith("on_") and getattr(cb, h) is not None]:
                     setattr(cb, hook, clocked(getattr(cb, hook)))
             ActivationHooks._hook = clocked(ActivationHooks._hook)
             ActivationHooks._pre_hook = clocked(ActivationHooks._pre_hook)
@@ -413,7 +413,7 @@ def worker(workload: str, config: str, every: int, warmup: int, timed: int, out:
         if no_fingerprint:
             Alternating.batch_seen = lambda self, inputs, index: None
         # its hooks and the forward's (the replay's calls and output sums), timed
-        for hook in [h for h in vars(L.Callback) if h.startswith("on_") and h in dir(Alternating)]:
+        for hook in [h for h in vars(L.Callback) if h.startswith("on_") and getattr(callbacks[0], h) is not None]:
             setattr(callbacks[0], hook, clocked(getattr(callbacks[0], hook)))
         origin.ForwardCalls._keep = clocked(origin.ForwardCalls._keep)
         origin.ForwardCalls._output = clocked(origin.ForwardCalls._output)

@@ -3,6 +3,7 @@ hooks removed at the end of fit or on a crash, checkpoint state."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Container, Mapping
 from typing import Any
 
@@ -19,8 +20,31 @@ from lightning_netdiag.run import check_positive_int, scaler_scale
 from lightning_netdiag.sinks import LoggerSink, flush_loggers
 
 __all__ = [
-    "DiagnosticCallback", "LightningRun", "ParameterCallback", "flat_sharding", "logging_step", "loss_scale", "records",
+    "BATCH_HOOKS", "STEP_HOOKS", "DiagnosticCallback", "LightningRun", "ParameterCallback", "flat_sharding",
+    "logging_step", "loss_scale", "quiet_unused_hooks", "records",
 ]  # fmt: skip
+
+#: The hooks Lightning calls at every batch. Each call costs about 2 µs of Lightning's dispatch per callback (a
+#: profiler's context and its label), whether or not the callback does anything: 48 calls a step for
+#: `netdiag_callbacks()`, about 0.1 ms. Lightning skips a hook that is not callable.
+BATCH_HOOKS = (
+    "on_train_batch_start", "on_before_backward", "on_after_backward", "on_before_optimizer_step",
+    "on_before_zero_grad", "on_train_batch_end", "on_validation_batch_start", "on_validation_batch_end",
+    "on_test_batch_start", "on_test_batch_end", "on_predict_batch_start", "on_predict_batch_end",
+)  # fmt: skip
+#: The batch hooks the meters act at: one meter callback calls them for those next to it (`DiagnosticCallback`).
+STEP_HOOKS = (
+    "on_train_batch_start", "on_before_backward", "on_after_backward", "on_before_optimizer_step",
+    "on_train_batch_end",
+)  # fmt: skip
+
+
+def quiet_unused_hooks(callback: Callback) -> None:
+    """Set the batch hooks that ``callback``'s class leaves as Lightning's no-ops to None on the instance, so that
+    Lightning does not dispatch them (a subclass's own hook is kept)."""
+    for hook in BATCH_HOOKS:
+        if getattr(type(callback), hook) is getattr(Callback, hook):
+            setattr(callback, hook, None)
 
 
 def logging_step(step: int, every_n_steps: int, requested: Container[int] = ()) -> int | None:
@@ -91,6 +115,11 @@ class DiagnosticCallback(Callback):
     ``on_before_backward``/``on_after_backward``: its backward starts and ends; ``on_before_optimizer_step``: before
     the step; ``on_train_batch_end``: the micro-batch's loss, after the step of each optimizer that stepped, and
     nothing recorded until the next batch (validation).
+
+    One of them calls several meters' step hooks: at fit start, the first of each run of meter callbacks next to
+    each other in the Trainer's list takes the others' (theirs set to None on the instance, put back at teardown),
+    so that Lightning dispatches a step's hooks to one callback, not to each (about 2 µs a hook and callback). A
+    subclass that overrides a step hook keeps its own dispatch.
     """
 
     prefix: str
@@ -110,6 +139,29 @@ class DiagnosticCallback(Callback):
         self._sink = LoggerSink(type(self).__name__, self.prefix)
         # Lightning asks it at every hook call (for its profiler's label): made once
         self._state_key = self._generate_state_key(prefix=self.record.prefix)
+        self._band: tuple[DiagnosticCallback, ...] = (self,)  # whose step hooks this one's calls
+        quiet_unused_hooks(self)
+
+    def _take_band(self, trainer: pl.Trainer) -> None:
+        """The first of each run of meter callbacks next to each other in ``trainer``'s list calls the step hooks of
+        the run: each hook then runs, as before, between the same other callbacks (one may change a weight)."""
+        callbacks: list[Callback] = trainer.callbacks  # type: ignore[attr-defined]  # set by Lightning's connector
+        at = callbacks.index(self)
+        if not _in_band(self) or (at > 0 and _in_band(callbacks[at - 1])):
+            return  # its own hooks, or in the band of the one before it
+        band = list(itertools.takewhile(_in_band, callbacks[at:]))
+        self._band = tuple(band)  # type: ignore[arg-type]
+        for cb in band[1:]:
+            cb._band = ()  # type: ignore[attr-defined]
+            for hook in STEP_HOOKS:
+                setattr(cb, hook, None)
+
+    def _give_back_band(self) -> None:
+        """Lightning dispatches its step hooks again (the Trainer may be another at the next fit)."""
+        for hook in STEP_HOOKS:
+            if self.__dict__.get(hook, True) is None:
+                del self.__dict__[hook]
+        self._band = (self,)
 
     @property
     @override
@@ -137,11 +189,42 @@ class DiagnosticCallback(Callback):
         self._began = None
         self.attach(pl_module, LightningRun(trainer, self._sink), trainer.optimizers)  # type: ignore[attr-defined]
         self.meet(meters)  # type: ignore[attr-defined]
+        self._take_band(trainer)
 
     @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        for cb in self._band:
+            cb._batch_starts(trainer, pl_module, batch, batch_idx)
+
+    @override
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
+        for cb in self._band:
+            cb._backward_starts(trainer, loss)
+
+    @override
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for cb in self._band:
+            if "backward_ends" in cb._moments:
+                cb.backward_ends()  # type: ignore[attr-defined]
+
+    @override
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        optimizer = getattr(optimizer, "optimizer", optimizer)  # Lightning's wrapper holds the torch one
+        for cb in self._band:
+            cb._stepping.append(optimizer)
+            if "before_step" in cb._moments:
+                cb.before_step(optimizer)  # type: ignore[attr-defined]
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        for cb in self._band:
+            cb._batch_ends()
+
+    def _batch_starts(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
         measured = logging_step(step, self._every, self._requested)
         if step != self._began:  # the first micro-batch of a step
@@ -155,8 +238,7 @@ class DiagnosticCallback(Callback):
         if "batch_seen" in self._moments:
             self.batch_seen(batch, {"epoch": trainer.current_epoch, "batch_idx": batch_idx})  # type: ignore[attr-defined]
 
-    @override
-    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
+    def _backward_starts(self, trainer: pl.Trainer, loss: Tensor) -> None:
         needs = "backward_starts" in self._moments and self.needs_loss  # type: ignore[attr-defined]
         if needs or "add_loss" in self._moments:  # the loss as the step computed it: unscaled, not divided
             scale, accumulate = loss_scale(trainer), trainer.accumulate_grad_batches
@@ -167,22 +249,7 @@ class DiagnosticCallback(Callback):
         if "backward_starts" in self._moments:
             self.backward_starts(loss if needs else None)  # type: ignore[attr-defined]
 
-    @override
-    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if "backward_ends" in self._moments:
-            self.backward_ends()  # type: ignore[attr-defined]
-
-    @override
-    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        optimizer = getattr(optimizer, "optimizer", optimizer)  # Lightning's wrapper holds the torch one
-        self._stepping.append(optimizer)
-        if "before_step" in self._moments:
-            self.before_step(optimizer)  # type: ignore[attr-defined]
-
-    @override
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
+    def _batch_ends(self) -> None:
         stepped, self._stepping = self._stepping, []
         if "after_step" in self._moments:
             for optimizer in stepped:  # none where the optimizer did not step (accumulation)
@@ -197,11 +264,20 @@ class DiagnosticCallback(Callback):
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.detach()  # type: ignore[attr-defined]
+        self._give_back_band()
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self.crashed(exception)  # type: ignore[attr-defined]
         self.detach()  # type: ignore[attr-defined]
+        self._give_back_band()
+
+
+def _in_band(callback: object) -> bool:
+    """Whether ``callback`` is a meter callback whose step hooks are the adapter's: one callback may call them."""
+    return isinstance(callback, DiagnosticCallback) and all(
+        getattr(type(callback), hook) is getattr(DiagnosticCallback, hook) for hook in STEP_HOOKS
+    )
 
 
 class ParameterCallback(DiagnosticCallback):

@@ -10,7 +10,7 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from lightning_netdiag import plots
-from lightning_netdiag.callbacks._common import records
+from lightning_netdiag.callbacks._common import quiet_unused_hooks, records
 from lightning_netdiag.run import check_positive_int
 from lightning_netdiag.sinks import log_figure
 
@@ -52,6 +52,7 @@ class DiagnosticPlots(Callback):
         check_positive_int("dpi", dpi)
         self.every_n_steps, self.save_dir, self.dpi = every_n_steps, save_dir, dpi
         self.saved: list[Path] = []
+        quiet_unused_hooks(self)
 
     @override
     def on_train_batch_end(

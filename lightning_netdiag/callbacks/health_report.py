@@ -10,7 +10,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_netdiag import report
-from lightning_netdiag.callbacks._common import records
+from lightning_netdiag.callbacks._common import quiet_unused_hooks, records
 from lightning_netdiag.sinks import log_report
 
 __all__ = ["HealthReport"]
@@ -63,6 +63,7 @@ class HealthReport(Callback):
         self._warned: set[str] = set()
         self._checked: tuple[int | None, ...] = ()
         self._records: dict[str, Any] = {}
+        quiet_unused_hooks(self)
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
