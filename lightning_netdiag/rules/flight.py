@@ -282,5 +282,7 @@ def flight_notes(flight: FlightRecord | None) -> list[str]:
     if guarded:
         listed = ", ".join(map(str, guarded[:10])) + (" ..." if len(guarded) > 10 else "")
         skips = [f"the guard skipped {len(guarded)} step{'s' if len(guarded) != 1 else ''} (not applied): {listed}"]
-    return [f"flight recorder: {len(flight.steps)} steps kept (every step, the last {flight.window} before each "
-            f"event and the end), {events} event{'s' if events != 1 else ''}", *began, *skips, *stops]  # fmt: skip
+    kept = len(flight.steps)
+    summary = (f"flight recorder: {kept} step{'s' if kept != 1 else ''} kept (every step, the last {flight.window} "
+               f"before each event and the end), {events} event{'s' if events != 1 else ''}")  # fmt: skip
+    return [summary, *began, *skips, *stops]
