@@ -272,7 +272,7 @@ def test_idle_steps_run_only_flag_checks(tmp_path):
         # SaturationMonitor holds the step's loss (detached, past the function modes; no kernel) for its median
         "loss_scale": 1, "scaler_scale": 1, "add_loss": 1, "own_work": 1, "_close_step": 1,
         # the meter's backward_starts, backward_ends and pause each pass the phase on to its hooks'
-        "on_before_backward": 1, "_backward_starts": 3, "needs_loss": 1, "backward_starts": 1, "backward": 1,
+        "on_before_backward": 1, "unscaled_loss": 1, "needs_loss": 1, "backward_starts": 1, "backward": 1,
         "on_after_backward": 1, "backward_ends": 1, "backward_done": 1,
         "on_before_optimizer_step": 1, "before_step": 3,  # D1-D2's flush, D3's measure, D4's copy
         "on_train_batch_end": 1, "_batch_ends": 3, "after_step": 1, "pause": 1, "stop": 1,
@@ -316,10 +316,13 @@ def test_our_statistics_run_past_the_function_modes(tmp_path):
 
 def test_lightning_dispatches_a_steps_hooks_to_one_of_our_callbacks(tmp_path):
     """Lightning's dispatch costs about 2 µs a hook and callback: the first of each run of our meter callbacks calls
-    the step hooks of the run (each hook still runs between the same other callbacks); the others', and the batch
-    hooks none of ours uses, are not dispatched. A subclass with a step hook of its own keeps its dispatch.
-    Everything is put back after fit; the numbers are those of callbacks each alone."""
-    from lightning_netdiag import DiagnosticPlots, GradDataRatio, HealthReport
+    the step hooks of the run (each hook still runs between the same other callbacks), the loss unscaled once for
+    it; the others', and the batch hooks none of ours uses, are not dispatched. A subclass with a step hook of its
+    own keeps its dispatch. Everything is put back after fit; the numbers are those of callbacks each alone (under
+    a GradScaler and accumulation, where the loss handed over is rescaled)."""
+    from lightning.pytorch.plugins import MixedPrecision
+
+    from lightning_netdiag import DiagnosticPlots, FlightRecorder, GradDataRatio, HealthReport, UpdateRatio
     from lightning_netdiag.callbacks._common import STEP_HOOKS
 
     seen: list[int] = []
@@ -336,39 +339,41 @@ def test_lightning_dispatches_a_steps_hooks_to_one_of_our_callbacks(tmp_path):
             for hook in (*STEP_HOOKS, "on_before_zero_grad", "on_validation_batch_end"):
                 dispatched[hook] = [type(cb).__name__ for cb in trainer.callbacks if callable(getattr(cb, hook, None))]
 
-    sat, d3, d4 = all_callbacks(3)
-    together = [sat, d3, Spy(), d4, Mine(every_n_steps=3), DiagnosticPlots(save_dir=str(tmp_path)), HealthReport()]
-    torch.manual_seed(0)
-    trainer(tmp_path / "together", together, max_steps=7).fit(TinyNet(), loader())
+    def fit(name: str, callbacks: list) -> None:
+        torch.manual_seed(0)
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        kw = {"accumulate_grad_batches": 2, "plugins": [MixedPrecision("16-mixed", "cpu", scaler)]}
+        trainer(tmp_path / name, callbacks, max_steps=7, **kw).fit(TinyNet(), loader())
+
+    makers = {
+        "sat": lambda: SaturationMonitor(every_n_steps=3),
+        "d3": lambda: GradDataRatio(every_n_steps=3),
+        "d4": lambda: UpdateRatio(every_n_steps=3),
+        "flight": FlightRecorder,
+        "mine": lambda: Mine(every_n_steps=3),
+    }
+    meters = {name: make() for name, make in makers.items()}
+    sat, d3, d4, flight, mine = meters.values()
+    fit("together", [sat, d3, Spy(), d4, flight, mine, DiagnosticPlots(save_dir=str(tmp_path)), HealthReport()])
     assert dispatched["on_train_batch_start"] == ["SaturationMonitor", "Spy", "UpdateRatio", "Mine"]
     del dispatched["on_train_batch_start"]
     for names in dispatched.values():  # Spy's own no-ops are Lightning's to dispatch
         names.remove("Spy")
-    assert (
-        dispatched["on_before_backward"]
-        == dispatched["on_after_backward"]
-        == ["SaturationMonitor", "UpdateRatio", "Mine"]
-    )
-    assert dispatched["on_train_batch_end"] == [
-        "SaturationMonitor",
-        "UpdateRatio",
-        "Mine",
-        "DiagnosticPlots",
-        "HealthReport",
-    ]
+    band = ["SaturationMonitor", "UpdateRatio", "Mine"]
+    assert dispatched["on_before_backward"] == dispatched["on_after_backward"] == band
+    assert dispatched["on_train_batch_end"] == [*band, "DiagnosticPlots", "HealthReport"]
     assert dispatched["on_before_zero_grad"] == dispatched["on_validation_batch_end"] == []
-    assert seen == list(range(7))
-    meters = [sat, d3, d4, together[4]]
-    for cb in meters:  # given back: a Trainer of their own would dispatch to each
+    assert seen == [step for step in range(7) for _ in range(2)]  # each micro-batch
+    for cb in meters.values():  # given back: a Trainer of their own would dispatch to each
         assert not set(vars(cb)) & set(STEP_HOOKS), cb
     assert sat.on_before_zero_grad is None  # no class of ours uses it
 
-    for i, cb in enumerate(meters):
-        alone = type(cb)(every_n_steps=3)
-        torch.manual_seed(0)
-        trainer(tmp_path / f"alone{i}", [alone], max_steps=7).fit(TinyNet(), loader())
-        assert alone.history.keys() == cb.history.keys() and alone.history, i
+    for name, cb in meters.items():
+        alone = makers[name]()
+        fit(name, [alone])
+        assert alone.history.keys() == cb.history.keys() and alone.history, name
         for tag, points in alone.history.items():
             assert [step for step, _ in cb.history[tag]] == [step for step, _ in points], tag
             values = [v for _, v in points]
             assert [v for _, v in cb.history[tag]] == pytest.approx(values, rel=1e-6, nan_ok=True), tag
+    assert "netdiag/loss_median" in sat.history and "netdiag/flight_loss" in flight.history

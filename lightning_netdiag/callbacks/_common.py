@@ -21,7 +21,7 @@ from lightning_netdiag.sinks import LoggerSink, flush_loggers
 
 __all__ = [
     "BATCH_HOOKS", "STEP_HOOKS", "DiagnosticCallback", "LightningRun", "ParameterCallback", "flat_sharding",
-    "logging_step", "loss_scale", "quiet_unused_hooks", "records",
+    "logging_step", "loss_scale", "quiet_unused_hooks", "records", "unscaled_loss",
 ]  # fmt: skip
 
 #: The hooks Lightning calls at every batch. Each call costs about 2 µs of Lightning's dispatch per callback (a
@@ -64,6 +64,15 @@ def logging_step(step: int, every_n_steps: int, requested: Container[int] = ()) 
 def loss_scale(trainer: pl.Trainer) -> Tensor | float | None:
     """The GradScaler's current scale, or None when gradients are not scaled (fp32, bf16)."""
     return scaler_scale(getattr(trainer.precision_plugin, "scaler", None))
+
+
+def unscaled_loss(trainer: pl.Trainer, loss: Tensor) -> Tensor:
+    """A micro-batch's loss as Lightning hands it to ``on_before_backward`` (scaled by the GradScaler, divided for
+    accumulation), as the step computed it: no kernel where nothing changed it."""
+    scale, accumulate = loss_scale(trainer), trainer.accumulate_grad_batches
+    if scale is None and accumulate == 1:
+        return loss
+    return loss * accumulate / (1.0 if scale is None else scale)
 
 
 class LightningRun:
@@ -200,8 +209,15 @@ class DiagnosticCallback(Callback):
 
     @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
+        step_loss: Tensor | None = None  # made once for the band (a kernel or two under a scaler or accumulation)
         for cb in self._band:
-            cb._backward_starts(trainer, loss)
+            needs = "backward_starts" in cb._moments and cb.needs_loss  # type: ignore[attr-defined]
+            if step_loss is None and (needs or "add_loss" in cb._moments):
+                step_loss = unscaled_loss(trainer, loss)
+            if "add_loss" in cb._moments:  # the micro-batch's loss, before the optimizer steps (the guard reads it)
+                cb.add_loss(step_loss)  # type: ignore[attr-defined]
+            if "backward_starts" in cb._moments:
+                cb.backward_starts(step_loss if needs else None)  # type: ignore[attr-defined]
 
     @override
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -237,17 +253,6 @@ class DiagnosticCallback(Callback):
             self.forward_starts(measured, None if measured is None else pl_module.device)  # type: ignore[attr-defined]
         if "batch_seen" in self._moments:
             self.batch_seen(batch, {"epoch": trainer.current_epoch, "batch_idx": batch_idx})  # type: ignore[attr-defined]
-
-    def _backward_starts(self, trainer: pl.Trainer, loss: Tensor) -> None:
-        needs = "backward_starts" in self._moments and self.needs_loss  # type: ignore[attr-defined]
-        if needs or "add_loss" in self._moments:  # the loss as the step computed it: unscaled, not divided
-            scale, accumulate = loss_scale(trainer), trainer.accumulate_grad_batches
-            if scale is not None or accumulate != 1:  # no kernel where nothing changes it
-                loss = loss * accumulate / (1.0 if scale is None else scale)
-        if "add_loss" in self._moments:  # the micro-batch's loss, before the optimizer steps (the guard reads it)
-            self.add_loss(loss)  # type: ignore[attr-defined]
-        if "backward_starts" in self._moments:
-            self.backward_starts(loss if needs else None)  # type: ignore[attr-defined]
 
     def _batch_ends(self) -> None:
         stepped, self._stepping = self._stepping, []
