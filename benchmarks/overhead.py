@@ -40,6 +40,11 @@ against one read of the same tensors (``x.sum()``), interleaved, medians (issue 
 float32 and bf16 tensor and 200 tensors of 4,096 values, on the CPU with one thread; on CUDA when there is one, also
 a GELU output of GPT-2 124M (8 x 1024 x 3072, bf16) and its token embedding's gradient (50257 x 768, float32).
 
+``--band`` times Lightning's dispatch of our step hooks on makemore-deep (every 50 steps): in one run, blocks of
+10 steps alternate the first of a run of our callbacks calling the run's step hooks (and the batch hooks none of
+ours uses set to None) with Lightning dispatching each callback's; the medians of the steps between logging steps
+of each, for the five monitors and for ``netdiag_callbacks()`` (the flight recorder and the report with them).
+
 For ``ours``, the time spent inside our hooks (callback hooks and module forward hooks) on the steps that
 are not logging steps is also measured within the run, as a share of bare's step: a ratio of two runs
 cannot resolve 1 % on this machine.
@@ -539,7 +544,11 @@ def main() -> None:
         "--flight-variants", action="store_true", help="the recorder's variants (core, default, guard) side by side"
     )
     parser.add_argument("--records", action="store_true", help="only time records against x.sum() of the same tensors")
+    parser.add_argument("--band", action="store_true", help="only time our step hooks called by one callback or each")
     args = parser.parse_args()
+    if args.band:
+        print(band_cost(args.rounds))
+        return
     if args.records:
         print(records_cost())
         return
@@ -823,6 +832,69 @@ def records_cost(rounds: int = 15) -> str:
             f"| {name} | {med['sum']:.2f} | {med['record']:.2f} | {med['record'] / med['sum']:.1f} | "
             f"{med['moments'] / med['sum']:.1f} |"
         )
+    return "\n".join(lines)
+
+
+def band_cost(rounds: int, block: int = 10, steps: int = 2001) -> str:
+    """See the module's docstring (``--band``)."""
+    import lightning as L
+    import torch
+
+    import lightning_netdiag
+    from lightning_netdiag.callbacks import _common
+
+    torch.set_num_threads(1)
+
+    class Alternate(L.Callback):
+        """Switches our callbacks between the band and Lightning's own dispatch every ``block`` steps."""
+
+        def __init__(self) -> None:
+            self.ends: list[float] = []
+            self.banded: list[bool] = []
+
+        def on_train_batch_start(self, trainer, *args) -> None:
+            self.banded.append(trainer.global_step // block % 2 == 0)
+
+        def on_train_batch_end(self, trainer, *args) -> None:
+            self.ends.append(time.perf_counter())
+            if trainer.global_step % block:
+                return
+            ours = [cb for cb in trainer.callbacks if type(cb).__module__.startswith("lightning_netdiag")]
+            for cb in ours:  # Lightning's dispatch to each: every hook back on the instance's class
+                if isinstance(cb, _common.DiagnosticCallback):
+                    cb._give_back_band()
+                for hook in _common.BATCH_HOOKS:
+                    if cb.__dict__.get(hook, True) is None:
+                        del cb.__dict__[hook]
+            if trainer.global_step // block % 2 == 0:
+                for cb in ours:
+                    _common.quiet_unused_hooks(cb)
+                for cb in ours:
+                    if isinstance(cb, _common.DiagnosticCallback):
+                        cb._take_band(trainer)
+
+    lines = [
+        f"steps between logging steps, makemore-deep, every 50 steps, medians; blocks of {block} steps alternating",
+        "",
+        "| callbacks | round | one callback a run, ms | each callback, ms | saved, us a step |",
+        "|---|---|---|---|---|",
+    ]
+    for r in range(rounds):
+        for name, chosen in (("the five monitors", {"flight": None, "plots": None, "report": None}),
+                             ("netdiag_callbacks()", {"plots": None})):  # fmt: skip
+            clock = Alternate()
+            trainer = L.Trainer(
+                max_steps=steps, logger=False, log_every_n_steps=50, enable_checkpointing=False,
+                enable_progress_bar=False, enable_model_summary=False,
+                callbacks=[*lightning_netdiag.netdiag_callbacks(every_n_steps=50, **chosen), clock],
+            )  # fmt: skip
+            trainer.fit(build("makemore-deep"), torch.utils.data.DataLoader(range(10**9), batch_size=None))
+            times: dict[bool, list[float]] = {True: [], False: []}
+            for i in range(2 * block + 1, len(clock.ends)):  # step i ended at ends[i]; the first of a block left out
+                if i % 50 and i % block:
+                    times[clock.banded[i]].append(clock.ends[i] - clock.ends[i - 1])
+            band, each = (1000 * statistics.median(times[k]) for k in (True, False))
+            lines.append(f"| {name} | {r + 1} | {band:.3f} | {each:.3f} | {1000 * (each - band):.0f} |")
     return "\n".join(lines)
 
 
