@@ -863,9 +863,7 @@ def band_cost(rounds: int, block: int = 10, steps: int = 2001) -> str:
             for cb in ours:  # Lightning's dispatch to each: every hook back on the instance's class
                 if isinstance(cb, _common.DiagnosticCallback):
                     cb._give_back_band()
-                for hook in _common.BATCH_HOOKS:
-                    if cb.__dict__.get(hook, True) is None:
-                        del cb.__dict__[hook]
+                _common.dispatch_again(cb)
             if trainer.global_step // block % 2 == 0:
                 for cb in ours:
                     _common.quiet_unused_hooks(cb)

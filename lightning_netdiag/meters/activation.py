@@ -86,7 +86,7 @@ class ActivationMeter(Meter):
         self._warned_empty = False
         # The losses of the last steps (a tuple of its micro-batches' per step), and those of the step running: the
         # median of the last every_n_steps is logged at a measured step (the report's diverged loss).
-        self._window: deque[tuple[Tensor, ...]] = deque(maxlen=LOSS_WINDOW)
+        self._window: deque[tuple[Tensor, ...]] = deque()
         self._micro: list[Tensor] = []
 
     def attach(self, model: nn.Module, run: Run, optimizers: Sequence[Any] = ()) -> None:
@@ -162,11 +162,12 @@ class ActivationMeter(Meter):
         self._close_step()
 
     def _close_step(self) -> None:
-        """The losses of the step under way join the window, which holds the last ``every_n_steps`` steps only."""
+        """The losses of the step under way join the window, which holds the last ``every_n_steps`` steps only (at
+        most :data:`LOSS_WINDOW`)."""
         if self._micro:
             self._window.append(tuple(self._micro))
             self._micro = []
-            if len(self._window) > (self.record.every_n_steps or LOSS_WINDOW):
+            if len(self._window) > min(self.record.every_n_steps or LOSS_WINDOW, LOSS_WINDOW):
                 self._window.popleft()
 
     def add_loss(self, loss: Tensor) -> None:
@@ -256,7 +257,8 @@ class ActivationMeter(Meter):
                 alive = act.new_zeros(n) if layer.alive is None else layer.alive
                 parts += [act, alive, act.new_zeros(0) if layer.grad is None else layer.grad]
             window_at = len(parts)  # the window's losses, after the layers' records
-            parts.append(self._take_losses(layers[0].act))  # type: ignore[arg-type]
+            window, per_step = self._take_losses(layers[0].act)  # type: ignore[arg-type]
+            parts.append(window)
             probe = self._probe
             output = probe.record if probe is not None and probe.name is not None and step == 0 else None
             if output is not None:
@@ -272,7 +274,11 @@ class ActivationMeter(Meter):
                     if layers[i].name not in self.layer_sizes:  # its first measured step's, kept
                         self.layer_sizes[layers[i].name] = act_record[stats.COUNT] + act_record[stats.NONFINITE]
                     self._describe(layers[i], act_record, alive_counts, grad_record, scalars, histograms)
-            finite = [x / self._world() for x in values[window_at] if math.isfinite(x)]  # each step's mean over ranks
+            means, at = [], 0  # each step's mean over its micro-batches and the ranks
+            for n in per_step:
+                means.append(sum(values[window_at][at : at + n]) / (n * self._world()))
+                at += n
+            finite = [x for x in means if math.isfinite(x)]
             if finite:
                 scalars[("loss_median", "")] = statistics.median(finite)
             if output is not None and probe is not None and probe.name is not None:
@@ -286,19 +292,18 @@ class ActivationMeter(Meter):
                 self._probe = None
             self._emit(step, scalars, histograms)
 
-    def _take_losses(self, like: Tensor) -> Tensor:
-        """The losses of the last ``every_n_steps`` steps (this one's included), one a step (the mean of its
-        micro-batches'), in float64 (empty: none seen). A rolling window, not the steps since the last measured step:
-        a step measured on request (after an event) reads as many steps as the others. Every rank holds as many
-        steps: their sums line up."""
+    def _take_losses(self, like: Tensor) -> tuple[Tensor, list[int]]:
+        """The micro-batches' losses of the last ``every_n_steps`` steps (this one's included), in float64 and one
+        stack (empty: none seen), and how many each step had (its loss: their mean, taken on the host). A rolling
+        window, not the steps since the last measured step: a step measured on request (after an event) reads as
+        many steps as the others. Every rank holds as many: their sums line up."""
         self._close_step()
-        steps = list(self._window)
-        if not steps:
-            return like.new_zeros(0, dtype=torch.float64)
+        losses = [x for step in self._window for x in step]
+        if not losses:
+            return like.new_zeros(0, dtype=torch.float64), []
         with torch.no_grad():
-            if all(len(s) == 1 for s in steps):  # no accumulation: one stack
-                return torch.stack([s[0].reshape(()) if s[0].numel() == 1 else s[0].mean() for s in steps]).double()
-            return torch.stack([torch.stack([x.double().mean() for x in s]).mean() for s in steps])
+            stacked = torch.stack([x.reshape(()) if x.numel() == 1 else x.mean() for x in losses]).double()
+        return stacked, [len(step) for step in self._window]
 
     def _layout(self, hooks: ActivationHooks) -> list[Layer]:
         """The layers in an order every rank shares. Layers are found as they run, and a rank may run a call
